@@ -1,0 +1,318 @@
+"""The `airflow-oellm` command: validate, plan, render, detect-platform, schema.
+
+Arguments that look like overrides (`key=value`, `+key=value`, `~key`) apply to every sweep
+the command reads. Invalid input exits with status 1 and one line per problem on stderr:
+`file:line: key.path: message`. Nothing here imports Airflow, so the command starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+_OVERRIDE = re.compile(r"^(~|\+\+?)?[A-Za-z_][A-Za-z0-9_.\-]*(=|$)")
+
+
+def _split_args(items: Sequence[str]) -> tuple[list[str], list[str]]:
+    files, overrides = [], []
+    for item in items:
+        is_override = ("=" in item or item.startswith(("~", "+"))) and _OVERRIDE.match(item)
+        (overrides if is_override else files).append(item)
+    return files, overrides
+
+
+def _fail(exc: Exception) -> int:
+    from airflow_oellm.config.errors import ConfigError
+
+    issues = exc.issues if isinstance(exc, ConfigError) else [exc]
+    for issue in issues:
+        print(f"error: {issue}", file=sys.stderr)
+    return 1
+
+
+def _gpu_hours(cfg: Any) -> tuple[float, int | None]:
+    from airflow_oellm.slurm.timespec import time_limit_seconds
+
+    seconds = time_limit_seconds(cfg.slurm.time)
+    if seconds is None:
+        return float("inf"), None
+    return cfg.slurm.nodes * cfg.slurm.gpus_per_node * seconds / 3600.0, seconds
+
+
+def _short(key: str) -> str:
+    return key.rsplit(".", 1)[-1]
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from airflow_oellm.config import ConfigError, load_sweep
+
+    files, overrides = _split_args([args.sweep, *args.overrides])
+    if len(files) != 1:
+        print("error: plan takes one sweep file (other arguments must be key=value overrides)", file=sys.stderr)
+        return 2
+    try:
+        sweep = load_sweep(files[0], overrides, config_dirs=args.config_dir)
+    except ConfigError as exc:
+        return _fail(exc)
+    rows = []
+    for e in sweep.experiments:
+        hours, seconds = _gpu_hours(e.config)
+        rows.append(
+            {
+                "name": e.name,
+                "index": e.index,
+                "dag_id": e.dag_id,
+                "sweep": sweep.name,
+                "platform": e.config.platform.name,
+                "output_dir": e.paths.output_dir,
+                "checkpoint_dir": e.paths.checkpoint_dir,
+                "log_path": e.paths.log_path,
+                "parameters": e.parameters,
+                "nodes": e.config.slurm.nodes,
+                "gpus_per_node": e.config.slurm.gpus_per_node,
+                "time_limit_seconds": seconds,
+                "max_attempts": e.config.restart.max_attempts,
+                "gpu_hours": hours,
+                "gpu_hours_max": hours * e.config.restart.max_attempts,
+            }
+        )
+    if args.json:
+        json.dump(rows, sys.stdout, indent=2, default=str)
+        print()
+        return 0
+    _print_plan(sweep, rows)
+    return 0
+
+
+def _print_plan(sweep: Any, rows: list[dict[str, Any]]) -> None:
+    from airflow_oellm.slurm.timespec import format_slurm_time
+
+    keys = sweep.varying_keys
+
+    def params(row: dict[str, Any]) -> str:
+        values = row["parameters"]
+        return " ".join(f"{_short(k)}={values[k]}" for k in keys if k in values) or "-"
+
+    def resources(row: dict[str, Any]) -> str:
+        limit = "UNLIMITED" if row["time_limit_seconds"] is None else format_slurm_time(row["time_limit_seconds"])
+        gpus = f"{row['gpus_per_node']} GPU" if row["gpus_per_node"] else "CPU"
+        return f"{row['nodes']} x {gpus} x {limit}"
+
+    table = [("#", "experiment", "parameters", "nodes x GPUs x time", "GPU-h", "GPU-h max")]
+    for r in rows:
+        table.append(
+            (str(r["index"]), r["name"], params(r), resources(r), f"{r['gpu_hours']:.1f}", f"{r['gpu_hours_max']:.1f}")
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    print(
+        f"sweep {sweep.name} ({sweep.file}): {len(rows)} experiments, platform "
+        f"{', '.join(sorted({r['platform'] for r in rows})) or '-'}"
+    )
+    for i, row in enumerate(table):
+        print(
+            "  ".join(
+                cell.rjust(w) if j in (0, 4, 5) else cell.ljust(w)
+                for j, (cell, w) in enumerate(zip(row, widths, strict=True))
+            ).rstrip()
+        )
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    total = sum(r["gpu_hours"] for r in rows)
+    total_max = sum(r["gpu_hours_max"] for r in rows)
+    print(
+        f"total: {len(rows)} experiments, {total:.1f} GPU-hours at the time limit "
+        f"({total_max:.1f} if every attempt runs to its limit)"
+    )
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from airflow_oellm.config import ConfigError, load_sweep
+    from airflow_oellm.slurm.render import RenderError, render_sbatch
+
+    files, overrides = _split_args([args.sweep, *args.overrides])
+    if len(files) != 1:
+        print("error: render takes one sweep file (other arguments must be key=value overrides)", file=sys.stderr)
+        return 2
+    try:
+        sweep = load_sweep(files[0], overrides, config_dirs=args.config_dir)
+        if args.experiment is None:
+            if len(sweep.experiments) != 1:
+                names = ", ".join(e.name for e in sweep.experiments[:10])
+                more = " ..." if len(sweep.experiments) > 10 else ""
+                print(
+                    f"error: {sweep.file}: the sweep has {len(sweep.experiments)} experiments; "
+                    f"pick one with --experiment NAME ({names}{more})",
+                    file=sys.stderr,
+                )
+                return 1
+            experiment = sweep.experiments[0]
+        else:
+            experiment = sweep.experiment(args.experiment)
+        cfg = experiment.materialize()
+        script = render_sbatch(cfg, template_dirs=sweep.template_dirs)
+    except ConfigError as exc:
+        return _fail(exc)
+    except RenderError as exc:
+        return _fail(ConfigError([experiment.origins.issue(str(exc).split(": ", 1)[1], exc.key)]))
+    if args.output:
+        Path(args.output).write_text(script)
+    else:
+        sys.stdout.write(script)
+    return 0
+
+
+def _validate_file(path: str, overrides: list[str], config_dirs: list[str]) -> str:
+    """One line of success text; raises ConfigError."""
+    from airflow_oellm.config import ConfigError, Issue, load_sweep
+    from airflow_oellm.config.compose import Composer, config_roots
+    from airflow_oellm.config.yamlio import load_yaml
+    from airflow_oellm.slurm.render import RenderError, render_sbatch
+
+    data = load_yaml(path)
+    if "project" not in data and "sweep" not in data:
+        composer = Composer(config_roots(path, config_dirs))
+        composer.compose_file(Path(path))
+        return f"ok: {path} (config group file)"
+    sweep = load_sweep(path, overrides, config_dirs=config_dirs)
+    issues = []
+    for e in sweep.experiments:
+        try:
+            render_sbatch(e.materialize(), template_dirs=sweep.template_dirs)
+        except RenderError as exc:
+            issue = e.origins.issue(str(exc).split(": ", 1)[1], exc.key)
+            issues.append(Issue(f"{issue.message} (experiment {e.name})", issue.key, issue.file, issue.line))
+        except ConfigError as exc:
+            issues.extend(exc.issues)
+    if issues:
+        raise ConfigError(issues)
+    return f"ok: {path} ({len(sweep.experiments)} experiments, sweep {sweep.name})"
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from airflow_oellm.config import ConfigError
+
+    files, overrides = _split_args(args.files)
+    if not files:
+        print("error: validate needs at least one file", file=sys.stderr)
+        return 2
+    status = 0
+    for path in files:
+        try:
+            print(_validate_file(path, overrides, args.config_dir))
+        except ConfigError as exc:
+            status = _fail(exc)
+    return status
+
+
+def cmd_detect_platform(args: argparse.Namespace) -> int:
+    from airflow_oellm.config.platforms import detect_platform
+
+    found = detect_platform()
+    if args.json:
+        print(json.dumps({"platform": found.name, "reason": found.reason}))
+    elif args.explain:
+        print(f"{found.name}: {found.reason}")
+    else:
+        print(found.name)
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from airflow_oellm.config.reference import schema_markdown
+
+    sys.stdout.write(schema_markdown())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="airflow-oellm",
+        description="Plan, check and render LLM-training sweeps for SLURM clusters (the Airflow provider's CLI).",
+    )
+    parser.add_argument(
+        "--config-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="extra config root searched before the project's and the built-in groups "
+        "(repeatable; also $OELLM_CONFIG_PATH)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "validate",
+        help="check sweep and config files; exit 1 with readable errors",
+        description="Check sweep files (compose, expand, resolve and render every experiment) "
+        "and config group files. Prints 'ok: FILE' per valid file; errors go to "
+        "stderr as file:line: key: message, and the exit status is 1.",
+    )
+    p.add_argument("files", nargs="+", metavar="FILE_OR_OVERRIDE", help="YAML files, then key=value overrides")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser(
+        "plan",
+        help="list the experiments of a sweep with resources and GPU-hours",
+        description="Expand a sweep and print its experiments: name, the swept parameters, "
+        "nodes x GPUs x time limit and GPU-hours, with totals.",
+    )
+    p.add_argument("sweep", help="sweep YAML file")
+    p.add_argument("overrides", nargs="*", help="key=value, +key=value, ~key, group=option")
+    p.add_argument(
+        "--json", action="store_true", help="print a JSON list (name, dag_id, output_dir, parameters, gpu_hours, ...)"
+    )
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser(
+        "render",
+        help="print the sbatch script of one experiment",
+        description="Render the sbatch script of one experiment of a sweep.",
+    )
+    p.add_argument("sweep", help="sweep YAML file")
+    p.add_argument("overrides", nargs="*", help="key=value, +key=value, ~key, group=option")
+    p.add_argument("--experiment", "-e", metavar="NAME", help="experiment name (see `plan`)")
+    p.add_argument("--output", "-o", metavar="FILE", help="write the script here instead of stdout")
+    p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser(
+        "detect-platform",
+        help="print the HPC platform this machine belongs to",
+        description="Detect the platform from $OELLM_PLATFORM, environment variables, "
+        "host name patterns and filesystem markers. Prints 'unknown' if nothing matches.",
+    )
+    p.add_argument("--explain", action="store_true", help="also say which rule matched")
+    p.add_argument("--json", action="store_true", help='print {"platform": ..., "reason": ...}')
+    p.set_defaults(func=cmd_detect_platform)
+
+    p = sub.add_parser(
+        "schema",
+        help="print the configuration reference (Markdown), generated from the schema",
+        description="Print every configuration key with its type, default and meaning.",
+    )
+    p.set_defaults(func=cmd_schema)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `airflow-oellm plan ... | head` ends quietly
+    parser = build_parser()
+    # overrides may follow options (`plan x.yaml --json lr=1`): argparse leaves them over
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if not _OVERRIDE.match(a)]
+    if stray or (extra and not hasattr(args, "overrides") and not hasattr(args, "files")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        if hasattr(args, "overrides"):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            args.files = [*args.files, *extra]
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,449 @@
+"""From a sweep file to validated experiments: compose, override, expand, name, resolve, check.
+
+    sweep = load_sweep("config/sweeps/scaling_study.yaml", ["slurm.time=7200"])
+    for exp in sweep.experiments:
+        exp.name, exp.dag_id, exp.paths.output_dir, exp.config.backend.args
+
+Interpolations resolve once per experiment at load time. Escaped ones (`\\${...}`, `$${...}`)
+survive as `${...}` text and resolve when the run starts (`Experiment.materialize`), with the
+run's frozen time, so a cooldown's timestamp is taken when it runs and retries reuse it.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from airflow_oellm.config import interpolation
+from airflow_oellm.config.compose import Composed, Composer, config_roots
+from airflow_oellm.config.errors import ConfigError, Issue
+from airflow_oellm.config.expressions import ExpressionError
+from airflow_oellm.config.naming import NamingError, check_name, check_output_root, dag_id, render_template
+from airflow_oellm.config.overrides import apply_overrides, locate, parse_overrides, split_group_choices
+from airflow_oellm.config.resolvers import RESOLVERS, frozen_time
+from airflow_oellm.config.schema import RootConfig
+from airflow_oellm.config.sweep import SweepError, SweepPoint, expand_sweep
+from airflow_oellm.config.validate import Validator, schema_fields
+from airflow_oellm.config.yamlio import key_line, load_yaml
+from airflow_oellm.slurm.shell import ShellSafetyError, check_env_name, check_module
+from airflow_oellm.slurm.timespec import time_limit_seconds
+
+_UNESCAPED_INTERPOLATION = re.compile(r"(?<!\\)\$\{")
+
+
+@dataclass(frozen=True)
+class ExperimentPaths:
+    output_dir: str
+    checkpoint_dir: str
+    log_dir: str
+    log_path: str
+    script_dir: str
+    provenance_dir: str
+
+
+@dataclass
+class Experiment:
+    """One sweep point: stable name and paths, its typed config, and what it was made from."""
+
+    name: str
+    index: int
+    sweep: str
+    dag_id: str
+    parameters: dict[str, Any]
+    config: RootConfig
+    resolved: dict[str, Any]
+    unresolved: dict[str, Any]
+    source_file: str
+    origins: Composed = field(repr=False)
+
+    @cached_property
+    def paths(self) -> ExperimentPaths:
+        e = self.config.experiment
+        return ExperimentPaths(e.output_dir, e.checkpoint_dir, e.log_dir, e.log_path, e.script_dir, e.provenance_dir)
+
+    @property
+    def has_deferred(self) -> bool:
+        return _contains_interpolation(self.resolved)
+
+    def materialize(self, when: dt.datetime | None = None) -> RootConfig:
+        """The config with escaped (run-time) interpolations resolved at `when`."""
+        if not self.has_deferred:
+            return self.config
+        with frozen_time(when):
+            data = _resolve(self.resolved, self.origins)
+        return _typed(data, self.origins)
+
+
+@dataclass
+class Sweep:
+    name: str
+    file: str
+    experiments: list[Experiment]
+    varying_keys: list[str]
+    overrides: list[str]
+    config_roots: tuple[Path, ...] = ()
+
+    @property
+    def template_dirs(self) -> list[Path]:
+        """`templates/` of each config root, searched before the package's own templates."""
+        return [root / "templates" for root in self.config_roots]
+
+    def experiment(self, name: str) -> Experiment:
+        for e in self.experiments:
+            if e.name == name:
+                return e
+        from airflow_oellm.config.errors import did_you_mean
+
+        hint = did_you_mean(name, [e.name for e in self.experiments])
+        raise ConfigError(Issue(f"no experiment named {name!r} in sweep '{self.name}'{hint}", file=self.file))
+
+
+def _contains_interpolation(value: Any) -> bool:
+    if isinstance(value, str):
+        return "${" in value
+    if isinstance(value, dict):
+        return any(_contains_interpolation(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_contains_interpolation(v) for v in value)
+    return False
+
+
+def _resolve(data: dict[str, Any], composed: Composed) -> dict[str, Any]:
+    try:
+        return interpolation.resolve(data, RESOLVERS)
+    except interpolation.ResolveError as exc:
+        raise ConfigError(composed.issue(f"cannot resolve: {exc.message}", exc.key)) from None
+    except interpolation.Unsupported:
+        pass
+    try:
+        return OmegaConf.to_container(OmegaConf.create(data), resolve=True)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        key = str(getattr(exc, "full_key", "") or "")
+        message = getattr(exc, "msg", None) or str(exc).splitlines()[0]
+        raise ConfigError(composed.issue(f"cannot resolve: {message}", key)) from None
+    except (ExpressionError, ValueError) as exc:
+        raise ConfigError(composed.issue(f"cannot resolve: {exc}", "")) from None
+
+
+def _resolve_one(data: dict[str, Any], path: tuple[str, ...]) -> Any:
+    """Resolve one key without requiring the rest of the config to resolve."""
+    with frozen_time():
+        try:
+            return interpolation.InterpolationResolver(data, RESOLVERS).resolve_key(path)
+        except interpolation.Unsupported:
+            return OmegaConf.select(OmegaConf.create(data), ".".join(path))
+
+
+def _typed(data: Mapping[str, Any], composed: Composed) -> RootConfig:
+    validator = Validator()
+    cfg = validator.check(dict(data), RootConfig)
+    issues = [composed.issue(i.message, i.key) for i in validator.issues]
+    if not issues:
+        issues = [composed.issue(message, key) for key, message in semantic_problems(cfg, data)]
+    if issues:
+        raise ConfigError(issues)
+    return cfg
+
+
+def semantic_problems(cfg: RootConfig, data: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Checks beyond types: (key, message) pairs."""
+    problems: list[tuple[str, str]] = []
+
+    def check(key: str, ok: bool, message: str) -> None:
+        if not ok:
+            problems.append((key, message))
+
+    try:
+        check_output_root(cfg.project.base_output_dir)
+    except NamingError as exc:
+        problems.append(("project.base_output_dir", str(exc)))
+    if isinstance(cfg.slurm.time, (int, str)) and not _contains_interpolation(cfg.slurm.time):
+        try:
+            time_limit_seconds(cfg.slurm.time)
+        except ValueError as exc:
+            problems.append(("slurm.time", str(exc)))
+    check("slurm.nodes", cfg.slurm.nodes >= 1, f"must be at least 1, got {cfg.slurm.nodes}")
+    check("slurm.gpus_per_node", cfg.slurm.gpus_per_node >= 0, f"must be >= 0, got {cfg.slurm.gpus_per_node}")
+    check(
+        "slurm.ntasks_per_node", cfg.slurm.ntasks_per_node >= 1, f"must be at least 1, got {cfg.slurm.ntasks_per_node}"
+    )
+    if cfg.slurm.cpus_per_task is not None:
+        check("slurm.cpus_per_task", cfg.slurm.cpus_per_task >= 1, f"must be at least 1, got {cfg.slurm.cpus_per_task}")
+    check("restart.max_attempts", cfg.restart.max_attempts >= 1, f"must be at least 1, got {cfg.restart.max_attempts}")
+    check("restart.retry_delay_seconds", cfg.restart.retry_delay_seconds >= 0, "must be >= 0")
+    m = cfg.monitoring
+    check("monitoring.poll_interval_seconds", m.poll_interval_seconds >= 1, "must be at least 1 second")
+    check(
+        "monitoring.inactivity_threshold_seconds",
+        m.inactivity_threshold_seconds >= m.poll_interval_seconds,
+        f"must be at least monitoring.poll_interval_seconds ({m.poll_interval_seconds})",
+    )
+    for i, event in enumerate(m.log_events):
+        if event.pattern_type == "regex":
+            try:
+                compiled = re.compile(event.pattern)
+            except re.error as exc:
+                problems.append((f"monitoring.log_events[{i}].pattern", f"invalid regex: {exc}"))
+                continue
+            for target, group in event.extract_groups.items():
+                check(
+                    f"monitoring.log_events[{i}].extract_groups.{target}",
+                    group in compiled.groupindex,
+                    f"the pattern has no group named {group!r}; its groups: {', '.join(compiled.groupindex) or 'none'}",
+                )
+    for name in cfg.platform.env:
+        try:
+            check_env_name(name)
+        except ShellSafetyError as exc:
+            problems.append((f"platform.env.{name}", str(exc)))
+    for i, module in enumerate(cfg.platform.modules):
+        try:
+            check_module(module)
+        except ShellSafetyError as exc:
+            problems.append((f"platform.modules[{i}]", str(exc)))
+    if cfg.backend.name == "command" and not cfg.backend.command:
+        problems.append(("backend.command", "backend 'command' needs a non-empty command list"))
+    if cfg.platform.container.runtime != "none" and not cfg.platform.container.image:
+        problems.append(("platform.container.image", f"runtime '{cfg.platform.container.runtime}' needs an image"))
+    return problems
+
+
+def unescaped_setup_interpolations(data: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """`platform.setup` lines are trusted shell: config values must reach them through `env`, quoted."""
+    setup = (data.get("platform") or {}).get("setup") or []
+    problems = []
+    for i, line in enumerate(setup if isinstance(setup, list) else []):
+        if isinstance(line, str) and _UNESCAPED_INTERPOLATION.search(line):
+            problems.append(
+                (
+                    f"platform.setup[{i}]",
+                    "config interpolation is not allowed in setup lines (they are raw shell); put the value in "
+                    'platform.env and use "$NAME" in the line, or write \\${NAME} for a shell variable',
+                )
+            )
+    return problems
+
+
+class SweepLoader:
+    """Loads one sweep file; compositions are cached per combination of group choices."""
+
+    def __init__(self, path: str | os.PathLike[str], overrides: Sequence[str] = (), config_dirs: Iterable[str] = ()):
+        self.path = str(Path(path))
+        self.primary = load_yaml(self.path)
+        self.composer = Composer(config_roots(self.path, config_dirs))
+        self.override_texts = list(overrides)
+        parsed = parse_overrides(self.override_texts)
+        self.groups = set(self.composer.groups())
+        self.choices, self.key_overrides = split_group_choices(parsed, self.groups)
+        self._compositions: dict[tuple[tuple[str, Any], ...], Composed] = {}
+
+    def composition(self, choices: Mapping[str, Any]) -> Composed:
+        cache_key = tuple(sorted(choices.items(), key=lambda kv: kv[0]))
+        if cache_key not in self._compositions:
+            composed = self.composer.compose(self.path, self.primary, choices)
+            composed.origins.update(apply_overrides(composed.data, self.key_overrides))
+            setup_problems = unescaped_setup_interpolations(composed.data)
+            if setup_problems:
+                raise ConfigError([composed.issue(m, k) for k, m in setup_problems])
+            self._compositions[cache_key] = composed
+        return self._compositions[cache_key]
+
+    def sweep_name(self, base: Composed) -> str:
+        sweep_def = base.data.get("sweep") or {}
+        name = sweep_def.get("name") if isinstance(sweep_def, dict) else None
+        name = name or Path(self.path).stem
+        try:
+            return check_name(str(name), "sweep name")
+        except NamingError as exc:
+            raise ConfigError(base.issue(str(exc), "sweep.name")) from None
+
+    def load(self) -> Sweep:
+        base = self.composition(self.choices)
+        sweep_name = self.sweep_name(base)
+        sweep_def = base.data.get("sweep") or {}
+        try:
+            points = expand_sweep(sweep_def)
+        except SweepError as exc:
+            raise ConfigError([base.issue(i.message, i.key) for i in exc.issues]) from None
+        overridden = {o.key for o in self.key_overrides}
+        experiments: list[Experiment] = []
+        seen: dict[str, Experiment] = {}
+        issues: list[Issue] = []
+        template = self._name_template(base, points)
+        with frozen_time():
+            for point in points:
+                try:
+                    exp = self._experiment(point, sweep_name, template, overridden)
+                except ConfigError as exc:
+                    issues.extend(exc.issues)
+                    if len(issues) >= 20:
+                        break
+                    continue
+                if exp.name in seen:
+                    other = seen[exp.name]
+                    issues.append(
+                        base.issue(
+                            f"two experiments get the name {exp.name!r}: #{other.index} {other.parameters} and "
+                            f"#{exp.index} {exp.parameters}; add the differing keys to the template",
+                            "sweep.name_template",
+                        )
+                    )
+                    continue
+                seen[exp.name] = exp
+                experiments.append(exp)
+        if issues:
+            raise ConfigError(issues)
+        return Sweep(
+            sweep_name, self.path, experiments, _varying_keys(points), self.override_texts, self.composer.roots
+        )
+
+    def _name_template(self, base: Composed, points: list[SweepPoint]) -> str:
+        sweep_def = base.data.get("sweep") or {}
+        template = sweep_def.get("name_template")
+        if template is None:
+            keys = _varying_keys(points)
+            if not keys:
+                return "{project}"
+            return "{project}_" + "_".join(f"{k.rsplit('.', 1)[-1]}{{{k}}}" for k in keys)
+        if not isinstance(template, str):
+            raise ConfigError(base.issue(f"must be a string, got {template!r}", "sweep.name_template"))
+        if "${" in template:
+            try:
+                template = _resolve_one(base.data, ("sweep", "name_template"))
+            except (interpolation.ResolveError, OmegaConfBaseException) as exc:
+                raise ConfigError(base.issue(f"cannot resolve: {exc}", "sweep.name_template")) from None
+        return template
+
+    def _experiment(self, point: SweepPoint, sweep_name: str, template: str, overridden: set[str]) -> Experiment:
+        group_choices = {k: v for k, v in point.values.items() if k in self.groups}
+        composed = self.composition({**self.choices, **group_choices})
+        data = copy.deepcopy(composed.data)
+        sweep_origin = composed.origin("sweep") or self.path
+        point_origins = dict(composed.origins)
+        issues = []
+        for key, value in point.values.items():
+            if key in group_choices:
+                continue
+            target = key if ("." in key or key in schema_fields(RootConfig)) else f"vars.{key}"
+            if target in overridden or key in overridden:
+                issues.append(
+                    Issue(
+                        "is swept by the sweep; an override cannot also set it (change sweep.axes instead)",
+                        key=key,
+                        file=sweep_origin,
+                    )
+                )
+                continue
+            if target.split(".")[0] == "experiment":
+                issues.append(
+                    Issue(
+                        "is set by the sweep planner and cannot be swept",
+                        key=key,
+                        file=sweep_origin,
+                        line=key_line(sweep_origin, "sweep"),
+                    )
+                )
+                continue
+            _set_path(data, target, value)
+            point_origins[target] = sweep_origin
+        if issues:
+            raise ConfigError(issues)
+        composed_point = Composed(data, point_origins, composed.choices, composed.files)
+
+        project = data.get("project") if isinstance(data.get("project"), dict) else {}
+        missing = [k for k in ("name", "base_output_dir") if k not in project]
+        if missing:
+            raise ConfigError([composed_point.issue("missing required key", f"project.{k}") for k in missing])
+        fields = {
+            **point.values,
+            "index": point.index,
+            "sweep": sweep_name,
+            "project": project["name"],
+        }
+        try:
+            name = check_name(render_template(template, fields))
+        except NamingError as exc:
+            raise ConfigError(
+                composed_point.issue(f"{exc} (experiment #{point.index} {point.values})", "sweep.name_template")
+            ) from None
+        the_dag_id = dag_id(sweep_name, name)
+        data["experiment"] = {
+            "name": name,
+            "index": point.index,
+            "sweep": sweep_name,
+            "dag_id": the_dag_id,
+            "output_dir": "${project.base_output_dir}/" + name,
+            "checkpoint_dir": "${experiment.output_dir}/checkpoints",
+            "log_dir": "${experiment.output_dir}/logs",
+            "log_path": "${experiment.log_dir}/" + name + "-%j.out",
+            "script_dir": "${experiment.output_dir}/scripts",
+            "provenance_dir": "${experiment.output_dir}/provenance",
+            "parameters": copy.deepcopy(point.values),
+        }
+        resolved = _resolve(data, composed_point)
+        output_dir = resolved["experiment"]["output_dir"]
+        try:
+            resolved["experiment"]["output_dir"] = check_output_root(output_dir, "experiment output dir")
+        except NamingError as exc:
+            raise ConfigError(composed_point.issue(str(exc), "project.base_output_dir")) from None
+        config = _typed(resolved, composed_point)
+        return Experiment(
+            name=name,
+            index=point.index,
+            sweep=sweep_name,
+            dag_id=the_dag_id,
+            parameters=dict(point.values),
+            config=config,
+            resolved=resolved,
+            unresolved=data,
+            source_file=self.path,
+            origins=composed_point,
+        )
+
+
+def _set_path(data: dict[str, Any], key: str, value: Any) -> None:
+    path, _ = locate(data, key)
+    node = data
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    last = path[-1]
+    if isinstance(value, dict) and isinstance(node.get(last), dict):
+        merged = copy.deepcopy(node[last])
+        merged.update(copy.deepcopy(value))
+        node[last] = merged
+    else:
+        node[last] = copy.deepcopy(value)
+
+
+def _varying_keys(points: list[SweepPoint]) -> list[str]:
+    keys: list[str] = []
+    for p in points:
+        for k in p.values:
+            if k not in keys:
+                keys.append(k)
+    if len(points) < 2:
+        return []
+    return [k for k in keys if len({repr(p.values.get(k)) for p in points}) > 1]
+
+
+def load_sweep(
+    path: str | os.PathLike[str],
+    overrides: Sequence[str] = (),
+    *,
+    config_dirs: Iterable[str] = (),
+) -> Sweep:
+    """Load, expand and validate a sweep file. Raises ConfigError naming file, line and key."""
+    return SweepLoader(path, overrides, config_dirs).load()

@@ -1,0 +1,168 @@
+"""Which HPC platform are we on? Environment variables, host name patterns and filesystem markers.
+
+Detection is a pure function of a `PlatformProbe` (environment, host name, existing marker paths),
+so the same rules run locally (`PlatformProbe.local()`) and on a remote login node: run
+`probe_command()` there over SSH and feed its output to `PlatformProbe.parse()`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+OVERRIDE_ENV = "OELLM_PLATFORM"
+UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class PlatformRule:
+    name: str
+    env_vars: tuple[str, ...] = ()
+    env_values: Mapping[str, str] = field(default_factory=dict)  # variable -> regex on its value
+    hostnames: tuple[str, ...] = ()  # regexes searched in the lower-case host name
+    generic_hostnames: tuple[str, ...] = ()  # generic names that count only with a marker path
+    paths: tuple[str, ...] = ()
+
+
+# Order matters only when two platforms' markers are present at once (then the first wins).
+RULES: tuple[PlatformRule, ...] = (
+    PlatformRule(
+        "lumi",
+        env_vars=("LUMI_PROJECT",),
+        env_values={"SLURM_CLUSTER_NAME": r"^lumi$", "LMOD_SYSTEM_NAME": r"^lumi$"},
+        hostnames=(r"lumi", r"^uan\d+"),
+        generic_hostnames=(r"^nid\d{6}$",),
+        paths=("/appl/lumi",),
+    ),
+    PlatformRule(
+        "leonardo",
+        env_vars=("LEONARDO_PROJECT",),
+        env_values={"SLURM_CLUSTER_NAME": r"^leonardo$"},
+        hostnames=(r"leonardo", r"^lrdn\d+"),
+        generic_hostnames=(r"^login\d+",),
+        paths=("/leonardo", "/leonardo_work", "/leonardo_scratch"),
+    ),
+    PlatformRule(
+        "jupiter",
+        env_vars=("JUPITER_PROJECT",),
+        env_values={"SYSTEMNAME": r"^jupiter", "SLURM_CLUSTER_NAME": r"^jupiter"},
+        hostnames=(r"jupiter", r"^jp(bl|bo|login)"),
+    ),
+    PlatformRule(
+        "juwels",
+        env_vars=("JUWELS_PROJECT",),
+        env_values={"SYSTEMNAME": r"^juwels", "SLURM_CLUSTER_NAME": r"^juwels"},
+        hostnames=(r"juwels", r"^jwlogin\d+", r"^jw[bc]\d+"),
+    ),
+    PlatformRule(
+        "marenostrum",
+        env_vars=("MARENOSTRUM_PROJECT",),
+        env_values={"BSC_MACHINE": r"^mn5?$", "SLURM_CLUSTER_NAME": r"^(mn5|marenostrum)"},
+        hostnames=(r"marenostrum", r"^mn\d"),
+        generic_hostnames=(r"^[ag]login\d+",),
+        paths=("/gpfs/projects/bsc", "/apps/GPP", "/apps/ACC"),
+    ),
+    PlatformRule(
+        "local",
+        env_vars=("SLURM_DEV_CLUSTER",),
+        paths=("/var/lib/slurm-dev/cluster.env",),
+    ),
+)
+
+PLATFORMS = tuple(r.name for r in RULES)
+
+
+@dataclass(frozen=True)
+class PlatformProbe:
+    env: Mapping[str, str]
+    hostname: str
+    existing_paths: frozenset[str]
+
+    @classmethod
+    def local(cls) -> PlatformProbe:
+        return cls(
+            env={k: os.environ[k] for k in probed_env_vars() if k in os.environ},
+            hostname=socket.gethostname(),
+            existing_paths=frozenset(p for p in probed_paths() if os.path.exists(p)),
+        )
+
+    @classmethod
+    def parse(cls, text: str) -> PlatformProbe:
+        """Read the output of `probe_command()`."""
+        env: dict[str, str] = {}
+        host = ""
+        paths: set[str] = set()
+        for line in text.splitlines():
+            kind, _, rest = line.partition(" ")
+            if kind == "HOST":
+                host = rest.strip()
+            elif kind == "ENV":
+                name, _, value = rest.partition("=")
+                if value:
+                    env[name] = value
+            elif kind == "PATH":
+                paths.add(rest.strip())
+        return cls(env=env, hostname=host, existing_paths=frozenset(paths))
+
+
+@dataclass(frozen=True)
+class Detection:
+    name: str
+    reason: str
+
+
+def probed_env_vars() -> list[str]:
+    names = {OVERRIDE_ENV}
+    for rule in RULES:
+        names.update(rule.env_vars)
+        names.update(rule.env_values)
+    return sorted(names)
+
+
+def probed_paths() -> list[str]:
+    return sorted({p for rule in RULES for p in rule.paths})
+
+
+def probe_command() -> str:
+    """One shell command that prints everything detection needs (no other variables leak)."""
+    env_names = " ".join(shlex.quote(v) for v in probed_env_vars())
+    paths = " ".join(shlex.quote(p) for p in probed_paths())
+    return (
+        'printf "HOST %s\\n" "$(hostname -f 2>/dev/null || hostname)"; '
+        f'for v in {env_names}; do printf "ENV %s=%s\\n" "$v" "$(printenv "$v")"; done; '
+        f'for p in {paths}; do [ -e "$p" ] && printf "PATH %s\\n" "$p"; done; true'
+    )
+
+
+def detect_platform(probe: PlatformProbe | None = None) -> Detection:
+    """The platform these facts point to, or `unknown`, with the reason."""
+    probe = probe or PlatformProbe.local()
+    forced = probe.env.get(OVERRIDE_ENV, "").strip()
+    if forced:
+        return Detection(forced, f"${OVERRIDE_ENV}={forced}")
+    host = probe.hostname.lower()
+    for rule in RULES:
+        for var in rule.env_vars:
+            if probe.env.get(var):
+                return Detection(rule.name, f"environment variable {var} is set")
+        for var, pattern in rule.env_values.items():
+            value = probe.env.get(var, "")
+            if value and re.search(pattern, value, re.IGNORECASE):
+                return Detection(rule.name, f"{var}={value}")
+    for rule in RULES:
+        for pattern in rule.hostnames:
+            if host and re.search(pattern, host):
+                return Detection(rule.name, f"host name {probe.hostname!r} matches {pattern!r}")
+        for pattern in rule.generic_hostnames:
+            marker = next((p for p in rule.paths if p in probe.existing_paths), None)
+            if host and marker and re.search(pattern, host):
+                return Detection(rule.name, f"host name {probe.hostname!r} matches {pattern!r} and {marker} exists")
+    for rule in RULES:
+        for path in rule.paths:
+            if path in probe.existing_paths:
+                return Detection(rule.name, f"{path} exists")
+    return Detection(UNKNOWN, f"no rule matched host {probe.hostname!r}")

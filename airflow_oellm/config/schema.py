@@ -1,0 +1,189 @@
+"""The typed configuration schema: every key a config file may set, its type, default and meaning.
+
+`validate.py` checks plain containers against these dataclasses (strictly: unknown keys and
+wrong types are errors) and builds the typed objects. The `doc` metadata feeds the generated
+configuration reference (`airflow-oellm schema --markdown`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+REQUIRED: Any = dataclasses.MISSING
+
+Scalar = str | int | float | bool
+
+
+def opt(default: Any = REQUIRED, doc: str = "", *, factory: Any = None) -> Any:
+    """A schema field with documentation."""
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata={"doc": doc})
+    return dataclasses.field(default=default, metadata={"doc": doc})
+
+
+@dataclass
+class ProjectConfig:
+    name: str = opt(doc="Project name; also the default W&B project and the start of default names.")
+    base_output_dir: str = opt(
+        doc="Absolute directory on the cluster; each experiment writes to `<base_output_dir>/<name>`."
+    )
+    description: str = opt("", "Free text shown in the DAG documentation.")
+    owner: str = opt("oellm", "Airflow owner of the generated DAGs.")
+    tags: list[str] = opt(doc="Extra Airflow tags for the generated DAGs.", factory=list)
+
+
+@dataclass
+class ContainerConfig:
+    runtime: Literal["none", "apptainer", "singularity"] = opt(
+        "none", "Container runtime that wraps the training command."
+    )
+    image: str | None = opt(None, "Container image (path to a .sif file).")
+    binds: list[str] = opt(doc="Bind mounts, `src[:dst[:opts]]`.", factory=list)
+    args: list[str] = opt(doc="Extra arguments for `<runtime> exec`.", factory=list)
+
+
+@dataclass
+class PlatformConfig:
+    name: str = opt("base", "Platform name (lumi, leonardo, juwels, jupiter, marenostrum, local, ...).")
+    description: str = opt("", "What this platform is.")
+    template: str = opt(
+        "base.sbatch.j2", "sbatch template (file name under the package's or a config root's templates/)."
+    )
+    modules: list[str] = opt(doc="Environment modules loaded with `module load` (validated names).", factory=list)
+    setup: list[str] = opt(
+        doc="Trusted shell lines run before the launch. They may use `$VARS` from `env`, "
+        "but no `${...}` config interpolation (values reach the script only through quoted `env`).",
+        factory=list,
+    )
+    env: dict[str, Scalar] = opt(
+        doc="Environment exported in the job script. Values are quoted; only `$NAME` and `${NAME}` "
+        "references expand at job time (write `\\${NAME}` in YAML). Command substitution stays inert.",
+        factory=dict,
+    )
+    container: ContainerConfig = opt(doc="Container settings.", factory=ContainerConfig)
+
+
+@dataclass
+class SlurmConfig:
+    partition: str | None = opt(None, "`--partition`.")
+    account: str | None = opt(None, "`--account`.")
+    qos: str | None = opt(None, "`--qos`.")
+    nodes: int = opt(1, "`--nodes`.")
+    gpus_per_node: int = opt(0, "GPUs per node (`--gpus-per-node` when > 0; also used for GPU-hours).")
+    ntasks_per_node: int = opt(1, "`--ntasks-per-node`.")
+    cpus_per_task: int | None = opt(None, "`--cpus-per-task`.")
+    mem: str | None = opt(None, "`--mem`, e.g. `480G` or `0` (all memory).")
+    time: int | str = opt(3600, "Time limit per submission: seconds, or a SLURM time string (`2:00:00`, `1-00:00:00`).")
+    constraint: str | None = opt(None, "`--constraint`.")
+    exclude: list[str] = opt(doc="Nodes never to run on (`--exclude`).", factory=list)
+    exclusive: bool = opt(False, "`--exclusive`.")
+    signal: str | None = opt(
+        "TERM@120",
+        "`--signal`: sent to the job steps this many seconds before the time limit, so Megatron's "
+        "`--exit-signal-handler` saves a checkpoint.",
+    )
+    open_mode: Literal["append", "truncate"] = opt("append", "`--open-mode`; `append` keeps the log across a requeue.")
+    directives: dict[str, Scalar | None] = opt(
+        doc="Any other `#SBATCH` option: `true` gives a bare flag, `false`/`null` leaves it out.",
+        factory=dict,
+    )
+    extra_directives: list[str] = opt(
+        doc="Literal `#SBATCH --option[=value]` lines (the seed guide's `sbatch_extra_directives`).",
+        factory=list,
+    )
+
+
+@dataclass
+class SrunConfig:
+    cpu_bind: str | None = opt(None, "`srun --cpu-bind`.")
+    args: dict[str, Scalar | None] = opt(
+        doc="Other `srun` options: `true` gives a bare flag, `false`/`null` leaves it out.", factory=dict
+    )
+
+
+@dataclass
+class BackendConfig:
+    name: Literal["megatron", "command"] = opt(
+        "megatron", "`megatron`: `entrypoint` with `args` as `--flags`; `command`: run `command` as given."
+    )
+    launcher: Literal["torchrun", "srun", "none"] = opt(
+        "torchrun",
+        "`torchrun`: one torchrun per node under srun; `srun`: one task per GPU; "
+        "`none`: run in the batch shell (CPU jobs, tests).",
+    )
+    python: str = opt("python", "Python interpreter inside the job.")
+    megatron_path: str | None = opt(None, "Megatron-LM checkout on the cluster; `entrypoint` is relative to it.")
+    entrypoint: str = opt("pretrain_gpt.py", "Training script.")
+    workdir: str | None = opt(None, "Directory the launch runs in (default: the experiment's output dir).")
+    args: dict[str, Any] = opt(
+        doc="Megatron arguments: `train_iters: 1000` gives `--train-iters 1000`; `true` gives a bare "
+        "flag; `false`/`null` leaves it out; a list gives several values.",
+        factory=dict,
+    )
+    command: list[str] = opt(doc="argv for `name: command` (each element quoted).", factory=list)
+
+
+@dataclass
+class LogEventConfig:
+    name: str = opt(doc="Event name.")
+    pattern: str = opt(doc="Regex (or substring) matched against each new log line.")
+    pattern_type: Literal["regex", "substring"] = opt("regex", "How `pattern` is matched.")
+    extract_groups: dict[str, str] = opt(
+        doc="Event field -> named group of the regex (`checkpoint_iteration: iteration`).", factory=dict
+    )
+    metadata: dict[str, Any] = opt(doc="Static fields attached to every event.", factory=dict)
+
+
+@dataclass
+class MonitoringConfig:
+    poll_interval_seconds: int = opt(60, "Seconds between status polls of the job.")
+    inactivity_threshold_seconds: int = opt(
+        1800, "A RUNNING job with no log growth and no iteration progress for this long is a hang."
+    )
+    output_paths: list[str] = opt(doc="Extra files whose modification time counts as activity.", factory=list)
+    log_events: list[LogEventConfig] = opt(doc="Regex events matched in the job log.", factory=list)
+
+
+@dataclass
+class RestartConfig:
+    max_attempts: int = opt(3, "Submissions per training task, the first included (Airflow retries + 1).")
+    retry_delay_seconds: int = opt(60, "Delay before a retryable failure is resubmitted.")
+
+
+@dataclass
+class ExperimentInfo:
+    """Filled in by the sweep planner for each experiment; read-only for config files."""
+
+    name: str = opt("", "Stable experiment name (from `sweep.name_template`).")
+    index: int = opt(0, "Position of the experiment in the expanded sweep.")
+    sweep: str = opt("", "Sweep name (file stem unless `sweep.name` is set).")
+    dag_id: str = opt("", "Airflow DAG id of the experiment.")
+    output_dir: str = opt("", "`<project.base_output_dir>/<name>`.")
+    checkpoint_dir: str = opt("", "`<output_dir>/checkpoints`.")
+    log_dir: str = opt("", "`<output_dir>/logs`.")
+    log_path: str = opt("", "`<log_dir>/<name>-%j.out` (SLURM fills in the job id).")
+    script_dir: str = opt("", "`<output_dir>/scripts`.")
+    provenance_dir: str = opt("", "`<output_dir>/provenance`.")
+    parameters: dict[str, Any] = opt(doc="The sweep values of this experiment.", factory=dict)
+
+
+@dataclass
+class RootConfig:
+    project: ProjectConfig = opt(doc="Project identity and output location.")
+    platform: PlatformConfig = opt(doc="Cluster-specific environment.", factory=PlatformConfig)
+    slurm: SlurmConfig = opt(doc="Resources and `#SBATCH` directives.", factory=SlurmConfig)
+    srun: SrunConfig = opt(doc="`srun` options for the launch.", factory=SrunConfig)
+    backend: BackendConfig = opt(doc="What runs: Megatron or a command.", factory=BackendConfig)
+    monitoring: MonitoringConfig = opt(doc="Log watching and hang detection.", factory=MonitoringConfig)
+    restart: RestartConfig = opt(doc="Retry policy after retryable failures.", factory=RestartConfig)
+    vars: dict[str, Any] = opt(
+        doc="Free variables for interpolation (`${vars.x}`); bare sweep axis names land here.", factory=dict
+    )
+    sweep: dict[str, Any] = opt(doc="The sweep definition (checked by the sweep expander).", factory=dict)
+    experiment: ExperimentInfo = opt(doc="Set by the planner; read-only.", factory=ExperimentInfo)
+
+
+# Top-level keys a config file may not set: the planner owns them.
+PROTECTED_SECTIONS = frozenset({"experiment"})

@@ -1,0 +1,163 @@
+"""Strict validation of plain config containers against the schema dataclasses.
+
+Unknown keys, wrong types and missing required keys become `Issue`s with the key path (and a
+"did you mean" where a known key is close). All issues are collected, not only the first.
+Strings that still contain `${` are interpolations resolved later (escaped ones resolve at run
+time); they are accepted here for any type and checked again once resolved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from functools import cache
+from typing import Any, Literal, Union, get_args, get_origin
+
+from airflow_oellm.config.errors import Issue, did_you_mean, join_key
+
+
+@dataclasses.dataclass(frozen=True)
+class _Field:
+    type: Any
+    required: bool
+
+
+@cache
+def schema_fields(cls: type) -> dict[str, _Field]:
+    hints = typing.get_type_hints(cls)
+    return {
+        f.name: _Field(
+            hints[f.name],
+            f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+        )
+        for f in dataclasses.fields(cls)
+    }
+
+
+def is_unresolved(value: Any) -> bool:
+    return isinstance(value, str) and "${" in value
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    kind = {bool: "boolean", int: "integer", float: "number", str: "string", list: "list", dict: "mapping"}
+    return f"{kind.get(type(value), type(value).__name__)} {text}"
+
+
+def type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if tp is Any:
+        return "anything"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(type_name(a) for a in get_args(tp))
+    if origin is list:
+        return "a list"
+    if origin is dict:
+        return "a mapping"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false", type(None): "null"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+class Validator:
+    """Checks one container; `issues` collects what is wrong."""
+
+    def __init__(self, *, partial: bool = False):
+        self.partial = partial
+        self.issues: list[Issue] = []
+
+    def check(self, value: Any, tp: Any, key: str = "") -> Any:
+        if tp is Any or is_unresolved(value):
+            return value
+        if dataclasses.is_dataclass(tp):
+            return self._dataclass(value, tp, key)
+        origin = get_origin(tp)
+        if origin is Literal:
+            choices = get_args(tp)
+            if value not in choices or isinstance(value, bool) != any(isinstance(c, bool) for c in choices):
+                hint = did_you_mean(str(value), [str(c) for c in choices])
+                self._bad(key, f"must be one of {', '.join(repr(c) for c in choices)}, got {value!r}{hint}")
+            return value
+        if origin in (Union, types.UnionType):
+            return self._union(value, get_args(tp), key)
+        if origin is list:
+            if not isinstance(value, list):
+                return self._bad(key, f"expected a list, got {_describe(value)}")
+            (item_tp,) = get_args(tp)
+            return [self.check(v, item_tp, join_key(key, i)) for i, v in enumerate(value)]
+        if origin is dict:
+            if not isinstance(value, dict):
+                return self._bad(key, f"expected a mapping, got {_describe(value)}")
+            _, val_tp = get_args(tp)
+            out = {}
+            for k, v in value.items():
+                if not isinstance(k, str):
+                    self._bad(join_key(key, k), f"keys must be strings, got {_describe(k)}")
+                    continue
+                out[k] = self.check(v, val_tp, join_key(key, k))
+            return out
+        return self._scalar(value, tp, key)
+
+    def _bad(self, key: str, message: str) -> None:
+        self.issues.append(Issue(message, key=key))
+        return None
+
+    def _scalar(self, value: Any, tp: Any, key: str) -> Any:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+        elif tp is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        elif tp is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+        elif tp is str:
+            if isinstance(value, str):
+                return value
+            # YAML reads `account: 12345` or `version: 1.0` as numbers; their text is what was meant.
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return str(value)
+        elif tp is type(None) and value is None:
+            return None
+        return self._bad(key, f"expected {type_name(tp)}, got {_describe(value)}")
+
+    def _union(self, value: Any, members: tuple[Any, ...], key: str) -> Any:
+        if value is None and type(None) in members:
+            return None
+        # exact scalar types first, so `int | str` keeps 7200 an int
+        ordered = sorted(members, key=lambda t: 0 if type(value) is t else 1)
+        for member in ordered:
+            if member is type(None):
+                continue
+            trial = Validator(partial=self.partial)
+            result = trial.check(value, member, key)
+            if not trial.issues:
+                return result
+        return self._bad(key, f"expected {' or '.join(type_name(m) for m in members)}, got {_describe(value)}")
+
+    def _dataclass(self, value: Any, cls: type, key: str) -> Any:
+        if not isinstance(value, dict):
+            return self._bad(key, f"expected a mapping, got {_describe(value)}")
+        fields = schema_fields(cls)
+        before = len(self.issues)
+        for k in value:
+            if k not in fields:
+                hint = did_you_mean(str(k), fields)
+                self._bad(join_key(key, k), f"unknown key{hint}; allowed: {', '.join(fields)}")
+        kwargs = {}
+        for name, f in fields.items():
+            if name in value:
+                kwargs[name] = self.check(value[name], f.type, join_key(key, name))
+            elif f.required and not self.partial:
+                self._bad(join_key(key, name), "missing required key")
+        if self.partial or len(self.issues) > before:
+            return None
+        return cls(**kwargs)

@@ -1,0 +1,25 @@
+"""Provider metadata read by Airflow's ProvidersManager (entry point `apache_airflow_provider`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import airflow_oellm
+
+
+def get_provider_info() -> dict[str, Any]:
+    return {
+        "package-name": "airflow-oellm",
+        "name": "OpenEuroLLM experiments on SLURM",
+        "description": "Run Megatron-LM training sweeps on SLURM clusters (LUMI, Leonardo, JUWELS, JUPITER, "
+        "MareNostrum 5, any SLURM site) over SSH: one DAG per experiment, resume, cooldowns, conversion "
+        "and evaluation.",
+        "versions": [airflow_oellm.__version__],
+        "integrations": [
+            {
+                "integration-name": "SLURM",
+                "external-doc-url": "https://slurm.schedmd.com/",
+                "tags": ["software"],
+            }
+        ],
+    }

@@ -1,0 +1,1 @@
+"""SLURM knowledge without Airflow: time specs, shell quoting, sbatch directives and script rendering."""

@@ -1,0 +1,46 @@
+"""Shared fixtures. Cluster fixtures live in tests/cluster/conftest.py."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "config"
+EXAMPLE_SWEEPS = sorted((CONFIG / "sweeps").glob("*.yaml"))
+
+
+@pytest.fixture
+def write(tmp_path: Path) -> Callable[[str, str], Path]:
+    """write("config/sweeps/x.yaml", yaml_text) -> path under tmp_path (dedented)."""
+
+    def _write(relative: str, text: str) -> Path:
+        path = tmp_path / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text).lstrip())
+        return path
+
+    return _write
+
+
+@pytest.fixture
+def project(write: Callable[[str, str], Path], tmp_path: Path) -> Path:
+    """A small project config root with its own platform group (`config/platform/mini.yaml`)."""
+    write(
+        "config/platform/mini.yaml",
+        """
+        defaults:
+          - base
+          - _self_
+        platform:
+          name: mini
+        slurm:
+          partition: debug
+        backend:
+          launcher: none
+        """,
+    )
+    return tmp_path / "config"
