@@ -26,6 +26,9 @@ _FLOAT = re.compile(
 )
 
 
+_ENV_LIKE = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+
+
 class Unsupported(Exception):
     """The construct is valid OmegaConf but outside this resolver's subset."""
 
@@ -252,7 +255,8 @@ class InterpolationResolver:
         try:
             raw = self._node(full)
         except KeyError:
-            raise ResolveError(_key_text(path), f"interpolation key '{rest}' not found") from None
+            hint = f" (for the job's shell variable write ${rest} or \\${{{rest}}})" if _ENV_LIKE.match(rest) else ""
+            raise ResolveError(_key_text(path), f"interpolation key '{rest}' not found{hint}") from None
         return self._value(raw, full)
 
     def _absolute(self, target: list[Any]) -> list[Any]:
@@ -287,6 +291,32 @@ class InterpolationResolver:
                 return self._evaluate(parts[0][1], path)
             return "".join(str(self._evaluate(b, path)) if i else b for i, b in parts)
         return _primitive(text)
+
+
+_SHELL_REFERENCE = re.compile(r"(?<!\\)\$\{([A-Za-z_][A-Za-z0-9_]*)(?=\}|:[-=+?])")
+
+
+def protect_shell_references(value: Any, config_keys: set[str], resolver_names: set[str]) -> Any:
+    """Escape `${NAME}` / `${NAME:-word}` that name neither a config section nor a resolver.
+
+    An escaped `\\${...}` in a config means "not now": either a run-time config interpolation
+    (`\\${timestring:}`, `\\${experiment.output_dir}`) or text for the job's shell
+    (`\\${SLURM_JOB_ID}`). At run time the first kind is resolved and the second kept.
+    """
+    if isinstance(value, str):
+        if "${" not in value:
+            return value
+
+        def escape(m: re.Match[str]) -> str:
+            name = m.group(1)
+            return m.group(0) if name in config_keys or name in resolver_names else "\\" + m.group(0)
+
+        return _SHELL_REFERENCE.sub(escape, value)
+    if isinstance(value, Mapping):
+        return {k: protect_shell_references(v, config_keys, resolver_names) for k, v in value.items()}
+    if isinstance(value, list):
+        return [protect_shell_references(v, config_keys, resolver_names) for v in value]
+    return value
 
 
 def resolve(data: Mapping[str, Any], resolvers: Mapping[str, Callable[..., Any]]) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import GrammarParseError, OmegaConfBaseException
 
 from airflow_oellm.config import interpolation
 from airflow_oellm.config.compose import Composed, Composer, config_roots
@@ -79,8 +79,10 @@ class Experiment:
         """The config with escaped (run-time) interpolations resolved at `when`."""
         if not self.has_deferred:
             return self.config
+        names = set(RESOLVERS) | {"oc.env"}
+        pending = interpolation.protect_shell_references(self.resolved, set(self.resolved), names)
         with frozen_time(when):
-            data = _resolve(self.resolved, self.origins)
+            data = _resolve(pending, self.origins)
         return _typed(data, self.origins)
 
 
@@ -127,6 +129,14 @@ def _resolve(data: dict[str, Any], composed: Composed) -> dict[str, Any]:
         pass
     try:
         return OmegaConf.to_container(OmegaConf.create(data), resolve=True)  # type: ignore[return-value]
+    except GrammarParseError as exc:
+        key = str(getattr(exc, "full_key", "") or "")
+        message = str(getattr(exc, "msg", None) or exc).splitlines()[0]
+        raise ConfigError(
+            composed.issue(
+                f"invalid interpolation: {message} (write \\${{...}} for text the job's shell should see)", key
+            )
+        ) from None
     except OmegaConfBaseException as exc:
         key = str(getattr(exc, "full_key", "") or "")
         message = getattr(exc, "msg", None) or str(exc).splitlines()[0]
@@ -327,7 +337,8 @@ class SweepLoader:
     def _experiment(self, point: SweepPoint, sweep_name: str, template: str, overridden: set[str]) -> Experiment:
         group_choices = {k: v for k, v in point.values.items() if k in self.groups}
         composed = self.composition({**self.choices, **group_choices})
-        data = copy.deepcopy(composed.data)
+        # the sweep definition is not part of an experiment (and copying it per point is quadratic)
+        data = copy.deepcopy({k: v for k, v in composed.data.items() if k != "sweep"})
         sweep_origin = composed.origin("sweep") or self.path
         point_origins = dict(composed.origins)
         issues = []

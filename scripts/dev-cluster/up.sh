@@ -90,7 +90,7 @@ mark_started() { mkdir -p "$STARTED_DIR"; echo "$2" > "$STARTED_DIR/$1"; }
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 # ---------------------------------------------------------------- 1. packages
-PKGS=(munge slurmctld slurmd slurm-client openssh-server openssh-client)
+PKGS=(munge slurmctld slurmd slurm-client openssh-server openssh-client python3)
 if [ "$SLURM_DEV_ACCOUNTING" = slurmdbd ]; then PKGS+=(slurmdbd mariadb-server); fi
 missing=()
 for p in "${PKGS[@]}"; do

@@ -313,3 +313,34 @@ def test_resolved_config_never_holds_unresolved_interpolations(write, project):
     for sweep_file in sorted((CONFIG / "sweeps").glob("*.yaml")):
         for e in load_sweep(sweep_file).experiments:
             assert not re.search(r"\$\{", repr(e.materialize()))
+
+
+def test_shell_variables_survive_run_time_resolution(write, project):
+    path = write(
+        "config/sweeps/sh.yaml",
+        r"""
+        defaults: [{platform: mini}]
+        project: {name: sh, base_output_dir: /r}
+        platform:
+          env:
+            JOB_TMP: /tmp/\${USER}-\${SLURM_JOB_ID:-none}
+            PLAIN: /tmp/$USER
+        vars:
+          stamp: \${timestring:%Y}
+          out: \${experiment.output_dir}/x
+        """,
+    )
+    exp = load_sweep(path).experiments[0]
+    cfg = exp.materialize(dt.datetime(2031, 1, 1, tzinfo=dt.UTC))
+    assert cfg.platform.env["JOB_TMP"] == "/tmp/${USER}-${SLURM_JOB_ID:-none}"
+    assert cfg.platform.env["PLAIN"] == "/tmp/$USER"
+    assert cfg.vars["stamp"] == "2031" and cfg.vars["out"] == "/r/sh/x"
+
+
+def test_unescaped_shell_variable_gets_a_hint(write, project):
+    path = write(
+        "config/sweeps/sh.yaml",
+        "defaults: [{platform: mini}]\nproject: {name: sh, base_output_dir: /r}\nvars: {a: '${SLURM_JOB_ID}'}\n",
+    )
+    with pytest.raises(ConfigError, match=r"for the job's shell variable write \$SLURM_JOB_ID"):
+        load_sweep(path)

@@ -11,6 +11,15 @@ pytestmark = pytest.mark.config
 
 HEAD = "defaults: [{platform: mini}]\nproject: {name: bad, base_output_dir: /r}\n"
 
+# a "billion laughs" document: 6 lines that would expand to a million nodes
+ALIAS_BOMB = (
+    'a: &a ["x","x","x","x","x","x","x","x","x","x"]\n'
+    + "".join(f"{n}: &{n} [{','.join(['*' + p] * 10)}]\n" for p, n in zip("abcd", "bcde", strict=True))
+    + "f: ["
+    + ",".join(["*e"] * 10)
+    + "]\n"
+)
+
 # (id, sweep text after HEAD unless it starts with '!', overrides, expected fragments, expected line)
 CASES = [
     ("unknown-top-key", "projet: {name: x}\n", [], ["projet", "unknown key", "did you mean 'project'"], 3),
@@ -84,6 +93,8 @@ CASES = [
     ),
     ("yaml-syntax", "!project: {name: x\nsweep: [\n", [], ["invalid YAML"], None),
     ("yaml-duplicate", "slurm: {nodes: 1}\nslurm: {nodes: 2}\n", [], ["duplicate key"], 4),
+    ("non-string-key", "slurm:\n  1: x\n", [], ["slurm", "keys must be strings"], 3),
+    ("alias-bomb", "!" + ALIAS_BOMB, [], ["invalid YAML", "aliases expand"], None),
     ("top-not-mapping", "!- a\n- b\n", [], ["top level must be a mapping"], None),
     ("protected-section", "experiment: {name: x}\n", [], ["experiment", "set by the sweep planner"], 3),
     ("sweep-unknown-key", "sweep:\n  axis: {a: [1]}\n", [], ["sweep.axis", "did you mean 'axes'"], 4),
