@@ -49,17 +49,34 @@ def _short(key: str) -> str:
     return key.rsplit(".", 1)[-1]
 
 
-def cmd_plan(args: argparse.Namespace) -> int:
+def _load_one(args: argparse.Namespace) -> Any:
+    """The sweep named on the command line, or an exit status."""
     from airflow_oellm.config import ConfigError, load_sweep
 
     files, overrides = _split_args([args.sweep, *args.overrides])
     if len(files) != 1:
-        print("error: plan takes one sweep file (other arguments must be key=value overrides)", file=sys.stderr)
+        print(
+            f"error: {args.command} takes one sweep file (other arguments must be key=value overrides)", file=sys.stderr
+        )
         return 2
     try:
-        sweep = load_sweep(files[0], overrides, config_dirs=args.config_dir)
+        return load_sweep(files[0], overrides, config_dirs=args.config_dir)
     except ConfigError as exc:
         return _fail(exc)
+
+
+def _render_issue(experiment: Any, exc: Any) -> Any:
+    """A RenderError as an Issue located in the file that set the key."""
+    from airflow_oellm.config import Issue
+
+    issue = experiment.origins.issue(exc.message, exc.key)
+    return Issue(f"{issue.message} (experiment {experiment.name})", issue.key, issue.file, issue.line)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    sweep = _load_one(args)
+    if isinstance(sweep, int):
+        return sweep
     rows = []
     for e in sweep.experiments:
         hours, seconds = _gpu_hours(e.config)
@@ -132,15 +149,13 @@ def _print_plan(sweep: Any, rows: list[dict[str, Any]]) -> None:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from airflow_oellm.config import ConfigError, load_sweep
+    from airflow_oellm.config import ConfigError
     from airflow_oellm.slurm.render import RenderError, render_sbatch
 
-    files, overrides = _split_args([args.sweep, *args.overrides])
-    if len(files) != 1:
-        print("error: render takes one sweep file (other arguments must be key=value overrides)", file=sys.stderr)
-        return 2
+    sweep = _load_one(args)
+    if isinstance(sweep, int):
+        return sweep
     try:
-        sweep = load_sweep(files[0], overrides, config_dirs=args.config_dir)
         if args.experiment is None:
             if len(sweep.experiments) != 1:
                 names = ", ".join(e.name for e in sweep.experiments[:10])
@@ -154,12 +169,11 @@ def cmd_render(args: argparse.Namespace) -> int:
             experiment = sweep.experiments[0]
         else:
             experiment = sweep.experiment(args.experiment)
-        cfg = experiment.materialize()
-        script = render_sbatch(cfg, template_dirs=sweep.template_dirs)
+        script = render_sbatch(experiment.materialize(), template_dirs=sweep.template_dirs)
     except ConfigError as exc:
         return _fail(exc)
     except RenderError as exc:
-        return _fail(ConfigError([experiment.origins.issue(str(exc).split(": ", 1)[1], exc.key)]))
+        return _fail(ConfigError([_render_issue(experiment, exc)]))
     if args.output:
         Path(args.output).write_text(script)
     else:
@@ -169,7 +183,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 def _validate_file(path: str, overrides: list[str], config_dirs: list[str]) -> str:
     """One line of success text; raises ConfigError."""
-    from airflow_oellm.config import ConfigError, Issue, load_sweep
+    from airflow_oellm.config import ConfigError, load_sweep
     from airflow_oellm.config.compose import Composer, config_roots
     from airflow_oellm.config.yamlio import load_yaml
     from airflow_oellm.slurm.render import RenderError, render_sbatch
@@ -185,8 +199,7 @@ def _validate_file(path: str, overrides: list[str], config_dirs: list[str]) -> s
         try:
             render_sbatch(e.materialize(), template_dirs=sweep.template_dirs)
         except RenderError as exc:
-            issue = e.origins.issue(str(exc).split(": ", 1)[1], exc.key)
-            issues.append(Issue(f"{issue.message} (experiment {e.name})", issue.key, issue.file, issue.line))
+            issues.append(_render_issue(e, exc))
         except ConfigError as exc:
             issues.extend(exc.issues)
     if issues:

@@ -69,7 +69,8 @@ RULES: tuple[PlatformRule, ...] = (
     PlatformRule(
         "local",
         env_vars=("SLURM_DEV_CLUSTER",),
-        paths=("/var/lib/slurm-dev/cluster.env",),
+        env_values={"SLURM_CLUSTER_NAME": r"^devcluster$"},
+        paths=("/etc/slurm/oellm-dev-cluster",),
     ),
 )
 

@@ -400,6 +400,9 @@ SLURM_DEV_ACCOUNTING=$SLURM_DEV_ACCOUNTING
 SLURM_DEV_SLURM_VERSION=$SLURM_VERSION
 EOF
 chmod 0644 "$ENV_FILE"
+# readable by every user (the key directory is not): lets airflow-oellm detect the platform `local`
+echo "# airflow-oellm dev cluster ($CLUSTER); see scripts/dev-cluster.sh" > "$SLURM_ETC/oellm-dev-cluster"
+chmod 0644 "$SLURM_ETC/oellm-dev-cluster"
 pids() { local out="" d f
   for d in munged:/run/munge/munged.pid mariadbd:/run/mysqld/mysqld.pid slurmdbd:$RUN_SLURM/slurmdbd.pid \
            slurmctld:$RUN_SLURM/slurmctld.pid slurmd:$RUN_SLURM/slurmd.pid sshd:$SSHD_PID; do

@@ -128,3 +128,12 @@ def test_sbatch_rejects_what_the_cluster_cannot_run_with_a_clear_error(dev_clust
     result = dev_cluster.ssh(["sbatch", "--parsable", path], check=False)
     assert result.returncode != 0
     assert re.search(r"invalid partition", result.stderr, re.I)
+
+
+def test_platform_probe_runs_on_the_remote_login_node(dev_cluster):
+    from airflow_oellm.config.platforms import PlatformProbe, detect_platform, probe_command
+
+    facts = PlatformProbe.parse(dev_cluster.ssh(probe_command()).stdout)
+    assert facts.hostname  # the login node's name, read over SSH
+    assert "/etc/slurm/oellm-dev-cluster" in facts.existing_paths
+    assert detect_platform(facts).name == "local"

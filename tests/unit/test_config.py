@@ -344,3 +344,12 @@ def test_unescaped_shell_variable_gets_a_hint(write, project):
     )
     with pytest.raises(ConfigError, match=r"for the job's shell variable write \$SLURM_JOB_ID"):
         load_sweep(path)
+
+
+def test_platform_auto_option_follows_detection(monkeypatch):
+    monkeypatch.setenv("OELLM_PLATFORM", "juwels")
+    cfg = load_sweep(CONFIG / "sweeps" / "minimal.yaml", ["platform=auto"]).experiments[0].config
+    assert cfg.platform.name == "juwels" and cfg.slurm.partition == "booster"
+    monkeypatch.setenv("OELLM_PLATFORM", "unknown")
+    cfg = load_sweep(CONFIG / "sweeps" / "minimal.yaml", ["platform=auto"]).experiments[0].config
+    assert cfg.platform.name == "base"

@@ -84,7 +84,7 @@ def probe(env=None, host="", paths=()):
         (probe(host="admin-node"), "unknown"),  # the seed's bare "mn" substring would have matched
         (probe(host="x", paths=["/leonardo_work"]), "leonardo"),
         (probe(host="x", paths=["/appl/lumi"]), "lumi"),
-        (probe(host="vm", paths=["/var/lib/slurm-dev/cluster.env"]), "local"),
+        (probe(host="vm", paths=["/etc/slurm/oellm-dev-cluster"]), "local"),
     ],
 )
 def test_platform_detection_rules(facts, expected):
@@ -141,3 +141,12 @@ def test_format_slurm_time():
     assert time_limit_seconds(600) == 600 and time_limit_seconds("10:00") == 600
     with pytest.raises(ValueError):
         time_limit_seconds(True)
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("command", ["validate", "plan", "render", "detect-platform", "schema"])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli([command, "--help"])
+    assert exit_info.value.code == 0
+    assert f"usage: airflow-oellm {command}" in capsys.readouterr().out
