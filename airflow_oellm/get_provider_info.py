@@ -15,6 +15,7 @@ def get_provider_info() -> dict[str, Any]:
         "MareNostrum 5, any SLURM site) over SSH: one DAG per experiment, resume, cooldowns, conversion "
         "and evaluation.",
         "versions": [airflow_oellm.__version__],
+        "hooks": [{"integration-name": "SLURM", "python-modules": ["airflow_oellm.hooks.slurm"]}],
         "integrations": [
             {
                 "integration-name": "SLURM",

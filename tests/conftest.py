@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+# Airflow reads its home when first imported: give the whole test run a fresh one, never ~/airflow.
+_AIRFLOW_HOME = tempfile.mkdtemp(prefix="oellm-test-airflow-home-")
+os.environ["AIRFLOW_HOME"] = _AIRFLOW_HOME
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+atexit.register(shutil.rmtree, _AIRFLOW_HOME, True)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "config"

@@ -16,7 +16,8 @@
 #                                   only `sacct -c` (jobcomp/filetxt) works)
 #   SLURM_DEV_CPUS=                 CPUs advertised for the node (default max(8,nproc));
 #                                   more than the hardware is fine (config_overrides)
-#   SLURM_DEV_MIN_JOB_AGE=300       seconds finished jobs stay visible to scontrol/squeue
+#   SLURM_DEV_MIN_JOB_AGE=60        seconds finished jobs stay visible to scontrol/squeue (then only
+#                                   sacct knows them; short, so tests of that fallback are quick)
 #   SLURM_DEV_CRED_EXPIRE=10        AuthInfo cred_expire: also the delay before a
 #                                   requeued job may start again (Slurm default 120)
 #   SLURM_DEV_STATE_DIR=/var/lib/slurm-dev   client key, known_hosts, env file
@@ -28,7 +29,7 @@ set -Eeuo pipefail
 SLURM_DEV_USER="${SLURM_DEV_USER:-slurmuser}"
 SLURM_DEV_SSH_PORT="${SLURM_DEV_SSH_PORT:-2222}"
 SLURM_DEV_ACCOUNTING="${SLURM_DEV_ACCOUNTING:-slurmdbd}"
-SLURM_DEV_MIN_JOB_AGE="${SLURM_DEV_MIN_JOB_AGE:-300}"
+SLURM_DEV_MIN_JOB_AGE="${SLURM_DEV_MIN_JOB_AGE:-60}"
 SLURM_DEV_CRED_EXPIRE="${SLURM_DEV_CRED_EXPIRE:-10}"
 SLURM_DEV_STATE_DIR="${SLURM_DEV_STATE_DIR:-/var/lib/slurm-dev}"
 SLURM_DEV_TIMEOUT="${SLURM_DEV_TIMEOUT:-120}"

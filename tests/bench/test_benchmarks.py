@@ -22,3 +22,16 @@ def test_thousand_point_sweep_expands_and_validates_quickly():
     assert result["ours_median"] < 6.0, result
     # target < 1 s for `plan` of the 27-experiment study, whole process (measured ~0.2 s)
     assert result["cli_plan_27_seconds"] < 3.0, result
+
+
+@pytest.mark.cluster
+def test_status_poll_benchmark_runs_and_batches(dev_cluster):
+    import asyncio
+
+    import status_poll
+
+    status_poll.connection_env()
+    result = asyncio.run(status_poll.measure(20, repeat=1))
+    assert result["ours"]["commands"] == 1 and result["ours"]["slurmctld_job_rpcs"] == 1
+    assert result["per_job_squeue"]["commands"] == 20 and result["per_job_squeue"]["slurmctld_job_rpcs"] == 20
+    assert result["ours"]["seconds"] < result["per_job_squeue"]["seconds"]

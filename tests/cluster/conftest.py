@@ -108,10 +108,49 @@ def dev_cluster() -> DevCluster:
     return cluster
 
 
+def _remote_dir(cluster: DevCluster) -> Iterator[str]:
+    path = f"{cluster.env['SLURM_DEV_USER_HOME']}/oellm-tests/{uuid.uuid4().hex[:12]}"
+    cluster.ssh(["mkdir", "-p", path])
+    yield path
+    cluster.ssh(["rm", "-rf", path], check=False)
+
+
 @pytest.fixture
 def remote_dir(dev_cluster: DevCluster) -> Iterator[str]:
     """A fresh directory in the SSH user's home, removed afterwards."""
-    path = f"{dev_cluster.env['SLURM_DEV_USER_HOME']}/oellm-tests/{uuid.uuid4().hex[:12]}"
-    dev_cluster.ssh(["mkdir", "-p", path])
-    yield path
-    dev_cluster.ssh(["rm", "-rf", path], check=False)
+    yield from _remote_dir(dev_cluster)
+
+
+@pytest.fixture(scope="module")
+def module_remote_dir(dev_cluster: DevCluster) -> Iterator[str]:
+    yield from _remote_dir(dev_cluster)
+
+
+def host_key(cluster: DevCluster, key_type: str = "ssh-ed25519") -> str:
+    for line in Path(cluster.env["SLURM_DEV_SSH_KNOWN_HOSTS"]).read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[1] == key_type:
+            return f"{parts[1]} {parts[2]}"
+    raise AssertionError(f"no {key_type} host key in {cluster.env['SLURM_DEV_SSH_KNOWN_HOSTS']}")
+
+
+def ssh_connection_uri(cluster: DevCluster, key: str | None = None) -> str:
+    """An Airflow SSH connection to the dev cluster with the host key pinned (verified)."""
+    import json
+
+    return json.dumps(
+        {
+            "conn_type": "ssh",
+            "host": cluster.env["SLURM_DEV_SSH_HOST"],
+            "port": int(cluster.env["SLURM_DEV_SSH_PORT"]),
+            "login": cluster.env["SLURM_DEV_SSH_USER"],
+            "extra": {"key_file": cluster.env["SLURM_DEV_SSH_KEY"], "host_key": key or host_key(cluster)},
+        }
+    )
+
+
+@pytest.fixture(scope="session")
+def slurm_conn_id(dev_cluster: DevCluster) -> str:
+    """`slurm_dev`: an Airflow connection (environment variable) to the dev cluster."""
+    os.environ["AIRFLOW_CONN_SLURM_DEV"] = ssh_connection_uri(dev_cluster)
+    return "slurm_dev"

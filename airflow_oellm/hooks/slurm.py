@@ -1,0 +1,241 @@
+"""SlurmHook and AsyncSlurmHook: every remote action of the provider goes through one of these.
+
+Both run the same operations (`airflow_oellm.slurm.operations`) on the login node of a cluster,
+over an Airflow SSH connection (the SSH provider's SSHHook / SSHHookAsync: host keys verified,
+keys from the connection) or, with `local=True`, with the local bash (Airflow on a login node).
+
+    hook = SlurmHook(ssh_conn_id="lumi")
+    hook.upload("/scratch/x/job.sbatch", script, mode="0700")
+    outcome = hook.submit_once(identity, "/scratch/x/job.sbatch")
+    hook.job_statuses([outcome.job_id])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import TypeVar
+
+from airflow.sdk import BaseHook
+
+from airflow_oellm.config.platforms import Detection
+from airflow_oellm.hooks.transport import AsyncLocalShell, AsyncSSHShell, LocalShell, ParamikoShell
+from airflow_oellm.slurm import operations
+from airflow_oellm.slurm.commands import FileChunk, SlurmCommandError
+from airflow_oellm.slurm.identity import JobIdentity
+from airflow_oellm.slurm.operations import Operation, SubmitOutcome
+from airflow_oellm.slurm.states import JobStatus
+
+T = TypeVar("T")
+
+
+class SlurmHook(BaseHook):
+    """SLURM on a cluster's login node, over SSH or locally (synchronous, for workers).
+
+    :param ssh_conn_id: Airflow SSH connection to the login node (ignored when `local`).
+    :param local: run commands with the local bash instead of SSH.
+    :param min_submit_interval: seconds between two sbatch calls of this user on the cluster.
+    """
+
+    conn_name_attr = "ssh_conn_id"
+    default_conn_name = "ssh_default"
+    conn_type = "ssh"
+    hook_name = "SLURM over SSH"
+
+    def __init__(
+        self, ssh_conn_id: str | None = default_conn_name, *, local: bool = False, min_submit_interval: float = 1.0
+    ) -> None:
+        super().__init__()
+        if not local and not ssh_conn_id:
+            raise ValueError("SlurmHook needs an ssh_conn_id, or local=True")
+        self.ssh_conn_id = ssh_conn_id
+        self.local = local
+        self.min_submit_interval = min_submit_interval
+        self._shell: LocalShell | ParamikoShell | None = None
+        self.counts: Counter[str] = Counter()  # commands run, by kind (squeue, sacct, sbatch, ...)
+
+    def get_conn(self) -> LocalShell | ParamikoShell:
+        if self._shell is None:
+            if self.local:
+                self._shell = LocalShell()
+            else:
+                from airflow.providers.ssh.hooks.ssh import SSHHook
+
+                self._shell = ParamikoShell(SSHHook(ssh_conn_id=self.ssh_conn_id).get_conn())
+        return self._shell
+
+    def close(self) -> None:
+        if self._shell is not None:
+            self._shell.close()
+            self._shell = None
+
+    def run(self, op: Operation[T]) -> T:
+        """Drive an operation; on a dropped connection reconnect once and retry the command."""
+
+        def execute(command: operations.Command) -> operations.Result:
+            self.counts[command.label] += 1
+            try:
+                return self.get_conn().run(command)
+            except SlurmCommandError as exc:
+                if not exc.transient or self.local:
+                    raise
+                self.log.warning("SSH command failed (%s); reconnecting once", exc)
+                self.close()
+                return self.get_conn().run(command)
+
+        return operations.run_sync(op, execute)
+
+    def upload(self, path: str, content: bytes | str, mode: str = "0600") -> None:
+        self.run(operations.upload(path, content, mode))
+
+    def mkdirs(self, paths: Sequence[str]) -> None:
+        self.run(operations.mkdirs(paths))
+
+    def submit(self, script_path: str, options: Sequence[str] = ()) -> tuple[str, str | None]:
+        return self.run(operations.submit(script_path, options))
+
+    def submit_once(
+        self,
+        identity: JobIdentity,
+        script_path: str,
+        *,
+        options: Sequence[str] = (),
+        secrets: Mapping[str, str] | None = None,
+    ) -> SubmitOutcome:
+        return self.run(
+            operations.submit_once(
+                identity, script_path, options=options, secrets=secrets, min_interval=self.min_submit_interval
+            )
+        )
+
+    def job_statuses(self, job_ids: Sequence[str]) -> dict[str, JobStatus]:
+        return self.run(operations.job_statuses(job_ids))
+
+    def job_status(self, job_id: str) -> JobStatus:
+        return self.job_statuses([job_id])[str(job_id)]
+
+    def find_jobs(self, *, comment_prefix: str | None = None, names: Sequence[str] = ()) -> list[JobStatus]:
+        return self.run(operations.find_jobs(comment_prefix=comment_prefix, names=names))
+
+    def cancel(self, job_ids: Sequence[str], signal: str | None = None, *, batch_only: bool = False) -> None:
+        self.run(operations.cancel(job_ids, signal, batch_only=batch_only))
+
+    def read_range(self, path: str, offset: int = 0, limit: int = 65536) -> FileChunk:
+        return self.run(operations.read_range(path, offset, limit))
+
+    def read_ranges(self, requests: Sequence[tuple[str, int, int]]) -> list[FileChunk]:
+        return self.run(operations.read_ranges(requests))
+
+    def read_tracker(self, checkpoint_dir: str) -> int | str | None:
+        return self.run(operations.read_tracker(checkpoint_dir))
+
+    def exclude_nodes(self, job_id: str, nodes: Sequence[str]) -> None:
+        self.run(operations.exclude_nodes(job_id, nodes))
+
+    def detect_platform(self) -> Detection:
+        return self.run(operations.probe_platform())
+
+
+class AsyncSlurmHook:
+    """The async twin for triggers: the same operations over one reusable asyncssh connection."""
+
+    def __init__(
+        self,
+        ssh_conn_id: str | None = SlurmHook.default_conn_name,
+        *,
+        local: bool = False,
+        connect_timeout: float = 30.0,
+    ) -> None:
+        if not local and not ssh_conn_id:
+            raise ValueError("AsyncSlurmHook needs an ssh_conn_id, or local=True")
+        self.ssh_conn_id = ssh_conn_id
+        self.local = local
+        self.connect_timeout = connect_timeout
+        self._shell: AsyncLocalShell | AsyncSSHShell | None = None
+        self.connects = 0
+        self.counts: Counter[str] = Counter()  # commands run, by kind (squeue, sacct, sbatch, ...)
+
+    @property
+    def key(self) -> str:
+        """Identifies the cluster endpoint: triggers with the same key share a poller."""
+        return "local" if self.local else f"ssh:{self.ssh_conn_id}"
+
+    async def get_conn(self) -> AsyncLocalShell | AsyncSSHShell:
+        if self._shell is None:
+            if self.local:
+                self._shell = AsyncLocalShell()
+            else:
+                import asyncio
+
+                from airflow.providers.ssh.hooks.ssh import SSHHookAsync
+
+                # asyncssh logs every channel at INFO: keep the triggerer log for what matters
+                logging.getLogger("asyncssh").setLevel(logging.WARNING)
+                try:
+                    connection = await asyncio.wait_for(
+                        SSHHookAsync(ssh_conn_id=self.ssh_conn_id).get_conn(), self.connect_timeout
+                    )
+                except Exception as exc:
+                    raise SlurmCommandError(
+                        f"cannot connect to {self.ssh_conn_id}: {exc}", transient=_connect_error_is_transient(exc)
+                    ) from exc
+                self._shell = AsyncSSHShell(connection)
+            self.connects += 1
+        return self._shell
+
+    async def close(self) -> None:
+        shell, self._shell = self._shell, None
+        if shell is not None:
+            with contextlib.suppress(Exception):  # closing a broken connection may fail; it is gone anyway
+                await shell.close()
+
+    async def run(self, op: Operation[T]) -> T:
+        async def execute(command: operations.Command) -> operations.Result:
+            self.counts[command.label] += 1
+            shell = await self.get_conn()
+            try:
+                return await shell.run(command)
+            except SlurmCommandError as exc:
+                if exc.transient:
+                    await self.close()  # the next command reconnects
+                raise
+
+        return await operations.run_async(op, execute)
+
+    @property
+    def commands_run(self) -> int:
+        return sum(self.counts.values())
+
+    async def job_statuses(self, job_ids: Sequence[str]) -> dict[str, JobStatus]:
+        return await self.run(operations.job_statuses(job_ids))
+
+    async def read_ranges(self, requests: Sequence[tuple[str, int, int]]) -> list[FileChunk]:
+        return await self.run(operations.read_ranges(requests))
+
+    async def read_tracker(self, checkpoint_dir: str) -> int | str | None:
+        return await self.run(operations.read_tracker(checkpoint_dir))
+
+    async def cancel(self, job_ids: Sequence[str], signal: str | None = None, *, batch_only: bool = False) -> None:
+        await self.run(operations.cancel(job_ids, signal, batch_only=batch_only))
+
+    async def submit_once(
+        self,
+        identity: JobIdentity,
+        script_path: str,
+        *,
+        options: Sequence[str] = (),
+        secrets: Mapping[str, str] | None = None,
+    ) -> SubmitOutcome:
+        return await self.run(operations.submit_once(identity, script_path, options=options, secrets=secrets))
+
+    async def detect_platform(self) -> Detection:
+        return await self.run(operations.probe_platform())
+
+
+def _connect_error_is_transient(exc: BaseException) -> bool:
+    """Refused or dropped connections come back; a wrong host key or credentials do not."""
+    text = f"{type(exc).__name__}: {exc}".lower()
+    permanent = ("host key", "permission denied", "auth", "not trusted", "no matching host key", "key exchange")
+    return not any(word in text for word in permanent)

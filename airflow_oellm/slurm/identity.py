@@ -1,0 +1,65 @@
+"""Job identity for exactly-once submission.
+
+A submission is identified by (dag_id, run_id, task_id, map_index, try_number) and the output
+directory it writes. The job carries it in `--comment` as `oellm/<workspace>/<task>/<try>`:
+`workspace` hashes the output directory (two jobs on one directory are the thing to prevent),
+`task` hashes (dag_id, run_id, task_id, map_index). The cluster keeps one record file per
+submission under `<output_dir>/.oellm/submissions/`, written by the same remote command that ran
+sbatch, so a submitter that dies right after sbatch is reconciled on its retry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+COMMENT_PREFIX = "oellm"
+STATE_DIR = ".oellm"
+_COMMENT = re.compile(r"^oellm/([0-9a-f]{16})/([0-9a-f]{16})/(\d+)$")
+
+
+def _digest(*parts: object) -> str:
+    return hashlib.sha256("\0".join(str(p) for p in parts).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class JobIdentity:
+    dag_id: str
+    run_id: str
+    task_id: str
+    map_index: int
+    try_number: int
+    output_dir: str
+
+    @property
+    def workspace_key(self) -> str:
+        return _digest(self.output_dir.rstrip("/"))
+
+    @property
+    def task_key(self) -> str:
+        return _digest(self.dag_id, self.run_id, self.task_id, self.map_index)
+
+    @property
+    def comment(self) -> str:
+        return f"{COMMENT_PREFIX}/{self.workspace_key}/{self.task_key}/{self.try_number}"
+
+    @property
+    def state_dir(self) -> str:
+        return f"{self.output_dir.rstrip('/')}/{STATE_DIR}"
+
+    @property
+    def record_path(self) -> str:
+        return f"{self.state_dir}/submissions/{self.task_key}-{self.try_number}"
+
+
+@dataclass(frozen=True)
+class CommentIdentity:
+    workspace_key: str
+    task_key: str
+    try_number: int
+
+
+def parse_comment(comment: str | None) -> CommentIdentity | None:
+    m = _COMMENT.match((comment or "").strip())
+    return CommentIdentity(m.group(1), m.group(2), int(m.group(3))) if m else None

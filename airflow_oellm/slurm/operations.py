@@ -1,0 +1,284 @@
+"""What the hooks do, written once for the sync hook and its async twin.
+
+Each operation is a generator that yields `Command`s and receives their `Result`s; it returns
+its answer. `run_sync` and `run_async` drive the same generator through a shell, so parsing and
+decisions never depend on how the bytes travel (paramiko, asyncssh, or a local subprocess).
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import shlex
+from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+from airflow_oellm.config.platforms import Detection, PlatformProbe, detect_platform, probe_command
+from airflow_oellm.slurm import commands
+from airflow_oellm.slurm.commands import FileChunk, SlurmCommandError
+from airflow_oellm.slurm.identity import JobIdentity, parse_comment
+from airflow_oellm.slurm.states import JobStatus
+
+T = TypeVar("T")
+SQUEUE_CHUNK = 1000
+_SECRET_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class Command:
+    script: str
+    stdin: bytes | None = None
+    timeout: float = 120.0
+    label: str = ""
+
+    def __repr__(self) -> str:  # stdin may carry secrets: never print it
+        return f"Command(label={self.label!r}, script={self.script[:80]!r}...)"
+
+
+@dataclass(frozen=True)
+class Result:
+    rc: int  # -1: killed by a signal or no exit status
+    stdout: str
+    stderr: str
+
+
+Operation = Generator[Command, Result, T]
+
+
+def run_sync(op: Operation[T], execute: Callable[[Command], Result]) -> T:
+    try:
+        command = next(op)
+        while True:
+            command = op.send(execute(command))
+    except StopIteration as done:
+        return done.value
+
+
+async def run_async(op: Operation[T], execute: Callable[[Command], Awaitable[Result]]) -> T:
+    try:
+        command = next(op)
+        while True:
+            command = op.send(await execute(command))
+    except StopIteration as done:
+        return done.value
+
+
+def _checked(result: Result, what: str) -> Result:
+    if result.rc != 0:
+        raise commands.command_error(what, result.rc, result.stderr or result.stdout)
+    return result
+
+
+# ---------------------------------------------------------------- status
+
+
+def job_statuses(job_ids: Sequence[str], chunk_size: int = SQUEUE_CHUNK) -> Operation[dict[str, JobStatus]]:
+    """Status of many jobs: one squeue per chunk of ids, then one sacct for those that ended."""
+    ids = list(dict.fromkeys(str(j) for j in job_ids))
+    found: dict[str, JobStatus] = {}
+    for start in range(0, len(ids), chunk_size):
+        chunk = ids[start : start + chunk_size]
+        result = yield Command(shlex.join(commands.squeue_argv(chunk)), label="squeue")
+        if result.rc != 0 and not commands.squeue_not_found(result.rc, result.stderr):
+            raise commands.command_error("squeue", result.rc, result.stderr)
+        found.update(commands.match_requested(chunk, commands.parse_squeue(result.stdout)))
+    # sacct for ids gone from the queue, and for jobs that just ended (it has exit codes,
+    # `CANCELLED by <uid>` and the requeue history; squeue does not)
+    ask = [j for j in ids if j not in found or found[j].is_terminal]
+    if ask:
+        result = yield Command(shlex.join(commands.sacct_argv(ask)), label="sacct")
+        if result.rc != 0 and not commands.accounting_disabled(result.stderr):
+            raise commands.command_error("sacct", result.rc, result.stderr)
+        for job_id, status in commands.match_requested(ask, commands.parse_sacct(result.stdout)).items():
+            # sacct lags squeue by up to a second or two: keep squeue's final state until sacct has one
+            if job_id not in found or status.is_terminal:
+                found[job_id] = status
+    return {j: found.get(j) or JobStatus.not_found(j) for j in ids}
+
+
+def find_jobs(*, comment_prefix: str | None = None, names: Sequence[str] = ()) -> Operation[list[JobStatus]]:
+    """Jobs of the SSH user whose comment starts with a prefix (in the queue) or whose name matches
+    (in the queue and in accounting, which also knows finished jobs)."""
+    result = yield Command(shlex.join(commands.squeue_user_active_argv()), label="squeue")
+    _checked(result, "squeue")
+    queued = commands.parse_squeue(result.stdout)
+    matches = [
+        s for s in queued if (comment_prefix and (s.comment or "").startswith(comment_prefix)) or (s.name in names)
+    ]
+    if names:
+        result = yield Command(shlex.join(commands.sacct_by_name_argv(list(names))), label="sacct")
+        if result.rc != 0 and not commands.accounting_disabled(result.stderr):
+            raise commands.command_error("sacct", result.rc, result.stderr)
+        seen = {s.job_id for s in matches}
+        matches += [s for s in commands.parse_sacct(result.stdout) if s.job_id not in seen and s.name in names]
+    return matches
+
+
+# ---------------------------------------------------------------- submission
+
+
+def submit(script_path: str, options: Sequence[str] = ()) -> Operation[tuple[str, str | None]]:
+    """Plain `sbatch --parsable` (no reconciliation): (job id, cluster)."""
+    result = yield Command(shlex.join(commands.sbatch_argv(script_path, options)), label="sbatch")
+    return commands.parse_sbatch(_checked(result, "sbatch").stdout)
+
+
+@dataclass(frozen=True)
+class SubmitOutcome:
+    """`submitted`: a new job; `recorded`: this attempt was submitted before (its job id);
+    `adopted`: an earlier attempt of the same task is still active and is followed instead."""
+
+    kind: str
+    job_id: str
+    cluster: str | None = None
+    comment: str | None = None
+
+
+class SubmissionConflict(RuntimeError):
+    """Another task's job is active on the same output directory."""
+
+
+def submit_once_script(
+    identity: JobIdentity, script_path: str, options: Sequence[str], min_interval: float, lock_timeout: int
+) -> str:
+    """Reconcile and submit under a lock on the output directory, in one remote command.
+
+    Order: this attempt's record -> any active job on the output dir -> sbatch (at most one per
+    `min_interval` seconds per cluster user) -> record. SIGHUP is ignored so a dropped connection
+    cannot stop the script between sbatch and writing the record. Secrets arrive on stdin as
+    `NAME=<base64>` lines and are exported for sbatch (the job inherits them), never written down.
+    """
+    q = shlex.quote
+    state = q(identity.state_dir)
+    record = q(identity.record_path)
+    sbatch = shlex.join(commands.sbatch_argv(script_path, [f"--comment={identity.comment}", *options]))
+    return f"""set -u
+trap '' HUP
+while IFS='=' read -r name value; do
+  [ -n "$name" ] && export "$name=$(printf %s "$value" | base64 -d)"
+done
+mkdir -p {state}/submissions || {{ echo "OELLM-ERROR cannot create {state}"; exit 3; }}
+exec 8>>{state}/submit.lock
+flock -w {int(lock_timeout)} 8 || {{ echo "OELLM-ERROR timed out waiting for {state}/submit.lock"; exit 3; }}
+if [ -s {record} ]; then echo "OELLM-RECORDED $(head -n 1 {record})"; exit 0; fi
+queue=$(squeue --noheader --me --format='%A|%k' 2>&1) || {{ echo "OELLM-RETRY squeue: $queue"; exit 4; }}
+found=0
+while IFS='|' read -r jid comment; do
+  case "$comment" in oellm/{identity.workspace_key}/*) echo "OELLM-ACTIVE $jid $comment"; found=1;; esac
+done <<OELLM_QUEUE
+$queue
+OELLM_QUEUE
+[ "$found" = 1 ] && exit 0
+mkdir -p "$HOME/.oellm"
+exec 9>>"$HOME/.oellm/sbatch.lock"
+flock -w {int(lock_timeout)} 9 || {{ echo "OELLM-ERROR timed out waiting for $HOME/.oellm/sbatch.lock"; exit 3; }}
+last=$(cat "$HOME/.oellm/sbatch.last" 2>/dev/null || echo 0)
+pause=$(awk -v l="$last" -v n="$(date +%s.%N)" -v m={float(min_interval)} \
+  'BEGIN {{ d = l + m - n; if (d > 0 && d <= m) printf "%.3f", d; else printf "0" }}')
+[ "$pause" != 0 ] && sleep "$pause"
+out=$({sbatch} 2>&1); rc=$?
+date +%s.%N > "$HOME/.oellm/sbatch.last"
+if [ $rc -ne 0 ]; then echo "OELLM-SBATCH-FAILED $rc"; printf '%s\\n' "$out"; exit 0; fi
+id=$(printf '%s\\n' "$out" | tail -n 1)
+printf '%s\\n' "$id" > {record}.tmp && mv -f {record}.tmp {record}
+echo "OELLM-SUBMITTED $id"
+"""
+
+
+def encode_secrets(secrets: Mapping[str, str]) -> bytes:
+    lines = []
+    for name, value in secrets.items():
+        if not _SECRET_NAME.match(name):
+            raise ValueError(f"invalid secret variable name {name!r}")
+        lines.append(f"{name}={base64.b64encode(str(value).encode()).decode()}")
+    return ("\n".join(lines) + "\n").encode()
+
+
+def submit_once(
+    identity: JobIdentity,
+    script_path: str,
+    *,
+    options: Sequence[str] = (),
+    secrets: Mapping[str, str] | None = None,
+    min_interval: float = 1.0,
+    lock_timeout: int = 300,
+) -> Operation[SubmitOutcome]:
+    """Submit unless this attempt (or another attempt of the same task that is still active) already was."""
+    script = submit_once_script(identity, script_path, options, min_interval, lock_timeout)
+    result = yield Command(script, stdin=encode_secrets(secrets or {}), timeout=2 * lock_timeout + 120, label="sbatch")
+    lines = result.stdout.splitlines()
+    tags = [line for line in lines if line.startswith("OELLM-")]
+    if result.rc != 0 or not tags:
+        detail = (tags[0] if tags else (result.stderr or result.stdout).strip()) or f"exit status {result.rc}"
+        raise SlurmCommandError(
+            f"submission failed: {detail}", transient=result.rc in (-1, 4) or commands.is_transient(detail)
+        )
+    tag, _, rest = tags[0].partition(" ")
+    if tag in ("OELLM-SUBMITTED", "OELLM-RECORDED"):
+        job_id, cluster = commands.parse_sbatch(rest)
+        return SubmitOutcome("submitted" if tag == "OELLM-SUBMITTED" else "recorded", job_id, cluster)
+    if tag == "OELLM-ACTIVE":
+        active = [line.split(" ", 2)[1:] for line in tags if line.startswith("OELLM-ACTIVE ")]
+        for job_id, comment in active:
+            parsed = parse_comment(comment)
+            if parsed and parsed.task_key == identity.task_key:
+                return SubmitOutcome("adopted", job_id, comment=comment)
+        jobs = ", ".join(f"{j} ({c})" for j, c in active)
+        raise SubmissionConflict(
+            f"output directory {identity.output_dir} is in use by job(s) {jobs} "
+            "of another run or task; not submitting a second job there"
+        )
+    if tag == "OELLM-SBATCH-FAILED":
+        message = "\n".join(lines[lines.index(tags[0]) + 1 :]).strip()
+        raise SlurmCommandError(f"sbatch failed: {message}", transient=commands.is_transient(message))
+    raise SlurmCommandError(f"submission failed: {tags[0]}", transient=tag == "OELLM-RETRY")
+
+
+def cancel(job_ids: Sequence[str], signal: str | None = None, *, batch_only: bool = False) -> Operation[None]:
+    result = yield Command(shlex.join(commands.scancel_argv(job_ids, signal, batch_only=batch_only)), label="scancel")
+    _checked(result, "scancel")
+
+
+def exclude_nodes(job_id: str, nodes: Sequence[str]) -> Operation[None]:
+    result = yield Command(shlex.join(commands.exclude_nodes_argv(job_id, nodes)), label="scontrol")
+    _checked(result, "scontrol update")
+
+
+# ---------------------------------------------------------------- files
+
+
+def upload(path: str, content: bytes | str, mode: str = "0600") -> Operation[None]:
+    data = content.encode() if isinstance(content, str) else content
+    result = yield Command(commands.upload_script(path, mode), stdin=data, label="upload")
+    _checked(result, f"upload of {path}")
+
+
+def mkdirs(paths: Sequence[str]) -> Operation[None]:
+    result = yield Command(shlex.join(commands.mkdir_argv(paths)), label="mkdir")
+    _checked(result, "mkdir")
+
+
+def read_ranges(requests: Sequence[tuple[str, int, int]]) -> Operation[list[FileChunk]]:
+    """Size and new bytes of many files in one round trip."""
+    if not requests:
+        return []
+    result = yield Command(commands.read_ranges_script(requests), label="read")
+    return commands.parse_read_ranges(_checked(result, "read").stdout, requests)
+
+
+def read_range(path: str, offset: int, limit: int) -> Operation[FileChunk]:
+    chunks = yield from read_ranges([(path, offset, limit)])
+    return chunks[0]
+
+
+def read_tracker(checkpoint_dir: str) -> Operation[int | str | None]:
+    """Megatron's latest checkpointed iteration (`release` for a release checkpoint), None if absent."""
+    chunk = yield from read_range(f"{checkpoint_dir.rstrip('/')}/{commands.TRACKER_FILE}", 0, 64)
+    return None if chunk.size is None else commands.parse_tracker(chunk.data)
+
+
+def probe_platform() -> Operation[Detection]:
+    """Platform detection with the remote login node's environment, host name and files."""
+    result = yield Command(probe_command(), label="probe")
+    return detect_platform(PlatformProbe.parse(_checked(result, "platform probe").stdout))

@@ -1,0 +1,300 @@
+"""SlurmHook against the real dev cluster over real SSH: states, files, exactly-once submission, security."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+import time
+
+import paramiko
+import pytest
+
+from airflow_oellm.hooks import AsyncSlurmHook, SlurmHook
+from airflow_oellm.slurm.commands import SlurmCommandError
+from airflow_oellm.slurm.identity import JobIdentity
+from airflow_oellm.slurm.operations import SubmissionConflict
+from airflow_oellm.slurm.states import JobState
+from tests.cluster.conftest import ssh_connection_uri
+
+pytestmark = pytest.mark.hook
+
+
+@pytest.fixture(scope="module")
+def hook(slurm_conn_id):
+    h = SlurmHook(ssh_conn_id=slurm_conn_id)
+    yield h
+    h.close()
+
+
+def job_script(directory: str, name: str, body: str, *directives: str) -> str:
+    lines = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name={name}",
+        f"#SBATCH --output={directory}/{name}-%j.out",
+        "#SBATCH --time=00:05:00",
+        *(f"#SBATCH {d}" for d in directives),
+        body,
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def put_job(hook, directory: str, name: str, body: str, *directives: str) -> str:
+    path = f"{directory}/{name}.sbatch"
+    hook.upload(path, job_script(directory, name, body, *directives), mode="0700")
+    return path
+
+
+def wait_for(hook, job_id: str, predicate, timeout: float = 60, interval: float = 1.0):
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        status = hook.job_status(job_id)
+        seen.append(status.state)
+        if predicate(status):
+            return status, seen
+        time.sleep(interval)
+    raise AssertionError(f"job {job_id}: condition not met in {timeout}s; states seen {seen[-5:]}")
+
+
+def terminal(status):
+    return status.is_terminal
+
+
+@pytest.fixture(scope="module")
+def slow_jobs(hook, module_remote_dir):
+    """Jobs whose outcome takes a while (time limit, purge from the queue), started first."""
+    tmo = hook.submit(put_job(hook, module_remote_dir, "tmo", "sleep 600"), ["--time=1"])[0]
+    gone = hook.submit(put_job(hook, module_remote_dir, "gone", "true"))[0]
+    return {"timeout": tmo, "purged": gone}
+
+
+def test_submit_running_then_completed(hook, remote_dir, slow_jobs):
+    job_id, cluster = hook.submit(put_job(hook, remote_dir, "ok", "sleep 4; echo done"))
+    assert cluster is None and job_id.isdigit()
+    status, seen = wait_for(hook, job_id, terminal)
+    assert JobState.RUNNING in seen
+    assert status.state is JobState.COMPLETED and status.exit_code == 0 and status.source == "sacct"
+    log = hook.read_range(f"{remote_dir}/ok-{job_id}.out")
+    assert log.data == b"done\n"
+
+
+def test_failed_with_exit_code(hook, remote_dir):
+    job_id, _ = hook.submit(put_job(hook, remote_dir, "fail", "exit 3"))
+    status, _ = wait_for(hook, job_id, terminal)
+    assert status.state is JobState.FAILED and (status.exit_code, status.exit_signal) == (3, 0)
+
+
+def test_cancelled_by_user(hook, dev_cluster, remote_dir):
+    job_id, _ = hook.submit(put_job(hook, remote_dir, "can", "sleep 300"))
+    wait_for(hook, job_id, lambda s: s.state is JobState.RUNNING)
+    hook.cancel([job_id])
+    status, _ = wait_for(hook, job_id, terminal)
+    uid = dev_cluster.ssh(["id", "-u"]).stdout.strip()
+    assert status.state is JobState.CANCELLED and status.cancelled_by == uid
+
+
+def test_cancel_with_a_signal_reaches_the_batch_shell(hook, remote_dir):
+    body = "trap 'echo \"got USR1\"' USR1; for i in $(seq 120); do sleep 1; done"
+    job_id, _ = hook.submit(put_job(hook, remote_dir, "sig", body))
+    wait_for(hook, job_id, lambda s: s.state is JobState.RUNNING)
+    time.sleep(1)
+    hook.cancel([job_id], "USR1", batch_only=True)
+    deadline = time.monotonic() + 20
+    while b"got USR1" not in hook.read_range(f"{remote_dir}/sig-{job_id}.out").data:
+        assert time.monotonic() < deadline, "USR1 not delivered"
+        time.sleep(0.5)
+    assert hook.job_status(job_id).state is JobState.RUNNING  # the signal did not end the job
+    hook.cancel([job_id])
+
+
+def test_array_job_as_a_whole_and_by_element(hook, remote_dir):
+    job_id, _ = hook.submit(put_job(hook, remote_dir, "arr", "sleep 1", "--array=0-3"))
+    status, _ = wait_for(hook, job_id, terminal)
+    assert status.state is JobState.COMPLETED
+    elements = hook.job_statuses([f"{job_id}_{i}" for i in range(4)])
+    assert {s.state for s in elements.values()} == {JobState.COMPLETED}
+    assert {s.array_task_id for s in elements.values()} == {"0", "1", "2", "3"}
+
+
+def test_requeue_keeps_the_job_alive_and_records_history(hook, dev_cluster, remote_dir):
+    job_id, _ = hook.submit(put_job(hook, remote_dir, "rq", "sleep 300", "--open-mode=append"))
+    wait_for(hook, job_id, lambda s: s.state is JobState.RUNNING)
+    dev_cluster.ssh(["scontrol", "requeue", job_id])
+    status, seen = wait_for(
+        hook, job_id, lambda s: s.state is JobState.RUNNING and s.reason in (None, "None"), timeout=90, interval=0.5
+    )
+    assert not any(s.is_terminal for s in seen), seen  # never reported as finished in between
+    hook.cancel([job_id])
+    status, _ = wait_for(hook, job_id, lambda s: s.is_terminal and s.source == "sacct")
+    assert status.state is JobState.CANCELLED
+    assert "REQUEUED" in status.history and status.restarts >= 1
+
+
+def test_upload_is_atomic_with_modes(hook, dev_cluster, remote_dir):
+    data = bytes(range(256)) * 3
+    hook.upload(f"{remote_dir}/deep/er/blob.bin", data)
+    hook.upload(f"{remote_dir}/job.sh", "#!/bin/bash\necho hi\n", mode="0700")
+    modes = dev_cluster.ssh(f"stat -c '%a %n' {remote_dir}/deep/er/blob.bin {remote_dir}/job.sh").stdout.split("\n")
+    assert modes[0].startswith("600 ") and modes[1].startswith("700 ")
+    assert dev_cluster.ssh(f"ls -A {remote_dir}/deep/er").stdout.split() == ["blob.bin"]  # no temp file left
+    assert hook.read_range(f"{remote_dir}/deep/er/blob.bin", 0, 10_000).data == data
+
+
+def test_read_ranges_and_the_tracker_file(hook, remote_dir):
+    hook.upload(f"{remote_dir}/log.txt", b"0123456789")
+    hook.upload(f"{remote_dir}/ckpt/latest_checkpointed_iteration.txt", b"1000\n")
+    chunks = hook.read_ranges(
+        [
+            (f"{remote_dir}/log.txt", 3, 4),
+            (f"{remote_dir}/nope", 0, 10),
+            (f"{remote_dir}/log.txt", 10, 5),
+            (f"{remote_dir}/log.txt", 50, 5),
+        ]
+    )
+    assert (chunks[0].size, chunks[0].data) == (10, b"3456")
+    assert chunks[1].size is None
+    assert (chunks[2].size, chunks[2].data) == (10, b"")
+    assert (chunks[3].size, chunks[3].data) == (10, b"")  # the file is shorter than the offset (truncated)
+    assert hook.read_tracker(f"{remote_dir}/ckpt") == 1000
+    assert hook.read_tracker(f"{remote_dir}/nockpt") is None
+
+
+def identity(remote_dir: str, run_id: str = "manual__1", try_number: int = 1) -> JobIdentity:
+    return JobIdentity("oellm__t__exp", run_id, "train", -1, try_number, f"{remote_dir}/exp")
+
+
+def test_submit_once_never_submits_twice(hook, dev_cluster, remote_dir):
+    script = put_job(hook, remote_dir, "once", "sleep 60")
+    ident = identity(remote_dir)
+    first = hook.submit_once(ident, script)
+    assert first.kind == "submitted"
+    again = hook.submit_once(ident, script)  # a retry of the same attempt: the record answers
+    assert (again.kind, again.job_id) == ("recorded", first.job_id)
+    # the worker died after sbatch and the record is gone: the active job on the output dir is adopted
+    dev_cluster.ssh(["rm", "-f", ident.record_path])
+    adopted = hook.submit_once(ident, script)
+    assert (adopted.kind, adopted.job_id) == ("adopted", first.job_id)
+    # the next attempt of the same task while the job still runs: follow it, do not start a second one
+    next_try = hook.submit_once(identity(remote_dir, try_number=2), script)
+    assert (next_try.kind, next_try.job_id) == ("adopted", first.job_id)
+    # another DAG run on the same output directory: refused
+    with pytest.raises(SubmissionConflict, match=first.job_id):
+        hook.submit_once(identity(remote_dir, run_id="manual__2"), script)
+    jobs = hook.find_jobs(comment_prefix=f"oellm/{ident.workspace_key}/", names=["once"])
+    assert [j.job_id for j in jobs] == [first.job_id]
+    show = dev_cluster.ssh(["scontrol", "show", "job", "-o", first.job_id]).stdout
+    assert f"Comment={ident.comment} " in show
+    hook.cancel([first.job_id])
+
+
+def test_concurrent_submitters_make_one_job(slurm_conn_id, dev_cluster, hook, remote_dir):
+    script = put_job(hook, remote_dir, "race", "sleep 30")
+    ident = identity(remote_dir, run_id="manual__race")
+    outcomes, errors = [], []
+
+    def submit():
+        h = SlurmHook(ssh_conn_id=slurm_conn_id)
+        try:
+            outcomes.append(h.submit_once(ident, script))
+        except Exception as exc:  # collected and asserted below
+            errors.append(exc)
+        finally:
+            h.close()
+
+    threads = [threading.Thread(target=submit) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == []
+    assert sorted(o.kind for o in outcomes) == ["recorded", "recorded", "recorded", "submitted"]
+    assert len({o.job_id for o in outcomes}) == 1
+    names = dev_cluster.ssh(["squeue", "--noheader", "--me", "--name=race", "--format=%A"]).stdout.split()
+    assert names == [outcomes[0].job_id]
+    hook.cancel(names)
+
+
+def test_sbatch_is_throttled_per_cluster(hook, remote_dir):
+    script = put_job(hook, remote_dir, "thr", "true")
+    start = time.monotonic()
+    for i in range(3):
+        hook.submit_once(JobIdentity("d", "r", f"t{i}", -1, 1, f"{remote_dir}/thr{i}"), script)
+    assert time.monotonic() - start >= 2.0  # three sbatch calls at most one per second
+
+
+def test_secrets_reach_the_job_and_nowhere_else(hook, dev_cluster, remote_dir):
+    secret = "hf_s3cr3t value; $(touch PWNED)"
+    body = 'printf %s "$OELLM_TEST_SECRET" | sha256sum | cut -c1-64'
+    script = put_job(hook, remote_dir, "sec", body)
+    outcome = hook.submit_once(
+        identity(remote_dir, run_id="manual__sec"), script, secrets={"OELLM_TEST_SECRET": secret}
+    )
+    status, _ = wait_for(hook, outcome.job_id, terminal)
+    assert status.state is JobState.COMPLETED
+    log = hook.read_range(f"{remote_dir}/sec-{outcome.job_id}.out").data.decode()
+    assert log.strip() == hashlib.sha256(secret.encode()).hexdigest()
+    leaked = dev_cluster.ssh(f"grep -rl -F 's3cr3t' {remote_dir} || true").stdout.strip()
+    assert leaked == ""
+    assert dev_cluster.ssh(f"find {remote_dir} -name PWNED").stdout.strip() == ""
+
+
+def test_exclude_nodes_on_a_pending_job(hook, dev_cluster, remote_dir):
+    job_id, _ = hook.submit(put_job(hook, remote_dir, "held", "true"), ["--hold"])
+    hook.exclude_nodes(job_id, [dev_cluster.env["SLURM_DEV_NODE"]])
+    show = dev_cluster.ssh(["scontrol", "show", "job", "-o", job_id]).stdout
+    assert f"ExcNodeList={dev_cluster.env['SLURM_DEV_NODE']} " in show
+    hook.cancel([job_id])
+
+
+def test_platform_detection_runs_remotely(hook):
+    found = hook.detect_platform()
+    assert found.name == "local" and "oellm-dev-cluster" in found.reason
+
+
+def test_wrong_host_key_is_refused_by_both_hooks(dev_cluster, monkeypatch):
+    wrong = paramiko.Ed25519Key.from_private_key_file(dev_cluster.env["SLURM_DEV_SSH_KEY"])  # a key, not the host's
+    monkeypatch.setenv("AIRFLOW_CONN_SLURM_WRONG", ssh_connection_uri(dev_cluster, f"ssh-ed25519 {wrong.get_base64()}"))
+    with pytest.raises(paramiko.SSHException, match=r"not found in known_hosts|does not match"):
+        SlurmHook(ssh_conn_id="slurm_wrong").job_statuses(["1"])
+
+    async def connect():
+        hook = AsyncSlurmHook(ssh_conn_id="slurm_wrong")
+        try:
+            await hook.job_statuses(["1"])
+        finally:
+            await hook.close()
+
+    with pytest.raises(SlurmCommandError) as err:
+        asyncio.run(connect())
+    assert not err.value.transient  # a wrong host key is not retried as a network blip
+
+
+def test_local_mode_runs_the_same_operations(dev_cluster, tmp_path):
+    local = SlurmHook(local=True)
+    (tmp_path / "x").mkdir()
+    local.upload(str(tmp_path / "x" / "f.txt"), b"hello world")
+    assert local.read_range(str(tmp_path / "x" / "f.txt"), 6, 5).data == b"world"
+    assert (tmp_path / "x" / "f.txt").stat().st_mode & 0o777 == 0o600
+    job = dev_cluster.ssh(["sbatch", "--parsable", "--hold", "-o", "/dev/null", "--wrap=true"]).stdout.strip()
+    assert local.job_status(job).reason == "JobHeldUser"
+    local.cancel([job])
+    status, _ = wait_for(local, job, terminal)
+    assert status.state is JobState.CANCELLED
+
+
+def test_time_limit_ends_in_timeout(hook, slow_jobs):
+    status, _ = wait_for(hook, slow_jobs["timeout"], terminal, timeout=200, interval=3)
+    assert status.state is JobState.TIMEOUT and not status.state.is_success
+
+
+def test_purged_job_is_still_resolved_through_sacct(hook, dev_cluster, slow_jobs):
+    job_id = slow_jobs["purged"]
+    deadline = time.monotonic() + 240
+    while dev_cluster.ssh(["squeue", "-h", "-t", "all", "-j", job_id], check=False).returncode == 0:
+        assert time.monotonic() < deadline, "job never left the queue (MinJobAge)"
+        time.sleep(5)
+    status = hook.job_status(job_id)
+    assert status.state is JobState.COMPLETED and status.source == "sacct" and status.exit_code == 0
+    assert hook.job_status("99999999").state is JobState.NOT_FOUND

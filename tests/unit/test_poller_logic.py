@@ -1,0 +1,105 @@
+"""Poller bookkeeping with a scripted hook (the cluster tests cover the real thing)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from airflow_oellm.slurm.commands import SlurmCommandError
+from airflow_oellm.slurm.states import JobState, JobStatus
+from airflow_oellm.triggers.poller import MAX_BACKOFF, JobPoller, backoff
+
+pytestmark = pytest.mark.hook
+
+
+class ScriptedHook:
+    """Answers job_statuses from a list of outcomes (statuses or exceptions)."""
+
+    def __init__(self, outcomes):
+        self.outcomes = list(outcomes)
+        self.calls: list[list[str]] = []
+        self.closed = 0
+
+    async def job_statuses(self, ids):
+        self.calls.append(list(ids))
+        outcome = self.outcomes.pop(0) if len(self.outcomes) > 1 else self.outcomes[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return {j: JobStatus(j, outcome) for j in ids}
+
+    async def close(self):
+        self.closed += 1
+
+
+def test_backoff_grows_with_jitter_and_a_cap():
+    assert backoff(1, 60, lambda: 0.5) == pytest.approx(1.0)
+    assert backoff(3, 60, lambda: 0.5) == pytest.approx(4.0)
+    assert backoff(30, 60, lambda: 1.0) == pytest.approx(MAX_BACKOFF * 1.2)
+    assert backoff(2, 60, lambda: 0.0) == pytest.approx(1.6)
+
+
+def test_watchers_share_cycles_and_leave_cleanly():
+    hook = ScriptedHook([JobState.RUNNING, JobState.RUNNING, JobState.COMPLETED])
+
+    async def scenario():
+        poller = JobPoller(lambda: hook, key="k", interval=0.05, first_check_after=0.01)
+        seen = {"1": [], "2": []}
+
+        async def watch(job_id):
+            async for update in poller.watch(job_id):
+                seen[job_id].append(update.status.state)
+                if update.status.is_terminal:
+                    return
+
+        await asyncio.gather(watch("1"), watch("2"))
+        await asyncio.sleep(0.1)
+        return poller, seen
+
+    poller, seen = asyncio.run(scenario())
+    assert seen["1"] == seen["2"] == [JobState.RUNNING, JobState.RUNNING, JobState.COMPLETED]
+    assert all(sorted(call) == ["1", "2"] for call in hook.calls)  # one query for both
+    assert poller.watched == [] and hook.closed == 1  # no watcher left: loop ended, connection closed
+
+
+def test_failures_are_reported_only_after_the_threshold_and_never_as_a_state(monkeypatch):
+    failure = SlurmCommandError("squeue failed: Socket timed out", transient=True)
+    hook = ScriptedHook([failure, failure, failure, JobState.RUNNING])
+
+    async def scenario():
+        poller = JobPoller(lambda: hook, key="k2", interval=0.01, first_check_after=0.0, failure_threshold=3)
+        got = []
+        async for update in poller.watch("7"):
+            got.append(update)
+            if update.status is not None:
+                break
+        return got
+
+    monkeypatch.setattr("airflow_oellm.triggers.poller.backoff", lambda failures, interval, jitter=None: 0.01)
+    got = asyncio.run(scenario())
+    assert [u.status is None for u in got] == [True, False]
+    assert got[0].consecutive_failures == 3 and "Socket timed out" in got[0].error
+    assert got[1].status.state is JobState.RUNNING and got[1].consecutive_failures == 0
+
+
+def test_permanent_errors_are_reported_at_once():
+    hook = ScriptedHook([SlurmCommandError("cannot connect: host key not verifiable", transient=False)])
+
+    async def scenario():
+        poller = JobPoller(lambda: hook, key="k3", interval=0.01, first_check_after=0.0, failure_threshold=5)
+        async for update in poller.watch("7"):
+            return update
+
+    update = asyncio.run(scenario())
+    assert update.permanent and update.consecutive_failures == 1 and update.status is None
+
+
+def test_shared_poller_is_one_per_key_and_uses_the_shortest_interval():
+    async def scenario():
+        a = JobPoller.shared(lambda: None, key="same", interval=60)
+        b = JobPoller.shared(lambda: None, key="same", interval=10)
+        c = JobPoller.shared(lambda: None, key="other")
+        return a, b, c
+
+    a, b, c = asyncio.run(scenario())
+    assert a is b and a is not c and a.interval == 10
