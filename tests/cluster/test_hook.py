@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import threading
 import time
+import uuid
 
 import paramiko
 import pytest
@@ -166,7 +167,8 @@ def identity(remote_dir: str, run_id: str = "manual__1", try_number: int = 1) ->
 
 
 def test_submit_once_never_submits_twice(hook, dev_cluster, remote_dir):
-    script = put_job(hook, remote_dir, "once", "sleep 60")
+    name = f"once-{uuid.uuid4().hex[:8]}"  # unique: sacct remembers earlier runs' jobs by name
+    script = put_job(hook, remote_dir, name, "sleep 60")
     ident = identity(remote_dir)
     first = hook.submit_once(ident, script)
     assert first.kind == "submitted"
@@ -182,7 +184,7 @@ def test_submit_once_never_submits_twice(hook, dev_cluster, remote_dir):
     # another DAG run on the same output directory: refused
     with pytest.raises(SubmissionConflict, match=first.job_id):
         hook.submit_once(identity(remote_dir, run_id="manual__2"), script)
-    jobs = hook.find_jobs(comment_prefix=f"oellm/{ident.workspace_key}/", names=["once"])
+    jobs = hook.find_jobs(comment_prefix=f"oellm/{ident.workspace_key}/", names=[name])
     assert [j.job_id for j in jobs] == [first.job_id]
     show = dev_cluster.ssh(["scontrol", "show", "job", "-o", first.job_id]).stdout
     assert f"Comment={ident.comment} " in show
@@ -190,7 +192,8 @@ def test_submit_once_never_submits_twice(hook, dev_cluster, remote_dir):
 
 
 def test_concurrent_submitters_make_one_job(slurm_conn_id, dev_cluster, hook, remote_dir):
-    script = put_job(hook, remote_dir, "race", "sleep 30")
+    name = f"race-{uuid.uuid4().hex[:8]}"
+    script = put_job(hook, remote_dir, name, "sleep 30")
     ident = identity(remote_dir, run_id="manual__race")
     outcomes, errors = [], []
 
@@ -211,7 +214,7 @@ def test_concurrent_submitters_make_one_job(slurm_conn_id, dev_cluster, hook, re
     assert errors == []
     assert sorted(o.kind for o in outcomes) == ["recorded", "recorded", "recorded", "submitted"]
     assert len({o.job_id for o in outcomes}) == 1
-    names = dev_cluster.ssh(["squeue", "--noheader", "--me", "--name=race", "--format=%A"]).stdout.split()
+    names = dev_cluster.ssh(["squeue", "--noheader", "--me", f"--name={name}", "--format=%A"]).stdout.split()
     assert names == [outcomes[0].job_id]
     hook.cancel(names)
 
