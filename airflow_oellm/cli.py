@@ -236,6 +236,65 @@ def cmd_detect_platform(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configured_events(path: str, config_dirs: list[str]) -> list[dict[str, Any]]:
+    """`monitoring.log_events` of a sweep (its first experiment) or of any config file; raises ConfigError."""
+    import re as regex
+
+    from airflow_oellm.config import ConfigError, Issue, load_sweep
+    from airflow_oellm.config.compose import check_file_keys
+    from airflow_oellm.config.yamlio import key_line, load_yaml
+
+    data = load_yaml(path)
+    if "project" in data and "sweep" in data:
+        events = load_sweep(path, config_dirs=config_dirs).experiments[0].config.monitoring.log_events
+        return [vars(e) for e in events]
+    check_file_keys(path, data)
+    items = ((data.get("monitoring") or {}).get("log_events")) or []
+    issues = []
+    for i, item in enumerate(items):
+        key = f"monitoring.log_events[{i}].pattern"
+        if item.get("pattern_type", "regex") == "regex":
+            try:
+                regex.compile(item["pattern"])
+            except (regex.error, KeyError) as exc:
+                issues.append(Issue(f"invalid regex: {exc}", key, path, key_line(path, key)))
+    if issues:
+        raise ConfigError(issues)
+    return items
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    from airflow_oellm.config import ConfigError
+    from airflow_oellm.monitor.events import event_specs, match_log
+
+    try:
+        configured = _configured_events(args.config, args.config_dir) if args.config else []
+    except ConfigError as exc:
+        return _fail(exc)
+    try:
+        data = Path(args.logfile).read_bytes()
+    except OSError as exc:
+        print(f"error: {args.logfile}: {exc.strerror}", file=sys.stderr)
+        return 1
+    for event in match_log(data, event_specs(configured, builtins=not args.no_builtins)):
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "name": event.name,
+                        "groups": event.groups,
+                        "line_no": event.line_no,
+                        "offset": event.offset,
+                        "metadata": event.metadata,
+                    }
+                )
+            )
+        else:
+            groups = " ".join(f"{k}={v}" for k, v in event.groups.items())
+            print(f"{event.line_no:>7}  {event.name:<18} {groups}")
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from airflow_oellm.config.reference import schema_markdown
 
@@ -308,6 +367,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print every configuration key with its type, default and meaning.",
     )
     p.set_defaults(func=cmd_schema)
+
+    p = sub.add_parser(
+        "events",
+        help="match log events in a log file, as the job watcher does",
+        description="Run the same event matching as the training watcher over a log file: built-in Megatron events "
+        "(iteration, validation, checkpoint_saved, faults, ...) plus the monitoring.log_events of --config. "
+        "One line (or JSON object) per event.",
+    )
+    p.add_argument("logfile", help="a job log")
+    p.add_argument("--config", metavar="CONFIG", help="a sweep or config file with monitoring.log_events")
+    p.add_argument("--json", action="store_true", help="one JSON object per event: name, groups, line_no, ...")
+    p.add_argument("--no-builtins", action="store_true", help="only the configured events")
+    p.set_defaults(func=cmd_events)
     return parser
 
 

@@ -16,7 +16,6 @@ from airflow_oellm.slurm.states import JobState, JobStatus
 
 SQUEUE_FORMAT = "%i|%A|%F|%K|%T|%r|%N|%j|%k"  # comment last: it may contain '|'
 SACCT_FIELDS = "JobID,JobIDRaw,State,ExitCode,Reason,NodeList,Start,End,JobName,Comment"
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
 # what SLURM prints when the controller or the database is busy or briefly away: retry, never final
 _TRANSIENT = re.compile(
     r"Socket timed out|Unable to contact slurm controller|slurm_load_jobs error(?!: Invalid job id)"
@@ -328,6 +327,38 @@ def parse_read_ranges(stdout: str, requests: Sequence[tuple[str, int, int]]) -> 
     if missing:
         raise SlurmCommandError(f"no answer for {len(missing)} file(s), e.g. {missing[0]}", transient=True)
     return [chunks[i] for i in range(len(requests))]
+
+
+def stat_script(index: int, path: str) -> str:
+    """Prints `S <index> <mtime seconds or -1>`."""
+    return f'printf "S {int(index)} %s\\n" "$(stat -c %Y -- {shlex.quote(path)} 2>/dev/null || echo -1)"'
+
+
+def write_script(index: int, path: str, data: bytes) -> str:
+    """Atomically replace a small file (state files); prints `W <index> ok|fail`."""
+    p = shlex.quote(path)
+    directory = shlex.quote(path.rsplit("/", 1)[0] or "/")
+    payload = base64.b64encode(data).decode()
+    return (
+        f"{{ mkdir -p -- {directory} && printf %s {payload} | base64 -d > {p}.oellm-tmp && mv -f -- {p}.oellm-tmp {p}"
+        f" && echo 'W {int(index)} ok'; }} || echo 'W {int(index)} fail'"
+    )
+
+
+def squeue_section(job_ids: Sequence[str]) -> str:
+    """squeue inside a combined script: `@@squeue <rc>`, its output and errors, `@@end`."""
+    return (
+        f"q=$({shlex.join(squeue_argv(job_ids))} 2>&1); printf '@@squeue %s\\n' \"$?\"; "
+        "printf '%s\\n' \"$q\"; echo @@end"
+    )
+
+
+def parse_squeue_sections(stdout: str) -> list[tuple[int, str]]:
+    """(rc, text) of each squeue section of a combined script's output."""
+    sections = []
+    for m in re.finditer(r"^@@squeue (-?\d+)\n(.*?)^@@end$", stdout, re.M | re.S):
+        sections.append((int(m.group(1)), m.group(2)))
+    return sections
 
 
 def parse_tracker(data: bytes) -> int | str | None:

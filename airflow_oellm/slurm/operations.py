@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from airflow_oellm.config.platforms import Detection, PlatformProbe, detect_platform, probe_command
+from airflow_oellm.megatron import checkpoints
+from airflow_oellm.megatron.checkpoints import TRACKER_FILE, CheckpointState
 from airflow_oellm.slurm import commands
 from airflow_oellm.slurm.commands import FileChunk, SlurmCommandError
 from airflow_oellm.slurm.identity import JobIdentity, parse_comment
@@ -73,28 +75,96 @@ def _checked(result: Result, what: str) -> Result:
 # ---------------------------------------------------------------- status
 
 
-def job_statuses(job_ids: Sequence[str], chunk_size: int = SQUEUE_CHUNK) -> Operation[dict[str, JobStatus]]:
-    """Status of many jobs: one squeue per chunk of ids, then one sacct for those that ended."""
+@dataclass(frozen=True)
+class CycleRequest:
+    """What one poll cycle should learn (and write) besides job states, all in one command."""
+
+    reads: Sequence[tuple[str, int, int]] = ()  # (path, offset, max bytes)
+    stats: Sequence[str] = ()  # paths whose modification time is wanted
+    checkpoints: Sequence[str] = ()  # checkpoint directories to probe
+    writes: Sequence[tuple[str, bytes]] = ()  # small files to replace atomically (state files)
+
+
+@dataclass(frozen=True)
+class CycleResult:
+    statuses: dict[str, JobStatus]
+    chunks: list[FileChunk]
+    mtimes: list[float | None]
+    checkpoints: list[CheckpointState]
+    writes_ok: list[bool]
+
+
+def poll_cycle(
+    job_ids: Sequence[str], request: CycleRequest = CycleRequest(), chunk_size: int = SQUEUE_CHUNK
+) -> Operation[CycleResult]:
+    """One command for the states of all jobs (squeue per chunk of ids) and every file request; then one
+    sacct for the jobs that left the queue or just ended (it has exit codes, `CANCELLED by <uid>` and the
+    requeue history; squeue does not)."""
     ids = list(dict.fromkeys(str(j) for j in job_ids))
+    chunks_of_ids = [ids[i : i + chunk_size] for i in range(0, len(ids), chunk_size)]
+    parts = ["umask 077"]
+    parts += [commands.squeue_section(chunk) for chunk in chunks_of_ids]
+    if request.reads:
+        parts.append(commands.read_ranges_script(request.reads))
+    parts += [commands.stat_script(i, path) for i, path in enumerate(request.stats)]
+    parts += [checkpoints.probe_script(i, path) for i, path in enumerate(request.checkpoints)]
+    parts += [commands.write_script(i, path, data) for i, (path, data) in enumerate(request.writes)]
+    result = yield Command("; ".join(parts), label="poll")
+    if result.rc != 0:
+        raise commands.command_error("poll", result.rc, result.stderr or result.stdout)
+
     found: dict[str, JobStatus] = {}
-    for start in range(0, len(ids), chunk_size):
-        chunk = ids[start : start + chunk_size]
-        result = yield Command(shlex.join(commands.squeue_argv(chunk)), label="squeue")
-        if result.rc != 0 and not commands.squeue_not_found(result.rc, result.stderr):
-            raise commands.command_error("squeue", result.rc, result.stderr)
-        found.update(commands.match_requested(chunk, commands.parse_squeue(result.stdout)))
-    # sacct for ids gone from the queue, and for jobs that just ended (it has exit codes,
-    # `CANCELLED by <uid>` and the requeue history; squeue does not)
+    sections = commands.parse_squeue_sections(result.stdout)
+    if len(sections) != len(chunks_of_ids):
+        raise SlurmCommandError("poll output incomplete (connection dropped?)", transient=True)
+    for chunk, (rc, text) in zip(chunks_of_ids, sections, strict=True):
+        if rc != 0 and not commands.squeue_not_found(rc, text):
+            raise commands.command_error("squeue", rc, text)
+        found.update(commands.match_requested(chunk, commands.parse_squeue(text)))
     ask = [j for j in ids if j not in found or found[j].is_terminal]
     if ask:
-        result = yield Command(shlex.join(commands.sacct_argv(ask)), label="sacct")
-        if result.rc != 0 and not commands.accounting_disabled(result.stderr):
-            raise commands.command_error("sacct", result.rc, result.stderr)
-        for job_id, status in commands.match_requested(ask, commands.parse_sacct(result.stdout)).items():
+        answer = yield Command(shlex.join(commands.sacct_argv(ask)), label="sacct")
+        if answer.rc != 0 and not commands.accounting_disabled(answer.stderr):
+            raise commands.command_error("sacct", answer.rc, answer.stderr)
+        for job_id, status in commands.match_requested(ask, commands.parse_sacct(answer.stdout)).items():
             # sacct lags squeue by up to a second or two: keep squeue's final state until sacct has one
             if job_id not in found or status.is_terminal:
                 found[job_id] = status
-    return {j: found.get(j) or JobStatus.not_found(j) for j in ids}
+
+    lines = result.stdout.splitlines()
+    mtimes: list[float | None] = [None] * len(request.stats)
+    probes: list[CheckpointState | None] = [None] * len(request.checkpoints)
+    writes_ok = [False] * len(request.writes)
+    for line in lines:
+        kind, _, rest = line.partition(" ")
+        index_text, _, value = rest.partition(" ")
+        if not index_text.isdigit():
+            continue
+        index = int(index_text)
+        if kind == "S" and index < len(mtimes):
+            mtimes[index] = float(value) if re.match(r"^\d+$", value.strip()) else None
+        elif kind == "W" and index < len(writes_ok):
+            writes_ok[index] = value.strip() == "ok"
+        elif kind == "C" and index < len(probes):
+            parsed = checkpoints.parse_probe(line)
+            if parsed:
+                probes[parsed[0]] = parsed[1]
+    if any(p is None for p in probes):
+        raise SlurmCommandError("checkpoint probe output incomplete", transient=True)
+    chunks = commands.parse_read_ranges(result.stdout, request.reads) if request.reads else []
+    return CycleResult(
+        {j: found.get(j) or JobStatus.not_found(j) for j in ids},
+        chunks,
+        mtimes,
+        [p for p in probes if p is not None],
+        writes_ok,
+    )
+
+
+def job_statuses(job_ids: Sequence[str], chunk_size: int = SQUEUE_CHUNK) -> Operation[dict[str, JobStatus]]:
+    """Status of many jobs: one command (squeue per chunk of ids), then one sacct for those that ended."""
+    cycle = yield from poll_cycle(job_ids, chunk_size=chunk_size)
+    return cycle.statuses
 
 
 def find_jobs(*, comment_prefix: str | None = None, names: Sequence[str] = ()) -> Operation[list[JobStatus]]:
@@ -274,7 +344,7 @@ def read_range(path: str, offset: int, limit: int) -> Operation[FileChunk]:
 
 def read_tracker(checkpoint_dir: str) -> Operation[int | str | None]:
     """Megatron's latest checkpointed iteration (`release` for a release checkpoint), None if absent."""
-    chunk = yield from read_range(f"{checkpoint_dir.rstrip('/')}/{commands.TRACKER_FILE}", 0, 64)
+    chunk = yield from read_range(f"{checkpoint_dir.rstrip('/')}/{TRACKER_FILE}", 0, 64)
     return None if chunk.size is None else commands.parse_tracker(chunk.data)
 
 

@@ -144,7 +144,7 @@ def test_format_slurm_time():
 
 
 @pytest.mark.cli
-@pytest.mark.parametrize("command", ["validate", "plan", "render", "detect-platform", "schema"])
+@pytest.mark.parametrize("command", ["validate", "plan", "render", "detect-platform", "schema", "events"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli([command, "--help"])

@@ -133,11 +133,15 @@ def drive(op, results):
     return operations.run_sync(op, execute), seen
 
 
+def squeue_answer(text: str, rc: int = 0) -> Result:
+    return Result(0, f"@@squeue {rc}\n{text}@@end\n", "")
+
+
 def test_job_statuses_uses_one_squeue_then_one_sacct():
     squeue_out = "7|7|7|N/A|RUNNING|None|vm|x|(null)\n"
     sacct_out = "8|8|COMPLETED|0:0|None|vm|a|b|y|\n"
-    value, seen = drive(operations.job_statuses(["7", "8", "9"]), [Result(0, squeue_out, ""), Result(0, sacct_out, "")])
-    assert [c.label for c in seen] == ["squeue", "sacct"]
+    value, seen = drive(operations.job_statuses(["7", "8", "9"]), [squeue_answer(squeue_out), Result(0, sacct_out, "")])
+    assert [c.label for c in seen] == ["poll", "sacct"]
     assert "--jobs=7,8,9" in seen[0].script and "--jobs=8,9" in seen[1].script
     assert value["7"].state is JobState.RUNNING and value["8"].state is JobState.COMPLETED
     assert value["9"].state is JobState.NOT_FOUND
@@ -146,7 +150,7 @@ def test_job_statuses_uses_one_squeue_then_one_sacct():
 def test_jobs_that_just_ended_are_completed_from_sacct():
     squeue_out = "7|7|7|N/A|FAILED|NonZeroExitCode|vm|x|(null)\n6|6|6|N/A|COMPLETED|None|vm|x|(null)\n"
     sacct_out = "7|7|FAILED|3:0|None|vm|a|b|x|\n6|6|RUNNING|0:0|None|vm|a|b|x|\n"  # 6: sacct still behind
-    value, seen = drive(operations.job_statuses(["7", "6"]), [Result(0, squeue_out, ""), Result(0, sacct_out, "")])
+    value, seen = drive(operations.job_statuses(["7", "6"]), [squeue_answer(squeue_out), Result(0, sacct_out, "")])
     assert "--jobs=7,6" in seen[1].script
     assert value["7"].exit_code == 3 and value["7"].source == "sacct"
     assert value["6"].state is JobState.COMPLETED and value["6"].source == "squeue"
@@ -155,17 +159,26 @@ def test_jobs_that_just_ended_are_completed_from_sacct():
 def test_job_statuses_all_in_queue_needs_no_sacct_and_chunks_long_lists():
     ids = [str(i) for i in range(2500)]
     lines = "".join(f"{i}|{i}|{i}|N/A|PENDING|None||x|(null)\n" for i in ids)
-    value, seen = drive(operations.job_statuses(ids, chunk_size=1000), [Result(0, lines, "")] * 3)
-    assert [c.label for c in seen] == ["squeue"] * 3 and len(value) == 2500
+    answer = Result(
+        0,
+        "".join(
+            f"@@squeue 0\n{chunk}@@end\n"
+            for chunk in ("".join(lines.splitlines(True)[i : i + 1000]) for i in (0, 1000, 2000))
+        ),
+        "",
+    )
+    value, seen = drive(operations.job_statuses(ids, chunk_size=1000), [answer])
+    assert [c.label for c in seen] == ["poll"] and seen[0].script.count("squeue --noheader") == 3
+    assert len(value) == 2500 and value["2499"].state is JobState.PENDING
 
 
 def test_job_statuses_transient_failure_is_an_error_not_a_state():
     with pytest.raises(SlurmCommandError) as err:
-        drive(operations.job_statuses(["1"]), [Result(1, "", "slurm_load_jobs error: Socket timed out")])
+        drive(operations.job_statuses(["1"]), [squeue_answer("slurm_load_jobs error: Socket timed out\n", rc=1)])
     assert err.value.transient
     value, _ = drive(
         operations.job_statuses(["1"]),
-        [Result(1, "", "slurm_load_jobs error: Invalid job id specified"), Result(0, "", "")],
+        [squeue_answer("slurm_load_jobs error: Invalid job id specified\n", rc=1), Result(0, "", "")],
     )
     assert value["1"].state is JobState.NOT_FOUND
 

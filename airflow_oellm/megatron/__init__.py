@@ -1,0 +1,1 @@
+"""Megatron-LM knowledge without Airflow: log lines, checkpoint layout and readiness."""

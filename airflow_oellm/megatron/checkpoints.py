@@ -1,0 +1,94 @@
+"""Megatron checkpoint readiness: when is checkpoint N complete?
+
+`<save>/latest_checkpointed_iteration.txt` is written by rank 0 only after every rank finished a
+save; inside `iter_NNNNNNN/`, `metadata.json` (torch_dist) or `mp_rank_*/model_optim_rng.pt`
+(legacy torch) must exist. A directory that merely exists is being written. Checkpoint N is
+ready when the tracker is at least N and `iter_N` is complete.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass, field
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+
+
+def iteration_dir(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def probe_script(index: int, checkpoint_dir: str) -> str:
+    """Prints `C <index> <tracker or -> [<iteration>:<format> ...]` for the complete iteration dirs."""
+    d = shlex.quote(checkpoint_dir.rstrip("/"))
+    return (
+        f"t=$(head -c 64 {d}/{TRACKER_FILE} 2>/dev/null | tr -dc 'a-z0-9'); o=; "
+        f'for i in {d}/iter_*; do [ -d "$i" ] || continue; n=${{i##*/iter_}}; '
+        'if [ -f "$i/metadata.json" ]; then o="$o $n:torch_dist"; '
+        'elif ls "$i"/mp_rank_*/model_optim_rng.pt >/dev/null 2>&1; then o="$o $n:torch"; fi; done; '
+        f'printf \'C %s %s%s\\n\' {int(index)} "${{t:--}}" "$o"'
+    )
+
+
+@dataclass(frozen=True)
+class CheckpointState:
+    tracker: int | str | None  # iteration, "release", or None (no tracker yet)
+    complete: dict[int, str] = field(default_factory=dict)  # iteration -> format
+
+    @property
+    def latest(self) -> int | None:
+        return self.tracker if isinstance(self.tracker, int) else None
+
+
+def parse_probe(line: str) -> tuple[int, CheckpointState] | None:
+    parts = line.split()
+    if len(parts) < 3 or parts[0] != "C" or not parts[1].isdigit():
+        return None
+    tracker_text = parts[2]
+    tracker: int | str | None = (
+        int(tracker_text) if tracker_text.isdigit() else ("release" if tracker_text == "release" else None)
+    )
+    complete = {}
+    for item in parts[3:]:
+        m = re.match(r"^(\d+):(torch_dist|torch)$", item)
+        if m:
+            complete[int(m.group(1))] = m.group(2)
+    return int(parts[1]), CheckpointState(tracker, complete)
+
+
+@dataclass(frozen=True)
+class ReadyCheckpoint:
+    iteration: int
+    path: str
+    format: str
+
+    def to_dict(self) -> dict[str, object]:
+        return {"iteration": self.iteration, "path": self.path, "format": self.format}
+
+
+def ready(
+    state: CheckpointState, checkpoint_dir: str, target: int, *, at_least: bool = False
+) -> ReadyCheckpoint | None:
+    """Checkpoint `target` (or, with `at_least`, the first complete one >= target) if it is complete."""
+    latest = state.latest
+    if latest is None or latest < target:
+        return None
+    candidates = sorted(i for i in state.complete if (i >= target if at_least else i == target) and i <= latest)
+    if not candidates:
+        return None
+    iteration = candidates[0]
+    return ReadyCheckpoint(
+        iteration, f"{checkpoint_dir.rstrip('/')}/{iteration_dir(iteration)}", state.complete[iteration]
+    )
+
+
+def never(state: CheckpointState, target: int, *, at_least: bool = False) -> str | None:
+    """Why checkpoint `target` will not appear any more, or None while it still can."""
+    latest = state.latest
+    if at_least or latest is None or latest <= target or target in state.complete:
+        return None
+    return (
+        f"checkpoint {target} does not exist although training saved iteration {latest} "
+        f"(save_interval does not divide {target}, or retention removed it)"
+    )

@@ -1,0 +1,1 @@
+"""Watching jobs without Airflow: log events, inactivity, failure classification, resume policy."""
