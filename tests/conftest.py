@@ -16,7 +16,11 @@ import pytest
 _AIRFLOW_HOME = tempfile.mkdtemp(prefix="oellm-test-airflow-home-")
 os.environ["AIRFLOW_HOME"] = _AIRFLOW_HOME
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = os.path.join(_AIRFLOW_HOME, "dags")
+os.makedirs(os.environ["AIRFLOW__CORE__DAGS_FOLDER"], exist_ok=True)
 atexit.register(shutil.rmtree, _AIRFLOW_HOME, True)
+
+pytest_plugins = ["tests.cluster_fixtures"]
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "config"

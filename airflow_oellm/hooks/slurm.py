@@ -25,7 +25,7 @@ from airflow_oellm.hooks.transport import AsyncLocalShell, AsyncSSHShell, LocalS
 from airflow_oellm.slurm import operations
 from airflow_oellm.slurm.commands import FileChunk, SlurmCommandError
 from airflow_oellm.slurm.identity import JobIdentity
-from airflow_oellm.slurm.operations import Operation, SubmitOutcome
+from airflow_oellm.slurm.operations import CycleRequest, CycleResult, Operation, SubmitOutcome
 from airflow_oellm.slurm.states import JobStatus
 
 T = TypeVar("T")
@@ -112,6 +112,9 @@ class SlurmHook(BaseHook):
 
     def job_statuses(self, job_ids: Sequence[str]) -> dict[str, JobStatus]:
         return self.run(operations.job_statuses(job_ids))
+
+    def poll_cycle(self, job_ids: Sequence[str], request: CycleRequest) -> CycleResult:
+        return self.run(operations.poll_cycle(job_ids, request))
 
     def job_status(self, job_id: str) -> JobStatus:
         return self.job_statuses([job_id])[str(job_id)]
@@ -210,6 +213,9 @@ class AsyncSlurmHook:
 
     async def job_statuses(self, job_ids: Sequence[str]) -> dict[str, JobStatus]:
         return await self.run(operations.job_statuses(job_ids))
+
+    async def poll_cycle(self, job_ids: Sequence[str], request: CycleRequest) -> CycleResult:
+        return await self.run(operations.poll_cycle(job_ids, request))
 
     async def read_ranges(self, requests: Sequence[tuple[str, int, int]]) -> list[FileChunk]:
         return await self.run(operations.read_ranges(requests))

@@ -63,3 +63,14 @@ class CommentIdentity:
 def parse_comment(comment: str | None) -> CommentIdentity | None:
     m = _COMMENT.match((comment or "").strip())
     return CommentIdentity(m.group(1), m.group(2), int(m.group(3))) if m else None
+
+
+def monitor_state_path(identity: JobIdentity) -> str:
+    """Where the watcher of this attempt keeps its log offset and event summary."""
+    return f"{identity.state_dir}/monitor/{identity.task_key}-{identity.try_number}.json"
+
+
+def task_status_path(output_dir: str, task_id: str) -> str:
+    """The training task's own status file, read by sensors that run beside it."""
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in task_id)
+    return f"{output_dir.rstrip('/')}/{STATE_DIR}/status/{safe}.json"

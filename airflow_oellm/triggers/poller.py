@@ -17,11 +17,13 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from airflow_oellm.hooks.slurm import AsyncSlurmHook
-from airflow_oellm.slurm.commands import SlurmCommandError
+from airflow_oellm.megatron.checkpoints import CheckpointState
+from airflow_oellm.slurm.commands import FileChunk, SlurmCommandError
+from airflow_oellm.slurm.operations import CycleRequest
 from airflow_oellm.slurm.states import JobStatus
 
 log = logging.getLogger(__name__)
@@ -33,14 +35,26 @@ MAX_BACKOFF = 300.0
 
 @dataclass(frozen=True)
 class PollUpdate:
-    """A job's status from one cycle, or the error that made the cycle fail (status None)."""
+    """One cycle's answer for one watcher: its job's status and its file requests' results,
+    or the error that made the cycle fail (status None, nothing read)."""
 
-    job_id: str
+    job_id: str | None
     status: JobStatus | None
     cycle: int
     error: str | None = None
     consecutive_failures: int = 0
     permanent: bool = False
+    chunks: tuple[FileChunk, ...] = ()
+    mtimes: dict[str, float | None] = field(default_factory=dict)
+    checkpoints: tuple[CheckpointState, ...] = ()
+    writes_ok: tuple[bool, ...] = ()
+
+
+@dataclass(eq=False)
+class _Watcher:
+    job_id: str | None
+    request: Callable[[], CycleRequest] | None
+    queue: asyncio.Queue[PollUpdate]
 
 
 def backoff(failures: int, interval: float, jitter: Callable[[], float] = random.random) -> float:
@@ -70,7 +84,7 @@ class JobPoller:
         self.cycles = 0
         self.failed_cycles = 0
         self.consecutive_failures = 0
-        self._subscribers: dict[str, set[asyncio.Queue[PollUpdate]]] = {}
+        self._watchers: list[_Watcher] = []
         self._due = time.monotonic() + first_check_after
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -107,29 +121,31 @@ class JobPoller:
 
     @property
     def watched(self) -> list[str]:
-        return list(self._subscribers)
+        return list(dict.fromkeys(w.job_id for w in self._watchers if w.job_id is not None))
 
-    async def watch(self, job_id: str) -> AsyncIterator[PollUpdate]:
-        """Updates for one job, one per poll cycle, until the caller stops iterating."""
-        queue: asyncio.Queue[PollUpdate] = asyncio.Queue()
-        self._subscribers.setdefault(str(job_id), set()).add(queue)
+    async def watch(
+        self, job_id: str | None, request: Callable[[], CycleRequest] | None = None
+    ) -> AsyncIterator[PollUpdate]:
+        """Updates for one job (or none) and its file requests, one per poll cycle, until the caller stops.
+
+        `request` is asked before every cycle what to read, stat, probe or write; its answers come
+        back in the same update, in the same order.
+        """
+        watcher = _Watcher(None if job_id is None else str(job_id), request, asyncio.Queue())
+        self._watchers.append(watcher)
         self._due = min(self._due, time.monotonic() + self.first_check_after)
         self._wake.set()
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run(), name=f"oellm-poller-{self.key}")
         try:
             while True:
-                yield await queue.get()
+                yield await watcher.queue.get()
         finally:
-            subscribers = self._subscribers.get(str(job_id))
-            if subscribers is not None:
-                subscribers.discard(queue)
-                if not subscribers:
-                    del self._subscribers[str(job_id)]
+            self._watchers.remove(watcher)
             self._wake.set()
 
     async def _sleep_until_due(self) -> None:
-        while self._subscribers:
+        while self._watchers:
             remaining = self._due - time.monotonic()
             if remaining <= 0:
                 return
@@ -141,26 +157,33 @@ class JobPoller:
 
     async def _run(self) -> None:
         try:
-            while self._subscribers:
+            while self._watchers:
                 await self._sleep_until_due()
-                ids = list(self._subscribers)
-                if not ids:
+                if not self._watchers:
                     break
-                await self._cycle(ids)
+                await self._cycle(list(self._watchers))
         finally:
             hook, self.hook = self.hook, None
             if hook is not None:
                 await hook.close()
             for registry_key, poller in list(self._registry.items()):
-                if poller is self and not self._subscribers:
+                if poller is self and not self._watchers:
                     del self._registry[registry_key]
 
-    async def _cycle(self, ids: list[str]) -> None:
+    async def _cycle(self, watchers: list[_Watcher]) -> None:
         self.cycles += 1
         if self.hook is None:
             self.hook = self.hook_factory()
+        requests = [w.request() if w.request else CycleRequest() for w in watchers]
+        combined = CycleRequest(
+            reads=[r for q in requests for r in q.reads],
+            stats=list(dict.fromkeys(p for q in requests for p in q.stats)),
+            checkpoints=[c for q in requests for c in q.checkpoints],
+            writes=[w for q in requests for w in q.writes],
+        )
+        ids = list(dict.fromkeys(w.job_id for w in watchers if w.job_id is not None))
         try:
-            statuses = await self.hook.job_statuses(ids)
+            result = await self.hook.poll_cycle(ids, combined)
         except SlurmCommandError as exc:
             self.failed_cycles += 1
             self.consecutive_failures += 1
@@ -175,16 +198,24 @@ class JobPoller:
             )
             self._due = time.monotonic() + delay
             if self.consecutive_failures >= self.failure_threshold or not exc.transient:
-                self._publish({j: None for j in ids}, error=str(exc), permanent=not exc.transient)
+                for w in watchers:
+                    w.queue.put_nowait(
+                        PollUpdate(w.job_id, None, self.cycles, str(exc), self.consecutive_failures, not exc.transient)
+                    )
             return
         self.consecutive_failures = 0
         self._due = time.monotonic() + self.interval
-        self._publish(statuses)
-
-    def _publish(
-        self, statuses: dict[str, JobStatus | None], *, error: str | None = None, permanent: bool = False
-    ) -> None:
-        for job_id, status in statuses.items():
-            update = PollUpdate(job_id, status, self.cycles, error, self.consecutive_failures, permanent)
-            for queue in self._subscribers.get(job_id, ()):
-                queue.put_nowait(update)
+        mtimes = dict(zip(combined.stats, result.mtimes, strict=True))
+        reads = checks = writes = 0
+        for w, q in zip(watchers, requests, strict=True):
+            update = PollUpdate(
+                w.job_id,
+                result.statuses.get(w.job_id) if w.job_id is not None else None,
+                self.cycles,
+                chunks=tuple(result.chunks[reads : reads + len(q.reads)]),
+                mtimes={p: mtimes[p] for p in q.stats},
+                checkpoints=tuple(result.checkpoints[checks : checks + len(q.checkpoints)]),
+                writes_ok=tuple(result.writes_ok[writes : writes + len(q.writes)]),
+            )
+            reads, checks, writes = reads + len(q.reads), checks + len(q.checkpoints), writes + len(q.writes)
+            w.queue.put_nowait(update)

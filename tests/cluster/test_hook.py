@@ -16,7 +16,7 @@ from airflow_oellm.slurm.commands import SlurmCommandError
 from airflow_oellm.slurm.identity import JobIdentity
 from airflow_oellm.slurm.operations import SubmissionConflict
 from airflow_oellm.slurm.states import JobState
-from tests.cluster.conftest import ssh_connection_uri
+from tests.cluster_fixtures import ssh_connection_uri
 
 pytestmark = pytest.mark.hook
 

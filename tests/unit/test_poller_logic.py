@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from airflow_oellm.slurm.commands import SlurmCommandError
+from airflow_oellm.slurm.commands import FileChunk, SlurmCommandError
+from airflow_oellm.slurm.operations import CycleRequest, CycleResult
 from airflow_oellm.slurm.states import JobState, JobStatus
 from airflow_oellm.triggers.poller import MAX_BACKOFF, JobPoller, backoff
 
@@ -21,12 +22,13 @@ class ScriptedHook:
         self.calls: list[list[str]] = []
         self.closed = 0
 
-    async def job_statuses(self, ids):
+    async def poll_cycle(self, ids, request):
         self.calls.append(list(ids))
         outcome = self.outcomes.pop(0) if len(self.outcomes) > 1 else self.outcomes[0]
         if isinstance(outcome, Exception):
             raise outcome
-        return {j: JobStatus(j, outcome) for j in ids}
+        chunks = [FileChunk(path, offset, 100, b"x" * min(limit, 3)) for path, offset, limit in request.reads]
+        return CycleResult({j: JobStatus(j, outcome) for j in ids}, chunks, [1.0] * len(request.stats), [], [])
 
     async def close(self):
         self.closed += 1
@@ -103,3 +105,28 @@ def test_shared_poller_is_one_per_key_and_uses_the_shortest_interval():
 
     a, b, c = asyncio.run(scenario())
     assert a is b and a is not c and a.interval == 10
+
+
+def test_file_requests_ride_along_and_come_back_to_their_watcher():
+    hook = ScriptedHook([JobState.RUNNING])
+
+    async def scenario():
+        poller = JobPoller(lambda: hook, key="k4", interval=0.01, first_check_after=0.0)
+        got = {}
+
+        async def watch(name, job_id, request):
+            async for update in poller.watch(job_id, request):
+                got[name] = update
+                return
+
+        await asyncio.gather(
+            watch("a", "1", lambda: CycleRequest(reads=[("/a.log", 5, 2)], stats=["/x"])),
+            watch("b", None, lambda: CycleRequest(reads=[("/b.log", 0, 10)], stats=["/x", "/y"])),
+        )
+        return got
+
+    got = asyncio.run(scenario())
+    assert [c.path for c in got["a"].chunks] == ["/a.log"] and got["a"].chunks[0].offset == 5
+    assert [c.path for c in got["b"].chunks] == ["/b.log"] and got["b"].status is None
+    assert got["a"].mtimes == {"/x": 1.0} and got["b"].mtimes == {"/x": 1.0, "/y": 1.0}
+    assert hook.calls == [["1"]]  # one cycle for both watchers

@@ -1,0 +1,205 @@
+"""Following one training job: log bytes in, lines and events out, hang and end detection.
+
+Pure state machine shared by the deferrable trigger and the synchronous (poke) path. Its state
+is a small JSON document that the watcher persists on the cluster next to the job's output, so a
+restarted triggerer resumes at the same byte with the same event summary.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from airflow_oellm.monitor.events import Event, EventMatcher, EventSpec
+from airflow_oellm.monitor.inactivity import Activity
+from airflow_oellm.slurm.commands import FileChunk
+from airflow_oellm.slurm.states import JobStatus
+
+READ_BYTES = 64 * 1024  # new log bytes read per poll while the job runs
+DRAIN_BYTES = 4 * 1024 * 1024  # per poll once the job has ended
+TAIL_LINES = 200
+TAIL_BYTES = 32 * 1024
+MAX_FAULT_LINES = 50
+MAX_LISTED = 1000
+
+
+def empty_summary() -> dict[str, Any]:
+    return {
+        "counts": {},
+        "last_iteration": None,
+        "first_iteration": None,
+        "train_iters": None,
+        "last_loss": None,
+        "last_lr": None,
+        "tokens_per_second_per_gpu": None,
+        "checkpoints_saved": [],
+        "resumed_from": None,
+        "validation": [],
+        "training_done": False,
+        "iterations_run": 0,
+        "faults": [],
+    }
+
+
+def summarize(summary: dict[str, Any], event: Event) -> None:
+    """Fold one event into the attempt's summary (bounded in size)."""
+    counts = summary["counts"]
+    counts[event.name] = counts.get(event.name, 0) + 1
+    g = event.groups
+    if event.name == "iteration":
+        summary["iterations_run"] += 1
+        summary["last_iteration"] = g.get("iteration")
+        if summary["first_iteration"] is None:
+            summary["first_iteration"] = g.get("iteration")
+        for key, target in (
+            ("train_iters", "train_iters"),
+            ("loss", "last_loss"),
+            ("lr", "last_lr"),
+            ("tokens_per_second_per_gpu", "tokens_per_second_per_gpu"),
+        ):
+            if key in g:
+                summary[target] = g[key]
+    elif event.name == "checkpoint_saved" and isinstance(g.get("iteration"), int):
+        if len(summary["checkpoints_saved"]) < MAX_LISTED:
+            summary["checkpoints_saved"].append(g["iteration"])
+    elif event.name == "checkpoint_loaded":
+        summary["resumed_from"] = g.get("iteration")
+    elif event.name == "fresh_start":
+        summary["resumed_from"] = 0
+    elif event.name == "validation" and len(summary["validation"]) < MAX_LISTED:
+        summary["validation"].append(
+            {
+                "iteration": g.get("iteration"),
+                "loss": g.get("loss"),
+                "ppl": g.get("ppl"),
+                "split": g.get("split") or "validation",
+            }
+        )
+    elif event.name == "training_done":
+        summary["training_done"] = True
+    if event.metadata.get("kind") == "fault" and len(summary["faults"]) < MAX_FAULT_LINES:
+        summary["faults"].append(event.line[:2000])
+
+
+@dataclass
+class WatchState:
+    job_id: str
+    log_path: str
+    matcher: dict[str, Any] = field(default_factory=dict)
+    activity: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=empty_summary)
+    tail: list[str] = field(default_factory=list)
+    hang: bool = False
+    cancelled_by_us: bool = False
+    final_status: dict[str, Any] | None = None
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.__dict__, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, job_id: str, log_path: str) -> WatchState | None:
+        """The persisted state of this job, or None if unreadable or of another job."""
+        try:
+            loaded = json.loads(data.decode())
+            state = cls(**loaded)
+        except (ValueError, TypeError):
+            return None
+        return state if state.job_id == job_id and state.log_path == log_path else None
+
+
+@dataclass(frozen=True)
+class Step:
+    lines: list[str]
+    events: list[Event]
+    hang_detected: bool = False  # just now: the caller cancels the job
+    finished: bool = False  # the job ended and its log is read to the end
+    truncated: bool = False  # the log shrank (requeue with --open-mode=truncate): read again from 0
+
+
+class JobWatch:
+    def __init__(
+        self, specs: Sequence[EventSpec], state: WatchState, *, inactivity_threshold: float | None, now: float
+    ):
+        self.state = state
+        self.matcher = EventMatcher.from_state(specs, state.matcher)
+        self.activity = Activity.from_dict(state.activity, now)
+        self.threshold = inactivity_threshold
+        self._draining = False
+
+    @property
+    def offset(self) -> int:
+        return self.matcher.offset
+
+    def read_request(self) -> tuple[str, int, int]:
+        return (self.state.log_path, self.matcher.offset, DRAIN_BYTES if self._draining else READ_BYTES)
+
+    def apply(
+        self,
+        now: float,
+        status: JobStatus | None,
+        chunk: FileChunk | None,
+        mtimes: Mapping[str, float | None] | None = None,
+    ) -> Step:
+        lines: list[str] = []
+        events: list[Event] = []
+        truncated = False
+        if chunk is not None and chunk.size is not None:
+            if chunk.size < self.matcher.offset and chunk.offset == self.matcher.offset:
+                truncated = True
+                self.matcher = EventMatcher(self.matcher.specs)
+            elif chunk.offset == self.matcher.offset and chunk.data:
+                lines, events = self.matcher.feed(chunk.data)
+        for event in events:
+            summarize(self.state.summary, event)
+        self._remember_tail(lines)
+        running = status is not None and status.state.value == "RUNNING"
+        self.activity = self.activity.observe(
+            now,
+            running=running,
+            log_size=chunk.size if chunk is not None and chunk.size is not None else None,
+            iteration=self.state.summary.get("last_iteration"),
+            mtimes={p: m for p, m in (mtimes or {}).items() if m is not None},
+        )
+        hang = False
+        if running and self.threshold and not self.state.hang and self.activity.is_hung(now, self.threshold):
+            self.state.hang = hang = True
+        finished = False
+        if status is not None and status.is_terminal:
+            self.state.final_status = status.to_dict()
+            size = chunk.size if chunk is not None else None
+            if size is None or self.matcher.offset >= size:
+                tail_lines, tail_events = self.matcher.feed(b"", final=True)
+                lines += tail_lines
+                for event in tail_events:
+                    summarize(self.state.summary, event)
+                    events.append(event)
+                self._remember_tail(tail_lines)
+                finished = True
+            else:
+                self._draining = True
+        self.state.matcher = self.matcher.state()
+        self.state.activity = self.activity.to_dict()
+        return Step(lines, events, hang, finished, truncated)
+
+    def _remember_tail(self, lines: list[str]) -> None:
+        if not lines:
+            return
+        tail = (self.state.tail + [line[:TAIL_BYTES] for line in lines])[-TAIL_LINES:]
+        while sum(len(line) for line in tail) > TAIL_BYTES and len(tail) > 1:
+            tail.pop(0)
+        self.state.tail = tail
+
+    def result(self) -> dict[str, Any]:
+        """What the operator needs once the job has ended (JSON-safe)."""
+        return {
+            "job_id": self.state.job_id,
+            "log_path": self.state.log_path,
+            "status": self.state.final_status,
+            "hang": self.state.hang,
+            "cancelled_by_us": self.state.cancelled_by_us,
+            "summary": self.state.summary,
+            "tail": "\n".join(self.state.tail),
+            "log_bytes": self.matcher.offset,
+        }

@@ -1,0 +1,178 @@
+"""SlurmJobTrigger: follow one training job from the triggerer until it ends.
+
+Through the shared poller it gets the job's state and the new bytes of its log every cycle (one
+remote command for all triggers on the cluster); it streams new lines into the task's log,
+matches log events, cancels a hung job, and keeps its position and event summary in a small state
+file on the cluster, so a restarted triggerer continues at the same byte. It fires one event when
+the job has ended and its log is read to the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+from airflow_oellm.hooks.slurm import AsyncSlurmHook
+from airflow_oellm.monitor.events import event_specs
+from airflow_oellm.monitor.watch import JobWatch, WatchState
+from airflow_oellm.slurm import operations
+from airflow_oellm.slurm.operations import CycleRequest
+from airflow_oellm.triggers.poller import FIRST_CHECK_AFTER, JobPoller
+
+STATE_READ_LIMIT = 1024 * 1024
+PERMANENT_ERROR_GRACE = 600.0  # seconds a non-transient connection error may last before the task is told
+
+
+class SlurmJobTrigger(BaseTrigger):
+    """Fires `{"kind": "finished", ...}` once the job ended (or `{"kind": "error", ...}` if the cluster
+    stays unreachable for good)."""
+
+    def __init__(
+        self,
+        *,
+        job_id: str,
+        log_path: str,
+        state_path: str,
+        ssh_conn_id: str | None = None,
+        local: bool = False,
+        events: list[dict[str, Any]] | None = None,
+        inactivity_threshold: float | None = None,
+        output_paths: list[str] | None = None,
+        poll_interval: float = 60.0,
+        stream_log: bool = True,
+    ) -> None:
+        super().__init__()
+        self.job_id = str(job_id)
+        self.log_path = log_path
+        self.state_path = state_path
+        self.ssh_conn_id = ssh_conn_id
+        self.local = local
+        self.events = list(events or [])
+        self.inactivity_threshold = inactivity_threshold
+        self.output_paths = list(output_paths or [])
+        self.poll_interval = poll_interval
+        self.stream_log = stream_log
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {
+                "job_id": self.job_id,
+                "log_path": self.log_path,
+                "state_path": self.state_path,
+                "ssh_conn_id": self.ssh_conn_id,
+                "local": self.local,
+                "events": self.events,
+                "inactivity_threshold": self.inactivity_threshold,
+                "output_paths": self.output_paths,
+                "poll_interval": self.poll_interval,
+                "stream_log": self.stream_log,
+            },
+        )
+
+    def _hook(self) -> AsyncSlurmHook:
+        return AsyncSlurmHook(self.ssh_conn_id, local=self.local)
+
+    def _poller(self) -> JobPoller:
+        hook = self._hook()
+        return JobPoller.shared(
+            self._hook, key=hook.key, interval=self.poll_interval, first_check_after=FIRST_CHECK_AFTER
+        )
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        specs = event_specs(self.events)
+        watch: JobWatch | None = None
+        pending_write: bytes | None = None
+        written: bytes | None = None
+        error_since: float | None = None
+
+        def request() -> CycleRequest:
+            if watch is None:  # first: what an earlier triggerer knew
+                return CycleRequest(reads=[(self.state_path, 0, STATE_READ_LIMIT)])
+            writes = [(self.state_path, pending_write)] if pending_write and pending_write != written else []
+            return CycleRequest(reads=[watch.read_request()], stats=self.output_paths, writes=writes)
+
+        async for update in self._poller().watch(self.job_id, request):
+            now = time.time()
+            if update.error:
+                self.log.warning(
+                    "cannot poll job %s (%d failures in a row): %s",
+                    self.job_id,
+                    update.consecutive_failures,
+                    update.error,
+                )
+                error_since = error_since or now
+                if update.permanent and now - error_since > PERMANENT_ERROR_GRACE:
+                    yield TriggerEvent({"kind": "error", "job_id": self.job_id, "message": update.error})
+                    return
+                continue
+            error_since = None
+            if watch is None:
+                watch = self._restore(update.chunks[0].data if update.chunks else b"", now, specs)
+                continue
+            if pending_write is not None and update.writes_ok and all(update.writes_ok):
+                written = pending_write
+            step = watch.apply(now, update.status, update.chunks[0] if update.chunks else None, update.mtimes)
+            if step.truncated:
+                self.log.info("[job %s] log restarted from the beginning (truncated by a requeue)", self.job_id)
+            if self.stream_log:
+                for line in step.lines:
+                    self.log.info("[job %s] %s", self.job_id, line)
+            for event in step.events:
+                if event.name != "iteration":
+                    self.log.info("event %s at line %d: %s", event.name, event.line_no, event.groups)
+            if step.hang_detected:
+                self.log.warning(
+                    "job %s: no log growth and no iteration progress for %.0f s: cancelling it as hung",
+                    self.job_id,
+                    self.inactivity_threshold,
+                )
+                watch.state.cancelled_by_us = True
+                await self._cancel()
+            pending_write = watch.state.to_json()
+            if step.finished:
+                await self._save(pending_write)
+                yield TriggerEvent({"kind": "finished", **watch.result()})
+                return
+
+    def _restore(self, saved: bytes, now: float, specs: list[Any]) -> JobWatch:
+        state = WatchState.from_json(saved, self.job_id, self.log_path) if saved else None
+        if state is not None:
+            self.log.info(
+                "resuming the watch of job %s at byte %d of %s",
+                self.job_id,
+                state.matcher.get("offset", 0),
+                self.log_path,
+            )
+        return JobWatch(
+            specs,
+            state or WatchState(self.job_id, self.log_path),
+            inactivity_threshold=self.inactivity_threshold,
+            now=now,
+        )
+
+    async def _save(self, data: bytes) -> None:
+        """The final state, written before the event so a late restart cannot replay the ending."""
+        hook = self._hook()
+        try:
+            await hook.run(operations.upload(self.state_path, data))
+        except Exception as exc:  # the event below carries everything; the file only helps restarts
+            self.log.warning("could not save the watch state of job %s: %s", self.job_id, exc)
+        finally:
+            await hook.close()
+
+    async def _cancel(self) -> None:
+        hook = self._hook()
+        try:
+            await asyncio.wait_for(hook.cancel([self.job_id]), 60)
+        finally:
+            await hook.close()
+
+    async def on_kill(self) -> None:
+        """The user killed the task (mark failed / clear): stop the job too."""
+        self.log.info("task killed: cancelling job %s", self.job_id)
+        await self._cancel()
