@@ -16,6 +16,23 @@ def get_provider_info() -> dict[str, Any]:
         "and evaluation.",
         "versions": [airflow_oellm.__version__],
         "hooks": [{"integration-name": "SLURM", "python-modules": ["airflow_oellm.hooks.slurm"]}],
+        "operators": [{"integration-name": "SLURM", "python-modules": ["airflow_oellm.operators.submit"]}],
+        "sensors": [
+            {
+                "integration-name": "SLURM",
+                "python-modules": ["airflow_oellm.sensors.checkpoint", "airflow_oellm.sensors.log"],
+            }
+        ],
+        "triggers": [
+            {
+                "integration-name": "SLURM",
+                "python-modules": [
+                    "airflow_oellm.triggers.job",
+                    "airflow_oellm.triggers.checkpoint",
+                    "airflow_oellm.triggers.log_event",
+                ],
+            }
+        ],
         "integrations": [
             {
                 "integration-name": "SLURM",

@@ -1,0 +1,150 @@
+"""SlurmLogSensor: wait until a log event (optionally with a condition) appears in a job's log."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from airflow.sdk import BaseSensorOperator, PokeReturnValue
+from airflow.sdk.exceptions import AirflowFailException
+
+from airflow_oellm.hooks.slurm import SlurmHook
+from airflow_oellm.monitor.events import EventMatcher
+from airflow_oellm.monitor.inactivity import Activity
+from airflow_oellm.monitor.waiting import FINAL_TRAINING_STATES, event_condition, event_satisfies, training_status
+from airflow_oellm.monitor.watch import DRAIN_BYTES
+from airflow_oellm.slurm.identity import task_status_path
+from airflow_oellm.slurm.operations import CycleRequest
+from airflow_oellm.slurm.states import JobState
+from airflow_oellm.triggers.log_event import LogEventTrigger, resolve_event
+
+
+class SlurmLogSensor(BaseSensorOperator):
+    """Returns the event's groups (e.g. `{"iteration": 50000, "loss": 2.1, ...}`) once it appears.
+
+    :param event: a built-in event name (`iteration`, `checkpoint_saved`, `validation`, ...) or a
+        spec in the seed guide's format (`name`, `pattern`, `extract_groups`, `metadata`).
+    :param condition: an expression over the groups, e.g. `iteration >= 50000`.
+    :param job_id, log_path: the job to watch; or
+    :param output_dir, training_task_id: follow the training task beside this sensor, across its
+        resubmissions (each attempt's log in turn).
+    :param inactivity_threshold: fail when the log does not grow for this long while the job runs.
+
+    Fails when the watched job (or the followed training) ends without the event. Waits in the
+    triggerer by default; `deferrable=False` pokes from the worker (in `poke` mode the read position
+    is kept between pokes; in `reschedule` mode each poke reads the log again from the start).
+    """
+
+    template_fields: Sequence[str] = ("job_id", "log_path", "output_dir", "condition")
+    ui_color = "#f6f0e8"
+
+    def __init__(
+        self,
+        *,
+        event: str | dict[str, Any],
+        condition: str | None = None,
+        job_id: str | None = None,
+        log_path: str | None = None,
+        output_dir: str | None = None,
+        training_task_id: str | None = None,
+        inactivity_threshold: float | None = None,
+        ssh_conn_id: str | None = "ssh_default",
+        local: bool = False,
+        poll_interval: float = 60.0,
+        deferrable: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("poke_interval", poll_interval)
+        super().__init__(**kwargs)
+        resolve_event(event)  # an unknown built-in name fails when the DAG is parsed, not hours later
+        if not ((job_id and log_path) or (output_dir and training_task_id)):
+            raise ValueError(f"{self.task_id}: give job_id and log_path, or output_dir and training_task_id")
+        self.event = event
+        self.condition = condition
+        self.job_id = job_id
+        self.log_path = log_path
+        self.output_dir = output_dir
+        self.training_task_id = training_task_id
+        self.inactivity_threshold = inactivity_threshold
+        self.ssh_conn_id = ssh_conn_id
+        self.local = local
+        self.poll_interval = poll_interval
+        self.deferrable = deferrable
+        self._target: tuple[str, str] | None = None
+        self._matcher: EventMatcher | None = None
+        self._activity: Activity | None = None
+
+    def _status_path(self) -> str | None:
+        return task_status_path(self.output_dir, self.training_task_id) if self.training_task_id else None
+
+    def execute(self, context: Any) -> Any:
+        if not self.deferrable:
+            return super().execute(context)
+        status_path = self._status_path()
+        self.defer(
+            trigger=LogEventTrigger(
+                event=self.event,
+                condition=self.condition,
+                job_id=self.job_id,
+                log_path=self.log_path,
+                training_status_path=status_path,
+                run_id=context["ti"].run_id,
+                inactivity_threshold=self.inactivity_threshold,
+                ssh_conn_id=self.ssh_conn_id,
+                local=self.local,
+                poll_interval=self.poll_interval,
+            ),
+            method_name="execute_complete",
+            timeout=self.execution_timeout,
+        )
+
+    def poke(self, context: Any) -> PokeReturnValue:
+        spec = resolve_event(self.event)
+        condition = event_condition(self.condition)
+        hook = SlurmHook(self.ssh_conn_id, local=self.local)
+        try:
+            training = None
+            target = (str(self.job_id), self.log_path) if self.job_id else None
+            if self._status_path():
+                first = hook.poll_cycle([], CycleRequest(reads=[(self._status_path(), 0, 64 * 1024)]))
+                training = training_status(first.chunks[0].data, context["ti"].run_id)
+                if training and training.get("job_id"):
+                    target = (str(training["job_id"]), training["log_path"])
+            if target is None:
+                if training and training.get("state") in FINAL_TRAINING_STATES:
+                    raise AirflowFailException(f"the training {training['state']} without the event {spec.name}")
+                return PokeReturnValue(is_done=False)
+            if target != self._target or self._matcher is None:
+                self._target, self._matcher, self._activity = target, EventMatcher([spec]), None
+            cycle = hook.poll_cycle([target[0]], CycleRequest(reads=[(target[1], self._matcher.offset, DRAIN_BYTES)]))
+        finally:
+            hook.close()
+        status, chunk = cycle.statuses[target[0]], cycle.chunks[0]
+        drained = chunk.size is None or chunk.end >= chunk.size
+        _, events = self._matcher.feed(chunk.data, final=status.is_terminal and drained and chunk.size is not None)
+        for event in events:
+            if event_satisfies(condition, event.groups):
+                self.log.info("event %s at line %d of job %s: %s", event.name, event.line_no, target[0], event.line)
+                return PokeReturnValue(is_done=True, xcom_value=event.groups)
+        now = time.time()
+        self._activity = (self._activity or Activity(last_change=now)).observe(
+            now, running=status.state is JobState.RUNNING, log_size=chunk.size
+        )
+        if self.inactivity_threshold and self._activity.is_hung(now, self.inactivity_threshold):
+            raise AirflowFailException(f"log {target[1]} did not grow for {self.inactivity_threshold:.0f} s")
+        if status.is_terminal and drained:
+            still_training = training is not None and training.get("state") not in FINAL_TRAINING_STATES
+            if not (self._status_path() and (training is None or still_training)):
+                raise AirflowFailException(
+                    f"job {target[0]} ended ({status.state.value}) without the event {spec.name}"
+                )
+        return PokeReturnValue(is_done=False)
+
+    def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
+        if event["kind"] == "matched":
+            self.log.info(
+                "event %s at line %d of job %s: %s", event["name"], event["line_no"], event["job_id"], event["line"]
+            )
+            return event["groups"]
+        raise AirflowFailException(event.get("message") or f"log watch ended: {event['kind']}")
