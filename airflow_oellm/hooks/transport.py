@@ -1,14 +1,14 @@
 """How commands reach a shell: over SSH (paramiko or asyncssh) or to a local bash.
 
-The remote login shell may be csh or zsh; every script is carried to bash as a base64
-environment value, so the outer command line is the same safe word whatever the shell is,
-and stdin stays free for data (uploads, secrets).
+The remote login shell may be csh or zsh, and a command line is limited in size (128 KiB per
+argument on Linux; a poll cycle for hundreds of jobs is larger). So the command line is always
+the same constant word, and the script travels on stdin, length-prefixed, before the command's
+own input (uploads, secrets), which the script then reads as its stdin.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import select
 import subprocess
 import time
@@ -21,9 +21,13 @@ from airflow_oellm.slurm.operations import Command, Result
 TIMED_OUT = -2
 
 
-def remote_command(script: str) -> str:
-    encoded = base64.b64encode(script.encode()).decode()
-    return f'env OELLM_SCRIPT={encoded} bash -c \'eval "$(printf %s "$OELLM_SCRIPT" | base64 -d)"\''
+# reads the script's length, then exactly that many bytes, and runs them with the rest of stdin
+REMOTE_COMMAND = """bash -c 'IFS= read -r n && s=$(head -c "$n") && eval "$s"'"""
+
+
+def framed_input(command: Command) -> bytes:
+    script = command.script.encode()
+    return str(len(script)).encode() + b"\n" + script + (command.stdin or b"")
 
 
 def _decode(data: bytes) -> str:
@@ -58,9 +62,8 @@ class ParamikoShell:
             raise SlurmCommandError("SSH connection is closed", transient=True)
         try:
             channel = transport.open_session(timeout=30)
-            channel.exec_command(remote_command(command.script))
-            if command.stdin:
-                channel.sendall(command.stdin)
+            channel.exec_command(REMOTE_COMMAND)
+            channel.sendall(framed_input(command))
             channel.shutdown_write()
             out, err = bytearray(), bytearray()
             deadline = time.monotonic() + command.timeout
@@ -120,8 +123,8 @@ class AsyncSSHShell:
 
         try:
             result = await self.connection.run(
-                remote_command(command.script),
-                input=command.stdin or b"",
+                REMOTE_COMMAND,
+                input=framed_input(command),
                 encoding=None,
                 check=False,
                 timeout=command.timeout,

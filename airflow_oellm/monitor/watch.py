@@ -19,10 +19,13 @@ from airflow_oellm.slurm.states import JobStatus
 
 READ_BYTES = 64 * 1024  # new log bytes read per poll while the job runs
 DRAIN_BYTES = 4 * 1024 * 1024  # per poll once the job has ended
-TAIL_LINES = 200
-TAIL_BYTES = 32 * 1024
-MAX_FAULT_LINES = 50
+TAIL_BYTES = 16 * 1024  # the end of the log read for classification
+MAX_FAULT_LINES = 20
+MAX_FAULT_CHARS = 500
 MAX_LISTED = 1000
+MAX_VALIDATIONS = 200
+# events after which the watch state is saved at once (otherwise at most once a minute)
+NOTEWORTHY = frozenset({"checkpoint_saved", "checkpoint_loaded", "fresh_start", "validation", "training_done"})
 
 
 def empty_summary() -> dict[str, Any]:
@@ -68,7 +71,7 @@ def summarize(summary: dict[str, Any], event: Event) -> None:
         summary["resumed_from"] = g.get("iteration")
     elif event.name == "fresh_start":
         summary["resumed_from"] = 0
-    elif event.name == "validation" and len(summary["validation"]) < MAX_LISTED:
+    elif event.name == "validation" and len(summary["validation"]) < MAX_VALIDATIONS:
         summary["validation"].append(
             {
                 "iteration": g.get("iteration"),
@@ -80,7 +83,7 @@ def summarize(summary: dict[str, Any], event: Event) -> None:
     elif event.name == "training_done":
         summary["training_done"] = True
     if event.metadata.get("kind") == "fault" and len(summary["faults"]) < MAX_FAULT_LINES:
-        summary["faults"].append(event.line[:2000])
+        summary["faults"].append(event.line[:MAX_FAULT_CHARS])
 
 
 @dataclass
@@ -90,7 +93,6 @@ class WatchState:
     matcher: dict[str, Any] = field(default_factory=dict)
     activity: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=empty_summary)
-    tail: list[str] = field(default_factory=list)
     hang: bool = False
     cancelled_by_us: bool = False
     final_status: dict[str, Any] | None = None
@@ -116,6 +118,11 @@ class Step:
     hang_detected: bool = False  # just now: the caller cancels the job
     finished: bool = False  # the job ended and its log is read to the end
     truncated: bool = False  # the log shrank (requeue with --open-mode=truncate): read again from 0
+
+    @property
+    def noteworthy(self) -> bool:
+        """Worth saving the watch state at once."""
+        return self.hang_detected or self.finished or any(e.name in NOTEWORTHY for e in self.events)
 
 
 class JobWatch:
@@ -153,7 +160,6 @@ class JobWatch:
                 lines, events = self.matcher.feed(chunk.data)
         for event in events:
             summarize(self.state.summary, event)
-        self._remember_tail(lines)
         running = status is not None and status.state.value == "RUNNING"
         self.activity = self.activity.observe(
             now,
@@ -175,7 +181,6 @@ class JobWatch:
                 for event in tail_events:
                     summarize(self.state.summary, event)
                     events.append(event)
-                self._remember_tail(tail_lines)
                 finished = True
             else:
                 self._draining = True
@@ -183,16 +188,12 @@ class JobWatch:
         self.state.activity = self.activity.to_dict()
         return Step(lines, events, hang, finished, truncated)
 
-    def _remember_tail(self, lines: list[str]) -> None:
-        if not lines:
-            return
-        tail = (self.state.tail + [line[:TAIL_BYTES] for line in lines])[-TAIL_LINES:]
-        while sum(len(line) for line in tail) > TAIL_BYTES and len(tail) > 1:
-            tail.pop(0)
-        self.state.tail = tail
+    def tail_request(self) -> tuple[str, int, int]:
+        """The end of the log, for classification (read once the job has ended)."""
+        return (self.state.log_path, max(0, self.matcher.offset - TAIL_BYTES), TAIL_BYTES)
 
-    def result(self) -> dict[str, Any]:
-        """What the operator needs once the job has ended (JSON-safe)."""
+    def result(self, tail: bytes = b"") -> dict[str, Any]:
+        """What the operator needs once the job has ended (JSON-safe); `tail` = the log's last bytes."""
         return {
             "job_id": self.state.job_id,
             "log_path": self.state.log_path,
@@ -200,6 +201,6 @@ class JobWatch:
             "hang": self.state.hang,
             "cancelled_by_us": self.state.cancelled_by_us,
             "summary": self.state.summary,
-            "tail": "\n".join(self.state.tail),
+            "tail": tail.decode("utf-8", errors="replace"),
             "log_bytes": self.matcher.offset,
         }

@@ -284,7 +284,7 @@ class SlurmSubmitOperator(BaseOperator):
                     watch.state.cancelled_by_us = True
                     hook.cancel([args["job_id"]])
                 if step.finished:
-                    return {"kind": "finished", **watch.result()}
+                    return {"kind": "finished", **watch.result(hook.read_range(*watch.tail_request()).data)}
                 time.sleep(args["poll_interval"])
         finally:
             hook.close()

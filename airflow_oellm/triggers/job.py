@@ -19,11 +19,11 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 from airflow_oellm.hooks.slurm import AsyncSlurmHook
 from airflow_oellm.monitor.events import event_specs
 from airflow_oellm.monitor.watch import JobWatch, WatchState
-from airflow_oellm.slurm import operations
 from airflow_oellm.slurm.operations import CycleRequest
 from airflow_oellm.triggers.poller import FIRST_CHECK_AFTER, JobPoller
 
 STATE_READ_LIMIT = 1024 * 1024
+SAVE_EVERY = 60.0  # seconds between saves of the watch state without noteworthy events
 PERMANENT_ERROR_GRACE = 600.0  # seconds a non-transient connection error may last before the task is told
 
 
@@ -87,13 +87,13 @@ class SlurmJobTrigger(BaseTrigger):
         specs = event_specs(self.events)
         watch: JobWatch | None = None
         pending_write: bytes | None = None
-        written: bytes | None = None
         error_since: float | None = None
+        saved_at = 0.0
 
         def request() -> CycleRequest:
             if watch is None:  # first: what an earlier triggerer knew
                 return CycleRequest(reads=[(self.state_path, 0, STATE_READ_LIMIT)])
-            writes = [(self.state_path, pending_write)] if pending_write and pending_write != written else []
+            writes = [(self.state_path, pending_write)] if pending_write is not None else []
             return CycleRequest(reads=[watch.read_request()], stats=self.output_paths, writes=writes)
 
         async for update in self._poller().watch(self.job_id, request):
@@ -115,7 +115,7 @@ class SlurmJobTrigger(BaseTrigger):
                 watch = self._restore(update.chunks[0].data if update.chunks else b"", now, specs)
                 continue
             if pending_write is not None and update.writes_ok and all(update.writes_ok):
-                written = pending_write
+                pending_write, saved_at = None, now
             step = watch.apply(now, update.status, update.chunks[0] if update.chunks else None, update.mtimes)
             if step.truncated:
                 self.log.info("[job %s] log restarted from the beginning (truncated by a requeue)", self.job_id)
@@ -133,11 +133,13 @@ class SlurmJobTrigger(BaseTrigger):
                 )
                 watch.state.cancelled_by_us = True
                 await self._cancel()
-            pending_write = watch.state.to_json()
             if step.finished:
-                await self._save(pending_write)
-                yield TriggerEvent({"kind": "finished", **watch.result()})
+                tail = await self._finish(watch)
+                yield TriggerEvent({"kind": "finished", **watch.result(tail)})
                 return
+            # saved with the next cycle: at once after a checkpoint, a validation, a hang; else once a minute
+            if step.noteworthy or now - saved_at >= SAVE_EVERY:
+                pending_write = watch.state.to_json()
 
     def _restore(self, saved: bytes, now: float, specs: list[Any]) -> JobWatch:
         state = WatchState.from_json(saved, self.job_id, self.log_path) if saved else None
@@ -155,13 +157,17 @@ class SlurmJobTrigger(BaseTrigger):
             now=now,
         )
 
-    async def _save(self, data: bytes) -> None:
-        """The final state, written before the event so a late restart cannot replay the ending."""
+    async def _finish(self, watch: JobWatch) -> bytes:
+        """Save the final state (a late restart then cannot replay the ending) and read the log's end."""
         hook = self._hook()
         try:
-            await hook.run(operations.upload(self.state_path, data))
-        except Exception as exc:  # the event below carries everything; the file only helps restarts
-            self.log.warning("could not save the watch state of job %s: %s", self.job_id, exc)
+            cycle = await hook.poll_cycle(
+                [], CycleRequest(reads=[watch.tail_request()], writes=[(self.state_path, watch.state.to_json())])
+            )
+            return cycle.chunks[0].data
+        except Exception as exc:  # the event carries the summary; the tail only sharpens classification
+            self.log.warning("could not save the state / read the log end of job %s: %s", self.job_id, exc)
+            return b""
         finally:
             await hook.close()
 

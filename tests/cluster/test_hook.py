@@ -301,3 +301,15 @@ def test_purged_job_is_still_resolved_through_sacct(hook, dev_cluster, slow_jobs
     status = hook.job_status(job_id)
     assert status.state is JobState.COMPLETED and status.source == "sacct" and status.exit_code == 0
     assert hook.job_status("99999999").state is JobState.NOT_FOUND
+
+
+def test_commands_larger_than_a_command_line_work(hook, dev_cluster, remote_dir):
+    """A poll cycle for many jobs is bigger than Linux allows for one argument (128 KiB): it goes on stdin."""
+    from airflow_oellm.slurm.operations import CycleRequest
+
+    writes = [(f"{remote_dir}/many/{i}.json", b"x" * 2000) for i in range(300)]
+    cycle = hook.poll_cycle([], CycleRequest(writes=writes))
+    assert all(cycle.writes_ok) and len(cycle.writes_ok) == 300
+    cycle = hook.poll_cycle([], CycleRequest(reads=[(path, 0, 10) for path, _ in writes]))
+    assert {c.data for c in cycle.chunks} == {b"x" * 10} and len(cycle.chunks) == 300
+    assert dev_cluster.ssh(f"ls {remote_dir}/many | wc -l").stdout.strip() == "300"

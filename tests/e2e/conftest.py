@@ -1,0 +1,198 @@
+"""A real Airflow stack for end-to-end tests: api-server, scheduler, dag-processor, triggerer (LocalExecutor,
+SQLite), started from this venv with a fresh AIRFLOW_HOME and free ports, stopped by process group."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+AIRFLOW = str(Path(sys.executable).with_name("airflow"))
+COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if Path(str(item.fspath)).is_relative_to(here):
+            item.add_marker(pytest.mark.e2e)
+            item.add_marker(pytest.mark.cluster)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait(
+    predicate: Callable[[], Any], timeout: float, what: str, stack: Stack | None = None, every: float = 1.0
+) -> Any:
+    deadline, last = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        try:
+            last = predicate()
+            if last:
+                return last
+        except Exception as exc:  # not ready yet: keep the last error for the message
+            last = exc
+        if stack is not None:
+            stack.check_alive()
+        time.sleep(every)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}; last={last!r}")
+
+
+@dataclass
+class Stack:
+    home: Path
+    env: dict[str, str]
+    base: str
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    logs: dict[str, Any] = field(default_factory=dict)
+    restarting: set[str] = field(default_factory=set)
+
+    def http(self, method: str, path: str, body: Any = None) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(
+            f"{self.base}{path}", data=data, method=method, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read() or b"{}")
+
+    def start(self, component: str) -> None:
+        log = self.logs.get(component) or open(self.home / f"{component}.log", "ab")  # noqa: SIM115 - closed in stop()
+        self.logs[component] = log
+        self.procs[component] = subprocess.Popen(
+            [AIRFLOW, component],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def kill(self, component: str) -> None:
+        """kill -9 the component and its children (LocalExecutor workers, log servers)."""
+        proc = self.procs[component]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+    def check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if name not in self.restarting and proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}; see {self.home / (name + '.log')}")
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        for log in self.logs.values():
+            log.close()
+
+    def trigger(self, dag_id: str, conf: dict[str, Any] | None = None) -> str:
+        run = self.http("POST", f"/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf or {}})
+        return run["dag_run_id"]
+
+    def run_state(self, dag_id: str, run_id: str) -> str:
+        return self.http("GET", f"/dags/{dag_id}/dagRuns/{urllib.parse.quote(run_id, safe='')}")["state"]
+
+    def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
+        q = urllib.parse.quote(run_id, safe="")
+        return self.http("GET", f"/dags/{dag_id}/dagRuns/{q}/taskInstances?limit=1000")["task_instances"]
+
+    def wait_run(self, dag_id: str, run_id: str, timeout: float) -> str:
+        return wait(
+            lambda: (s := self.run_state(dag_id, run_id)) in ("success", "failed") and s,
+            timeout,
+            f"{dag_id} finished",
+            self,
+            every=2,
+        )
+
+    def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value", map_index: int = -1) -> Any:
+        q = urllib.parse.quote(run_id, safe="")
+        entry = self.http(
+            "GET",
+            f"/dags/{dag_id}/dagRuns/{q}/taskInstances/{task_id}/xcomEntries/{key}"
+            f"?map_index={map_index}&deserialize=true",
+        )
+        return entry["value"]
+
+
+def start_stack(home: Path, dags_folder: Path, extra_env: dict[str, str]) -> Stack:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+    env.update(
+        AIRFLOW_HOME=str(home),
+        AIRFLOW__CORE__DAGS_FOLDER=str(dags_folder),
+        AIRFLOW__CORE__LOAD_EXAMPLES="False",
+        AIRFLOW__CORE__EXECUTOR="LocalExecutor",
+        AIRFLOW__CORE__PARALLELISM="4",
+        AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="False",
+        AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS="True",
+        AIRFLOW__API__HOST="127.0.0.1",
+        AIRFLOW__API__PORT=str(port),
+        AIRFLOW__API__BASE_URL=f"http://127.0.0.1:{port}",
+        AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"http://127.0.0.1:{port}/execution/",
+        AIRFLOW__API_AUTH__JWT_SECRET="oellm-e2e-" + "s" * 64,
+        AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT=str(free_port()),
+        AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT=str(free_port()),
+        AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL="5",
+        AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC="2",
+        AIRFLOW__TRIGGERER__CAPACITY="1000",
+        PYTHONWARNINGS="ignore",
+        **extra_env,
+    )
+    subprocess.run([AIRFLOW, "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
+    stack = Stack(home, env, f"http://127.0.0.1:{port}/api/v2")
+    for component in COMPONENTS:
+        stack.start(component)
+    try:
+
+        def healthy() -> bool:
+            h = stack.http("GET", "/monitor/health")
+            return all(h[k]["status"] == "healthy" for k in ("metadatabase", "scheduler", "triggerer", "dag_processor"))
+
+        wait(healthy, 240, "all components healthy", stack)
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
+
+
+@pytest.fixture(scope="module")
+def stack_factory(tmp_path_factory) -> Iterator[Callable[[Callable[[Path], None]], Stack]]:
+    """Start one stack per module; the callback writes the DAG folder first (parsed before the start)."""
+    started: list[Stack] = []
+
+    def make(write_dags: Callable[[Path], None]) -> Stack:
+        home = tmp_path_factory.mktemp("airflow-e2e-home")
+        dags = home / "dags"
+        dags.mkdir()
+        write_dags(dags)
+        extra = {k: v for k, v in os.environ.items() if k.startswith("AIRFLOW_CONN_")}
+        stack = start_stack(home, dags, extra)
+        started.append(stack)
+        return stack
+
+    yield make
+    for stack in started:
+        stack.stop()

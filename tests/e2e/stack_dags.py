@@ -1,0 +1,54 @@
+"""DAG file for the end-to-end tests (copied into the stack's DAG folder with a JSON spec beside it).
+
+Kinds: `train_with_sensors` (train and, beside it, a CheckpointSensor and a SlurmLogSensor) and
+`fanout` (one mapped SlurmSubmitOperator over many experiments).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from airflow.sdk import DAG
+
+from airflow_oellm.operators import SlurmSubmitOperator
+from airflow_oellm.sensors import CheckpointSensor, SlurmLogSensor
+
+SPEC = json.loads((Path(__file__).parent / "stack_dags.json").read_text())
+
+for spec in SPEC["dags"]:
+    with DAG(
+        dag_id=spec["dag_id"],
+        schedule=None,
+        start_date=datetime(2026, 1, 1),
+        catchup=False,
+        max_active_tasks=128,
+        max_active_runs=1,
+    ) as dag:
+        conn = spec["conn_id"]
+        if spec["kind"] == "fanout":
+            SlurmSubmitOperator.partial(task_id="train", ssh_conn_id=conn, retries=0).expand(
+                experiment=spec["experiments"]
+            )
+        else:
+            exp = spec["experiment"]
+            SlurmSubmitOperator(
+                task_id="train", ssh_conn_id=conn, experiment=exp, retries=2, retry_delay=timedelta(seconds=2)
+            )
+            beside = {
+                "output_dir": exp["experiment"]["output_dir"],
+                "training_task_id": "train",
+                "ssh_conn_id": conn,
+                "poll_interval": 2,
+            }
+            CheckpointSensor(
+                task_id="checkpoint",
+                checkpoint_dir=exp["experiment"]["checkpoint_dir"],
+                iteration=spec["checkpoint"],
+                **beside,
+            )
+            SlurmLogSensor(
+                task_id="progress", event="iteration", condition=f"iteration >= {spec['checkpoint']}", **beside
+            )
+    globals()[spec["dag_id"]] = dag

@@ -1,0 +1,169 @@
+"""Through a real scheduler, triggerer, dag-processor and api-server, on the real dev cluster."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from airflow_oellm.config import load_sweep
+from tests.cluster.test_poller import job_info_rpcs
+from tests.conftest import REPO
+from tests.e2e.conftest import wait
+
+FAKE = REPO / "tests" / "fixtures" / "fake_megatron.py"
+HERE = Path(__file__).parent
+
+
+def sweep(directory: Path, remote: str, name: str, args: str, extra: str = "", poll: int = 2) -> list[dict]:
+    path = directory / f"{name}.yaml"
+    path.write_text(
+        f"defaults: [{{platform: local}}]\n"
+        f"project: {{name: {name}, base_output_dir: {remote}/runs}}\n"
+        f"backend: {{python: python3, entrypoint: {remote}/fake_megatron.py, megatron_path: null, args: {{{args}}}}}\n"
+        f"monitoring: {{poll_interval_seconds: {poll}, inactivity_threshold_seconds: 600}}\n{extra}"
+    )
+    return [e.resolved for e in load_sweep(path).experiments]
+
+
+@pytest.fixture(scope="module")
+def stack(stack_factory, dev_cluster, module_remote_dir, slurm_conn_id, tmp_path_factory):
+    remote = module_remote_dir
+    dev_cluster.upload(f"{remote}/fake_megatron.py", FAKE.read_text(), mode="0644")
+    configs = tmp_path_factory.mktemp("e2e-sweeps")
+    quick = "save_interval: 10, iter_seconds: 0.5"
+    token = uuid.uuid4().hex[:6]  # job names unique to this run: sacct remembers earlier runs' jobs
+    specs = {
+        "dags": [
+            {
+                "dag_id": "e2e_sensors",
+                "kind": "train_with_sensors",
+                "conn_id": slurm_conn_id,
+                "checkpoint": 20,
+                "experiment": sweep(configs, remote, f"sensors_{token}", f"train_iters: 40, {quick}")[0],
+            },
+            {
+                "dag_id": "e2e_restart",
+                "kind": "train_with_sensors",
+                "conn_id": slurm_conn_id,
+                "checkpoint": 30,
+                "experiment": sweep(configs, remote, f"restart_{token}", f"train_iters: 80, {quick}")[0],
+            },
+            {
+                "dag_id": "e2e_fanout",
+                "kind": "fanout",
+                "conn_id": slurm_conn_id,
+                "experiments": sweep(
+                    configs,
+                    remote,
+                    "fan",
+                    "train_iters: 900, save_interval: 100, iter_seconds: 1",
+                    "slurm: {time: 1200}\n"
+                    "sweep: {axes: {i: [" + ",".join(map(str, range(50))) + "]}, "
+                    "name_template: 'fan{i}'}\n",
+                    poll=5,
+                ),
+            },
+        ]
+    }
+
+    def write(dags: Path) -> None:
+        shutil.copy(HERE / "stack_dags.py", dags / "stack_dags.py")
+        (dags / "stack_dags.json").write_text(json.dumps(specs))
+
+    s = stack_factory(write)
+    wait(lambda: all(s.http("GET", f"/dags/{d['dag_id']}") for d in specs["dags"]), 240, "DAGs parsed", s)
+    s.remote = remote
+    s.token = token
+    return s
+
+
+def trigger_logs(stack, dag_id: str, task_id: str) -> str:
+    files = sorted((stack.home / "logs").rglob(f"dag_id={dag_id}/**/task_id={task_id}/**/*trigger*.log")) + sorted(
+        (stack.home / "logs").rglob(f"dag_id={dag_id}/**/task_id={task_id}/*trigger*")
+    )
+    return "\n".join(f.read_text(errors="replace") for f in dict.fromkeys(files))
+
+
+def test_sensors_run_beside_the_training(stack):
+    run_id = stack.trigger("e2e_sensors")
+    assert stack.wait_run("e2e_sensors", run_id, 300) == "success"
+    tis = {t["task_id"]: t for t in stack.task_instances("e2e_sensors", run_id)}
+    assert {k: v["state"] for k, v in tis.items()} == {
+        "train": "success",
+        "checkpoint": "success",
+        "progress": "success",
+    }
+    # the sensors finished while the training still ran: they waited beside it, not after it
+    assert tis["checkpoint"]["end_date"] < tis["train"]["end_date"]
+    assert tis["progress"]["end_date"] < tis["train"]["end_date"]
+    assert stack.xcom("e2e_sensors", run_id, "checkpoint")["iteration"] == 20
+    assert stack.xcom("e2e_sensors", run_id, "progress")["iteration"] == 20
+    # the job's log streamed into the task's log while it ran (through the triggerer)
+    log = trigger_logs(stack, "e2e_sensors", "train")
+    assert "iteration       40/      40" in log and "[job " in log
+
+
+def test_triggerer_restart_mid_run_loses_and_repeats_nothing(stack, dev_cluster):
+    run_id = stack.trigger("e2e_restart")
+    name = f"restart_{stack.token}"
+    exp_dir = f"{stack.remote}/runs/{name}"
+
+    def saved_offset() -> int:
+        text = dev_cluster.ssh(f"cat {exp_dir}/.oellm/monitor/*.json 2>/dev/null || true").stdout
+        return json.loads(text)["matcher"]["offset"] if text.strip() else 0
+
+    wait(lambda: saved_offset() > 2000, 180, "the watch to save progress", stack, every=1)
+    stack.restarting.add("triggerer")
+    stack.kill("triggerer")
+    killed_at = saved_offset()
+    time.sleep(6)
+    stack.start("triggerer")
+    stack.restarting.discard("triggerer")
+    assert stack.wait_run("e2e_restart", run_id, 300) == "success"
+    result = stack.xcom("e2e_restart", run_id, "train")
+    summary = result["summary"]
+    assert summary["iterations_run"] == 80 and result["events"]["iteration"] == 80  # none lost, none twice
+    assert summary["checkpoints_saved"] == [10, 20, 30, 40, 50, 60, 70, 80]
+    assert len(result["job_ids"]) == 1
+    names = dev_cluster.ssh(["sacct", "-X", "-n", "-P", f"--name={name}", "-S", "now-1hour", "-o", "JobID"]).stdout
+    assert names.split() == result["job_ids"]  # one job: the restart did not resubmit
+    assert f"resuming the watch of job {result['job_ids'][0]} at byte" in trigger_logs(stack, "e2e_restart", "train")
+    assert killed_at > 0
+
+
+def test_fifty_deferred_jobs_hold_no_worker_slot_and_one_poll_per_interval(stack, dev_cluster):
+    run_id = stack.trigger("e2e_fanout")
+    try:
+
+        def states() -> dict[str, int]:
+            counts: dict[str, int] = {}
+            for ti in stack.task_instances("e2e_fanout", run_id):
+                counts[ti["state"] or "none"] = counts.get(ti["state"] or "none", 0) + 1
+            return counts
+
+        wait(lambda: states().get("deferred") == 50, 400, "50 deferred tasks", stack, every=3)
+        time.sleep(8)  # the last subscriptions' early first checks are done
+        before, started = job_info_rpcs(dev_cluster), time.monotonic()
+        samples = []
+        while time.monotonic() - started < 20:
+            samples.append(states())
+            time.sleep(2)
+        rpcs, elapsed = job_info_rpcs(dev_cluster) - before, time.monotonic() - started
+        assert all(s.get("deferred") == 50 and not s.get("running") and not s.get("queued") for s in samples), samples
+        intervals = elapsed / 5
+        # one squeue per 5 s poll interval for all 50 jobs (slurmctld's own count; +-1 for the window edges)
+        assert intervals - 1 <= rpcs <= intervals + 1, (rpcs, elapsed)
+        assert "cannot poll" not in trigger_logs(stack, "e2e_fanout", "train")  # every cycle succeeded
+        queued = dev_cluster.ssh(["squeue", "-h", "--me", "-o", "%j"]).stdout.split()
+        assert sorted(n for n in queued if n.startswith("fan")) == sorted(f"fan{i}" for i in range(50))
+    finally:
+        jobs = dev_cluster.ssh(["squeue", "-h", "--me", "-o", "%A %j"]).stdout.splitlines()
+        ids = [line.split()[0] for line in jobs if line.split()[1].startswith("fan")]
+        if ids:
+            dev_cluster.ssh(["scancel", *ids], check=False)
+    assert stack.wait_run("e2e_fanout", run_id, 300) == "failed"  # cancelled by us: fatal, as it should be
