@@ -8,19 +8,19 @@ or the training ended (failed for good, or finished below N).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
 
-from airflow.triggers.base import BaseTrigger, TriggerEvent
+from airflow.triggers.base import TriggerEvent
 
-from airflow_oellm.hooks.slurm import AsyncSlurmHook
 from airflow_oellm.monitor.waiting import checkpoint_decision, training_status
 from airflow_oellm.slurm.operations import CycleRequest
-from airflow_oellm.triggers.poller import JobPoller
+from airflow_oellm.triggers.base import ClusterTrigger
 
 STATUS_READ_LIMIT = 64 * 1024
 
 
-class CheckpointTrigger(BaseTrigger):
+class CheckpointTrigger(ClusterTrigger):
+    fields = (*ClusterTrigger.fields, "checkpoint_dir", "iteration", "at_least", "training_status_path", "run_id")
+
     def __init__(
         self,
         *,
@@ -33,41 +33,19 @@ class CheckpointTrigger(BaseTrigger):
         local: bool = False,
         poll_interval: float = 60.0,
     ) -> None:
-        super().__init__()
+        super().__init__(ssh_conn_id=ssh_conn_id, local=local, poll_interval=poll_interval)
         self.checkpoint_dir = checkpoint_dir
         self.iteration = int(iteration)
         self.at_least = at_least
         self.training_status_path = training_status_path
         self.run_id = run_id
-        self.ssh_conn_id = ssh_conn_id
-        self.local = local
-        self.poll_interval = poll_interval
-
-    def serialize(self) -> tuple[str, dict[str, Any]]:
-        return (
-            f"{type(self).__module__}.{type(self).__qualname__}",
-            {
-                "checkpoint_dir": self.checkpoint_dir,
-                "iteration": self.iteration,
-                "at_least": self.at_least,
-                "training_status_path": self.training_status_path,
-                "run_id": self.run_id,
-                "ssh_conn_id": self.ssh_conn_id,
-                "local": self.local,
-                "poll_interval": self.poll_interval,
-            },
-        )
 
     def request(self) -> CycleRequest:
         reads = [(self.training_status_path, 0, STATUS_READ_LIMIT)] if self.training_status_path else []
         return CycleRequest(reads=reads, checkpoints=[self.checkpoint_dir])
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        def hook() -> AsyncSlurmHook:
-            return AsyncSlurmHook(self.ssh_conn_id, local=self.local)
-
-        poller = JobPoller.shared(hook, key=hook().key, interval=self.poll_interval)
-        async for update in poller.watch(None, self.request):
+        async for update in self.poller().watch(None, self.request):
             if update.error:
                 self.log.warning("cannot probe %s: %s", self.checkpoint_dir, update.error)
                 continue

@@ -14,22 +14,32 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from airflow.triggers.base import BaseTrigger, TriggerEvent
+from airflow.triggers.base import TriggerEvent
 
-from airflow_oellm.hooks.slurm import AsyncSlurmHook
 from airflow_oellm.monitor.events import event_specs
 from airflow_oellm.monitor.watch import JobWatch, WatchState
 from airflow_oellm.slurm.operations import CycleRequest
-from airflow_oellm.triggers.poller import FIRST_CHECK_AFTER, JobPoller
+from airflow_oellm.triggers.base import ClusterTrigger
 
 STATE_READ_LIMIT = 1024 * 1024
 SAVE_EVERY = 60.0  # seconds between saves of the watch state without noteworthy events
 PERMANENT_ERROR_GRACE = 600.0  # seconds a non-transient connection error may last before the task is told
 
 
-class SlurmJobTrigger(BaseTrigger):
+class SlurmJobTrigger(ClusterTrigger):
     """Fires `{"kind": "finished", ...}` once the job ended (or `{"kind": "error", ...}` if the cluster
     stays unreachable for good)."""
+
+    fields = (
+        *ClusterTrigger.fields,
+        "job_id",
+        "log_path",
+        "state_path",
+        "events",
+        "inactivity_threshold",
+        "output_paths",
+        "stream_log",
+    )
 
     def __init__(
         self,
@@ -45,43 +55,14 @@ class SlurmJobTrigger(BaseTrigger):
         poll_interval: float = 60.0,
         stream_log: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__(ssh_conn_id=ssh_conn_id, local=local, poll_interval=poll_interval)
         self.job_id = str(job_id)
         self.log_path = log_path
         self.state_path = state_path
-        self.ssh_conn_id = ssh_conn_id
-        self.local = local
         self.events = list(events or [])
         self.inactivity_threshold = inactivity_threshold
         self.output_paths = list(output_paths or [])
-        self.poll_interval = poll_interval
         self.stream_log = stream_log
-
-    def serialize(self) -> tuple[str, dict[str, Any]]:
-        return (
-            f"{type(self).__module__}.{type(self).__qualname__}",
-            {
-                "job_id": self.job_id,
-                "log_path": self.log_path,
-                "state_path": self.state_path,
-                "ssh_conn_id": self.ssh_conn_id,
-                "local": self.local,
-                "events": self.events,
-                "inactivity_threshold": self.inactivity_threshold,
-                "output_paths": self.output_paths,
-                "poll_interval": self.poll_interval,
-                "stream_log": self.stream_log,
-            },
-        )
-
-    def _hook(self) -> AsyncSlurmHook:
-        return AsyncSlurmHook(self.ssh_conn_id, local=self.local)
-
-    def _poller(self) -> JobPoller:
-        hook = self._hook()
-        return JobPoller.shared(
-            self._hook, key=hook.key, interval=self.poll_interval, first_check_after=FIRST_CHECK_AFTER
-        )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         specs = event_specs(self.events)
@@ -96,7 +77,7 @@ class SlurmJobTrigger(BaseTrigger):
             writes = [(self.state_path, pending_write)] if pending_write is not None else []
             return CycleRequest(reads=[watch.read_request()], stats=self.output_paths, writes=writes)
 
-        async for update in self._poller().watch(self.job_id, request):
+        async for update in self.poller().watch(self.job_id, request):
             now = time.time()
             if update.error:
                 self.log.warning(
@@ -159,7 +140,7 @@ class SlurmJobTrigger(BaseTrigger):
 
     async def _finish(self, watch: JobWatch) -> bytes:
         """Save the final state (a late restart then cannot replay the ending) and read the log's end."""
-        hook = self._hook()
+        hook = self.hook()
         try:
             cycle = await hook.poll_cycle(
                 [], CycleRequest(reads=[watch.tail_request()], writes=[(self.state_path, watch.state.to_json())])
@@ -172,7 +153,7 @@ class SlurmJobTrigger(BaseTrigger):
             await hook.close()
 
     async def _cancel(self) -> None:
-        hook = self._hook()
+        hook = self.hook()
         try:
             await asyncio.wait_for(hook.cancel([self.job_id]), 60)
         finally:

@@ -12,16 +12,15 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from airflow.triggers.base import BaseTrigger, TriggerEvent
+from airflow.triggers.base import TriggerEvent
 
-from airflow_oellm.hooks.slurm import AsyncSlurmHook
 from airflow_oellm.monitor.events import EventMatcher, EventSpec, event_specs
 from airflow_oellm.monitor.inactivity import Activity
 from airflow_oellm.monitor.waiting import FINAL_TRAINING_STATES, event_condition, event_satisfies, training_status
 from airflow_oellm.monitor.watch import READ_BYTES
 from airflow_oellm.slurm.operations import CycleRequest
 from airflow_oellm.slurm.states import JobState
-from airflow_oellm.triggers.poller import JobPoller
+from airflow_oellm.triggers.base import ClusterTrigger
 
 STATUS_READ_LIMIT = 64 * 1024
 
@@ -36,7 +35,18 @@ def resolve_event(event: str | dict[str, Any]) -> EventSpec:
     return EventSpec.from_dict(event)
 
 
-class LogEventTrigger(BaseTrigger):
+class LogEventTrigger(ClusterTrigger):
+    fields = (
+        *ClusterTrigger.fields,
+        "event",
+        "condition",
+        "job_id",
+        "log_path",
+        "training_status_path",
+        "run_id",
+        "inactivity_threshold",
+    )
+
     def __init__(
         self,
         *,
@@ -51,7 +61,7 @@ class LogEventTrigger(BaseTrigger):
         local: bool = False,
         poll_interval: float = 60.0,
     ) -> None:
-        super().__init__()
+        super().__init__(ssh_conn_id=ssh_conn_id, local=local, poll_interval=poll_interval)
         if not ((job_id and log_path) or training_status_path):
             raise ValueError("LogEventTrigger needs job_id and log_path, or training_status_path")
         self.event = event
@@ -61,35 +71,12 @@ class LogEventTrigger(BaseTrigger):
         self.training_status_path = training_status_path
         self.run_id = run_id
         self.inactivity_threshold = inactivity_threshold
-        self.ssh_conn_id = ssh_conn_id
-        self.local = local
-        self.poll_interval = poll_interval
-
-    def serialize(self) -> tuple[str, dict[str, Any]]:
-        return (
-            f"{type(self).__module__}.{type(self).__qualname__}",
-            {
-                "event": self.event,
-                "condition": self.condition,
-                "job_id": self.job_id,
-                "log_path": self.log_path,
-                "training_status_path": self.training_status_path,
-                "run_id": self.run_id,
-                "inactivity_threshold": self.inactivity_threshold,
-                "ssh_conn_id": self.ssh_conn_id,
-                "local": self.local,
-                "poll_interval": self.poll_interval,
-            },
-        )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         spec = resolve_event(self.event)
         condition = event_condition(self.condition)
 
-        def hook() -> AsyncSlurmHook:
-            return AsyncSlurmHook(self.ssh_conn_id, local=self.local)
-
-        poller = JobPoller.shared(hook, key=hook().key, interval=self.poll_interval)
+        poller = self.poller()
         target = (self.job_id, self.log_path) if self.job_id else None
         while True:
             matcher = EventMatcher([spec])

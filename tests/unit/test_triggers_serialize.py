@@ -1,0 +1,53 @@
+"""Triggers rebuild from what they serialize (the triggerer re-creates them from the database)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import pytest
+
+from airflow_oellm.triggers import CheckpointTrigger, LogEventTrigger, SlurmJobTrigger
+
+pytestmark = pytest.mark.operators
+
+
+@pytest.mark.parametrize(
+    "trigger",
+    [
+        SlurmJobTrigger(
+            job_id="12",
+            log_path="/o/logs/x-12.out",
+            state_path="/o/.oellm/monitor/a-1.json",
+            ssh_conn_id="lumi",
+            events=[{"name": "e", "pattern": "x"}],
+            inactivity_threshold=600,
+            output_paths=["/o/checkpoints/latest_checkpointed_iteration.txt"],
+            poll_interval=30,
+        ),
+        CheckpointTrigger(
+            checkpoint_dir="/o/checkpoints",
+            iteration=5000,
+            at_least=True,
+            training_status_path="/o/.oellm/status/train.json",
+            run_id="manual__1",
+            local=True,
+        ),
+        LogEventTrigger(
+            event="iteration",
+            condition="iteration >= 50000",
+            training_status_path="/o/s.json",
+            run_id="r",
+            inactivity_threshold=900,
+            ssh_conn_id="leonardo",
+        ),
+    ],
+    ids=lambda t: type(t).__name__,
+)
+def test_round_trip(trigger):
+    classpath, kwargs = trigger.serialize()
+    json.dumps(kwargs)  # stored as JSON by Airflow
+    module, _, name = classpath.rpartition(".")
+    rebuilt = getattr(importlib.import_module(module), name)(**kwargs)
+    assert rebuilt.serialize() == (classpath, kwargs)
+    assert rebuilt.hook().key == trigger.hook().key
