@@ -10,6 +10,7 @@ directory, so Megatron resumes from `latest_checkpointed_iteration.txt`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -192,8 +193,16 @@ class SlurmSubmitOperator(BaseOperator):
             secrets = {env: Variable.get(key) for env, key in self.secret_variables.items()}
             try:
                 outcome = hook.submit_once(identity, script_path, options=self.sbatch_options, secrets=secrets)
-            except SubmissionConflict as exc:
-                raise AirflowFailException(str(exc)) from None
+            except Exception as exc:
+                # sensors beside this task must learn that no job is coming (this try, or ever)
+                final = isinstance(exc, SubmissionConflict) or ti.try_number > (self.retries or 0)
+                with contextlib.suppress(Exception):
+                    self._write_status(
+                        hook, s, ti, "failed" if final else "retrying", None, None, reason=f"submission failed: {exc}"
+                    )
+                if isinstance(exc, SubmissionConflict):
+                    raise AirflowFailException(str(exc)) from None
+                raise
             log_path = s["log_path"].replace("%j", outcome.job_id)
             self._job_id = outcome.job_id
             self.log.info("%s job %s (try %d) -> log %s", outcome.kind, outcome.job_id, ti.try_number, log_path)
@@ -326,6 +335,13 @@ class SlurmSubmitOperator(BaseOperator):
             )
             rules = [*rules_from_config(self.classification_rules), *DEFAULT_RULES]
             verdict = classify(outcome, rules)
+            if verdict.verdict == RETRY:
+                earlier = [a for a in history["attempts"] if a["try"] != ti.try_number]
+                checkpoints = [(earlier or [attempt])[0].get("checkpoint_before")]
+                checkpoints += [a.get("checkpoint_after") for a in earlier] + [outcome.checkpoint_after]
+                guard = progress_guard(checkpoints)
+                if guard:
+                    verdict = type(verdict)(FATAL, f"{verdict.reason}; {guard}", verdict.exclude_nodes)
             attempt.update(
                 state=status.state.value,
                 raw_state=status.raw_state,
@@ -338,13 +354,6 @@ class SlurmSubmitOperator(BaseOperator):
             )
             history["attempts"] = [a for a in history["attempts"] if a["try"] != ti.try_number] + [attempt]
             history["exclude"] = list(dict.fromkeys([*history["exclude"], *verdict.exclude_nodes]))
-            if verdict.verdict == RETRY:
-                checkpoints = [history["attempts"][0].get("checkpoint_before")] + [
-                    a.get("checkpoint_after") for a in history["attempts"]
-                ]
-                guard = progress_guard(checkpoints)
-                if guard:
-                    verdict = type(verdict)(FATAL, f"{verdict.reason}; {guard}", verdict.exclude_nodes)
             if store is not None:
                 store.set(HISTORY_KEY, history)
             result = {

@@ -27,7 +27,9 @@ for spec in SPEC["dags"]:
         max_active_runs=1,
     ) as dag:
         conn = spec["conn_id"]
-        if spec["kind"] == "fanout":
+        if spec["kind"] == "train":
+            SlurmSubmitOperator(task_id="train", ssh_conn_id=conn, experiment=spec["experiment"], retries=0)
+        elif spec["kind"] == "fanout":
             SlurmSubmitOperator.partial(task_id="train", ssh_conn_id=conn, retries=0).expand(
                 experiment=spec["experiments"]
             )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import urllib.parse
 import uuid
 from pathlib import Path
 
@@ -52,6 +53,12 @@ def stack(stack_factory, dev_cluster, module_remote_dir, slurm_conn_id, tmp_path
                 "conn_id": slurm_conn_id,
                 "checkpoint": 30,
                 "experiment": sweep(configs, remote, f"restart_{token}", f"train_iters: 80, {quick}")[0],
+            },
+            {
+                "dag_id": "e2e_kill",
+                "kind": "train",
+                "conn_id": slurm_conn_id,
+                "experiment": sweep(configs, remote, f"kill_{token}", "train_iters: 600, iter_seconds: 1")[0],
             },
             {
                 "dag_id": "e2e_fanout",
@@ -167,3 +174,23 @@ def test_fifty_deferred_jobs_hold_no_worker_slot_and_one_poll_per_interval(stack
         if ids:
             dev_cluster.ssh(["scancel", *ids], check=False)
     assert stack.wait_run("e2e_fanout", run_id, 300) == "failed"  # cancelled by us: fatal, as it should be
+
+
+def test_marking_a_deferred_task_failed_cancels_its_job(stack, dev_cluster):
+    run_id = stack.trigger("e2e_kill")
+    name = f"kill_{stack.token}"
+
+    def running_job() -> str | None:
+        out = dev_cluster.ssh(["squeue", "-h", "--me", f"--name={name}", "-t", "RUNNING", "-o", "%A"]).stdout.split()
+        deferred = any(t["state"] == "deferred" for t in stack.task_instances("e2e_kill", run_id))
+        return out[0] if out and deferred else None
+
+    job = wait(running_job, 180, "the training job running and its task deferred", stack, every=2)
+    q = urllib.parse.quote(run_id, safe="")
+    stack.http("PATCH", f"/dags/e2e_kill/dagRuns/{q}/taskInstances/train", {"new_state": "failed"})
+
+    def final_state() -> str | None:
+        out = dev_cluster.ssh(["sacct", "-X", "-n", "-P", "-j", job, "-o", "State"]).stdout.strip()
+        return out if out and not out.startswith(("RUNNING", "PENDING")) else None
+
+    assert wait(final_state, 120, f"job {job} to be cancelled", stack, every=2).startswith("CANCELLED")

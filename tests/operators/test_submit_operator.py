@@ -144,3 +144,32 @@ def test_time_limit_resubmits_and_resumes_from_the_checkpoint(
     assert second["resumed_from"] == first["checkpoint_after"] > 20
     assert second["verdict"] == "success" and result["last_iteration"] == 110
     assert len(set(result["job_ids"])) == 2
+
+
+def test_progress_guard_stops_a_deterministic_crash(write, remote_dir, fake_megatron, slurm_conn_id, run_dag):
+    exp = experiment(write, remote_dir, fake_megatron, "restart.max_attempts=6")
+    dag = train_dag(exp, slurm_conn_id)
+    env = dag.get_task("train").experiment["platform"]["env"]
+    env.update(FAKE_CRASH_AT=3, FAKE_FAULT_ALWAYS=1)  # crashes before the first checkpoint, every time
+    dr = run_dag(dag)
+    ti = tis(dr)["train"]
+    assert dr.state == "failed" and ti.try_number == 2  # five retries allowed; the guard stopped after two
+    result = xcom(dr, "train", "result")
+    assert "no progress over the last two attempts" in result["classification"]["reason"]
+    assert [a["verdict"] for a in result["attempts"]] == ["retry", "fatal"]
+
+
+def test_node_failure_excludes_the_node_on_the_next_submission(
+    write, dev_cluster, remote_dir, fake_megatron, slurm_conn_id, run_dag
+):
+    node = dev_cluster.env["SLURM_DEV_NODE"]
+    exp = experiment(write, remote_dir, fake_megatron, "restart.max_attempts=2")
+    dag = train_dag(exp, slurm_conn_id)
+    dag.get_task("train").experiment["platform"]["env"]["FAKE_NODE_FAIL_AT"] = 3
+    dr = run_dag(dag)
+    # the dev cluster has one node: excluding it leaves nowhere to run, and sbatch says so at once
+    assert dr.state == "failed" and tis(dr)["train"].try_number == 2
+    script = dev_cluster.ssh(["cat", f"{exp.paths.script_dir}/{exp.name}-try2.sbatch"]).stdout
+    assert f"#SBATCH --exclude={node}\n" in script
+    status = json.loads(dev_cluster.ssh(["cat", task_status_path(exp.paths.output_dir, "train")]).stdout)
+    assert status["state"] == "failed" and "Requested node configuration is not available" in status["reason"]
