@@ -10,6 +10,7 @@ the two in agreement.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -83,7 +84,8 @@ def _split_top(text: str, sep: str) -> list[str]:
     return parts
 
 
-def split_interpolations(text: str) -> list[tuple[bool, str]]:
+@functools.lru_cache(maxsize=8192)  # the same strings recur in every experiment of a sweep
+def split_interpolations(text: str) -> tuple[tuple[bool, str], ...]:
     """[(is_interpolation, text)]: literal pieces (escapes applied) and `${...}` bodies."""
     parts: list[tuple[bool, str]] = []
     buf: list[str] = []
@@ -135,7 +137,7 @@ def split_interpolations(text: str) -> list[tuple[bool, str]]:
         i += 1
     if buf:
         parts.append((False, "".join(buf)))
-    return parts
+    return tuple(parts)
 
 
 def _primitive(text: str) -> Any:

@@ -75,15 +75,22 @@ class Experiment:
     def has_deferred(self) -> bool:
         return _contains_interpolation(self.resolved)
 
-    def materialize(self, when: dt.datetime | None = None) -> RootConfig:
-        """The config with escaped (run-time) interpolations resolved at `when`."""
+    def runtime_config(self, when: dt.datetime | None = None) -> dict[str, Any]:
+        """The resolved config with escaped (run-time) interpolations resolved at `when` (plain data)."""
         if not self.has_deferred:
-            return self.config
+            return self.resolved
         names = set(RESOLVERS) | {"oc.env"}
         pending = interpolation.protect_shell_references(self.resolved, set(self.resolved), names)
         with frozen_time(when):
             data = _resolve(pending, self.origins)
-        return _typed(data, self.origins)
+        _typed(data, self.origins)
+        return data
+
+    def materialize(self, when: dt.datetime | None = None) -> RootConfig:
+        """The typed config with escaped (run-time) interpolations resolved at `when`."""
+        if not self.has_deferred:
+            return self.config
+        return _typed(self.runtime_config(when), self.origins)
 
 
 @dataclass
@@ -277,7 +284,9 @@ class SweepLoader:
         except NamingError as exc:
             raise ConfigError(base.issue(str(exc), "sweep.name")) from None
 
-    def load(self) -> Sweep:
+    def load(self, only: str | None = None) -> Sweep:
+        """The sweep's experiments; with `only`, just the experiment of that name (a worker running
+        one of its tasks, a run's `prepare`), skipping the others' composition and validation."""
         base = self.composition(self.choices)
         sweep_name = self.sweep_name(base)
         sweep_def = base.data.get("sweep") or {}
@@ -292,6 +301,8 @@ class SweepLoader:
         template = self._name_template(base, points)
         with frozen_time():
             for point in points:
+                if only is not None and self._cheap_name(point, sweep_name, template) not in (only, None):
+                    continue
                 try:
                     exp = self._experiment(point, sweep_name, template, overridden)
                 except ConfigError as exc:
@@ -316,6 +327,20 @@ class SweepLoader:
         return Sweep(
             sweep_name, self.path, experiments, _varying_keys(points), self.override_texts, self.composer.roots
         )
+
+    def _cheap_name(self, point: SweepPoint, sweep_name: str, template: str) -> str | None:
+        """The point's experiment name without building its config (None: it needs the full build)."""
+        group_choices = {k: v for k, v in point.values.items() if k in self.groups}
+        project = self.composition({**self.choices, **group_choices}).data.get("project")
+        name = project.get("name") if isinstance(project, dict) else None
+        if not isinstance(name, str) or "${" in name or "project.name" in point.values:
+            return None
+        try:
+            return render_template(
+                template, {**point.values, "index": point.index, "sweep": sweep_name, "project": name}
+            )
+        except NamingError:
+            return None
 
     def _name_template(self, base: Composed, points: list[SweepPoint]) -> str:
         sweep_def = base.data.get("sweep") or {}
@@ -455,6 +480,10 @@ def load_sweep(
     overrides: Sequence[str] = (),
     *,
     config_dirs: Iterable[str] = (),
+    only: str | None = None,
 ) -> Sweep:
-    """Load, expand and validate a sweep file. Raises ConfigError naming file, line and key."""
-    return SweepLoader(path, overrides, config_dirs).load()
+    """Load, expand and validate a sweep file. Raises ConfigError naming file, line and key.
+
+    `only`: load just the experiment of that name (the sweep then holds it alone, or nothing).
+    """
+    return SweepLoader(path, overrides, config_dirs).load(only)

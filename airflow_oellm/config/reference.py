@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Any
+import json
+from typing import Any, get_args, get_origin
 
 from airflow_oellm.config import compose, overrides, resolvers, sweep
 from airflow_oellm.config.schema import RootConfig
@@ -16,7 +17,11 @@ def _default(f: dataclasses.Field[Any]) -> str:
         return "required" if f.default is dataclasses.MISSING else f"`{f.default!r}`".replace("'", '"')
     if f.default_factory is not dataclasses.MISSING:
         value = f.default_factory()
-        return "" if dataclasses.is_dataclass(value) else f"`{value!r}`"
+        if dataclasses.is_dataclass(value):
+            return ""
+        if isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+            value = [dataclasses.asdict(v) for v in value]
+        return f"`{json.dumps(value)}`"
     return "**required**"
 
 
@@ -27,9 +32,13 @@ def _rows(cls: type, prefix: str) -> list[tuple[str, str, str, str]]:
         key = f"{prefix}.{f.name}" if prefix else f.name
         tp = types[f.name].type
         doc = f.metadata.get("doc", "")
+        item = get_args(tp)[0] if get_origin(tp) is list and get_args(tp) else None
         if dataclasses.is_dataclass(tp):
             rows.append((key, "section", "", doc))
             rows += _rows(tp, key)
+        elif item is not None and dataclasses.is_dataclass(item):
+            rows.append((key, "a list", _default(f), doc.replace("|", "\\|")))
+            rows += _rows(item, f"{key}[]")
         else:
             rows.append((key, type_name(tp).replace("|", "\\|"), _default(f), doc.replace("|", "\\|")))
     return rows

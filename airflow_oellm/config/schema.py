@@ -63,6 +63,10 @@ class PlatformConfig:
         factory=dict,
     )
     container: ContainerConfig = opt(doc="Container settings.", factory=ContainerConfig)
+    ssh_conn_id: str = opt("ssh_default", "Airflow SSH connection to this cluster's login node.")
+    local_commands: bool = opt(
+        False, "Run SLURM commands on the Airflow machine itself (Airflow on a login node), not over SSH."
+    )
 
 
 @dataclass
@@ -153,6 +157,90 @@ class RestartConfig:
 
 
 @dataclass
+class JobResources:
+    """Resources of a side job (conversion, evaluation); unset values come from `slurm`."""
+
+    time: int | str = opt(3600, "Time limit: seconds or a SLURM time string.")
+    nodes: int = opt(1, "`--nodes`.")
+    gpus_per_node: int = opt(0, "GPUs per node (0: CPU only).")
+    cpus_per_task: int | None = opt(None, "`--cpus-per-task` (default: the training's).")
+    mem: str | None = opt(None, "`--mem`.")
+    partition: str | None = opt(None, "`--partition` (default: the training's).")
+
+
+@dataclass
+class ConversionConfig:
+    enabled: bool = opt(True, "Convert selected checkpoints to HuggingFace format.")
+    command: list[str] = opt(
+        doc="Converter argv on the cluster; `--megatron-checkpoint`, `--iteration`, `--output-dir`, "
+        "`--model-type`, `--dtype` and `--max-shard-size` are appended.",
+        factory=lambda: ["airflow-oellm", "convert"],
+    )
+    model_type: Literal["auto", "llama", "qwen3"] = opt("auto", "HF architecture to write.")
+    dtype: Literal["bfloat16", "float16", "float32"] = opt("bfloat16", "Weights dtype of the HF model.")
+    max_shard_size: str = opt("5GB", "safetensors shard size.")
+    resources: JobResources = opt(doc="Resources of a conversion job.", factory=JobResources)
+
+
+@dataclass
+class EvalSuiteConfig:
+    name: str = opt(doc="Suite name (`quick`, `full`, `benchmark`, ...); results go to `<suite>.json`.")
+    when: Literal["every", "interval", "final"] = opt(
+        "every", "Which checkpoints: every checkpoint, every `every_iterations`, or the final one only."
+    )
+    every_iterations: int | None = opt(None, "With `when: interval`: iterations between evaluated checkpoints.")
+    tasks: list[str] = opt(doc="Evaluation tasks (`perplexity`, lm-eval task names).", factory=lambda: ["perplexity"])
+    args: list[str] = opt(doc="Extra arguments for the evaluation command.", factory=list)
+
+
+@dataclass
+class EvaluationConfig:
+    enabled: bool = opt(True, "Evaluate converted checkpoints.")
+    command: list[str] = opt(
+        doc="Evaluation argv on the cluster; `--hf-dir`, `--output-file`, `--iteration` and `--tasks` are appended.",
+        factory=lambda: ["airflow-oellm", "evaluate"],
+    )
+    suites: list[EvalSuiteConfig] = opt(
+        doc="The seed guide's tiers: quick on every checkpoint, full every k iterations, a benchmark suite at the end.",
+        factory=lambda: [EvalSuiteConfig(name="quick")],
+    )
+    resources: JobResources = opt(doc="Resources of an evaluation job.", factory=JobResources)
+
+
+@dataclass
+class CooldownConfig:
+    at: int = opt(doc="Checkpoint iteration the cooldown starts from (must be a checkpoint).")
+    name: str | None = opt(None, "Suffix of the cooldown's name (default `cooldown_<at>`).")
+    train: bool = opt(True, "Train (false: only evaluate checkpoint `at`, the seed guide's 10k case).")
+    overrides: list[str] = opt(
+        doc="Dotted overrides on top of the parent's resolved config (`backend.args.lr=1e-5`, ...).", factory=list
+    )
+    suites: list[str] | None = opt(
+        None, "Evaluation suites on the cooldown's final checkpoint (default: every configured suite)."
+    )
+
+
+@dataclass
+class DagConfig:
+    schedule: str | None = opt(
+        None, "Airflow schedule (cron or preset); scheduled runs get their own output dir per logical date."
+    )
+    start_date: str = opt("2026-01-01", "First logical date (ISO date).")
+    catchup: bool = opt(False, "Create runs for missed intervals when unpaused.")
+    tags: list[str] = opt(doc="Extra DAG tags.", factory=list)
+    params: list[str] = opt(
+        doc="Config keys shown as typed fields in the trigger form (values of the resolved config as defaults).",
+        factory=lambda: ["backend.args.train_iters", "backend.args.lr", "backend.args.save_interval", "slurm.time"],
+    )
+    max_active_tasks: int = opt(64, "Tasks of one run active at once.")
+    deferrable: bool = opt(
+        True,
+        "Wait in the triggerer (no worker slot held). False: the training polls from its worker and the "
+        "sensors re-poke in `reschedule` mode (deployments without a triggerer, `dag.test()`).",
+    )
+
+
+@dataclass
 class ExperimentInfo:
     """Filled in by the sweep planner for each experiment; read-only for config files."""
 
@@ -182,6 +270,10 @@ class RootConfig:
         doc="Free variables for interpolation (`${vars.x}`); bare sweep axis names land here.", factory=dict
     )
     sweep: dict[str, Any] = opt(doc="The sweep definition (checked by the sweep expander).", factory=dict)
+    conversion: ConversionConfig = opt(doc="Megatron -> HuggingFace conversion jobs.", factory=ConversionConfig)
+    evaluation: EvaluationConfig = opt(doc="Evaluation jobs on converted checkpoints.", factory=EvaluationConfig)
+    cooldowns: list[CooldownConfig] = opt(doc="Cooldown runs branched off the training at checkpoints.", factory=list)
+    dag: DagConfig = opt(doc="How the experiment's Airflow DAG is built.", factory=DagConfig)
     experiment: ExperimentInfo = opt(doc="Set by the planner; read-only.", factory=ExperimentInfo)
 
 

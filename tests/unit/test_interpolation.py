@@ -105,5 +105,5 @@ def test_errors_name_the_key():
 
 
 def test_split_interpolations():
-    assert split_interpolations("a${b}c${d:'}'}") == [(False, "a"), (True, "b"), (False, "c"), (True, "d:'}'")]
-    assert split_interpolations("\\${x}") == [(False, "${x}")]
+    assert split_interpolations("a${b}c${d:'}'}") == ((False, "a"), (True, "b"), (False, "c"), (True, "d:'}'"))
+    assert split_interpolations("\\${x}") == ((False, "${x}"),)

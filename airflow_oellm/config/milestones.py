@@ -1,0 +1,343 @@
+"""An experiment's plan: which checkpoints get converted and evaluated, where cooldowns branch off,
+and the configs of those side jobs, all derived from the resolved experiment config.
+
+Pure functions of the config: `prepare` computes them once per DAG run (after run-time
+overrides), and the DAG maps its branches over the result.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import posixpath
+import shlex
+from dataclasses import dataclass, field
+from typing import Any
+
+from airflow_oellm.config.errors import ConfigError, Issue
+from airflow_oellm.config.naming import NamingError, check_name
+from airflow_oellm.config.overrides import apply_overrides, parse_overrides
+from airflow_oellm.config.schema import CooldownConfig, EvalSuiteConfig, RootConfig
+from airflow_oellm.config.validate import Validator
+
+CONVERT, EVALUATE = "convert", "evaluate"
+
+
+def typed(config: dict[str, Any]) -> RootConfig:
+    validator = Validator()
+    cfg = validator.check(config, RootConfig)
+    if validator.issues:
+        raise ConfigError(validator.issues)
+    return cfg
+
+
+def expected_checkpoints(train_iters: int, save_interval: int | None) -> list[int]:
+    """Megatron saves every `save_interval` iterations and once more at the end of training."""
+    points = set(range(save_interval, train_iters + 1, save_interval)) if save_interval else set()
+    points.add(train_iters)
+    return sorted(points)
+
+
+def suite_iterations(suite: EvalSuiteConfig, checkpoints: list[int], final: int) -> list[int]:
+    if suite.when == "final":
+        return [final]
+    if suite.when == "interval":
+        every = suite.every_iterations or 0
+        return [c for c in checkpoints if every and c % every == 0]
+    return list(checkpoints)
+
+
+def hf_dir(output_dir: str, iteration: int) -> str:
+    return f"{output_dir}/hf/iter_{iteration:07d}"
+
+
+def eval_file(output_dir: str, iteration: int, suite: str) -> str:
+    return f"{output_dir}/evaluations/iter_{iteration:07d}/{suite}.json"
+
+
+@dataclass
+class Milestones:
+    """JSON-safe (it travels as XCom): lists of dicts the DAG maps its branches over."""
+
+    checkpoints: list[int]
+    evaluations: list[dict[str, Any]] = field(default_factory=list)  # one per converted checkpoint
+    cooldowns: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"checkpoints": self.checkpoints, "evaluations": self.evaluations, "cooldowns": self.cooldowns}
+
+
+def _side_job(
+    parent: dict[str, Any], cfg: RootConfig, kind: str, iteration: int, argv: list[str], resources: Any
+) -> dict[str, Any]:
+    """A command job (conversion or evaluation) with its own output directory beside the training's."""
+    job = copy.deepcopy(parent)
+    exp = job["experiment"]
+    name = f"{exp['name']}-{kind}-{iteration}"
+    out = f"{exp['output_dir']}/jobs/{kind}_iter_{iteration:07d}"
+    exp.update(
+        name=name,
+        output_dir=out,
+        checkpoint_dir=f"{out}/checkpoints",
+        log_dir=f"{out}/logs",
+        log_path=f"{out}/logs/{name}-%j.out",
+        script_dir=f"{out}/scripts",
+        provenance_dir=f"{out}/provenance",
+    )
+    job["backend"].update(name="command", launcher="none", command=argv, args={})
+    slurm = job["slurm"]
+    slurm.update(
+        time=resources.time,
+        nodes=resources.nodes,
+        gpus_per_node=resources.gpus_per_node,
+        ntasks_per_node=1,
+        exclusive=False,
+        signal=None,
+    )
+    for key in ("cpus_per_task", "mem", "partition"):
+        if getattr(resources, key) is not None:
+            slurm[key] = getattr(resources, key)
+    job["monitoring"] = {
+        **job.get("monitoring", {}),
+        "inactivity_threshold_seconds": 10 * 24 * 3600,
+        "output_paths": [],
+        "log_events": [],
+    }
+    job["cooldowns"] = []
+    job["restart"] = {"max_attempts": 2, "retry_delay_seconds": cfg.restart.retry_delay_seconds}
+    return job
+
+
+def conversion_job(parent: dict[str, Any], cfg: RootConfig, iteration: int) -> dict[str, Any]:
+    c = cfg.conversion
+    argv = [
+        *c.command,
+        "--megatron-checkpoint",
+        cfg.experiment.checkpoint_dir,
+        "--iteration",
+        str(iteration),
+        "--output-dir",
+        hf_dir(cfg.experiment.output_dir, iteration),
+        "--model-type",
+        c.model_type,
+        "--dtype",
+        c.dtype,
+        "--max-shard-size",
+        c.max_shard_size,
+    ]
+    return _side_job(parent, cfg, CONVERT, iteration, argv, c.resources)
+
+
+def evaluation_job(
+    parent: dict[str, Any], cfg: RootConfig, iteration: int, suites: list[EvalSuiteConfig]
+) -> dict[str, Any]:
+    """One job evaluating a converted checkpoint with every suite it is due for, one after the other."""
+    e = cfg.evaluation
+    out = cfg.experiment.output_dir
+    commands = [
+        shlex.join(
+            [
+                *e.command,
+                "--hf-dir",
+                hf_dir(out, iteration),
+                "--output-file",
+                eval_file(out, iteration, suite.name),
+                "--iteration",
+                str(iteration),
+                "--tasks",
+                ",".join(suite.tasks),
+                *suite.args,
+            ]
+        )
+        for suite in suites
+    ]
+    argv = ["bash", "-c", "set -e; " + "; ".join(commands)]  # every word quoted by shlex.join
+    return _side_job(parent, cfg, EVALUATE, iteration, argv, e.resources)
+
+
+def cooldown_config(
+    parent: dict[str, Any], cfg: RootConfig, spec: CooldownConfig, checkpoints: list[int]
+) -> dict[str, Any]:
+    """The parent's resolved config, loading from its checkpoint `at`, in its own output dir, plus overrides."""
+    if spec.at not in checkpoints:
+        raise ConfigError(
+            Issue(
+                f"cooldown at {spec.at} is not a checkpoint iteration of the training "
+                f"(checkpoints: {_short(checkpoints)})",
+                key="cooldowns",
+            )
+        )
+    suffix = spec.name or f"cooldown_{spec.at}"
+    name = f"{cfg.experiment.name}_{suffix}"
+    try:
+        check_name(name, "cooldown name")
+    except NamingError as exc:
+        raise ConfigError(Issue(str(exc), key="cooldowns")) from None
+    job = copy.deepcopy(parent)
+    out = posixpath.join(posixpath.dirname(cfg.experiment.output_dir), name)
+    job["experiment"].update(
+        name=name,
+        output_dir=out,
+        checkpoint_dir=f"{out}/checkpoints",
+        log_dir=f"{out}/logs",
+        log_path=f"{out}/logs/{name}-%j.out",
+        script_dir=f"{out}/scripts",
+        provenance_dir=f"{out}/provenance",
+    )
+    args = job["backend"].setdefault("args", {})
+    if cfg.backend.name == "megatron":
+        args.update(
+            load=cfg.experiment.checkpoint_dir,
+            save=f"{out}/checkpoints",
+            ckpt_step=spec.at,
+            override_opt_param_scheduler=True,
+        )
+        for key in ("wandb_exp_name", "tensorboard_dir", "wandb_save_dir"):
+            if key in args:
+                args[key] = {
+                    "wandb_exp_name": name,
+                    "tensorboard_dir": f"{out}/tensorboard",
+                    "wandb_save_dir": f"{out}/wandb",
+                }[key]
+    job["cooldowns"] = []  # a cooldown never branches again
+    job["monitoring"]["output_paths"] = [f"{out}/checkpoints/latest_checkpointed_iteration.txt"]
+    try:
+        apply_overrides(job, parse_overrides(spec.overrides))
+    except ConfigError as exc:
+        raise ConfigError(
+            [Issue(i.message, f"cooldowns[at={spec.at}].overrides: {i.key}") for i in exc.issues]
+        ) from None
+    typed(job)
+    return job
+
+
+def with_cooldown_points(config: dict[str, Any], points: list[int]) -> dict[str, Any]:
+    """The config with cooldowns at `points` (a run's choice): a point that has a cooldown keeps it,
+    a new one copies the settings of the first training cooldown under its default name."""
+    specs = {int(c["at"]): c for c in config.get("cooldowns") or []}
+    template = next((c for c in specs.values() if c.get("train", True)), None)
+    cooldowns = []
+    for at in dict.fromkeys(int(p) for p in points):
+        if at in specs:
+            cooldowns.append(specs[at])
+        elif template is None:
+            raise ConfigError(Issue(f"no training cooldown to copy for the new point {at}", key="cooldowns.at"))
+        else:
+            cooldowns.append({**copy.deepcopy(template), "at": at, "name": None})
+    return {**config, "cooldowns": cooldowns}
+
+
+def resume_own_checkpoint(cfg: RootConfig, own_checkpoint: int | None) -> RootConfig:
+    """A job that loads another run's checkpoint (a cooldown: `load` = the parent's, `ckpt_step` = k)
+    resumes from its own `save` directory once that holds a checkpoint, instead of starting over."""
+    args = cfg.backend.args
+    if cfg.backend.name != "megatron" or own_checkpoint is None or args.get("load") in (None, args.get("save")):
+        return cfg
+    resumed = {k: v for k, v in args.items() if k != "ckpt_step"}
+    resumed["load"] = args.get("save")
+    return dataclasses.replace(cfg, backend=dataclasses.replace(cfg.backend, args=resumed))
+
+
+def _short(values: list[int]) -> str:
+    return ", ".join(map(str, values)) if len(values) <= 8 else f"{values[0]}, {values[1]}, ..., {values[-1]}"
+
+
+def plan(config: dict[str, Any]) -> Milestones:
+    """Milestones of a resolved experiment config (raises ConfigError naming the key).
+
+    Entries are small: the DAG's mapped tasks rebuild each side job's config with `job_config`.
+    """
+    cfg = typed(config)
+    args = cfg.backend.args
+    train_iters = int(args.get("train_iters") or 0)
+    if cfg.backend.name != "megatron" or train_iters <= 0:
+        return Milestones(checkpoints=[])
+    checkpoints = expected_checkpoints(train_iters, args.get("save_interval"))
+    milestones = Milestones(checkpoints=checkpoints)
+    milestones.evaluations = _evaluations(cfg, checkpoints, train_iters, None, cooldown=None)
+    for index, spec in enumerate(cfg.cooldowns):
+        child = typed(cooldown_config(config, cfg, spec, checkpoints))
+        if not spec.train:  # evaluation only, of the parent's checkpoint `at` (the seed guide's 10k case)
+            _add_suites(milestones.evaluations, _evaluations(cfg, [spec.at], spec.at, spec.suites, cooldown=None))
+            continue
+        final = int(child.backend.args.get("train_iters") or 0)
+        evals = _evaluations(child, [final], final, spec.suites, cooldown=index)
+        milestones.cooldowns.append(
+            {
+                "index": index,
+                "name": child.experiment.name,
+                "at": spec.at,
+                "parent_checkpoint_dir": cfg.experiment.checkpoint_dir,
+                "parent_output_dir": cfg.experiment.output_dir,
+                "output_dir": child.experiment.output_dir,
+                "checkpoint_dir": child.experiment.checkpoint_dir,
+                "final_iteration": final,
+                "suites": evals[0]["suites"] if evals else [],
+            }
+        )
+    return milestones
+
+
+def _add_suites(evaluations: list[dict[str, Any]], extra: list[dict[str, Any]]) -> None:
+    """Merge evaluation entries: one branch per checkpoint, each suite once."""
+    for entry in extra:
+        same = next((e for e in evaluations if e["iteration"] == entry["iteration"]), None)
+        if same is None:
+            evaluations.append(entry)
+        else:
+            same["suites"] += [s for s in entry["suites"] if s not in same["suites"]]
+    evaluations.sort(key=lambda e: e["iteration"])
+
+
+def _evaluations(
+    cfg: RootConfig, checkpoints: list[int], final: int, only: list[str] | None, cooldown: int | None
+) -> list[dict[str, Any]]:
+    if not cfg.conversion.enabled:
+        return []
+    suites = [s for s in cfg.evaluation.suites if only is None or s.name in only] if cfg.evaluation.enabled else []
+    by_iteration: dict[int, list[str]] = {}
+    for suite in suites:
+        for iteration in suite_iterations(suite, checkpoints, final):
+            by_iteration.setdefault(iteration, []).append(suite.name)
+    return [
+        {
+            "iteration": it,
+            "label": f"iter {it}",
+            "suites": names,
+            "cooldown": cooldown,
+            "checkpoint_dir": cfg.experiment.checkpoint_dir,
+            "output_dir": cfg.experiment.output_dir,
+        }
+        for it, names in sorted(by_iteration.items())
+    ]
+
+
+def job_config(config: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
+    """The config of one side job of an experiment, rebuilt from the experiment's resolved config.
+
+    `job`: `{"kind": "cooldown", "cooldown": i}`, `{"kind": "convert", "iteration": n, "cooldown": i|None}`
+    or `{"kind": "evaluate", "iteration": n, "suites": [names], "cooldown": i|None}`.
+    """
+    cfg = typed(config)
+    base = config
+    if job.get("cooldown") is not None:
+        spec = cfg.cooldowns[int(job["cooldown"])]
+        train_iters = int(cfg.backend.args.get("train_iters") or 0)
+        base = cooldown_config(
+            config, cfg, spec, expected_checkpoints(train_iters, cfg.backend.args.get("save_interval"))
+        )
+        if job["kind"] == "cooldown":
+            return base
+        if not spec.train:
+            base = config  # an evaluation-only cooldown evaluates the parent's checkpoint
+        cfg = typed(base)
+    kind = job["kind"]
+    if kind == CONVERT:
+        return conversion_job(base, cfg, int(job["iteration"]))
+    if kind == EVALUATE:
+        known = {s.name: s for s in cfg.evaluation.suites}
+        missing = [name for name in job["suites"] if name not in known]
+        if missing:
+            raise ConfigError(Issue(f"no evaluation suite named {missing[0]!r}", key="evaluation.suites"))
+        return evaluation_job(base, cfg, int(job["iteration"]), [known[name] for name in job["suites"]])
+    raise ConfigError(Issue(f"unknown side job kind {kind!r}", key="job"))
