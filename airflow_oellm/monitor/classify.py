@@ -32,6 +32,7 @@ class Outcome:
     iterations_run: int = 0  # iteration lines seen in this attempt
     checkpoint_before: int | None = None
     checkpoint_after: int | None = None
+    training: bool = True  # a training job (success needs Megatron's "training is done"), or any other job
 
     @property
     def progressed(self) -> bool:
@@ -59,6 +60,7 @@ class Rule:
 
 _FACTS = {
     "hang": lambda o: o.hang,
+    "not_training": lambda o: not o.training,
     "training_done": lambda o: o.training_done,
     "unfinished_progress": lambda o: not o.training_done and o.progressed,
     "unfinished_no_progress": lambda o: not o.training_done and not o.progressed,
@@ -87,6 +89,7 @@ DEFAULT_RULES: tuple[Rule, ...] = (
         pattern=r"NCCL (?:ERROR|error)|ProcessGroupNCCL.*?(?:timeout|Watchdog caught)|DistBackendError"
         r"|NCCL WARN NET/IB",
     ),
+    Rule(SUCCESS, "completed", states=frozenset({JobState.COMPLETED}), when="not_training"),
     Rule(SUCCESS, "training finished", states=frozenset({JobState.COMPLETED}), when="training_done"),
     Rule(
         RETRY,

@@ -24,6 +24,7 @@ MAX_FAULT_LINES = 20
 MAX_FAULT_CHARS = 500
 MAX_LISTED = 1000
 MAX_VALIDATIONS = 200
+MAX_CURVE = 1000  # (iteration, loss) points kept; every second one is dropped when full
 # events after which the watch state is saved at once (otherwise at most once a minute)
 NOTEWORTHY = frozenset({"checkpoint_saved", "checkpoint_loaded", "fresh_start", "validation", "training_done"})
 
@@ -43,6 +44,7 @@ def empty_summary() -> dict[str, Any]:
         "training_done": False,
         "iterations_run": 0,
         "faults": [],
+        "loss_curve": [],
     }
 
 
@@ -64,6 +66,11 @@ def summarize(summary: dict[str, Any], event: Event) -> None:
         ):
             if key in g:
                 summary[target] = g[key]
+        if "loss" in g and "iteration" in g:
+            curve = summary.setdefault("loss_curve", [])
+            curve.append([g["iteration"], g["loss"]])
+            if len(curve) > MAX_CURVE:  # keep the whole run's shape at half the resolution
+                del curve[1:-1:2]
     elif event.name == "checkpoint_saved" and isinstance(g.get("iteration"), int):
         if len(summary["checkpoints_saved"]) < MAX_LISTED:
             summary["checkpoints_saved"].append(g["iteration"])

@@ -14,14 +14,16 @@ import contextlib
 import json
 import time
 from collections.abc import Mapping, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from airflow.sdk import BaseOperator, Variable
+from airflow.sdk.definitions.template import literal
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from airflow_oellm.config.errors import ConfigError
+from airflow_oellm.config.milestones import job_config, resume_own_checkpoint, typed
 from airflow_oellm.config.schema import RootConfig
-from airflow_oellm.config.validate import Validator
 from airflow_oellm.hooks.slurm import SlurmHook
 from airflow_oellm.monitor.classify import (
     DEFAULT_RULES,
@@ -44,12 +46,27 @@ from airflow_oellm.triggers.job import SlurmJobTrigger
 HISTORY_KEY = "oellm_attempts"
 
 
+def _references(value: Any) -> bool:
+    """Holds an XCom or mapped-argument reference (it has `resolve`, as Airflow's templater checks)."""
+    if isinstance(value, Mapping):
+        return any(_references(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_references(v) for v in value)
+    return callable(getattr(value, "resolve", None))
+
+
+def as_data(value: Any) -> Any:
+    """A plain mapping is taken literally (no Jinja inside configs); references resolve at run time."""
+    if isinstance(value, Mapping) and not _references(value):
+        return literal(dict(value))
+    return value
+
+
 def typed_config(experiment: Mapping[str, Any]) -> RootConfig:
-    validator = Validator()
-    cfg = validator.check(dict(experiment), RootConfig)
-    if validator.issues:
-        raise AirflowFailException("invalid experiment config: " + "; ".join(str(i) for i in validator.issues))
-    return cfg
+    try:
+        return typed(dict(experiment))
+    except ConfigError as exc:
+        raise AirflowFailException(f"invalid experiment config: {exc}") from None
 
 
 class SlurmSubmitOperator(BaseOperator):
@@ -58,6 +75,11 @@ class SlurmSubmitOperator(BaseOperator):
     :param ssh_conn_id: Airflow SSH connection to the cluster's login node.
     :param local: run SLURM commands on this machine instead (Airflow on a login node).
     :param experiment: a resolved experiment config (what `airflow-oellm` plans); renders the script.
+        Not Jinja-rendered (it is data); an XCom reference resolves at run time.
+    :param job: run a side job of `experiment` instead of its training: `{"kind": "cooldown" | "convert" |
+        "evaluate", "iteration": n, "suite": name, "cooldown": i}` (see config/milestones.py).
+    :param expects_training: success needs Megatron's "training is done" line (default: for a
+        Megatron experiment; False for commands and scripts, whose COMPLETED is success).
     :param script: a complete sbatch script instead of `experiment` (needs `output_dir`).
     :param output_dir: the job's stable output directory (with `script`).
     :param log_path: SLURM log path with `%j`; default `<output_dir>/logs/<job_name>-%j.out`.
@@ -75,6 +97,8 @@ class SlurmSubmitOperator(BaseOperator):
     """
 
     template_fields: Sequence[str] = (
+        "experiment",
+        "job",
         "script",
         "output_dir",
         "log_path",
@@ -90,7 +114,9 @@ class SlurmSubmitOperator(BaseOperator):
         *,
         ssh_conn_id: str | None = "ssh_default",
         local: bool = False,
-        experiment: Mapping[str, Any] | None = None,
+        experiment: Mapping[str, Any] | Any | None = None,
+        job: Mapping[str, Any] | Any | None = None,
+        expects_training: bool | None = None,
         script: str | None = None,
         output_dir: str | None = None,
         job_name: str | None = None,
@@ -114,7 +140,10 @@ class SlurmSubmitOperator(BaseOperator):
             raise ValueError(f"{self.task_id}: script= needs output_dir=")
         self.ssh_conn_id = ssh_conn_id
         self.local = local
-        self.experiment = experiment
+        # a config is data, not a template: only XCom references in it are resolved
+        self.experiment = as_data(experiment)
+        self.job = as_data(job)
+        self.expects_training = expects_training
         self.script = script
         self.output_dir = output_dir
         self.job_name = job_name
@@ -135,11 +164,18 @@ class SlurmSubmitOperator(BaseOperator):
     def _settings(self) -> dict[str, Any]:
         """Paths and monitoring settings, from the experiment config where one is given."""
         if self.experiment is not None:
-            cfg = typed_config(self.experiment)
+            config = dict(self.experiment)
+            if self.job:
+                try:
+                    config = job_config(config, dict(self.job))
+                except ConfigError as exc:
+                    raise AirflowFailException(f"cannot build {dict(self.job)}: {exc}") from None
+            cfg = typed_config(config)
             e, m = cfg.experiment, cfg.monitoring
             args_save = cfg.backend.args.get("save") if cfg.backend.name == "megatron" else None
             return {
                 "config": cfg,
+                "training": cfg.backend.name == "megatron" if self.expects_training is None else self.expects_training,
                 "output_dir": e.output_dir,
                 "name": self.job_name or e.name,
                 "log_path": e.log_path,
@@ -154,6 +190,7 @@ class SlurmSubmitOperator(BaseOperator):
         name = self.job_name or self.task_id
         return {
             "config": None,
+            "training": bool(self.expects_training),
             "output_dir": output,
             "name": name,
             "log_path": self.log_path or f"{output}/logs/{name}-%j.out",
@@ -185,17 +222,18 @@ class SlurmSubmitOperator(BaseOperator):
         )
         hook = self._hook()
         try:
-            script = self._script(s, history["exclude"])
             script_path = f"{s['script_dir']}/{s['name']}-try{ti.try_number}.sbatch"
-            hook.mkdirs([s["output_dir"], s["log_path"].rsplit("/", 1)[0], s["script_dir"]])
-            hook.upload(script_path, script, mode="0700")
-            before = hook.read_tracker(s["checkpoint_dir"]) if s["checkpoint_dir"] else None
-            secrets = {env: Variable.get(key) for env, key in self.secret_variables.items()}
             try:
+                before = hook.read_tracker(s["checkpoint_dir"]) if s["checkpoint_dir"] else None
+                script = self._script(s, history["exclude"], before if isinstance(before, int) else None)
+                hook.mkdirs([s["output_dir"], s["log_path"].rsplit("/", 1)[0], s["script_dir"]])
+                hook.upload(script_path, script, mode="0700")
+                secrets = {env: Variable.get(key) for env, key in self.secret_variables.items()}
                 outcome = hook.submit_once(identity, script_path, options=self.sbatch_options, secrets=secrets)
             except Exception as exc:
                 # sensors beside this task must learn that no job is coming (this try, or ever)
-                final = isinstance(exc, SubmissionConflict) or ti.try_number > (self.retries or 0)
+                final = isinstance(exc, SubmissionConflict | AirflowFailException)
+                final = final or ti.try_number > (self.retries or 0)
                 with contextlib.suppress(Exception):
                     self._write_status(
                         hook, s, ti, "failed" if final else "retrying", None, None, reason=f"submission failed: {exc}"
@@ -239,10 +277,11 @@ class SlurmSubmitOperator(BaseOperator):
             self.defer(trigger=SlurmJobTrigger(**trigger_args), method_name="execute_complete")
         return self._finish(context, self._watch_here(trigger_args))
 
-    def _script(self, s: dict[str, Any], exclude: Sequence[str]) -> str:
+    def _script(self, s: dict[str, Any], exclude: Sequence[str], own_checkpoint: int | None) -> str:
         if s["config"] is None:
             return self.script
-        return render_sbatch(s["config"], JobSpec(job_name=s["name"], exclude=list(exclude)))
+        cfg = resume_own_checkpoint(s["config"], own_checkpoint)
+        return render_sbatch(cfg, JobSpec(job_name=s["name"], exclude=list(exclude)))
 
     def _write_status(
         self,
@@ -332,10 +371,11 @@ class SlurmSubmitOperator(BaseOperator):
                 iterations_run=int(summary.get("iterations_run", 0)),
                 checkpoint_before=attempt.get("checkpoint_before"),
                 checkpoint_after=after if isinstance(after, int) else None,
+                training=s["training"],
             )
             rules = [*rules_from_config(self.classification_rules), *DEFAULT_RULES]
             verdict = classify(outcome, rules)
-            if verdict.verdict == RETRY:
+            if verdict.verdict == RETRY and s["training"]:
                 earlier = [a for a in history["attempts"] if a["try"] != ti.try_number]
                 checkpoints = [(earlier or [attempt])[0].get("checkpoint_before")]
                 checkpoints += [a.get("checkpoint_after") for a in earlier] + [outcome.checkpoint_after]
@@ -343,6 +383,9 @@ class SlurmSubmitOperator(BaseOperator):
                 if guard:
                     verdict = type(verdict)(FATAL, f"{verdict.reason}; {guard}", verdict.exclude_nodes)
             attempt.update(
+                start=status.start,
+                end=status.end,
+                gpu_hours=gpu_hours(status, s["config"]),
                 state=status.state.value,
                 raw_state=status.raw_state,
                 exit_code=status.exit_code,
@@ -411,9 +454,20 @@ class SlurmSubmitOperator(BaseOperator):
                 hook.close()
 
 
-def restart_policy(experiment: Mapping[str, Any]) -> dict[str, Any]:
+def gpu_hours(status: JobStatus, cfg: RootConfig | None) -> float | None:
+    """Hours the job ran (sacct start to end) times the GPUs it held."""
+    if cfg is None or not status.start or not status.end:
+        return None
+    try:
+        seconds = (datetime.fromisoformat(status.end) - datetime.fromisoformat(status.start)).total_seconds()
+    except ValueError:
+        return None
+    return round(max(seconds, 0) / 3600 * cfg.slurm.nodes * cfg.slurm.gpus_per_node, 4)
+
+
+def restart_policy(experiment: Mapping[str, Any] | RootConfig) -> dict[str, Any]:
     """`retries` and `retry_delay` for the operator from an experiment's restart section."""
-    cfg = typed_config(experiment)
+    cfg = experiment if isinstance(experiment, RootConfig) else typed_config(experiment)
     return {
         "retries": max(cfg.restart.max_attempts - 1, 0),
         "retry_delay": timedelta(seconds=cfg.restart.retry_delay_seconds),

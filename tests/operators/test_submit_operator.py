@@ -71,7 +71,7 @@ def test_train_to_completion_with_events(write, dev_cluster, remote_dir, fake_me
 def test_oom_fails_without_retry(write, dev_cluster, remote_dir, fake_megatron, slurm_conn_id, run_dag):
     exp = experiment(write, remote_dir, fake_megatron)
     dag = train_dag(exp, slurm_conn_id)
-    dag.get_task("train").experiment["platform"]["env"]["FAKE_OOM_AT"] = 5
+    dag.get_task("train").experiment.value["platform"]["env"]["FAKE_OOM_AT"] = 5
     dr = run_dag(dag)
     ti = tis(dr)["train"]
     assert dr.state == "failed" and ti.try_number == 1  # three attempts allowed, one used
@@ -111,7 +111,7 @@ def test_hang_is_cancelled_and_retried(write, dev_cluster, remote_dir, fake_mega
         write, remote_dir, fake_megatron, "backend.args.save_interval=3", "monitoring.inactivity_threshold_seconds=12"
     )
     dag = train_dag(exp, slurm_conn_id)
-    dag.get_task("train").experiment["platform"]["env"]["FAKE_HANG_AT"] = 8
+    dag.get_task("train").experiment.value["platform"]["env"]["FAKE_HANG_AT"] = 8
     dr = run_dag(dag)
     assert dr.state == "success", tis(dr)["train"].state
     result = xcom(dr, "train")
@@ -149,7 +149,7 @@ def test_time_limit_resubmits_and_resumes_from_the_checkpoint(
 def test_progress_guard_stops_a_deterministic_crash(write, remote_dir, fake_megatron, slurm_conn_id, run_dag):
     exp = experiment(write, remote_dir, fake_megatron, "restart.max_attempts=6")
     dag = train_dag(exp, slurm_conn_id)
-    env = dag.get_task("train").experiment["platform"]["env"]
+    env = dag.get_task("train").experiment.value["platform"]["env"]
     env.update(FAKE_CRASH_AT=3, FAKE_FAULT_ALWAYS=1)  # crashes before the first checkpoint, every time
     dr = run_dag(dag)
     ti = tis(dr)["train"]
@@ -165,7 +165,7 @@ def test_node_failure_excludes_the_node_on_the_next_submission(
     node = dev_cluster.env["SLURM_DEV_NODE"]
     exp = experiment(write, remote_dir, fake_megatron, "restart.max_attempts=2")
     dag = train_dag(exp, slurm_conn_id)
-    dag.get_task("train").experiment["platform"]["env"]["FAKE_NODE_FAIL_AT"] = 3
+    dag.get_task("train").experiment.value["platform"]["env"]["FAKE_NODE_FAIL_AT"] = 3
     dr = run_dag(dag)
     # the dev cluster has one node: excluding it leaves nowhere to run, and sbatch says so at once
     assert dr.state == "failed" and tis(dr)["train"].try_number == 2

@@ -1,0 +1,233 @@
+"""PrepareExperimentOperator: the first task of an experiment's DAG run.
+
+XCom: return value = the checkpoints to convert and evaluate; keys `config` (the resolved config),
+`cooldowns`, `checkpoints`, `overrides`, `run_time`.
+
+
+Merges the run's overrides (trigger form fields and the free `overrides` list) into the sweep,
+validates them before anything is submitted, resolves the experiment's config once with the run's
+frozen time (so every retry sees the same timestamps), writes provenance next to the experiment's
+output on the cluster, and plans the run's milestones: which checkpoints get converted and
+evaluated, where cooldowns branch off. Its XCom feeds every other task of the run.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from airflow.sdk import BaseOperator, Param
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+import airflow_oellm
+from airflow_oellm.config import ConfigError, load_sweep
+from airflow_oellm.config.milestones import Milestones, job_config, plan, typed, with_cooldown_points
+from airflow_oellm.config.overrides import parse_overrides
+from airflow_oellm.hooks.slurm import SlurmHook
+from airflow_oellm.slurm.operations import CycleRequest
+from airflow_oellm.slurm.render import RenderError, render_sbatch
+
+OVERRIDES_PARAM = "overrides"
+COOLDOWN_POINTS_PARAM = "cooldowns.at"
+# what identifies the experiment: a run may not move it
+PROTECTED = ("project.name", "project.base_output_dir", "sweep", "experiment")
+_JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string"}
+
+
+def check_scripts(config: dict[str, Any], milestones: Milestones) -> None:
+    """Render every kind of job this run will submit, so a bad value fails here, before any job."""
+    jobs = [config]
+    jobs += [job_config(config, {"kind": "cooldown", "cooldown": c["index"]}) for c in milestones.cooldowns]
+    for e in milestones.evaluations[:1]:
+        jobs.append(job_config(config, {"kind": "convert", "iteration": e["iteration"], "cooldown": e["cooldown"]}))
+        jobs.append(job_config(config, {"kind": "evaluate", **e}))
+    for job in jobs:
+        render_sbatch(typed(job))
+
+
+def lookup(config: Mapping[str, Any], key: str) -> Any:
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def run_params(config: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Param]:
+    """Typed trigger-form fields for config keys (their current values as defaults) and `overrides`."""
+    params: dict[str, Param] = {}
+    for key in keys:
+        value = lookup(config, key)
+        if isinstance(value, bool | int | float | str):
+            kind = [_JSON_TYPES[type(value)], "null"]
+            if isinstance(value, int) and not isinstance(value, bool) and key.endswith("time"):
+                kind = ["integer", "string", "null"]  # a time limit: seconds or a SLURM string
+            params[key] = Param(value, type=kind, description=f"Config key {key}")
+    if config.get("cooldowns"):
+        params[COOLDOWN_POINTS_PARAM] = Param(
+            [c["at"] for c in config["cooldowns"]],
+            type="array",
+            items={"type": "integer", "minimum": 1},
+            description="Checkpoint iterations the cooldowns start from: drop one, or add one "
+            "(a new point copies the settings of the first training cooldown)",
+        )
+    params[OVERRIDES_PARAM] = Param(
+        [],
+        type="array",
+        items={"type": "string"},
+        description="More config overrides, like on the command line: key=value, +key=value, ~key, group=option",
+    )
+    return params
+
+
+def override_strings(values: Mapping[str, Any], defaults: Mapping[str, Any]) -> list[str]:
+    """Overrides for the trigger-form fields that differ from their defaults, then the free list."""
+    out = []
+    for key, value in values.items():
+        if key == OVERRIDES_PARAM or key not in defaults:
+            continue
+        if value != defaults[key]:
+            out.append(f"{key}={json.dumps(value)}")
+    free = values.get(OVERRIDES_PARAM) or []
+    if not isinstance(free, list) or not all(isinstance(o, str) for o in free):
+        raise AirflowFailException(f"'{OVERRIDES_PARAM}' must be a list of strings like key=value, got {free!r}")
+    return out + list(free)
+
+
+def check_protected(overrides: Sequence[str]) -> None:
+    for o in parse_overrides(overrides):
+        if any(o.key == p or o.key.startswith(p + ".") for p in PROTECTED):
+            raise AirflowFailException(
+                f"override {o.text!r} would change {o.key}, which identifies the experiment "
+                "(its name and output directory); make a new sweep point instead"
+            )
+
+
+def safe_run_id(run_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)
+
+
+class PrepareExperimentOperator(BaseOperator):
+    """Resolve, validate and plan one experiment run; returns its config and milestones."""
+
+    ui_color = "#f3eefa"
+
+    def __init__(
+        self,
+        *,
+        sweep_file: str,
+        experiment_name: str,
+        config_dirs: Sequence[str] = (),
+        param_defaults: Mapping[str, Any] | None = None,
+        scheduled: bool = False,
+        ssh_conn_id: str | None = None,
+        local: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.sweep_file = sweep_file
+        self.experiment_name = experiment_name
+        self.config_dirs = list(config_dirs)
+        self.param_defaults = dict(param_defaults or {})
+        self.scheduled = scheduled
+        self.ssh_conn_id = ssh_conn_id
+        self.local = local
+
+    def execute(self, context: Any) -> list[dict[str, Any]]:
+        dag_run = context["dag_run"]
+        conf = dict(dag_run.conf or {})
+        unknown = [k for k in conf if k not in self.param_defaults and k != OVERRIDES_PARAM]
+        if unknown:
+            raise AirflowFailException(
+                f"unknown key(s) in the run's conf: {', '.join(map(repr, unknown))}; this DAG takes "
+                f"{', '.join(sorted(self.param_defaults))} and '{OVERRIDES_PARAM}' (a list of key=value)"
+            )
+        values = {**self.param_defaults, **dict(context["params"]), **conf}
+        points = values.pop(COOLDOWN_POINTS_PARAM, None)
+        default_points = self.param_defaults.get(COOLDOWN_POINTS_PARAM)
+        overrides = override_strings(values, {k: v for k, v in self.param_defaults.items() if k in values})
+        check_protected(overrides)
+        when: datetime = dag_run.run_after
+        extra = []
+        if self.scheduled and dag_run.logical_date is not None:
+            # each scheduled interval (and backfill) writes its own directory: runs never collide
+            base = load_sweep(self.sweep_file, config_dirs=self.config_dirs, only=self.experiment_name)
+            base = base.experiment(self.experiment_name)
+            stamp = dag_run.logical_date.strftime("%Y%m%dT%H%M%S")
+            extra = [f"project.base_output_dir={base.config.project.base_output_dir}/runs/{stamp}"]
+        try:
+            sweep = load_sweep(
+                self.sweep_file, [*overrides, *extra], config_dirs=self.config_dirs, only=self.experiment_name
+            )
+            experiment = sweep.experiment(self.experiment_name)
+            config = experiment.runtime_config(when)
+            if points is not None and points != default_points:
+                config = with_cooldown_points(config, points)
+                overrides.append(f"{COOLDOWN_POINTS_PARAM}={json.dumps(points)}")  # for the provenance record
+            milestones = plan(config)
+            check_scripts(config, milestones)
+        except (ConfigError, RenderError) as exc:
+            raise AirflowFailException(f"invalid overrides or config for this run:\n{exc}") from None
+        self.log.info("experiment %s, run time %s, overrides %s", self.experiment_name, when.isoformat(), overrides)
+        self.log.info(
+            "checkpoints %s; %d converted + evaluated; %d cooldown(s)",
+            milestones.checkpoints,
+            len(milestones.evaluations),
+            len(milestones.cooldowns),
+        )
+        self._write_provenance(config, experiment.unresolved, overrides, dag_run.run_id, when)
+        ti = context["ti"]
+        for key, value in (
+            ("config", config),
+            ("overrides", overrides),
+            ("run_time", when.isoformat()),
+            ("checkpoints", milestones.checkpoints),
+            ("cooldowns", milestones.cooldowns),
+        ):
+            ti.xcom_push(key=key, value=value)
+        # the return value is what the checkpoint branches map over (Airflow maps over return values only)
+        return milestones.evaluations
+
+    def _write_provenance(
+        self, config: dict[str, Any], unresolved: dict[str, Any], overrides: list[str], run_id: str, when: datetime
+    ) -> None:
+        directory = config["experiment"]["provenance_dir"]
+        meta = {
+            "run_id": run_id,
+            "run_time": when.isoformat(),
+            "overrides": overrides,
+            "package_version": airflow_oellm.__version__,
+            "sweep_file": self.sweep_file,
+            "experiment": self.experiment_name,
+        }
+        files = [
+            (f"{directory}/resolved.json", config),
+            (f"{directory}/unresolved.json", unresolved),  # escapes intact: a cooldown resolves its own times
+            (f"{directory}/run.json", meta),
+            (f"{directory}/runs/{safe_run_id(run_id)}.json", meta),
+        ]
+        hook = SlurmHook(self.ssh_conn_id, local=self.local)
+        try:
+            cycle = hook.poll_cycle([], CycleRequest(writes=[(p, json.dumps(v, indent=2).encode()) for p, v in files]))
+        finally:
+            hook.close()
+        if not all(cycle.writes_ok):
+            raise AirflowException(f"could not write provenance to {directory}")
+
+
+class CooldownPlanOperator(BaseOperator):
+    """Returns the run's cooldowns (`prepare`'s `cooldowns` XCom): Airflow maps over return values only."""
+
+    template_fields: Sequence[str] = ("cooldowns",)
+    ui_color = "#f4f4f4"
+
+    def __init__(self, *, cooldowns: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.cooldowns = cooldowns
+
+    def execute(self, context: Any) -> list[dict[str, Any]]:
+        return list(self.cooldowns or [])

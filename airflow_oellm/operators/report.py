@@ -1,0 +1,225 @@
+"""ExperimentReportOperator: one table of an experiment run, its cooldowns and their checkpoints.
+
+Rows: (run, checkpoint) with train loss near that iteration, validation loss, every evaluation
+metric, GPU-hours and attempts. Written next to the experiment's output (report.md, report.csv,
+report.json, loss.png) and returned as XCom. Evaluation results are read from the cluster in one
+command.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+from airflow_oellm.config.milestones import eval_file
+from airflow_oellm.hooks.slurm import SlurmHook
+from airflow_oellm.slurm.operations import CycleRequest
+
+
+def loss_at(curve: Sequence[Sequence[float]], iteration: int) -> float | None:
+    """Train loss at the last logged iteration not after `iteration`."""
+    best = None
+    for it, loss in curve:
+        if it <= iteration:
+            best = loss
+    return best
+
+
+def run_rows(
+    run: str,
+    result: Mapping[str, Any] | None,
+    evaluations: Sequence[Mapping[str, Any]],
+    metrics: Mapping[tuple[int, str], Mapping[str, Any]],
+) -> list[dict[str, Any]]:
+    summary = (result or {}).get("summary") or {}
+    attempts = (result or {}).get("attempts") or []
+    validation = {v["iteration"]: v["loss"] for v in summary.get("validation", []) if v.get("split") == "validation"}
+    checkpoints = sorted({*summary.get("checkpoints_saved", []), *(e["iteration"] for e in evaluations)})
+    gpu_hours = sum(a.get("gpu_hours") or 0 for a in attempts)
+    rows = []
+    for iteration in checkpoints:
+        row: dict[str, Any] = {
+            "run": run,
+            "iteration": iteration,
+            "train_loss": loss_at(summary.get("loss_curve", []), iteration),
+            "validation_loss": validation.get(iteration),
+        }
+        for entry in evaluations:
+            if entry["iteration"] != iteration:
+                continue
+            for suite in entry["suites"]:
+                for metric, value in (metrics.get((iteration, suite)) or {}).get("metrics", {}).items():
+                    row[f"{suite}.{metric}"] = value
+        rows.append(row)
+    for row in rows:
+        row["gpu_hours"] = round(gpu_hours, 3)
+        row["attempts"] = len(attempts)
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    def cell(v: Any) -> str:
+        return "" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot(
+    curves: Mapping[str, Sequence[Sequence[float]]], evals: Mapping[str, list[tuple[int, float]]], title: str
+) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, (left, right) = pyplot.subplots(1, 2, figsize=(11, 4))
+    for run, curve in curves.items():
+        if curve:
+            left.plot([p[0] for p in curve], [p[1] for p in curve], label=run)
+    left.set_xlabel("iteration")
+    left.set_ylabel("train loss")
+    left.set_title(title)
+    for label, points in evals.items():
+        if points:
+            right.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    right.set_xlabel("iteration")
+    right.set_ylabel("evaluation")
+    for axis in (left, right):
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=7)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90)
+    pyplot.close(figure)
+    return buffer.getvalue()
+
+
+class ExperimentReportOperator(BaseOperator):
+    """Collect the run's results (train and cooldown XComs, evaluation files) into a table and a plot."""
+
+    ui_color = "#fdf6e3"
+
+    def __init__(
+        self,
+        *,
+        prepare_task_id: str = "prepare",
+        train_task_id: str = "train",
+        cooldown_task_id: str | None = "cooldown.train",
+        ssh_conn_id: str | None = None,
+        local: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("trigger_rule", "all_done")  # report what there is, also after a failure
+        super().__init__(**kwargs)
+        self.prepare_task_id = prepare_task_id
+        self.train_task_id = train_task_id
+        self.cooldown_task_id = cooldown_task_id
+        self.ssh_conn_id = ssh_conn_id
+        self.local = local
+
+    @staticmethod
+    def _result(ti: Any, task_id: str, map_index: int | None = None) -> Any:
+        """A training task's result: its return value, or the `result` it leaves when it fails."""
+        kwargs = {} if map_index is None else {"map_indexes": map_index}
+        return ti.xcom_pull(task_ids=task_id, **kwargs) or ti.xcom_pull(task_ids=task_id, key="result", **kwargs)
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        ti = context["ti"]
+        config = ti.xcom_pull(task_ids=self.prepare_task_id, key="config")
+        if not config:
+            raise AirflowSkipException(f"nothing to report: {self.prepare_task_id} did not prepare this run")
+        exp = config["experiment"]
+        cooldowns = ti.xcom_pull(task_ids=self.prepare_task_id, key="cooldowns") or []
+        evaluations = ti.xcom_pull(task_ids=self.prepare_task_id) or []
+        runs = [(exp["name"], exp["output_dir"], self._result(ti, self.train_task_id), evaluations)]
+        for i, cooldown in enumerate(cooldowns):
+            evals = (
+                [{"iteration": cooldown["final_iteration"], "suites": cooldown["suites"]}] if cooldown["suites"] else []
+            )
+            result = self._result(ti, self.cooldown_task_id, i) if self.cooldown_task_id else None
+            runs.append((cooldown["name"], cooldown["output_dir"], result, evals))
+        wanted = [
+            (name, out, e["iteration"], suite) for name, out, _, evs in runs for e in evs for suite in e["suites"]
+        ]
+        metrics = self._read_metrics(wanted)
+        rows = []
+        for name, _out, result, evals in runs:
+            rows += run_rows(name, result, evals, metrics.get(name, {}))
+        columns = ["run", "iteration", "train_loss", "validation_loss"]
+        metric_columns = sorted({k for r in rows for k in r} - {*columns, "gpu_hours", "attempts"})
+        columns += [*metric_columns, "gpu_hours", "attempts"]
+        curves = {name: ((result or {}).get("summary") or {}).get("loss_curve", []) for name, _, result, _ in runs}
+        first_metric = next((c for c in columns if "." in c), None)
+        evals_plot = {}
+        if first_metric:
+            for name, *_ in runs:
+                points = [(r["iteration"], r[first_metric]) for r in rows if r["run"] == name and r.get(first_metric)]
+                evals_plot[f"{name} {first_metric}"] = points
+        report = {"experiment": exp["name"], "columns": columns, "rows": rows, "output": f"{exp['output_dir']}/report"}
+        self._write(exp["output_dir"], rows, columns, plot(curves, evals_plot, exp["name"]), report)
+        self.log.info("report of %s:\n%s", exp["name"], markdown(rows, columns))
+        return report
+
+    def _read_metrics(self, wanted: list[tuple[str, str, int, str]]) -> dict[str, dict[tuple[int, str], Any]]:
+        if not wanted:
+            return {}
+        hook = SlurmHook(self.ssh_conn_id, local=self.local)
+        try:
+            cycle = hook.poll_cycle(
+                [], CycleRequest(reads=[(eval_file(out, it, suite), 0, 1 << 20) for _, out, it, suite in wanted])
+            )
+        finally:
+            hook.close()
+        found: dict[str, dict[tuple[int, str], Any]] = {}
+        for (name, _, iteration, suite), chunk in zip(wanted, cycle.chunks, strict=True):
+            if chunk.size is None:
+                continue
+            try:
+                found.setdefault(name, {})[(iteration, suite)] = json.loads(chunk.data.decode())
+            except ValueError:
+                self.log.warning("unreadable evaluation result %s", chunk.path)
+        return found
+
+    def _write(
+        self, output_dir: str, rows: list[dict[str, Any]], columns: list[str], png: bytes, report: dict[str, Any]
+    ) -> None:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        directory = f"{output_dir}/report"
+        files = [
+            (f"{directory}/report.md", markdown(rows, columns).encode()),
+            (f"{directory}/report.csv", buffer.getvalue().encode()),
+            (f"{directory}/report.json", json.dumps(report, indent=2).encode()),
+            (f"{directory}/loss.png", png),
+        ]
+        hook = SlurmHook(self.ssh_conn_id, local=self.local)
+        try:
+            cycle = hook.poll_cycle([], CycleRequest(writes=files))
+        finally:
+            hook.close()
+        if not all(cycle.writes_ok):
+            self.log.warning("could not write every report file to %s", directory)
+
+
+class RunOutcomeOperator(BaseOperator):
+    """Fails the run when any task failed. The report runs after failures too, and a run's state
+    follows its leaf tasks: without this, a failed training under a green report would look green."""
+
+    ui_color = "#f4f4f4"
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("trigger_rule", "one_failed")
+        super().__init__(**kwargs)
+
+    def execute(self, context: Any) -> None:
+        raise AirflowFailException("a task of this run failed (see its log; the report has the results)")

@@ -1,0 +1,114 @@
+"""An experiment DAG built by the factory, run with dag.test() on the dev cluster: prepare -> train ->
+checkpoint branches (convert + evaluate with stand-in tools) -> a cooldown from the parent's checkpoint ->
+report. And a bad run conf that must not reach SLURM."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from airflow_oellm.config import load_sweep
+from airflow_oellm.dag_factory import experiment_dag
+from tests.conftest import REPO
+from tests.operators.conftest import xcom
+
+FAKE_TOOLS = REPO / "tests" / "fixtures" / "fake_tools.py"
+pytestmark = pytest.mark.factory
+
+
+@pytest.fixture
+def factory_sweep(write, dev_cluster, remote_dir, fake_megatron, slurm_conn_id):
+    tools = f"{remote_dir}/fake_tools.py"
+    dev_cluster.upload(tools, FAKE_TOOLS.read_text(), mode="0644")
+    path = write(
+        "config/sweeps/fact.yaml",
+        f"""
+        defaults: [{{platform: local}}]
+        project: {{name: fact, base_output_dir: {remote_dir}/runs}}
+        platform: {{ssh_conn_id: {slurm_conn_id}}}
+        backend:
+          python: python3
+          entrypoint: {fake_megatron}
+          megatron_path: null
+          args: {{train_iters: 20, save_interval: 10, eval_interval: 10, iter_seconds: 0.1}}
+        monitoring: {{poll_interval_seconds: 2}}
+        restart: {{max_attempts: 2, retry_delay_seconds: 1}}
+        conversion: {{command: [python3, {tools}, convert]}}
+        evaluation:
+          command: [python3, {tools}, evaluate]
+          suites: [{{name: quick}}, {{name: final_bench, when: final, tasks: [hellaswag]}}]
+        cooldowns:
+          - at: 10
+            overrides: [backend.args.lr=1.0e-5, backend.args.train_iters=15]
+        dag: {{deferrable: false}}
+        """,
+    )
+    return load_sweep(path)
+
+
+def test_experiment_dag_runs_every_branch(factory_sweep, dev_cluster, run_dag):
+    sweep = factory_sweep
+    exp = sweep.experiments[0]
+    dag = experiment_dag(sweep, exp)
+    dr = run_dag(dag)
+    states = {}
+    for ti in dr.get_task_instances():
+        states.setdefault(ti.task_id, []).append(ti.state)
+    assert dr.state == "success", states
+    assert states["checkpoint.evaluate"] == ["success", "success"]  # iterations 10 and 20
+    assert states["cooldown.train"] == ["success"] and states["cooldown.evaluate"] == ["success"]
+    out = exp.paths.output_dir
+    cooled = f"{out}_cooldown_10"
+    # the cooldown loaded the parent's checkpoint 10, not its latest (20), into its own directory
+    log = dev_cluster.ssh(f"cat {cooled}/logs/*.out").stdout
+    assert f"successfully loaded checkpoint from {exp.paths.checkpoint_dir} [ t 1/1, p 1/1 ] at iteration 10" in log
+    assert "iteration       15/      15" in log and "learning rate: 1.000000E-05" in log
+    assert dev_cluster.ssh(["cat", f"{cooled}/checkpoints/latest_checkpointed_iteration.txt"]).stdout == "15"
+    for path in (
+        f"{out}/hf/iter_0000010/config.json",
+        f"{out}/hf/iter_0000020/config.json",
+        f"{cooled}/hf/iter_0000015/config.json",
+        f"{out}/evaluations/iter_0000020/final_bench.json",
+        f"{cooled}/evaluations/iter_0000015/final_bench.json",
+        f"{out}/report/loss.png",
+        f"{out}/provenance/resolved.json",
+        f"{out}/provenance/unresolved.json",
+    ):
+        assert dev_cluster.ssh(["test", "-s", path], check=False).returncode == 0, path
+    assert (
+        dev_cluster.ssh(["test", "-e", f"{out}/evaluations/iter_0000010/final_bench.json"], check=False).returncode != 0
+    )  # the benchmark suite runs on the final checkpoint only
+    report = xcom(dr, "report")
+    rows = {(r["run"], r["iteration"]): r for r in report["rows"]}
+    assert set(rows) >= {(exp.name, 10), (exp.name, 20), (f"{exp.name}_cooldown_10", 15)}
+    assert rows[(exp.name, 20)]["quick.perplexity"] > 0 and rows[(exp.name, 20)]["final_bench.perplexity"] > 0
+    assert rows[(exp.name, 20)]["train_loss"] < rows[(exp.name, 10)]["train_loss"]
+    assert rows[(exp.name, 10)]["validation_loss"] is not None
+    provenance = json.loads(dev_cluster.ssh(["cat", f"{out}/provenance/run.json"]).stdout)
+    assert provenance["run_id"] == dr.run_id and provenance["overrides"] == []
+    modes = dev_cluster.ssh(f"stat -c %a {out}/provenance/resolved.json {out}/report/report.md").stdout.split()
+    assert modes == ["600", "600"]
+
+
+def test_bad_conf_is_rejected_before_anything_reaches_slurm(factory_sweep, dev_cluster, run_dag):
+    sweep = factory_sweep
+    exp = sweep.experiments[0]
+    for conf in (
+        {"backend.args.train_iters": "lots"},
+        {"overrides": ["backend.args.lrr=0.1"]},
+        {"overrides": ["project.base_output_dir=/elsewhere"]},
+        {"not_a_param": 1},
+        {"overrides": ["slurm.partition=x; touch /tmp/PWNED"]},
+    ):
+        try:
+            dr = run_dag(experiment_dag(sweep, exp), conf)
+        except Exception as exc:  # Airflow may refuse the conf when it creates the run (typed Params)
+            assert "train_iters" in str(exc) or "lots" in str(exc), exc
+            continue
+        states = {ti.task_id: ti.state for ti in dr.get_task_instances()}
+        assert dr.state == "failed" and states["prepare"] == "failed", (conf, states)
+        assert states["train"] in ("upstream_failed", None), (conf, states)
+    scripts = dev_cluster.ssh(["squeue", "-h", "--me", "-t", "all", "-o", "%o"]).stdout.split()
+    assert [s for s in scripts if s.startswith(exp.paths.output_dir)] == []
+    assert dev_cluster.ssh(["test", "-e", f"{exp.paths.output_dir}/scripts"], check=False).returncode != 0
