@@ -10,3 +10,9 @@ LOCK=constraints/airflow-3.3.2-py3.11.txt
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check "uv==0.13.9"
 "$VENV/bin/uv" pip install -q --python "$VENV/bin/python" --compile-bytecode -c "$LOCK" -e ".[test]"
+# the editable package's own modules are imported from the source tree: compile them too
+# (every DAG-file parse and task process imports them)
+"$VENV/bin/python" -m compileall -q airflow_oellm dags
+# the DAG-parse benchmark's baseline, dag-factory, outside the venv: it registers an Airflow plugin
+# that every Airflow process would load; benchmarks/dag_parse.py puts this directory on its path
+"$VENV/bin/uv" pip install -q --python "$VENV/bin/python" --compile-bytecode -c "$LOCK" --no-deps --target "$VENV/bench-deps" dag-factory

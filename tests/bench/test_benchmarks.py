@@ -35,3 +35,17 @@ def test_status_poll_benchmark_runs_and_batches(dev_cluster):
     assert result["ours"]["commands"] == 1 and result["ours"]["slurmctld_job_rpcs"] == 1
     assert result["per_job_squeue"]["commands"] == 20 and result["per_job_squeue"]["slurmctld_job_rpcs"] == 20
     assert result["ours"]["seconds"] < result["per_job_squeue"]["seconds"]
+
+
+@pytest.mark.factory
+def test_dag_parse_benchmark_runs_against_its_baselines():
+    import dag_parse
+
+    result = dag_parse.run([50, 300], repeat=1)
+    ours, factory = result["variants"]["ours"], result["variants"]["dag_factory"]
+    assert ours["300"]["dags"] == 301 and ours["300"]["tasks"] == 300 * 12 + 1  # + the sweep DAG's task
+    # target <= 5 ms per DAG (measured ~4.7 ms at 1,000 here); 3x headroom for a loaded CI machine
+    assert ours["marginal_ms_per_dag"] < 15.0, result
+    assert ours["marginal_ms_per_dag"] < factory["marginal_ms_per_dag"], result
+    # target < 0.3 s for a worker building the one DAG it runs (measured ~0.25 s out of 1,000)
+    assert result["worker_one_dag_seconds"] < 1.0, result

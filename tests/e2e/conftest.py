@@ -111,6 +111,24 @@ class Stack:
         run = self.http("POST", f"/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf or {}})
         return run["dag_run_id"]
 
+    def cli(self, *args: str, timeout: float = 120) -> str:
+        """The `airflow` command line against this stack's database. SQLite refuses a second writer
+        outright when a transaction would deadlock ("database is locked"); the command rolled back
+        and is run again, as it would not be on PostgreSQL."""
+        for _ in range(10):
+            done = subprocess.run(
+                [AIRFLOW, *args], env=self.env, capture_output=True, text=True, timeout=timeout, check=False
+            )
+            if "database is locked" not in done.stderr:
+                break
+            time.sleep(2)
+        if done.returncode:
+            raise RuntimeError(f"airflow {' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+        return done.stdout
+
+    def runs(self, dag_id: str) -> list[dict[str, Any]]:
+        return self.http("GET", f"/dags/{dag_id}/dagRuns?limit=100&order_by=logical_date")["dag_runs"]
+
     def run_state(self, dag_id: str, run_id: str) -> str:
         return self.http("GET", f"/dags/{dag_id}/dagRuns/{urllib.parse.quote(run_id, safe='')}")["state"]
 
@@ -139,11 +157,15 @@ class Stack:
 
 def start_stack(home: Path, dags_folder: Path, extra_env: dict[str, str]) -> Stack:
     port = free_port()
+    # SQLite: writers (CLI, scheduler, api-server) wait for each other's locks instead of failing
+    (home / "oellm_e2e_db.py").write_text('CONNECT_ARGS = {"timeout": 60}\n')
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(home), env.get("PYTHONPATH", "")) if p)
     env.update(
         AIRFLOW_HOME=str(home),
         AIRFLOW__CORE__DAGS_FOLDER=str(dags_folder),
         AIRFLOW__CORE__LOAD_EXAMPLES="False",
+        AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS="oellm_e2e_db.CONNECT_ARGS",
         AIRFLOW__CORE__EXECUTOR="LocalExecutor",
         AIRFLOW__CORE__PARALLELISM="4",
         AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="False",
@@ -183,13 +205,13 @@ def stack_factory(tmp_path_factory) -> Iterator[Callable[[Callable[[Path], None]
     """Start one stack per module; the callback writes the DAG folder first (parsed before the start)."""
     started: list[Stack] = []
 
-    def make(write_dags: Callable[[Path], None]) -> Stack:
+    def make(write_dags: Callable[[Path], None], env: dict[str, str] | None = None) -> Stack:
         home = tmp_path_factory.mktemp("airflow-e2e-home")
         dags = home / "dags"
         dags.mkdir()
         write_dags(dags)
         extra = {k: v for k, v in os.environ.items() if k.startswith("AIRFLOW_CONN_")}
-        stack = start_stack(home, dags, extra)
+        stack = start_stack(home, dags, {**extra, **(env or {})})
         started.append(stack)
         return stack
 

@@ -1,0 +1,230 @@
+"""Sweep -> DAGs: one DAG per experiment, one DAG per sweep that runs them all.
+
+Experiment DAG (`oellm__<sweep>__<experiment>`):
+
+    prepare -> train                                         (SlurmSubmitOperator, deferred)
+           -> checkpoint[iter N] : wait -> convert -> evaluate   (mapped over the run's milestones)
+           -> cooldown[k]        : wait -> train -> convert -> evaluate
+           -> report                                         (all done)
+           -> outcome                                        (fails the run if any task failed)
+
+The branches wait beside the training (CheckpointSensors in the triggerer); their number comes
+from `prepare` at run time, so a run with `--conf` overrides (another train_iters) gets the
+checkpoints it will really have. Building a DAG does no I/O: everything was read from YAML.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from airflow.sdk import DAG, task_group
+from airflow.sdk.definitions.param import ParamsDict
+
+from airflow_oellm.config import Experiment, Sweep
+from airflow_oellm.operators.prepare import (
+    OVERRIDES_PARAM,
+    CooldownPlanOperator,
+    PrepareExperimentOperator,
+    run_params,
+)
+from airflow_oellm.operators.report import ExperimentReportOperator, RunOutcomeOperator
+from airflow_oellm.operators.submit import SlurmSubmitOperator, restart_policy
+from airflow_oellm.sensors import CheckpointSensor
+
+MAX_DOC_CONFIG = 20_000  # characters of resolved config shown in the DAG's documentation
+
+
+def _start_date(text: str) -> datetime:
+    date = datetime.fromisoformat(text)
+    return date if date.tzinfo else date.replace(tzinfo=UTC)
+
+
+def experiment_tags(sweep: Sweep, exp: Experiment) -> list[str]:
+    cfg = exp.config
+    tags = ["oellm", f"sweep:{sweep.name}", f"platform:{cfg.platform.name}"]
+    model = exp.parameters.get("model") or cfg.vars.get("model_size")
+    if model:
+        tags.append(f"model:{model}")
+    return list(dict.fromkeys([*tags, *cfg.project.tags, *cfg.dag.tags]))
+
+
+def experiment_doc(sweep: Sweep, exp: Experiment) -> str:
+    cfg = exp.config
+    rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in exp.parameters.items())
+    args = cfg.backend.args
+    config = json.dumps(exp.resolved, indent=1, default=str)
+    if len(config) > MAX_DOC_CONFIG:
+        config = config[:MAX_DOC_CONFIG] + "\n... (see provenance/resolved.json in the output directory)"
+    return (
+        f"### {exp.name}\n\nExperiment {exp.index} of sweep **{sweep.name}** (`{sweep.file}`) on "
+        f"**{cfg.platform.name}**: {cfg.slurm.nodes} node(s) x {cfg.slurm.gpus_per_node} GPU(s), time limit "
+        f"{cfg.slurm.time}, up to {cfg.restart.max_attempts} attempts.\n\n"
+        f"Output: `{exp.paths.output_dir}` (checkpoints `{exp.paths.checkpoint_dir}`, logs `{exp.paths.log_path}`)\n\n"
+        f"train_iters {args.get('train_iters')}, save_interval {args.get('save_interval')}, lr {args.get('lr')}; "
+        f"{len(cfg.cooldowns)} cooldown(s); evaluation suites "
+        f"{', '.join(s.name for s in cfg.evaluation.suites) if cfg.evaluation.enabled else 'none'}.\n\n"
+        f"| sweep key | value |\n|---|---|\n{rows}\n\n"
+        f'Trigger with `--conf \'{{"backend.args.train_iters": 500, "{OVERRIDES_PARAM}": ["backend.args.lr=1e-4"]}}\'`.'
+        f"\n\n<details><summary>Resolved config</summary>\n\n```json\n{config}\n```\n</details>\n"
+    )
+
+
+def experiment_dag(sweep: Sweep, exp: Experiment, config_dirs: list[str] | None = None) -> DAG:
+    cfg = exp.config
+    conn = {"ssh_conn_id": cfg.platform.ssh_conn_id, "local": cfg.platform.local_commands}
+    params = run_params(exp.resolved, cfg.dag.params)
+    defaults = {k: p.value for k, p in params.items() if k != OVERRIDES_PARAM}
+    poll = {"poll_interval": cfg.monitoring.poll_interval_seconds, "deferrable": cfg.dag.deferrable}
+    if not cfg.dag.deferrable:
+        poll["mode"] = "reschedule"
+    waiting = {"deferrable": cfg.dag.deferrable}
+    restart = restart_policy(cfg)
+    training = {**conn, **waiting, **restart}
+    side = {**conn, **waiting, "retries": 1, "retry_delay": restart["retry_delay"]}
+    with DAG(
+        dag_id=exp.dag_id,
+        schedule=cfg.dag.schedule,
+        start_date=_start_date(cfg.dag.start_date),
+        catchup=cfg.dag.catchup,
+        max_active_runs=1,  # two runs of one experiment would share its output directory
+        max_active_tasks=cfg.dag.max_active_tasks,
+        tags=experiment_tags(sweep, exp),
+        doc_md=experiment_doc(sweep, exp),
+        default_args={"owner": cfg.project.owner},
+    ) as dag:
+        prepare = PrepareExperimentOperator(
+            task_id="prepare",
+            sweep_file=sweep.file,
+            experiment_name=exp.name,
+            config_dirs=config_dirs or [],
+            param_defaults=defaults,
+            scheduled=cfg.dag.schedule is not None,
+            **conn,
+        )
+        config = prepare.output["config"]
+        train = SlurmSubmitOperator(task_id="train", experiment=config, **training)
+        prepare >> train
+        report = ExperimentReportOperator(task_id="report", **conn)
+        ends = [train]
+        if cfg.conversion.enabled:
+
+            @task_group(group_id="checkpoint")
+            def checkpoint(
+                iteration: Any, label: Any, suites: Any, cooldown: Any, checkpoint_dir: Any, output_dir: Any
+            ) -> None:
+                wait = CheckpointSensor(
+                    task_id="wait",
+                    checkpoint_dir=checkpoint_dir,
+                    iteration=iteration,
+                    output_dir=output_dir,
+                    training_task_id="train",
+                    on_training_failure="skip",
+                    map_index_template="{{ task.iteration }}",
+                    **conn,
+                    **poll,
+                )
+                convert = SlurmSubmitOperator(
+                    task_id="convert",
+                    experiment=config,
+                    job={"kind": "convert", "iteration": iteration, "cooldown": cooldown},
+                    map_index_template="{{ task.job['iteration'] }}",
+                    **side,
+                )
+                evaluate = SlurmSubmitOperator(
+                    task_id="evaluate",
+                    experiment=config,
+                    job={"kind": "evaluate", "iteration": iteration, "suites": suites, "cooldown": cooldown},
+                    map_index_template="{{ task.job['iteration'] }}",
+                    **side,
+                )
+                wait >> convert >> evaluate
+
+            branches = checkpoint.expand_kwargs(prepare.output)
+            ends.append(branches)
+
+        if cfg.cooldowns:
+
+            @task_group(group_id="cooldown")
+            def cooldown(
+                index: Any,
+                name: Any,
+                at: Any,
+                parent_checkpoint_dir: Any,
+                parent_output_dir: Any,
+                output_dir: Any,
+                checkpoint_dir: Any,
+                final_iteration: Any,
+                suites: Any,
+            ) -> None:
+                wait = CheckpointSensor(
+                    task_id="wait",
+                    checkpoint_dir=parent_checkpoint_dir,
+                    iteration=at,
+                    output_dir=parent_output_dir,
+                    training_task_id="train",
+                    on_training_failure="skip",
+                    map_index_template="{{ task.iteration }}",
+                    **conn,
+                    **poll,
+                )
+                cooled = SlurmSubmitOperator(
+                    task_id="train",
+                    experiment=config,
+                    job={"kind": "cooldown", "cooldown": index},
+                    map_index_template="from {{ task.job['cooldown'] }}",
+                    **training,
+                )
+                wait >> cooled
+                if cfg.conversion.enabled:
+                    convert = SlurmSubmitOperator(
+                        task_id="convert",
+                        experiment=config,
+                        job={"kind": "convert", "iteration": final_iteration, "cooldown": index},
+                        **side,
+                    )
+                    evaluate = SlurmSubmitOperator(
+                        task_id="evaluate",
+                        experiment=config,
+                        job={"kind": "evaluate", "iteration": final_iteration, "suites": suites, "cooldown": index},
+                        **side,
+                    )
+                    cooled >> convert >> evaluate
+
+            plan = CooldownPlanOperator(task_id="cooldown_plan", cooldowns=prepare.output["cooldowns"])
+            ends.append(cooldown.expand_kwargs(plan.output))
+        for end in ends:
+            end >> report
+        outcome = RunOutcomeOperator(task_id="outcome")
+        outcome.set_upstream([t for t in dag.tasks if t is not outcome])
+    # Airflow deep-copies a DAG's params into each task it creates (half the build time, measured);
+    # a run reads the DAG's own params anyway (merged with the run's conf), so they come last.
+    dag.params = ParamsDict(params)
+    return dag
+
+
+def sweep_dag(sweep: Sweep) -> DAG:
+    """`oellm__<sweep>`: runs every experiment DAG of the sweep and waits for them."""
+    from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
+
+    first = sweep.experiments[0].config if sweep.experiments else None
+    with DAG(
+        dag_id=f"oellm__{sweep.name}",
+        schedule=None,
+        start_date=_start_date(first.dag.start_date) if first else datetime(2026, 1, 1, tzinfo=UTC),
+        catchup=False,
+        max_active_runs=1,
+        tags=["oellm", f"sweep:{sweep.name}", "sweep"],
+        doc_md=f"### Sweep {sweep.name}\n\nRuns the {len(sweep.experiments)} experiment DAGs of `{sweep.file}` "
+        "and waits for them; each experiment writes its report to `<output>/report/`.",
+    ) as dag:
+        TriggerDagRunOperator.partial(
+            task_id="run",
+            wait_for_completion=True,
+            deferrable=True,
+            poke_interval=first.monitoring.poll_interval_seconds if first else 60,
+            reset_dag_run=False,
+            map_index_template="{{ task.trigger_dag_id }}",
+        ).expand(trigger_dag_id=[e.dag_id for e in sweep.experiments])
+    return dag

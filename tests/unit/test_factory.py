@@ -1,0 +1,156 @@
+"""The DAG factory without a cluster: which DAGs the project's DAG file registers, their shape,
+tags, trigger form, documentation; errors that stay in their file; one-DAG parsing for workers."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import pytest
+
+from airflow_oellm.config import load_sweep
+from airflow_oellm.dag_factory import experiment_dag, load_dags
+from airflow_oellm.operators.prepare import check_protected, override_strings, run_params
+from tests.conftest import EXAMPLE_SWEEPS, REPO
+
+pytestmark = pytest.mark.factory
+DAG_FILE = REPO / "dags" / "oellm_sweeps.py"
+
+
+@pytest.fixture(scope="module")
+def project_dags() -> dict:
+    return load_dags([REPO / "config" / "sweeps"])
+
+
+def test_one_dag_per_experiment_and_one_per_sweep(project_dags):
+    expected = set()
+    for path in EXAMPLE_SWEEPS:
+        sweep = load_sweep(path)
+        expected |= {f"oellm__{sweep.name}__{e.name}" for e in sweep.experiments} | {f"oellm__{sweep.name}"}
+    assert set(project_dags) == expected
+    assert "oellm__config_errors" not in project_dags
+
+
+def test_experiment_dag_settings(project_dags):
+    sweep = load_sweep(REPO / "config" / "sweeps" / "cooldowns_and_evals.yaml")
+    exp = sweep.experiments[0]
+    dag = project_dags[exp.dag_id]
+    assert dag.max_active_runs == 1 and dag.schedule is None and not dag.catchup
+    assert {"oellm", f"sweep:{sweep.name}", "platform:local", "model:50M"} <= set(dag.tags)
+    assert dag.default_args["owner"] == exp.config.project.owner
+    assert exp.name in dag.doc_md and '"train_iters": 150000' in dag.doc_md
+    train = dag.get_task("train")
+    assert train.retries == exp.config.restart.max_attempts - 1
+    assert dag.get_task("prepare").downstream_task_ids >= {"train"}
+
+
+def test_experiment_dag_shape(project_dags):
+    exp = load_sweep(REPO / "config" / "sweeps" / "cooldowns_and_evals.yaml").experiments[0]
+    dag = project_dags[exp.dag_id]
+    assert set(dag.task_ids) == {
+        "prepare",
+        "train",
+        "checkpoint.wait",
+        "checkpoint.convert",
+        "checkpoint.evaluate",
+        "cooldown_plan",
+        "cooldown.wait",
+        "cooldown.train",
+        "cooldown.convert",
+        "cooldown.evaluate",
+        "report",
+        "outcome",
+    }
+    assert dag.get_task("checkpoint.wait").downstream_task_ids == {"checkpoint.convert", "outcome"}
+    assert dag.get_task("cooldown.wait").downstream_task_ids == {"cooldown.train", "outcome"}
+    assert dag.get_task("report").trigger_rule == "all_done"
+    outcome = dag.get_task("outcome")
+    assert outcome.trigger_rule == "one_failed" and outcome.upstream_task_ids == set(dag.task_ids) - {"outcome"}
+    # the branches wait beside the training, not after it
+    assert "train" not in dag.get_task("checkpoint.wait").upstream_task_ids
+    assert dag.get_task("checkpoint.wait").map_index_template == "{{ task.iteration }}"
+
+
+def test_without_conversion_or_cooldowns_the_dag_is_train_and_report(project_dags):
+    exp = load_sweep(REPO / "config" / "sweeps" / "minimal.yaml", ["conversion.enabled=false"]).experiments[0]
+    sweep = load_sweep(REPO / "config" / "sweeps" / "minimal.yaml", ["conversion.enabled=false"])
+    dag = experiment_dag(sweep, exp)
+    assert set(dag.task_ids) == {"prepare", "train", "report", "outcome"}
+
+
+def test_trigger_form_params_are_typed(project_dags):
+    from airflow.sdk.exceptions import ParamValidationError
+
+    exp = load_sweep(REPO / "config" / "sweeps" / "cooldowns_and_evals.yaml").experiments[0]
+    params = project_dags[exp.dag_id].params
+    assert params["backend.args.train_iters"] == 150000 and params["overrides"] == []
+    assert set(params) >= {"backend.args.lr", "backend.args.save_interval", "slurm.time", "cooldowns.at"}
+    assert params["cooldowns.at"] == [10000, 50000, 100000]
+    for key, bad in (("backend.args.train_iters", "lots"), ("overrides", "lr=1"), ("cooldowns.at", ["x"])):
+        form = copy.deepcopy(params)
+        with pytest.raises(ParamValidationError):
+            form[key] = bad
+    form = copy.deepcopy(params)
+    form["backend.args.train_iters"] = 500
+    assert form.validate()["backend.args.train_iters"] == 500
+
+
+def test_run_overrides_from_form_and_free_list():
+    config = {"backend": {"args": {"train_iters": 100, "lr": 3e-4}}, "slurm": {"time": "01:00:00"}}
+    params = run_params(config, ["backend.args.train_iters", "backend.args.lr", "slurm.time", "missing.key"])
+    defaults = {k: p.value for k, p in params.items() if k != "overrides"}
+    assert "missing.key" not in params
+    values = {**defaults, "backend.args.train_iters": 500, "overrides": ["+backend.args.foo=1"]}
+    assert override_strings(values, defaults) == ["backend.args.train_iters=500", "+backend.args.foo=1"]
+    assert override_strings(defaults, defaults) == []
+    for protected in ("experiment.output_dir=/x", "project.base_output_dir=/y", "~project.name"):
+        with pytest.raises(Exception, match="identifies the experiment"):
+            check_protected([protected])
+    check_protected(["backend.args.lr=1e-4", "slurm.time=02:00:00"])
+
+
+def bag(dag_folder: Path, monkeypatch, sweeps: list[Path]):
+    from airflow.dag_processing.dagbag import DagBag
+
+    monkeypatch.setenv("OELLM_SWEEPS_PATH", ":".join(map(str, sweeps)))
+    return DagBag(dag_folder=str(dag_folder))
+
+
+def test_dag_file_reads_sweeps_path_and_keeps_errors_local(tmp_path, write, monkeypatch):
+    folder = tmp_path / "dags"
+    folder.mkdir()
+    shutil.copy(DAG_FILE, folder / DAG_FILE.name)
+    head = "defaults: [{platform: local}]\nproject: {name: %s, base_output_dir: /tmp/x}\n"
+    good = write("a/good.yaml", head % "good" + "sweep: {axes: {i: [1, 2]}}\n")
+    write("b/other.yaml", head % "other")
+    write("b/broken.yaml", head % "broken" + "slurm: {nodez: 2}\n")
+    dagbag = bag(folder, monkeypatch, [good.parent, tmp_path / "b"])
+    ids = set(dagbag.dag_ids)
+    assert {"oellm__good__good_i1", "oellm__good__good_i2", "oellm__good", "oellm__other__other"} <= ids
+    assert not any("broken" in i for i in ids)
+    (message,) = dagbag.import_errors.values()
+    assert "broken.yaml" in message and "slurm.nodez" in message and "nodes" in message
+
+
+def test_a_worker_builds_only_the_dag_it_runs(tmp_path, write, monkeypatch):
+    # the sweep renames itself: the file stem does not say which file holds the DAG
+    head = "defaults: [{platform: local}]\nproject: {name: %s, base_output_dir: /tmp/x}\n"
+    write("s/study.yaml", head % "p" + "sweep: {name: renamed, axes: {i: [1, 2]}}\n")
+    write("s/other.yaml", head % "q")
+    monkeypatch.setenv("_AIRFLOW_PARSING_CONTEXT_DAG_ID", "oellm__renamed__p_i2")
+    assert list(load_dags([tmp_path / "s"])) == ["oellm__renamed__p_i2"]
+    monkeypatch.setenv("_AIRFLOW_PARSING_CONTEXT_DAG_ID", "oellm__other__q")
+    assert list(load_dags([tmp_path / "s"])) == ["oellm__other__q"]
+
+
+def test_scheduled_sweep(write):
+    path = write(
+        "s/nightly.yaml",
+        "defaults: [{platform: local}]\nproject: {name: n, base_output_dir: /tmp/x}\n"
+        "dag: {schedule: '@daily', start_date: '2026-11-01', catchup: true, tags: [speed]}\n",
+    )
+    sweep = load_sweep(path)
+    dag = experiment_dag(sweep, sweep.experiments[0])
+    assert dag.catchup and dag.start_date.isoformat() == "2026-11-01T00:00:00+00:00" and "speed" in dag.tags
+    assert dag.get_task("prepare").scheduled
