@@ -13,6 +13,7 @@ import re
 import signal
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -185,8 +186,9 @@ def _validate_file(path: str, overrides: list[str], config_dirs: list[str]) -> s
     """One line of success text; raises ConfigError."""
     from airflow_oellm.config import ConfigError, load_sweep
     from airflow_oellm.config.compose import Composer, config_roots
+    from airflow_oellm.config.milestones import plan
     from airflow_oellm.config.yamlio import load_yaml
-    from airflow_oellm.slurm.render import RenderError, render_sbatch
+    from airflow_oellm.slurm.render import RenderError, render_run_scripts, render_sbatch
 
     data = load_yaml(path)
     if "project" not in data and "sweep" not in data:
@@ -195,15 +197,19 @@ def _validate_file(path: str, overrides: list[str], config_dirs: list[str]) -> s
         return f"ok: {path} (config group file)"
     sweep = load_sweep(path, overrides, config_dirs=config_dirs)
     issues = []
+    now = datetime.now(UTC)
     for e in sweep.experiments:
         try:
             render_sbatch(e.materialize(), template_dirs=sweep.template_dirs)
+            config = e.runtime_config(now)  # the run's side jobs: cooldown points, conversions, evaluations
+            render_run_scripts(config, plan(config))
         except RenderError as exc:
             issues.append(_render_issue(e, exc))
         except ConfigError as exc:
-            issues.extend(exc.issues)
+            # a planning problem names the key: point at the file and line that set it
+            issues.extend(i if i.file else e.origins.issue(i.message, i.key) for i in exc.issues)
     if issues:
-        raise ConfigError(issues)
+        raise ConfigError(list(dict.fromkeys(issues)))  # the same problem in every experiment: once
     return f"ok: {path} ({len(sweep.experiments)} experiments, sweep {sweep.name})"
 
 

@@ -16,7 +16,16 @@ def get_provider_info() -> dict[str, Any]:
         "and evaluation.",
         "versions": [airflow_oellm.__version__],
         "hooks": [{"integration-name": "SLURM", "python-modules": ["airflow_oellm.hooks.slurm"]}],
-        "operators": [{"integration-name": "SLURM", "python-modules": ["airflow_oellm.operators.submit"]}],
+        "operators": [
+            {
+                "integration-name": "SLURM",
+                "python-modules": [
+                    "airflow_oellm.operators.submit",
+                    "airflow_oellm.operators.prepare",
+                    "airflow_oellm.operators.report",
+                ],
+            }
+        ],
         "sensors": [
             {
                 "integration-name": "SLURM",

@@ -67,6 +67,19 @@ class Milestones:
         return {"checkpoints": self.checkpoints, "evaluations": self.evaluations, "cooldowns": self.cooldowns}
 
 
+def job_paths(name: str, out: str) -> dict[str, str]:
+    """The `experiment` section's paths for a job named `name` writing to `out` (as the planner lays out)."""
+    return {
+        "name": name,
+        "output_dir": out,
+        "checkpoint_dir": f"{out}/checkpoints",
+        "log_dir": f"{out}/logs",
+        "log_path": f"{out}/logs/{name}-%j.out",
+        "script_dir": f"{out}/scripts",
+        "provenance_dir": f"{out}/provenance",
+    }
+
+
 def _side_job(
     parent: dict[str, Any], cfg: RootConfig, kind: str, iteration: int, argv: list[str], resources: Any
 ) -> dict[str, Any]:
@@ -75,15 +88,7 @@ def _side_job(
     exp = job["experiment"]
     name = f"{exp['name']}-{kind}-{iteration}"
     out = f"{exp['output_dir']}/jobs/{kind}_iter_{iteration:07d}"
-    exp.update(
-        name=name,
-        output_dir=out,
-        checkpoint_dir=f"{out}/checkpoints",
-        log_dir=f"{out}/logs",
-        log_path=f"{out}/logs/{name}-%j.out",
-        script_dir=f"{out}/scripts",
-        provenance_dir=f"{out}/provenance",
-    )
+    exp.update(job_paths(name, out))
     job["backend"].update(name="command", launcher="none", command=argv, args={})
     slurm = job["slurm"]
     slurm.update(
@@ -175,15 +180,7 @@ def cooldown_config(
         raise ConfigError(Issue(str(exc), key="cooldowns")) from None
     job = copy.deepcopy(parent)
     out = posixpath.join(posixpath.dirname(cfg.experiment.output_dir), name)
-    job["experiment"].update(
-        name=name,
-        output_dir=out,
-        checkpoint_dir=f"{out}/checkpoints",
-        log_dir=f"{out}/logs",
-        log_path=f"{out}/logs/{name}-%j.out",
-        script_dir=f"{out}/scripts",
-        provenance_dir=f"{out}/provenance",
-    )
+    job["experiment"].update(job_paths(name, out))
     args = job["backend"].setdefault("args", {})
     if cfg.backend.name == "megatron":
         args.update(

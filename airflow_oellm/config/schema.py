@@ -129,6 +129,16 @@ class BackendConfig:
     command: list[str] = opt(doc="argv for `name: command` (each element quoted).", factory=list)
 
 
+# Keys of the seed tool's format (oellm-autoexp) that have another form here: named in the error.
+SEED_KEYS = {
+    "actions": "event actions are Airflow tasks here: `conversion:`, `evaluation:` and `cooldowns:` "
+    "build the checkpoint and cooldown branches (docs/dags.md); a SlurmLogSensor waits for any log event",
+    "state_events": "job states are classified by SlurmSubmitOperator: `restart:` and classification rules "
+    "(docs/operators.md)",
+    "class_name": "configs are plain data here: drop `class_name`",
+}
+
+
 @dataclass
 class LogEventConfig:
     name: str = opt(doc="Event name.")

@@ -15,6 +15,7 @@ from functools import cache
 from typing import Any, Literal, Union, get_args, get_origin
 
 from airflow_oellm.config.errors import Issue, did_you_mean, join_key
+from airflow_oellm.config.schema import SEED_KEYS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +151,9 @@ class Validator:
         before = len(self.issues)
         for k in value:
             if k not in fields:
+                if k in SEED_KEYS:
+                    self._bad(join_key(key, k), f"unknown key (the seed tool's format): {SEED_KEYS[k]}")
+                    continue
                 hint = did_you_mean(str(k), fields)
                 self._bad(join_key(key, k), f"unknown key{hint}; allowed: {', '.join(fields)}")
         kwargs = {}

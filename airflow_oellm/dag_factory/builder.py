@@ -29,7 +29,7 @@ from airflow_oellm.operators.prepare import (
     PrepareExperimentOperator,
     run_params,
 )
-from airflow_oellm.operators.report import ExperimentReportOperator, RunOutcomeOperator
+from airflow_oellm.operators.report import ExperimentReportOperator, RunOutcomeOperator, SweepSummaryOperator
 from airflow_oellm.operators.submit import SlurmSubmitOperator, restart_policy
 from airflow_oellm.sensors import CheckpointSensor
 
@@ -74,7 +74,8 @@ def experiment_doc(sweep: Sweep, exp: Experiment) -> str:
 def experiment_dag(sweep: Sweep, exp: Experiment, config_dirs: list[str] | None = None) -> DAG:
     cfg = exp.config
     conn = {"ssh_conn_id": cfg.platform.ssh_conn_id, "local": cfg.platform.local_commands}
-    params = run_params(exp.resolved, cfg.dag.params)
+    # a swept key is what the experiment is: it stays out of the form (an override of it is refused)
+    params = run_params(exp.resolved, [k for k in cfg.dag.params if k not in exp.parameters])
     defaults = {k: p.value for k, p in params.items() if k != OVERRIDES_PARAM}
     poll = {"poll_interval": cfg.monitoring.poll_interval_seconds, "deferrable": cfg.dag.deferrable}
     if not cfg.dag.deferrable:
@@ -97,6 +98,7 @@ def experiment_dag(sweep: Sweep, exp: Experiment, config_dirs: list[str] | None 
         prepare = PrepareExperimentOperator(
             task_id="prepare",
             sweep_file=sweep.file,
+            sweep_overrides=sweep.overrides,
             experiment_name=exp.name,
             config_dirs=config_dirs or [],
             param_defaults=defaults,
@@ -108,41 +110,50 @@ def experiment_dag(sweep: Sweep, exp: Experiment, config_dirs: list[str] | None 
         prepare >> train
         report = ExperimentReportOperator(task_id="report", **conn)
         ends = [train]
+
+        def wait_for(checkpoint_dir: Any, iteration: Any, output_dir: Any) -> CheckpointSensor:
+            """Waits beside the parent's training for its checkpoint; skips if the training fails for good."""
+            return CheckpointSensor(
+                task_id="wait",
+                checkpoint_dir=checkpoint_dir,
+                iteration=iteration,
+                output_dir=output_dir,
+                training_task_id="train",
+                on_training_failure="skip",
+                map_index_template="{{ task.iteration }}",
+                **conn,
+                **poll,
+            )
+
+        def convert_and_evaluate(iteration: Any, suites: Any, cooldown: Any) -> tuple[Any, Any]:
+            label = {"map_index_template": "{{ task.job['iteration'] }}"}
+            convert = SlurmSubmitOperator(
+                task_id="convert",
+                experiment=config,
+                job={"kind": "convert", "iteration": iteration, "cooldown": cooldown},
+                **label,
+                **side,
+            )
+            evaluate = SlurmSubmitOperator(
+                task_id="evaluate",
+                experiment=config,
+                job={"kind": "evaluate", "iteration": iteration, "suites": suites, "cooldown": cooldown},
+                **label,
+                **side,
+            )
+            convert >> evaluate
+            return convert, evaluate
+
         if cfg.conversion.enabled:
 
             @task_group(group_id="checkpoint")
             def checkpoint(
                 iteration: Any, label: Any, suites: Any, cooldown: Any, checkpoint_dir: Any, output_dir: Any
             ) -> None:
-                wait = CheckpointSensor(
-                    task_id="wait",
-                    checkpoint_dir=checkpoint_dir,
-                    iteration=iteration,
-                    output_dir=output_dir,
-                    training_task_id="train",
-                    on_training_failure="skip",
-                    map_index_template="{{ task.iteration }}",
-                    **conn,
-                    **poll,
-                )
-                convert = SlurmSubmitOperator(
-                    task_id="convert",
-                    experiment=config,
-                    job={"kind": "convert", "iteration": iteration, "cooldown": cooldown},
-                    map_index_template="{{ task.job['iteration'] }}",
-                    **side,
-                )
-                evaluate = SlurmSubmitOperator(
-                    task_id="evaluate",
-                    experiment=config,
-                    job={"kind": "evaluate", "iteration": iteration, "suites": suites, "cooldown": cooldown},
-                    map_index_template="{{ task.job['iteration'] }}",
-                    **side,
-                )
-                wait >> convert >> evaluate
+                convert, _ = convert_and_evaluate(iteration, suites, cooldown)
+                wait_for(checkpoint_dir, iteration, output_dir) >> convert
 
-            branches = checkpoint.expand_kwargs(prepare.output)
-            ends.append(branches)
+            ends.append(checkpoint.expand_kwargs(prepare.output))
 
         if cfg.cooldowns:
 
@@ -158,17 +169,6 @@ def experiment_dag(sweep: Sweep, exp: Experiment, config_dirs: list[str] | None 
                 final_iteration: Any,
                 suites: Any,
             ) -> None:
-                wait = CheckpointSensor(
-                    task_id="wait",
-                    checkpoint_dir=parent_checkpoint_dir,
-                    iteration=at,
-                    output_dir=parent_output_dir,
-                    training_task_id="train",
-                    on_training_failure="skip",
-                    map_index_template="{{ task.iteration }}",
-                    **conn,
-                    **poll,
-                )
                 cooled = SlurmSubmitOperator(
                     task_id="train",
                     experiment=config,
@@ -176,21 +176,10 @@ def experiment_dag(sweep: Sweep, exp: Experiment, config_dirs: list[str] | None 
                     map_index_template="from {{ task.job['cooldown'] }}",
                     **training,
                 )
-                wait >> cooled
+                wait_for(parent_checkpoint_dir, at, parent_output_dir) >> cooled
                 if cfg.conversion.enabled:
-                    convert = SlurmSubmitOperator(
-                        task_id="convert",
-                        experiment=config,
-                        job={"kind": "convert", "iteration": final_iteration, "cooldown": index},
-                        **side,
-                    )
-                    evaluate = SlurmSubmitOperator(
-                        task_id="evaluate",
-                        experiment=config,
-                        job={"kind": "evaluate", "iteration": final_iteration, "suites": suites, "cooldown": index},
-                        **side,
-                    )
-                    cooled >> convert >> evaluate
+                    convert, _ = convert_and_evaluate(final_iteration, suites, index)
+                    cooled >> convert
 
             plan = CooldownPlanOperator(task_id="cooldown_plan", cooldowns=prepare.output["cooldowns"])
             ends.append(cooldown.expand_kwargs(plan.output))
@@ -216,10 +205,11 @@ def sweep_dag(sweep: Sweep) -> DAG:
         catchup=False,
         max_active_runs=1,
         tags=["oellm", f"sweep:{sweep.name}", "sweep"],
-        doc_md=f"### Sweep {sweep.name}\n\nRuns the {len(sweep.experiments)} experiment DAGs of `{sweep.file}` "
-        "and waits for them; each experiment writes its report to `<output>/report/`.",
+        doc_md=f"### Sweep {sweep.name}\n\nRuns the {len(sweep.experiments)} experiment DAGs of `{sweep.file}`, "
+        "waits for them and summarises them (task `summary`: one row per experiment); each experiment "
+        "writes its full report to `<output>/report/`.",
     ) as dag:
-        TriggerDagRunOperator.partial(
+        run = TriggerDagRunOperator.partial(
             task_id="run",
             wait_for_completion=True,
             deferrable=True,
@@ -227,4 +217,7 @@ def sweep_dag(sweep: Sweep) -> DAG:
             reset_dag_run=False,
             map_index_template="{{ task.trigger_dag_id }}",
         ).expand(trigger_dag_id=[e.dag_id for e in sweep.experiments])
+        summary = SweepSummaryOperator(task_id="summary", experiments={e.dag_id: e.name for e in sweep.experiments})
+        [run, summary] >> RunOutcomeOperator(task_id="outcome")
+        run >> summary
     return dag

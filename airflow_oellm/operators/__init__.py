@@ -1,5 +1,19 @@
-"""Operators: SlurmSubmitOperator submits and follows training jobs."""
+"""Operators: SlurmSubmitOperator submits and follows SLURM jobs; the experiment DAG's own steps
+(prepare, cooldown plan, report, run outcome, sweep summary) build on it."""
 
+from airflow_oellm.operators.prepare import CooldownPlanOperator, PrepareExperimentOperator
+from airflow_oellm.operators.report import (
+    ExperimentReportOperator,
+    RunOutcomeOperator,
+    SweepSummaryOperator,
+)
 from airflow_oellm.operators.submit import SlurmSubmitOperator
 
-__all__ = ["SlurmSubmitOperator"]
+__all__ = [
+    "CooldownPlanOperator",
+    "ExperimentReportOperator",
+    "PrepareExperimentOperator",
+    "RunOutcomeOperator",
+    "SlurmSubmitOperator",
+    "SweepSummaryOperator",
+]

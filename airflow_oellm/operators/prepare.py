@@ -24,28 +24,17 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 import airflow_oellm
 from airflow_oellm.config import ConfigError, load_sweep
-from airflow_oellm.config.milestones import Milestones, job_config, plan, typed, with_cooldown_points
+from airflow_oellm.config.milestones import plan, with_cooldown_points
 from airflow_oellm.config.overrides import parse_overrides
 from airflow_oellm.hooks.slurm import SlurmHook
 from airflow_oellm.slurm.operations import CycleRequest
-from airflow_oellm.slurm.render import RenderError, render_sbatch
+from airflow_oellm.slurm.render import RenderError, render_run_scripts
 
 OVERRIDES_PARAM = "overrides"
 COOLDOWN_POINTS_PARAM = "cooldowns.at"
 # what identifies the experiment: a run may not move it
 PROTECTED = ("project.name", "project.base_output_dir", "sweep", "experiment")
 _JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string"}
-
-
-def check_scripts(config: dict[str, Any], milestones: Milestones) -> None:
-    """Render every kind of job this run will submit, so a bad value fails here, before any job."""
-    jobs = [config]
-    jobs += [job_config(config, {"kind": "cooldown", "cooldown": c["index"]}) for c in milestones.cooldowns]
-    for e in milestones.evaluations[:1]:
-        jobs.append(job_config(config, {"kind": "convert", "iteration": e["iteration"], "cooldown": e["cooldown"]}))
-        jobs.append(job_config(config, {"kind": "evaluate", **e}))
-    for job in jobs:
-        render_sbatch(typed(job))
 
 
 def lookup(config: Mapping[str, Any], key: str) -> Any:
@@ -121,6 +110,7 @@ class PrepareExperimentOperator(BaseOperator):
         *,
         sweep_file: str,
         experiment_name: str,
+        sweep_overrides: Sequence[str] = (),
         config_dirs: Sequence[str] = (),
         param_defaults: Mapping[str, Any] | None = None,
         scheduled: bool = False,
@@ -130,6 +120,7 @@ class PrepareExperimentOperator(BaseOperator):
     ) -> None:
         super().__init__(**kwargs)
         self.sweep_file = sweep_file
+        self.sweep_overrides = list(sweep_overrides)  # the ones the DAG was built with
         self.experiment_name = experiment_name
         self.config_dirs = list(config_dirs)
         self.param_defaults = dict(param_defaults or {})
@@ -155,13 +146,18 @@ class PrepareExperimentOperator(BaseOperator):
         extra = []
         if self.scheduled and dag_run.logical_date is not None:
             # each scheduled interval (and backfill) writes its own directory: runs never collide
-            base = load_sweep(self.sweep_file, config_dirs=self.config_dirs, only=self.experiment_name)
+            base = load_sweep(
+                self.sweep_file, self.sweep_overrides, config_dirs=self.config_dirs, only=self.experiment_name
+            )
             base = base.experiment(self.experiment_name)
             stamp = dag_run.logical_date.strftime("%Y%m%dT%H%M%S")
             extra = [f"project.base_output_dir={base.config.project.base_output_dir}/runs/{stamp}"]
         try:
             sweep = load_sweep(
-                self.sweep_file, [*overrides, *extra], config_dirs=self.config_dirs, only=self.experiment_name
+                self.sweep_file,
+                [*self.sweep_overrides, *overrides, *extra],
+                config_dirs=self.config_dirs,
+                only=self.experiment_name,
             )
             experiment = sweep.experiment(self.experiment_name)
             config = experiment.runtime_config(when)
@@ -169,7 +165,7 @@ class PrepareExperimentOperator(BaseOperator):
                 config = with_cooldown_points(config, points)
                 overrides.append(f"{COOLDOWN_POINTS_PARAM}={json.dumps(points)}")  # for the provenance record
             milestones = plan(config)
-            check_scripts(config, milestones)
+            render_run_scripts(config, milestones)
         except (ConfigError, RenderError) as exc:
             raise AirflowFailException(f"invalid overrides or config for this run:\n{exc}") from None
         self.log.info("experiment %s, run time %s, overrides %s", self.experiment_name, when.isoformat(), overrides)

@@ -211,6 +211,46 @@ class ExperimentReportOperator(BaseOperator):
             self.log.warning("could not write every report file to %s", directory)
 
 
+def summary_row(experiment: str, state: str | None, report: Mapping[str, Any] | None) -> dict[str, Any]:
+    """One experiment's line of a sweep summary: its run's state and its training's last checkpoint."""
+    rows = [r for r in (report or {}).get("rows", []) if r.get("run") == experiment]
+    last = max(rows, key=lambda r: r["iteration"]) if rows else {}
+    return {"experiment": experiment, "state": state, **{k: v for k, v in last.items() if k != "run"}}
+
+
+class SweepSummaryOperator(BaseOperator):
+    """The sweep DAG's summary: one row per experiment (state, last checkpoint's losses and metrics,
+    GPU-hours, attempts), from the runs its trigger task started; logged as Markdown and returned."""
+
+    ui_color = "#fdf6e3"
+
+    def __init__(
+        self, *, experiments: Mapping[str, str], trigger_task_id: str = "run", report_task_id: str = "report", **kwargs
+    ) -> None:
+        kwargs.setdefault("trigger_rule", "all_done")
+        super().__init__(**kwargs)
+        self.experiments = dict(experiments)  # DAG id -> experiment name, in the trigger task's map order
+        self.trigger_task_id = trigger_task_id
+        self.report_task_id = report_task_id
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        ti = context["ti"]
+        rows = []
+        for index, (dag_id, name) in enumerate(self.experiments.items()):
+            run_id = ti.xcom_pull(task_ids=self.trigger_task_id, map_indexes=index, key="trigger_run_id")
+            if not run_id:
+                rows.append(summary_row(name, "not started", None))
+                continue
+            report = ti.xcom_pull(dag_id=dag_id, task_ids=self.report_task_id, run_id=run_id)
+            state = ti.get_dagrun_state(dag_id, run_id)
+            rows.append(summary_row(name, str(getattr(state, "value", state)), report))
+        columns = ["experiment", "state", "iteration", "train_loss", "validation_loss"]
+        columns += sorted({k for r in rows for k in r} - {*columns, "gpu_hours", "attempts"})
+        columns += ["gpu_hours", "attempts"]
+        self.log.info("sweep summary:\n%s", markdown(rows, columns))
+        return {"columns": columns, "rows": rows}
+
+
 class RunOutcomeOperator(BaseOperator):
     """Fails the run when any task failed. The report runs after failures too, and a run's state
     follows its leaf tasks: without this, a failed training under a green report would look green."""

@@ -17,6 +17,7 @@ from typing import Any
 import jinja2
 
 import airflow_oellm
+from airflow_oellm.config.milestones import Milestones, job_config, typed
 from airflow_oellm.config.schema import RootConfig
 from airflow_oellm.slurm import shell
 from airflow_oellm.slurm.shell import PROTECTED_DIRECTIVES, ShellSafe, ShellSafetyError
@@ -226,3 +227,14 @@ def render_sbatch(
         raise RenderError("platform.template", f"template {name!r} not found in {env.loader.searchpath}") from None  # type: ignore[union-attr]
     except jinja2.UndefinedError as exc:
         raise RenderError("platform.template", f"template {name!r}: {exc.message}") from None
+
+
+def render_run_scripts(config: dict[str, Any], milestones: Milestones) -> list[str]:
+    """Every kind of script a run submits (training, each cooldown, one conversion and one
+    evaluation), so a bad value fails before the first job does. Raises RenderError/ConfigError."""
+    jobs = [config]
+    jobs += [job_config(config, {"kind": "cooldown", "cooldown": c["index"]}) for c in milestones.cooldowns]
+    for e in milestones.evaluations[:1]:
+        jobs.append(job_config(config, {"kind": "convert", "iteration": e["iteration"], "cooldown": e["cooldown"]}))
+        jobs.append(job_config(config, {"kind": "evaluate", **e}))
+    return [render_sbatch(typed(job)) for job in jobs]

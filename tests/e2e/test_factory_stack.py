@@ -139,6 +139,11 @@ def test_sweep_dag_runs_its_experiments_and_backfill_keeps_runs_apart(stack, dev
     sweep = stack.nightly
     run_id = stack.trigger(f"oellm__{sweep.name}")
     assert stack.wait_run(f"oellm__{sweep.name}", run_id, 600) == "success"
+    summary = stack.xcom(f"oellm__{sweep.name}", run_id, "summary")
+    assert [(r["experiment"], r["state"], r["iteration"]) for r in summary["rows"]] == [
+        (e.name, "success", 20) for e in sweep.experiments
+    ]
+    assert all(r["train_loss"] > 0 and r["attempts"] == 1 for r in summary["rows"]), summary
     exp = sweep.experiments[0]
     stack.cli("backfill", "create", "--dag-id", exp.dag_id, "--from-date", "2026-11-20", "--to-date", "2026-11-21")
     wanted = {"2026-11-20", "2026-11-21"}

@@ -18,33 +18,33 @@ pytestmark = pytest.mark.factory
 
 
 @pytest.fixture
-def factory_sweep(write, dev_cluster, remote_dir, fake_megatron, slurm_conn_id):
+def factory_sweep(dev_cluster, remote_dir, fake_megatron, slurm_conn_id):
+    """The example study (config/sweeps/cooldowns_and_evals.yaml), made small and pointed at the dev cluster."""
     tools = f"{remote_dir}/fake_tools.py"
     dev_cluster.upload(tools, FAKE_TOOLS.read_text(), mode="0644")
-    path = write(
-        "config/sweeps/fact.yaml",
-        f"""
-        defaults: [{{platform: local}}]
-        project: {{name: fact, base_output_dir: {remote_dir}/runs}}
-        platform: {{ssh_conn_id: {slurm_conn_id}}}
-        backend:
-          python: python3
-          entrypoint: {fake_megatron}
-          megatron_path: null
-          args: {{train_iters: 20, save_interval: 10, eval_interval: 10, iter_seconds: 0.1}}
-        monitoring: {{poll_interval_seconds: 2}}
-        restart: {{max_attempts: 2, retry_delay_seconds: 1}}
-        conversion: {{command: [python3, {tools}, convert]}}
-        evaluation:
-          command: [python3, {tools}, evaluate]
-          suites: [{{name: quick}}, {{name: final_bench, when: final, tasks: [hellaswag]}}]
-        cooldowns:
-          - at: 10
-            overrides: [backend.args.lr=1.0e-5, backend.args.train_iters=15]
-        dag: {{deferrable: false}}
-        """,
+    return load_sweep(
+        REPO / "config" / "sweeps" / "cooldowns_and_evals.yaml",
+        [
+            f"project.base_output_dir={remote_dir}/runs",
+            f"platform.ssh_conn_id={slurm_conn_id}",
+            "backend.python=python3",
+            f"backend.entrypoint={fake_megatron}",
+            "backend.megatron_path=null",
+            "backend.args.train_iters=20",
+            "backend.args.save_interval=10",
+            "++backend.args.eval_interval=10",
+            "++backend.args.iter_seconds=0.1",
+            "monitoring.poll_interval_seconds=2",
+            "restart.max_attempts=2",
+            "restart.retry_delay_seconds=1",
+            f"conversion.command=[python3, {tools}, convert]",
+            f"evaluation.command=[python3, {tools}, evaluate]",
+            "evaluation.suites=[{name: quick}, {name: final_bench, when: final, tasks: [hellaswag]}]",
+            "cooldowns=[{at: 10, overrides: [backend.args.lr=1.0e-5, backend.args.train_iters=25, "
+            "+platform.env.FAKE_CRASH_AT=23]}]",
+            "dag.deferrable=false",
+        ],
     )
-    return load_sweep(path)
 
 
 def test_experiment_dag_runs_every_branch(factory_sweep, dev_cluster, run_dag):
@@ -60,17 +60,24 @@ def test_experiment_dag_runs_every_branch(factory_sweep, dev_cluster, run_dag):
     assert states["cooldown.train"] == ["success"] and states["cooldown.evaluate"] == ["success"]
     out = exp.paths.output_dir
     cooled = f"{out}_cooldown_10"
-    # the cooldown loaded the parent's checkpoint 10, not its latest (20), into its own directory
-    log = dev_cluster.ssh(f"cat {cooled}/logs/*.out").stdout
-    assert f"successfully loaded checkpoint from {exp.paths.checkpoint_dir} [ t 1/1, p 1/1 ] at iteration 10" in log
-    assert "iteration       15/      15" in log and "learning rate: 1.000000E-05" in log
-    assert dev_cluster.ssh(["cat", f"{cooled}/checkpoints/latest_checkpointed_iteration.txt"]).stdout == "15"
+    # the cooldown loaded the parent's checkpoint 10, not its latest (20), into its own directory;
+    # after a crash at 23 it resumed from its own checkpoint 20, not from the parent's again
+    first, second = (
+        dev_cluster.ssh(["cat", f"{cooled}/logs/{exp.name}_cooldown_10-{job}.out"]).stdout
+        for job in xcom(dr, "cooldown.train", map_index=0)["job_ids"]
+    )
+    parent = exp.paths.checkpoint_dir
+    assert f"successfully loaded checkpoint from {parent} [ t 1/1, p 1/1 ] at iteration 10" in first
+    assert "learning rate: 1.000000E-05" in first and "simulated crash" in first
+    assert f"successfully loaded checkpoint from {cooled}/checkpoints [ t 1/1, p 1/1 ] at iteration 20" in second
+    assert "iteration       25/      25" in second
+    assert dev_cluster.ssh(["cat", f"{cooled}/checkpoints/latest_checkpointed_iteration.txt"]).stdout == "25"
     for path in (
         f"{out}/hf/iter_0000010/config.json",
         f"{out}/hf/iter_0000020/config.json",
-        f"{cooled}/hf/iter_0000015/config.json",
+        f"{cooled}/hf/iter_0000025/config.json",
         f"{out}/evaluations/iter_0000020/final_bench.json",
-        f"{cooled}/evaluations/iter_0000015/final_bench.json",
+        f"{cooled}/evaluations/iter_0000025/final_bench.json",
         f"{out}/report/loss.png",
         f"{out}/provenance/resolved.json",
         f"{out}/provenance/unresolved.json",
@@ -81,7 +88,7 @@ def test_experiment_dag_runs_every_branch(factory_sweep, dev_cluster, run_dag):
     )  # the benchmark suite runs on the final checkpoint only
     report = xcom(dr, "report")
     rows = {(r["run"], r["iteration"]): r for r in report["rows"]}
-    assert set(rows) >= {(exp.name, 10), (exp.name, 20), (f"{exp.name}_cooldown_10", 15)}
+    assert set(rows) >= {(exp.name, 10), (exp.name, 20), (f"{exp.name}_cooldown_10", 25)}
     assert rows[(exp.name, 20)]["quick.perplexity"] > 0 and rows[(exp.name, 20)]["final_bench.perplexity"] > 0
     assert rows[(exp.name, 20)]["train_loss"] < rows[(exp.name, 10)]["train_loss"]
     assert rows[(exp.name, 10)]["validation_loss"] is not None

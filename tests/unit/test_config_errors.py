@@ -24,6 +24,15 @@ ALIAS_BOMB = (
 CASES = [
     ("unknown-top-key", "projet: {name: x}\n", [], ["projet", "unknown key", "did you mean 'project'"], 3),
     ("unknown-nested-key", "slurm:\n  partiton: x\n", [], ["slurm.partiton", "did you mean 'partition'"], 4),
+    (
+        "seed-event-actions",
+        "monitoring:\n  log_events:\n    - name: ckpt\n      pattern: saved\n"
+        "      actions: [{class_name: LogAction}]\n",
+        [],
+        ["monitoring.log_events[0].actions", "seed tool", "cooldowns:", "docs/dags.md"],
+        7,
+    ),
+    ("seed-state-events", "monitoring:\n  state_events: []\n", [], ["monitoring.state_events", "restart:"], 4),
     ("wrong-type", "slurm:\n  nodes: two\n", [], ["slurm.nodes", "expected an integer", "'two'"], 4),
     ("bool-for-int", "slurm:\n  nodes: true\n", [], ["slurm.nodes", "expected an integer", "boolean True"], 4),
     ("list-for-str", "slurm:\n  partition: [a]\n", [], ["slurm.partition", "expected a string or null"], 4),
@@ -302,6 +311,15 @@ def test_validate_reports_each_file(write, project, capsys):
     out, err = capsys.readouterr()
     assert f"ok: {good}" in out
     assert f"error: {bad}:3: slurm.nodes" in err
+
+
+def test_validate_checks_the_run_plan(write, project, capsys):
+    text = "backend: {args: {train_iters: 100, save_interval: 10}}\ncooldowns:\n  - {at: 55}\n"
+    path = write("config/sweeps/c.yaml", HEAD + "sweep: {axes: {i: [1, 2]}}\n" + text)
+    assert cli(["validate", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err  # reported once, not once per experiment
+    assert f"error: {path}:5: cooldowns: cooldown at 55 is not a checkpoint iteration" in err, err
 
 
 def test_missing_file(tmp_path, capsys):

@@ -72,6 +72,16 @@ def test_experiment_dag_shape(project_dags):
     assert dag.get_task("checkpoint.wait").map_index_template == "{{ task.iteration }}"
 
 
+def test_sweep_dag_runs_and_summarises_its_experiments(project_dags):
+    sweep = load_sweep(REPO / "config" / "sweeps" / "scaling_study.yaml")
+    dag = project_dags[f"oellm__{sweep.name}"]
+    assert set(dag.task_ids) == {"run", "summary", "outcome"}
+    run = dag.get_task("run")
+    assert run.expand_input.value["trigger_dag_id"] == [e.dag_id for e in sweep.experiments]
+    assert dag.get_task("summary").experiments == {e.dag_id: e.name for e in sweep.experiments}
+    assert dag.get_task("outcome").upstream_task_ids == {"run", "summary"}
+
+
 def test_without_conversion_or_cooldowns_the_dag_is_train_and_report(project_dags):
     exp = load_sweep(REPO / "config" / "sweeps" / "minimal.yaml", ["conversion.enabled=false"]).experiments[0]
     sweep = load_sweep(REPO / "config" / "sweeps" / "minimal.yaml", ["conversion.enabled=false"])
@@ -85,7 +95,8 @@ def test_trigger_form_params_are_typed(project_dags):
     exp = load_sweep(REPO / "config" / "sweeps" / "cooldowns_and_evals.yaml").experiments[0]
     params = project_dags[exp.dag_id].params
     assert params["backend.args.train_iters"] == 150000 and params["overrides"] == []
-    assert set(params) >= {"backend.args.lr", "backend.args.save_interval", "slurm.time", "cooldowns.at"}
+    assert set(params) >= {"backend.args.save_interval", "slurm.time", "cooldowns.at"}
+    assert "backend.args.lr" not in params  # swept: it is what tells this experiment from the others
     assert params["cooldowns.at"] == [10000, 50000, 100000]
     for key, bad in (("backend.args.train_iters", "lots"), ("overrides", "lr=1"), ("cooldowns.at", ["x"])):
         form = copy.deepcopy(params)
