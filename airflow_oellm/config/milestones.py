@@ -14,7 +14,7 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
-from airflow_oellm.config.errors import ConfigError, Issue
+from airflow_oellm.config.errors import ConfigError, Issue, did_you_mean
 from airflow_oellm.config.naming import NamingError, check_name
 from airflow_oellm.config.overrides import apply_overrides, parse_overrides
 from airflow_oellm.config.schema import CooldownConfig, EvalSuiteConfig, RootConfig
@@ -62,9 +62,6 @@ class Milestones:
     checkpoints: list[int]
     evaluations: list[dict[str, Any]] = field(default_factory=list)  # one per converted checkpoint
     cooldowns: list[dict[str, Any]] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"checkpoints": self.checkpoints, "evaluations": self.evaluations, "cooldowns": self.cooldowns}
 
 
 def job_paths(name: str, out: str) -> dict[str, str]:
@@ -252,7 +249,13 @@ def plan(config: dict[str, Any]) -> Milestones:
     checkpoints = expected_checkpoints(train_iters, args.get("save_interval"))
     milestones = Milestones(checkpoints=checkpoints)
     milestones.evaluations = _evaluations(cfg, checkpoints, train_iters, None, cooldown=None)
+    known = [s.name for s in cfg.evaluation.suites]
     for index, spec in enumerate(cfg.cooldowns):
+        unknown = [name for name in spec.suites or [] if name not in known]
+        if unknown:
+            raise ConfigError(
+                Issue(f"no evaluation suite named {unknown[0]!r}{did_you_mean(unknown[0], known)}", key="cooldowns")
+            )
         child = typed(cooldown_config(config, cfg, spec, checkpoints))
         if not spec.train:  # evaluation only, of the parent's checkpoint `at` (the seed guide's 10k case)
             _add_suites(milestones.evaluations, _evaluations(cfg, [spec.at], spec.at, spec.suites, cooldown=None))

@@ -101,7 +101,7 @@ def safe_run_id(run_id: str) -> str:
 
 
 class PrepareExperimentOperator(BaseOperator):
-    """Resolve, validate and plan one experiment run; returns its config and milestones."""
+    """Resolve, validate and plan one experiment run; returns the checkpoints to convert and evaluate."""
 
     ui_color = "#f3eefa"
 

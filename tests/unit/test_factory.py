@@ -144,6 +144,14 @@ def test_dag_file_reads_sweeps_path_and_keeps_errors_local(tmp_path, write, monk
     assert "broken.yaml" in message and "slurm.nodez" in message and "nodes" in message
 
 
+def test_sweep_directories_from_env_and_airflow_option(tmp_path, monkeypatch):
+    from airflow_oellm.dag_factory import configured_directories
+
+    monkeypatch.setenv("OELLM_SWEEPS_PATH", f"{tmp_path}/a:{tmp_path}/b")
+    monkeypatch.setenv("AIRFLOW__OELLM__SWEEPS_PATH", f"{tmp_path}/c:{tmp_path}/a")
+    assert configured_directories([f"{tmp_path}/project"]) == [f"{tmp_path}/{d}" for d in ("project", "a", "b", "c")]
+
+
 def test_a_worker_builds_only_the_dag_it_runs(tmp_path, write, monkeypatch):
     # the sweep renames itself: the file stem does not say which file holds the DAG
     head = "defaults: [{platform: local}]\nproject: {name: %s, base_output_dir: /tmp/x}\n"

@@ -107,3 +107,9 @@ def test_a_run_can_move_its_cooldown_points(study):
     only_eval = {**study, "cooldowns": [c for c in study["cooldowns"] if not c.get("train", True)]}
     with pytest.raises(ConfigError, match="no training cooldown to copy"):
         with_cooldown_points(only_eval, [20000])
+
+
+def test_a_cooldown_names_only_configured_suites(study):
+    broken = {**study, "cooldowns": [{"at": 50000, "suites": ["quik"]}]}
+    with pytest.raises(ConfigError, match="no evaluation suite named 'quik' \\(did you mean 'quick'"):
+        plan(broken)
