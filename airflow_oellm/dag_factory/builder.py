@@ -83,6 +83,8 @@ def experiment_dag(sweep: Sweep, exp: Experiment, config_dirs: list[str] | None 
     waiting = {"deferrable": cfg.dag.deferrable}
     restart = restart_policy(cfg)
     training = {**conn, **waiting, **restart}
+    # side jobs are idempotent; one retry covers a lost worker or a deferral race (a job that ends
+    # within a second of the task deferring can be marked for retry by the scheduler)
     side = {**conn, **waiting, "retries": 1, "retry_delay": restart["retry_delay"]}
     with DAG(
         dag_id=exp.dag_id,
@@ -121,6 +123,8 @@ def experiment_dag(sweep: Sweep, exp: Experiment, config_dirs: list[str] | None 
                 training_task_id="train",
                 on_training_failure="skip",
                 map_index_template="{{ task.iteration }}",
+                retries=1,  # a trigger that fires at once can race Airflow's deferral bookkeeping
+                retry_delay=restart["retry_delay"],
                 **conn,
                 **poll,
             )
