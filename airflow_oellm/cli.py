@@ -1,4 +1,4 @@
-"""The `airflow-oellm` command: validate, plan, render, detect-platform, schema.
+"""The `airflow-oellm` command: validate, plan, render, detect-platform, schema, events, convert.
 
 Arguments that look like overrides (`key=value`, `+key=value`, `~key`) apply to every sweep
 the command reads. Invalid input exits with status 1 and one line per problem on stderr:
@@ -308,6 +308,33 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from airflow_oellm.megatron.convert import convert_checkpoint
+
+    try:
+        result = convert_checkpoint(
+            args.megatron_checkpoint,
+            args.output_dir,
+            iteration=args.iteration,
+            model_type=args.model_type,
+            dtype=args.dtype,
+            max_shard_size=args.max_shard_size,
+        )
+    except (OSError, ValueError) as exc:  # layout, read and unsupported-model errors are ValueErrors
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result.__dict__))
+    else:
+        at = "release" if result.iteration is None else f"iteration {result.iteration}"
+        print(
+            f"converted {result.source} ({at}, {result.source_format}) to {result.output_dir}: "
+            f"{result.architecture}, {result.tensors} tensors, {result.bytes / 1e6:.1f} MB {result.dtype} "
+            f"in {len(result.files)} file(s), {result.seconds:.1f} s"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="airflow-oellm",
@@ -386,6 +413,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per event: name, groups, line_no, ...")
     p.add_argument("--no-builtins", action="store_true", help="only the configured events")
     p.set_defaults(func=cmd_events)
+
+    p = sub.add_parser(
+        "convert",
+        help="convert a Megatron checkpoint to a HuggingFace model directory",
+        description="Convert a Megatron-LM checkpoint (torch_dist or legacy torch, any TP x PP) of a Llama- or "
+        "Qwen3-style model into HuggingFace safetensors + config.json, streaming one tensor at a time. Settings "
+        "that HF cannot express are refused by name. The output appears atomically and replaces an earlier one.",
+    )
+    p.add_argument("--megatron-checkpoint", required=True, metavar="DIR", help="save directory or one iter_ dir")
+    p.add_argument("--iteration", type=int, help="checkpoint iteration (default: latest_checkpointed_iteration.txt)")
+    p.add_argument("--output-dir", required=True, metavar="DIR", help="the HF model directory to write")
+    p.add_argument(
+        "--model-type", choices=["auto", "llama", "qwen3"], default="auto", help="auto: qwen3 when it has q/k norms"
+    )
+    p.add_argument(
+        "--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto", help="auto: training precision"
+    )
+    p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (5GB, 512MiB, bytes)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_convert)
     return parser
 
 

@@ -187,7 +187,9 @@ class ConversionConfig:
         factory=lambda: ["airflow-oellm", "convert"],
     )
     model_type: Literal["auto", "llama", "qwen3"] = opt("auto", "HF architecture to write.")
-    dtype: Literal["bfloat16", "float16", "float32"] = opt("bfloat16", "Weights dtype of the HF model.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = opt(
+        "auto", "Weights dtype of the HF model (auto: the training precision)."
+    )
     max_shard_size: str = opt("5GB", "safetensors shard size.")
     resources: JobResources = opt(doc="Resources of a conversion job.", factory=JobResources)
 

@@ -78,7 +78,11 @@ def test_lock_pins_every_dependency():
     for name in ("apache-airflow", "apache-airflow-providers-ssh", "omegaconf", "jinja2", "pendulum", "pytest", "ruff"):
         assert name in pins, name
     assert pins["apache-airflow"].startswith("3.3.")
-    assert not any(name.startswith(("torch", "nvidia-")) for name in pins)  # never a CUDA torch
+    # never a CUDA torch: the converter's torch is the CPU build, and no CUDA runtime comes along
+    assert pins["torch"].endswith("+cpu")
+    assert not any(name.startswith(("nvidia-", "triton")) for name in pins)
+    for name in ("transformers", "safetensors"):  # the converter's and evaluator's extras
+        assert name in pins, name
 
 
 def test_configuration_reference_is_generated_from_the_schema():

@@ -1,0 +1,100 @@
+"""Unpickle Megatron checkpoint files without importing megatron and without running their code.
+
+A Megatron pickle (legacy `model_optim_rng.pt`, `common.pt`, the common-state item of newer
+torch_dist checkpoints) holds an `argparse.Namespace` of training arguments, megatron-core enums
+(`AttnBackend`, `ModelType`, ...) and numpy/python RNG states. `torch.load(weights_only=True)`
+refuses every such global; `weights_only=False` would need megatron importable and would execute
+whatever the file names. Instead each global the file needs, except `argparse.Namespace`, is
+registered as an inert `StandIn` class under its own name: it records its constructor arguments
+and state and nothing else, so no code from the file runs.
+
+The distributed checkpoint's `.metadata` is a plain pickle of torch dataclasses: it is read with
+an unpickler that allows only those classes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import pickle
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+from torch.serialization import get_unsafe_globals_in_checkpoint, safe_globals
+
+
+class UnsafeCheckpointError(ValueError):
+    """The file names something torch refuses to load even as a stand-in (`os`, `sys`, ...)."""
+
+
+class StandIn:
+    """Placeholder for a class or function a checkpoint names; inert by construction."""
+
+    stands_for = "?"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args = args
+        self.kwargs = kwargs
+        self.state: Any = None
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    @property
+    def value(self) -> Any:
+        """An enum member's value (enums pickle as `EnumClass(value)`)."""
+        return self.args[0] if len(self.args) == 1 else self.args
+
+    def __repr__(self) -> str:
+        return f"<{self.stands_for}{self.args!r}>"
+
+
+_ALLOWED_AS_IS = {"argparse.Namespace": argparse.Namespace}
+
+
+def _stand_in(qualified: str) -> type[StandIn]:
+    module, _, name = qualified.rpartition(".")
+    return type(name, (StandIn,), {"__module__": module, "stands_for": qualified})
+
+
+def load_torch_pickle(source: Path | bytes, *, mmap: bool = False) -> Any:
+    """`torch.load` of a Megatron file (path or bytes) with stand-ins for every non-torch global."""
+    opened: Path | BinaryIO = source if isinstance(source, Path) else io.BytesIO(source)
+    names = get_unsafe_globals_in_checkpoint(opened)
+    if not isinstance(opened, Path):
+        opened.seek(0)
+    allowed: list[Any] = [_ALLOWED_AS_IS[name] if name in _ALLOWED_AS_IS else (_stand_in(name), name) for name in names]
+    try:
+        with safe_globals(allowed):
+            return torch.load(opened, map_location="cpu", weights_only=True, mmap=mmap and isinstance(opened, Path))
+    except pickle.UnpicklingError as exc:
+        where = source if isinstance(source, Path) else "a checkpoint item"
+        reason = str(exc).split("\n\n")[-2].strip() if "\n\n" in str(exc) else str(exc)
+        raise UnsafeCheckpointError(f"refusing to load {where}: {reason}") from None
+
+
+_METADATA_MODULES = (
+    "torch.distributed.checkpoint.metadata",
+    "torch.distributed.checkpoint.planner",
+    "torch.distributed.checkpoint.filesystem",
+)
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if module in _METADATA_MODULES and not name.startswith("__"):
+            return super().find_class(module, name)
+        if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
+            return getattr(torch, name)
+        if module == "torch.serialization" and name == "_get_layout":
+            return super().find_class(module, name)
+        if module.split(".")[0] == "megatron":  # older megatron-core pickled its own planner data
+            return _stand_in(f"{module}.{name}")
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a checkpoint's .metadata")
+
+
+def load_distcp_metadata(path: Path) -> Any:
+    """The `torch.distributed.checkpoint.metadata.Metadata` pickled in `<checkpoint>/.metadata`."""
+    with path.open("rb") as f:
+        return _MetadataUnpickler(f).load()
