@@ -1,4 +1,4 @@
-"""The `airflow-oellm` command: validate, plan, render, detect-platform, schema, events, convert.
+"""The `airflow-oellm` command: validate, plan, render, detect-platform, schema, events, convert, evaluate.
 
 Arguments that look like overrides (`key=value`, `+key=value`, `~key`) apply to every sweep
 the command reads. Invalid input exits with status 1 and one line per problem on stderr:
@@ -335,6 +335,32 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from airflow_oellm.evaluation.run import evaluate
+
+    try:
+        document = evaluate(
+            args.hf_dir,
+            args.output_file,
+            tasks=args.tasks.split(","),
+            iteration=args.iteration,
+            text_file=args.text_file,
+            tokenizer_dir=args.tokenizer,
+            include_path=args.include_path,
+            window=args.window,
+            batch_size=args.batch_size,
+            dtype=args.dtype,
+            device=args.device,
+        )
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    metrics = ", ".join(f"{k} {v:.4g}" for k, v in document["metrics"].items())
+    at = "" if args.iteration is None else f" iteration {args.iteration}"
+    print(f"evaluated{at} ({', '.join(document['tasks'])}): {metrics} -> {args.output_file}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="airflow-oellm",
@@ -433,6 +459,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (5GB, 512MiB, bytes)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="evaluate a HuggingFace model directory offline and write a results JSON",
+        description="Evaluate a converted checkpoint without network access: the built-in `perplexity` task "
+        "(perplexity and bits per byte on a text file) and lm-evaluation-harness tasks (optional extra) such as "
+        "local YAML tasks under --include-path. Writes iteration, tasks, metrics and timings as JSON.",
+    )
+    p.add_argument("--hf-dir", required=True, metavar="DIR", help="the converted model")
+    p.add_argument("--output-file", required=True, metavar="FILE", help="results JSON to write (atomically)")
+    p.add_argument("--iteration", type=int, help="the checkpoint's iteration, recorded in the results")
+    p.add_argument("--tasks", default="perplexity", help="comma-separated: perplexity and/or lm-eval task names")
+    p.add_argument("--text-file", metavar="FILE", help="text for perplexity (default: a short built-in sample)")
+    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory when the HF dir has none")
+    p.add_argument("--include-path", metavar="DIR", help="directory of local lm-eval task YAML files")
+    p.add_argument("--window", type=int, default=1024, help="perplexity context window in tokens")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:0, ...")
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 
