@@ -477,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=1024, help="perplexity context window in tokens")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="float32")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:0, ...")
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:0, ...")
     p.set_defaults(func=cmd_evaluate)
     return parser
 

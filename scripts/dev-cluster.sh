@@ -7,6 +7,7 @@
 #   scripts/dev-cluster.sh down [--purge] stop what `up` started (--purge: also job state and logs)
 #   scripts/dev-cluster.sh status         exit 0 if ssh + sbatch work, else 1
 #   scripts/dev-cluster.sh env            print the connection settings (source with `set -a`)
+#   scripts/dev-cluster.sh tools          install airflow-oellm convert/evaluate for cluster jobs
 #
 # Tunables: see the header of scripts/dev-cluster/up.sh (SLURM_DEV_* variables).
 set -euo pipefail
@@ -16,6 +17,7 @@ case "${1:-}" in
   up) shift; exec bash "$here/dev-cluster/up.sh" "$@" ;;
   down) shift; exec bash "$here/dev-cluster/down.sh" "$@" ;;
   env) cat "$state_dir/cluster.env" ;;
+  tools) shift; exec bash "$here/dev-cluster/tools.sh" "$@" ;;
   status)
     [ -r "$state_dir/cluster.env" ] || { echo "dev cluster: not set up" >&2; exit 1; }
     if ssh -n -o ConnectTimeout=5 -F "$state_dir/ssh_config" slurm-dev 'sinfo -h -o %t' >/dev/null 2>&1; then
@@ -23,5 +25,5 @@ case "${1:-}" in
     else
       echo "dev cluster: down" >&2; exit 1
     fi ;;
-  *) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

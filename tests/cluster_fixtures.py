@@ -101,6 +101,18 @@ def dev_cluster() -> DevCluster:
     return cluster
 
 
+@pytest.fixture(scope="session")
+def cluster_tools(dev_cluster: DevCluster) -> Path:
+    """`airflow-oellm` (with the convert/evaluate extras) installed where cluster jobs can run it."""
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        ["bash", str(repo / "scripts" / "dev-cluster.sh"), "tools"], capture_output=True, text=True, timeout=900
+    )
+    if done.returncode:
+        pytest.fail(f"scripts/dev-cluster.sh tools failed: {done.stderr[-2000:]}")
+    return Path(done.stdout.strip().splitlines()[-1]) / "airflow-oellm"
+
+
 def _remote_dir(cluster: DevCluster) -> Iterator[str]:
     path = f"{cluster.env['SLURM_DEV_USER_HOME']}/oellm-tests/{uuid.uuid4().hex[:12]}"
     cluster.ssh(["mkdir", "-p", path])

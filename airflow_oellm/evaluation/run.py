@@ -100,7 +100,7 @@ def evaluate(
     window: int = 1024,
     batch_size: int = 4,
     dtype: str = "float32",
-    device: str = "cpu",
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Run `tasks` on the model in `hf_dir`; write and return the results document."""
     os.environ.update(OFFLINE)
@@ -112,6 +112,10 @@ def evaluate(
     text_path = Path(text_file) if text_file else DEFAULT_TEXT
     if PERPLEXITY in tasks and not text_path.is_file():
         raise EvaluationError(f"perplexity text file {text_path} does not exist")
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = _load(hf_dir, Path(tokenizer_dir) if tokenizer_dir else None, dtype, device)
     timings = {"load_seconds": round(time.monotonic() - started, 3)}
     metrics: dict[str, Any] = {}
@@ -142,6 +146,7 @@ def evaluate(
             "architecture": (model.config.architectures or [type(model).__name__])[0],
             "parameters": sum(p.numel() for p in model.parameters()),
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "device": device,
         },
         "timings": timings,
         "started_at": started_at,

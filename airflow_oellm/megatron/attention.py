@@ -28,8 +28,9 @@ def qkv_rows(num_heads: int, num_groups: int, head_dim: int) -> int:
     return (num_heads + 2 * num_groups) * head_dim
 
 
-def split_qkv(fused: Any, num_heads: int, num_groups: int, head_dim: int) -> tuple[Any, Any, Any]:
-    """q [nh·d, …], k [ng·d, …], v [ng·d, …] from a fused weight [rows, hidden] or bias [rows]."""
+def qkv_views(fused: Any, num_heads: int, num_groups: int, head_dim: int) -> tuple[Any, Any, Any]:
+    """q [ng, p, d, …], k [ng, d, …], v [ng, d, …] as views of a contiguous fused tensor (no copy):
+    in row-major order their elements are exactly HF's q/k/v projections."""
     rows = qkv_rows(num_heads, num_groups, head_dim)
     if fused.shape[0] != rows:
         raise AttentionLayoutError(
@@ -37,9 +38,16 @@ def split_qkv(fused: Any, num_heads: int, num_groups: int, head_dim: int) -> tup
             f"{head_dim} need {rows}"
         )
     per_group = num_heads // num_groups
+    blocks = fused.reshape(num_groups, per_group + 2, head_dim, *fused.shape[1:])
+    return blocks[:, :per_group], blocks[:, per_group], blocks[:, per_group + 1]
+
+
+def split_qkv(fused: Any, num_heads: int, num_groups: int, head_dim: int) -> tuple[Any, Any, Any]:
+    """q [nh·d, …], k [ng·d, …], v [ng·d, …] from a fused weight [rows, hidden] or bias [rows]."""
+    q, k, v = qkv_views(fused, num_heads, num_groups, head_dim)
     rest = tuple(fused.shape[1:])
-    blocks = fused.reshape(num_groups, per_group + 2, head_dim, *rest)
-    q = blocks[:, :per_group].reshape(num_heads * head_dim, *rest)
-    k = blocks[:, per_group].reshape(num_groups * head_dim, *rest)
-    v = blocks[:, per_group + 1].reshape(num_groups * head_dim, *rest)
-    return q, k, v
+    return (
+        q.reshape(num_heads * head_dim, *rest),
+        k.reshape(num_groups * head_dim, *rest),
+        v.reshape(num_groups * head_dim, *rest),
+    )

@@ -97,7 +97,7 @@ def convert_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
         try:
-            files = write_model(staging, tensors, shard_bytes)
+            files = write_model(staging, tensors, shard_bytes, reader.source_range)
             (staging / "config.json").write_text(json.dumps(spec.hf_config(out_dtype), indent=2) + "\n")
             tokenizer_files = _copy_tokenizer(layout.directory / TOKENIZER_DIR, staging)
             result = ConversionResult(

@@ -22,39 +22,43 @@ import torch
 
 from airflow_oellm.megatron import readers as mg
 from airflow_oellm.megatron.architecture import ModelSpec
-from airflow_oellm.megatron.attention import split_qkv
+from airflow_oellm.megatron.attention import qkv_views
 from airflow_oellm.megatron.readers import CheckpointReader
 from airflow_oellm.megatron.safetensors_stream import OutputTensor
 
 
 class _LastRead:
-    """Remembers the last tensor read: q, k and v come from one linear_qkv read, gate and up from one fc1."""
+    """Remembers the last tensor read: q, k and v come from one linear_qkv read."""
 
     def __init__(self, reader: CheckpointReader) -> None:
         self.reader = reader
-        self.key: tuple[str, int | None] | None = None
+        self.key: tuple[str, int | None, tuple[int, int] | None] | None = None
         self.value: torch.Tensor | None = None
 
-    def __call__(self, name: str, layer: int | None = None) -> torch.Tensor:
-        if self.key != (name, layer):
+    def __call__(self, name: str, layer: int | None = None, rows: slice | None = None) -> torch.Tensor:
+        key = (name, layer, None if rows is None else (rows.start, rows.stop))
+        if self.key != key:
             self.value = None  # free the previous one before reading the next
-            self.value = self.reader.read(name, layer)
-            self.key = (name, layer)
+            self.reader.release()
+            self.value = self.reader.read(name, layer, rows)
+            self.key = key
         assert self.value is not None
         return self.value
 
 
 def hf_tensors(spec: ModelSpec, reader: CheckpointReader, dtype: torch.dtype) -> list[OutputTensor]:
-    """Every HF tensor in file order, each read and converted only when written."""
+    """Every HF tensor in file order, each read and converted only when written. A producer may
+    return a view of another shape (q/k/v per query group): its elements in row-major order are
+    the tensor's."""
     read = _LastRead(reader)
     hidden, ffn, d = spec.hidden_size, spec.ffn_hidden_size, spec.head_dim
     q_rows, kv_rows = spec.num_heads * d, spec.num_groups * d
 
     def qkv_part(layer: int, part: int) -> Callable[[], torch.Tensor]:
-        return lambda: split_qkv(read(mg.QKV, layer), spec.num_heads, spec.num_groups, d)[part]
+        return lambda: qkv_views(read(mg.QKV, layer), spec.num_heads, spec.num_groups, d)[part]
 
     def fc1_part(layer: int, part: int) -> Callable[[], torch.Tensor]:
-        return lambda: read(mg.FC1, layer)[part * ffn : (part + 1) * ffn]
+        return lambda: read(mg.FC1, layer, slice(part * ffn, (part + 1) * ffn))
 
     def whole(name: str, layer: int | None = None) -> Callable[[], torch.Tensor]:
         return lambda: read(name, layer)

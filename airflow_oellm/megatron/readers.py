@@ -16,13 +16,14 @@ parallel linear layers.
 from __future__ import annotations
 
 import argparse
-import io
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
+from airflow_oellm.megatron.distcp import CheckpointReadError, ChunkFiles
 from airflow_oellm.megatron.layout import CheckpointLayout
 from airflow_oellm.megatron.unpickle import load_distcp_metadata, load_torch_pickle
 
@@ -48,26 +49,32 @@ _TP_COLUMNS = {ATTENTION_OUT, FC2}  # row-parallel: TP shards side by side on di
 _LEGACY_LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
-class CheckpointReadError(ValueError):
-    """The checkpoint's files do not hold what its metadata or arguments promise."""
-
-
-class CheckpointReader:
+class CheckpointReader(ABC):
     """Common interface; see the module doc."""
 
     args: argparse.Namespace
     common: dict[str, Any]
 
-    def has(self, name: str) -> bool:
-        raise NotImplementedError
+    @abstractmethod
+    def has(self, name: str) -> bool: ...
 
+    @abstractmethod
     def shape(self, name: str) -> tuple[int, ...]:
         """Global shape; for a layer suffix, one layer's."""
-        raise NotImplementedError
 
-    def read(self, name: str, layer: int | None = None) -> torch.Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def read(self, name: str, layer: int | None = None, rows: slice | None = None) -> torch.Tensor:
+        """The global tensor (one layer's for a layer suffix), or only `rows` of its first dimension."""
 
+    def source_range(self, tensor: torch.Tensor) -> tuple[int, int] | None:
+        """(file descriptor, offset) holding this tensor's bytes as they are, if it is a view of a file."""
+        return None
+
+    @abstractmethod
+    def release(self) -> None:
+        """Drop mapped file pages read so far from the process (they are read again if needed)."""
+
+    @abstractmethod
     def close(self) -> None:
         """Release files and mapped memory."""
 
@@ -90,7 +97,7 @@ class TorchDistReader(CheckpointReader):
             k[len(prefix) :]: (k, v) for k, v in keys.items() if k.startswith(prefix) and hasattr(v, "chunks")
         }
         self._storage = {(index.fqn, tuple(index.offset or ())): info for index, info in metadata.storage_data.items()}
-        self._files: dict[str, Any] = {}
+        self._files = ChunkFiles(layout.directory)
         if layout.common_file is not None:
             self.common, self.args = _args_of(load_torch_pickle(layout.common_file), str(layout.common_file))
         else:
@@ -129,48 +136,56 @@ class TorchDistReader(CheckpointReader):
         except KeyError:
             raise CheckpointReadError(f"{self.directory} has no tensor {key}") from None
 
-    def _bytes(self, fqn: str, offsets: tuple[int, ...]) -> bytes:
+    def _info(self, fqn: str, offsets: tuple[int, ...]) -> Any:
         info = self._storage.get((fqn, offsets))
         if info is None:
             raise CheckpointReadError(f"{self.directory}/.metadata lists no storage for {fqn} at {offsets}")
-        if getattr(info, "transform_descriptors", None):
-            raise CheckpointReadError(
-                f"{fqn} is stored with transforms {info.transform_descriptors} (compressed?); not supported"
-            )
-        handle = self._files.get(info.relative_path)
-        if handle is None:
-            handle = self._files[info.relative_path] = (self.directory / info.relative_path).open("rb")
-        handle.seek(info.offset)
-        data = handle.read(info.length)
-        if len(data) != info.length:
-            raise CheckpointReadError(f"{self.directory}/{info.relative_path} is truncated (reading {fqn})")
-        return data
+        return info
 
-    def read(self, name: str, layer: int | None = None) -> torch.Tensor:
+    def _bytes(self, fqn: str, offsets: tuple[int, ...]) -> bytes:
+        return self._files.raw(self._info(fqn, offsets), fqn)
+
+    def read(self, name: str, layer: int | None = None, rows: slice | None = None) -> torch.Tensor:
+        """When one stored chunk holds exactly what is asked, a view of the mapped file (no copy)."""
         key, stacked = self._name(name, layer)
         stored_key, meta = self._entry(key)
         size = tuple(meta.size)
         shape = size[1:] if stacked else size
-        out = torch.empty(shape, dtype=meta.properties.dtype)
-        filled = 0
+        first, last = (0, shape[0]) if rows is None else (rows.start, rows.stop)
+        shape = (last - first, *shape[1:])
+        pieces = []
         for chunk in meta.chunks:
             offsets, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
-            if stacked and not offsets[0] <= layer < offsets[0] + sizes[0]:
-                continue
-            data = torch.load(io.BytesIO(self._bytes(stored_key, offsets)), map_location="cpu", weights_only=True)
-            data = data.reshape(sizes)
             if stacked:
-                data, offsets, sizes = data[layer - offsets[0]], offsets[1:], sizes[1:]
+                if not offsets[0] <= layer < offsets[0] + sizes[0]:
+                    continue
+                layer_in_chunk, offsets, sizes = layer - offsets[0], offsets[1:], sizes[1:]
+            top, bottom = max(offsets[0], first), min(offsets[0] + sizes[0], last)
+            if top >= bottom:
+                continue
+            data = self._files.tensor(self._info(stored_key, tuple(chunk.offsets)), meta.properties.dtype,
+                                      tuple(chunk.sizes), stored_key)  # fmt: skip
+            if stacked:
+                data = data[layer_in_chunk]
+            data = data[top - offsets[0] : bottom - offsets[0]]
+            pieces.append(((top - first, *offsets[1:]), (bottom - top, *sizes[1:]), data))
+        if len(pieces) == 1 and pieces[0][1] == shape:
+            return pieces[0][2]
+        out = torch.empty(shape, dtype=meta.properties.dtype)
+        for offsets, sizes, data in pieces:
             out[tuple(slice(o, o + s) for o, s in zip(offsets, sizes, strict=True))] = data
-            filled += data.numel()
-        if filled != out.numel():
+        if sum(data.numel() for _, _, data in pieces) != out.numel():
             raise CheckpointReadError(f"{self.directory}: the stored chunks of {key} do not cover its shape {shape}")
         return out
 
+    def source_range(self, tensor: torch.Tensor) -> tuple[int, int] | None:
+        return self._files.source_range(tensor)
+
+    def release(self) -> None:
+        self._files.release()
+
     def close(self) -> None:
-        for handle in self._files.values():
-            handle.close()
-        self._files.clear()
+        self._files.close()
 
 
 class LegacyReader(CheckpointReader):
@@ -237,11 +252,14 @@ class LegacyReader(CheckpointReader):
         return any(name in names for names in self._names_by_stage)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(
-            self.read(name, None if name.startswith(("embedding.", "output_layer.", "decoder.final")) else 0).shape
-        )
+        layer = None if name in (EMBEDDING, OUTPUT_LAYER, FINAL_NORM) else 0
+        shapes = [tuple(shard.shape) for shard in self._shards(name, layer)]
+        if len(shapes) == 1 or name not in _TP_ROWS | _TP_COLUMNS | {FC1}:
+            return shapes[0]
+        dim = 1 if name in _TP_COLUMNS else 0
+        return (*shapes[0][:dim], sum(shape[dim] for shape in shapes), *shapes[0][dim + 1 :])
 
-    def read(self, name: str, layer: int | None = None) -> torch.Tensor:
+    def _shards(self, name: str, layer: int | None) -> list[torch.Tensor]:
         stage, key = self._place(name, layer)
         shards = []
         for tp, model in enumerate(self._use_stage(stage)):
@@ -249,7 +267,14 @@ class LegacyReader(CheckpointReader):
             if not isinstance(tensor, torch.Tensor):
                 raise CheckpointReadError(f"{self.layout.rank_files[(tp, stage)]} has no tensor {key}")
             shards.append(tensor)
-        return merge_tensor_parallel(name, shards)
+        return shards
+
+    def read(self, name: str, layer: int | None = None, rows: slice | None = None) -> torch.Tensor:
+        merged = merge_tensor_parallel(name, self._shards(name, layer))
+        return merged if rows is None else merged[rows]
+
+    def release(self) -> None:
+        """Nothing to do: torch maps the rank files; a stage's pages go when the next stage is loaded."""
 
     def close(self) -> None:
         self._stage_dicts = []

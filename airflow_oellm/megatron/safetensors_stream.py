@@ -5,17 +5,23 @@ header (8-byte little-endian length, JSON name -> dtype/shape/byte range, space-
 is written first and the tensors are then produced, written and dropped in header order. Shard
 boundaries are planned from the sizes; with more than one shard `model.safetensors.index.json`
 maps names to files, as `transformers` expects.
+
+A produced tensor is written in row-major order, piece by contiguous piece, without a copy; a piece
+whose bytes lie unchanged in a source file (a view of a memory-mapped checkpoint) is copied file to
+file by the kernel (`copy_file_range`, what `cp` uses).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -39,7 +45,7 @@ class OutputTensor:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def parse_size(text: str | int) -> int:
@@ -80,21 +86,66 @@ def _header(tensors: list[OutputTensor]) -> bytes:
     return struct.pack("<Q", len(text)) + text
 
 
+SourceRange = Callable[[torch.Tensor], "tuple[int, int] | None"]
+_SMALL = 1 << 20  # below this a strided piece is simply copied
+
+
 def _produced(tensor: OutputTensor) -> torch.Tensor:
     data = tensor.produce()
-    if tuple(data.shape) != tensor.shape:
+    if data.numel() != math.prod(tensor.shape) or (data.dim() and data.shape[-1] != tensor.shape[-1]):
         raise ValueError(f"{tensor.name}: produced shape {tuple(data.shape)}, planned {tensor.shape}")
-    return data.to(tensor.dtype).contiguous()
+    return data.to(tensor.dtype)
 
 
-def write_file(path: Path, tensors: list[OutputTensor]) -> int:
-    """One safetensors file; returns its data bytes."""
-    with path.open("wb") as f:
-        f.write(_header(tensors))
+def _pieces(data: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Contiguous tensors whose bytes, one after the other, are `data` in row-major order."""
+    if data.is_contiguous():
+        yield data
+    elif data.dim() <= 1 or data.numel() * data.element_size() < _SMALL:
+        yield data.contiguous()
+    else:
+        for part in data:
+            yield from _pieces(part)
+
+
+def _write_all(out: BinaryIO, view: memoryview) -> None:
+    while view:  # an unbuffered write may take only part
+        view = view[out.write(view) :]
+
+
+def _write_memory(out: BinaryIO, piece: torch.Tensor) -> None:
+    # the tensor's own memory as bytes: no second copy as `tobytes()` would make
+    _write_all(out, memoryview(piece.reshape(-1).view(torch.uint8).numpy()))
+
+
+def _copy_file_range(source: int, offset: int, out: BinaryIO, nbytes: int) -> bool:
+    """Kernel copy of source[offset:offset+nbytes] to out's position; False if unsupported here."""
+    done = 0
+    while done < nbytes:
+        try:
+            step = os.copy_file_range(source, out.fileno(), nbytes - done, offset + done)
+        except OSError:
+            if done:
+                raise
+            return False
+        if step == 0:
+            raise OSError(f"source file ended {nbytes - done} bytes early")
+        done += step
+    return True
+
+
+def write_file(path: Path, tensors: list[OutputTensor], source_range: SourceRange | None = None) -> int:
+    """One safetensors file; returns its data bytes. `source_range(piece)`: (fd, offset) of a
+    piece's bytes in a file, or None."""
+    with path.open("wb", buffering=0) as out:
+        _write_all(out, memoryview(_header(tensors)))
         for tensor in tensors:
             data = _produced(tensor)
-            # the tensor's own memory as bytes: no second copy as `tobytes()` would make
-            f.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+            for piece in _pieces(data):
+                where = source_range(piece) if source_range else None
+                nbytes = piece.numel() * piece.element_size()
+                if where is None or not _copy_file_range(where[0], where[1], out, nbytes):
+                    _write_memory(out, piece)
             del data
     return sum(t.nbytes for t in tensors)
 
@@ -107,14 +158,16 @@ def shard_names(count: int) -> Iterator[str]:
         yield f"model-{i + 1:05d}-of-{count:05d}.safetensors"
 
 
-def write_model(directory: Path, tensors: list[OutputTensor], max_shard_bytes: int) -> list[str]:
+def write_model(
+    directory: Path, tensors: list[OutputTensor], max_shard_bytes: int, source_range: SourceRange | None = None
+) -> list[str]:
     """The model's safetensors file(s) (+ index when sharded) in `directory`; returns the file names."""
     shards = plan_shards(tensors, max_shard_bytes)
     names = list(shard_names(len(shards)))
     weight_map: dict[str, str] = {}
     total = 0
     for name, shard in zip(names, shards, strict=True):
-        total += write_file(directory / name, shard)
+        total += write_file(directory / name, shard, source_range)
         weight_map.update((t.name, name) for t in shard)
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}

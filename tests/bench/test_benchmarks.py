@@ -50,3 +50,17 @@ def test_dag_parse_benchmark_runs_against_its_baselines():
     assert ours["marginal_ms_per_dag"] < factory["marginal_ms_per_dag"], result
     # target < 0.3 s for a worker building the one DAG it runs (measured ~0.25 s out of 1,000)
     assert result["worker_one_dag_seconds"] < 1.0, result
+
+
+@pytest.mark.convert
+def test_convert_benchmark_streams_below_the_naive_baseline(tmp_path):
+    import checkpoint_conversion
+
+    # 88M parameters, 176 MB bf16
+    result = checkpoint_conversion.measure("bench_small_bf16", repeat=1, workdir=tmp_path)
+    assert result["tensors_identical"] == 21  # ours and torch.distributed.checkpoint's full load agree
+    ours, naive = result["variants"]["ours"], result["variants"]["naive"]
+    # the naive converter holds the whole model (twice, while casting); ours about one tensor
+    assert ours["peak_rss_mb"] < naive["peak_rss_mb"] - 150, result
+    # target within 3x of cp on the 700M model (measured 1.5-3x here); the small one only checks sanity
+    assert ours["convert_seconds"] < 10 * max(result["variants"]["cp"]["convert_seconds"], 0.1), result

@@ -48,61 +48,26 @@ from megatron.core.transformer.transformer_config import TransformerConfig  # no
 ITERATION = 100
 SEQUENCE = 12
 
-# name -> model settings; kept tiny so the committed fixtures stay small (qwen3_gqa's vocabulary
-# holds a byte-level tokenizer for the evaluation tests)
+
+def _case(layers, hidden, heads, groups, head_dim, ffn, vocab, tied, qk_norm, theta, eps, bf16=False) -> dict:
+    return dict(
+        layers=layers, hidden=hidden, heads=heads, groups=groups, head_dim=head_dim, ffn=ffn, vocab=vocab,
+        tied=tied, qk_norm=qk_norm, theta=theta, eps=eps, bf16=bf16,
+    )  # fmt: skip
+
+
+# name -> model settings; the gold ones are tiny so the committed fixtures stay small (qwen3_gqa's
+# vocabulary holds a byte-level tokenizer for the evaluation tests). groups None = no GQA (MHA).
 CASES: dict[str, dict] = {
-    "llama_gqa": dict(
-        layers=4,
-        hidden=16,
-        heads=4,
-        groups=2,
-        head_dim=None,
-        ffn=32,
-        vocab=64,
-        tied=False,
-        qk_norm=False,
-        theta=500000.0,
-        eps=1e-5,
-    ),
-    "llama_mha_tied": dict(
-        layers=2,
-        hidden=16,
-        heads=4,
-        groups=None,
-        head_dim=None,
-        ffn=32,
-        vocab=64,
-        tied=True,
-        qk_norm=False,
-        theta=10000.0,
-        eps=1e-6,
-    ),
-    "qwen3_gqa": dict(
-        layers=2,
-        hidden=16,
-        heads=4,
-        groups=2,
-        head_dim=16,
-        ffn=32,
-        vocab=384,
-        tied=False,
-        qk_norm=True,
-        theta=1000000.0,
-        eps=1e-6,
-    ),
-    "qwen3_mqa_tied": dict(
-        layers=2,
-        hidden=16,
-        heads=4,
-        groups=1,
-        head_dim=12,
-        ffn=32,
-        vocab=64,
-        tied=True,
-        qk_norm=True,
-        theta=1000000.0,
-        eps=1e-6,
-    ),
+    #                  layers hidden heads groups head_dim ffn vocab  tied   qk_norm  theta  eps
+    "llama_gqa": _case(4, 16, 4, 2, None, 32, 64, False, False, 500000.0, 1e-5),
+    "llama_mha_tied": _case(2, 16, 4, None, None, 32, 64, True, False, 10000.0, 1e-6),
+    "qwen3_gqa": _case(2, 16, 4, 2, 16, 32, 384, False, True, 1000000.0, 1e-6),
+    "qwen3_mqa_tied": _case(2, 16, 4, 1, 12, 32, 64, True, True, 1000000.0, 1e-6),
+    # benchmarks/checkpoint_conversion.py: a 700M-parameter bf16 Llama (TinyLlama-like widths), a small one
+    # for its test
+    "bench_700m_bf16": _case(12, 2048, 16, 8, None, 5632, 32000, False, False, 10000.0, 1e-5, bf16=True),
+    "bench_small_bf16": _case(2, 1024, 8, 4, None, 2816, 32000, False, False, 10000.0, 1e-5, bf16=True),
 }
 
 
@@ -138,9 +103,9 @@ def megatron_args(case: dict, tp: int = 1, pp: int = 1) -> argparse.Namespace:
         make_vocab_size_divisible_by=128,
         max_position_embeddings=64,
         seq_length=64,
-        bf16=False,
+        bf16=case["bf16"],
         fp16=False,
-        params_dtype=torch.float32,
+        params_dtype=dtype_of(case),
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         ckpt_format="torch_dist",
@@ -149,6 +114,10 @@ def megatron_args(case: dict, tp: int = 1, pp: int = 1) -> argparse.Namespace:
         model_type=ModelType.encoder_or_decoder,
         iteration=ITERATION,
     )
+
+
+def dtype_of(case: dict) -> torch.dtype:
+    return torch.bfloat16 if case["bf16"] else torch.float32
 
 
 def model_config(case: dict) -> TransformerConfig:
@@ -167,8 +136,9 @@ def model_config(case: dict) -> TransformerConfig:
         qk_layernorm=case["qk_norm"],
         add_bias_linear=False,
         use_cpu_initialization=True,
-        params_dtype=torch.float32,
-        pipeline_dtype=torch.float32,
+        params_dtype=dtype_of(case),
+        pipeline_dtype=dtype_of(case),
+        bf16=case["bf16"],
         hidden_dropout=0.0,
         attention_dropout=0.0,
         bias_activation_fusion=False,
@@ -268,7 +238,7 @@ def reference_logits(model: GPTModel, vocab: int) -> dict[str, torch.Tensor]:
     return {"tokens": tokens, "logits": logits.float().contiguous()}
 
 
-def build(name: str, out: Path) -> None:
+def build(name: str, out: Path, legacy: bool = True) -> None:
     case = CASES[name]
     init_parallel(1, 1)
     torch.manual_seed(1234)
@@ -279,8 +249,10 @@ def build(name: str, out: Path) -> None:
                 param.add_(0.1 * torch.randn_like(param))
     args = megatron_args(case)
     save_torch_dist(model, args, out / "torch_dist")
-    save_legacy(model, args, out / "torch")
-    torch.save(reference_logits(model, case["vocab"]), out / "reference.pt")
+    if legacy:
+        save_legacy(model, args, out / "torch")
+    if not case["bf16"]:  # the gold comparison is fp32 (bf16 logits differ by ~0.1)
+        torch.save(reference_logits(model, case["vocab"]), out / "reference.pt")
 
 
 def reshard(name: str, out: Path, tp: int, pp: int) -> None:
@@ -304,12 +276,13 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("tp", type=int, nargs="?", default=1)
     parser.add_argument("pp", type=int, nargs="?", default=1)
+    parser.add_argument("--torch-dist-only", action="store_true", help="build: no legacy copy")
     options = parser.parse_args()
     # relative paths only: the distributed checkpoint records the path it was saved to
     os.chdir(options.out)
     options.out = Path(".")
     if options.mode == "build":
-        build(options.case, options.out)
+        build(options.case, options.out, legacy=not options.torch_dist_only)
     else:
         reshard(options.case, options.out, options.tp, options.pp)
     torch.distributed.barrier()

@@ -110,8 +110,8 @@ def test_converting_again_replaces_the_output_and_a_failure_keeps_the_previous(
 
     real_write = convert_module.write_model
 
-    def dies_half_way(directory: Path, tensors: list, max_shard_bytes: int) -> list[str]:
-        real_write(directory, tensors[: len(tensors) // 2], max_shard_bytes)
+    def dies_half_way(directory: Path, tensors: list, *args: object) -> list[str]:
+        real_write(directory, tensors[: len(tensors) // 2], *args)
         raise OSError("disk quota exceeded")
 
     monkeypatch.setattr(convert_module, "write_model", dies_half_way)
@@ -255,3 +255,31 @@ def test_cli_convert(tmp_path: Path) -> None:
     )
     assert missing.returncode == 1 and "has no checkpoint iter_0000200" in missing.stderr
     assert "Traceback" not in missing.stderr and not (tmp_path / "x").exists()
+
+
+def test_conversion_does_not_import_torch_distributed_checkpoint(tmp_path: Path) -> None:
+    # importing it costs ~0.8 s per conversion job (DTensor, sympy); .metadata is read into plain records
+    probe = (
+        "import sys; from airflow_oellm.megatron.convert import convert_checkpoint; "
+        f"convert_checkpoint({str(LLAMA / 'torch_dist')!r}, {str(tmp_path / 'hf')!r}); "
+        "print('torch.distributed.checkpoint' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+
+
+def test_metadata_falls_back_to_torch_classes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from airflow_oellm.megatron import unpickle
+
+    path = LLAMA / "torch_dist" / "iter_0000100" / ".metadata"
+    light = load_distcp_metadata(path)
+    monkeypatch.setattr(unpickle, "_usable", lambda metadata: False)  # as if another torch pickled it
+    real = load_distcp_metadata(path)
+    assert type(real).__module__ == "torch.distributed.checkpoint.metadata"
+    assert type(light).__module__ != type(real).__module__
+    for key, value in real.state_dict_metadata.items():
+        if hasattr(value, "chunks"):
+            other = light.state_dict_metadata[key]
+            assert (other.size, other.properties.dtype) == (value.size, value.properties.dtype)
+            assert [(c.offsets, c.sizes) for c in other.chunks] == [(c.offsets, c.sizes) for c in value.chunks]

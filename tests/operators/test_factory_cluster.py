@@ -5,6 +5,7 @@ report. And a bad run conf that must not reach SLURM."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,8 @@ from tests.conftest import REPO
 from tests.operators.conftest import xcom
 
 FAKE_TOOLS = REPO / "tests" / "fixtures" / "fake_tools.py"
+GOLD = REPO / "tests" / "fixtures" / "megatron" / "core-0.19.2" / "qwen3_gqa"
+BYTE_TOKENIZER = REPO / "tests" / "fixtures" / "byte_tokenizer"
 pytestmark = pytest.mark.factory
 
 
@@ -119,3 +122,52 @@ def test_bad_conf_is_rejected_before_anything_reaches_slurm(factory_sweep, dev_c
     scripts = dev_cluster.ssh(["squeue", "-h", "--me", "-t", "all", "-o", "%o"]).stdout.split()
     assert [s for s in scripts if s.startswith(exp.paths.output_dir)] == []
     assert dev_cluster.ssh(["test", "-e", f"{exp.paths.output_dir}/scripts"], check=False).returncode != 0
+
+
+@pytest.mark.convert
+def test_checkpoint_branch_converts_and_evaluates_for_real(
+    dev_cluster, remote_dir, fake_megatron, slurm_conn_id, run_dag, cluster_tools
+):
+    """The checkpoint branch with the real `airflow-oellm convert` / `evaluate` as SLURM jobs: the trainer
+    saves a real megatron-core checkpoint (a gold fixture, with the training tokenizer beside it)."""
+    template = f"{remote_dir}/megatron_iter"
+    dev_cluster.ssh(["cp", "-r", str(GOLD / "torch_dist" / "iter_0000100"), template])
+    dev_cluster.ssh(["cp", "-r", str(BYTE_TOKENIZER), f"{template}/tokenizer"])
+    sweep = load_sweep(
+        REPO / "config" / "sweeps" / "cooldowns_and_evals.yaml",
+        [
+            f"project.base_output_dir={remote_dir}/runs",
+            f"platform.ssh_conn_id={slurm_conn_id}",
+            "backend.python=python3",
+            f"backend.entrypoint={fake_megatron}",
+            "backend.megatron_path=null",
+            "backend.args.train_iters=10",
+            "backend.args.save_interval=10",
+            "++backend.args.iter_seconds=0.1",
+            f"+platform.env.FAKE_CHECKPOINT_FROM={template}",
+            "monitoring.poll_interval_seconds=2",
+            f"conversion.command=[{cluster_tools}, convert]",
+            f"evaluation.command=[{cluster_tools}, evaluate]",
+            "evaluation.suites=[{name: quick, tasks: [perplexity], args: [--window, '32']}]",
+            "cooldowns=[]",
+            "dag.deferrable=false",
+        ],
+    )
+    exp = sweep.experiments[0]
+    dr = run_dag(experiment_dag(sweep, exp))
+    states = {(ti.task_id, ti.map_index): ti.state for ti in dr.get_task_instances()}
+    assert dr.state == "success", states
+    out = exp.paths.output_dir
+    hf = Path(out) / "hf" / "iter_0000010"  # the dev cluster's filesystem is this machine's
+    assert json.loads((hf / "conversion.json").read_text())["iteration"] == 10
+    assert (hf / "tokenizer.json").exists()  # copied from the checkpoint's tokenizer/
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(hf)
+    ids = AutoTokenizer.from_pretrained(hf)("checkpoint", return_tensors="pt")["input_ids"]
+    assert model(ids).logits.shape == (1, ids.shape[1], 384)
+    result = json.loads(dev_cluster.ssh(["cat", f"{out}/evaluations/iter_0000010/quick.json"]).stdout)
+    assert result["iteration"] == 10 and result["tasks"] == ["perplexity"]
+    assert result["model"]["architecture"] == "Qwen3ForCausalLM" and result["metrics"]["perplexity"] > 1
+    rows = {r["iteration"]: r for r in xcom(dr, "report")["rows"]}
+    assert rows[10]["quick.perplexity"] == result["metrics"]["perplexity"]
