@@ -79,11 +79,12 @@ def _lm_eval(model: Any, tokenizer: Any, tasks: list[str], include_path: Path | 
 
 
 def _flat_metrics(results: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """lm-eval's {task: {"acc,none": 0.5, "acc_stderr,none": ...}} -> {"task.acc": 0.5, ...}."""
+    """lm-eval's {task: {"acc,none": 0.5, "acc_stderr,none": ..., "sample_len": 20}} ->
+    {"task.acc": 0.5, "task.acc_stderr": ...}: metrics are the `metric,filter` keys."""
     flat = {}
     for task, values in results.items():
         for key, value in values.items():
-            if isinstance(value, int | float) and not isinstance(value, bool):
+            if "," in key and isinstance(value, int | float) and not isinstance(value, bool):
                 flat[f"{task}.{key.split(',')[0]}"] = value
     return flat
 
