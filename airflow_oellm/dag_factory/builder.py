@@ -74,6 +74,7 @@ def experiment_doc(sweep: Sweep, exp: Experiment) -> str:
 def experiment_dag(sweep: Sweep, exp: Experiment, config_dirs: list[str] | None = None) -> DAG:
     cfg = exp.config
     conn = {"ssh_conn_id": cfg.platform.ssh_conn_id, "local": cfg.platform.local_commands}
+    templates = {"template_dirs": [str(d) for d in sweep.template_dirs]}
     # a swept key is what the experiment is: it stays out of the form (an override of it is refused)
     params = run_params(exp.resolved, [k for k in cfg.dag.params if k not in exp.parameters])
     defaults = {k: p.value for k, p in params.items() if k != OVERRIDES_PARAM}
@@ -82,10 +83,10 @@ def experiment_dag(sweep: Sweep, exp: Experiment, config_dirs: list[str] | None 
         poll["mode"] = "reschedule"
     waiting = {"deferrable": cfg.dag.deferrable}
     restart = restart_policy(cfg)
-    training = {**conn, **waiting, **restart}
+    training = {**conn, **waiting, **restart, **templates}
     # side jobs are idempotent; one retry covers a lost worker or a deferral race (a job that ends
     # within a second of the task deferring can be marked for retry by the scheduler)
-    side = {**conn, **waiting, "retries": 1, "retry_delay": restart["retry_delay"]}
+    side = {**conn, **waiting, **templates, "retries": 1, "retry_delay": restart["retry_delay"]}
     with DAG(
         dag_id=exp.dag_id,
         schedule=cfg.dag.schedule,

@@ -165,7 +165,7 @@ class PrepareExperimentOperator(BaseOperator):
                 config = with_cooldown_points(config, points)
                 overrides.append(f"{COOLDOWN_POINTS_PARAM}={json.dumps(points)}")  # for the provenance record
             milestones = plan(config)
-            render_run_scripts(config, milestones)
+            render_run_scripts(config, milestones, sweep.template_dirs)
         except (ConfigError, RenderError) as exc:
             raise AirflowFailException(f"invalid overrides or config for this run:\n{exc}") from None
         self.log.info("experiment %s, run time %s, overrides %s", self.experiment_name, when.isoformat(), overrides)

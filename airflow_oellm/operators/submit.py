@@ -131,6 +131,7 @@ class SlurmSubmitOperator(BaseOperator):
         poll_interval: float | None = None,
         wait_for_completion: bool = True,
         deferrable: bool = True,
+        template_dirs: Sequence[str] = (),
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -158,6 +159,7 @@ class SlurmSubmitOperator(BaseOperator):
         self.poll_interval = poll_interval
         self.wait_for_completion = wait_for_completion
         self.deferrable = deferrable
+        self.template_dirs = [str(d) for d in template_dirs]  # a project's templates/, before the package's
 
     # ---------------------------------------------------------------- settings
 
@@ -281,7 +283,7 @@ class SlurmSubmitOperator(BaseOperator):
         if s["config"] is None:
             return self.script
         cfg = resume_own_checkpoint(s["config"], own_checkpoint)
-        return render_sbatch(cfg, JobSpec(job_name=s["name"], exclude=list(exclude)))
+        return render_sbatch(cfg, JobSpec(job_name=s["name"], exclude=list(exclude)), template_dirs=self.template_dirs)
 
     def _write_status(
         self,

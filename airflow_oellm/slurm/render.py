@@ -229,7 +229,9 @@ def render_sbatch(
         raise RenderError("platform.template", f"template {name!r}: {exc.message}") from None
 
 
-def render_run_scripts(config: dict[str, Any], milestones: Milestones) -> list[str]:
+def render_run_scripts(
+    config: dict[str, Any], milestones: Milestones, template_dirs: Iterable[str | os.PathLike[str]] = ()
+) -> list[str]:
     """Every kind of script a run submits (training, each cooldown, one conversion and one
     evaluation), so a bad value fails before the first job does. Raises RenderError/ConfigError."""
     jobs = [config]
@@ -237,4 +239,4 @@ def render_run_scripts(config: dict[str, Any], milestones: Milestones) -> list[s
     for e in milestones.evaluations[:1]:
         jobs.append(job_config(config, {"kind": "convert", "iteration": e["iteration"], "cooldown": e["cooldown"]}))
         jobs.append(job_config(config, {"kind": "evaluate", **e}))
-    return [render_sbatch(typed(job)) for job in jobs]
+    return [render_sbatch(typed(job), template_dirs=template_dirs) for job in jobs]

@@ -173,3 +173,28 @@ def test_scheduled_sweep(write):
     dag = experiment_dag(sweep, sweep.experiments[0])
     assert dag.catchup and dag.start_date.isoformat() == "2026-11-01T00:00:00+00:00" and "speed" in dag.tags
     assert dag.get_task("prepare").scheduled
+
+
+def test_project_sbatch_templates_reach_the_operators(write, project):
+    """A config root's templates/ is used for every script a run submits, as by `airflow-oellm render`."""
+    from airflow_oellm.operators.submit import SlurmSubmitOperator
+
+    write(
+        "config/templates/mini.sbatch.j2",
+        '{% extends "base.sbatch.j2" %}\n{% block platform %}\necho "site hook {{ exp.name }}"\n{% endblock %}\n',
+    )
+    path = write(
+        "config/sweeps/t.yaml",
+        "defaults: [{platform: mini}]\nproject: {name: t, base_output_dir: /r}\nplatform: {template: mini.sbatch.j2}\n"
+        "backend: {args: {train_iters: 20, save_interval: 10}}\n",
+    )
+    sweep = load_sweep(path)
+    exp = sweep.experiments[0]
+    dag = experiment_dag(sweep, exp)
+    for task_id in ("train", "checkpoint.convert", "checkpoint.evaluate"):
+        dirs = dag.get_task(task_id).template_dirs
+        assert dirs == [str(d) for d in sweep.template_dirs] and str(project / "templates") in dirs, task_id
+    for job in (None, {"kind": "convert", "iteration": 10, "cooldown": None}):
+        op = SlurmSubmitOperator(task_id="t", experiment=exp.resolved, job=job, template_dirs=sweep.template_dirs)
+        op.experiment, op.job = exp.resolved, job  # as template rendering leaves them at run time
+        assert 'echo "site hook ' in op._script(op._settings(), [], None)
