@@ -16,6 +16,7 @@ parallel linear layers.
 from __future__ import annotations
 
 import argparse
+import io
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
@@ -104,9 +105,10 @@ class TorchDistReader(CheckpointReader):
             items = [k for k, v in keys.items() if k.startswith("common_state") and not hasattr(v, "chunks")]
             if not items:
                 raise CheckpointReadError(f"{self.directory} has neither common.pt nor a common_state item")
-            self.common, self.args = _args_of(
-                load_torch_pickle(self._bytes(items[0], ())), f"{self.directory}:{items[0]}"
-            )
+            common = load_torch_pickle(self._bytes(items[0], ()))
+            if isinstance(common, io.BytesIO):  # torch's own writer pickles the BytesIO it was given
+                common = load_torch_pickle(common.getvalue())
+            self.common, self.args = _args_of(common, f"{self.directory}:{items[0]}")
 
     def _name(self, name: str, layer: int | None) -> tuple[str, bool]:
         """Stored key and whether it is stacked over layers (per-layer keys also occur)."""

@@ -52,7 +52,9 @@ class StandIn:
         return f"<{self.stands_for}{self.args!r}>"
 
 
-_ALLOWED_AS_IS = {"argparse.Namespace": argparse.Namespace}
+# harmless classes loaded as themselves: the training arguments, and the buffer torch's own
+# distributed-checkpoint writer pickles when given one as a bytes item
+_ALLOWED_AS_IS = {"argparse.Namespace": argparse.Namespace, "_io.BytesIO": io.BytesIO}
 
 
 def _stand_in(qualified: str) -> type[StandIn]:
@@ -81,6 +83,16 @@ _METADATA_MODULES = (
     "torch.distributed.checkpoint.planner",
     "torch.distributed.checkpoint.filesystem",
 )
+
+
+# harmless value types .metadata may hold (torch writers record the checkpoint path as a Path)
+_PLAIN_VALUES = {
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PureWindowsPath"),
+}
 
 
 class _Record:
@@ -128,7 +140,7 @@ class _MetadataUnpickler(pickle.Unpickler):
             return _record(name) if self.records else super().find_class(module, name)
         if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
             return getattr(torch, name)
-        if module == "torch.serialization" and name == "_get_layout":
+        if (module, name) in _PLAIN_VALUES:  # torch's own writer records its checkpoint path
             return super().find_class(module, name)
         if module.split(".")[0] == "megatron":  # older megatron-core pickled its own planner data
             return _stand_in(f"{module}.{name}")
