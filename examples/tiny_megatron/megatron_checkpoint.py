@@ -3,11 +3,12 @@
     <save>/iter_0000100/{.metadata, __0_0.distcp, metadata.json}   metadata.json last (= complete)
     <save>/latest_checkpointed_iteration.txt                         after the checkpoint is complete
 
-Written with torch.distributed.checkpoint in one process. Layer tensors are stacked over layers
-under megatron-core's names (`decoder.layers.self_attention.linear_qkv.weight` [layers, rows,
-hidden]); Adam's moments sit under `optimizer.state.exp_avg.<name>` / `exp_avg_sq`, and the
-non-tensor state (training arguments, iteration, scheduler, RNG) in the bytes item
-`common_state/shard_0_1`, as megatron-core 0.17+ stores it.
+Written with torch.distributed.checkpoint in one process, `tokenizer/` beside the shards. Layer
+tensors are stacked over layers under megatron-core's names
+(`decoder.layers.self_attention.linear_qkv.weight` [layers, rows, hidden]); Adam's moments sit
+under `optimizer.state.exp_avg.<name>` / `exp_avg_sq`, and the non-tensor state (training
+arguments, iteration, scheduler, RNG) in the bytes item `common_state/shard_0_1`, as
+megatron-core 0.17+ stores it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import io
 import json
 import os
 import re
+import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -90,8 +92,10 @@ def save(
     optimizer: torch.optim.Optimizer,
     args: argparse.Namespace,
     extra: dict[str, Any],
+    tokenizer_dir: Path | None = None,
 ) -> Path:
-    """Write checkpoint `iteration`; the tracker file moves only once it is complete."""
+    """Write checkpoint `iteration` (with a copy of the tokenizer, as Megatron-LM saves it into
+    iter_N/tokenizer/); the tracker file moves only once it is complete."""
     directory = iteration_dir(save_dir, iteration)
     directory.mkdir(parents=True, exist_ok=True)
     common = {"args": args, "iteration": iteration, "checkpoint_version": 3.0, **extra}
@@ -105,6 +109,8 @@ def save(
     (directory / "metadata.json").unlink(missing_ok=True)
     with _single_process():
         dcp.save(state, storage_writer=dcp.FileSystemWriter(str(directory)), no_dist=True)
+    if tokenizer_dir is not None:
+        shutil.copytree(tokenizer_dir, directory / "tokenizer", dirs_exist_ok=True)
     meta = {"sharded_backend": "torch_dist", "sharded_backend_version": 1}
     (directory / "metadata.json").write_text(json.dumps(meta))
     tracker = Path(save_dir) / TRACKER

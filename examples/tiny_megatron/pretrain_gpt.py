@@ -39,6 +39,7 @@ import megatron_checkpoint as checkpoint
 from gpt_model import GPTConfig, TinyGPT
 
 CORPUS = Path(__file__).resolve().parent / "data" / "corpus.txt"
+TOKENIZER = CORPUS.with_name("tokenizer")  # token id = byte value, as the trainer reads text
 END_OF_TEXT = 256
 FAULTS = ("crash", "oom", "hang", "nccl", "node_fail")
 
@@ -303,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"saving checkpoint at iteration {iteration:7d} to {args.save} in torch_dist format")
         extra = {"opt_param_scheduler": scheduler.state(), "consumed_samples": consumed,
                  "rng_state": [{"torch_rng_state": torch.get_rng_state()}]}  # fmt: skip
-        checkpoint.save(args.save, iteration, model, optimizer, checkpoint_args(args), extra)
+        checkpoint.save(args.save, iteration, model, optimizer, checkpoint_args(args), extra, TOKENIZER)
         say(f"  successfully saved checkpoint from iteration {iteration:7d} to {args.save} [ t 1/1, p 1/1 ]")
 
     say(f"[before the start of training step] datetime: {stamp()} ")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from airflow_oellm.megatron.convert import convert_checkpoint
 from airflow_oellm.monitor.events import builtin_specs, match_log
@@ -128,9 +128,12 @@ def test_trained_checkpoint_converts_to_a_model_with_the_trainers_logits(tmp_pat
     assert done.returncode == 0, done.stderr
     model = TinyGPT(GPTConfig(qk_layernorm=True))
     megatron_checkpoint.load(ckpt, 20, model, None)
-    tokens = torch.tensor([list(b"At Oulu the sky is clear, the low is")])
     result = convert_checkpoint(ckpt, tmp_path / "hf", dtype="float32")
     assert result.architecture == "Qwen3ForCausalLM" and result.iteration == 20
+    assert "tokenizer.json" in result.tokenizer_files  # saved with the checkpoint, copied by the converter
+    text = "At Oulu the sky is clear, the low is"
+    tokens = AutoTokenizer.from_pretrained(tmp_path / "hf")(text, return_tensors="pt")["input_ids"]
+    assert tokens.tolist() == [list(text.encode())]  # the trainer's own tokenization
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32, attn_implementation="eager")
     with torch.no_grad():
         assert (hf(tokens).logits - model(tokens)).abs().max().item() <= 1e-5
