@@ -17,6 +17,7 @@ if the records do not come out as expected (another torch's pickle), the real cl
 from __future__ import annotations
 
 import argparse
+import enum
 import io
 import pickle
 from pathlib import Path
@@ -142,9 +143,24 @@ class _MetadataUnpickler(pickle.Unpickler):
             return getattr(torch, name)
         if (module, name) in _PLAIN_VALUES:  # torch's own writer records its checkpoint path
             return super().find_class(module, name)
+        if (module, name) == ("builtins", "getattr"):  # newer Pythons pickle enum members as getattr(cls, name)
+            return _enum_member
         if module.split(".")[0] == "megatron":  # older megatron-core pickled its own planner data
             return _stand_in(f"{module}.{name}")
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a checkpoint's .metadata")
+
+
+def _enum_member(owner: Any, name: Any) -> Any:
+    """`getattr` restricted to a public member of a class this unpickler allowed."""
+    if not isinstance(owner, type) or not isinstance(name, str) or name.startswith("_"):
+        raise pickle.UnpicklingError(f"refusing getattr({owner!r}, {name!r}) in a checkpoint's .metadata")
+    if issubclass(owner, _Record):
+        member = owner(name)
+        member.name = name
+        return member
+    if owner.__module__ in _METADATA_MODULES and issubclass(owner, enum.Enum):
+        return owner[name]
+    raise pickle.UnpicklingError(f"refusing getattr({owner.__qualname__}, {name!r}) in a checkpoint's .metadata")
 
 
 def _usable(metadata: Any) -> bool:

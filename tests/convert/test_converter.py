@@ -7,6 +7,7 @@ import argparse
 import itertools
 import json
 import os
+import pathlib
 import pickle
 import shutil
 import struct
@@ -198,6 +199,12 @@ def test_unpickling_runs_no_code_from_the_file(tmp_path: Path) -> None:
     with pytest.raises(pickle.UnpicklingError, match="refusing to load"):
         load_distcp_metadata(tmp_path / ".metadata")
     assert not marker.exists()
+    # getattr (newer Pythons pickle enum members with it) reaches only public members of allowed classes
+    for owner, name in [(torch.Size, "count"), (pathlib.PosixPath, "__class__")]:
+        with (tmp_path / ".metadata").open("wb") as f:
+            pickle.dump(_Call(getattr, owner, name), f)
+        with pytest.raises(pickle.UnpicklingError, match="refusing getattr"):
+            load_distcp_metadata(tmp_path / ".metadata")
 
 
 def test_a_truncated_shard_file_is_reported(tmp_path: Path) -> None:

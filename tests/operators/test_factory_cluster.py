@@ -171,3 +171,54 @@ def test_checkpoint_branch_converts_and_evaluates_for_real(
     assert result["model"]["architecture"] == "Qwen3ForCausalLM" and result["metrics"]["perplexity"] > 1
     rows = {r["iteration"]: r for r in xcom(dr, "report")["rows"]}
     assert rows[10]["quick.perplexity"] == result["metrics"]["perplexity"]
+
+
+@pytest.mark.convert
+@pytest.mark.demo
+def test_tiny_trainer_study_trains_converts_evaluates_and_cools_down(
+    dev_cluster, remote_dir, slurm_conn_id, run_dag, cluster_tools, write
+):
+    """A study with the tiny trainer that really trains, and the real converter and evaluator:
+    losses fall across checkpoints, and the cooldown ends below its parent at the same iteration."""
+    path = write(
+        "config/sweeps/tiny_study.yaml",
+        f"""
+        defaults: [{{platform: local}}, {{model: tiny}}, _self_]
+        project: {{name: tiny_study, base_output_dir: {remote_dir}/runs}}
+        platform: {{ssh_conn_id: {slurm_conn_id}}}
+        backend:
+          python: {cluster_tools.with_name("python")}
+          megatron_path: {REPO / "examples" / "tiny_megatron"}
+          args:
+            train_iters: 200
+            save_interval: 70
+            eval_interval: 70
+            eval_iters: 16
+            lr: 1.0e-2
+            min_lr: 1.0e-5
+            lr_decay_style: WSD    # the parent stays at its peak rate ...
+            lr_wsd_decay_iters: 1
+            lr_warmup_iters: 0
+        monitoring: {{poll_interval_seconds: 2}}
+        conversion: {{command: [{cluster_tools}, convert]}}
+        evaluation:
+          command: [{cluster_tools}, evaluate]
+          suites: [{{name: quick, tasks: [perplexity]}}]
+        cooldowns:             # ... the cooldown decays over its last 60 iterations
+          - {{at: 140, overrides: [backend.args.lr_wsd_decay_iters=60]}}
+        dag: {{deferrable: false}}
+        """,
+    )
+    sweep = load_sweep(path)
+    exp = sweep.experiments[0]
+    dr = run_dag(experiment_dag(sweep, exp))
+    states = {(ti.task_id, ti.map_index): ti.state for ti in dr.get_task_instances()}
+    assert dr.state == "success", states
+    rows = {(r["run"], r["iteration"]): r for r in xcom(dr, "report")["rows"]}
+    parent = [rows[(exp.name, i)] for i in (70, 140, 200)]
+    assert parent[0]["train_loss"] > parent[1]["train_loss"] > parent[2]["train_loss"]
+    assert all(r["quick.perplexity"] > 1 for r in parent)
+    cooled = rows[(f"{exp.name}_cooldown_140", 200)]
+    assert cooled["validation_loss"] < parent[2]["validation_loss"], (cooled, parent[2])
+    hf = Path(exp.paths.output_dir) / "hf" / "iter_0000200"  # the dev cluster's filesystem is this machine's
+    assert (hf / "tokenizer.json").exists() and json.loads((hf / "config.json").read_text())["num_hidden_layers"] == 2
