@@ -321,8 +321,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             max_shard_size=args.max_shard_size,
         )
     except (OSError, ValueError) as exc:  # layout, read and unsupported-model errors are ValueErrors
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return _fail(exc)
     if args.json:
         print(json.dumps(result.__dict__))
     else:
@@ -353,8 +352,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             device=args.device,
         )
     except (OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return _fail(exc)
     metrics = ", ".join(f"{k} {v:.4g}" for k, v in document["metrics"].items())
     at = "" if args.iteration is None else f" iteration {args.iteration}"
     print(f"evaluated{at} ({', '.join(document['tasks'])}): {metrics} -> {args.output_file}")
