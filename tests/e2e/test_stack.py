@@ -183,9 +183,12 @@ def test_marking_a_deferred_task_failed_cancels_its_job(stack, dev_cluster):
     def running_job() -> str | None:
         out = dev_cluster.ssh(["squeue", "-h", "--me", f"--name={name}", "-t", "RUNNING", "-o", "%A"]).stdout.split()
         deferred = any(t["state"] == "deferred" for t in stack.task_instances("e2e_kill", run_id))
-        return out[0] if out and deferred else None
+        # the trigger runs in the triggerer (it streams the job's log): a kill now reaches its on_kill.
+        # A task marked failed before the triggerer picked its trigger up is not covered (see issue notes).
+        following = out and f"[job {out[0]}]" in trigger_logs(stack, "e2e_kill", "train")
+        return out[0] if deferred and following else None
 
-    job = wait(running_job, 180, "the training job running and its task deferred", stack, every=2)
+    job = wait(running_job, 180, "the training job running and its trigger following it", stack, every=2)
     q = urllib.parse.quote(run_id, safe="")
     stack.http("PATCH", f"/dags/e2e_kill/dagRuns/{q}/taskInstances/train", {"new_state": "failed"})
 
