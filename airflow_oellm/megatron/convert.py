@@ -98,14 +98,15 @@ def convert_checkpoint(
         staging.mkdir()
         try:
             files = write_model(staging, tensors, shard_bytes, reader.source_range)
-            (staging / "config.json").write_text(json.dumps(spec.hf_config(out_dtype), indent=2) + "\n")
+            config = spec.hf_config(out_dtype)
+            (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             tokenizer_files = _copy_tokenizer(layout.directory / TOKENIZER_DIR, staging)
             result = ConversionResult(
                 output_dir=str(target),
                 source=str(layout.directory),
                 iteration=layout.iteration,
                 source_format=layout.format,
-                architecture=spec.hf_config(out_dtype)["architectures"][0],
+                architecture=config["architectures"][0],
                 dtype=out_dtype,
                 tensors=len(tensors),
                 bytes=sum(t.nbytes for t in tensors),
