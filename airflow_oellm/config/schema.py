@@ -64,6 +64,11 @@ class PlatformConfig:
     )
     container: ContainerConfig = opt(doc="Container settings.", factory=ContainerConfig)
     ssh_conn_id: str = opt("ssh_default", "Airflow SSH connection to this cluster's login node.")
+    batch_system: Literal["slurm", "local-process"] = opt(
+        "slurm",
+        "`slurm`, or `local-process`: jobs run as background processes on the Airflow machine, no SLURM "
+        "(sbatch options that need a cluster are ignored; `backend.launcher` must be `none`).",
+    )
     local_commands: bool = opt(
         False, "Run SLURM commands on the Airflow machine itself (Airflow on a login node), not over SSH."
     )

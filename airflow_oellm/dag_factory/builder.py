@@ -73,7 +73,11 @@ def experiment_doc(sweep: Sweep, exp: Experiment) -> str:
 
 def experiment_dag(sweep: Sweep, exp: Experiment, config_dirs: list[str] | None = None) -> DAG:
     cfg = exp.config
-    conn = {"ssh_conn_id": cfg.platform.ssh_conn_id, "local": cfg.platform.local_commands}
+    conn = {
+        "ssh_conn_id": cfg.platform.ssh_conn_id,
+        "local": cfg.platform.local_commands,
+        "batch_system": cfg.platform.batch_system,
+    }
     templates = {"template_dirs": [str(d) for d in sweep.template_dirs]}
     # a swept key is what the experiment is: it stays out of the form (an override of it is refused)
     params = run_params(exp.resolved, [k for k in cfg.dag.params if k not in exp.parameters])

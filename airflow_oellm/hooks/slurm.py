@@ -3,6 +3,8 @@
 Both run the same operations (`airflow_oellm.slurm.operations`) on the login node of a cluster,
 over an Airflow SSH connection (the SSH provider's SSHHook / SSHHookAsync: host keys verified,
 keys from the connection) or, with `local=True`, with the local bash (Airflow on a login node).
+With `batch_system="local-process"` there is no SLURM at all: jobs run as background processes on this
+machine (`airflow_oellm.localjobs`), through the same operations.
 
     hook = SlurmHook(ssh_conn_id="lumi")
     hook.upload("/scratch/x/job.sbatch", script, mode="0700")
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import TypeVar
@@ -22,6 +25,7 @@ from airflow.sdk import BaseHook
 
 from airflow_oellm.config.platforms import Detection
 from airflow_oellm.hooks.transport import AsyncLocalShell, AsyncSSHShell, LocalShell, ParamikoShell
+from airflow_oellm.localjobs.cli import shell_functions
 from airflow_oellm.slurm import operations
 from airflow_oellm.slurm.commands import FileChunk, SlurmCommandError
 from airflow_oellm.slurm.identity import JobIdentity
@@ -29,6 +33,8 @@ from airflow_oellm.slurm.operations import CycleRequest, CycleResult, Operation,
 from airflow_oellm.slurm.states import JobStatus
 
 T = TypeVar("T")
+LOCAL_PROCESS = "local-process"
+BATCH_SYSTEMS = ("slurm", LOCAL_PROCESS)
 
 
 class SlurmHook(BaseHook):
@@ -36,6 +42,8 @@ class SlurmHook(BaseHook):
 
     :param ssh_conn_id: Airflow SSH connection to the login node (ignored when `local`).
     :param local: run commands with the local bash instead of SSH.
+    :param batch_system: `slurm`, or `local-process` (implies `local`): SLURM's commands are answered by
+        `airflow_oellm.localjobs`, which runs jobs as local background processes.
     :param min_submit_interval: seconds between two sbatch calls of this user on the cluster.
     """
 
@@ -45,13 +53,19 @@ class SlurmHook(BaseHook):
     hook_name = "SLURM over SSH"
 
     def __init__(
-        self, ssh_conn_id: str | None = default_conn_name, *, local: bool = False, min_submit_interval: float = 1.0
+        self,
+        ssh_conn_id: str | None = default_conn_name,
+        *,
+        local: bool = False,
+        batch_system: str = "slurm",
+        min_submit_interval: float = 1.0,
     ) -> None:
         super().__init__()
-        if not local and not ssh_conn_id:
+        self.batch_system = checked_batch_system(batch_system)
+        self.local = local or batch_system == LOCAL_PROCESS
+        if not self.local and not ssh_conn_id:
             raise ValueError("SlurmHook needs an ssh_conn_id, or local=True")
         self.ssh_conn_id = ssh_conn_id
-        self.local = local
         self.min_submit_interval = min_submit_interval
         self._shell: LocalShell | ParamikoShell | None = None
         self.counts: Counter[str] = Counter()  # commands run, by kind (squeue, sacct, sbatch, ...)
@@ -59,7 +73,7 @@ class SlurmHook(BaseHook):
     def get_conn(self) -> LocalShell | ParamikoShell:
         if self._shell is None:
             if self.local:
-                self._shell = LocalShell()
+                self._shell = LocalShell(local_prelude(self.batch_system))
             else:
                 from airflow.providers.ssh.hooks.ssh import SSHHook
 
@@ -149,12 +163,14 @@ class AsyncSlurmHook:
         ssh_conn_id: str | None = SlurmHook.default_conn_name,
         *,
         local: bool = False,
+        batch_system: str = "slurm",
         connect_timeout: float = 30.0,
     ) -> None:
-        if not local and not ssh_conn_id:
+        self.batch_system = checked_batch_system(batch_system)
+        self.local = local or batch_system == LOCAL_PROCESS
+        if not self.local and not ssh_conn_id:
             raise ValueError("AsyncSlurmHook needs an ssh_conn_id, or local=True")
         self.ssh_conn_id = ssh_conn_id
-        self.local = local
         self.connect_timeout = connect_timeout
         self._shell: AsyncLocalShell | AsyncSSHShell | None = None
         self.connects = 0
@@ -163,12 +179,14 @@ class AsyncSlurmHook:
     @property
     def key(self) -> str:
         """Identifies the cluster endpoint: triggers with the same key share a poller."""
+        if self.batch_system == LOCAL_PROCESS:
+            return LOCAL_PROCESS
         return "local" if self.local else f"ssh:{self.ssh_conn_id}"
 
     async def get_conn(self) -> AsyncLocalShell | AsyncSSHShell:
         if self._shell is None:
             if self.local:
-                self._shell = AsyncLocalShell()
+                self._shell = AsyncLocalShell(local_prelude(self.batch_system))
             else:
                 import asyncio
 
@@ -238,6 +256,18 @@ class AsyncSlurmHook:
 
     async def detect_platform(self) -> Detection:
         return await self.run(operations.probe_platform())
+
+
+def checked_batch_system(batch_system: str) -> str:
+    if batch_system not in BATCH_SYSTEMS:
+        raise ValueError(f"unknown batch_system {batch_system!r}; use one of {', '.join(BATCH_SYSTEMS)}")
+    return batch_system
+
+
+def local_prelude(batch_system: str) -> str:
+    """What local scripts start with: nothing for SLURM, the local-process batch system's commands otherwise.
+    They run with this interpreter, so jobs and Airflow share one installation of the provider."""
+    return shell_functions(sys.executable) if batch_system == LOCAL_PROCESS else ""
 
 
 def _connect_error_is_transient(exc: BaseException) -> bool:

@@ -35,12 +35,19 @@ def _decode(data: bytes) -> str:
 
 
 class LocalShell:
-    """Commands run by bash on this machine (Airflow on a login node)."""
+    """Commands run by bash on this machine (Airflow on a login node). `prelude` is put before every
+    script (the local-process batch system's stand-ins for SLURM's commands)."""
+
+    def __init__(self, prelude: str = "") -> None:
+        self.prelude = prelude
 
     def run(self, command: Command) -> Result:
         try:
             done = subprocess.run(
-                ["bash", "-c", command.script], input=command.stdin or b"", capture_output=True, timeout=command.timeout
+                ["bash", "-c", self.prelude + command.script],
+                input=command.stdin or b"",
+                capture_output=True,
+                timeout=command.timeout,
             )
         except subprocess.TimeoutExpired:
             return Result(TIMED_OUT, "", f"timed out after {command.timeout:.0f} s")
@@ -90,11 +97,14 @@ class ParamikoShell:
 
 
 class AsyncLocalShell:
+    def __init__(self, prelude: str = "") -> None:
+        self.prelude = prelude
+
     async def run(self, command: Command) -> Result:
         proc = await asyncio.create_subprocess_exec(
             "bash",
             "-c",
-            command.script,
+            self.prelude + command.script,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,

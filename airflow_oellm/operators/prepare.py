@@ -116,6 +116,7 @@ class PrepareExperimentOperator(BaseOperator):
         scheduled: bool = False,
         ssh_conn_id: str | None = None,
         local: bool = False,
+        batch_system: str = "slurm",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -127,6 +128,7 @@ class PrepareExperimentOperator(BaseOperator):
         self.scheduled = scheduled
         self.ssh_conn_id = ssh_conn_id
         self.local = local
+        self.batch_system = batch_system
 
     def execute(self, context: Any) -> list[dict[str, Any]]:
         dag_run = context["dag_run"]
@@ -206,7 +208,7 @@ class PrepareExperimentOperator(BaseOperator):
             (f"{directory}/run.json", meta),
             (f"{directory}/runs/{safe_run_id(run_id)}.json", meta),
         ]
-        hook = SlurmHook(self.ssh_conn_id, local=self.local)
+        hook = SlurmHook(self.ssh_conn_id, local=self.local, batch_system=self.batch_system)
         try:
             cycle = hook.poll_cycle([], CycleRequest(writes=[(p, json.dumps(v, indent=2).encode()) for p, v in files]))
         finally:

@@ -115,6 +115,7 @@ class ExperimentReportOperator(BaseOperator):
         cooldown_task_id: str | None = "cooldown.train",
         ssh_conn_id: str | None = None,
         local: bool = False,
+        batch_system: str = "slurm",
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("trigger_rule", "all_done")  # report what there is, also after a failure
@@ -124,6 +125,7 @@ class ExperimentReportOperator(BaseOperator):
         self.cooldown_task_id = cooldown_task_id
         self.ssh_conn_id = ssh_conn_id
         self.local = local
+        self.batch_system = batch_system
 
     @staticmethod
     def _result(ti: Any, task_id: str, map_index: int | None = None) -> Any:
@@ -171,7 +173,7 @@ class ExperimentReportOperator(BaseOperator):
     def _read_metrics(self, wanted: list[tuple[str, str, int, str]]) -> dict[str, dict[tuple[int, str], Any]]:
         if not wanted:
             return {}
-        hook = SlurmHook(self.ssh_conn_id, local=self.local)
+        hook = SlurmHook(self.ssh_conn_id, local=self.local, batch_system=self.batch_system)
         try:
             cycle = hook.poll_cycle(
                 [], CycleRequest(reads=[(eval_file(out, it, suite), 0, 1 << 20) for _, out, it, suite in wanted])
@@ -202,7 +204,7 @@ class ExperimentReportOperator(BaseOperator):
             (f"{directory}/report.json", json.dumps(report, indent=2).encode()),
             (f"{directory}/loss.png", png),
         ]
-        hook = SlurmHook(self.ssh_conn_id, local=self.local)
+        hook = SlurmHook(self.ssh_conn_id, local=self.local, batch_system=self.batch_system)
         try:
             cycle = hook.poll_cycle([], CycleRequest(writes=files))
         finally:

@@ -74,6 +74,7 @@ class SlurmSubmitOperator(BaseOperator):
 
     :param ssh_conn_id: Airflow SSH connection to the cluster's login node.
     :param local: run SLURM commands on this machine instead (Airflow on a login node).
+    :param batch_system: `slurm`, or `local-process` to run the job as a local background process (no SLURM).
     :param experiment: a resolved experiment config (what `airflow-oellm` plans); renders the script.
         Not Jinja-rendered (it is data); an XCom reference resolves at run time.
     :param job: run a side job of `experiment` instead of its training: `{"kind": "cooldown" | "convert" |
@@ -114,6 +115,7 @@ class SlurmSubmitOperator(BaseOperator):
         *,
         ssh_conn_id: str | None = "ssh_default",
         local: bool = False,
+        batch_system: str = "slurm",
         experiment: Mapping[str, Any] | Any | None = None,
         job: Mapping[str, Any] | Any | None = None,
         expects_training: bool | None = None,
@@ -141,6 +143,7 @@ class SlurmSubmitOperator(BaseOperator):
             raise ValueError(f"{self.task_id}: script= needs output_dir=")
         self.ssh_conn_id = ssh_conn_id
         self.local = local
+        self.batch_system = batch_system
         # a config is data, not a template: only XCom references in it are resolved
         self.experiment = as_data(experiment)
         self.job = as_data(job)
@@ -205,7 +208,7 @@ class SlurmSubmitOperator(BaseOperator):
         }
 
     def _hook(self) -> SlurmHook:
-        return SlurmHook(self.ssh_conn_id, local=self.local)
+        return SlurmHook(self.ssh_conn_id, local=self.local, batch_system=self.batch_system)
 
     # ---------------------------------------------------------------- submit
 
@@ -270,6 +273,7 @@ class SlurmSubmitOperator(BaseOperator):
             "state_path": monitor_state_path(identity),
             "ssh_conn_id": self.ssh_conn_id,
             "local": self.local,
+            "batch_system": self.batch_system,
             "events": s["events"],
             "inactivity_threshold": s["inactivity"],
             "output_paths": s["output_paths"],

@@ -41,6 +41,7 @@ class CheckpointSensor(BaseSensorOperator):
         on_training_failure: str = "fail",
         ssh_conn_id: str | None = "ssh_default",
         local: bool = False,
+        batch_system: str = "slurm",
         poll_interval: float = 60.0,
         deferrable: bool = True,
         **kwargs: Any,
@@ -57,6 +58,7 @@ class CheckpointSensor(BaseSensorOperator):
         self.on_training_failure = on_training_failure
         self.ssh_conn_id = ssh_conn_id
         self.local = local
+        self.batch_system = batch_system
         self.poll_interval = poll_interval
         self.deferrable = deferrable
 
@@ -74,6 +76,7 @@ class CheckpointSensor(BaseSensorOperator):
             run_id=context["ti"].run_id,
             ssh_conn_id=self.ssh_conn_id,
             local=self.local,
+            batch_system=self.batch_system,
             poll_interval=self.poll_interval,
         )
 
@@ -84,7 +87,7 @@ class CheckpointSensor(BaseSensorOperator):
 
     def poke(self, context: Any) -> PokeReturnValue:
         trigger = self._trigger(context)
-        hook = SlurmHook(self.ssh_conn_id, local=self.local)
+        hook = SlurmHook(self.ssh_conn_id, local=self.local, batch_system=self.batch_system)
         try:
             cycle = hook.poll_cycle([], trigger.request())
         finally:

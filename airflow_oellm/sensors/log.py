@@ -51,6 +51,7 @@ class SlurmLogSensor(BaseSensorOperator):
         inactivity_threshold: float | None = None,
         ssh_conn_id: str | None = "ssh_default",
         local: bool = False,
+        batch_system: str = "slurm",
         poll_interval: float = 60.0,
         deferrable: bool = True,
         **kwargs: Any,
@@ -69,6 +70,7 @@ class SlurmLogSensor(BaseSensorOperator):
         self.inactivity_threshold = inactivity_threshold
         self.ssh_conn_id = ssh_conn_id
         self.local = local
+        self.batch_system = batch_system
         self.poll_interval = poll_interval
         self.deferrable = deferrable
         self._target: tuple[str, str] | None = None
@@ -93,6 +95,7 @@ class SlurmLogSensor(BaseSensorOperator):
                 inactivity_threshold=self.inactivity_threshold,
                 ssh_conn_id=self.ssh_conn_id,
                 local=self.local,
+                batch_system=self.batch_system,
                 poll_interval=self.poll_interval,
             ),
             method_name="execute_complete",
@@ -102,7 +105,7 @@ class SlurmLogSensor(BaseSensorOperator):
     def poke(self, context: Any) -> PokeReturnValue:
         spec = resolve_event(self.event)
         condition = event_condition(self.condition)
-        hook = SlurmHook(self.ssh_conn_id, local=self.local)
+        hook = SlurmHook(self.ssh_conn_id, local=self.local, batch_system=self.batch_system)
         try:
             training = None
             target = (str(self.job_id), self.log_path) if self.job_id else None

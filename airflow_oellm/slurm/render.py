@@ -159,6 +159,11 @@ def _launch(cfg: RootConfig) -> ShellSafe:
     except ShellSafetyError as exc:
         raise RenderError("srun.args", str(exc)) from None
 
+    if cfg.platform.batch_system == "local-process" and b.launcher != "none":
+        raise RenderError(
+            "backend.launcher",
+            f"{b.launcher!r} needs srun, which the local-process batch system does not have; use none",
+        )
     if b.launcher == "none":
         words = container + python + program
     elif b.launcher == "srun":

@@ -31,9 +31,10 @@ class CheckpointTrigger(ClusterTrigger):
         run_id: str | None = None,
         ssh_conn_id: str | None = None,
         local: bool = False,
+        batch_system: str = "slurm",
         poll_interval: float = 60.0,
     ) -> None:
-        super().__init__(ssh_conn_id=ssh_conn_id, local=local, poll_interval=poll_interval)
+        super().__init__(ssh_conn_id=ssh_conn_id, local=local, batch_system=batch_system, poll_interval=poll_interval)
         self.checkpoint_dir = checkpoint_dir
         self.iteration = int(iteration)
         self.at_least = at_least

@@ -49,13 +49,14 @@ class SlurmJobTrigger(ClusterTrigger):
         state_path: str,
         ssh_conn_id: str | None = None,
         local: bool = False,
+        batch_system: str = "slurm",
         events: list[dict[str, Any]] | None = None,
         inactivity_threshold: float | None = None,
         output_paths: list[str] | None = None,
         poll_interval: float = 60.0,
         stream_log: bool = True,
     ) -> None:
-        super().__init__(ssh_conn_id=ssh_conn_id, local=local, poll_interval=poll_interval)
+        super().__init__(ssh_conn_id=ssh_conn_id, local=local, batch_system=batch_system, poll_interval=poll_interval)
         self.job_id = str(job_id)
         self.log_path = log_path
         self.state_path = state_path

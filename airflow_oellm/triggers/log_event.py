@@ -59,9 +59,10 @@ class LogEventTrigger(ClusterTrigger):
         inactivity_threshold: float | None = None,
         ssh_conn_id: str | None = None,
         local: bool = False,
+        batch_system: str = "slurm",
         poll_interval: float = 60.0,
     ) -> None:
-        super().__init__(ssh_conn_id=ssh_conn_id, local=local, poll_interval=poll_interval)
+        super().__init__(ssh_conn_id=ssh_conn_id, local=local, batch_system=batch_system, poll_interval=poll_interval)
         if not ((job_id and log_path) or training_status_path):
             raise ValueError("LogEventTrigger needs job_id and log_path, or training_status_path")
         self.event = event

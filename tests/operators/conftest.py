@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from airflow_oellm.localjobs.cli import COMMANDS
+from airflow_oellm.localjobs.store import JobStore, node_name
 from tests.conftest import REPO
 
 FAKE_MEGATRON = REPO / "tests" / "fixtures" / "fake_megatron.py"
@@ -20,7 +25,60 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if Path(str(item.fspath)).is_relative_to(here):
             item.add_marker(pytest.mark.operators)
-            item.add_marker(pytest.mark.cluster)
+            callspec = getattr(item, "callspec", None)
+            if not (callspec and callspec.params.get("backend") == "local-process"):
+                item.add_marker(pytest.mark.cluster)
+
+
+@dataclass
+class Backend:
+    """Where an operator test's jobs run: the dev SLURM cluster over SSH, or local processes (no SLURM)."""
+
+    batch_system: str
+    platform: str  # the config/platform/<name>.yaml the test's experiment uses
+    conn: dict[str, Any]  # operator/sensor keyword arguments naming the connection
+    work_dir: str  # a fresh directory the jobs can write
+    fake_megatron: str
+    node: str  # the node jobs run on
+    cluster: Any = None  # the DevCluster, for the slurm backend
+
+    def run(self, argv: list[str]) -> str:
+        """Run a command where the jobs run (SLURM's commands are the local batch system's on `local-process`)."""
+        if self.cluster is not None:
+            return self.cluster.ssh(argv).stdout
+        if argv[0] in COMMANDS:
+            argv = [sys.executable, "-m", "airflow_oellm.localjobs", *argv]
+        return subprocess.run(argv, capture_output=True, text=True, check=True, timeout=60).stdout
+
+
+@pytest.fixture(params=["slurm", "local-process"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Backend:
+    if request.param == "slurm":
+        cluster = request.getfixturevalue("dev_cluster")
+        return Backend(
+            batch_system="slurm",
+            platform="local",
+            conn={"ssh_conn_id": request.getfixturevalue("slurm_conn_id")},
+            work_dir=request.getfixturevalue("remote_dir"),
+            fake_megatron=request.getfixturevalue("fake_megatron"),
+            node=cluster.env["SLURM_DEV_NODE"],
+            cluster=cluster,
+        )
+    monkeypatch.setenv("OELLM_LOCAL_JOBS_DIR", str(tmp_path / "local-jobs"))
+    monkeypatch.setenv("OELLM_LOCAL_KILL_WAIT", "10")
+    work_dir = tmp_path / "work"
+    work_dir.mkdir()
+    yield Backend(
+        batch_system="local-process",
+        platform="local-process",
+        conn={"ssh_conn_id": None, "batch_system": "local-process"},
+        work_dir=str(work_dir),
+        fake_megatron=str(FAKE_MEGATRON),
+        node=node_name(),
+    )
+    leftovers = [r.job_id for r in JobStore(tmp_path / "local-jobs").records() if r.is_active]
+    if leftovers:  # a failed test must not leave jobs running
+        subprocess.run([sys.executable, "-m", "airflow_oellm.localjobs", "scancel", *leftovers], check=False)
 
 
 @pytest.fixture(scope="session")

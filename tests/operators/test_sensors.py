@@ -14,14 +14,14 @@ from tests.operators.test_submit_operator import experiment, tis
 
 
 @pytest.mark.parametrize("deferrable", [True, False], ids=["deferred", "poke"])
-def test_sensors_after_training(deferrable, write, remote_dir, fake_megatron, slurm_conn_id, run_dag):
-    exp = experiment(write, remote_dir, fake_megatron)
+def test_sensors_after_training(deferrable, write, backend, run_dag):
+    exp = experiment(write, backend)
     ckpt = exp.paths.checkpoint_dir
-    common = {"ssh_conn_id": slurm_conn_id, "poll_interval": 1, "deferrable": deferrable}
+    common = {**backend.conn, "poll_interval": 1, "deferrable": deferrable}
     beside = {"output_dir": exp.paths.output_dir, "training_task_id": "train"}
     with DAG(dag_id=unique_dag_id("sensors"), schedule=None, start_date=start_date(), catchup=False) as dag:
         train = SlurmSubmitOperator(
-            task_id="train", ssh_conn_id=slurm_conn_id, experiment=exp.resolved, **restart_policy(exp.resolved)
+            task_id="train", **backend.conn, experiment=exp.resolved, **restart_policy(exp.resolved)
         )
         sensors = [
             CheckpointSensor(task_id="ckpt_20", checkpoint_dir=ckpt, iteration=20, **beside, **common),
