@@ -1,10 +1,16 @@
 # The two commands a newcomer needs (see README.md).
-.PHONY: plan test install cluster
+.PHONY: plan demo demo-stop test install cluster
 
 SWEEP ?= config/sweeps/scaling_study.yaml
 
 plan: install  ## expand the example sweep: experiments, resources, GPU-hours
 	.venv/bin/airflow-oellm plan $(SWEEP)
+
+demo:  ## the whole product on this machine: Airflow runs the example sweep on the dev cluster (or local processes)
+	scripts/demo.sh
+
+demo-stop:  ## stop the Airflow that `make demo` left running for its UI
+	.venv/bin/python scripts/demo.py --stop
 
 test:  ## everything CI runs: install, dev cluster up, lint, all tests
 	.ci/run

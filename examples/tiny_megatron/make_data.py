@@ -1,6 +1,7 @@
-"""Write the tiny trainer's data: the corpus (data/corpus.txt) and its tokenizer (data/tokenizer/).
+"""Write the tiny trainer's data: the corpus (data/corpus.txt), a separate held-out text for evaluation
+(data/heldout.txt) and the tokenizer (data/tokenizer/).
 
-    .venv/bin/python examples/tiny_megatron/make_data.py     # rewrites both (commit them)
+    .venv/bin/python examples/tiny_megatron/make_data.py     # rewrites them (commit them)
 
 The corpus is simple English with learnable structure (station weather reports, arithmetic, a small
 family tree), deterministic from a seed: a byte-level model learns its spelling and templates in a
@@ -68,5 +69,7 @@ if __name__ == "__main__":
     data = Path(__file__).with_name("data")
     data.mkdir(exist_ok=True)
     (data / "corpus.txt").write_text(corpus())
+    # text the trainer never sees, from the same distribution: what the demo's evaluation scores
+    (data / "heldout.txt").write_text(corpus(seed=4321, sentences=80))
     byte_tokenizer(data / "tokenizer")
-    print(f"{data}: corpus.txt {(data / 'corpus.txt').stat().st_size} bytes, tokenizer/")
+    print(f"{data}: corpus.txt {(data / 'corpus.txt').stat().st_size} bytes, heldout.txt, tokenizer/")

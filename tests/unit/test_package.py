@@ -92,7 +92,7 @@ def test_configuration_reference_is_generated_from_the_schema():
 
 def test_readme_main_command_runs(capsys):
     readme = (REPO / "README.md").read_text()
-    assert "make plan" in readme and "make test" in readme
+    assert "make demo" in readme and "make test" in readme and "make plan" in readme
     from airflow_oellm.cli import main
 
     assert main(["plan", str(REPO / "config" / "sweeps" / "scaling_study.yaml")]) == 0
