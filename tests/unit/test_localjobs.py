@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -192,3 +193,29 @@ def test_options_parse_like_sbatch():
     assert (spec.warn_signal, spec.warn_seconds, spec.warn_batch_only) == ("USR1", 90, True)
     with pytest.raises(SubmitError, match="must start with #!"):
         job_spec("/x/job.sh", "echo hi\n", {}, "/submit", 8)
+
+
+def test_quickstart_commands_work_on_a_real_local_job(hook, script):
+    """The `oellm-local` lines of docs/quickstart.md, as written (with this job's id)."""
+    import re
+    import subprocess
+
+    from tests.conftest import REPO
+
+    lines = [
+        line.split("#", 1)[0].strip()
+        for line in (REPO / "docs" / "quickstart.md").read_text().splitlines()
+        if line.startswith("oellm-local ")
+    ]
+    assert len(lines) == 3
+    job_id = hook.submit(script("sleep 60", name="quick"))[0]
+    wait_state(hook, job_id, lambda s: s is JobState.RUNNING)
+    command = str(Path(sys.executable).with_name("oellm-local"))
+    outputs = []
+    for line in lines:
+        argv = [command, *re.sub(r"\b12\b", job_id, line).split()[1:]]
+        outputs.append(subprocess.run(argv, capture_output=True, text=True, check=True, timeout=30).stdout)
+    assert re.search(rf"^\s*{job_id} local quick \S+ R ", outputs[0], re.MULTILINE), outputs[0]
+    assert outputs[1].splitlines()[0] == "JobID State ExitCode Elapsed"
+    assert outputs[1].splitlines()[1].startswith(f"{job_id} RUNNING 0:0 ")
+    assert finished(hook, job_id).state is JobState.CANCELLED
