@@ -252,7 +252,7 @@ def check_report(name: str, report: dict[str, Any]) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--batch-system", choices=["slurm", "local-process"], required=True)
+    parser.add_argument("--batch-system", choices=["slurm", "local-process"])
     parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the sweep")
     parser.add_argument("--stop", action="store_true", help="only stop a running demo")
     args = parser.parse_args()
@@ -260,6 +260,8 @@ def main() -> int:
     if args.stop:
         say("demo stopped")
         return 0
+    if not args.batch_system:
+        parser.error("--batch-system is required (scripts/demo.sh chooses it)")
     started = float(os.environ.get("OELLM_DEMO_STARTED", time.time()))
     clock = time.monotonic() - (time.time() - started)
     stamp = time.strftime("%Y%m%d-%H%M%S")

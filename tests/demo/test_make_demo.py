@@ -24,7 +24,8 @@ def run_demo(batch_system: str, state_dir) -> str:
     try:
         done = subprocess.run([*demo, "--timeout", "1200"], env=env, capture_output=True, text=True, timeout=1500)
     finally:
-        subprocess.run([*demo, "--stop"], env=env, capture_output=True, timeout=120)
+        stopped = subprocess.run([*demo[:2], "--stop"], env=env, capture_output=True, text=True, timeout=120)
+    assert stopped.returncode == 0 and not (state_dir / "pids").exists(), stopped.stderr
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     return done.stdout
 
