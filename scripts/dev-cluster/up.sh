@@ -10,7 +10,8 @@
 #
 # Tunables (environment variables, all optional):
 #   SLURM_DEV_USER=slurmuser        unprivileged user that tests ssh in as
-#   SLURM_DEV_SSH_PORT=2222         sshd port (bound to 127.0.0.1 only)
+#   SLURM_DEV_SSH_PORT=2222         sshd port
+#   SLURM_DEV_SSH_LISTEN=127.0.0.1  sshd address (0.0.0.0 in the docker-compose SLURM service)
 #   SLURM_DEV_ACCOUNTING=slurmdbd   slurmdbd (MariaDB + slurmdbd: full sacct) | none
 #                                   (none: sacct says "accounting storage is disabled";
 #                                   only `sacct -c` (jobcomp/filetxt) works)
@@ -28,6 +29,7 @@ set -Eeuo pipefail
 
 SLURM_DEV_USER="${SLURM_DEV_USER:-slurmuser}"
 SLURM_DEV_SSH_PORT="${SLURM_DEV_SSH_PORT:-2222}"
+SLURM_DEV_SSH_LISTEN="${SLURM_DEV_SSH_LISTEN:-127.0.0.1}"
 SLURM_DEV_ACCOUNTING="${SLURM_DEV_ACCOUNTING:-slurmdbd}"
 SLURM_DEV_MIN_JOB_AGE="${SLURM_DEV_MIN_JOB_AGE:-60}"
 SLURM_DEV_CRED_EXPIRE="${SLURM_DEV_CRED_EXPIRE:-10}"
@@ -318,7 +320,7 @@ NEW_SSHD=$(mktemp)
 cat > "$NEW_SSHD" <<EOF
 # Managed by slurm-dev-cluster-up.sh -- separate sshd instance for the dev cluster
 Port $SLURM_DEV_SSH_PORT
-ListenAddress 127.0.0.1
+ListenAddress $SLURM_DEV_SSH_LISTEN
 HostKey /etc/ssh/ssh_host_ed25519_key
 HostKey /etc/ssh/ssh_host_ecdsa_key
 HostKey /etc/ssh/ssh_host_rsa_key
