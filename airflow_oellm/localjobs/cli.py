@@ -122,7 +122,7 @@ SQUEUE_FIELDS: dict[str, Field] = {
     "D": lambda r: "1",
     "V": lambda r: _when(r.job["submit_time"]),
     "S": lambda r: _when(_started(r)),
-    "o": lambda r: r.job["spec"]["script"],
+    "o": lambda r: r.job["submitted_script"],
     "Z": lambda r: r.job["spec"]["workdir"],
 }
 SACCT_FIELDS: dict[str, Field] = {

@@ -50,6 +50,19 @@ class Backend:
             argv = [sys.executable, "-m", "airflow_oellm.localjobs", *argv]
         return subprocess.run(argv, capture_output=True, text=True, check=True, timeout=60).stdout
 
+    def succeeds(self, argv: list[str]) -> bool:
+        if self.cluster is not None:
+            return self.cluster.ssh(argv, check=False).returncode == 0
+        return subprocess.run(argv, capture_output=True, timeout=60).returncode == 0
+
+    def provide(self, local_file: Path) -> str:
+        """A file of this repository where the jobs can read it."""
+        if self.cluster is None:
+            return str(local_file)
+        path = f"{self.work_dir}/{local_file.name}"
+        self.cluster.upload(path, local_file.read_text(), mode="0644")
+        return path
+
 
 @pytest.fixture(params=["slurm", "local-process"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Backend:

@@ -21,17 +21,21 @@ pytestmark = pytest.mark.factory
 
 
 @pytest.fixture
-def factory_sweep(dev_cluster, remote_dir, fake_megatron, slurm_conn_id):
-    """The example study (config/sweeps/cooldowns_and_evals.yaml), made small and pointed at the dev cluster."""
-    tools = f"{remote_dir}/fake_tools.py"
-    dev_cluster.upload(tools, FAKE_TOOLS.read_text(), mode="0644")
+def factory_sweep(backend):
+    """The example study (config/sweeps/cooldowns_and_evals.yaml), made small and pointed at the backend."""
+    tools = backend.provide(FAKE_TOOLS)
+    where = (
+        [f"platform.ssh_conn_id={backend.conn['ssh_conn_id']}"]
+        if backend.batch_system == "slurm"
+        else [f"platform={backend.platform}"]
+    )
     return load_sweep(
         REPO / "config" / "sweeps" / "cooldowns_and_evals.yaml",
         [
-            f"project.base_output_dir={remote_dir}/runs",
-            f"platform.ssh_conn_id={slurm_conn_id}",
+            f"project.base_output_dir={backend.work_dir}/runs",
+            *where,
             "backend.python=python3",
-            f"backend.entrypoint={fake_megatron}",
+            f"backend.entrypoint={backend.fake_megatron}",
             "backend.megatron_path=null",
             "backend.args.train_iters=20",
             "backend.args.save_interval=10",
@@ -50,7 +54,7 @@ def factory_sweep(dev_cluster, remote_dir, fake_megatron, slurm_conn_id):
     )
 
 
-def test_experiment_dag_runs_every_branch(factory_sweep, dev_cluster, run_dag):
+def test_experiment_dag_runs_every_branch(factory_sweep, backend, run_dag):
     sweep = factory_sweep
     exp = sweep.experiments[0]
     dag = experiment_dag(sweep, exp)
@@ -66,7 +70,7 @@ def test_experiment_dag_runs_every_branch(factory_sweep, dev_cluster, run_dag):
     # the cooldown loaded the parent's checkpoint 10, not its latest (20), into its own directory;
     # after a crash at 23 it resumed from its own checkpoint 20, not from the parent's again
     first, second = (
-        dev_cluster.ssh(["cat", f"{cooled}/logs/{exp.name}_cooldown_10-{job}.out"]).stdout
+        backend.run(["cat", f"{cooled}/logs/{exp.name}_cooldown_10-{job}.out"])
         for job in xcom(dr, "cooldown.train", map_index=0)["job_ids"]
     )
     parent = exp.paths.checkpoint_dir
@@ -74,7 +78,7 @@ def test_experiment_dag_runs_every_branch(factory_sweep, dev_cluster, run_dag):
     assert "learning rate: 1.000000E-05" in first and "simulated crash" in first
     assert f"successfully loaded checkpoint from {cooled}/checkpoints [ t 1/1, p 1/1 ] at iteration 20" in second
     assert "iteration       25/      25" in second
-    assert dev_cluster.ssh(["cat", f"{cooled}/checkpoints/latest_checkpointed_iteration.txt"]).stdout == "25"
+    assert backend.run(["cat", f"{cooled}/checkpoints/latest_checkpointed_iteration.txt"]) == "25"
     for path in (
         f"{out}/hf/iter_0000010/config.json",
         f"{out}/hf/iter_0000020/config.json",
@@ -85,23 +89,22 @@ def test_experiment_dag_runs_every_branch(factory_sweep, dev_cluster, run_dag):
         f"{out}/provenance/resolved.json",
         f"{out}/provenance/unresolved.json",
     ):
-        assert dev_cluster.ssh(["test", "-s", path], check=False).returncode == 0, path
-    assert (
-        dev_cluster.ssh(["test", "-e", f"{out}/evaluations/iter_0000010/final_bench.json"], check=False).returncode != 0
-    )  # the benchmark suite runs on the final checkpoint only
+        assert backend.succeeds(["test", "-s", path]), path
+    # the benchmark suite runs on the final checkpoint only
+    assert not backend.succeeds(["test", "-e", f"{out}/evaluations/iter_0000010/final_bench.json"])
     report = xcom(dr, "report")
     rows = {(r["run"], r["iteration"]): r for r in report["rows"]}
     assert set(rows) >= {(exp.name, 10), (exp.name, 20), (f"{exp.name}_cooldown_10", 25)}
     assert rows[(exp.name, 20)]["quick.perplexity"] > 0 and rows[(exp.name, 20)]["final_bench.perplexity"] > 0
     assert rows[(exp.name, 20)]["train_loss"] < rows[(exp.name, 10)]["train_loss"]
     assert rows[(exp.name, 10)]["validation_loss"] is not None
-    provenance = json.loads(dev_cluster.ssh(["cat", f"{out}/provenance/run.json"]).stdout)
+    provenance = json.loads(backend.run(["cat", f"{out}/provenance/run.json"]))
     assert provenance["run_id"] == dr.run_id and provenance["overrides"] == []
-    modes = dev_cluster.ssh(f"stat -c %a {out}/provenance/resolved.json {out}/report/report.md").stdout.split()
+    modes = backend.run(["stat", "-c", "%a", f"{out}/provenance/resolved.json", f"{out}/report/report.md"]).split()
     assert modes == ["600", "600"]
 
 
-def test_bad_conf_is_rejected_before_anything_reaches_slurm(factory_sweep, dev_cluster, run_dag):
+def test_bad_conf_is_rejected_before_anything_reaches_slurm(factory_sweep, backend, run_dag):
     sweep = factory_sweep
     exp = sweep.experiments[0]
     for conf in (
@@ -119,9 +122,9 @@ def test_bad_conf_is_rejected_before_anything_reaches_slurm(factory_sweep, dev_c
         states = {ti.task_id: ti.state for ti in dr.get_task_instances()}
         assert dr.state == "failed" and states["prepare"] == "failed", (conf, states)
         assert states["train"] in ("upstream_failed", None), (conf, states)
-    scripts = dev_cluster.ssh(["squeue", "-h", "--me", "-t", "all", "-o", "%o"]).stdout.split()
+    scripts = backend.run(["squeue", "-h", "--me", "-t", "all", "-o", "%o"]).split()
     assert [s for s in scripts if s.startswith(exp.paths.output_dir)] == []
-    assert dev_cluster.ssh(["test", "-e", f"{exp.paths.output_dir}/scripts"], check=False).returncode != 0
+    assert not backend.succeeds(["test", "-e", f"{exp.paths.output_dir}/scripts"])
 
 
 @pytest.mark.convert
