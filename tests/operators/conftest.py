@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -65,10 +65,10 @@ class Backend:
 
 
 @pytest.fixture(params=["slurm", "local-process"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Backend:
+def backend(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Backend]:
     if request.param == "slurm":
         cluster = request.getfixturevalue("dev_cluster")
-        return Backend(
+        yield Backend(
             batch_system="slurm",
             platform="local",
             conn={"ssh_conn_id": request.getfixturevalue("slurm_conn_id")},
@@ -77,6 +77,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.
             node=cluster.env["SLURM_DEV_NODE"],
             cluster=cluster,
         )
+        return
     monkeypatch.setenv("OELLM_LOCAL_JOBS_DIR", str(tmp_path / "local-jobs"))
     monkeypatch.setenv("OELLM_LOCAL_KILL_WAIT", "10")
     work_dir = tmp_path / "work"
