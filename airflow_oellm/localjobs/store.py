@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import signal
@@ -96,11 +97,12 @@ class JobRecord:
     cancel: dict[str, Any] | None
     end: dict[str, Any] | None
 
-    @property
+    # a record is a snapshot: its liveness and state are decided once (one /proc read, one answer per listing)
+    @functools.cached_property
     def supervisor_alive(self) -> bool:
         return self.supervisor is not None and process_alive(self.supervisor["pid"], self.supervisor.get("ticks"))
 
-    @property
+    @functools.cached_property
     def state(self) -> str:
         if self.end is not None:
             return self.end["state"]
