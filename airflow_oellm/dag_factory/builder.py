@@ -128,7 +128,7 @@ def experiment_dag(sweep: Sweep, exp: Experiment, config_dirs: list[str] | None 
                 training_task_id="train",
                 on_training_failure="skip",
                 map_index_template="{{ task.iteration }}",
-                retries=1,  # a trigger that fires at once can race Airflow's deferral bookkeeping
+                retries=1,  # its first check runs on the worker, over SSH: one outage there is no verdict
                 retry_delay=restart["retry_delay"],
                 **conn,
                 **poll,

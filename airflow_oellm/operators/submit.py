@@ -37,10 +37,12 @@ from airflow_oellm.monitor.classify import (
 )
 from airflow_oellm.monitor.events import event_specs
 from airflow_oellm.monitor.watch import JobWatch, WatchState
+from airflow_oellm.pause_points import pause_point
 from airflow_oellm.slurm.identity import JobIdentity, monitor_state_path, task_status_path
 from airflow_oellm.slurm.operations import CycleRequest, SubmissionConflict
 from airflow_oellm.slurm.render import JobSpec, render_sbatch
 from airflow_oellm.slurm.states import JobStatus
+from airflow_oellm.triggers.base import settle_deadline
 from airflow_oellm.triggers.job import SlurmJobTrigger
 
 HISTORY_KEY = "oellm_attempts"
@@ -235,6 +237,7 @@ class SlurmSubmitOperator(BaseOperator):
                 hook.upload(script_path, script, mode="0700")
                 secrets = {env: Variable.get(key) for env, key in self.secret_variables.items()}
                 outcome = hook.submit_once(identity, script_path, options=self.sbatch_options, secrets=secrets)
+                pause_point("after-sbatch", ti.dag_id)  # tests kill the worker here: the job id is not saved yet
             except Exception as exc:
                 # sensors beside this task must learn that no job is coming (this try, or ever)
                 final = isinstance(exc, SubmissionConflict | AirflowFailException)
@@ -280,7 +283,8 @@ class SlurmSubmitOperator(BaseOperator):
             "poll_interval": s["poll_interval"],
         }
         if self.deferrable:
-            self.defer(trigger=SlurmJobTrigger(**trigger_args), method_name="execute_complete")
+            trigger = SlurmJobTrigger(**trigger_args, fire_after=settle_deadline())
+            self.defer(trigger=trigger, method_name="execute_complete")
         return self._finish(context, self._watch_here(trigger_args))
 
     def _script(self, s: dict[str, Any], exclude: Sequence[str], own_checkpoint: int | None) -> str:

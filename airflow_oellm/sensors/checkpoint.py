@@ -11,6 +11,7 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 from airflow_oellm.hooks.slurm import SlurmHook
 from airflow_oellm.monitor.waiting import Decision, checkpoint_decision, training_status
 from airflow_oellm.slurm.identity import task_status_path
+from airflow_oellm.triggers.base import settle_deadline
 from airflow_oellm.triggers.checkpoint import CheckpointTrigger
 
 
@@ -78,10 +79,14 @@ class CheckpointSensor(BaseSensorOperator):
             local=self.local,
             batch_system=self.batch_system,
             poll_interval=self.poll_interval,
+            fire_after=settle_deadline(),
         )
 
     def execute(self, context: Any) -> Any:
         if self.deferrable:
+            first = self.poke(context)  # a checkpoint that is already there needs no trigger
+            if first.is_done:
+                return first.xcom_value
             self.defer(trigger=self._trigger(context), method_name="execute_complete", timeout=self.execution_timeout)
         return super().execute(context)
 

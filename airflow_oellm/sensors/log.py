@@ -17,6 +17,7 @@ from airflow_oellm.monitor.watch import DRAIN_BYTES
 from airflow_oellm.slurm.identity import task_status_path
 from airflow_oellm.slurm.operations import CycleRequest
 from airflow_oellm.slurm.states import JobState
+from airflow_oellm.triggers.base import settle_deadline
 from airflow_oellm.triggers.log_event import LogEventTrigger, resolve_event
 
 
@@ -97,6 +98,7 @@ class SlurmLogSensor(BaseSensorOperator):
                 local=self.local,
                 batch_system=self.batch_system,
                 poll_interval=self.poll_interval,
+                fire_after=settle_deadline(),
             ),
             method_name="execute_complete",
             timeout=self.execution_timeout,

@@ -1,28 +1,54 @@
-"""What every trigger of this provider shares: a cluster connection and the shared poller."""
+"""What every trigger of this provider shares: a cluster connection, the shared poller, and a hold on
+events that come too soon after the task deferred."""
 
 from __future__ import annotations
 
+import abc
+import asyncio
+import time
+from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
-from airflow.triggers.base import BaseTrigger
+from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from airflow_oellm.hooks.slurm import AsyncSlurmHook
 from airflow_oellm.triggers.poller import JobPoller
 
+# Airflow 3.3 fails a deferred task whose trigger fires before the scheduler has seen the deferring
+# worker exit: the worker's stale "success" arrives after the resume was queued and reads as a state
+# changed externally (apache/airflow#66374 fixed only the `scheduled` case; #71580, #72716 are open).
+# The worker was seen lingering up to ~6 s after deferring; an event is held until this long after it.
+DEFER_SETTLE_SECONDS = 15.0
+
+
+def settle_deadline() -> float:
+    """`fire_after` for a trigger created now, at deferral."""
+    return time.time() + DEFER_SETTLE_SECONDS
+
 
 class ClusterTrigger(BaseTrigger):
-    """Serializes the attributes named in `fields` (all JSON-safe); polls through the connection's poller."""
+    """Serializes the attributes named in `fields` (all JSON-safe); polls through the connection's poller.
 
-    fields: ClassVar[tuple[str, ...]] = ("ssh_conn_id", "local", "batch_system", "poll_interval")
+    Subclasses implement `watch()`; `run()` passes its events on, none before `fire_after` (epoch seconds).
+    """
+
+    fields: ClassVar[tuple[str, ...]] = ("ssh_conn_id", "local", "batch_system", "poll_interval", "fire_after")
 
     def __init__(
-        self, *, ssh_conn_id: str | None, local: bool, poll_interval: float, batch_system: str = "slurm"
+        self,
+        *,
+        ssh_conn_id: str | None,
+        local: bool,
+        poll_interval: float,
+        batch_system: str = "slurm",
+        fire_after: float | None = None,
     ) -> None:
         super().__init__()
         self.ssh_conn_id = ssh_conn_id
         self.local = local
         self.batch_system = batch_system
         self.poll_interval = poll_interval
+        self.fire_after = fire_after
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return f"{type(self).__module__}.{type(self).__qualname__}", {f: getattr(self, f) for f in self.fields}
@@ -32,3 +58,15 @@ class ClusterTrigger(BaseTrigger):
 
     def poller(self) -> JobPoller:
         return JobPoller.shared(self.hook, key=self.hook().key, interval=self.poll_interval)
+
+    @abc.abstractmethod
+    def watch(self) -> AsyncIterator[TriggerEvent]:
+        """The trigger's own polling; yields its one event."""
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        async for event in self.watch():
+            wait = (self.fire_after or 0.0) - time.time()
+            if wait > 0:
+                self.log.info("holding the event %.1f s: the deferring worker may not have exited yet", wait)
+                await asyncio.sleep(wait)
+            yield event

@@ -33,8 +33,15 @@ class CheckpointTrigger(ClusterTrigger):
         local: bool = False,
         batch_system: str = "slurm",
         poll_interval: float = 60.0,
+        fire_after: float | None = None,
     ) -> None:
-        super().__init__(ssh_conn_id=ssh_conn_id, local=local, batch_system=batch_system, poll_interval=poll_interval)
+        super().__init__(
+            ssh_conn_id=ssh_conn_id,
+            local=local,
+            batch_system=batch_system,
+            poll_interval=poll_interval,
+            fire_after=fire_after,
+        )
         self.checkpoint_dir = checkpoint_dir
         self.iteration = int(iteration)
         self.at_least = at_least
@@ -45,7 +52,7 @@ class CheckpointTrigger(ClusterTrigger):
         reads = [(self.training_status_path, 0, STATUS_READ_LIMIT)] if self.training_status_path else []
         return CycleRequest(reads=reads, checkpoints=[self.checkpoint_dir])
 
-    async def run(self) -> AsyncIterator[TriggerEvent]:
+    async def watch(self) -> AsyncIterator[TriggerEvent]:
         async for update in self.poller().watch(None, self.request):
             if update.error:
                 self.log.warning("cannot probe %s: %s", self.checkpoint_dir, update.error)

@@ -54,9 +54,16 @@ class SlurmJobTrigger(ClusterTrigger):
         inactivity_threshold: float | None = None,
         output_paths: list[str] | None = None,
         poll_interval: float = 60.0,
+        fire_after: float | None = None,
         stream_log: bool = True,
     ) -> None:
-        super().__init__(ssh_conn_id=ssh_conn_id, local=local, batch_system=batch_system, poll_interval=poll_interval)
+        super().__init__(
+            ssh_conn_id=ssh_conn_id,
+            local=local,
+            batch_system=batch_system,
+            poll_interval=poll_interval,
+            fire_after=fire_after,
+        )
         self.job_id = str(job_id)
         self.log_path = log_path
         self.state_path = state_path
@@ -65,7 +72,7 @@ class SlurmJobTrigger(ClusterTrigger):
         self.output_paths = list(output_paths or [])
         self.stream_log = stream_log
 
-    async def run(self) -> AsyncIterator[TriggerEvent]:
+    async def watch(self) -> AsyncIterator[TriggerEvent]:
         specs = event_specs(self.events)
         watch: JobWatch | None = None
         pending_write: bytes | None = None

@@ -61,8 +61,15 @@ class LogEventTrigger(ClusterTrigger):
         local: bool = False,
         batch_system: str = "slurm",
         poll_interval: float = 60.0,
+        fire_after: float | None = None,
     ) -> None:
-        super().__init__(ssh_conn_id=ssh_conn_id, local=local, batch_system=batch_system, poll_interval=poll_interval)
+        super().__init__(
+            ssh_conn_id=ssh_conn_id,
+            local=local,
+            batch_system=batch_system,
+            poll_interval=poll_interval,
+            fire_after=fire_after,
+        )
         if not ((job_id and log_path) or training_status_path):
             raise ValueError("LogEventTrigger needs job_id and log_path, or training_status_path")
         self.event = event
@@ -73,7 +80,7 @@ class LogEventTrigger(ClusterTrigger):
         self.run_id = run_id
         self.inactivity_threshold = inactivity_threshold
 
-    async def run(self) -> AsyncIterator[TriggerEvent]:
+    async def watch(self) -> AsyncIterator[TriggerEvent]:
         spec = resolve_event(self.event)
         condition = event_condition(self.condition)
 

@@ -145,6 +145,22 @@ class Stack:
             every=2,
         )
 
+    def explain(self, dag_id: str, run_id: str, tail: int = 40) -> str:
+        """Every task's states, then the last lines of each failed attempt's log: what an assertion on a
+        run's outcome prints, so a CI failure can be read without the machine."""
+        lines, failed = [], []
+        for ti in self.task_instances(dag_id, run_id):
+            index = "" if ti["map_index"] < 0 else f"[{ti['map_index']}]"
+            lines.append(f"{ti['task_id']}{index}: {ti['state']} (try {ti['try_number']})")
+            if ti["state"] in ("failed", "up_for_retry"):
+                failed.append(ti["task_id"])
+        for task_id in failed:
+            pattern = f"dag_id={dag_id}/run_id={run_id}/task_id={task_id}/**/*.log"
+            for log in sorted((self.home / "logs").glob(pattern)):
+                text = log.read_text(errors="replace").splitlines()[-tail:]
+                lines += [f"--- {log.relative_to(self.home)}", *text]
+        return "\n".join(lines)
+
     def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value", map_index: int = -1) -> Any:
         q = urllib.parse.quote(run_id, safe="")
         entry = self.http(

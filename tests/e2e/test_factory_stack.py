@@ -89,7 +89,7 @@ def test_cli_trigger_with_conf_changes_train_iters(stack, dev_cluster):
     exp = stack.study.experiment("cli")
     run_id = f"cli_{uuid.uuid4().hex[:6]}"
     stack.cli("dags", "trigger", exp.dag_id, "--run-id", run_id, "--conf", json.dumps({"backend.args.train_iters": 30}))
-    assert stack.wait_run(exp.dag_id, run_id, 900) == "success", states(stack, exp.dag_id, run_id)
+    assert stack.wait_run(exp.dag_id, run_id, 900) == "success", stack.explain(exp.dag_id, run_id)
     found = states(stack, exp.dag_id, run_id)
     assert found["checkpoint.evaluate"] == ["success"] * 3, found  # 10, 20 and the new end, 30
     assert found["cooldown.train"] == ["success"] and found["outcome"] == ["skipped"], found
@@ -110,7 +110,7 @@ def test_cli_trigger_with_conf_changes_train_iters(stack, dev_cluster):
 def test_rest_trigger_with_free_overrides(stack, dev_cluster):
     exp = stack.study.experiment("rest")
     run_id = stack.trigger(exp.dag_id, {"overrides": ["backend.args.lr=5.0e-4"]})
-    assert stack.wait_run(exp.dag_id, run_id, 900) == "success", states(stack, exp.dag_id, run_id)
+    assert stack.wait_run(exp.dag_id, run_id, 900) == "success", stack.explain(exp.dag_id, run_id)
     log_path = stack.xcom(exp.dag_id, run_id, "train", "log_path")
     assert "learning rate: 5.000000E-04" in dev_cluster.ssh(["cat", log_path]).stdout
     cooled = f"{exp.paths.output_dir}_cooldown_10"
@@ -138,7 +138,9 @@ def test_bad_conf_never_reaches_slurm(stack, dev_cluster):
 def test_sweep_dag_runs_its_experiments_and_backfill_keeps_runs_apart(stack, dev_cluster):
     sweep = stack.nightly
     run_id = stack.trigger(f"oellm__{sweep.name}")
-    assert stack.wait_run(f"oellm__{sweep.name}", run_id, 600) == "success"
+    assert stack.wait_run(f"oellm__{sweep.name}", run_id, 600) == "success", stack.explain(
+        f"oellm__{sweep.name}", run_id
+    )
     summary = stack.xcom(f"oellm__{sweep.name}", run_id, "summary")
     assert [(r["experiment"], r["state"], r["iteration"]) for r in summary["rows"]] == [
         (e.name, "success", 20) for e in sweep.experiments

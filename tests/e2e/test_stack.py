@@ -98,7 +98,7 @@ def trigger_logs(stack, dag_id: str, task_id: str) -> str:
 
 def test_sensors_run_beside_the_training(stack):
     run_id = stack.trigger("e2e_sensors")
-    assert stack.wait_run("e2e_sensors", run_id, 300) == "success"
+    assert stack.wait_run("e2e_sensors", run_id, 300) == "success", stack.explain("e2e_sensors", run_id)
     tis = {t["task_id"]: t for t in stack.task_instances("e2e_sensors", run_id)}
     assert {k: v["state"] for k, v in tis.items()} == {
         "train": "success",
@@ -131,7 +131,7 @@ def test_triggerer_restart_mid_run_loses_and_repeats_nothing(stack, dev_cluster)
     time.sleep(6)
     stack.start("triggerer")
     stack.restarting.discard("triggerer")
-    assert stack.wait_run("e2e_restart", run_id, 300) == "success"
+    assert stack.wait_run("e2e_restart", run_id, 300) == "success", stack.explain("e2e_restart", run_id)
     result = stack.xcom("e2e_restart", run_id, "train")
     summary = result["summary"]
     assert summary["iterations_run"] == 80 and result["events"]["iteration"] == 80  # none lost, none twice

@@ -1,13 +1,18 @@
-"""Triggers rebuild from what they serialize (the triggerer re-creates them from the database)."""
+"""Triggers rebuild from what they serialize (the triggerer re-creates them from the database), and hold
+an event that comes too soon after the deferral."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import json
+import time
 
 import pytest
+from airflow.triggers.base import TriggerEvent
 
 from airflow_oellm.triggers import CheckpointTrigger, LogEventTrigger, SlurmJobTrigger
+from airflow_oellm.triggers.base import ClusterTrigger
 
 pytestmark = pytest.mark.operators
 
@@ -51,3 +56,23 @@ def test_round_trip(trigger):
     rebuilt = getattr(importlib.import_module(module), name)(**kwargs)
     assert rebuilt.serialize() == (classpath, kwargs)
     assert rebuilt.hook().key == trigger.hook().key
+
+
+class _Immediate(ClusterTrigger):
+    async def watch(self):
+        yield TriggerEvent({"kind": "ready"})
+
+
+@pytest.mark.parametrize("hold", [None, 0.6])
+def test_an_event_is_held_until_fire_after(hold):
+    """A trigger may not fire before the deferring worker is surely gone (see DEFER_SETTLE_SECONDS)."""
+    started = time.time()
+    trigger = _Immediate(ssh_conn_id=None, local=True, poll_interval=1, fire_after=started + hold if hold else None)
+
+    async def first():
+        async for event in trigger.run():
+            return event, time.time() - started
+
+    event, waited = asyncio.run(first())
+    assert event.payload == {"kind": "ready"}
+    assert waited >= hold if hold else waited < 0.3

@@ -1,0 +1,37 @@
+"""Named points where fault-injection tests stop a process, to kill it at the worst moment.
+
+`OELLM_PAUSE_AT=<point>:<directory>` makes the first process that reaches `<point>` for a key (a DAG id)
+create `<directory>/<point>.<key>` (holding its pid) and wait until `<that file>.release` exists; later
+arrivals for the key pass, since the file is already there. Unset (always, outside tests) it costs one
+environment lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+ENV = "OELLM_PAUSE_AT"
+MAX_PAUSE_SECONDS = 3600.0
+
+
+def flag_path(directory: str | os.PathLike[str], point: str, key: str) -> Path:
+    return Path(directory) / f"{point}.{re.sub(r'[^A-Za-z0-9_.-]', '_', key)}"
+
+
+def pause_point(point: str, key: str) -> None:
+    wanted, _, directory = os.environ.get(ENV, "").partition(":")
+    if wanted != point or not directory:
+        return
+    flag = flag_path(directory, point, key)
+    try:
+        with open(flag, "x") as f:
+            f.write(str(os.getpid()))
+    except FileExistsError:
+        return
+    release = flag.with_name(flag.name + ".release")
+    deadline = time.monotonic() + MAX_PAUSE_SECONDS
+    while not release.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
