@@ -1,9 +1,9 @@
 """Named points where fault-injection tests stop a process, to kill it at the worst moment.
 
-`OELLM_PAUSE_AT=<point>:<directory>` makes the first process that reaches `<point>` for a key (a DAG id)
-create `<directory>/<point>.<key>` (holding its pid) and wait until `<that file>.release` exists; later
-arrivals for the key pass, since the file is already there. Unset (always, outside tests) it costs one
-environment lookup.
+With `OELLM_PAUSE_AT=<point>:<directory>`, a test arms a pause for a key (a DAG id) by creating
+`<directory>/<point>.<key>.armed`. The first process that reaches `<point>` for an armed key creates
+`<directory>/<point>.<key>` (holding its pid) and waits until `<that file>.release` exists; later
+arrivals pass. Unset (always, outside tests) it costs one environment lookup.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ def pause_point(point: str, key: str) -> None:
     if wanted != point or not directory:
         return
     flag = flag_path(directory, point, key)
+    if not flag.with_name(flag.name + ".armed").exists():
+        return
     try:
         with open(flag, "x") as f:
             f.write(str(os.getpid()))

@@ -228,7 +228,7 @@ trap '' HUP
 while IFS='=' read -r name value; do
   [ -n "$name" ] && export "$name=$(printf %s "$value" | base64 -d)"
 done
-mkdir -p {state}/submissions || {{ echo "OELLM-ERROR cannot create {state}"; exit 3; }}
+(umask 077 && mkdir -p {state}/submissions) || {{ echo "OELLM-ERROR cannot create {state}"; exit 3; }}
 exec 8>>{state}/submit.lock
 flock -w {int(lock_timeout)} 8 || {{ echo "OELLM-ERROR timed out waiting for {state}/submit.lock"; exit 3; }}
 if [ -s {record} ]; then echo "OELLM-RECORDED $(head -n 1 {record})"; exit 0; fi
@@ -251,7 +251,7 @@ out=$({sbatch} 2>&1); rc=$?
 date +%s.%N > "$HOME/.oellm/sbatch.last"
 if [ $rc -ne 0 ]; then echo "OELLM-SBATCH-FAILED $rc"; printf '%s\\n' "$out"; exit 0; fi
 id=$(printf '%s\\n' "$out" | tail -n 1)
-printf '%s\\n' "$id" > {record}.tmp && mv -f {record}.tmp {record}
+(umask 077; printf '%s\\n' "$id" > {record}.tmp) && mv -f {record}.tmp {record}
 echo "OELLM-SUBMITTED $id"
 """
 

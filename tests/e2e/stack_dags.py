@@ -1,7 +1,8 @@
 """DAG file for the end-to-end tests (copied into the stack's DAG folder with a JSON spec beside it).
 
-Kinds: `train_with_sensors` (train and, beside it, a CheckpointSensor and a SlurmLogSensor) and
-`fanout` (one mapped SlurmSubmitOperator over many experiments).
+Kinds: `train` (one SlurmSubmitOperator), `train_with_sensors` (train and, beside it, a CheckpointSensor
+and a SlurmLogSensor) and `fanout` (one mapped SlurmSubmitOperator over many experiments). Optional:
+`retries` and `secret_variables` (train), `max_active_runs`.
 """
 
 from __future__ import annotations
@@ -24,11 +25,18 @@ for spec in SPEC["dags"]:
         start_date=datetime(2026, 1, 1),
         catchup=False,
         max_active_tasks=128,
-        max_active_runs=1,
+        max_active_runs=spec.get("max_active_runs", 1),
     ) as dag:
         conn = spec["conn_id"]
         if spec["kind"] == "train":
-            SlurmSubmitOperator(task_id="train", ssh_conn_id=conn, experiment=spec["experiment"], retries=0)
+            SlurmSubmitOperator(
+                task_id="train",
+                ssh_conn_id=conn,
+                experiment=spec["experiment"],
+                retries=spec.get("retries", 0),
+                retry_delay=timedelta(seconds=2),
+                secret_variables=spec.get("secret_variables", {}),
+            )
         elif spec["kind"] == "fanout":
             SlurmSubmitOperator.partial(task_id="train", ssh_conn_id=conn, retries=0).expand(
                 experiment=spec["experiments"]

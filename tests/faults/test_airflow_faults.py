@@ -1,0 +1,322 @@
+"""Processes die at the worst moment, on a real Airflow stack and the real dev cluster: a task's worker
+and the scheduler right after `sbatch` returned (before the job id was saved), the triggerer while
+twenty experiments are deferred, and two runs of one experiment at once. Each ends with one job per
+attempt, every iteration and checkpoint counted once, and the right final states."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from airflow_oellm.pause_points import flag_path
+from tests.cluster.test_poller import kill_sshd_and_sessions, start_sshd
+from tests.conftest import REPO
+from tests.e2e.conftest import wait
+from tests.e2e.test_stack import sweep, trigger_logs
+
+FAKE = REPO / "tests" / "fixtures" / "fake_megatron.py"
+DAGS = REPO / "tests" / "e2e" / "stack_dags.py"
+FANOUT = 20
+SECRET = f"tok-{uuid.uuid4().hex}; $(touch PWNED)"
+pytestmark = [pytest.mark.e2e, pytest.mark.cluster, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def stack(stack_factory, dev_cluster, module_remote_dir, slurm_conn_id, tmp_path_factory):
+    remote = module_remote_dir
+    dev_cluster.upload(f"{remote}/fake_megatron.py", FAKE.read_text(), mode="0644")
+    configs = tmp_path_factory.mktemp("fault-sweeps")
+    pauses = tmp_path_factory.mktemp("pauses")
+    token = uuid.uuid4().hex[:6]
+    steady = "save_interval: 10, iter_seconds: 1"
+
+    def train(dag_id: str, name: str, iters: int, **extra) -> dict:
+        experiment = sweep(configs, remote, f"{name}_{token}", f"train_iters: {iters}, {steady}")[0]
+        return {"dag_id": dag_id, "kind": "train", "conn_id": slurm_conn_id, "experiment": experiment, **extra}
+
+    specs = {
+        "dags": [
+            train("f_worker", "worker", 60, retries=1),
+            train("f_scheduler", "scheduler", 100, retries=1),
+            train("f_twice", "twice", 40, retries=0, max_active_runs=3),
+            train("f_outage", "outage", 90, retries=0),
+            train("f_secret", "secret", 20, secret_variables={"OELLM_TOKEN": "oellm_token"}),
+            {
+                "dag_id": "f_triggerer",
+                "kind": "fanout",
+                "conn_id": slurm_conn_id,
+                "experiments": sweep(
+                    configs,
+                    remote,
+                    "trig",
+                    "train_iters: 40, save_interval: 10, iter_seconds: 0.5",
+                    "sweep: {axes: {i: [" + ",".join(map(str, range(FANOUT))) + "]}, "
+                    f"name_template: 'trig{token}_{{i}}'}}\n",
+                ),
+            },
+        ]
+    }
+
+    def write(dags: Path) -> None:
+        (dags / "stack_dags.py").write_text(DAGS.read_text())
+        (dags / "stack_dags.json").write_text(json.dumps(specs))
+
+    env = {
+        "OELLM_PAUSE_AT": f"after-sbatch:{pauses}",
+        "AIRFLOW_VAR_OELLM_TOKEN": SECRET,
+        # a task whose worker died is noticed after this long (default 300 s)
+        "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "20",
+        # a dead scheduler's tasks are reset for another try this soon (defaults 30 s and 300 s)
+        "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_THRESHOLD": "10",
+        "AIRFLOW__SCHEDULER__ORPHANED_TASKS_CHECK_INTERVAL": "10",
+    }
+    s = stack_factory(write, env)
+    wait(lambda: all(s.http("GET", f"/dags/{d['dag_id']}") for d in specs["dags"]), 240, "DAGs parsed", s)
+    s.remote, s.token, s.pauses, s.specs = remote, token, pauses, {d["dag_id"]: d for d in specs["dags"]}
+    yield s
+    for flag in list(pauses.iterdir()):  # nothing stays paused for its hour
+        if flag.suffix not in (".armed", ".release"):
+            flag.with_name(flag.name + ".release").touch()
+
+
+def jobs_named(dev_cluster, name: str) -> list[str]:
+    out = dev_cluster.ssh(["sacct", "-X", "-n", "-P", f"--name={name}", "-S", "now-2hours", "-o", "JobID"]).stdout
+    return out.split()
+
+
+def ti_state(stack, dag_id: str, run_id: str, task_id: str = "train") -> tuple[str | None, int]:
+    ti = next(t for t in stack.task_instances(dag_id, run_id) if t["task_id"] == task_id)
+    return ti["state"], ti["try_number"]
+
+
+def armed(stack, dag_id: str) -> str:
+    """Arm the pause after sbatch for the DAG's next submission, then trigger it."""
+    flag = flag_path(stack.pauses, "after-sbatch", dag_id)
+    flag.with_name(flag.name + ".armed").touch()
+    return stack.trigger(dag_id)
+
+
+def paused_submitter(stack, dag_id: str) -> tuple[int, str]:
+    """Wait until the task's worker has run sbatch and sits at the pause point; its pid and the job."""
+    flag = flag_path(stack.pauses, "after-sbatch", dag_id)
+    wait(lambda: flag.exists() and flag.read_text().strip(), 240, f"{dag_id} to pause after sbatch", stack)
+    experiment = stack.specs[dag_id]["experiment"]["experiment"]
+    return int(flag.read_text()), experiment["name"]
+
+
+def check_one_job_adopted(stack, dev_cluster, dag_id: str, run_id: str, name: str, job: str) -> dict:
+    assert stack.wait_run(dag_id, run_id, 600) == "success", stack.explain(dag_id, run_id)
+    result = stack.xcom(dag_id, run_id, "train")
+    assert jobs_named(dev_cluster, name) == [job], "a second job was submitted"
+    assert result["job_ids"] == [job]
+    assert [a["submission"] for a in result["attempts"]] == ["adopted"], result["attempts"]
+    iters = stack.specs[dag_id]["experiment"]["backend"]["args"]["train_iters"]
+    assert result["summary"]["iterations_run"] == iters and result["last_iteration"] == iters
+    return result
+
+
+def test_worker_killed_right_after_sbatch_the_retry_adopts_the_job(stack, dev_cluster, reliability):
+    run_id = armed(stack, "f_worker")
+    pid, name = paused_submitter(stack, "f_worker")
+    (job,) = wait(lambda: jobs_named(dev_cluster, name), 60, "the submitted job in sacct", stack)
+    os.kill(pid, signal.SIGKILL)  # the task process: its supervisor reports the task failed
+    killed = time.monotonic()
+    recovered = wait(
+        lambda: ti_state(stack, "f_worker", run_id) == ("deferred", 2) and time.monotonic() - killed,
+        300,
+        "the retry to follow the job",
+        stack,
+    )
+    result = check_one_job_adopted(stack, dev_cluster, "f_worker", run_id, name, job)
+    reliability.record(
+        "worker killed after sbatch",
+        "the retry found the job by its comment and followed it; no second sbatch",
+        duplicates=len(jobs_named(dev_cluster, name)) - 1,
+        lost_events=60 - result["events"]["iteration"],
+        recover_seconds=recovered,
+    )
+
+
+def test_scheduler_killed_right_after_sbatch_the_retry_adopts_the_job(stack, dev_cluster, reliability):
+    run_id = armed(stack, "f_scheduler")
+    pid, name = paused_submitter(stack, "f_scheduler")
+    (job,) = wait(lambda: jobs_named(dev_cluster, name), 60, "the submitted job in sacct", stack)
+    stack.restarting.add("scheduler")
+    stack.kill("scheduler")  # with its LocalExecutor workers and their task supervisors
+    os.kill(pid, signal.SIGKILL)  # the task process runs in its own process group: gone too, as with its machine
+    killed = time.monotonic()
+    time.sleep(3)
+    stack.start("scheduler")
+    stack.restarting.discard("scheduler")
+    recovered = wait(
+        lambda: ti_state(stack, "f_scheduler", run_id) == ("deferred", 2) and time.monotonic() - killed,
+        300,
+        "the retry to follow the job",
+        stack,
+    )
+    result = check_one_job_adopted(stack, dev_cluster, "f_scheduler", run_id, name, job)
+    reliability.record(
+        "scheduler killed after sbatch",
+        "the new scheduler reset the dead scheduler's task for another try, which adopted the running job",
+        duplicates=len(jobs_named(dev_cluster, name)) - 1,
+        lost_events=100 - result["events"]["iteration"],
+        recover_seconds=recovered,
+        orphaned_tasks_check_interval_seconds=10,
+    )
+
+
+def monitor_offsets(dev_cluster, remote: str, prefix: str) -> dict[int, int]:
+    """Per sweep index, the log offset its trigger saved (jobs that have saved their watch state)."""
+    script = (
+        f"for d in {remote}/runs/{prefix}*; do f=$(ls $d/.oellm/monitor/*.json 2>/dev/null | head -n 1);"
+        f' [ -n "$f" ] && printf "%s %s\\n" "${{d##*_}}" "$(tr -d "\\n" < "$f")"; done; true'
+    )
+    offsets = {}
+    for line in dev_cluster.ssh(script).stdout.splitlines():
+        index, _, state = line.partition(" ")
+        offsets[int(index)] = json.loads(state)["matcher"]["offset"]
+    return offsets
+
+
+def test_triggerer_killed_with_twenty_deferred_loses_and_repeats_nothing(stack, dev_cluster, reliability):
+    prefix = f"trig{stack.token}_"
+    run_id = stack.trigger("f_triggerer")
+
+    def deferred() -> set[int]:
+        return {t["map_index"] for t in stack.task_instances("f_triggerer", run_id) if t["state"] == "deferred"}
+
+    wait(lambda: len(deferred()) == FANOUT, 400, f"{FANOUT} deferred tasks", stack, every=3)
+    wait(lambda: sum(o > 0 for o in monitor_offsets(dev_cluster, stack.remote, prefix).values()) >= 4, 240, "watches")
+    stack.restarting.add("triggerer")
+    stack.kill("triggerer")
+    killed, waiting = time.monotonic(), deferred()
+    at_kill = {i: o for i, o in monitor_offsets(dev_cluster, stack.remote, prefix).items() if i in waiting and o > 0}
+    time.sleep(6)
+    stack.start("triggerer")
+    stack.restarting.discard("triggerer")
+
+    def resumed() -> float | None:
+        now = monitor_offsets(dev_cluster, stack.remote, prefix)
+        return time.monotonic() - killed if all(now.get(i, 0) > o for i, o in at_kill.items()) else None
+
+    # every watch that was running at the kill has read on from its saved byte
+    recovered = wait(resumed, 300, f"the {len(at_kill)} running watches to resume", stack, every=2)
+    assert stack.wait_run("f_triggerer", run_id, 900) == "success", stack.explain("f_triggerer", run_id)
+    duplicates = lost = 0
+    for i in range(FANOUT):
+        result = stack.xcom("f_triggerer", run_id, "train", map_index=i)
+        summary, jobs = result["summary"], jobs_named(dev_cluster, f"{prefix}{i}")
+        assert jobs == result["job_ids"] and len(jobs) == 1, (i, jobs, result["job_ids"])
+        assert summary["iterations_run"] == 40 and result["events"]["iteration"] == 40, (i, summary)
+        assert summary["checkpoints_saved"] == [10, 20, 30, 40], (i, summary)
+        duplicates += len(jobs) - 1
+        lost += 40 - result["events"]["iteration"]
+    assert "resuming the watch of job" in trigger_logs(stack, "f_triggerer", "train")
+    reliability.record(
+        f"triggerer killed with {FANOUT} deferred",
+        "the new triggerer resumed every watch at its saved byte; every job finished once",
+        duplicates=duplicates,
+        lost_events=lost,
+        recover_seconds=recovered,
+        deferred_at_kill=len(waiting),
+        running_watches_at_kill=len(at_kill),
+    )
+
+
+def test_two_runs_of_one_experiment_never_share_its_output_dir(stack, dev_cluster, reliability):
+    name = stack.specs["f_twice"]["experiment"]["experiment"]["name"]
+    first, second = stack.trigger("f_twice"), stack.trigger("f_twice")  # at once
+    wait(lambda: jobs_named(dev_cluster, name), 120, "a job of the experiment", stack)
+    third = stack.trigger("f_twice")  # again, while one is active
+    outcomes = {run: stack.wait_run("f_twice", run, 600) for run in (first, second, third)}
+    assert sorted(outcomes.values()) == ["failed", "failed", "success"], outcomes
+    assert len(jobs_named(dev_cluster, name)) == 1
+    for run, state in outcomes.items():
+        if state == "failed":
+            assert "not submitting a second job there" in stack.explain("f_twice", run)
+    reliability.record(
+        "two runs at once, and a re-trigger while one is active",
+        "the first run's job kept the output directory; the others failed at submission, naming the job",
+        duplicates=len(jobs_named(dev_cluster, name)) - 1,
+    )
+
+
+SLURMCTLD_PID = Path("/run/slurm/slurmctld.pid")
+
+
+def restart_slurmctld(down_for: float) -> None:
+    """Stop the controller (squeue and sacct fail meanwhile), then start it again from its saved state."""
+    os.kill(int(SLURMCTLD_PID.read_text()), signal.SIGTERM)
+    time.sleep(down_for)
+    subprocess.run(["/usr/sbin/slurmctld"], check=True, stdin=subprocess.DEVNULL, capture_output=True)
+
+
+def test_ssh_and_slurmctld_outages_cause_no_false_state_and_no_failure(stack, dev_cluster, reliability):
+    """sshd (and every session) killed for three poll intervals, then slurmctld down for three."""
+    run_id = stack.trigger("f_outage")
+    name = stack.specs["f_outage"]["experiment"]["experiment"]["name"]
+    out = stack.specs["f_outage"]["experiment"]["experiment"]["output_dir"]
+
+    def offset() -> int:
+        text = dev_cluster.ssh(f"cat {out}/.oellm/monitor/*.json 2>/dev/null || true", check=False).stdout
+        return json.loads(text)["matcher"]["offset"] if text.strip() else 0
+
+    wait(lambda: offset() > 1000, 180, "the watch to follow the job", stack)
+    outages = {}
+    for what, fault in (
+        ("sshd", lambda: (kill_sshd_and_sessions(), time.sleep(6), start_sshd())),
+        ("slurmctld", lambda: restart_slurmctld(6)),
+    ):
+        before = offset()
+        fault()
+        back = time.monotonic()
+        wait(lambda before=before: offset() > before, 120, f"polling to resume after the {what} outage", stack)
+        outages[what] = time.monotonic() - back
+    assert stack.wait_run("f_outage", run_id, 600) == "success", stack.explain("f_outage", run_id)
+    result = stack.xcom("f_outage", run_id, "train")
+    jobs = jobs_named(dev_cluster, name)
+    assert jobs == result["job_ids"] and len(jobs) == 1
+    assert result["final_state"] == "COMPLETED" and len(result["attempts"]) == 1
+    assert result["summary"]["iterations_run"] == 90 and result["events"]["iteration"] == 90
+    assert "cannot poll job" in trigger_logs(stack, "f_outage", "train")  # the outages were seen, and ridden out
+    for what, happened in (
+        ("sshd and every SSH session killed for 3 poll intervals", "polls failed and were retried; no state"),
+        ("slurmctld down for 3 poll intervals", "squeue failed transiently; no false final state, no retry"),
+    ):
+        key = what.split()[0]
+        reliability.record(
+            what,
+            happened,
+            duplicates=len(jobs) - 1,
+            lost_events=90 - result["events"]["iteration"],
+            recover_seconds=outages[key],
+        )
+
+
+def test_a_secret_is_in_no_file_log_or_xcom_and_state_files_are_private(stack, dev_cluster, reliability):
+    run_id = stack.trigger("f_secret")
+    assert stack.wait_run("f_secret", run_id, 300) == "success", stack.explain("f_secret", run_id)
+    out = stack.specs["f_secret"]["experiment"]["experiment"]["output_dir"]
+    token = SECRET.split(";")[0]
+    remote = dev_cluster.ssh(f"grep -rlF {token} {out} || true").stdout.split()
+    local = [str(p) for p in stack.home.rglob("*") if p.is_file() and token.encode() in p.read_bytes()]
+    assert remote == [] and local == [], (remote, local)  # the Airflow logs, its database (XCom), the job's tree
+    assert dev_cluster.ssh(f"find {out} -name PWNED").stdout.strip() == ""
+    # what the provider wrote: the script 0700, state, status and submission records 0600, directories 0700
+    loose = dev_cluster.ssh(
+        f"find {out}/scripts {out}/.oellm \\( -type f ! -name '*.lock' -perm /077 \\)"
+        f" -o \\( -name '*.sbatch' ! -perm 700 \\) -o \\( -type d -path '*/.oellm*' -perm /077 \\)"
+    ).stdout.split()
+    assert loose == [], loose
+    reliability.record(
+        "a secret from an Airflow Variable",
+        "in no file of the job's directory, of the Airflow home (logs, database with XCom) or anywhere readable",
+        files_holding_the_secret=len(remote) + len(local),
+    )
