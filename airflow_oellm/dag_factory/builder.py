@@ -204,6 +204,7 @@ def experiment_dag(sweep: Sweep, exp: Experiment, config_dirs: list[str] | None 
 
 def sweep_dag(sweep: Sweep) -> DAG:
     """`oellm__<sweep>`: runs every experiment DAG of the sweep and waits for them."""
+    from airflow.configuration import conf
     from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 
     first = sweep.experiments[0].config if sweep.experiments else None
@@ -218,15 +219,28 @@ def sweep_dag(sweep: Sweep) -> DAG:
         "waits for them and summarises them (task `summary`: one row per experiment); each experiment "
         "writes its full report to `<output>/report/`.",
     ) as dag:
-        run = TriggerDagRunOperator.partial(
-            task_id="run",
-            wait_for_completion=True,
-            deferrable=True,
-            poke_interval=first.monitoring.poll_interval_seconds if first else 60,
-            reset_dag_run=False,
-            map_index_template="{{ task.trigger_dag_id }}",
-        ).expand(trigger_dag_id=[e.dag_id for e in sweep.experiments])
-        summary = SweepSummaryOperator(task_id="summary", experiments={e.dag_id: e.name for e in sweep.experiments})
-        [run, summary] >> RunOutcomeOperator(task_id="outcome")
-        run >> summary
+        # one mapped task may not have more than [core] max_map_length instances: a bigger sweep runs
+        # its experiments from several (run_1, run_2, ...), each over a part of the list in order
+        ids = [e.dag_id for e in sweep.experiments]
+        size = max(conf.getint("core", "max_map_length", fallback=1024), 1)
+        parts = [ids[i : i + size] for i in range(0, len(ids), size)] or [[]]
+        runs = [
+            TriggerDagRunOperator.partial(
+                task_id="run" if len(parts) == 1 else f"run_{n}",
+                wait_for_completion=True,
+                deferrable=True,
+                poke_interval=first.monitoring.poll_interval_seconds if first else 60,
+                reset_dag_run=False,
+                map_index_template="{{ task.trigger_dag_id }}",
+            ).expand(trigger_dag_id=part)
+            for n, part in enumerate(parts, start=1)
+        ]
+        summary = SweepSummaryOperator(
+            task_id="summary",
+            experiments={e.dag_id: e.name for e in sweep.experiments},
+            trigger_task_id=[r.task_id for r in runs],
+            part_size=size,
+        )
+        [*runs, summary] >> RunOutcomeOperator(task_id="outcome")
+        runs >> summary
     return dag

@@ -227,19 +227,28 @@ class SweepSummaryOperator(BaseOperator):
     ui_color = "#fdf6e3"
 
     def __init__(
-        self, *, experiments: Mapping[str, str], trigger_task_id: str = "run", report_task_id: str = "report", **kwargs
+        self,
+        *,
+        experiments: Mapping[str, str],
+        trigger_task_id: str | Sequence[str] = "run",
+        part_size: int | None = None,
+        report_task_id: str = "report",
+        **kwargs: Any,
     ) -> None:
         kwargs.setdefault("trigger_rule", "all_done")
         super().__init__(**kwargs)
-        self.experiments = dict(experiments)  # DAG id -> experiment name, in the trigger task's map order
-        self.trigger_task_id = trigger_task_id
+        self.experiments = dict(experiments)  # DAG id -> experiment name, in the trigger tasks' map order
+        # several trigger tasks when the sweep is larger than one mapped task may be: `part_size` each
+        self.trigger_task_ids = [trigger_task_id] if isinstance(trigger_task_id, str) else list(trigger_task_id)
+        self.part_size = part_size or max(len(self.experiments), 1)
         self.report_task_id = report_task_id
 
     def execute(self, context: Any) -> dict[str, Any]:
         ti = context["ti"]
         rows = []
         for index, (dag_id, name) in enumerate(self.experiments.items()):
-            run_id = ti.xcom_pull(task_ids=self.trigger_task_id, map_indexes=index, key="trigger_run_id")
+            task_id, map_index = self.trigger_task_ids[index // self.part_size], index % self.part_size
+            run_id = ti.xcom_pull(task_ids=task_id, map_indexes=map_index, key="trigger_run_id")
             if not run_id:
                 rows.append(summary_row(name, "not started", None))
                 continue

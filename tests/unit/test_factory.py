@@ -82,6 +82,38 @@ def test_sweep_dag_runs_and_summarises_its_experiments(project_dags):
     assert dag.get_task("outcome").upstream_task_ids == {"run", "summary"}
 
 
+@pytest.mark.faults
+def test_a_sweep_larger_than_max_map_length_runs_from_several_trigger_tasks(write, monkeypatch):
+    from types import SimpleNamespace
+
+    from airflow_oellm.dag_factory import sweep_dag
+
+    monkeypatch.setenv("AIRFLOW__CORE__MAX_MAP_LENGTH", "10")
+    path = write(
+        "s/big.yaml",
+        "defaults: [{platform: local}]\nproject: {name: big, base_output_dir: /tmp/x}\n"
+        "sweep: {axes: {i: [" + ", ".join(map(str, range(25))) + "]}}\n",
+    )
+    sweep = load_sweep(path)
+    dag = sweep_dag(sweep)
+    ids = [e.dag_id for e in sweep.experiments]
+    parts = [dag.get_task(f"run_{n}").expand_input.value["trigger_dag_id"] for n in (1, 2, 3)]
+    assert parts == [ids[:10], ids[10:20], ids[20:]] and "run" not in dag.task_ids
+    assert dag.get_task("outcome").upstream_task_ids == {"run_1", "run_2", "run_3", "summary"}
+    summary = dag.get_task("summary")
+    assert summary.upstream_task_ids == {"run_1", "run_2", "run_3"}
+
+    pulled = []
+
+    def xcom_pull(task_ids, map_indexes=None, key=None, **_):
+        pulled.append((task_ids, map_indexes))
+
+    ti = SimpleNamespace(xcom_pull=xcom_pull)
+    rows = summary.execute({"ti": ti})["rows"]
+    assert len(rows) == 25 and {r["state"] for r in rows} == {"not started"}
+    assert pulled[9] == ("run_1", 9) and pulled[10] == ("run_2", 0) and pulled[24] == ("run_3", 4)
+
+
 def test_without_conversion_or_cooldowns_the_dag_is_train_and_report(project_dags):
     exp = load_sweep(REPO / "config" / "sweeps" / "minimal.yaml", ["conversion.enabled=false"]).experiments[0]
     sweep = load_sweep(REPO / "config" / "sweeps" / "minimal.yaml", ["conversion.enabled=false"])
