@@ -47,3 +47,9 @@ def join_key(prefix: str, key: object) -> str:
     if isinstance(key, int):
         return f"{prefix}[{key}]"
     return f"{prefix}.{key}" if prefix else str(key)
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """`repr(value)`, cut to `limit` characters: a message quotes what it refuses, never megabytes of it."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -33,7 +33,7 @@ from airflow_oellm.config.overrides import apply_overrides, locate, parse_overri
 from airflow_oellm.config.resolvers import RESOLVERS, frozen_time
 from airflow_oellm.config.schema import RootConfig
 from airflow_oellm.config.sweep import SweepError, SweepPoint, expand_sweep
-from airflow_oellm.config.validate import Validator, schema_fields
+from airflow_oellm.config.validate import Validator, iteration_arg, schema_fields
 from airflow_oellm.config.yamlio import key_line, load_yaml
 from airflow_oellm.slurm.shell import ShellSafetyError, check_env_name, check_module
 from airflow_oellm.slurm.timespec import time_limit_seconds
@@ -409,9 +409,10 @@ class SweepLoader:
         try:
             name = check_name(render_template(template, fields))
         except NamingError as exc:
-            raise ConfigError(
-                composed_point.issue(f"{exc} (experiment #{point.index} {point.values})", "sweep.name_template")
-            ) from None
+            # without a template of its own, the name is made from the project's name: point there
+            explicit = (composed.data.get("sweep") or {}).get("name_template") is not None
+            key = "sweep.name_template" if explicit else "project.name"
+            raise ConfigError(composed_point.issue(f"{exc} (experiment #{point.index} {point.values})", key)) from None
         the_dag_id = dag_id(sweep_name, name)
         data["experiment"] = {
             "name": name,
@@ -433,6 +434,12 @@ class SweepLoader:
         except NamingError as exc:
             raise ConfigError(composed_point.issue(str(exc), "project.base_output_dir")) from None
         config = _typed(resolved, composed_point)
+        if config.backend.name == "megatron":  # the planner counts checkpoints from these
+            for key in ("train_iters", "save_interval"):
+                try:
+                    iteration_arg(config.backend.args, key)
+                except ConfigError as exc:
+                    raise ConfigError([composed_point.issue(i.message, i.key) for i in exc.issues]) from None
         return Experiment(
             name=name,
             index=point.index,

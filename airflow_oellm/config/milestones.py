@@ -18,7 +18,7 @@ from airflow_oellm.config.errors import ConfigError, Issue, did_you_mean
 from airflow_oellm.config.naming import NamingError, check_name
 from airflow_oellm.config.overrides import apply_overrides, parse_overrides
 from airflow_oellm.config.schema import CooldownConfig, EvalSuiteConfig, RootConfig
-from airflow_oellm.config.validate import Validator
+from airflow_oellm.config.validate import Validator, iteration_arg
 
 CONVERT, EVALUATE = "convert", "evaluate"
 
@@ -243,10 +243,12 @@ def plan(config: dict[str, Any]) -> Milestones:
     """
     cfg = typed(config)
     args = cfg.backend.args
-    train_iters = int(args.get("train_iters") or 0)
-    if cfg.backend.name != "megatron" or train_iters <= 0:
+    if cfg.backend.name != "megatron":
         return Milestones(checkpoints=[])
-    checkpoints = expected_checkpoints(train_iters, args.get("save_interval"))
+    train_iters = iteration_arg(args, "train_iters") or 0
+    if train_iters <= 0:
+        return Milestones(checkpoints=[])
+    checkpoints = expected_checkpoints(train_iters, iteration_arg(args, "save_interval"))
     milestones = Milestones(checkpoints=checkpoints)
     milestones.evaluations = _evaluations(cfg, checkpoints, train_iters, None, cooldown=None)
     known = [s.name for s in cfg.evaluation.suites]
@@ -260,7 +262,7 @@ def plan(config: dict[str, Any]) -> Milestones:
         if not spec.train:  # evaluation only, of the parent's checkpoint `at` (the seed guide's 10k case)
             _add_suites(milestones.evaluations, _evaluations(cfg, [spec.at], spec.at, spec.suites, cooldown=None))
             continue
-        final = int(child.backend.args.get("train_iters") or 0)
+        final = iteration_arg(child.backend.args, "train_iters") or 0
         evals = _evaluations(child, [final], final, spec.suites, cooldown=index)
         milestones.cooldowns.append(
             {
@@ -322,9 +324,9 @@ def job_config(config: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
     base = config
     if job.get("cooldown") is not None:
         spec = cfg.cooldowns[int(job["cooldown"])]
-        train_iters = int(cfg.backend.args.get("train_iters") or 0)
+        train_iters = iteration_arg(cfg.backend.args, "train_iters") or 0
         base = cooldown_config(
-            config, cfg, spec, expected_checkpoints(train_iters, cfg.backend.args.get("save_interval"))
+            config, cfg, spec, expected_checkpoints(train_iters, iteration_arg(cfg.backend.args, "save_interval"))
         )
         if job["kind"] == "cooldown":
             return base

@@ -20,7 +20,7 @@ from typing import Any, get_args, get_origin
 import yaml
 from omegaconf import OmegaConf
 
-from airflow_oellm.config.errors import ConfigError, Issue, did_you_mean
+from airflow_oellm.config.errors import ConfigError, Issue, did_you_mean, shown
 from airflow_oellm.config.schema import PROTECTED_SECTIONS, RootConfig
 from airflow_oellm.config.validate import schema_fields
 from airflow_oellm.config.yamlio import unescape_double_dollar
@@ -65,9 +65,9 @@ def parse_override(text: str) -> Override:
     key, eq, raw = body.partition("=")
     key = key.strip()
     if not _KEY.match(key):
-        raise ConfigError(Issue(f"invalid override {text!r}: expected key=value, +key=value or ~key"))
+        raise ConfigError(Issue(f"invalid override {shown(text)}: expected key=value, +key=value or ~key"))
     if not eq and mode != "delete":
-        raise ConfigError(Issue(f"invalid override {text!r}: missing '=value' (use ~{key} to delete)"))
+        raise ConfigError(Issue(f"invalid override {shown(text)}: missing '=value' (a leading ~ deletes a key)"))
     try:
         value = parse_value(raw.strip()) if eq else None
     except yaml.YAMLError:

@@ -14,7 +14,7 @@ import typing
 from functools import cache
 from typing import Any, Literal, Union, get_args, get_origin
 
-from airflow_oellm.config.errors import Issue, did_you_mean, join_key
+from airflow_oellm.config.errors import ConfigError, Issue, did_you_mean, join_key, shown
 from airflow_oellm.config.schema import SEED_KEYS
 
 
@@ -41,9 +41,7 @@ def is_unresolved(value: Any) -> bool:
 
 
 def _describe(value: Any) -> str:
-    text = repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
+    text = shown(value)
     kind = {bool: "boolean", int: "integer", float: "number", str: "string", list: "list", dict: "mapping"}
     return f"{kind.get(type(value), type(value).__name__)} {text}"
 
@@ -165,3 +163,14 @@ class Validator:
         if self.partial or len(self.issues) > before:
             return None
         return cls(**kwargs)
+
+
+def iteration_arg(args: dict[str, Any], key: str) -> int | None:
+    """A Megatron iteration count from `backend.args` (None when unset); anything else names the key."""
+    value = args.get(key)
+    if value is None or is_unresolved(value):  # resolved at run time (an escaped interpolation)
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).strip().isdigit():
+        message = f"expected a whole number of iterations, got {shown(value)}"
+        raise ConfigError(Issue(message, key=f"backend.args.{key}"))
+    return int(value)

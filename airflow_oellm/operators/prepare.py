@@ -24,6 +24,7 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 import airflow_oellm
 from airflow_oellm.config import ConfigError, load_sweep
+from airflow_oellm.config.errors import shown
 from airflow_oellm.config.milestones import plan, with_cooldown_points
 from airflow_oellm.config.overrides import parse_overrides
 from airflow_oellm.hooks.slurm import SlurmHook
@@ -83,7 +84,7 @@ def override_strings(values: Mapping[str, Any], defaults: Mapping[str, Any]) -> 
             out.append(f"{key}={json.dumps(value)}")
     free = values.get(OVERRIDES_PARAM) or []
     if not isinstance(free, list) or not all(isinstance(o, str) for o in free):
-        raise AirflowFailException(f"'{OVERRIDES_PARAM}' must be a list of strings like key=value, got {free!r}")
+        raise AirflowFailException(f"'{OVERRIDES_PARAM}' must be a list of strings like key=value, got {shown(free)}")
     return out + list(free)
 
 
@@ -91,7 +92,7 @@ def check_protected(overrides: Sequence[str]) -> None:
     for o in parse_overrides(overrides):
         if any(o.key == p or o.key.startswith(p + ".") for p in PROTECTED):
             raise AirflowFailException(
-                f"override {o.text!r} would change {o.key}, which identifies the experiment "
+                f"override {shown(o.text)} would change {o.key}, which identifies the experiment "
                 "(its name and output directory); make a new sweep point instead"
             )
 
@@ -143,7 +144,10 @@ class PrepareExperimentOperator(BaseOperator):
         points = values.pop(COOLDOWN_POINTS_PARAM, None)
         default_points = self.param_defaults.get(COOLDOWN_POINTS_PARAM)
         overrides = override_strings(values, {k: v for k, v in self.param_defaults.items() if k in values})
-        check_protected(overrides)
+        try:
+            check_protected(overrides)
+        except ConfigError as exc:  # an override that does not even parse
+            raise AirflowFailException(f"invalid overrides for this run:\n{exc}") from None
         when: datetime = dag_run.run_after
         extra = []
         if self.scheduled and dag_run.logical_date is not None:

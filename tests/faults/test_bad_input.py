@@ -1,0 +1,110 @@
+"""Bad input: a corpus of broken sweep files next to a good one, and hostile run confs. Each gets an
+error that names the file, key or value, nothing is executed, nothing reaches the cluster, and no
+other DAG breaks."""
+
+from __future__ import annotations
+
+import shutil
+from datetime import UTC, datetime
+from types import SimpleNamespace
+
+import pytest
+from airflow.sdk.exceptions import AirflowFailException
+
+from airflow_oellm.dag_factory import load_dags
+from tests.conftest import REPO
+from tests.unit.test_factory import DAG_FILE, bag
+
+HEAD = "defaults: [{platform: local}]\nproject: {name: %s, base_output_dir: /tmp/oellm-bad-input}\n"
+# file -> (its text, what its error must say)
+CORPUS = {
+    "syntax.yaml": (HEAD % "syntax" + "sweep: {axes: {i: [1, 2}\n", ["syntax.yaml:3", "invalid YAML"]),
+    "types.yaml": (HEAD % "types" + "slurm: {nodes: many}\n", ["types.yaml:3", "slurm.nodes", "expected an integer"]),
+    "unknown.yaml": (HEAD % "unknown" + "backend: {argz: {}}\n", ["unknown.yaml:3", "backend.argz", "'args'"]),
+    "dupes.yaml": (
+        HEAD % "dupes" + 'sweep: {name_template: "same", axes: {i: [1, 2]}}\n',
+        ["dupes.yaml:3", "two experiments get the name 'same'"],
+    ),
+    "cycle.yaml": (
+        "defaults: [{platform: loopa}]\nproject: {name: cycle, base_output_dir: /tmp/oellm-bad-input}\n",
+        ["loopa.yaml", "defaults form a cycle", "loopb.yaml"],
+    ),
+    "binary.yaml": ("\udcff\udcfebinary\x00", ["binary.yaml", "not UTF-8 text"]),
+    "iterations.yaml": (
+        HEAD % "iterations" + "backend: {args: {train_iters: '$(touch PWNED)'}}\n",
+        ["iterations.yaml", "backend.args.train_iters", "whole number of iterations"],
+    ),
+    "injected.yaml": (
+        HEAD % "injected" + "sweep: {name_template: 'x$(touch PWNED)', axes: {i: [1]}}\n",
+        ["injected.yaml", "sweep.name_template"],
+    ),
+    "traversal.yaml": (HEAD % "../../etc", ["traversal.yaml", "project.name"]),
+}
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    root = tmp_path / "project"
+    (root / "config" / "platform").mkdir(parents=True)
+    (root / "config" / "platform" / "loopa.yaml").write_text("defaults: [loopb]\n")
+    (root / "config" / "platform" / "loopb.yaml").write_text("defaults: [loopa]\n")
+    sweeps = root / "config" / "sweeps"
+    sweeps.mkdir()
+    (sweeps / "good.yaml").write_text(HEAD % "good" + "sweep: {axes: {i: [1, 2]}}\n")
+    for name, (text, _) in CORPUS.items():
+        (sweeps / name).write_bytes(text.encode("utf-8", errors="surrogateescape"))
+    return sweeps
+
+
+def test_each_broken_sweep_names_its_problem_and_spoils_no_other_dag(corpus, tmp_path, monkeypatch):
+    folder = tmp_path / "dags"
+    folder.mkdir()
+    shutil.copy(DAG_FILE, folder / DAG_FILE.name)
+    monkeypatch.chdir(tmp_path)  # a PWNED file would land here, or in the sweep directory
+    dagbag = bag(folder, monkeypatch, [corpus])
+    assert {"oellm__good", "oellm__good__good_i1", "oellm__good__good_i2"} <= set(dagbag.dag_ids)
+    assert not any(stem in d for d in dagbag.dag_ids for stem in ("syntax", "types", "dupes", "iterations"))
+    (message,) = dagbag.import_errors.values()
+    for name, (_, expected) in CORPUS.items():
+        for fragment in expected:
+            assert fragment in message, (name, fragment, message)
+    assert not list(tmp_path.rglob("PWNED"))
+
+
+HOSTILE_CONFS = [
+    ({"overrides": ["experiment.output_dir=/etc"]}, "would change experiment.output_dir"),
+    ({"overrides": ["project.name=../../../etc"]}, "would change project.name"),
+    ({"overrides": ["project.base_output_dir=/tmp/$(touch PWNED)"]}, "would change project.base_output_dir"),
+    ({"overrides": ["backend.args.train_iters=1; rm -rf ~"]}, "backend.args.train_iters: expected a whole number"),
+    ({"backend.args.train_iters": "$(touch PWNED)"}, "backend.args.train_iters: expected a whole number"),
+    ({"overrides": ["slurm.job_name=a;b"]}, "slurm.job_name: key does not exist"),
+    ({"overrides": ["hydra/../../x=1"]}, "invalid override 'hydra/../../x=1'"),
+    ({"overrides": "backend.args.lr=1"}, "'overrides' must be a list of strings"),
+    ({"overrides": [["nested"]]}, "'overrides' must be a list of strings"),
+    ({"overrides": ["x" * 4_000_000]}, "invalid override 'xxxx"),
+    ({"overrides": ["slurm.partition='a b$(touch PWNED)'"]}, "slurm.partition"),
+    ({"rm -rf /": 1}, "unknown key(s) in the run's conf: 'rm -rf /'"),
+]
+
+
+@pytest.mark.parametrize(("conf", "expected"), HOSTILE_CONFS, ids=[str(i) for i in range(len(HOSTILE_CONFS))])
+def test_a_hostile_run_conf_fails_prepare_clearly_and_reaches_no_cluster(conf, expected, tmp_path, monkeypatch):
+    import airflow_oellm.operators.prepare as prepare
+
+    class NoCluster:
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("the run reached the cluster")
+
+    monkeypatch.setattr(prepare, "SlurmHook", NoCluster)
+    monkeypatch.chdir(tmp_path)
+    dags = load_dags([REPO / "config" / "sweeps"])
+    dag = dags["oellm__cooldowns_and_evals__lr0.0003"]
+    run = SimpleNamespace(conf=conf, run_after=datetime.now(UTC), logical_date=None, run_id="manual__hostile")
+    pushed = []
+    ti = SimpleNamespace(xcom_push=lambda **kw: pushed.append(kw))
+    context = {"dag_run": run, "params": dict(dag.params), "ti": ti}
+    with pytest.raises(AirflowFailException) as failure:  # not retried: the same conf fails the same way
+        dag.get_task("prepare").execute(context)
+    message = str(failure.value)
+    assert expected in message and len(message) < 2000, message[:3000]
+    assert pushed == [] and not list(tmp_path.rglob("PWNED"))
