@@ -125,14 +125,28 @@ class Event:
 class EventMatcher:
     """Feeds log bytes in order; returns complete lines and the events they hold."""
 
-    def __init__(self, specs: Sequence[EventSpec], *, offset: int = 0, line_no: int = 0, partial: bytes = b""):
+    def __init__(
+        self,
+        specs: Sequence[EventSpec],
+        *,
+        offset: int = 0,
+        line_no: int = 0,
+        partial: bytes = b"",
+        mid_line: bool = False,
+    ):
         self.specs = list(specs)
         self.offset = offset  # bytes consumed, the partial line included
-        self.line_no = line_no  # complete lines so far
+        self.line_no = line_no  # complete lines so far (counted from a skip on, after one)
         self.partial = partial
+        self.mid_line = mid_line  # after a skip: the bytes up to the next newline are a line's rest
 
     def state(self) -> dict[str, Any]:
-        return {"offset": self.offset, "line_no": self.line_no, "partial": base64.b64encode(self.partial).decode()}
+        return {
+            "offset": self.offset,
+            "line_no": self.line_no,
+            "partial": base64.b64encode(self.partial).decode(),
+            "mid_line": self.mid_line,
+        }
 
     @classmethod
     def from_state(cls, specs: Sequence[EventSpec], state: Mapping[str, Any] | None) -> EventMatcher:
@@ -142,7 +156,14 @@ class EventMatcher:
             offset=int(state.get("offset", 0)),
             line_no=int(state.get("line_no", 0)),
             partial=base64.b64decode(state.get("partial", "") or ""),
+            mid_line=bool(state.get("mid_line", False)),
         )
+
+    def skip_to(self, offset: int) -> int:
+        """Go on reading at `offset` (ahead), leaving the bytes between unread; returns how many."""
+        skipped = offset - self.offset + len(self.partial)
+        self.offset, self.partial, self.mid_line = offset, b"", True
+        return skipped
 
     def feed(self, data: bytes, *, final: bool = False) -> tuple[list[str], list[Event]]:
         """New complete lines (decoded; invalid UTF-8 replaced) and the events they hold.
@@ -155,6 +176,12 @@ class EventMatcher:
         lines: list[str] = []
         events: list[Event] = []
         pos = 0
+        if self.mid_line:  # the rest of a line that a skip cut: not a line of its own
+            newline = buffer.find(b"\n")
+            if newline < 0 and not final:
+                self.partial = b""
+                return lines, events
+            pos, self.mid_line = (newline + 1 if newline >= 0 else len(buffer)), False
         while pos < len(buffer):
             newline = buffer.find(b"\n", pos)
             if newline >= 0:

@@ -20,6 +20,9 @@ from airflow_oellm.slurm.states import JobStatus
 READ_BYTES = 64 * 1024  # new log bytes read per poll while the job runs
 DRAIN_BYTES = 4 * 1024 * 1024  # per poll once the job has ended
 TAIL_BYTES = 16 * 1024  # the end of the log read for classification
+# a log that grows faster than it is read is skipped ahead past this much unread text: its end
+# (the job's fate) matters more than every line, and checkpoints are found in their directory
+MAX_BACKLOG_BYTES = 16 * 1024 * 1024
 MAX_FAULT_LINES = 20
 MAX_FAULT_CHARS = 500
 MAX_LISTED = 1000
@@ -45,6 +48,7 @@ def empty_summary() -> dict[str, Any]:
         "iterations_run": 0,
         "faults": [],
         "loss_curve": [],
+        "log_skipped_bytes": 0,
     }
 
 
@@ -125,6 +129,7 @@ class Step:
     hang_detected: bool = False  # just now: the caller cancels the job
     finished: bool = False  # the job ended and its log is read to the end
     truncated: bool = False  # the log shrank (requeue with --open-mode=truncate): read again from 0
+    skipped: int = 0  # unread bytes jumped over just now (MAX_BACKLOG_BYTES)
 
     @property
     def noteworthy(self) -> bool:
@@ -167,6 +172,12 @@ class JobWatch:
                 lines, events = self.matcher.feed(chunk.data)
         for event in events:
             summarize(self.state.summary, event)
+        ended = status is not None and status.is_terminal
+        skipped = 0
+        if chunk is not None and chunk.size is not None and chunk.size - self.matcher.offset > MAX_BACKLOG_BYTES:
+            skipped = self.matcher.skip_to(chunk.size - (DRAIN_BYTES if ended else READ_BYTES))
+            summary = self.state.summary
+            summary["log_skipped_bytes"] = summary.get("log_skipped_bytes", 0) + skipped
         running = status is not None and status.state.value == "RUNNING"
         self.activity = self.activity.observe(
             now,
@@ -179,7 +190,7 @@ class JobWatch:
         if running and self.threshold and not self.state.hang and self.activity.is_hung(now, self.threshold):
             self.state.hang = hang = True
         finished = False
-        if status is not None and status.is_terminal:
+        if ended:
             self.state.final_status = status.to_dict()
             size = chunk.size if chunk is not None else None
             if size is None or self.matcher.offset >= size:
@@ -193,7 +204,7 @@ class JobWatch:
                 self._draining = True
         self.state.matcher = self.matcher.state()
         self.state.activity = self.activity.to_dict()
-        return Step(lines, events, hang, finished, truncated)
+        return Step(lines, events, hang, finished, truncated, skipped)
 
     def tail_request(self) -> tuple[str, int, int]:
         """The end of the log, for classification (read once the job has ended)."""

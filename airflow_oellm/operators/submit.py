@@ -337,6 +337,10 @@ class SlurmSubmitOperator(BaseOperator):
                 )
                 for line in step.lines:
                     self.log.info("[job %s] %s", args["job_id"], line)
+                if step.skipped:
+                    self.log.warning(
+                        "[job %s] the log grows faster than it is read: skipped %d bytes", args["job_id"], step.skipped
+                    )
                 if step.hang_detected:
                     self.log.warning("job %s looks hung: cancelling it", args["job_id"])
                     watch.state.cancelled_by_us = True

@@ -108,6 +108,10 @@ class SlurmJobTrigger(ClusterTrigger):
             step = watch.apply(now, update.status, update.chunks[0] if update.chunks else None, update.mtimes)
             if step.truncated:
                 self.log.info("[job %s] log restarted from the beginning (truncated by a requeue)", self.job_id)
+            if step.skipped:
+                self.log.warning(
+                    "[job %s] the log grows faster than it is read: skipped %d bytes", self.job_id, step.skipped
+                )
             if self.stream_log:
                 for line in step.lines:
                     self.log.info("[job %s] %s", self.job_id, line)
