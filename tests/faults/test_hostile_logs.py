@@ -50,7 +50,7 @@ def test_the_events_after_the_junk_are_found():
     assert [e.name for e in events] == ["iteration", "training_done"] and events[0].groups["iteration"] == 40
 
 
-def test_a_one_gib_log_is_skipped_to_its_end_in_a_few_polls(tmp_path):
+def test_a_one_gib_log_is_skipped_to_its_end_in_a_few_polls(tmp_path, reliability):
     log = tmp_path / "huge.out"
     with open(log, "wb") as f:
         f.truncate(1024**3)  # a sparse GiB of NULs, then the job's last lines
@@ -75,3 +75,9 @@ def test_a_one_gib_log_is_skipped_to_its_end_in_a_few_polls(tmp_path):
     assert summary["log_skipped_bytes"] == sum(p.skipped for p in polls)
     assert summary["training_done"] and summary["last_iteration"] == 40  # the end was read
     assert watch.offset == size
+    reliability.record(
+        "a 1 GiB job log",
+        f"read to its end in {len(polls)} polls, {summary['log_skipped_bytes'] / 2**20:.0f} MiB skipped and "
+        "counted; the end classified from the last lines",
+        polls_to_the_end=len(polls),
+    )
