@@ -1,5 +1,5 @@
 # The two commands a newcomer needs (see README.md).
-.PHONY: plan demo demo-stop test install cluster
+.PHONY: plan demo demo-stop test reliability install cluster
 
 SWEEP ?= config/sweeps/scaling_study.yaml
 
@@ -14,6 +14,10 @@ demo-stop:  ## stop the Airflow that `make demo` left running for its UI
 
 test:  ## everything CI runs: install, dev cluster up, lint, all tests
 	.ci/run
+
+reliability: install cluster  ## the fault-injection suite, then docs/reliability.md's table from its figures
+	.venv/bin/python -m pytest -m faults
+	.venv/bin/python scripts/reliability_report.py
 
 install:
 	scripts/install.sh
