@@ -227,7 +227,8 @@ def test_sbatch_is_throttled_per_cluster(hook, remote_dir):
     assert time.monotonic() - start >= 2.0  # three sbatch calls at most one per second
 
 
-def test_secrets_reach_the_job_and_nowhere_else(hook, dev_cluster, remote_dir):
+@pytest.mark.faults
+def test_secrets_reach_the_job_and_nowhere_else(hook, dev_cluster, remote_dir, reliability):
     secret = "hf_s3cr3t value; $(touch PWNED)"
     body = 'printf %s "$OELLM_TEST_SECRET" | sha256sum | cut -c1-64'
     script = put_job(hook, remote_dir, "sec", body)
@@ -241,6 +242,11 @@ def test_secrets_reach_the_job_and_nowhere_else(hook, dev_cluster, remote_dir):
     leaked = dev_cluster.ssh(f"grep -rl -F 's3cr3t' {remote_dir} || true").stdout.strip()
     assert leaked == ""
     assert dev_cluster.ssh(f"find {remote_dir} -name PWNED").stdout.strip() == ""
+    reliability.record(
+        "a secret with shell metacharacters",
+        "reached the job's environment (its hash matched) and no file under the job's directory",
+        files_holding_the_secret=len(leaked.split()),
+    )
 
 
 def test_exclude_nodes_on_a_pending_job(hook, dev_cluster, remote_dir):
@@ -256,7 +262,8 @@ def test_platform_detection_runs_remotely(hook):
     assert found.name == "local" and "oellm-dev-cluster" in found.reason
 
 
-def test_wrong_host_key_is_refused_by_both_hooks(dev_cluster, monkeypatch):
+@pytest.mark.faults
+def test_wrong_host_key_is_refused_by_both_hooks(dev_cluster, monkeypatch, reliability):
     wrong = paramiko.Ed25519Key.from_private_key_file(dev_cluster.env["SLURM_DEV_SSH_KEY"])  # a key, not the host's
     monkeypatch.setenv("AIRFLOW_CONN_SLURM_WRONG", ssh_connection_uri(dev_cluster, f"ssh-ed25519 {wrong.get_base64()}"))
     with pytest.raises(paramiko.SSHException, match=r"not found in known_hosts|does not match"):
@@ -272,6 +279,10 @@ def test_wrong_host_key_is_refused_by_both_hooks(dev_cluster, monkeypatch):
     with pytest.raises(SlurmCommandError) as err:
         asyncio.run(connect())
     assert not err.value.transient  # a wrong host key is not retried as a network blip
+    reliability.record(
+        "host key mismatch",
+        "refused by the worker's hook (paramiko) and the triggerer's (asyncssh); not retried as a blip",
+    )
 
 
 def test_local_mode_runs_the_same_operations(dev_cluster, tmp_path):

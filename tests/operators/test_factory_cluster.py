@@ -20,8 +20,7 @@ BYTE_TOKENIZER = REPO / "tests" / "fixtures" / "byte_tokenizer"
 pytestmark = pytest.mark.factory
 
 
-@pytest.fixture
-def factory_sweep(backend):
+def small_study(backend, *extra: str):
     """The example study (config/sweeps/cooldowns_and_evals.yaml), made small and pointed at the backend."""
     tools = backend.provide(FAKE_TOOLS)
     where = (
@@ -50,8 +49,14 @@ def factory_sweep(backend):
             "cooldowns=[{at: 10, overrides: [backend.args.lr=1.0e-5, backend.args.train_iters=25, "
             "+platform.env.FAKE_CRASH_AT=23]}]",
             "dag.deferrable=false",
+            *extra,
         ],
     )
+
+
+@pytest.fixture
+def factory_sweep(backend):
+    return small_study(backend)
 
 
 def test_experiment_dag_runs_every_branch(factory_sweep, backend, run_dag):
@@ -225,3 +230,28 @@ def test_tiny_trainer_study_trains_converts_evaluates_and_cools_down(
     assert cooled["validation_loss"] < parent[2]["validation_loss"], (cooled, parent[2])
     hf = Path(exp.paths.output_dir) / "hf" / "iter_0000200"  # the dev cluster's filesystem is this machine's
     assert (hf / "tokenizer.json").exists() and json.loads((hf / "config.json").read_text())["num_hidden_layers"] == 2
+
+
+@pytest.mark.faults
+def test_a_cooldown_whose_parent_fails_first_ends_at_once(backend, run_dag, reliability):
+    """The parent runs out of memory at iteration 5 (fatal), before its checkpoint 10: the cooldown from
+    checkpoint 10, and the checkpoint branches, stop waiting and say why instead of waiting for ever."""
+    sweep = small_study(backend, "+platform.env.FAKE_OOM_AT=5")
+    exp = sweep.experiments[0]
+    dr = run_dag(experiment_dag(sweep, exp))
+    tis = {(ti.task_id, ti.map_index): ti for ti in dr.get_task_instances()}
+    train = tis[("train", -1)]
+    assert dr.state == "failed" and train.state == "failed" and train.try_number == 1
+    waits = [ti for (task, _), ti in tis.items() if task in ("cooldown.wait", "checkpoint.wait")]
+    assert waits and all(ti.state == "skipped" for ti in waits), {k: t.state for k, t in tis.items()}
+    assert all(tis[k].state == "skipped" for k in tis if k[0] in ("cooldown.train", "checkpoint.convert"))
+    late = max((ti.end_date - train.end_date).total_seconds() for ti in waits)
+    assert late < 60, late  # within a few poll intervals (2 s here) and the settle hold, not a timeout
+    status = json.loads(backend.run(["cat", f"{exp.paths.output_dir}/.oellm/status/train.json"]))
+    assert status["state"] == "failed" and "out of memory" in status["reason"]
+    reliability.record(
+        f"cooldown whose parent fails first ({backend.batch_system})",
+        "the parent failed for good at iteration 5; the cooldown and checkpoint waits were skipped, "
+        "naming the failed training",
+        recover_seconds=late,
+    )

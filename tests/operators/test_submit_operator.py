@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
 
 import pytest
 from airflow.sdk import DAG
@@ -44,6 +46,13 @@ def train_dag(exp, backend, **operator_kwargs):
     return dag
 
 
+def submitted(backend, exp) -> list[str]:
+    """The job ids the cluster-side submission records hold for the experiment's output directory:
+    one per sbatch that returned, whatever Airflow remembers."""
+    records = f"{shlex.quote(exp.paths.output_dir)}/.oellm/submissions/*"
+    return backend.run(["sh", "-c", f"cat {records} 2>/dev/null || true"]).split()
+
+
 def tis(dag_run):
     return {ti.task_id: ti for ti in dag_run.get_task_instances()}
 
@@ -68,7 +77,8 @@ def test_train_to_completion_with_events(write, backend, run_dag):
     assert mode == "700"
 
 
-def test_oom_fails_without_retry(write, backend, run_dag):
+@pytest.mark.faults
+def test_oom_fails_without_retry(write, backend, run_dag, reliability):
     exp = experiment(write, backend)
     dag = train_dag(exp, backend)
     dag.get_task("train").experiment.value["platform"]["env"]["FAKE_OOM_AT"] = 5
@@ -79,9 +89,15 @@ def test_oom_fails_without_retry(write, backend, run_dag):
     assert result["classification"]["verdict"] == "fatal" and "out of memory" in result["classification"]["reason"]
     status = json.loads(backend.run(["cat", task_status_path(exp.paths.output_dir, "train")]))
     assert status["state"] == "failed"
+    reliability.record(
+        f"CUDA out-of-memory line ({backend.batch_system})",
+        "failed at once, not retried: the reason names the out-of-memory error",
+        duplicates=len(submitted(backend, exp)) - 1,
+    )
 
 
-def test_user_scancel_fails_without_retry(write, backend, run_dag):
+@pytest.mark.faults
+def test_user_scancel_fails_without_retry(write, backend, run_dag, reliability):
     import threading
     import time
 
@@ -104,9 +120,15 @@ def test_user_scancel_fails_without_retry(write, backend, run_dag):
     assert dr.state == "failed" and tis(dr)["train"].try_number == 1
     result = xcom(dr, "train", "result")
     assert result["classification"]["reason"] == "cancelled by a user"
+    reliability.record(
+        f"user scancel ({backend.batch_system})",
+        "failed, not retried: `CANCELLED by <uid>` is the user's decision",
+        duplicates=len(submitted(backend, exp)) - 1,
+    )
 
 
-def test_hang_is_cancelled_and_retried(write, backend, run_dag):
+@pytest.mark.faults
+def test_hang_is_cancelled_and_retried(write, backend, run_dag, reliability):
     exp = experiment(write, backend, "backend.args.save_interval=3", "monitoring.inactivity_threshold_seconds=12")
     dag = train_dag(exp, backend)
     dag.get_task("train").experiment.value["platform"]["env"]["FAKE_HANG_AT"] = 8
@@ -118,30 +140,67 @@ def test_hang_is_cancelled_and_retried(write, backend, run_dag):
     # resumed from the last checkpoint before the cancel (the fake saves on SIGTERM, as Megatron can)
     assert second["resumed_from"] == first["checkpoint_after"] >= 6
     assert second["verdict"] == "success" and tis(dr)["train"].try_number == 2
+    reliability.record(
+        f"hang: no output, no progress ({backend.batch_system})",
+        "cancelled after the inactivity threshold, retried, resumed from the checkpoint saved on SIGTERM",
+        duplicates=len(submitted(backend, exp)) - len(result["attempts"]),
+        lost_events=30 - result["last_iteration"],
+        inactivity_threshold_seconds=12,
+    )
 
 
 @pytest.mark.slow
-def test_time_limit_resubmits_and_resumes_from_the_checkpoint(write, backend, run_dag):
+@pytest.mark.faults
+def test_time_limit_resubmits_and_resumes_from_the_checkpoint(write, backend, run_dag, reliability):
     exp = experiment(
         write,
         backend,
         "slurm.time=60",
-        "backend.args.train_iters=110",
+        "backend.args.train_iters=150",
         "backend.args.iter_seconds=1",
         "backend.args.save_interval=20",
     )
     dr = run_dag(train_dag(exp, backend))
     assert dr.state == "success"
     result = xcom(dr, "train")
+    *limited, last = result["attempts"]
+    assert len(limited) == 2, result["attempts"]  # two time limits, then the rest fits
+    assert all(a["state"] == "TIMEOUT" and a["verdict"] == "retry" for a in limited)
+    # SIGTERM at each limit saved the current iteration; the next job loaded exactly that checkpoint
+    for before, after in zip(limited, [*limited[1:], last], strict=True):
+        assert after["resumed_from"] == before["checkpoint_after"] > (before["resumed_from"] or 0)
+    assert last["verdict"] == "success" and result["last_iteration"] == 150
+    assert len(set(result["job_ids"])) == 3
+    reliability.record(
+        f"time limit twice ({backend.batch_system})",
+        "TIMEOUT -> resubmitted twice; each job resumed from the checkpoint its predecessor saved on SIGTERM",
+        duplicates=len(submitted(backend, exp)) - len(result["attempts"]),
+        lost_events=150 - result["last_iteration"],
+        resumed_from=[a["resumed_from"] for a in result["attempts"]],
+    )
+
+
+@pytest.mark.faults
+def test_a_crash_is_retried_and_resumes_from_the_last_checkpoint(write, backend, run_dag, reliability):
+    exp = experiment(write, backend)
+    dag = train_dag(exp, backend)
+    dag.get_task("train").experiment.value["platform"]["env"]["FAKE_CRASH_AT"] = 15  # once: the rerun is healthy
+    dr = run_dag(dag)
+    assert dr.state == "success", tis(dr)["train"].state
+    result = xcom(dr, "train")
     first, second = result["attempts"]
-    assert first["state"] == "TIMEOUT" and first["verdict"] == "retry"
-    # SIGTERM at the limit saved the current iteration; the second job loaded exactly that checkpoint
-    assert second["resumed_from"] == first["checkpoint_after"] > 20
-    assert second["verdict"] == "success" and result["last_iteration"] == 110
-    assert len(set(result["job_ids"])) == 2
+    assert first["state"] == "FAILED" and first["verdict"] == "retry" and first["checkpoint_after"] == 10
+    assert second["resumed_from"] == 10 and second["verdict"] == "success" and result["last_iteration"] == 30
+    reliability.record(
+        f"crash at iteration 15 ({backend.batch_system})",
+        "retried; the new job resumed from checkpoint 10 and finished",
+        duplicates=len(submitted(backend, exp)) - len(result["attempts"]),
+        lost_events=30 - result["last_iteration"],
+    )
 
 
-def test_progress_guard_stops_a_deterministic_crash(write, backend, run_dag):
+@pytest.mark.faults
+def test_progress_guard_stops_a_deterministic_crash(write, backend, run_dag, reliability):
     exp = experiment(write, backend, "restart.max_attempts=6")
     dag = train_dag(exp, backend)
     env = dag.get_task("train").experiment.value["platform"]["env"]
@@ -152,9 +211,15 @@ def test_progress_guard_stops_a_deterministic_crash(write, backend, run_dag):
     result = xcom(dr, "train", "result")
     assert "no progress over the last two attempts" in result["classification"]["reason"]
     assert [a["verdict"] for a in result["attempts"]] == ["retry", "fatal"]
+    reliability.record(
+        f"deterministic crash before any checkpoint ({backend.batch_system})",
+        "stopped by the progress guard after two attempts, not five",
+        duplicates=len(submitted(backend, exp)) - len(result["attempts"]),
+    )
 
 
-def test_node_failure_excludes_the_node_on_the_next_submission(write, backend, run_dag):
+@pytest.mark.faults
+def test_node_failure_excludes_the_node_on_the_next_submission(write, backend, run_dag, reliability):
     node = backend.node
     exp = experiment(write, backend, "restart.max_attempts=2")
     dag = train_dag(exp, backend)
@@ -166,3 +231,51 @@ def test_node_failure_excludes_the_node_on_the_next_submission(write, backend, r
     assert f"#SBATCH --exclude={node}\n" in script
     status = json.loads(backend.run(["cat", task_status_path(exp.paths.output_dir, "train")]))
     assert status["state"] == "failed" and "Requested node configuration is not available" in status["reason"]
+    reliability.record(
+        f"node failure line ({backend.batch_system})",
+        f"retried with `#SBATCH --exclude={node}`; on a one-node cluster sbatch then refuses, and the task says so",
+        duplicates=len(submitted(backend, exp)) - 1,
+    )
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("backend", ["slurm"], indirect=True)  # local processes have no requeue
+def test_a_preempted_job_is_requeued_and_followed_to_its_end(write, backend, run_dag, reliability):
+    """`scontrol requeue` (what preemption with PreemptMode=REQUEUE does): the same job id starts again,
+    resumes from the checkpoint the fake saved on SIGTERM, and the task follows it without a retry."""
+    import threading
+    import time
+
+    exp = experiment(write, backend, "backend.args.train_iters=60", "backend.args.iter_seconds=0.5")
+    tracker = f"{exp.paths.checkpoint_dir}/latest_checkpointed_iteration.txt"
+    requeued: dict[str, object] = {}
+
+    def requeue_after_a_checkpoint():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            ids = backend.run(["squeue", "-h", "--me", "-t", "RUNNING", f"--name={exp.name}", "-o", "%A"]).split()
+            saved = backend.run(["sh", "-c", f"cat {shlex.quote(tracker)} 2>/dev/null || true"]).strip()
+            if ids and saved and int(saved) >= 20:
+                backend.run(["scontrol", "requeue", ids[0]])
+                requeued.update(job=ids[0], at=time.monotonic())
+                return
+            time.sleep(1)
+
+    preempter = threading.Thread(target=requeue_after_a_checkpoint)
+    preempter.start()
+    dr = run_dag(train_dag(exp, backend))
+    preempter.join()
+    assert requeued, "the job was never seen running past checkpoint 20"
+    assert dr.state == "success", tis(dr)["train"].state
+    result = xcom(dr, "train")
+    assert result["job_ids"] == [requeued["job"]] and len(result["attempts"]) == 1
+    assert result["final_state"] == "COMPLETED" and result["last_iteration"] == 60
+    log = backend.run(["cat", result["attempts"][0]["log_path"]])
+    resumed = re.search(r"successfully loaded checkpoint from \S+ \[ t 1/1, p 1/1 \] at iteration (\d+)", log)
+    assert resumed and int(resumed.group(1)) >= 20, log[:2000]
+    reliability.record(
+        "preemption (scontrol requeue)",
+        f"the job restarted under its id, resumed from checkpoint {resumed.group(1)}; followed to its end, no retry",
+        duplicates=len(submitted(backend, exp)) - 1,
+        lost_events=60 - result["last_iteration"],
+    )
