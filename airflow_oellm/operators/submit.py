@@ -396,6 +396,11 @@ class SlurmSubmitOperator(BaseOperator):
                 guard = progress_guard(checkpoints)
                 if guard:
                     verdict = type(verdict)(FATAL, f"{verdict.reason}; {guard}", verdict.exclude_nodes)
+            # a job that resumed at the very end (its predecessor stopped right after the last
+            # iteration) logs no iteration: it is where it resumed
+            last_iteration = summary.get("last_iteration")
+            if last_iteration is None:
+                last_iteration = summary.get("resumed_from") or None
             attempt.update(
                 start=status.start,
                 end=status.end,
@@ -406,7 +411,7 @@ class SlurmSubmitOperator(BaseOperator):
                 verdict=verdict.verdict,
                 reason=verdict.reason,
                 checkpoint_after=outcome.checkpoint_after,
-                last_iteration=summary.get("last_iteration"),
+                last_iteration=last_iteration,
                 resumed_from=summary.get("resumed_from"),
             )
             history["attempts"] = [a for a in history["attempts"] if a["try"] != ti.try_number] + [attempt]
@@ -417,7 +422,7 @@ class SlurmSubmitOperator(BaseOperator):
                 "job_ids": [a["job_id"] for a in history["attempts"]],
                 "final_state": status.state.value,
                 "classification": verdict.to_dict(),
-                "last_iteration": summary.get("last_iteration"),
+                "last_iteration": last_iteration,
                 "checkpoint": outcome.checkpoint_after,
                 "events": summary.get("counts", {}),
                 "summary": summary,

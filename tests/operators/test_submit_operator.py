@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shlex
@@ -44,6 +45,26 @@ def train_dag(exp, backend, **operator_kwargs):
             **{**restart_policy(exp.resolved), **operator_kwargs},
         )
     return dag
+
+
+ITERATION_LOSS = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*\| lm loss: (\S+) \|")
+
+
+def assert_loss_continues(backend, attempts: list[dict], tolerance: float = 0.05) -> None:
+    """Each resumed job's first logged loss continues its predecessor's last one (a job that started
+    over from random weights would log the first iterations' much higher loss)."""
+    curves = []
+    for attempt in attempts:
+        log = backend.run(["cat", attempt["log_path"]])
+        curves.append([(int(i), float(v)) for i, v in ITERATION_LOSS.findall(log)])
+    # a job that resumed at the very end logs no iteration: nothing to continue there
+    logged = [c for c in curves if c]
+    assert len(logged) >= 2, curves
+    for before, after in itertools.pairwise(logged):
+        first_it, first_loss = after[0]
+        # the same iteration's loss when the predecessor got that far (a redone stretch), else its last one
+        reference = dict(before).get(first_it, before[-1][1])
+        assert first_it > 1 and abs(first_loss - reference) <= tolerance * reference, (before[-3:], after[:3])
 
 
 def submitted(backend, exp) -> list[str]:
@@ -152,11 +173,14 @@ def test_hang_is_cancelled_and_retried(write, backend, run_dag, reliability):
 @pytest.mark.slow
 @pytest.mark.faults
 def test_time_limit_resubmits_and_resumes_from_the_checkpoint(write, backend, run_dag, reliability):
+    # a one-minute limit lets a job run 60 s to ~95 s (slurmctld checks limits every ~30 s; KillWait 5 s):
+    # 200 iterations of 1 s never fit in two jobs, so at least two time limits come before the end
     exp = experiment(
         write,
         backend,
         "slurm.time=60",
-        "backend.args.train_iters=150",
+        "restart.max_attempts=5",
+        "backend.args.train_iters=200",
         "backend.args.iter_seconds=1",
         "backend.args.save_interval=20",
     )
@@ -164,18 +188,20 @@ def test_time_limit_resubmits_and_resumes_from_the_checkpoint(write, backend, ru
     assert dr.state == "success"
     result = xcom(dr, "train")
     *limited, last = result["attempts"]
-    assert len(limited) == 2, result["attempts"]  # two time limits, then the rest fits
+    assert len(limited) >= 2, result["attempts"]
     assert all(a["state"] == "TIMEOUT" and a["verdict"] == "retry" for a in limited)
     # SIGTERM at each limit saved the current iteration; the next job loaded exactly that checkpoint
     for before, after in zip(limited, [*limited[1:], last], strict=True):
         assert after["resumed_from"] == before["checkpoint_after"] > (before["resumed_from"] or 0)
-    assert last["verdict"] == "success" and result["last_iteration"] == 150
-    assert len(set(result["job_ids"])) == 3
+    assert last["verdict"] == "success" and result["last_iteration"] == 200
+    assert len(set(result["job_ids"])) == len(result["attempts"])
+    assert_loss_continues(backend, result["attempts"])
     reliability.record(
-        f"time limit twice ({backend.batch_system})",
-        "TIMEOUT -> resubmitted twice; each job resumed from the checkpoint its predecessor saved on SIGTERM",
+        f"time limit reached again and again ({backend.batch_system})",
+        f"TIMEOUT {len(limited)} times, resubmitted each time; each job resumed from the checkpoint its "
+        "predecessor saved on SIGTERM, the loss continuing",
         duplicates=len(submitted(backend, exp)) - len(result["attempts"]),
-        lost_events=150 - result["last_iteration"],
+        lost_events=200 - result["last_iteration"],
         resumed_from=[a["resumed_from"] for a in result["attempts"]],
     )
 
@@ -191,6 +217,7 @@ def test_a_crash_is_retried_and_resumes_from_the_last_checkpoint(write, backend,
     first, second = result["attempts"]
     assert first["state"] == "FAILED" and first["verdict"] == "retry" and first["checkpoint_after"] == 10
     assert second["resumed_from"] == 10 and second["verdict"] == "success" and result["last_iteration"] == 30
+    assert_loss_continues(backend, result["attempts"])
     reliability.record(
         f"crash at iteration 15 ({backend.batch_system})",
         "retried; the new job resumed from checkpoint 10 and finished",
