@@ -111,61 +111,59 @@ def paused_submitter(stack, dag_id: str) -> tuple[int, str]:
     return int(flag.read_text()), experiment["name"]
 
 
-def check_one_job_adopted(stack, dev_cluster, dag_id: str, run_id: str, name: str, job: str) -> dict:
-    assert stack.wait_run(dag_id, run_id, 600) == "success", stack.explain(dag_id, run_id)
-    result = stack.xcom(dag_id, run_id, "train")
-    assert jobs_named(dev_cluster, name) == [job], "a second job was submitted"
-    assert result["job_ids"] == [job]
-    assert [a["submission"] for a in result["attempts"]] == ["adopted"], result["attempts"]
-    iters = stack.specs[dag_id]["experiment"]["backend"]["args"]["train_iters"]
-    assert result["summary"]["iterations_run"] == iters and result["last_iteration"] == iters
-    return result
-
-
-def test_worker_killed_right_after_sbatch_the_retry_adopts_the_job(stack, dev_cluster, reliability):
-    run_id = armed(stack, "f_worker")
-    pid, name = paused_submitter(stack, "f_worker")
+def kill_right_after_sbatch(stack, dev_cluster, dag_id: str, kill) -> tuple[str, dict, list[str], float]:
+    """Arm the pause after sbatch, trigger the DAG, `kill(pid)` the paused submitter (and whatever else),
+    and wait for the run to succeed. Returns the job sbatch made, the training's result, the experiment's
+    jobs in sacct, and the seconds from the kill until a retry followed the job again."""
+    run_id = armed(stack, dag_id)
+    pid, name = paused_submitter(stack, dag_id)
     (job,) = wait(lambda: jobs_named(dev_cluster, name), 60, "the submitted job in sacct", stack)
-    os.kill(pid, signal.SIGKILL)  # the task process: its supervisor reports the task failed
     killed = time.monotonic()
+    kill(pid)
     recovered = wait(
-        lambda: ti_state(stack, "f_worker", run_id) == ("deferred", 2) and time.monotonic() - killed,
+        lambda: ti_state(stack, dag_id, run_id) == ("deferred", 2) and time.monotonic() - killed,
         300,
         "the retry to follow the job",
         stack,
     )
-    result = check_one_job_adopted(stack, dev_cluster, "f_worker", run_id, name, job)
+    assert stack.wait_run(dag_id, run_id, 600) == "success", stack.explain(dag_id, run_id)
+    return job, stack.xcom(dag_id, run_id, "train"), jobs_named(dev_cluster, name), recovered
+
+
+def test_worker_killed_right_after_sbatch_the_retry_adopts_the_job(stack, dev_cluster, reliability):
+    # the task process: its supervisor reports the task failed, and Airflow retries it
+    job, result, jobs, recovered = kill_right_after_sbatch(
+        stack, dev_cluster, "f_worker", lambda pid: os.kill(pid, signal.SIGKILL)
+    )
+    assert jobs == result["job_ids"] == [job], "a second job was submitted"
+    assert [a["submission"] for a in result["attempts"]] == ["adopted"], result["attempts"]
+    assert result["summary"]["iterations_run"] == result["last_iteration"] == 60
     reliability.record(
         "worker killed after sbatch",
         "the retry found the job by its comment and followed it; no second sbatch",
-        duplicates=len(jobs_named(dev_cluster, name)) - 1,
+        duplicates=len(jobs) - 1,
         lost_events=60 - result["events"]["iteration"],
         recover_seconds=recovered,
     )
 
 
 def test_scheduler_killed_right_after_sbatch_the_retry_adopts_the_job(stack, dev_cluster, reliability):
-    run_id = armed(stack, "f_scheduler")
-    pid, name = paused_submitter(stack, "f_scheduler")
-    (job,) = wait(lambda: jobs_named(dev_cluster, name), 60, "the submitted job in sacct", stack)
-    stack.restarting.add("scheduler")
-    stack.kill("scheduler")  # with its LocalExecutor workers and their task supervisors
-    os.kill(pid, signal.SIGKILL)  # the task process runs in its own process group: gone too, as with its machine
-    killed = time.monotonic()
-    time.sleep(3)
-    stack.start("scheduler")
-    stack.restarting.discard("scheduler")
-    recovered = wait(
-        lambda: ti_state(stack, "f_scheduler", run_id) == ("deferred", 2) and time.monotonic() - killed,
-        300,
-        "the retry to follow the job",
-        stack,
-    )
-    result = check_one_job_adopted(stack, dev_cluster, "f_scheduler", run_id, name, job)
+    def kill_the_scheduler(pid: int) -> None:
+        stack.restarting.add("scheduler")
+        stack.kill("scheduler")  # with its LocalExecutor workers and their task supervisors
+        os.kill(pid, signal.SIGKILL)  # the task process has its own process group: gone too, as with its machine
+        time.sleep(3)
+        stack.start("scheduler")
+        stack.restarting.discard("scheduler")
+
+    job, result, jobs, recovered = kill_right_after_sbatch(stack, dev_cluster, "f_scheduler", kill_the_scheduler)
+    assert jobs == result["job_ids"] == [job], "a second job was submitted"
+    assert [a["submission"] for a in result["attempts"]] == ["adopted"], result["attempts"]
+    assert result["summary"]["iterations_run"] == result["last_iteration"] == 100
     reliability.record(
         "scheduler killed after sbatch",
         "the new scheduler reset the dead scheduler's task for another try, which adopted the running job",
-        duplicates=len(jobs_named(dev_cluster, name)) - 1,
+        duplicates=len(jobs) - 1,
         lost_events=100 - result["events"]["iteration"],
         recover_seconds=recovered,
         orphaned_tasks_check_interval_seconds=10,
