@@ -314,26 +314,37 @@ def _evaluations(
     ]
 
 
+def _job_run(config: dict[str, Any], job: dict[str, Any]) -> tuple[dict[str, Any], RootConfig]:
+    """The run a job belongs to: the experiment's training, or the cooldown `job["cooldown"]`."""
+    cfg = typed(config)
+    if job.get("cooldown") is None:
+        return config, cfg
+    spec = cfg.cooldowns[int(job["cooldown"])]
+    if job["kind"] != "cooldown" and not spec.train:
+        return config, cfg  # an evaluation-only cooldown evaluates the parent's checkpoint
+    train_iters = iteration_arg(cfg.backend.args, "train_iters") or 0
+    base = cooldown_config(
+        config, cfg, spec, expected_checkpoints(train_iters, iteration_arg(cfg.backend.args, "save_interval"))
+    )
+    return base, typed(base)
+
+
+def evaluation_files(config: dict[str, Any], job: dict[str, Any]) -> dict[str, str]:
+    """Suite -> the result file an evaluation job (`job_config`'s `evaluate` kind) writes."""
+    _, cfg = _job_run(config, job)
+    return {suite: eval_file(cfg.experiment.output_dir, int(job["iteration"]), suite) for suite in job["suites"]}
+
+
 def job_config(config: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
     """The config of one side job of an experiment, rebuilt from the experiment's resolved config.
 
     `job`: `{"kind": "cooldown", "cooldown": i}`, `{"kind": "convert", "iteration": n, "cooldown": i|None}`
     or `{"kind": "evaluate", "iteration": n, "suites": [names], "cooldown": i|None}`.
     """
-    cfg = typed(config)
-    base = config
-    if job.get("cooldown") is not None:
-        spec = cfg.cooldowns[int(job["cooldown"])]
-        train_iters = iteration_arg(cfg.backend.args, "train_iters") or 0
-        base = cooldown_config(
-            config, cfg, spec, expected_checkpoints(train_iters, iteration_arg(cfg.backend.args, "save_interval"))
-        )
-        if job["kind"] == "cooldown":
-            return base
-        if not spec.train:
-            base = config  # an evaluation-only cooldown evaluates the parent's checkpoint
-        cfg = typed(base)
+    base, cfg = _job_run(config, job)
     kind = job["kind"]
+    if kind == "cooldown":
+        return base
     if kind == CONVERT:
         return conversion_job(base, cfg, int(job["iteration"]))
     if kind == EVALUATE:

@@ -28,6 +28,7 @@ MAX_FAULT_CHARS = 500
 MAX_LISTED = 1000
 MAX_VALIDATIONS = 200
 MAX_CURVE = 1000  # (iteration, loss) points kept; every second one is dropped when full
+PROGRESS_CURVE = 250  # (iteration, loss) points in a progress snapshot: a plot's worth
 # events after which the watch state is saved at once (otherwise at most once a minute)
 NOTEWORTHY = frozenset({"checkpoint_saved", "checkpoint_loaded", "fresh_start", "validation", "training_done"})
 
@@ -41,6 +42,10 @@ def empty_summary() -> dict[str, Any]:
         "last_loss": None,
         "last_lr": None,
         "tokens_per_second_per_gpu": None,
+        "iteration_ms": None,
+        "consumed_samples": None,
+        "global_batch_size": None,
+        "running_since": None,
         "checkpoints_saved": [],
         "resumed_from": None,
         "validation": [],
@@ -67,6 +72,9 @@ def summarize(summary: dict[str, Any], event: Event) -> None:
             ("loss", "last_loss"),
             ("lr", "last_lr"),
             ("tokens_per_second_per_gpu", "tokens_per_second_per_gpu"),
+            ("elapsed_ms", "iteration_ms"),
+            ("consumed_samples", "consumed_samples"),
+            ("global_batch_size", "global_batch_size"),
         ):
             if key in g:
                 summary[target] = g[key]
@@ -95,6 +103,23 @@ def summarize(summary: dict[str, Any], event: Event) -> None:
         summary["training_done"] = True
     if event.metadata.get("kind") == "fault" and len(summary["faults"]) < MAX_FAULT_LINES:
         summary["faults"].append(event.line[:MAX_FAULT_CHARS])
+
+
+def thinned(points: Sequence[Any], limit: int) -> list[Any]:
+    """At most `limit` of `points`, evenly spread, the first and the last always kept."""
+    if len(points) <= limit:
+        return list(points)
+    step = (len(points) - 1) / (limit - 1)
+    return [points[round(i * step)] for i in range(limit)]
+
+
+def loss_at(curve: Sequence[Sequence[float]], iteration: float) -> float | None:
+    """Train loss at the last logged iteration not after `iteration`."""
+    best = None
+    for it, loss in curve:
+        if it <= iteration:
+            best = loss
+    return best
 
 
 @dataclass
@@ -179,6 +204,8 @@ class JobWatch:
             summary = self.state.summary
             summary["log_skipped_bytes"] = summary.get("log_skipped_bytes", 0) + skipped
         running = status is not None and status.state.value == "RUNNING"
+        if running and not self.state.summary.get("running_since"):
+            self.state.summary["running_since"] = now  # GPU time of a job still running (the dashboard)
         self.activity = self.activity.observe(
             now,
             running=running,
@@ -205,6 +232,27 @@ class JobWatch:
         self.state.matcher = self.matcher.state()
         self.state.activity = self.activity.to_dict()
         return Step(lines, events, hang, finished, truncated, skipped)
+
+    def progress(self, status: JobStatus | None, now: float) -> dict[str, Any]:
+        """What a running job looks like now (JSON-safe, bounded): the dashboard's live view."""
+        summary = dict(self.state.summary)
+        summary["loss_curve"] = thinned(summary.get("loss_curve", []), PROGRESS_CURVE)
+        return {
+            "job_id": self.state.job_id,
+            "job_state": status.state.value if status is not None else None,
+            "updated": now,
+            "summary": summary,
+        }
+
+    def progress_mark(self, status: JobStatus | None) -> tuple[Any, ...]:
+        """Changes when a progress snapshot would show something new."""
+        summary = self.state.summary
+        return (
+            status.state.value if status is not None else None,
+            summary.get("last_iteration"),
+            sum(summary.get("counts", {}).values()),
+            self.state.hang,
+        )
 
     def tail_request(self) -> tuple[str, int, int]:
         """The end of the log, for classification (read once the job has ended)."""

@@ -19,16 +19,8 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from airflow_oellm.config.milestones import eval_file
 from airflow_oellm.hooks.slurm import SlurmHook
+from airflow_oellm.monitor.watch import loss_at
 from airflow_oellm.slurm.operations import CycleRequest
-
-
-def loss_at(curve: Sequence[Sequence[float]], iteration: int) -> float | None:
-    """Train loss at the last logged iteration not after `iteration`."""
-    best = None
-    for it, loss in curve:
-        if it <= iteration:
-            best = loss
-    return best
 
 
 def run_rows(

@@ -22,7 +22,7 @@ from airflow.sdk.definitions.template import literal
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from airflow_oellm.config.errors import ConfigError
-from airflow_oellm.config.milestones import job_config, resume_own_checkpoint, typed
+from airflow_oellm.config.milestones import EVALUATE, evaluation_files, job_config, resume_own_checkpoint, typed
 from airflow_oellm.config.schema import RootConfig
 from airflow_oellm.hooks.slurm import SlurmHook
 from airflow_oellm.monitor.classify import (
@@ -36,16 +36,17 @@ from airflow_oellm.monitor.classify import (
     rules_from_config,
 )
 from airflow_oellm.monitor.events import event_specs
-from airflow_oellm.monitor.watch import JobWatch, WatchState
+from airflow_oellm.monitor.watch import PROGRESS_CURVE, JobWatch, WatchState, thinned
 from airflow_oellm.pause_points import pause_point
 from airflow_oellm.slurm.identity import JobIdentity, monitor_state_path, task_status_path
 from airflow_oellm.slurm.operations import CycleRequest, SubmissionConflict
 from airflow_oellm.slurm.render import JobSpec, render_sbatch
 from airflow_oellm.slurm.states import JobStatus
 from airflow_oellm.triggers.base import settle_deadline
-from airflow_oellm.triggers.job import SlurmJobTrigger
+from airflow_oellm.triggers.job import PROGRESS_XCOM_KEY, SlurmJobTrigger
 
 HISTORY_KEY = "oellm_attempts"
+MAX_ATTEMPT_FAULTS = 5  # fault lines kept per attempt in the history
 
 
 def _references(value: Any) -> bool:
@@ -258,6 +259,7 @@ class SlurmSubmitOperator(BaseOperator):
                 "submission": outcome.kind,
                 "log_path": log_path,
                 "checkpoint_before": before if isinstance(before, int) else None,
+                "submitted_at": time.time(),
             }
             history["attempts"] = [a for a in history["attempts"] if a["try"] != ti.try_number] + [attempt]
             if store is not None:
@@ -281,11 +283,17 @@ class SlurmSubmitOperator(BaseOperator):
             "inactivity_threshold": s["inactivity"],
             "output_paths": s["output_paths"],
             "poll_interval": s["poll_interval"],
+            "progress_to": {
+                "dag_id": ti.dag_id,
+                "run_id": ti.run_id,
+                "task_id": ti.task_id,
+                "map_index": ti.map_index if ti.map_index is not None else -1,
+            },
         }
         if self.deferrable:
             trigger = SlurmJobTrigger(**trigger_args, fire_after=settle_deadline())
             self.defer(trigger=trigger, method_name="execute_complete")
-        return self._finish(context, self._watch_here(trigger_args))
+        return self._finish(context, self._watch_here(trigger_args, ti))
 
     def _script(self, s: dict[str, Any], exclude: Sequence[str], own_checkpoint: int | None) -> str:
         if s["config"] is None:
@@ -315,9 +323,10 @@ class SlurmSubmitOperator(BaseOperator):
         }
         hook.upload(task_status_path(s["output_dir"], ti.task_id), json.dumps(status))
 
-    def _watch_here(self, args: dict[str, Any]) -> dict[str, Any]:
+    def _watch_here(self, args: dict[str, Any], ti: Any) -> dict[str, Any]:
         """The same watch as the trigger, polling from the worker (deferrable=False)."""
         hook = self._hook()
+        published = None
         try:
             watch = JobWatch(
                 event_specs(args["events"]),
@@ -347,6 +356,10 @@ class SlurmSubmitOperator(BaseOperator):
                     hook.cancel([args["job_id"]])
                 if step.finished:
                     return {"kind": "finished", **watch.result(hook.read_range(*watch.tail_request()).data)}
+                status = cycle.statuses[args["job_id"]]
+                if watch.progress_mark(status) != published:
+                    ti.xcom_push(key=PROGRESS_XCOM_KEY, value=watch.progress(status, time.time()))
+                    published = watch.progress_mark(status)
                 time.sleep(args["poll_interval"])
         finally:
             hook.close()
@@ -413,6 +426,12 @@ class SlurmSubmitOperator(BaseOperator):
                 checkpoint_after=outcome.checkpoint_after,
                 last_iteration=last_iteration,
                 resumed_from=summary.get("resumed_from"),
+                # what the dashboard draws of earlier attempts (their XComs go with their try)
+                loss_curve=thinned(summary.get("loss_curve", []), PROGRESS_CURVE),
+                validation=summary.get("validation", []),
+                checkpoints_saved=summary.get("checkpoints_saved", []),
+                faults=summary.get("faults", [])[:MAX_ATTEMPT_FAULTS],
+                iteration_ms=summary.get("iteration_ms"),
             )
             history["attempts"] = [a for a in history["attempts"] if a["try"] != ti.try_number] + [attempt]
             history["exclude"] = list(dict.fromkeys([*history["exclude"], *verdict.exclude_nodes]))
@@ -436,6 +455,8 @@ class SlurmSubmitOperator(BaseOperator):
                 verdict.reason,
             )
             if verdict.verdict == SUCCESS:
+                if self.job and self.job.get("kind") == EVALUATE:
+                    result["metrics"] = self._evaluation_metrics(hook)
                 self._write_status(
                     hook, s, ti, "completed", event["job_id"], event.get("log_path"), iteration=result["checkpoint"]
                 )
@@ -461,6 +482,18 @@ class SlurmSubmitOperator(BaseOperator):
         if verdict.verdict == FATAL:
             raise AirflowFailException(f"{message} (not retried)")
         raise AirflowException(f"{message} (retrying: resumes from the latest checkpoint)")
+
+    def _evaluation_metrics(self, hook: SlurmHook) -> dict[str, Any]:
+        """Suite -> metrics of the finished evaluation job (kept in its XCom for the dashboard)."""
+        files = evaluation_files(dict(self.experiment), dict(self.job))
+        cycle = hook.poll_cycle([], CycleRequest(reads=[(path, 0, 1 << 20) for path in files.values()]))
+        metrics = {}
+        for suite, chunk in zip(files, cycle.chunks, strict=True):
+            try:
+                metrics[suite] = json.loads(chunk.data.decode()).get("metrics", {}) if chunk.size else {}
+            except ValueError:
+                self.log.warning("unreadable evaluation result %s", chunk.path)
+        return metrics
 
     def on_kill(self) -> None:
         """Killed while polling from the worker: the job goes too (deferred tasks: the trigger's on_kill)."""

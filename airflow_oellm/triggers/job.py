@@ -4,7 +4,8 @@ Through the shared poller it gets the job's state and the new bytes of its log e
 remote command for all triggers on the cluster); it streams new lines into the task's log,
 matches log events, cancels a hung job, and keeps its position and event summary in a small state
 file on the cluster, so a restarted triggerer continues at the same byte. It fires one event when
-the job has ended and its log is read to the end.
+the job has ended and its log is read to the end. While the job runs it keeps the task's `progress`
+XCom up to date (iteration, loss, throughput): what the dashboard shows without asking the cluster.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from airflow_oellm.monitor.watch import JobWatch, WatchState
 from airflow_oellm.slurm.operations import CycleRequest
 from airflow_oellm.triggers.base import ClusterTrigger
 
+PROGRESS_XCOM_KEY = "progress"
 STATE_READ_LIMIT = 1024 * 1024
 SAVE_EVERY = 60.0  # seconds between saves of the watch state without noteworthy events
 PERMANENT_ERROR_GRACE = 600.0  # seconds a non-transient connection error may last before the task is told
@@ -39,6 +41,7 @@ class SlurmJobTrigger(ClusterTrigger):
         "inactivity_threshold",
         "output_paths",
         "stream_log",
+        "progress_to",
     )
 
     def __init__(
@@ -56,6 +59,7 @@ class SlurmJobTrigger(ClusterTrigger):
         poll_interval: float = 60.0,
         fire_after: float | None = None,
         stream_log: bool = True,
+        progress_to: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(
             ssh_conn_id=ssh_conn_id,
@@ -71,6 +75,9 @@ class SlurmJobTrigger(ClusterTrigger):
         self.inactivity_threshold = inactivity_threshold
         self.output_paths = list(output_paths or [])
         self.stream_log = stream_log
+        # the task instance whose `progress` XCom follows the job: dag_id, run_id, task_id, map_index
+        self.progress_to = dict(progress_to) if progress_to else None
+        self._published: tuple[Any, ...] | None = None
 
     async def watch(self) -> AsyncIterator[TriggerEvent]:
         specs = event_specs(self.events)
@@ -130,9 +137,28 @@ class SlurmJobTrigger(ClusterTrigger):
                 tail = await self._finish(watch)
                 yield TriggerEvent({"kind": "finished", **watch.result(tail)})
                 return
+            await self._publish(watch, update.status, now)
             # saved with the next cycle: at once after a checkpoint, a validation, a hang; else once a minute
             if step.noteworthy or now - saved_at >= SAVE_EVERY:
                 pending_write = watch.state.to_json()
+
+    async def _publish(self, watch: JobWatch, status: Any, now: float) -> None:
+        """The task's `progress` XCom, when something changed (it is a view: a failed write is no fault)."""
+        mark = watch.progress_mark(status)
+        if self.progress_to is None or mark == self._published:
+            return
+        from airflow.sdk.execution_time.xcom import XCom
+
+        snapshot = watch.progress(status, now)
+        try:
+            try:
+                await XCom.aset(PROGRESS_XCOM_KEY, snapshot, **self.progress_to)
+            except AttributeError:  # dag.test()'s in-process supervisor only sends synchronously
+                XCom.set(PROGRESS_XCOM_KEY, snapshot, **self.progress_to)
+            self._published = mark
+        except Exception as exc:
+            self.log.warning("could not record the progress of job %s: %s", self.job_id, exc)
+            self._published = mark  # tried: the next change tries again
 
     def _restore(self, saved: bytes, now: float, specs: list[Any]) -> JobWatch:
         state = WatchState.from_json(saved, self.job_id, self.log_path) if saved else None

@@ -228,6 +228,9 @@ def test_tiny_trainer_study_trains_converts_evaluates_and_cools_down(
     assert all(r["quick.perplexity"] > 1 for r in parent)
     cooled = rows[(f"{exp.name}_cooldown_140", 200)]
     assert cooled["validation_loss"] < parent[2]["validation_loss"], (cooled, parent[2])
+    # polled from the worker: the worker keeps the progress XCom; evaluations return their metrics
+    assert 1 <= xcom(dr, "train", key="progress")["summary"]["last_iteration"] <= 200
+    assert xcom(dr, "checkpoint.evaluate", map_index=0)["metrics"]["quick"]["perplexity"] > 1
     hf = Path(exp.paths.output_dir) / "hf" / "iter_0000200"  # the dev cluster's filesystem is this machine's
     assert (hf / "tokenizer.json").exists() and json.loads((hf / "config.json").read_text())["num_hidden_layers"] == 2
 

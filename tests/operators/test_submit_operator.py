@@ -79,7 +79,7 @@ def tis(dag_run):
 
 
 def test_train_to_completion_with_events(write, backend, run_dag):
-    exp = experiment(write, backend)
+    exp = experiment(write, backend, "backend.args.iter_seconds=0.3")  # long enough to be seen running
     dr = run_dag(train_dag(exp, backend))
     assert dr.state == "success", tis(dr)["train"].state
     result = xcom(dr, "train")
@@ -90,6 +90,10 @@ def test_train_to_completion_with_events(write, backend, run_dag):
     assert [v["iteration"] for v in summary["validation"]] == [10, 20, 30]
     assert result["events"]["iteration"] == 30 and result["checkpoint"] == 30
     assert len(result["job_ids"]) == 1 and tis(dr)["train"].try_number == 1
+    # what the dashboard shows while the job runs: the trigger's progress XCom of this task instance
+    progress = xcom(dr, "train", key="progress")
+    assert progress["job_id"] == result["job_ids"][0] and progress["job_state"] == "RUNNING", progress
+    assert 1 <= progress["summary"]["last_iteration"] <= 30 and progress["summary"]["loss_curve"]
     status = json.loads(backend.run(["cat", task_status_path(exp.paths.output_dir, "train")]))
     assert status["state"] == "completed" and status["run_id"] == dr.run_id and status["iteration"] == 30
     scripts = backend.run(["ls", exp.paths.script_dir]).split()

@@ -29,6 +29,7 @@ pytestmark = pytest.mark.operators
             inactivity_threshold=600,
             output_paths=["/o/checkpoints/latest_checkpointed_iteration.txt"],
             poll_interval=30,
+            progress_to={"dag_id": "d", "run_id": "r", "task_id": "train", "map_index": -1},
         ),
         CheckpointTrigger(
             checkpoint_dir="/o/checkpoints",
