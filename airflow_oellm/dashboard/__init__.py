@@ -1,0 +1,1 @@
+"""The sweep dashboard: an Airflow UI plugin showing training progress, loss curves and evaluations."""

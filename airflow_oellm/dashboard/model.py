@@ -1,0 +1,397 @@
+"""What the dashboard shows, assembled from what the operators record: no Airflow import, no I/O.
+
+Input: one `RunRecord` per experiment DAG run (its task instances, their XComs and attempt histories,
+as the plugin reads them from Airflow's database). Output: `ExperimentView`s (state, progress, loss,
+evaluation, GPU-hours, ETA, curves, timeline) and a `SweepView` over them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from airflow_oellm.monitor.watch import loss_at, thinned
+
+TRAIN, COOLDOWN_TRAIN = "train", "cooldown.train"
+EVALUATE_TASKS = {"checkpoint.evaluate": False, "cooldown.evaluate": True}  # task -> is a cooldown's
+PROGRESS, RESULT, CONFIG, COOLDOWNS, HISTORY = "progress", "result", "config", "cooldowns", "oellm_attempts"
+RETURN = "return_value"
+NEVER_RUN = "never run"
+CURVE_POINTS = 200  # per run, whatever its length: what a plot can show
+# a progress snapshot older than this (seconds, beyond its poll interval) is shown as stale
+STALE_AFTER = 300.0
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    task_id: str
+    map_index: int
+    state: str | None
+    try_number: int
+    max_tries: int
+    start: datetime | None = None
+    end: datetime | None = None
+    label: str | None = None  # the UI's rendered map index
+
+
+@dataclass
+class RunRecord:
+    dag_id: str
+    run_id: str
+    state: str
+    start: datetime | None = None
+    end: datetime | None = None
+    tasks: list[TaskRecord] = field(default_factory=list)
+    xcoms: dict[tuple[str, int, str], Any] = field(default_factory=dict)  # (task_id, map_index, key) -> value
+    histories: dict[tuple[str, int], Any] = field(default_factory=dict)  # (task_id, map_index) -> attempts
+
+    def xcom(self, task_id: str, key: str = RETURN, map_index: int = -1) -> Any:
+        return self.xcoms.get((task_id, map_index, key))
+
+    def task(self, task_id: str, map_index: int = -1) -> TaskRecord | None:
+        return next((t for t in self.tasks if t.task_id == task_id and t.map_index == map_index), None)
+
+    def result(self, task_id: str, map_index: int = -1) -> Mapping[str, Any] | None:
+        """A submit task's result: its return value, or the `result` it leaves when it fails."""
+        for key in (RETURN, RESULT):
+            value = self.xcom(task_id, key, map_index)
+            if isinstance(value, Mapping) and value:
+                return value
+        return None
+
+
+@dataclass(frozen=True)
+class Curve:
+    run: str  # the experiment, or one of its cooldowns
+    points: list[tuple[float, float]]  # (iteration, loss)
+    tokens_per_iteration: float | None = None
+    parent: str | None = None  # a cooldown's experiment: drawn from the parent's point
+    group: str = ""  # the experiment a curve belongs to (one colour per experiment)
+
+
+@dataclass(frozen=True)
+class TimelineEntry:
+    time: float | None
+    kind: str  # submit | end | retry | fault | checkpoint | task
+    text: str
+
+
+@dataclass
+class ExperimentView:
+    dag_id: str
+    name: str
+    state: str
+    run_id: str | None = None
+    attempt: int | None = None
+    max_attempts: int | None = None
+    job_state: str | None = None
+    iteration: int | None = None
+    train_iters: int | None = None
+    loss: float | None = None
+    eval_name: str | None = None
+    eval_value: float | None = None
+    eval_iteration: int | None = None
+    gpu_hours: float = 0.0
+    eta_seconds: float | None = None
+    updated: float | None = None
+    stale: bool = False
+    curves: list[Curve] = field(default_factory=list)
+    evaluations: list[dict[str, Any]] = field(default_factory=list)  # run, iteration, validation_loss, metrics
+    timeline: list[TimelineEntry] = field(default_factory=list)
+
+    @property
+    def fraction(self) -> float | None:
+        if self.iteration is None or not self.train_iters:
+            return None
+        return max(0.0, min(1.0, self.iteration / self.train_iters))
+
+
+@dataclass
+class SweepView:
+    name: str
+    experiments: list[ExperimentView]
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return state_counts(e.state for e in self.experiments)
+
+    @property
+    def metric_columns(self) -> list[str]:
+        return sorted({m for e in self.experiments for row in e.evaluations for m in row["metrics"]})
+
+
+def state_counts(states: Iterable[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for state in states:
+        counts[state] = counts.get(state, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def experiment_name(dag_id: str, sweep: str) -> str:
+    prefix = f"oellm__{sweep}__"
+    return dag_id[len(prefix) :] if dag_id.startswith(prefix) else dag_id
+
+
+def merged_curve(curves: Iterable[Sequence[Sequence[float]] | None]) -> list[tuple[float, float]]:
+    """Loss points of successive attempts: a later attempt's value wins where a resume re-ran iterations."""
+    points: dict[float, float] = {}
+    for curve in curves:
+        for point in curve or []:
+            if len(point) >= 2 and point[1] is not None:
+                points[point[0]] = point[1]
+    return sorted(points.items())
+
+
+def _attempts(run: RunRecord, task_id: str, map_index: int = -1) -> list[Mapping[str, Any]]:
+    history = run.histories.get((task_id, map_index)) or {}
+    attempts = history.get("attempts") or (run.result(task_id, map_index) or {}).get("attempts") or []
+    return sorted(attempts, key=lambda a: a.get("try", 0))
+
+
+def _progress(run: RunRecord, task_id: str, map_index: int = -1) -> Mapping[str, Any]:
+    return run.xcom(task_id, PROGRESS, map_index) or {}
+
+
+def _running(run: RunRecord, task_id: str, map_index: int = -1) -> bool:
+    task = run.task(task_id, map_index)
+    return task is not None and task.state in ("deferred", "running", "queued", "scheduled", "up_for_reschedule")
+
+
+def run_curve(run: RunRecord, task_id: str, map_index: int = -1) -> list[tuple[float, float]]:
+    """Every attempt's loss points, then the running attempt's (its progress) or the final result's."""
+    curves = [a.get("loss_curve") for a in _attempts(run, task_id, map_index)]
+    curves.append(((run.result(task_id, map_index) or {}).get("summary") or {}).get("loss_curve"))
+    curves.append((_progress(run, task_id, map_index).get("summary") or {}).get("loss_curve"))
+    return thinned(merged_curve(curves), CURVE_POINTS)
+
+
+def _latest_summary(run: RunRecord, task_id: str, map_index: int = -1) -> Mapping[str, Any]:
+    """The running attempt's summary if the task still runs, else its final one."""
+    progress = _progress(run, task_id, map_index).get("summary")
+    final = (run.result(task_id, map_index) or {}).get("summary")
+    if _running(run, task_id, map_index):
+        return progress or final or {}
+    return final or progress or {}
+
+
+def _number(value: Any) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _gpus(config: Mapping[str, Any]) -> float:
+    slurm = config.get("slurm") or {}
+    return float(slurm.get("nodes") or 1) * float(slurm.get("gpus_per_node") or 0)
+
+
+def gpu_hours(run: RunRecord, config: Mapping[str, Any], now: float) -> float:
+    """GPU-hours of every finished attempt of every job, plus the time so far of trainings still running."""
+    total = 0.0
+    keys = {(t.task_id, t.map_index) for t in run.tasks} | set(run.histories)
+    for task_id, map_index in keys:
+        attempts = _attempts(run, task_id, map_index)
+        total += sum(_number(a.get("gpu_hours")) or 0.0 for a in attempts)
+        progress = _progress(run, task_id, map_index)
+        summary = progress.get("summary") or {}
+        since = _number(summary.get("running_since"))
+        finished = {a.get("job_id") for a in attempts if a.get("end")}
+        if (
+            since
+            and progress.get("job_state") == "RUNNING"
+            and _running(run, task_id, map_index)
+            and progress.get("job_id") not in finished
+        ):
+            total += max(now - since, 0.0) / 3600 * _gpus(config)
+    return round(total, 3)
+
+
+def _tokens_per_iteration(config: Mapping[str, Any], summary: Mapping[str, Any]) -> float | None:
+    args = (config.get("backend") or {}).get("args") or {}
+    batch = _number(summary.get("global_batch_size")) or _number(args.get("global_batch_size"))
+    seq = _number(args.get("seq_length"))
+    return batch * seq if batch and seq else None
+
+
+def evaluations(run: RunRecord, name: str) -> list[dict[str, Any]]:
+    """Rows (run, iteration, validation_loss, metrics) per evaluated or validated checkpoint."""
+    prepared = run.xcom("prepare") or []
+    cooldowns = run.xcom("prepare", COOLDOWNS) or []
+    rows: dict[tuple[str, int], dict[str, Any]] = {}
+
+    def row(run_name: str, iteration: int) -> dict[str, Any]:
+        return rows.setdefault(
+            (run_name, iteration), {"run": run_name, "iteration": iteration, "validation_loss": None, "metrics": {}}
+        )
+
+    for task_id, is_cooldown in EVALUATE_TASKS.items():
+        for task in run.tasks:
+            if task.task_id != task_id:
+                continue
+            metrics = (run.xcom(task_id, RETURN, task.map_index) or {}).get("metrics") or {}
+            if not metrics:
+                continue
+            if is_cooldown:
+                spec = cooldowns[task.map_index] if task.map_index < len(cooldowns) else {}
+                run_name, iteration = spec.get("name", f"cooldown {task.map_index}"), spec.get("final_iteration")
+            else:
+                spec = prepared[task.map_index] if task.map_index < len(prepared) else {}
+                cooldown = spec.get("cooldown")
+                run_name = name if cooldown is None else cooldowns[cooldown]["name"]
+                iteration = spec.get("iteration")
+            if iteration is None:
+                continue
+            target = row(run_name, int(iteration))
+            for suite, values in metrics.items():
+                for metric, value in (values or {}).items():
+                    if _number(value) is not None:
+                        target["metrics"][f"{suite}.{metric}"] = _number(value)
+    runs = [(name, TRAIN, -1)] + [(c.get("name", ""), COOLDOWN_TRAIN, i) for i, c in enumerate(cooldowns)]
+    for run_name, task_id, map_index in runs:
+        summaries = [_latest_summary(run, task_id, map_index), *_attempts(run, task_id, map_index)]
+        for source in summaries:
+            for point in source.get("validation") or []:
+                if point.get("split", "validation") == "validation" and point.get("iteration") is not None:
+                    row(run_name, int(point["iteration"]))["validation_loss"] = _number(point.get("loss"))
+    return sorted(rows.values(), key=lambda r: (r["run"] != name, r["run"], r["iteration"]))
+
+
+def _when(value: datetime | None) -> float | None:
+    return value.timestamp() if value else None
+
+
+def timeline(run: RunRecord) -> list[TimelineEntry]:
+    """Submissions, ends with their classification, faults, checkpoints and side tasks, oldest first."""
+    entries: list[TimelineEntry] = []
+    cooldowns = run.xcom("prepare", COOLDOWNS) or []
+    trainings = [(TRAIN, -1, "training")] + [
+        (COOLDOWN_TRAIN, i, f"cooldown {c.get('name', i)}") for i, c in enumerate(cooldowns)
+    ]
+    for task_id, map_index, label in trainings:
+        for a in _attempts(run, task_id, map_index):
+            tried = f"{label} try {a.get('try')}"
+            entries.append(
+                TimelineEntry(
+                    _number(a.get("submitted_at")),
+                    "submit",
+                    f"{tried}: job {a.get('job_id')} {a.get('submission', 'submitted')}"
+                    + (f", from checkpoint {a['checkpoint_before']}" if a.get("checkpoint_before") else ""),
+                )
+            )
+            for line in a.get("faults") or []:
+                entries.append(TimelineEntry(_iso(a.get("end")), "fault", f"{tried}: {line}"))
+            if a.get("checkpoints_saved"):
+                saved = ", ".join(str(c) for c in a["checkpoints_saved"])
+                entries.append(
+                    TimelineEntry(_iso(a.get("end")), "checkpoint", f"{tried}: checkpoints saved at {saved}")
+                )
+            if a.get("verdict"):
+                kind = {"retry": "retry", "fatal": "fault"}.get(a["verdict"], "end")
+                entries.append(
+                    TimelineEntry(
+                        _iso(a.get("end")),
+                        kind,
+                        f"{tried}: job {a.get('job_id')} ended {a.get('raw_state') or a.get('state')}"
+                        f" at iteration {a.get('last_iteration')} -> {a['verdict']} ({a.get('reason')})",
+                    )
+                )
+    for task in run.tasks:
+        if task.task_id in (TRAIN, COOLDOWN_TRAIN, "prepare") or task.state is None:
+            continue
+        label = f"{task.task_id}[{task.label or task.map_index}]" if task.map_index >= 0 else task.task_id
+        if task.end and task.state in ("success", "failed", "skipped", "upstream_failed"):
+            tries = f" after {task.try_number} tries" if task.try_number > 1 else ""
+            entries.append(TimelineEntry(_when(task.end), "task", f"{label} {task.state}{tries}"))
+    return sorted(entries, key=lambda e: (e.time is None, e.time or 0.0))
+
+
+def _iso(value: Any) -> float | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(str(value)).timestamp()
+    except ValueError:
+        return None
+
+
+def _job_state(
+    run: RunRecord, attempts: Sequence[Mapping[str, Any]], progress: Mapping[str, Any], result: Mapping[str, Any]
+) -> str | None:
+    """The training job's SLURM state: live while the task waits for it, else how its last job ended
+    (a retry's task may still hold its predecessor's progress until it starts)."""
+    ended = {a.get("job_id"): a.get("state") for a in attempts if a.get("verdict")}
+    if _running(run, TRAIN) and progress.get("job_id") not in ended:
+        return progress.get("job_state")
+    if result.get("final_state"):
+        return result["final_state"]
+    return ended.get(progress.get("job_id")) or (attempts[-1].get("state") if attempts else None)
+
+
+def experiment_view(dag_id: str, name: str, run: RunRecord | None, now: float) -> ExperimentView:
+    """One experiment's row: its latest run's state, progress and results."""
+    if run is None:
+        return ExperimentView(dag_id=dag_id, name=name, state=NEVER_RUN)
+    config = run.xcom("prepare", CONFIG) or {}
+    name = (config.get("experiment") or {}).get("name") or name
+    train = run.task(TRAIN)
+    summary = _latest_summary(run, TRAIN)
+    progress = _progress(run, TRAIN)
+    attempts = _attempts(run, TRAIN)
+    result = run.result(TRAIN) or {}
+    args = (config.get("backend") or {}).get("args") or {}
+    iteration = summary.get("last_iteration")
+    if iteration is None:
+        iteration = result.get("last_iteration") or next(
+            (a.get("last_iteration") or a.get("checkpoint_after") for a in reversed(attempts)), None
+        )
+    train_iters = summary.get("train_iters") or args.get("train_iters")
+    view = ExperimentView(
+        dag_id=dag_id,
+        name=name,
+        state=run.state,
+        run_id=run.run_id,
+        attempt=train.try_number if train else None,
+        max_attempts=train.max_tries + 1 if train else None,
+        job_state=_job_state(run, attempts, progress, result),
+        iteration=int(iteration) if iteration is not None else None,
+        train_iters=int(train_iters) if train_iters else None,
+        loss=_number(summary.get("last_loss")),
+        gpu_hours=gpu_hours(run, config, now),
+        updated=_number(progress.get("updated")),
+    )
+    if train and train.state == "up_for_retry":
+        view.state = "retrying"
+    if _running(run, TRAIN) and view.updated is not None:
+        view.stale = now - view.updated > STALE_AFTER
+    iteration_ms = _number(summary.get("iteration_ms"))
+    if view.job_state == "RUNNING" and iteration_ms and view.iteration is not None and view.train_iters:
+        view.eta_seconds = max(view.train_iters - view.iteration, 0) * iteration_ms / 1000
+    tokens = _tokens_per_iteration(config, summary)
+    view.curves = [Curve(name, run_curve(run, TRAIN), tokens, group=name)]
+    for index, cooldown in enumerate(run.xcom("prepare", COOLDOWNS) or []):
+        points = run_curve(run, COOLDOWN_TRAIN, index)
+        at = cooldown.get("at")
+        parent_loss = loss_at(view.curves[0].points, at) if at is not None else None
+        if points and parent_loss is not None:
+            points = [(float(at), parent_loss), *[p for p in points if p[0] > at]]
+        view.curves.append(Curve(cooldown.get("name", f"cooldown {index}"), points, tokens, name, group=name))
+    view.evaluations = evaluations(run, name)
+    main = [r for r in view.evaluations if r["run"] == name and r["metrics"]]
+    if main:
+        last = main[-1]
+        view.eval_name = sorted(last["metrics"])[0]
+        view.eval_value = last["metrics"][view.eval_name]
+        view.eval_iteration = last["iteration"]
+    view.timeline = timeline(run)
+    return view
+
+
+def sweep_view(sweep: str, experiments: Mapping[str, RunRecord | None], now: float) -> SweepView:
+    """`experiments`: experiment DAG id -> its latest run (None if never run), in the sweep's order."""
+    return SweepView(
+        sweep,
+        [experiment_view(dag_id, experiment_name(dag_id, sweep), run, now) for dag_id, run in experiments.items()],
+    )

@@ -1,0 +1,1 @@
+"""Airflow plugins registered by the provider (`plugins` in its provider info)."""

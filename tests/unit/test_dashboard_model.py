@@ -1,0 +1,243 @@
+"""The dashboard's data assembly (no Airflow, no database): rows, curves, evaluations, timeline, SVG."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+
+import pytest
+
+from airflow_oellm.dashboard.model import (
+    RunRecord,
+    TaskRecord,
+    experiment_view,
+    merged_curve,
+    sweep_view,
+)
+from airflow_oellm.dashboard.plot import Series, line_plot, nice_ticks
+from airflow_oellm.monitor.watch import PROGRESS_CURVE, JobWatch, WatchState, thinned
+from airflow_oellm.slurm.states import JobState, JobStatus
+
+pytestmark = pytest.mark.dashboard
+NOW = 1_800_000_000.0
+CONFIG = {
+    "experiment": {"name": "lr1"},
+    "backend": {"args": {"train_iters": 100, "global_batch_size": 8, "seq_length": 128}},
+    "slurm": {"nodes": 2, "gpus_per_node": 4},
+}
+COOLDOWNS = [{"name": "lr1_cooldown_20", "at": 20, "final_iteration": 30}]
+EVALUATIONS = [
+    {"iteration": 20, "suites": ["quick"], "cooldown": None},
+    {"iteration": 30, "suites": ["quick"], "cooldown": 0},
+]
+
+
+def when(seconds: float) -> datetime:
+    return datetime.fromtimestamp(NOW + seconds, UTC)
+
+
+def running_run() -> RunRecord:
+    """Try 2 of the training runs (try 1 hit its time limit at 25); the cooldown and one evaluation are done."""
+    first_try = {
+        "try": 1,
+        "job_id": "101",
+        "submission": "submitted",
+        "submitted_at": NOW - 7200,
+        "end": when(-3600).isoformat(),
+        "state": "TIMEOUT",
+        "verdict": "retry",
+        "reason": "time limit reached",
+        "last_iteration": 25,
+        "checkpoint_after": 20,
+        "gpu_hours": 8.0,
+        "loss_curve": [[10, 5.0], [20, 4.0], [25, 3.9]],
+        "checkpoints_saved": [10, 20],
+        "faults": [],
+    }
+    second_try = {"try": 2, "job_id": "102", "submission": "submitted", "submitted_at": NOW - 1800}
+    progress = {
+        "job_id": "102",
+        "job_state": "RUNNING",
+        "updated": NOW - 10,
+        "summary": {
+            "last_iteration": 40,
+            "train_iters": 100,
+            "last_loss": 3.5,
+            "iteration_ms": 2000.0,
+            "running_since": NOW - 1800,
+            "loss_curve": [[21, 3.95], [30, 3.7], [40, 3.5]],
+            "validation": [{"iteration": 40, "loss": 3.6, "split": "validation"}],
+        },
+    }
+    cooldown_result = {
+        "final_state": "COMPLETED",
+        "summary": {"loss_curve": [[25, 3.8], [30, 3.6]], "last_iteration": 30},
+        "attempts": [{"try": 1, "job_id": "201", "gpu_hours": 1.5, "end": when(-600).isoformat()}],
+    }
+    return RunRecord(
+        dag_id="oellm__s__lr1",
+        run_id="manual__1",
+        state="running",
+        tasks=[
+            TaskRecord("prepare", -1, "success", 1, 0, when(-7300), when(-7250)),
+            TaskRecord("train", -1, "deferred", 2, 1),
+            TaskRecord("cooldown.train", 0, "success", 1, 1, when(-900), when(-600), "from 0"),
+            TaskRecord("checkpoint.evaluate", 0, "success", 1, 1, when(-3000), when(-2900), "20"),
+            TaskRecord("checkpoint.evaluate", 1, "success", 1, 1, when(-500), when(-400), "30"),
+        ],
+        xcoms={
+            ("prepare", -1, "config"): CONFIG,
+            ("prepare", -1, "cooldowns"): COOLDOWNS,
+            ("prepare", -1, "return_value"): EVALUATIONS,
+            ("train", -1, "progress"): progress,
+            ("cooldown.train", 0, "return_value"): cooldown_result,
+            ("checkpoint.evaluate", 0, "return_value"): {"metrics": {"quick": {"perplexity": 50.0}}},
+            ("checkpoint.evaluate", 1, "return_value"): {"metrics": {"quick": {"perplexity": 40.0}}},
+        },
+        histories={("train", -1): {"attempts": [first_try, second_try]}},
+    )
+
+
+def test_a_running_experiment_row():
+    view = experiment_view("oellm__s__lr1", "lr1", running_run(), NOW)
+    assert (view.state, view.attempt, view.max_attempts, view.job_state) == ("running", 2, 2, "RUNNING")
+    assert (view.iteration, view.train_iters, view.fraction, view.loss) == (40, 100, 0.4, 3.5)
+    assert view.eta_seconds == pytest.approx(60 * 2.0)  # 60 iterations left at 2 s each
+    # finished attempts (8 + 1.5) plus half an hour so far on 2 nodes x 4 GPUs
+    assert view.gpu_hours == pytest.approx(8.0 + 1.5 + 0.5 * 8)
+    assert not view.stale
+    # the main run's evaluation at 20; the cooldown's at 30 is not the experiment's "latest evaluation"
+    assert (view.eval_name, view.eval_value, view.eval_iteration) == ("quick.perplexity", 50.0, 20)
+
+
+def test_curves_join_attempts_and_branch_cooldowns_from_the_parent():
+    view = experiment_view("oellm__s__lr1", "lr1", running_run(), NOW)
+    main, cooldown = view.curves
+    assert main.points == [(10, 5.0), (20, 4.0), (21, 3.95), (25, 3.9), (30, 3.7), (40, 3.5)]
+    assert main.tokens_per_iteration == 8 * 128
+    # the cooldown starts at the parent's loss at iteration 20
+    assert cooldown.parent == "lr1" and cooldown.points == [(20.0, 4.0), (25, 3.8), (30, 3.6)]
+
+
+def test_a_resume_overwrites_the_iterations_it_re_ran():
+    assert merged_curve([[[10, 5.0], [15, 4.5]], [[11, 4.9], [15, 4.4]], None]) == [
+        (10, 5.0),
+        (11, 4.9),
+        (15, 4.4),
+    ]
+
+
+def test_evaluation_table_per_run_and_checkpoint():
+    view = experiment_view("oellm__s__lr1", "lr1", running_run(), NOW)
+    rows = [(r["run"], r["iteration"], r["validation_loss"], r["metrics"]) for r in view.evaluations]
+    assert rows == [
+        ("lr1", 20, None, {"quick.perplexity": 50.0}),
+        ("lr1", 40, 3.6, {}),
+        ("lr1_cooldown_20", 30, None, {"quick.perplexity": 40.0}),
+    ]
+
+
+def test_timeline_has_submissions_retries_and_side_tasks_in_order():
+    view = experiment_view("oellm__s__lr1", "lr1", running_run(), NOW)
+    kinds = [(e.kind, e.text) for e in view.timeline]
+    assert kinds[0] == ("submit", "training try 1: job 101 submitted")
+    retry = next(text for kind, text in kinds if kind == "retry")
+    assert "TIMEOUT at iteration 25 -> retry (time limit reached)" in retry
+    assert ("submit", "training try 2: job 102 submitted") in kinds
+    assert any(kind == "task" and text.startswith("checkpoint.evaluate[20] success") for kind, text in kinds)
+    times = [e.time for e in view.timeline if e.time is not None]
+    assert times == sorted(times)
+
+
+def test_a_stale_progress_is_flagged():
+    run = running_run()
+    run.xcoms[("train", -1, "progress")]["updated"] = NOW - 3600
+    assert experiment_view("d", "lr1", run, NOW).stale
+
+
+def test_a_finished_experiment_uses_its_result_not_the_last_progress():
+    run = running_run()
+    run.tasks[1] = TaskRecord("train", -1, "success", 2, 1, when(-1800), when(-5))
+    run.state = "success"
+    run.xcoms[("train", -1, "return_value")] = {
+        "final_state": "COMPLETED",
+        "last_iteration": 100,
+        "summary": {"last_iteration": 100, "train_iters": 100, "last_loss": 3.0, "loss_curve": [[100, 3.0]]},
+    }
+    view = experiment_view("d", "lr1", run, NOW)
+    assert (view.iteration, view.loss, view.job_state, view.eta_seconds) == (100, 3.0, "COMPLETED", None)
+    assert view.curves[0].points[-1] == (100, 3.0)
+    # the running estimate stops with the task: only recorded attempts count
+    assert view.gpu_hours == pytest.approx(9.5)
+
+
+def test_sweep_counts_and_experiments_never_run():
+    view = sweep_view("s", {"oellm__s__lr1": running_run(), "oellm__s__lr2": None}, NOW)
+    assert [e.name for e in view.experiments] == ["lr1", "lr2"]
+    assert view.counts == {"never run": 1, "running": 1}
+    assert view.metric_columns == ["quick.perplexity"]
+
+
+def test_a_retrying_training_shows_as_retrying():
+    run = running_run()
+    run.tasks[1] = TaskRecord("train", -1, "up_for_retry", 1, 1)
+    assert experiment_view("d", "lr1", run, NOW).state == "retrying"
+
+
+def test_progress_snapshot_is_bounded_and_marks_changes():
+    watch = JobWatch([], WatchState("7", "/log"), inactivity_threshold=None, now=NOW)
+    watch.state.summary["loss_curve"] = [[i, 1.0 / (i + 1)] for i in range(1000)]
+    watch.state.summary["last_iteration"] = 999
+    running = JobStatus(job_id="7", state=JobState.RUNNING)
+    snapshot = watch.progress(running, NOW)
+    assert len(snapshot["summary"]["loss_curve"]) == PROGRESS_CURVE
+    assert snapshot["summary"]["loss_curve"][0] == [0, 1.0] and snapshot["summary"]["loss_curve"][-1][0] == 999
+    mark = watch.progress_mark(running)
+    watch.state.summary["last_iteration"] = 1000
+    assert watch.progress_mark(running) != mark
+    assert thinned([1, 2, 3], 5) == [1, 2, 3]
+
+
+def test_svg_plot_has_one_polyline_per_series_and_escapes_labels():
+    svg = line_plot(
+        "loss",
+        [Series("a<b", [(0, 5.0), (10, 4.0)], "#000"), Series("empty", [], "#111"), Series("c", [(5, 4.5)], "#222")],
+        "iteration",
+        "train loss",
+    )
+    assert svg.startswith('<svg id="loss"') and svg.endswith("</svg>")
+    assert re.findall(r'data-series="([^"]*)"', svg) == ["a&lt;b", "c"]
+    assert "no data yet" in line_plot("x", [], "i", "l")
+
+
+def test_nice_ticks_cover_the_range():
+    ticks = nice_ticks(3.2, 9.7)
+    assert ticks[0] <= 3.2 and ticks[-1] >= 9.7 and len(ticks) <= 8
+    assert nice_ticks(5.0, 5.0)[0] <= 5.0 <= nice_ticks(5.0, 5.0)[-1]
+
+
+def test_a_queued_retry_does_not_show_its_predecessors_job_as_running():
+    run = running_run()
+    run.tasks[1] = TaskRecord("train", -1, "queued", 2, 1)
+    attempts = run.histories[("train", -1)]["attempts"]
+    attempts[1].update(end=when(-60).isoformat(), state="TIMEOUT", verdict="retry", reason="time limit")
+    view = experiment_view("d", "lr1", run, NOW)
+    assert view.job_state == "TIMEOUT" and view.eta_seconds is None
+    assert view.gpu_hours == pytest.approx(9.5)  # no running estimate for an ended job
+
+
+def test_the_pages_render_rows_plots_and_the_timeline():
+    from airflow_oellm.dashboard.app import plots, templates
+
+    view = sweep_view("s", {"oellm__s__lr1": running_run(), "oellm__s__lr2": None}, NOW)
+    common = {"refresh": 20, "root": "/ui-root", "prefix": "/ui-root/oellm"}
+    html = templates.get_template("sweep.html").render(sweep=view, plots=plots(view.experiments), **common)
+    assert html.count("<tr data-experiment=") == 2 and 'data-iteration="40"' in html
+    assert '<svg id="loss-vs-iteration"' in html and '<svg id="loss-vs-tokens"' in html
+    assert 'href="/ui-root/dags/oellm__s__lr1/runs/manual__1/tasks/train"' in html
+    assert '<meta http-equiv="refresh" content="20">' in html
+    page = templates.get_template("experiment.html").render(
+        e=view.experiments[0], sweep="s", runs=[], plots=plots(view.experiments[:1]), **common
+    )
+    assert page.count('<tr class="kind-') == len(view.experiments[0].timeline) > 3
+    assert "quick.perplexity" in page
