@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
 import re
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,91 +21,20 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from tests.browser import Browser  # noqa: E402 - the repository root is put on the path first
+
 RESULTS = REPO / "benchmarks" / "results"
 
 
-def chromium() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if not found:
-        subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True)
-        subprocess.run(
-            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium", "fonts-dejavu-core"],
-            check=True,
-            capture_output=True,
-        )
-        found = shutil.which("chromium")
-    if not found:
-        raise SystemExit("chromium is not available")
-    return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def screenshots(base: str, token: str, pages: dict[str, str], out_dir: Path) -> list[str]:
-    """Open each page with the UI's login cookie set (over the DevTools protocol) and save a PNG."""
-    import websockets
-
-    port = free_port()
-    profile = tempfile.mkdtemp(prefix="oellm-chromium-")
-    browser = subprocess.Popen(
-        [
-            chromium(),
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            "--disable-sync",
-            "--disable-background-networking",
-            "--disable-component-update",
-            f"--user-data-dir={profile}",
-            "--window-size=1500,950",
-            f"--remote-debugging-port={port}",
-            "about:blank",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    """Open each page with the UI's login cookie set and save a PNG."""
     saved = []
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json", timeout=5))
-                page = next(t for t in targets if t["type"] == "page")
-                break
-            except (OSError, StopIteration):
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.5)
-        async with websockets.connect(page["webSocketDebuggerUrl"], max_size=64 * 2**20) as ws:
-            counter = 0
-
-            async def call(method: str, **params: object) -> dict:
-                nonlocal counter
-                counter += 1
-                await ws.send(json.dumps({"id": counter, "method": method, "params": params}))
-                while True:
-                    reply = json.loads(await ws.recv())
-                    if reply.get("id") == counter:
-                        return reply.get("result", {})
-
-            await call("Network.enable")
-            await call("Network.setCookie", name="_token", value=token, url=base)
-            for name, path in pages.items():
-                await call("Page.navigate", url=f"{base}{path}")
-                await asyncio.sleep(8)  # the UI renders client-side from API calls
-                shot = await call("Page.captureScreenshot", format="png")
-                target = out_dir / f"demo_{name}.png"
-                target.write_bytes(base64.b64decode(shot["data"]))
-                saved.append(str(target))
-    finally:
-        browser.terminate()
-        browser.wait(timeout=30)
-        shutil.rmtree(profile, ignore_errors=True)
+    async with Browser() as browser:
+        await browser.login(base, token)
+        for name, path in pages.items():
+            await browser.open(f"{base}{path}", settle=8)  # the UI renders client-side from API calls
+            saved.append(str(await browser.screenshot(out_dir / f"demo_{name}.png", full_page=False)))
     return saved
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +20,8 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import REPO
+
 AIRFLOW = str(Path(sys.executable).with_name("airflow"))
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 
@@ -29,6 +32,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if Path(str(item.fspath)).is_relative_to(here):
             item.add_marker(pytest.mark.e2e)
             item.add_marker(pytest.mark.cluster)
+
+
+def sweeps_dag_file(dags: Path) -> None:
+    """A stack's DAG folder: the project's DAG file, which loads the sweeps under $OELLM_SWEEPS_PATH."""
+    shutil.copy(REPO / "dags" / "oellm_sweeps.py", dags / "oellm_sweeps.py")
+
+
+def upload_fake_tools(dev_cluster: Any, remote: str) -> None:
+    """The fake Megatron and the fake convert/evaluate tools, where the sweeps' jobs run them."""
+    for tool in ("fake_megatron.py", "fake_tools.py"):
+        dev_cluster.upload(f"{remote}/{tool}", (REPO / "tests" / "fixtures" / tool).read_text(), mode="0644")
 
 
 def free_port() -> int:
@@ -62,12 +76,14 @@ class Stack:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     logs: dict[str, Any] = field(default_factory=dict)
     restarting: set[str] = field(default_factory=set)
+    token: str | None = None  # a JWT, when the stack does not make every caller an admin
 
     def http(self, method: str, path: str, body: Any = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(
-            f"{self.base}{path}", data=data, method=method, headers={"Content-Type": "application/json"}
-        )
+        headers = {"Content-Type": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        request = urllib.request.Request(f"{self.base}{path}", data=data, method=method, headers=headers)
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.loads(response.read() or b"{}")
 
@@ -106,6 +122,19 @@ class Stack:
                 proc.wait(timeout=10)
         for log in self.logs.values():
             log.close()
+
+    def login(self, user: str = "admin") -> str:
+        """A JWT for `user` of the simple auth manager (its generated password), kept for `http`."""
+        passwords = json.loads((self.home / "simple_auth_manager_passwords.json.generated").read_text())
+        request = urllib.request.Request(
+            self.base.removesuffix("/api/v2") + "/auth/token",
+            data=json.dumps({"username": user, "password": passwords[user]}).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            self.token = json.loads(response.read())["access_token"]
+        return self.token
 
     def trigger(self, dag_id: str, conf: dict[str, Any] | None = None) -> str:
         run = self.http("POST", f"/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf or {}})
@@ -197,8 +226,8 @@ def start_stack(home: Path, dags_folder: Path, extra_env: dict[str, str]) -> Sta
         AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC="2",
         AIRFLOW__TRIGGERER__CAPACITY="1000",
         PYTHONWARNINGS="ignore",
-        **extra_env,
     )
+    env.update(extra_env)
     subprocess.run([AIRFLOW, "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
     stack = Stack(home, env, f"http://127.0.0.1:{port}/api/v2")
     for component in COMPONENTS:

@@ -5,7 +5,6 @@ that never reaches SLURM, a sweep DAG running its experiments, and a backfill of
 from __future__ import annotations
 
 import json
-import shutil
 import urllib.error
 import uuid
 from pathlib import Path
@@ -13,10 +12,8 @@ from pathlib import Path
 import pytest
 
 from airflow_oellm.config import load_sweep
-from tests.conftest import REPO
-from tests.e2e.conftest import wait
+from tests.e2e.conftest import sweeps_dag_file, upload_fake_tools, wait
 
-FIXTURES = REPO / "tests" / "fixtures"
 pytestmark = pytest.mark.factory
 
 
@@ -61,16 +58,12 @@ sweep: {{name: nightly{token}, name_template: "speed{{i}}", axes: {{i: [1, 2]}}}
 @pytest.fixture(scope="module")
 def stack(stack_factory, dev_cluster, module_remote_dir, slurm_conn_id, tmp_path_factory):
     remote = module_remote_dir
-    for tool in ("fake_megatron.py", "fake_tools.py"):
-        dev_cluster.upload(f"{remote}/{tool}", (FIXTURES / tool).read_text(), mode="0644")
+    upload_fake_tools(dev_cluster, remote)
     token = uuid.uuid4().hex[:6]
     sweeps = tmp_path_factory.mktemp("factory-sweeps")
     paths = write_sweeps(sweeps, remote, token, slurm_conn_id)
 
-    def write(dags: Path) -> None:
-        shutil.copy(REPO / "dags" / "oellm_sweeps.py", dags / "oellm_sweeps.py")
-
-    s = stack_factory(write, {"OELLM_SWEEPS_PATH": str(sweeps)})
+    s = stack_factory(sweeps_dag_file, {"OELLM_SWEEPS_PATH": str(sweeps)})
     s.study = load_sweep(paths["study"])
     s.nightly = load_sweep(paths["nightly"])
     ids = [e.dag_id for e in s.study.experiments + s.nightly.experiments] + [f"oellm__{s.nightly.name}"]

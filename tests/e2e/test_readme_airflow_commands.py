@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import shlex
-import shutil
 
 import pytest
 
 from tests.conftest import REPO
-from tests.e2e.conftest import free_port, wait
+from tests.e2e.conftest import free_port, sweeps_dag_file, wait
 
 pytestmark = pytest.mark.factory
 
@@ -26,11 +25,9 @@ def readme_airflow_lines() -> list[str]:
 @pytest.fixture(scope="module")
 def stack(stack_factory):
     nowhere = json.dumps({"conn_type": "ssh", "host": "127.0.0.1", "port": free_port(), "login": "nobody"})
-
-    def write(dags):
-        shutil.copy(REPO / "dags" / "oellm_sweeps.py", dags / "oellm_sweeps.py")
-
-    s = stack_factory(write, {"OELLM_SWEEPS_PATH": str(REPO / "config" / "sweeps"), "AIRFLOW_CONN_SLURM_DEV": nowhere})
+    s = stack_factory(
+        sweeps_dag_file, {"OELLM_SWEEPS_PATH": str(REPO / "config" / "sweeps"), "AIRFLOW_CONN_SLURM_DEV": nowhere}
+    )
     wait(lambda: all(s.http("GET", f"/dags/{d}") for d in (TRIGGERED, BACKFILLED)), 300, "example DAGs parsed", s)
     return s
 

@@ -1,0 +1,203 @@
+"""The dashboard plugin in a real Airflow stack (with real logins, not all-admins) on the dev cluster:
+a sweep of two experiments with a cooldown each runs while headless Chromium reads the pages: the
+iteration grows between two loads, and after the end every row, number, curve and evaluation is there.
+Screenshots are saved under the test's temp dir."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from airflow_oellm.config import load_sweep
+from tests.browser import Browser
+from tests.e2e.conftest import sweeps_dag_file, upload_fake_tools, wait
+
+TRAIN_ITERS = 60
+pytestmark = pytest.mark.dashboard
+
+ROWS_JS = """Array.from(document.querySelectorAll('#experiments tr[data-experiment]')).map(r => ({
+  name: r.dataset.experiment, state: r.dataset.state, iteration: r.dataset.iteration,
+  cells: Array.from(r.cells).map(c => c.innerText.trim())}))"""
+SERIES_JS = """Array.from(document.querySelectorAll('svg#loss-vs-iteration polyline')).map(p => ({
+  series: p.dataset.series, points: p.getAttribute('points').trim().split(/\\s+/).length}))"""
+
+
+def sweep_yaml(remote: str, token: str, conn_id: str) -> str:
+    return f"""
+defaults: [{{platform: local}}]
+project: {{name: dash{token}, base_output_dir: {remote}/runs}}
+platform: {{ssh_conn_id: {conn_id}}}
+backend: {{python: python3, entrypoint: {remote}/fake_megatron.py, megatron_path: null,
+  args: {{train_iters: {TRAIN_ITERS}, save_interval: 20, eval_interval: 20, iter_seconds: 0.5, seq_length: 128}}}}
+monitoring: {{poll_interval_seconds: 2}}
+restart: {{max_attempts: 2, retry_delay_seconds: 1}}
+conversion: {{command: [python3, {remote}/fake_tools.py, convert]}}
+evaluation: {{command: [python3, {remote}/fake_tools.py, evaluate], suites: [{{name: quick}}]}}
+cooldowns: [{{at: 20, overrides: [backend.args.lr=1.0e-5, backend.args.train_iters=30]}}]
+sweep: {{name: dash{token}, name_template: "lr{{lr}}", axes: {{backend.args.lr: [0.001, 0.01]}}}}
+"""
+
+
+@pytest.fixture(scope="module")
+def stack(stack_factory, dev_cluster, module_remote_dir, slurm_conn_id, tmp_path_factory):
+    remote = module_remote_dir
+    upload_fake_tools(dev_cluster, remote)
+    token = uuid.uuid4().hex[:6]
+    sweeps = tmp_path_factory.mktemp("dashboard-sweeps")
+    (sweeps / "dash.yaml").write_text(sweep_yaml(remote, token, slurm_conn_id))
+
+    env = {
+        "OELLM_SWEEPS_PATH": str(sweeps),
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+    }
+    s = stack_factory(sweeps_dag_file, env)
+    s.login()
+    s.sweep = load_sweep(sweeps / "dash.yaml")
+    ids = [e.dag_id for e in s.sweep.experiments] + [f"oellm__{s.sweep.name}"]
+    wait(lambda: all(s.http("GET", f"/dags/{d}") for d in ids), 240, "the sweep's DAGs parsed", s)
+    return s
+
+
+def site(stack) -> str:
+    return stack.base.removesuffix("/api/v2")
+
+
+def fetch(url: str, token: str | None = None, accept: str = "application/json") -> tuple[int, str, str]:
+    """(status, final URL, body) without following redirects."""
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+            return None
+
+    headers = {"Accept": accept}
+    if token:
+        headers["Cookie"] = f"_token={token}"
+    opener = urllib.request.build_opener(NoRedirect)
+    try:
+        with opener.open(urllib.request.Request(url, headers=headers), timeout=30) as response:
+            return response.status, response.url, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers.get("Location") or "", exc.read().decode(errors="replace")
+
+
+def test_pages_need_an_airflow_login(stack):
+    status, _, _ = fetch(f"{site(stack)}/oellm/api/sweeps")
+    assert status == 401
+    status, location, _ = fetch(f"{site(stack)}/oellm/", accept="text/html")
+    assert status in (302, 307) and "/auth/login" in location, (status, location)
+    status, _, body = fetch(f"{site(stack)}/oellm/api/sweeps", token=stack.token)
+    assert status == 200 and stack.sweep.name in body
+
+
+def test_the_plugin_is_in_the_airflow_navigation(stack):
+    plugins = stack.http("GET", "/plugins")["plugins"]
+    views = [v for p in plugins if p["name"] == "oellm_dashboard" for v in p["external_views"]]
+    assert {v["destination"] for v in views} == {"nav", "dag"}, views
+
+
+def experiment_api(stack, dag_id: str) -> dict[str, Any]:
+    status, _, body = fetch(f"{site(stack)}/oellm/api/experiments/{urllib.parse.quote(dag_id)}", stack.token)
+    assert status == 200, body
+    return json.loads(body)
+
+
+async def read_sweep_page(browser: Browser, url: str, shot: Path) -> tuple[list[dict[str, Any]], list[Any], float]:
+    started = time.monotonic()
+    await browser.open(url)
+    elapsed = time.monotonic() - started
+    rows = await browser.evaluate(ROWS_JS)
+    series = await browser.evaluate(SERIES_JS)
+    await browser.screenshot(shot)
+    return rows, series, elapsed
+
+
+def test_a_running_sweep_then_its_final_comparison(stack, tmp_path):
+    sweep = stack.sweep
+    run_id = stack.trigger(f"oellm__{sweep.name}")
+    dag_ids = [e.dag_id for e in sweep.experiments]
+    url = f"{site(stack)}/oellm/sweeps/{sweep.name}"
+
+    def training() -> bool:
+        views = [experiment_api(stack, d) for d in dag_ids]
+        return any(v["state"] == "running" and (v["iteration"] or 0) >= 5 for v in views)
+
+    wait(training, 600, "an experiment training with progress recorded", stack, every=2)
+
+    async def while_running() -> tuple[Any, Any]:
+        async with Browser() as browser:
+            await browser.login(site(stack), stack.token)
+            first = await read_sweep_page(browser, url, tmp_path / "sweep_running_1.png")
+            await asyncio.sleep(8)
+            second = await read_sweep_page(browser, url, tmp_path / "sweep_running_2.png")
+            return first, second
+
+    (rows1, _, _), (rows2, series2, elapsed) = asyncio.run(while_running())
+    assert {r["name"] for r in rows1} == {e.name for e in sweep.experiments}, rows1
+    before = {r["name"]: int(r["iteration"] or 0) for r in rows1}
+    after = {r["name"]: int(r["iteration"] or 0) for r in rows2}
+    assert any(after[n] > before[n] for n in before), (rows1, rows2)
+    assert any(r["state"] == "running" for r in rows2), rows2
+    assert series2, "the running sweep's loss plot has no curve"
+    assert elapsed < 10, elapsed
+
+    assert stack.wait_run(f"oellm__{sweep.name}", run_id, 1500) == "success", stack.explain(
+        f"oellm__{sweep.name}", run_id
+    )
+
+    async def finished() -> tuple[Any, ...]:
+        async with Browser() as browser:
+            await browser.login(site(stack), stack.token)
+            rows, series, _ = await read_sweep_page(browser, url, tmp_path / "sweep_final.png")
+            evaluations = await browser.evaluate(
+                "Array.from(document.querySelectorAll('#evaluations tr')).slice(1).map(r => "
+                "Array.from(r.cells).map(c => c.innerText.trim()))"
+            )
+            tokens_plot = await browser.evaluate("document.querySelectorAll('svg#loss-vs-tokens polyline').length")
+            first = sweep.experiments[0]
+            await browser.open(f"{site(stack)}/oellm/experiments/{first.dag_id}")
+            timeline = await browser.evaluate(
+                "Array.from(document.querySelectorAll('#timeline tr[data-kind]')).map(r => "
+                "[r.dataset.kind, r.innerText])"
+            )
+            await browser.screenshot(tmp_path / "experiment_final.png")
+            await browser.open(f"{site(stack)}/oellm/")
+            counts = await browser.evaluate(
+                f"document.querySelector('tr[data-sweep=\"{sweep.name}\"] .counts').innerText"
+            )
+            await browser.screenshot(tmp_path / "sweeps.png")
+            return rows, series, evaluations, tokens_plot, timeline, counts
+
+    rows, series, evaluations, tokens_plot, timeline, counts = asyncio.run(finished())
+    print("screenshots:", sorted(str(p) for p in tmp_path.glob("*.png")))
+    assert all(r["state"] == "success" and int(r["iteration"]) == TRAIN_ITERS for r in rows), rows
+    for row in rows:
+        loss = float(row["cells"][4])
+        assert 2.0 < loss < 12.5, row  # fake_megatron: 10 exp(-it/50) + 2 + 50 lr
+        assert row["cells"][5].startswith("quick.") and f"@{TRAIN_ITERS}" in row["cells"][5], row
+        assert float(row["cells"][6]) >= 0 and row["cells"][2] == "1 / 2", row
+    names = {e.name for e in sweep.experiments}
+    cooldowns = {f"{n}_cooldown_20" for n in names}
+    assert {s["series"] for s in series} == names | cooldowns, series
+    assert all(s["points"] >= 2 for s in series), series
+    assert tokens_plot == len(series)
+    by_run = {}
+    for cells in evaluations:
+        by_run.setdefault(cells[0], []).append(int(cells[1]))
+    for name in names:
+        assert by_run[name] == [20, 40, 60], by_run
+    assert all(by_run[c] == [30] for c in cooldowns), by_run
+    kinds = [k for k, _ in timeline]
+    assert "submit" in kinds and "end" in kinds and "task" in kinds, timeline
+    assert "success 2" in counts.replace("\n", " "), counts
+    for shot in ("sweep_running_1", "sweep_running_2", "sweep_final", "experiment_final", "sweeps"):
+        assert (tmp_path / f"{shot}.png").stat().st_size > 10_000
