@@ -1,0 +1,307 @@
+"""Benchmark: the dashboard's sweep page for a 100-experiment sweep in the middle of training, against
+the Airflow REST API calls a script needs to read the same facts.
+
+    .venv/bin/python benchmarks/dashboard_load.py [--experiments 100] [--repeat 15] [--json OUT]
+
+A fresh Airflow home (SQLite) gets the sweep's DAGs serialized and one run per experiment written
+through Airflow's own models, as the operators leave them mid-training: `prepare` done (config,
+milestones), the training deferred in its second try with a 250-point progress XCom and a first
+attempt in its history, half the checkpoints waited for, converted and evaluated (metrics in XCom),
+a cooldown finished. Then only the api-server is started, and timed:
+- ours: `GET /oellm/sweeps/<sweep>` (the whole HTML page: rows, plots, evaluation table) and its JSON twin;
+- baseline: per experiment, the REST calls for its latest run, its task instances, the training's
+  progress XCom and the prepared config (4 calls per experiment, sequential, one keep-alive client).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+AIRFLOW = str(Path(sys.executable).with_name("airflow"))
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sweep_yaml(experiments: int) -> str:
+    return f"""
+defaults: [{{platform: local}}]
+project: {{name: bench, base_output_dir: /scratch/bench/runs}}
+backend: {{args: {{train_iters: 10000, save_interval: 1000, eval_interval: 1000, seq_length: 4096,
+  global_batch_size: 512}}}}
+slurm: {{nodes: 4}}
+evaluation: {{suites: [{{name: quick, tasks: [hellaswag, arc_easy]}}]}}
+cooldowns: [{{at: 5000, overrides: [backend.args.train_iters=6000]}}]
+sweep: {{name: bench, name_template: "e{{i}}", axes: {{i: {list(range(experiments))}}}}}
+"""
+
+
+def curve(first: int, last: int, points: int = 250) -> list[list[float]]:
+    step = max((last - first) / (points - 1), 1)
+    return [[round(first + i * step), 10 * math.exp(-(first + i * step) / 3000) + 2] for i in range(points)]
+
+
+def populate(env: dict[str, str], sweep_file: Path) -> str:
+    """One mid-training run per experiment, written with Airflow's models; returns the sweep's name."""
+    os.environ.update(env)
+    from airflow_oellm.config import load_sweep
+
+    sweep = load_sweep(sweep_file)
+    now = datetime.now(UTC)
+    for exp in sweep.experiments:
+        mid_training_run(exp, now)
+    return sweep.name
+
+
+def mid_training_run(exp, now: datetime) -> None:
+    from airflow.models.serialized_dag import SerializedDagModel
+    from airflow.models.task_state_store import TaskStateStoreModel
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+    from airflow.utils.state import DagRunState
+    from airflow.utils.types import DagRunTriggeredByType, DagRunType
+
+    from airflow_oellm.config.milestones import plan
+
+    with create_session() as session:
+        dag = SerializedDagModel.get_dag(exp.dag_id, session=session)
+        run = dag.create_dagrun(
+            run_id="manual__bench",
+            run_after=now - timedelta(hours=6),
+            run_type=DagRunType.MANUAL,
+            triggered_by=DagRunTriggeredByType.TEST,
+            state=DagRunState.RUNNING,
+            start_date=now - timedelta(hours=6),
+            session=session,
+        )
+        session.flush()
+        milestones = plan(exp.resolved)
+        evaluations = [dict(e) for e in milestones.evaluations]
+        cooldowns = [dict(c) for c in milestones.cooldowns]
+        tis = {(ti.task_id, ti.map_index): ti for ti in run.get_task_instances(session=session)}
+        for key, ti in tis.items():
+            ti.state = "success" if key[0] in ("prepare", "cooldown_plan") else None
+        tis[("train", -1)].state, tis[("train", -1)].try_number = "deferred", 2
+        done = len(evaluations) // 2
+
+        def mapped(task_id: str, index: int, state: str | None) -> None:
+            ti = tis.get((task_id, index))
+            if ti is None:
+                if (task_id, -1) in tis:
+                    ti = tis.pop((task_id, -1))
+                    ti.map_index = index
+                else:
+                    ti = TaskInstance(
+                        task=dag.get_task(task_id),
+                        run_id=run.run_id,
+                        map_index=index,
+                        dag_version_id=run.created_dag_version_id,
+                    )
+                    session.add(ti)
+                tis[(task_id, index)] = ti
+            ti.state = state
+            ti.end_date = now - timedelta(minutes=30) if state == "success" else None
+
+        for index in range(len(evaluations)):
+            finished = index < done
+            mapped("checkpoint.wait", index, "success" if finished else "deferred")
+            mapped("checkpoint.convert", index, "success" if finished else None)
+            mapped("checkpoint.evaluate", index, "success" if finished else None)
+        for index in range(len(cooldowns)):
+            for task_id in ("cooldown.wait", "cooldown.train"):
+                mapped(task_id, index, "success")
+        session.flush()
+
+        def xcom(task_id: str, key: str, value: object, map_index: int = -1) -> None:
+            XComModel.set(
+                key,
+                value,
+                dag_id=exp.dag_id,
+                task_id=task_id,
+                run_id=run.run_id,
+                map_index=map_index,
+                session=session,
+            )
+
+        xcom("prepare", "config", exp.resolved)
+        xcom("prepare", "cooldowns", cooldowns)
+        xcom("prepare", "return_value", evaluations)
+        summary = {
+            "last_iteration": 6200,
+            "train_iters": 10000,
+            "last_loss": 3.1,
+            "iteration_ms": 1500.0,
+            "running_since": time.time() - 3 * 3600,
+            "loss_curve": curve(4001, 6200),
+            "validation": [{"iteration": i, "loss": 3.2, "split": "validation"} for i in range(5000, 6001, 1000)],
+            "checkpoints_saved": [5000, 6000],
+            "counts": {"iteration": 2200},
+        }
+        xcom(
+            "train",
+            "progress",
+            {"job_id": "1002", "job_state": "RUNNING", "updated": time.time(), "summary": summary},
+        )
+        for index in range(done):
+            metrics = {"quick": {"hellaswag": 0.3 + index / 100, "arc_easy": 0.4 + index / 100}}
+            xcom("checkpoint.evaluate", "return_value", {"metrics": metrics}, index)
+        for index in range(len(cooldowns)):
+            xcom(
+                "cooldown.train",
+                "return_value",
+                {
+                    "final_state": "COMPLETED",
+                    "last_iteration": 6000,
+                    "summary": {"loss_curve": curve(5001, 6000), "last_iteration": 6000},
+                    "attempts": [{"try": 1, "job_id": "2001", "gpu_hours": 12.0}],
+                },
+                index,
+            )
+        first_try = {
+            "try": 1,
+            "job_id": "1001",
+            "submitted_at": time.time() - 6 * 3600,
+            "end": None,
+            "state": "TIMEOUT",
+            "verdict": "retry",
+            "reason": "time limit",
+            "gpu_hours": 64.0,
+            "loss_curve": curve(1, 4000),
+            "checkpoints_saved": [1000, 2000, 3000, 4000],
+            "last_iteration": 4000,
+        }
+        history = {"attempts": [first_try, {"try": 2, "job_id": "1002", "submitted_at": time.time() - 3 * 3600}]}
+        session.add(
+            TaskStateStoreModel(
+                dag_run_id=run.id,
+                task_id="train",
+                map_index=-1,
+                key="oellm_attempts",
+                dag_id=exp.dag_id,
+                run_id=run.run_id,
+                value=json.dumps(history),
+            )
+        )
+
+
+def timed(call, repeat: int) -> dict[str, float]:
+    call()  # warm: first request imports the app, opens the database
+    samples = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        call()
+        samples.append(time.perf_counter() - started)
+    return {"median_s": round(statistics.median(samples), 4), "max_s": round(max(samples), 4)}
+
+
+def get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=120) as response:
+        return response.read()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--experiments", type=int, default=100)
+    parser.add_argument("--repeat", type=int, default=15)
+    parser.add_argument("--json", type=Path, default=RESULTS / "dashboard_load.json")
+    parser.add_argument("--keep", action="store_true", help="keep the Airflow home (its path is printed)")
+    args = parser.parse_args()
+    home = Path(tempfile.mkdtemp(prefix="oellm-dashboard-bench-"))
+    (home / "dags").mkdir()
+    shutil.copy(REPO / "dags" / "oellm_sweeps.py", home / "dags" / "oellm_sweeps.py")
+    sweeps = home / "sweeps"
+    sweeps.mkdir()
+    (sweeps / "bench.yaml").write_text(sweep_yaml(args.experiments))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+    env.update(
+        AIRFLOW_HOME=str(home),
+        OELLM_SWEEPS_PATH=str(sweeps),
+        AIRFLOW__CORE__DAGS_FOLDER=str(home / "dags"),
+        AIRFLOW__CORE__LOAD_EXAMPLES="False",
+        AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS="True",
+        AIRFLOW__API__PORT=str(port),
+        AIRFLOW__API__BASE_URL=f"http://127.0.0.1:{port}",
+        AIRFLOW__API_AUTH__JWT_SECRET="oellm-bench-" + "s" * 64,
+        PYTHONWARNINGS="ignore",
+    )
+    subprocess.run([AIRFLOW, "db", "migrate"], env=env, check=True, capture_output=True, timeout=600)
+    subprocess.run([AIRFLOW, "dags", "reserialize"], env=env, check=True, capture_output=True, timeout=600)
+    started = time.monotonic()
+    name = populate(env, sweeps / "bench.yaml")
+    populate_s = time.monotonic() - started
+    server = subprocess.Popen(
+        [AIRFLOW, "api-server", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                get(f"{base}/api/v2/monitor/health")
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+        page = get(f"{base}/oellm/sweeps/{name}").decode()
+        rows = page.count("data-experiment=")
+        assert rows == args.experiments, f"the page shows {rows} experiments"
+        dag_ids = [f"oellm__{name}__e{i}" for i in range(args.experiments)]
+
+        def baseline() -> None:
+            for dag_id in dag_ids:
+                runs = json.loads(get(f"{base}/api/v2/dags/{dag_id}/dagRuns?order_by=-run_after&limit=1"))
+                run_id = urllib.request.quote(runs["dag_runs"][0]["dag_run_id"], safe="")
+                get(f"{base}/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances?limit=1000")
+                for task_id, key in (("train", "progress"), ("prepare", "config")):
+                    get(f"{base}/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/{key}")
+
+        result = {
+            "experiments": args.experiments,
+            "populate_seconds": round(populate_s, 1),
+            "page_bytes": len(page),
+            "dashboard_page": timed(lambda: get(f"{base}/oellm/sweeps/{name}"), args.repeat),
+            "dashboard_json": timed(lambda: get(f"{base}/oellm/api/sweeps/{name}"), args.repeat),
+            "baseline_rest_4_calls_per_experiment": timed(baseline, max(args.repeat // 5, 3)),
+        }
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=60)
+        if args.keep:
+            print("Airflow home kept:", home)
+        else:
+            shutil.rmtree(home, ignore_errors=True)
+    page_s = result["dashboard_page"]["median_s"]
+    result["ratio_baseline_over_page"] = round(result["baseline_rest_4_calls_per_experiment"]["median_s"] / page_s, 1)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
