@@ -349,6 +349,7 @@ def main() -> int:
     if not problems and state == "success":
         say("checks: losses fall across checkpoints in every experiment; every cooldown ends below its parent")
     say(f"\nAirflow UI: {env['AIRFLOW__API__BASE_URL']}  (user admin, password {password})")
+    say(f"sweep dashboard: {env['AIRFLOW__API__BASE_URL']}/oellm/sweeps/{SWEEP_DAG.removeprefix('oellm__')}")
     say(f"logs: {HOME}/*.log   stop it with: make demo-stop")
     return 0 if state == "success" and not problems else 1
 
