@@ -35,6 +35,7 @@ def assert_demo_report(out: str) -> None:
     assert "== sweep success" in out
     assert "checks: losses fall across checkpoints in every experiment; every cooldown ends below its parent" in out
     assert "Airflow UI: http://127.0.0.1:" in out and "(user admin, password " in out
+    assert "sweep dashboard: http://127.0.0.1:" in out and "/oellm/sweeps/demo" in out
     plots = [Path(line.split(": ", 1)[1]) for line in out.splitlines() if line.startswith("plot: ")]
     assert sorted(p.parts[-3] for p in plots) == [
         "tiny-wide_lr0.003",
