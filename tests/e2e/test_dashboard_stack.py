@@ -175,9 +175,19 @@ def test_a_running_sweep_then_its_final_comparison(stack, tmp_path):
                 f"document.querySelector('tr[data-sweep=\"{sweep.name}\"] .counts').innerText"
             )
             await browser.screenshot(tmp_path / "sweeps.png")
-            return rows, series, evaluations, tokens_plot, timeline, counts
+            # inside the Airflow UI: its navigation entry shows the dashboard in a frame
+            await browser.open(f"{site(stack)}/plugin/oellm-sweeps")
+            frame = None
+            for _ in range(60):
+                frame = await browser.evaluate("document.querySelector('iframe')?.src")
+                if frame:
+                    break
+                await asyncio.sleep(0.5)
+            await asyncio.sleep(3)  # the frame's own page
+            await browser.screenshot(tmp_path / "airflow_ui_sweeps.png", full_page=False)
+            return rows, series, evaluations, tokens_plot, timeline, counts, frame
 
-    rows, series, evaluations, tokens_plot, timeline, counts = asyncio.run(finished())
+    rows, series, evaluations, tokens_plot, timeline, counts, frame = asyncio.run(finished())
     print("screenshots:", sorted(str(p) for p in tmp_path.glob("*.png")))
     assert all(r["state"] == "success" and int(r["iteration"]) == TRAIN_ITERS for r in rows), rows
     for row in rows:
@@ -199,5 +209,13 @@ def test_a_running_sweep_then_its_final_comparison(stack, tmp_path):
     kinds = [k for k, _ in timeline]
     assert "submit" in kinds and "end" in kinds and "task" in kinds, timeline
     assert "success 2" in counts.replace("\n", " "), counts
-    for shot in ("sweep_running_1", "sweep_running_2", "sweep_final", "experiment_final", "sweeps"):
+    assert frame and frame.rstrip("/").endswith("/oellm"), frame
+    for shot in (
+        "sweep_running_1",
+        "sweep_running_2",
+        "sweep_final",
+        "experiment_final",
+        "sweeps",
+        "airflow_ui_sweeps",
+    ):
         assert (tmp_path / f"{shot}.png").stat().st_size > 10_000
