@@ -76,13 +76,13 @@ class Stack:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     logs: dict[str, Any] = field(default_factory=dict)
     restarting: set[str] = field(default_factory=set)
-    token: str | None = None  # a JWT, when the stack does not make every caller an admin
+    access_token: str | None = None  # a JWT, when the stack does not make every caller an admin
 
     def http(self, method: str, path: str, body: Any = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
         headers = {"Content-Type": "application/json"}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
+        if self.access_token:
+            headers["Authorization"] = f"Bearer {self.access_token}"
         request = urllib.request.Request(f"{self.base}{path}", data=data, method=method, headers=headers)
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.loads(response.read() or b"{}")
@@ -133,8 +133,8 @@ class Stack:
             headers={"Content-Type": "application/json"},
         )
         with urllib.request.urlopen(request, timeout=30) as response:
-            self.token = json.loads(response.read())["access_token"]
-        return self.token
+            self.access_token = json.loads(response.read())["access_token"]
+        return self.access_token
 
     def trigger(self, dag_id: str, conf: dict[str, Any] | None = None) -> str:
         run = self.http("POST", f"/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf or {}})

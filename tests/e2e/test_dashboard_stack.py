@@ -95,7 +95,7 @@ def test_pages_need_an_airflow_login(stack):
     assert status == 401
     status, location, _ = fetch(f"{site(stack)}/oellm/", accept="text/html")
     assert status in (302, 307) and "/auth/login" in location, (status, location)
-    status, _, body = fetch(f"{site(stack)}/oellm/api/sweeps", token=stack.token)
+    status, _, body = fetch(f"{site(stack)}/oellm/api/sweeps", token=stack.access_token)
     assert status == 200 and stack.sweep.name in body
 
 
@@ -106,7 +106,7 @@ def test_the_plugin_is_in_the_airflow_navigation(stack):
 
 
 def experiment_api(stack, dag_id: str) -> dict[str, Any]:
-    status, _, body = fetch(f"{site(stack)}/oellm/api/experiments/{urllib.parse.quote(dag_id)}", stack.token)
+    status, _, body = fetch(f"{site(stack)}/oellm/api/experiments/{urllib.parse.quote(dag_id)}", stack.access_token)
     assert status == 200, body
     return json.loads(body)
 
@@ -135,7 +135,7 @@ def test_a_running_sweep_then_its_final_comparison(stack, tmp_path):
 
     async def while_running() -> tuple[Any, Any]:
         async with Browser() as browser:
-            await browser.login(site(stack), stack.token)
+            await browser.login(site(stack), stack.access_token)
             first = await read_sweep_page(browser, url, tmp_path / "sweep_running_1.png")
             await asyncio.sleep(8)
             second = await read_sweep_page(browser, url, tmp_path / "sweep_running_2.png")
@@ -156,7 +156,7 @@ def test_a_running_sweep_then_its_final_comparison(stack, tmp_path):
 
     async def finished() -> tuple[Any, ...]:
         async with Browser() as browser:
-            await browser.login(site(stack), stack.token)
+            await browser.login(site(stack), stack.access_token)
             rows, series, _ = await read_sweep_page(browser, url, tmp_path / "sweep_final.png")
             evaluations = await browser.evaluate(
                 "Array.from(document.querySelectorAll('#evaluations tr')).slice(1).map(r => "

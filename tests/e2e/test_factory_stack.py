@@ -140,7 +140,13 @@ def test_sweep_dag_runs_its_experiments_and_backfill_keeps_runs_apart(stack, dev
     ]
     assert all(r["train_loss"] > 0 and r["attempts"] == 1 for r in summary["rows"]), summary
     exp = sweep.experiments[0]
-    stack.cli("backfill", "create", "--dag-id", exp.dag_id, "--from-date", "2026-11-20", "--to-date", "2026-11-21")
+    # through the REST API, one transaction in the api-server: the CLI's retry on SQLite's "database is
+    # locked" once re-created a backfill whose first run the scheduler had already started
+    stack.http(
+        "POST",
+        "/backfills",
+        {"dag_id": exp.dag_id, "from_date": "2026-11-20T00:00:00Z", "to_date": "2026-11-21T00:00:00Z"},
+    )
     wanted = {"2026-11-20", "2026-11-21"}
 
     def backfilled() -> list[dict]:
