@@ -51,7 +51,7 @@ sweep:
   name_template: "lr{{lr}}_s{{seed}}"
   axes:
     backend.args.lr: [{lrs}]
-    vars.seed: [{seeds}]
+    backend.args.seed: [{seeds}]
 """
 
 OURS_DAG_FILE = """\

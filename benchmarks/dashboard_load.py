@@ -50,7 +50,7 @@ backend: {{args: {{train_iters: 10000, save_interval: 1000, eval_interval: 1000,
 slurm: {{nodes: 4}}
 evaluation: {{suites: [{{name: quick, tasks: [hellaswag, arc_easy]}}]}}
 cooldowns: [{{at: 5000, overrides: [backend.args.train_iters=6000]}}]
-sweep: {{name: bench, name_template: "e{{i}}", axes: {{i: {list(range(experiments))}}}}}
+sweep: {{name: bench, name_template: "e{{seed}}", axes: {{backend.args.seed: {list(range(experiments))}}}}}
 """
 
 

@@ -103,6 +103,8 @@ class Composed:
     origins: dict[str, str]
     choices: dict[str, str | None]
     files: list[str] = field(default_factory=list)
+    # key -> the path its origin file wrote it under, where that differs (sweep values: `sweep.axes.<key>`)
+    written_at: dict[str, str] = field(default_factory=dict)
 
     def origin(self, key: str) -> str | None:
         """File that set a dotted key (or its nearest parent)."""
@@ -116,7 +118,16 @@ class Composed:
 
     def issue(self, message: str, key: str) -> Issue:
         file = self.origin(key)
-        return Issue(message, key=key, file=file, line=key_line(file, key))
+        return Issue(message, key=key, file=file, line=key_line(file, self._written_at(key)))
+
+    def _written_at(self, key: str) -> str:
+        probe = key
+        while probe:
+            if probe in self.written_at:
+                return self.written_at[probe] + key[len(probe) :]
+            cut = max(probe.rfind("."), probe.rfind("["))
+            probe = probe[:cut] if cut > 0 else ""
+        return key
 
 
 def deep_merge(

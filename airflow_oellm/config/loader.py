@@ -26,9 +26,10 @@ from omegaconf.errors import GrammarParseError, OmegaConfBaseException
 
 from airflow_oellm.config import interpolation
 from airflow_oellm.config.compose import Composed, Composer, config_roots
-from airflow_oellm.config.errors import ConfigError, Issue
+from airflow_oellm.config.errors import ConfigError, Issue, shown
 from airflow_oellm.config.expressions import ExpressionError
 from airflow_oellm.config.naming import NamingError, check_name, check_output_root, dag_id, render_template
+from airflow_oellm.config.noops import SweepMember, inert_axes
 from airflow_oellm.config.overrides import apply_overrides, locate, parse_overrides, split_group_choices
 from airflow_oellm.config.resolvers import RESOLVERS, frozen_time
 from airflow_oellm.config.schema import RootConfig
@@ -299,6 +300,7 @@ class SweepLoader:
         seen: dict[str, Experiment] = {}
         issues: list[Issue] = []
         template = self._name_template(base, points)
+        points_by_index = {p.index: p for p in points}
         with frozen_time():
             for point in points:
                 if only is not None and self._cheap_name(point, sweep_name, template) not in (only, None):
@@ -322,15 +324,21 @@ class SweepLoader:
                     continue
                 seen[exp.name] = exp
                 experiments.append(exp)
+        if not issues and only is None:
+            members = [
+                SweepMember(e.index, e.parameters, points_by_index[e.index].sources, e.resolved) for e in experiments
+            ]
+            groups = {g: self.composer.options(g) for g in sorted(self.groups)}
+            issues = inert_axes(members, groups, base.origin("sweep") or self.path)
         if issues:
-            raise ConfigError(issues)
+            raise ConfigError(list(dict.fromkeys(issues)))  # the same problem in every experiment: once
         return Sweep(
             sweep_name, self.path, experiments, _varying_keys(points), self.override_texts, self.composer.roots
         )
 
     def _cheap_name(self, point: SweepPoint, sweep_name: str, template: str) -> str | None:
         """The point's experiment name without building its config (None: it needs the full build)."""
-        group_choices = {k: v for k, v in point.values.items() if k in self.groups}
+        group_choices = self._group_choices(point)
         project = self.composition({**self.choices, **group_choices}).data.get("project")
         name = project.get("name") if isinstance(project, dict) else None
         if not isinstance(name, str) or "${" in name or "project.name" in point.values:
@@ -341,6 +349,26 @@ class SweepLoader:
             )
         except NamingError:
             return None
+
+    def _group_choices(self, point: SweepPoint) -> dict[str, str | None]:
+        """The point's config-group options (`model: 50M`); a group name takes an option name only."""
+        choices: dict[str, str | None] = {}
+        for key, value in point.values.items():
+            if key not in self.groups:
+                continue
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(
+                    Issue(
+                        f"'{key}' is a config group: a sweep value for it is an option name "
+                        f"({', '.join(self.composer.options(key)[:8])}), got {shown(value)} "
+                        f"(experiment #{point.index}; for keys inside it write {key}.<key>: value)",
+                        key=key,
+                        file=self.path,
+                        line=key_line(self.path, "sweep"),
+                    )
+                )
+            choices[key] = value
+        return choices
 
     def _name_template(self, base: Composed, points: list[SweepPoint]) -> str:
         sweep_def = base.data.get("sweep") or {}
@@ -360,12 +388,13 @@ class SweepLoader:
         return template
 
     def _experiment(self, point: SweepPoint, sweep_name: str, template: str, overridden: set[str]) -> Experiment:
-        group_choices = {k: v for k, v in point.values.items() if k in self.groups}
+        group_choices = self._group_choices(point)
         composed = self.composition({**self.choices, **group_choices})
         # the sweep definition is not part of an experiment (and copying it per point is quadratic)
         data = copy.deepcopy({k: v for k, v in composed.data.items() if k != "sweep"})
         sweep_origin = composed.origin("sweep") or self.path
         point_origins = dict(composed.origins)
+        written_at = dict(composed.written_at)
         issues = []
         for key, value in point.values.items():
             if key in group_choices:
@@ -392,9 +421,11 @@ class SweepLoader:
                 continue
             _set_path(data, target, value)
             point_origins[target] = sweep_origin
+            if key in point.sources:
+                written_at[target] = point.sources[key]
         if issues:
             raise ConfigError(issues)
-        composed_point = Composed(data, point_origins, composed.choices, composed.files)
+        composed_point = Composed(data, point_origins, composed.choices, composed.files, written_at)
 
         project = data.get("project") if isinstance(data.get("project"), dict) else {}
         missing = [k for k in ("name", "base_output_dir") if k not in project]

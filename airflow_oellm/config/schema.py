@@ -294,5 +294,8 @@ class RootConfig:
     experiment: ExperimentInfo = opt(doc="Set by the planner; read-only.", factory=ExperimentInfo)
 
 
+# `class_name` tags of the seed tool's format that mean what the section already is: accepted and ignored.
+SEED_CLASS_NAMES: dict[type, str] = {ProjectConfig: "Project"}
+
 # Top-level keys a config file may not set: the planner owns them.
 PROTECTED_SECTIONS = frozenset({"experiment"})

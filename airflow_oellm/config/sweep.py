@@ -26,8 +26,8 @@ import itertools
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 from airflow_oellm.config.errors import Issue, did_you_mean, join_key
 from airflow_oellm.config.expressions import Expression, ExpressionError
@@ -43,6 +43,19 @@ _VALUE_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*(\.[A-Za-z0-9_\-]+)*$")
 class SweepPoint:
     index: int
     values: dict[str, Any]
+    # key -> where the sweep section wrote its value (`sweep.axes.backend.args.lr[1]`), for error lines
+    sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+
+class _Value(NamedTuple):
+    """A point's value while expanding, with the sweep path it was written at."""
+
+    value: Any
+    source: str
+
+
+def _is_leaf(value: Any) -> bool:
+    return not isinstance(value, Mapping) or not value
 
 
 class SweepError(ValueError):
@@ -62,16 +75,23 @@ class _Expander:
     def bad(self, key: str, message: str) -> None:
         self.issues.append(Issue(message, key=key))
 
-    def check_values(self, values: Any, key: str) -> dict[str, Any]:
+    def check_values(self, values: Any, key: str) -> dict[str, _Value]:
+        """A point's values with nested mappings flattened: `{backend: {args: {lr: 1}}}` means
+        `{backend.args.lr: 1}`, as it would in a config file (the seed guide writes the nested form)."""
         if values is None:
             return {}
         if not isinstance(values, Mapping):
             self.bad(key, f"expected a mapping of key: value, got {type(values).__name__}")
             return {}
-        for k in values:
-            if not isinstance(k, str) or not _VALUE_KEY.match(k):
+        flat: dict[str, _Value] = {}
+        for k, value in flatten_mapping(values, _is_leaf):
+            if not _VALUE_KEY.match(k):
                 self.bad(join_key(key, k), "invalid key (use a dotted config path or a plain name)")
-        return dict(values)
+            elif k in flat:
+                self.bad(join_key(key, k), "set twice (once nested, once as a dotted key)")
+            else:
+                flat[k] = _Value(value, join_key(key, k))
+        return flat
 
     def size(self, group: Mapping[str, Any], key: str) -> int:
         """Number of points a group expands to, computed without expanding it."""
@@ -83,9 +103,10 @@ class _Expander:
         sizes = [self.size(c, key) if _is_group(c) else 1 for c in configs]
         if kind == "list":
             return sum(sizes)
-        return math.prod(len(v) if isinstance(v, list) else 1 for v in axes.values()) * math.prod(sizes)
+        leaves = flatten_mapping(axes, _is_leaf)
+        return math.prod(len(v) if isinstance(v, list) else 1 for _, v in leaves) * math.prod(sizes)
 
-    def expand(self, group: Mapping[str, Any], key: str, *, top: bool = False) -> list[dict[str, Any]]:
+    def expand(self, group: Mapping[str, Any], key: str, *, top: bool = False) -> list[dict[str, _Value]]:
         allowed = SWEEP_KEYS if top else GROUP_KEYS
         for k in group:
             if k not in allowed:
@@ -108,10 +129,16 @@ class _Expander:
             self.bad(configs_key, f"expected a list, got {type(configs).__name__}")
             configs = []
 
-        factors: list[list[dict[str, Any]]] = []
-        for axis, values in axes.items():
+        factors: list[list[dict[str, _Value]]] = []
+        seen_axes: set[str] = set()
+        # nested axes (`backend: {args: {lr: [...]}}`) name the same axis as `backend.args.lr: [...]`
+        for axis, values in flatten_mapping(axes, _is_leaf):
             axis_key = join_key(axes_key, axis)
-            if not isinstance(axis, str) or not _VALUE_KEY.match(axis):
+            if axis in seen_axes:
+                self.bad(axis_key, "axis given twice (once nested, once as a dotted key)")
+                continue
+            seen_axes.add(axis)
+            if not _VALUE_KEY.match(axis):
                 self.bad(axis_key, "invalid axis name (use a dotted config path or a plain name)")
                 continue
             if not isinstance(values, list):
@@ -120,7 +147,7 @@ class _Expander:
             if not values:
                 self.bad(axis_key, "axis has no values")
                 continue
-            factors.append([{axis: v} for v in values])
+            factors.append([{axis: _Value(v, join_key(axis_key, j))} for j, v in enumerate(values)])
         for i, entry in enumerate(configs):
             entry_key = join_key(configs_key, i)
             if _is_group(entry):
@@ -142,8 +169,23 @@ class _Expander:
         return [{**defaults, **p} for p in points]
 
 
-def _merge_all(parts: tuple[dict[str, Any], ...]) -> dict[str, Any]:
-    merged: dict[str, Any] = {}
+def flatten_mapping(values: Mapping[Any, Any], leaf: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value) pairs down to the values `leaf` accepts; keys are rendered as text, so a
+    non-string key (YAML's `1:` or `true:`) surfaces as an invalid key rather than a type error."""
+    pairs: list[tuple[str, Any]] = []
+    for k, value in values.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if not isinstance(k, str):
+            key = f"{prefix}.{k!r}" if prefix else repr(k)
+        if leaf(value):
+            pairs.append((key, value))
+        else:
+            pairs += flatten_mapping(value, leaf, key)
+    return pairs
+
+
+def _merge_all(parts: tuple[dict[str, _Value], ...]) -> dict[str, _Value]:
+    merged: dict[str, _Value] = {}
     for part in parts:
         merged.update(part)
     return merged
@@ -178,7 +220,10 @@ def expand_sweep(sweep: Mapping[str, Any] | None) -> list[SweepPoint]:
     raw = expander.expand({**sweep, "type": sweep.get("type", "product")}, "sweep", top=True)
     if expander.issues:
         raise SweepError(expander.issues)
-    points = [SweepPoint(i, values) for i, values in enumerate(raw)]
+    points = [
+        SweepPoint(i, {k: v.value for k, v in values.items()}, {k: v.source for k, v in values.items()})
+        for i, values in enumerate(raw)
+    ]
     condition = sweep.get("filter")
     if condition in (None, ""):
         return points

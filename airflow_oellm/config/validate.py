@@ -15,7 +15,7 @@ from functools import cache
 from typing import Any, Literal, Union, get_args, get_origin
 
 from airflow_oellm.config.errors import ConfigError, Issue, did_you_mean, join_key, shown
-from airflow_oellm.config.schema import SEED_KEYS
+from airflow_oellm.config.schema import SEED_CLASS_NAMES, SEED_KEYS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +147,12 @@ class Validator:
             return self._bad(key, f"expected a mapping, got {_describe(value)}")
         fields = schema_fields(cls)
         before = len(self.issues)
+        seed_class = SEED_CLASS_NAMES.get(cls)
         for k in value:
+            if k == "class_name" and seed_class is not None and k not in fields:
+                if value[k] != seed_class:
+                    self._bad(join_key(key, k), f"only {seed_class!r} is accepted here, got {shown(value[k])}")
+                continue
             if k not in fields:
                 if k in SEED_KEYS:
                     self._bad(join_key(key, k), f"unknown key (the seed tool's format): {SEED_KEYS[k]}")

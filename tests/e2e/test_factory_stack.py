@@ -36,7 +36,8 @@ evaluation:
   command: {tools}, evaluate]
   suites: [{{name: quick}}, {{name: final_bench, when: final, tasks: [hellaswag]}}]
 cooldowns: [{{at: 10, overrides: [backend.args.lr=1.0e-5, backend.args.train_iters=15]}}]
-sweep: {{name: fx{token}, name_template: "{{stage}}", axes: {{stage: [cli, rest, bad]}}}}
+sweep: {{name: fx{token}, name_template: "{{stage}}", axes: {{stage: [cli, rest, bad]}},
+  base_values: {{platform.env.OELLM_STAGE: "${{vars.stage}}"}}}}
 """,
         "nightly": f"""
 defaults: [{{platform: local}}]
@@ -45,7 +46,8 @@ project: {{name: nightly{token}, base_output_dir: {remote}/runs}}
 conversion: {{enabled: false}}
 evaluation: {{enabled: false}}
 dag: {{schedule: "@daily", start_date: "2026-11-01"}}
-sweep: {{name: nightly{token}, name_template: "speed{{i}}", axes: {{i: [1, 2]}}}}
+sweep: {{name: nightly{token}, name_template: "speed{{i}}", axes: {{i: [1, 2]}},
+  base_values: {{platform.env.OELLM_SPEED: "${{vars.i}}"}}}}
 """,
     }
     paths = {}

@@ -68,7 +68,7 @@ def stack(stack_factory, dev_cluster, module_remote_dir, slurm_conn_id, tmp_path
                     configs,
                     remote,
                     "fan",
-                    "train_iters: 900, save_interval: 100, iter_seconds: 1",
+                    "train_iters: 900, save_interval: 100, iter_seconds: 1, seed: '${vars.i}'",
                     "slurm: {time: 1200}\n"
                     "sweep: {axes: {i: [" + ",".join(map(str, range(50))) + "]}, "
                     "name_template: 'fan{i}'}\n",

@@ -56,7 +56,7 @@ def stack(stack_factory, dev_cluster, module_remote_dir, slurm_conn_id, tmp_path
                     configs,
                     remote,
                     "trig",
-                    "train_iters: 40, save_interval: 10, iter_seconds: 0.5",
+                    "train_iters: 40, save_interval: 10, iter_seconds: 0.5, seed: '${vars.i}'",
                     "sweep: {axes: {i: [" + ",".join(map(str, range(FANOUT))) + "]}, "
                     f"name_template: 'trig{token}_{{i}}'}}\n",
                 ),

@@ -50,7 +50,9 @@ def corpus(tmp_path):
     (root / "config" / "platform" / "loopb.yaml").write_text("defaults: [loopa]\n")
     sweeps = root / "config" / "sweeps"
     sweeps.mkdir()
-    (sweeps / "good.yaml").write_text(HEAD % "good" + "sweep: {axes: {i: [1, 2]}}\n")
+    (sweeps / "good.yaml").write_text(
+        HEAD % "good" + "backend: {args: {seed: '${vars.i}'}}\nsweep: {axes: {i: [1, 2]}}\n"
+    )
     for name, (text, _) in CORPUS.items():
         (sweeps / name).write_bytes(text.encode("utf-8", errors="surrogateescape"))
     return sweeps

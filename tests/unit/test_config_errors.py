@@ -315,7 +315,7 @@ def test_validate_reports_each_file(write, project, capsys):
 
 def test_validate_checks_the_run_plan(write, project, capsys):
     text = "backend: {args: {train_iters: 100, save_interval: 10}}\ncooldowns:\n  - {at: 55}\n"
-    path = write("config/sweeps/c.yaml", HEAD + "sweep: {axes: {i: [1, 2]}}\n" + text)
+    path = write("config/sweeps/c.yaml", HEAD + "sweep: {axes: {backend.args.seed: [1, 2]}}\n" + text)
     assert cli(["validate", str(path)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err  # reported once, not once per experiment

@@ -92,7 +92,7 @@ def test_a_sweep_larger_than_max_map_length_runs_from_several_trigger_tasks(writ
     path = write(
         "s/big.yaml",
         "defaults: [{platform: local}]\nproject: {name: big, base_output_dir: /tmp/x}\n"
-        "sweep: {axes: {i: [" + ", ".join(map(str, range(25))) + "]}}\n",
+        "backend: {args: {seed: '${vars.i}'}}\nsweep: {axes: {i: [" + ", ".join(map(str, range(25))) + "]}}\n",
     )
     sweep = load_sweep(path)
     dag = sweep_dag(sweep)
@@ -165,7 +165,7 @@ def test_dag_file_reads_sweeps_path_and_keeps_errors_local(tmp_path, write, monk
     folder.mkdir()
     shutil.copy(DAG_FILE, folder / DAG_FILE.name)
     head = "defaults: [{platform: local}]\nproject: {name: %s, base_output_dir: /tmp/x}\n"
-    good = write("a/good.yaml", head % "good" + "sweep: {axes: {i: [1, 2]}}\n")
+    good = write("a/good.yaml", head % "good" + "backend: {args: {seed: '${vars.i}'}}\nsweep: {axes: {i: [1, 2]}}\n")
     write("b/other.yaml", head % "other")
     write("b/broken.yaml", head % "broken" + "slurm: {nodez: 2}\n")
     dagbag = bag(folder, monkeypatch, [good.parent, tmp_path / "b"])
@@ -187,7 +187,9 @@ def test_sweep_directories_from_env_and_airflow_option(tmp_path, monkeypatch):
 def test_a_worker_builds_only_the_dag_it_runs(tmp_path, write, monkeypatch):
     # the sweep renames itself: the file stem does not say which file holds the DAG
     head = "defaults: [{platform: local}]\nproject: {name: %s, base_output_dir: /tmp/x}\n"
-    write("s/study.yaml", head % "p" + "sweep: {name: renamed, axes: {i: [1, 2]}}\n")
+    write(
+        "s/study.yaml", head % "p" + "backend: {args: {seed: '${vars.i}'}}\nsweep: {name: renamed, axes: {i: [1, 2]}}\n"
+    )
     write("s/other.yaml", head % "q")
     monkeypatch.setenv("_AIRFLOW_PARSING_CONTEXT_DAG_ID", "oellm__renamed__p_i2")
     assert list(load_dags([tmp_path / "s"])) == ["oellm__renamed__p_i2"]

@@ -130,7 +130,7 @@ def test_bare_axis_names_become_vars(write, project):
         """
         defaults: [{platform: mini}]
         project: {name: v, base_output_dir: /r}
-        backend: {args: {wandb_exp_name: "run-${vars.size}"}}
+        backend: {args: {wandb_exp_name: "run-${vars.size}", data_path: "/data/${vars.size}"}}
         sweep:
           axes: {size: [s, m]}
           name_template: "{size}"
@@ -139,6 +139,7 @@ def test_bare_axis_names_become_vars(write, project):
     sweep = load_sweep(path)
     assert [e.config.vars["size"] for e in sweep.experiments] == ["s", "m"]
     assert sweep.experiments[1].config.backend.args["wandb_exp_name"] == "run-m"
+    assert sweep.experiments[1].config.backend.args["data_path"] == "/data/m"
 
 
 def test_template_formats_and_builtin_fields(write, project):

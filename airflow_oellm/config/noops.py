@@ -1,0 +1,185 @@
+"""No silent no-ops: sweep axes and run overrides that change no job are refused, by name.
+
+Two experiments of a sweep run the same jobs when everything that reaches a job script is equal:
+the sections below, with the experiment's output directory and DAG id masked and the W&B /
+TensorBoard identities left out (they name a run; they do not change what it trains). The bare name
+is not masked: a name made from a value (`{stage}` -> `cli`) would hide that value where it counts.
+A sweep key whose values differ between such twins reaches no job: typically a bare axis name
+(`learning_rate`) that lands in `vars.` where nothing refers to it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from airflow_oellm.config.errors import ConfigError, Issue, shown
+from airflow_oellm.config.overrides import parse_override
+from airflow_oellm.config.yamlio import key_line
+
+# sections a job script or a side job is made from (monitoring, restart, dag and vars are not)
+JOB_SECTIONS = ("platform", "slurm", "srun", "backend", "conversion", "evaluation", "cooldowns")
+# texts only: they describe a platform, they do not reach its jobs
+DESCRIPTIVE = {"platform": ("name", "description")}
+# backend.args that name a run or say where its logs go, not how it trains
+IDENTITY_ARG_PREFIXES = ("wandb_", "tensorboard_")
+# what a run override may change without reaching a job script: still a real effect on the run
+RUN_SECTIONS = (*JOB_SECTIONS, "monitoring", "restart")
+EXAMPLE_REPEAT = "`seed: [1, 2]` with `backend.args.seed: ${vars.seed}`, or `backend.args.seed: [1, 2]`"
+
+
+def job_fingerprint(resolved: Mapping[str, Any]) -> str:
+    """Everything of a resolved experiment config that reaches its jobs, identity masked, as text."""
+    experiment = resolved.get("experiment") or {}
+    relevant = {}
+    for section in JOB_SECTIONS:
+        value = resolved.get(section)
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if k not in DESCRIPTIVE.get(section, ())}
+            if section == "backend" and isinstance(value.get("args"), dict):
+                args = value["args"]
+                value["args"] = {k: v for k, v in args.items() if not str(k).startswith(IDENTITY_ARG_PREFIXES)}
+        relevant[section] = value
+    text = json.dumps(relevant, sort_keys=True, default=str)
+    for key in ("output_dir", "dag_id"):
+        identity = experiment.get(key)
+        if isinstance(identity, str) and identity:
+            text = text.replace(identity, f"<{key}>")
+    return text
+
+
+@dataclass(frozen=True)
+class SweepMember:
+    """What the check needs of one experiment."""
+
+    index: int
+    values: Mapping[str, Any]
+    sources: Mapping[str, str]
+    resolved: Mapping[str, Any]
+
+
+def _flat_keys(node: Any, prefix: str = "") -> Iterable[str]:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            key = f"{prefix}.{k}" if prefix else str(k)
+            yield key
+            yield from _flat_keys(v, key)
+
+
+def _initials(name: str) -> str:
+    return "".join(part[0] for part in re.split(r"[_\-]+", name) if part)
+
+
+def suggest_key(
+    axis: str, values: Sequence[Any], resolved: Mapping[str, Any], groups: Mapping[str, Sequence[str]]
+) -> str | None:
+    """The config key (or group) an inert axis probably meant: `learning_rate` -> `backend.args.lr`."""
+    leaf = axis.rsplit(".", 1)[-1]
+    for group, options in groups.items():
+        texts = {str(v) for v in values}
+        if texts and texts <= set(options):
+            return f"the config group `{group}` (an axis `{group}: [{', '.join(map(str, values))}]`)"
+    sections = {k: v for k, v in resolved.items() if k in JOB_SECTIONS}
+    candidates = [k for k in _flat_keys(sections) if k != axis]
+    by_leaf: dict[str, list[str]] = {}
+    for key in candidates:
+        by_leaf.setdefault(key.rsplit(".", 1)[-1], []).append(key)
+
+    def best(leaves: Iterable[str]) -> str | None:
+        # backend.args first: the training's own flags are what a sweep axis most often means
+        found = sorted(
+            (k for name in leaves for k in by_leaf.get(name, [])), key=lambda k: not k.startswith("backend.args.")
+        )
+        return found[0] if found else None
+
+    normal = leaf.replace("-", "_")
+    exact = best([normal])
+    if exact:
+        return f"`{exact}`"
+    initials = best([_initials(normal)]) if "_" in normal else None
+    if initials:
+        return f"`{initials}`"
+    close = best(difflib.get_close_matches(normal, list(by_leaf), n=3, cutoff=0.75))
+    return f"`{close}`" if close else None
+
+
+def inert_axes(members: Sequence[SweepMember], groups: Mapping[str, Sequence[str]], file: str | None) -> list[Issue]:
+    """Issues for sweep keys whose values differ between experiments that would run the same jobs."""
+    twins: dict[str, list[SweepMember]] = {}
+    for member in members:
+        twins.setdefault(job_fingerprint(member.resolved), []).append(member)
+    repeated = [group for group in twins.values() if len(group) > 1]
+    if not repeated:
+        return []
+    keys: list[str] = []
+    for group in repeated:
+        for member in group:
+            for key, value in member.values.items():
+                if key not in keys and any(other.values.get(key) != value for other in group):
+                    keys.append(key)
+    first = repeated[0]
+    a, b = first[0], first[1]
+    differ = [k for k in dict.fromkeys([*a.values, *b.values]) if a.values.get(k) != b.values.get(k)]
+    alike = sum(len(group) for group in repeated)
+    example = f"#{a.index} and #{b.index} differ only in {', '.join(differ) or 'nothing'}"
+    issues = []
+    for key in keys or [""]:
+        values = list(dict.fromkeys(m.values.get(key) for group in repeated for m in group))
+        source = next((m.sources[key] for m in members if key in m.sources), "sweep")
+        where = re.sub(r"\[\d+\]$", "", source)
+        target = key if "." in key or key in a.resolved or key in groups else f"vars.{key}"
+        reach = f": it sets {target}, which nothing refers to," if target.startswith("vars.") else ""
+        hint = suggest_key(key, values, a.resolved, groups) if key else None
+        meant = f"; did you mean {hint}?" if hint else "."
+        subject = f"changes no job{reach}" if key else "experiments of this sweep"
+        issues.append(
+            Issue(
+                f"{subject} so {alike} experiments would run identical jobs ({example}){meant} "
+                f"To repeat a run on purpose, sweep a value that reaches the job, e.g. {EXAMPLE_REPEAT}",
+                key=where,
+                file=file,
+                line=key_line(file, where),
+            )
+        )
+    return issues
+
+
+def run_effect(config: Mapping[str, Any]) -> str:
+    """What a run's resolved config changes about its jobs and how they are watched and retried."""
+    effect = {k: config.get(k) for k in RUN_SECTIONS}
+    return json.dumps(effect, sort_keys=True, default=str)
+
+
+def inert_overrides(
+    resolve: Callable[[list[str]], Mapping[str, Any]], overrides: Sequence[str], with_all: Mapping[str, Any]
+) -> list[Issue]:
+    """The run overrides without which the run would be the same: each is refused by name.
+
+    `resolve(overrides)` gives the run's resolved config under those overrides; `with_all` is it
+    under all of them.
+    """
+    full = run_effect(with_all)
+    issues = []
+    for i, text in enumerate(overrides):
+        rest = [*overrides[:i], *overrides[i + 1 :]]
+        try:
+            without = resolve(rest)
+        except ConfigError:
+            continue  # another override needs this one (it adds a key the other sets): it has an effect
+        if run_effect(without) == full:
+            key = parse_override(text).key
+            reason = (
+                "no job setting refers to this variable"
+                if key.startswith("vars.")
+                else "the DAG is built when the file is parsed; a run cannot change it"
+                if key.startswith(("dag.", "project."))
+                else "it sets the value the run already has"
+            )
+            issues.append(
+                Issue(f"override {shown(text)} changes nothing this run submits or watches: {reason}", key=key)
+            )
+    return issues
