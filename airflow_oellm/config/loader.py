@@ -326,7 +326,8 @@ class SweepLoader:
                 experiments.append(exp)
         if not issues and only is None:
             members = [
-                SweepMember(e.index, e.parameters, points_by_index[e.index].sources, e.resolved) for e in experiments
+                SweepMember(e.index, e.parameters, points_by_index[e.index].sources, e.resolved, e.unresolved)
+                for e in experiments
             ]
             groups = {g: self.composer.options(g) for g in sorted(self.groups)}
             issues = inert_axes(members, groups, base.origin("sweep") or self.path)
@@ -374,7 +375,8 @@ class SweepLoader:
         sweep_def = base.data.get("sweep") or {}
         template = sweep_def.get("name_template")
         if template is None:
-            keys = _varying_keys(points)
+            # keys some points lack cannot name every experiment; a clash is then reported as such
+            keys = [k for k in _varying_keys(points) if all(k in p.values for p in points)]
             if not keys:
                 return "{project}"
             return "{project}_" + "_".join(f"{k.rsplit('.', 1)[-1]}{{{k}}}" for k in keys)

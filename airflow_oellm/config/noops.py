@@ -60,6 +60,7 @@ class SweepMember:
     values: Mapping[str, Any]
     sources: Mapping[str, str]
     resolved: Mapping[str, Any]
+    unresolved: Mapping[str, Any]
 
 
 def _flat_keys(node: Any, prefix: str = "") -> Iterable[str]:
@@ -68,6 +69,27 @@ def _flat_keys(node: Any, prefix: str = "") -> Iterable[str]:
             key = f"{prefix}.{k}" if prefix else str(k)
             yield key
             yield from _flat_keys(v, key)
+
+
+def _leaves(node: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _leaves(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _leaves(v, f"{prefix}[{i}]")
+    else:
+        yield prefix, node
+
+
+def referrers(unresolved: Mapping[str, Any], target: str) -> list[str]:
+    """Keys whose value interpolates `target` (`${vars.k}`, `${eval:... vars.k ...}`)."""
+    pattern = re.compile(r"\$\{[^}]*(?<![\w.])" + re.escape(target) + r"(?![\w-])")
+    return [
+        key
+        for key, value in _leaves({k: v for k, v in unresolved.items() if k not in ("vars", "experiment")})
+        if isinstance(value, str) and pattern.search(value)
+    ]
 
 
 def _initials(name: str) -> str:
@@ -132,7 +154,14 @@ def inert_axes(members: Sequence[SweepMember], groups: Mapping[str, Sequence[str
         source = next((m.sources[key] for m in members if key in m.sources), "sweep")
         where = re.sub(r"\[\d+\]$", "", source)
         target = key if "." in key or key in a.resolved or key in groups else f"vars.{key}"
-        reach = f": it sets {target}, which nothing refers to," if target.startswith("vars.") else ""
+        reach = ""
+        if target.startswith("vars."):
+            users = referrers(a.unresolved, target)
+            reach = (
+                f": it sets {target}, which only names, paths and W&B/TensorBoard identities use ({', '.join(users)}),"
+                if users
+                else f": it sets {target}, which nothing refers to,"
+            )
         hint = suggest_key(key, values, a.resolved, groups) if key else None
         meant = f"; did you mean {hint}?" if hint else "."
         subject = f"changes no job{reach}" if key else "experiments of this sweep"

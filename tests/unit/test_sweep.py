@@ -203,3 +203,14 @@ def test_plan_table_shows_totals_with_gpus(capsys):
     assert "2 x 8 GPU x 00:30:00" in out
     # 27 experiments x 2 nodes x 8 GPUs x 0.5 h = 216 GPU-hours; x 3 attempts = 648
     assert "total: 27 experiments, 216.0 GPU-hours" in out and "648.0 if every attempt" in out
+
+
+def test_default_template_leaves_out_keys_some_points_lack(write, project):
+    path = write(
+        "config/sweeps/d.yaml",
+        "defaults: [{platform: mini}]\nproject: {name: p, base_output_dir: /r}\n"
+        "sweep:\n  axes: {backend.args.lr: [1, 2]}\n  groups:\n    - type: list\n"
+        "      configs: [{backend.args.seed: 1}, {backend.args.seed: 2, backend.args.clip_grad: 0.5}]\n",
+    )
+    names = [e.name for e in load_sweep(path).experiments]
+    assert names == ["p_lr1_seed1", "p_lr1_seed2", "p_lr2_seed1", "p_lr2_seed2"]
