@@ -12,6 +12,7 @@ from typing import Any
 from airflow.sdk import DAG
 
 from airflow_oellm.config import ConfigError, load_sweep
+from airflow_oellm.config.errors import shown
 from airflow_oellm.dag_factory.builder import experiment_dag, sweep_dag
 
 SWEEPS_PATH_ENV = "OELLM_SWEEPS_PATH"
@@ -84,18 +85,31 @@ def _build(paths: list[Path], config_dirs: list[str], wanted: str | None) -> dic
     parts = wanted.split("__", 2) if wanted else []
     only = parts[2] if len(parts) == 3 else None  # a worker runs a task of one experiment's DAG
     for path in paths:
+        # each file alone: whatever goes wrong in one becomes its import error, never another's
         try:
-            sweep = load_sweep(path, config_dirs=config_dirs, only=only)
-            for exp in sweep.experiments:
-                if not wanted or wanted == exp.dag_id:
-                    dags[exp.dag_id] = experiment_dag(sweep, exp, config_dirs)
-            if not wanted or wanted == f"oellm__{sweep.name}":
-                dags[f"oellm__{sweep.name}"] = sweep_dag(sweep)
+            dags.update(_sweep_dags(path, config_dirs, wanted, only))
         except ConfigError as exc:
             log.error("sweep %s is invalid:\n%s", path, exc)
             errors.append(str(exc))
+        except Exception as exc:
+            log.exception("sweep %s could not be loaded", path)
+            errors.append(
+                f"{path}: could not be loaded: {type(exc).__name__}: {shown(str(exc), 300)} (this is a bug in "
+                "airflow-oellm, please report it; the traceback is in the dag-processor's log; the other sweeps loaded)"
+            )
     if errors:
         dags["oellm__config_errors"] = SweepConfigErrors(errors, dag_id="oellm__config_errors", schedule=None)
+    return dags
+
+
+def _sweep_dags(path: Path, config_dirs: list[str], wanted: str | None, only: str | None) -> dict[str, DAG]:
+    sweep = load_sweep(path, config_dirs=config_dirs, only=only)
+    dags: dict[str, DAG] = {}
+    for exp in sweep.experiments:
+        if not wanted or wanted == exp.dag_id:
+            dags[exp.dag_id] = experiment_dag(sweep, exp, config_dirs)
+    if not wanted or wanted == f"oellm__{sweep.name}":
+        dags[f"oellm__{sweep.name}"] = sweep_dag(sweep)
     return dags
 
 

@@ -17,7 +17,7 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from airflow.sdk import BaseOperator, Param
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
@@ -25,7 +25,9 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 import airflow_oellm
 from airflow_oellm.config import ConfigError, load_sweep
 from airflow_oellm.config.errors import shown
-from airflow_oellm.config.milestones import plan, with_cooldown_points
+from airflow_oellm.config.loader import Experiment, Sweep
+from airflow_oellm.config.milestones import Milestones, plan, with_cooldown_points
+from airflow_oellm.config.noops import inert_overrides
 from airflow_oellm.config.overrides import parse_overrides
 from airflow_oellm.hooks.slurm import SlurmHook
 from airflow_oellm.slurm.operations import CycleRequest
@@ -97,6 +99,21 @@ def check_protected(overrides: Sequence[str]) -> None:
             )
 
 
+class RunPlan(NamedTuple):
+    """What `prepare` decided for one run."""
+
+    experiment: Experiment
+    config: dict[str, Any]
+    overrides: list[str]
+    milestones: Milestones
+    when: datetime
+
+
+def one_line(problem: object) -> str:
+    """A task failure's reason on one line (Airflow shows the first line of an exception)."""
+    return "; ".join(line.strip() for line in str(problem).splitlines() if line.strip())
+
+
 def safe_run_id(run_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)
 
@@ -133,6 +150,44 @@ class PrepareExperimentOperator(BaseOperator):
 
     def execute(self, context: Any) -> list[dict[str, Any]]:
         dag_run = context["dag_run"]
+        run = self._apply_conf(dag_run, dict(context["params"]))
+        config, milestones = run.config, run.milestones
+        self.log.info(
+            "experiment %s, run time %s, overrides %s", self.experiment_name, run.when.isoformat(), run.overrides
+        )
+        self.log.info(
+            "checkpoints %s; %d converted + evaluated; %d cooldown(s)",
+            milestones.checkpoints,
+            len(milestones.evaluations),
+            len(milestones.cooldowns),
+        )
+        self._write_provenance(config, run.experiment.unresolved, run.overrides, dag_run.run_id, run.when)
+        ti = context["ti"]
+        for key, value in (
+            ("config", config),
+            ("overrides", run.overrides),
+            ("run_time", run.when.isoformat()),
+            ("checkpoints", milestones.checkpoints),
+            ("cooldowns", milestones.cooldowns),
+        ):
+            ti.xcom_push(key=key, value=value)
+        # the return value is what the checkpoint branches map over (Airflow maps over return values only)
+        return milestones.evaluations
+
+    def _apply_conf(self, dag_run: Any, params: Mapping[str, Any]) -> RunPlan:
+        """The run's config and plan, or a failure that is not retried: the same conf fails the same way."""
+        try:
+            return self._run_plan(dag_run, params)
+        except AirflowException:
+            raise
+        except Exception as exc:
+            self.log.exception("applying the run's conf failed unexpectedly")
+            raise AirflowFailException(
+                f"could not apply this run's conf: {type(exc).__name__}: {one_line(exc)} "
+                "(a bug in airflow-oellm, not in the conf; the traceback is in this task's log)"
+            ) from None
+
+    def _run_plan(self, dag_run: Any, params: Mapping[str, Any]) -> RunPlan:
         conf = dict(dag_run.conf or {})
         unknown = [k for k in conf if k not in self.param_defaults and k != OVERRIDES_PARAM]
         if unknown:
@@ -140,14 +195,14 @@ class PrepareExperimentOperator(BaseOperator):
                 f"unknown key(s) in the run's conf: {', '.join(map(repr, unknown))}; this DAG takes "
                 f"{', '.join(sorted(self.param_defaults))} and '{OVERRIDES_PARAM}' (a list of key=value)"
             )
-        values = {**self.param_defaults, **dict(context["params"]), **conf}
+        values = {**self.param_defaults, **params, **conf}
         points = values.pop(COOLDOWN_POINTS_PARAM, None)
         default_points = self.param_defaults.get(COOLDOWN_POINTS_PARAM)
         overrides = override_strings(values, {k: v for k, v in self.param_defaults.items() if k in values})
         try:
             check_protected(overrides)
         except ConfigError as exc:  # an override that does not even parse
-            raise AirflowFailException(f"invalid overrides for this run:\n{exc}") from None
+            raise AirflowFailException(f"invalid overrides for this run: {one_line(exc)}") from None
         when: datetime = dag_run.run_after
         extra = []
         if self.scheduled and dag_run.logical_date is not None:
@@ -158,41 +213,30 @@ class PrepareExperimentOperator(BaseOperator):
             base = base.experiment(self.experiment_name)
             stamp = dag_run.logical_date.strftime("%Y%m%dT%H%M%S")
             extra = [f"project.base_output_dir={base.config.project.base_output_dir}/runs/{stamp}"]
-        try:
+
+        def run_config(run_overrides: Sequence[str]) -> tuple[Sweep, Experiment, dict[str, Any]]:
             sweep = load_sweep(
                 self.sweep_file,
-                [*self.sweep_overrides, *overrides, *extra],
+                [*self.sweep_overrides, *run_overrides, *extra],
                 config_dirs=self.config_dirs,
                 only=self.experiment_name,
             )
             experiment = sweep.experiment(self.experiment_name)
-            config = experiment.runtime_config(when)
+            return sweep, experiment, experiment.runtime_config(when)
+
+        try:
+            sweep, experiment, config = run_config(overrides)
+            inert = inert_overrides(lambda rest: run_config(rest)[2], overrides, config)
+            if inert:
+                raise ConfigError(inert)
             if points is not None and points != default_points:
                 config = with_cooldown_points(config, points)
                 overrides.append(f"{COOLDOWN_POINTS_PARAM}={json.dumps(points)}")  # for the provenance record
             milestones = plan(config)
             render_run_scripts(config, milestones, sweep.template_dirs)
         except (ConfigError, RenderError) as exc:
-            raise AirflowFailException(f"invalid overrides or config for this run:\n{exc}") from None
-        self.log.info("experiment %s, run time %s, overrides %s", self.experiment_name, when.isoformat(), overrides)
-        self.log.info(
-            "checkpoints %s; %d converted + evaluated; %d cooldown(s)",
-            milestones.checkpoints,
-            len(milestones.evaluations),
-            len(milestones.cooldowns),
-        )
-        self._write_provenance(config, experiment.unresolved, overrides, dag_run.run_id, when)
-        ti = context["ti"]
-        for key, value in (
-            ("config", config),
-            ("overrides", overrides),
-            ("run_time", when.isoformat()),
-            ("checkpoints", milestones.checkpoints),
-            ("cooldowns", milestones.cooldowns),
-        ):
-            ti.xcom_push(key=key, value=value)
-        # the return value is what the checkpoint branches map over (Airflow maps over return values only)
-        return milestones.evaluations
+            raise AirflowFailException(f"invalid overrides or config for this run: {one_line(exc)}") from None
+        return RunPlan(experiment, config, overrides, milestones, when)
 
     def _write_provenance(
         self, config: dict[str, Any], unresolved: dict[str, Any], overrides: list[str], run_id: str, when: datetime
