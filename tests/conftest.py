@@ -40,6 +40,23 @@ def write(tmp_path: Path) -> Callable[[str, str], Path]:
     return _write
 
 
+SITE_ACCOUNTS = {
+    "LUMI_PROJECT": "project_465000123",
+    "LEONARDO_PROJECT": "AIFAC_L01_028",
+    "JUWELS_PROJECT": "oellm-jwb",
+    "JUPITER_PROJECT": "oellm-jup",
+    "MARENOSTRUM_PROJECT": "ehpc123",
+}
+
+
+@pytest.fixture
+def site_accounts(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The project accounts the built-in sites require, exported as a user does on the Airflow host."""
+    for name, value in SITE_ACCOUNTS.items():
+        monkeypatch.setenv(name, value)
+    return SITE_ACCOUNTS
+
+
 @pytest.fixture
 def project(write: Callable[[str, str], Path], tmp_path: Path) -> Path:
     """A small project config root with its own platform group (`config/platform/mini.yaml`)."""

@@ -31,6 +31,7 @@ from airflow_oellm.config.expressions import ExpressionError
 from airflow_oellm.config.naming import NamingError, check_name, check_output_root, dag_id, render_template
 from airflow_oellm.config.noops import SweepMember, inert_axes
 from airflow_oellm.config.overrides import apply_overrides, locate, parse_overrides, split_group_choices
+from airflow_oellm.config.platforms import unmet_requirements
 from airflow_oellm.config.resolvers import RESOLVERS, frozen_time
 from airflow_oellm.config.schema import RootConfig
 from airflow_oellm.config.sweep import SweepError, SweepPoint, expand_sweep
@@ -167,7 +168,8 @@ def _typed(data: Mapping[str, Any], composed: Composed) -> RootConfig:
     cfg = validator.check(dict(data), RootConfig)
     issues = [composed.issue(i.message, i.key) for i in validator.issues]
     if not issues:
-        issues = [composed.issue(message, key) for key, message in semantic_problems(cfg, data)]
+        problems = semantic_problems(cfg, data) + unmet_requirements(cfg, composed.data)
+        issues = [composed.issue(message, key) for key, message in problems]
     if issues:
         raise ConfigError(issues)
     return cfg

@@ -12,9 +12,11 @@ import re
 import shlex
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any
 
 OVERRIDE_ENV = "OELLM_PLATFORM"
+_ENV_REFERENCE = re.compile(r"\$\{oc\.env:([A-Za-z_][A-Za-z0-9_]*)")
 UNKNOWN = "unknown"
 
 
@@ -167,3 +169,53 @@ def detect_platform(probe: PlatformProbe | None = None) -> Detection:
             if path in probe.existing_paths:
                 return Detection(rule.name, f"{path} exists")
     return Detection(UNKNOWN, f"no rule matched host {probe.hostname!r}")
+
+
+def _typed_value(config: Any, key: str) -> tuple[bool, Any]:
+    """(whether `key` is a config key, its value) in a typed config."""
+    node = config
+    for part in key.split("."):
+        if is_dataclass(node) and part in {f.name for f in fields(node)}:
+            node = getattr(node, part)
+        elif isinstance(node, Mapping) and part in node:
+            node = node[part]
+        else:
+            return False, None
+    return True, node
+
+
+def _unresolved_text(data: Mapping[str, Any], key: str) -> str:
+    node: Any = data
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return ""
+        node = node[part]
+    return node if isinstance(node, str) else ""
+
+
+def unmet_requirements(config: Any, unresolved: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(key, message) for each key of `platform.requires` the config leaves unset.
+
+    The message names the environment variable that would have set it: a `${oc.env:...}` resolves
+    where the sweep is loaded (the Airflow host, at parse time), not on the cluster's login node.
+    """
+    problems = []
+    platform = config.platform.name
+    for i, key in enumerate(config.platform.requires):
+        known, value = _typed_value(config, key)
+        if not known:
+            problems.append((f"platform.requires[{i}]", f"{key!r} is not a config key"))
+            continue
+        if value is not None and value != "":
+            continue
+        env = _ENV_REFERENCE.search(_unresolved_text(unresolved, key))
+        where = (
+            f"export {env.group(1)} where Airflow loads the sweep (its dag-processor, scheduler and workers; "
+            "`${oc.env:...}` resolves there, not on the login node), or set "
+            if env
+            else "set "
+        )
+        problems.append(
+            (key, f"platform {platform!r} requires it (platform.requires) and it is not set: {where}{key} in the sweep")
+        )
+    return problems

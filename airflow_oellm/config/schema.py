@@ -72,6 +72,11 @@ class PlatformConfig:
     local_commands: bool = opt(
         False, "Run SLURM commands on the Airflow machine itself (Airflow on a login node), not over SSH."
     )
+    requires: list[str] = opt(
+        doc="Config keys this site cannot run without (`slurm.account`, `slurm.qos`): a sweep that leaves one "
+        "unset is refused by `validate`, `plan` and the DAG factory, before anything reaches a queue.",
+        factory=list,
+    )
 
 
 @dataclass

@@ -7,10 +7,12 @@ import re
 
 import pytest
 
+from airflow_oellm.cli import main as cli
 from airflow_oellm.config import ConfigError, load_sweep
 from airflow_oellm.config.compose import Composer, config_roots
 from airflow_oellm.config.resolvers import frozen_time
 from airflow_oellm.config.schema import RootConfig
+from airflow_oellm.slurm.render import render_sbatch
 from tests.conftest import CONFIG
 
 pytestmark = pytest.mark.config
@@ -255,13 +257,68 @@ def test_lumi_values_follow_the_seed_guide(monkeypatch):
     assert cfg.srun.cpu_bind.startswith("mask_cpu:")
 
 
-def test_account_is_none_without_the_env_var(monkeypatch):
+def test_a_site_that_needs_an_account_refuses_a_sweep_without_one(monkeypatch, tmp_path, capsys):
+    # `${oc.env:LEONARDO_PROJECT,null}` resolves where the sweep is loaded: here, the Airflow host
     monkeypatch.delenv("LEONARDO_PROJECT", raising=False)
-    cfg = load_sweep(CONFIG / "sweeps" / "minimal.yaml", ["platform=leonardo"]).experiments[0].config
-    assert cfg.slurm.account is None and cfg.slurm.partition == "boost_usr_prod"
+    with pytest.raises(ConfigError) as err:
+        load_sweep(CONFIG / "sweeps" / "minimal.yaml", ["platform=leonardo"])
+    [issue] = err.value.issues
+    assert issue.key == "slurm.account" and issue.file.endswith("platform/leonardo.yaml")
+    assert "platform 'leonardo' requires it (platform.requires) and it is not set: export LEONARDO_PROJECT" in (
+        issue.message
+    )
+    sweep = str(CONFIG / "sweeps" / "minimal.yaml")
+    assert cli(["plan", sweep, "platform=leonardo"]) == 1
+    assert cli(["validate", sweep, "platform=leonardo"]) == 1
+    assert "LEONARDO_PROJECT" in capsys.readouterr().err
+    # set in the sweep (or an override), or exported on the Airflow host: the script carries it
+    cfg = load_sweep(sweep, ["platform=leonardo", "slurm.account=AIFAC_L01_028"]).experiments[0].config
+    assert cfg.slurm.account == "AIFAC_L01_028" and cfg.slurm.partition == "boost_usr_prod"
+    monkeypatch.setenv("LEONARDO_PROJECT", "AIFAC_from_env")
+    loaded = load_sweep(sweep, ["platform=leonardo"])
+    script = render_sbatch(loaded.experiments[0].config, template_dirs=loaded.template_dirs)
+    assert "#SBATCH --account=AIFAC_from_env" in script and "#SBATCH --qos=normal" in script
+    # a site's QoS is a requirement too: taking it away is refused, naming the key
+    with pytest.raises(ConfigError, match=r"slurm\.qos: platform 'leonardo' requires it .* set slurm\.qos in"):
+        load_sweep(sweep, ["platform=leonardo", "slurm.qos=null"])
 
 
-def test_sexagesimal_and_string_times():
+@pytest.mark.parametrize(
+    ("platform", "required"),
+    [
+        ("lumi", ["slurm.account"]),
+        ("leonardo", ["slurm.account", "slurm.qos"]),
+        ("juwels", ["slurm.account"]),
+        ("jupiter", ["slurm.account"]),
+        ("marenostrum", ["slurm.account", "slurm.qos"]),
+        ("local", []),
+        ("local-process", []),
+    ],
+)
+def test_each_site_declares_what_it_needs(platform, required, monkeypatch):
+    for var in ("LUMI_PROJECT", "LEONARDO_PROJECT", "JUWELS_PROJECT", "JUPITER_PROJECT", "MARENOSTRUM_PROJECT"):
+        monkeypatch.delenv(var, raising=False)
+    composed = Composer(config_roots(None)).compose(None, {"defaults": [{"platform": platform}]})
+    assert composed.data["platform"].get("requires", []) == required
+    unset = [f"{key}=null" for key in required]
+    try:
+        load_sweep(CONFIG / "sweeps" / "minimal.yaml", [f"platform={platform}", *unset])
+    except ConfigError as exc:
+        assert sorted({i.key for i in exc.issues}) == required
+    else:
+        assert required == []
+
+
+def test_a_requirement_that_names_no_key_is_refused(write, project):
+    path = write(
+        "config/sweeps/r.yaml",
+        "defaults: [{platform: mini}]\nproject: {name: p, base_output_dir: /r}\nplatform: {requires: [slurm.acount]}\n",
+    )
+    with pytest.raises(ConfigError, match=r"platform\.requires\[0\]: 'slurm\.acount' is not a config key"):
+        load_sweep(path)
+
+
+def test_sexagesimal_and_string_times(site_accounts):
     cfg = load_sweep(CONFIG / "sweeps" / "minimal.yaml", ["platform=lumi"]).experiments[0].config
     assert cfg.slurm.time == 7200  # `time: 2:00:00` is read by YAML as seconds
     cfg = load_sweep(CONFIG / "sweeps" / "minimal.yaml", ["platform=juwels"]).experiments[0].config
@@ -346,7 +403,7 @@ def test_unescaped_shell_variable_gets_a_hint(write, project):
         load_sweep(path)
 
 
-def test_platform_auto_option_follows_detection(monkeypatch):
+def test_platform_auto_option_follows_detection(monkeypatch, site_accounts):
     monkeypatch.setenv("OELLM_PLATFORM", "juwels")
     cfg = load_sweep(CONFIG / "sweeps" / "minimal.yaml", ["platform=auto"]).experiments[0].config
     assert cfg.platform.name == "juwels" and cfg.slurm.partition == "booster"

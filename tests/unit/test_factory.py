@@ -232,3 +232,22 @@ def test_project_sbatch_templates_reach_the_operators(write, project):
         op = SlurmSubmitOperator(task_id="t", experiment=exp.resolved, job=job, template_dirs=sweep.template_dirs)
         op.experiment, op.job = exp.resolved, job  # as template rendering leaves them at run time
         assert 'echo "site hook ' in op._script(op._settings(), [], None)
+
+
+def test_site_requirements_resolve_on_the_airflow_host_when_the_dag_file_is_parsed(tmp_path, write, monkeypatch):
+    """`${oc.env:LUMI_PROJECT,null}` is read from the environment of the process that parses the DAG file."""
+    folder = tmp_path / "dags"
+    folder.mkdir()
+    shutil.copy(DAG_FILE, folder / DAG_FILE.name)
+    sweep = write("s/lumi.yaml", "defaults: [{platform: lumi}]\nproject: {name: onlumi, base_output_dir: /scratch/x}\n")
+    monkeypatch.delenv("LUMI_PROJECT", raising=False)
+    dagbag = bag(folder, monkeypatch, [sweep.parent])
+    assert not [d for d in dagbag.dag_ids if "onlumi" in d]
+    (message,) = dagbag.import_errors.values()
+    assert "slurm.account: platform 'lumi' requires it" in message and "export LUMI_PROJECT" in message
+    monkeypatch.setenv("LUMI_PROJECT", "project_465000123")
+    dagbag = bag(folder, monkeypatch, [sweep.parent])
+    assert "oellm__lumi__onlumi" in dagbag.dag_ids and not dagbag.import_errors
+    prepare = dagbag.dags["oellm__lumi__onlumi"].get_task("prepare")
+    config = load_sweep(prepare.sweep_file, only="onlumi").experiment("onlumi").config
+    assert config.slurm.account == "project_465000123"

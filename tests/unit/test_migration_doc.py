@@ -21,7 +21,7 @@ def test_the_doc_has_its_examples():
 
 
 @pytest.mark.parametrize("block", AFTER, ids=[b.splitlines()[0][9:40] for b in AFTER])
-def test_every_after_example_loads(block, write):
+def test_every_after_example_loads(block, write, site_accounts):
     sweep = load_sweep(write("config/sweeps/after.yaml", block))
     assert sweep.experiments
     cfg = sweep.experiments[0].config

@@ -73,7 +73,7 @@ def test_cli_flags():
 
 @pytest.mark.parametrize("sweep_file", EXAMPLE_SWEEPS, ids=lambda p: p.stem)
 @pytest.mark.parametrize("platform", PLATFORMS)
-def test_every_example_renders_and_passes_bash_n(sweep_file, platform, tmp_path):
+def test_every_example_renders_and_passes_bash_n(sweep_file, platform, tmp_path, site_accounts):
     sweep = load_sweep(sweep_file, [f"platform={platform}"])
     for e in sweep.experiments:
         script = render_sbatch(e.materialize(), template_dirs=sweep.template_dirs)
@@ -92,7 +92,7 @@ def test_every_example_renders_and_passes_bash_n(sweep_file, platform, tmp_path)
         assert f"export CHECKPOINT_DIR={e.paths.checkpoint_dir}" in script
 
 
-def test_platform_templates_differ_where_platforms_do():
+def test_platform_templates_differ_where_platforms_do(site_accounts):
     lumi = load_sweep(EXAMPLE_SWEEPS[0], ["platform=lumi"])
     e = lumi.experiments[0]
     script = render_sbatch(e.config, template_dirs=lumi.template_dirs)

@@ -196,7 +196,7 @@ def test_plan_json_interface(capsys):
     assert first["time_limit_seconds"] == 3600
 
 
-def test_plan_table_shows_totals_with_gpus(capsys):
+def test_plan_table_shows_totals_with_gpus(capsys, site_accounts):
     assert cli(["plan", str(CONFIG / "sweeps" / "scaling_study.yaml"), "platform=lumi", "slurm.nodes=2"]) == 0
     out = capsys.readouterr().out
     assert "27 experiments" in out and "50M_lr0.1_gbsz128" in out
