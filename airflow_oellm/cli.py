@@ -37,20 +37,11 @@ def _fail(exc: Exception) -> int:
     return 1
 
 
-def _gpu_hours(cfg: Any) -> tuple[float, int | None]:
-    from airflow_oellm.slurm.timespec import time_limit_seconds
-
-    seconds = time_limit_seconds(cfg.slurm.time)
-    if seconds is None:
-        return float("inf"), None
-    return cfg.slurm.nodes * cfg.slurm.gpus_per_node * seconds / 3600.0, seconds
-
-
 def _short(key: str) -> str:
     return key.rsplit(".", 1)[-1]
 
 
-def _load_one(args: argparse.Namespace) -> Any:
+def _load_one(args: argparse.Namespace, enforce_budget: bool = True) -> Any:
     """The sweep named on the command line, or an exit status."""
     from airflow_oellm.config import ConfigError, load_sweep
 
@@ -61,7 +52,7 @@ def _load_one(args: argparse.Namespace) -> Any:
         )
         return 2
     try:
-        return load_sweep(files[0], overrides, config_dirs=args.config_dir)
+        return load_sweep(files[0], overrides, config_dirs=args.config_dir, enforce_budget=enforce_budget)
     except ConfigError as exc:
         return _fail(exc)
 
@@ -75,12 +66,22 @@ def _render_issue(experiment: Any, exc: Any) -> Any:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    sweep = _load_one(args)
+    from airflow_oellm.config import ConfigError
+    from airflow_oellm.config.budget import attempt_gpu_hours
+    from airflow_oellm.config.loader import budget_issues, planned_hours
+    from airflow_oellm.slurm.timespec import time_limit_seconds
+
+    sweep = _load_one(args, enforce_budget=False)  # the figures are shown, then the budget is checked
     if isinstance(sweep, int):
         return sweep
+    try:
+        planned = planned_hours(sweep.experiments)
+        over_budget = budget_issues(sweep.experiments, whole_sweep=True)
+    except ConfigError as exc:
+        return _fail(exc)
     rows = []
     for e in sweep.experiments:
-        hours, seconds = _gpu_hours(e.config)
+        hours = attempt_gpu_hours(e.config)
         rows.append(
             {
                 "name": e.name,
@@ -94,21 +95,24 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 "parameters": e.parameters,
                 "nodes": e.config.slurm.nodes,
                 "gpus_per_node": e.config.slurm.gpus_per_node,
-                "time_limit_seconds": seconds,
+                "time_limit_seconds": time_limit_seconds(e.config.slurm.time),
                 "max_attempts": e.config.restart.max_attempts,
                 "gpu_hours": hours,
                 "gpu_hours_max": hours * e.config.restart.max_attempts,
+                "planned_gpu_hours": planned[e.name].as_record(),
+                "gpu_hour_budget_per_experiment": e.config.project.gpu_hour_budget_per_experiment,
             }
         )
     if args.json:
         json.dump(rows, sys.stdout, indent=2, default=str)
         print()
-        return 0
-    _print_plan(sweep, rows)
-    return 0
+    else:
+        budget = sweep.experiments[0].config.project.gpu_hour_budget if sweep.experiments else None
+        _print_plan(sweep, rows, budget)
+    return _fail(ConfigError(over_budget)) if over_budget else 0
 
 
-def _print_plan(sweep: Any, rows: list[dict[str, Any]]) -> None:
+def _print_plan(sweep: Any, rows: list[dict[str, Any]], budget: float | None) -> None:
     from airflow_oellm.slurm.timespec import format_slurm_time
 
     keys = sweep.varying_keys
@@ -122,10 +126,23 @@ def _print_plan(sweep: Any, rows: list[dict[str, Any]]) -> None:
         gpus = f"{row['gpus_per_node']} GPU" if row["gpus_per_node"] else "CPU"
         return f"{row['nodes']} x {gpus} x {limit}"
 
-    table = [("#", "experiment", "parameters", "nodes x GPUs x time", "GPU-h", "GPU-h max")]
+    def planned(row: dict[str, Any]) -> str:
+        limit = row["gpu_hour_budget_per_experiment"]
+        total = row["planned_gpu_hours"]["total"]
+        return f"{total:.1f}" + (f" / {limit:.1f}" if limit is not None else "")
+
+    table = [("#", "experiment", "parameters", "nodes x GPUs x time", "GPU-h", "GPU-h max", "planned")]
     for r in rows:
         table.append(
-            (str(r["index"]), r["name"], params(r), resources(r), f"{r['gpu_hours']:.1f}", f"{r['gpu_hours_max']:.1f}")
+            (
+                str(r["index"]),
+                r["name"],
+                params(r),
+                resources(r),
+                f"{r['gpu_hours']:.1f}",
+                f"{r['gpu_hours_max']:.1f}",
+                planned(r),
+            )
         )
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     print(
@@ -135,7 +152,7 @@ def _print_plan(sweep: Any, rows: list[dict[str, Any]]) -> None:
     for i, row in enumerate(table):
         print(
             "  ".join(
-                cell.rjust(w) if j in (0, 4, 5) else cell.ljust(w)
+                cell.rjust(w) if j in (0, 4, 5, 6) else cell.ljust(w)
                 for j, (cell, w) in enumerate(zip(row, widths, strict=True))
             ).rstrip()
         )
@@ -146,6 +163,12 @@ def _print_plan(sweep: Any, rows: list[dict[str, Any]]) -> None:
     print(
         f"total: {len(rows)} experiments, {total:.1f} GPU-hours at the time limit "
         f"({total_max:.1f} if every attempt runs to its limit)"
+    )
+    planned_total = sum(r["planned_gpu_hours"]["total"] for r in rows)
+    budget_text = f" of a budget of {budget:.1f} (project.gpu_hour_budget)" if budget is not None else ""
+    print(
+        f"planned: {planned_total:.1f} GPU-hours{budget_text}, with cooldowns, conversions and evaluations, "
+        "every job at its time limit and every attempt"
     )
 
 

@@ -25,6 +25,13 @@ from omegaconf import OmegaConf
 from omegaconf.errors import GrammarParseError, OmegaConfBaseException
 
 from airflow_oellm.config import interpolation
+from airflow_oellm.config.budget import (
+    SWEEP_BUDGET_KEY,
+    PlannedGpuHours,
+    experiment_budget_issue,
+    planned_gpu_hours,
+    sweep_budget_issue,
+)
 from airflow_oellm.config.compose import Composed, Composer, config_roots
 from airflow_oellm.config.errors import ConfigError, Issue, shown
 from airflow_oellm.config.expressions import ExpressionError
@@ -257,8 +264,15 @@ def unescaped_setup_interpolations(data: Mapping[str, Any]) -> list[tuple[str, s
 class SweepLoader:
     """Loads one sweep file; compositions are cached per combination of group choices."""
 
-    def __init__(self, path: str | os.PathLike[str], overrides: Sequence[str] = (), config_dirs: Iterable[str] = ()):
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        overrides: Sequence[str] = (),
+        config_dirs: Iterable[str] = (),
+        enforce_budget: bool = True,
+    ):
         self.path = str(Path(path))
+        self.enforce_budget = enforce_budget
         self.primary = load_yaml(self.path)
         self.composer = Composer(config_roots(self.path, config_dirs))
         self.override_texts = list(overrides)
@@ -333,6 +347,8 @@ class SweepLoader:
             ]
             groups = {g: self.composer.options(g) for g in sorted(self.groups)}
             issues = inert_axes(members, groups, base.origin("sweep") or self.path)
+        if not issues and self.enforce_budget:
+            issues = budget_issues(experiments, whole_sweep=only is None)
         if issues:
             raise ConfigError(list(dict.fromkeys(issues)))  # the same problem in every experiment: once
         return Sweep(
@@ -489,6 +505,40 @@ class SweepLoader:
         )
 
 
+def planned_hours(experiments: Sequence[Experiment]) -> dict[str, PlannedGpuHours]:
+    """Each experiment's planned GPU-hours for a run started now (raises ConfigError naming file and key)."""
+    planned = {}
+    for e in experiments:
+        try:
+            planned[e.name] = planned_gpu_hours(e.runtime_config())
+        except ConfigError as exc:
+            raise ConfigError([i if i.file else e.origins.issue(i.message, i.key) for i in exc.issues]) from None
+    return planned
+
+
+def budget_issues(experiments: Sequence[Experiment], *, whole_sweep: bool) -> list[Issue]:
+    """The GPU-hour guards, computed only where a budget is set (planning every run costs parse time)."""
+    budgets = {e.config.project.gpu_hour_budget for e in experiments}
+    if not experiments:
+        return []
+    limited = [e for e in experiments if e.config.project.gpu_hour_budget_per_experiment is not None]
+    if budgets == {None} and not limited:
+        return []
+    first = experiments[0]
+    if len(budgets) > 1:
+        return [first.origins.issue("must be the same for every experiment of the sweep", SWEEP_BUDGET_KEY)]
+    planned = planned_hours(experiments if (whole_sweep and budgets != {None}) else limited)
+    issues = []
+    for e in limited:
+        issue = experiment_budget_issue(e.config, planned[e.name], e.name)
+        if issue is not None:
+            issues.append(e.origins.issue(issue.message, issue.key))
+    sweep_issue = sweep_budget_issue(first.config.project.gpu_hour_budget, planned) if whole_sweep else None
+    if sweep_issue is not None:
+        issues.append(first.origins.issue(sweep_issue.message, sweep_issue.key))
+    return issues
+
+
 def _set_path(data: dict[str, Any], key: str, value: Any) -> None:
     path, _ = locate(data, key)
     node = data
@@ -523,9 +573,11 @@ def load_sweep(
     *,
     config_dirs: Iterable[str] = (),
     only: str | None = None,
+    enforce_budget: bool = True,
 ) -> Sweep:
     """Load, expand and validate a sweep file. Raises ConfigError naming file, line and key.
 
     `only`: load just the experiment of that name (the sweep then holds it alone, or nothing).
+    `enforce_budget=False`: load a sweep over its GPU-hour budget (`plan` shows the figures).
     """
-    return SweepLoader(path, overrides, config_dirs).load(only)
+    return SweepLoader(path, overrides, config_dirs, enforce_budget).load(only)

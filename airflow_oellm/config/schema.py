@@ -32,6 +32,14 @@ class ProjectConfig:
     description: str = opt("", "Free text shown in the DAG documentation.")
     owner: str = opt("oellm", "Airflow owner of the generated DAGs.")
     tags: list[str] = opt(doc="Extra Airflow tags for the generated DAGs.", factory=list)
+    gpu_hour_budget: float | None = opt(
+        None,
+        "GPU-hours the whole sweep may plan: one run of every experiment, every job (training, cooldowns, "
+        "conversions, evaluations) at its time limit and every attempt. Over it, the sweep is refused.",
+    )
+    gpu_hour_budget_per_experiment: float | None = opt(
+        None, "GPU-hours one experiment run may plan, counted the same way; a run whose overrides exceed it is refused."
+    )
 
 
 @dataclass

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from airflow_oellm.config.budget import PLANNED_RECORD
 from airflow_oellm.monitor.watch import loss_at, thinned
 
 TRAIN, COOLDOWN_TRAIN = "train", "cooldown.train"
@@ -94,6 +95,7 @@ class ExperimentView:
     eval_value: float | None = None
     eval_iteration: int | None = None
     gpu_hours: float = 0.0
+    planned_gpu_hours: float | None = None  # the run's plan: every job at its limit, every attempt
     eta_seconds: float | None = None
     updated: float | None = None
     stale: bool = False
@@ -360,6 +362,7 @@ def experiment_view(dag_id: str, name: str, run: RunRecord | None, now: float) -
         train_iters=int(train_iters) if train_iters else None,
         loss=_number(summary.get("last_loss")),
         gpu_hours=gpu_hours(run, config, now),
+        planned_gpu_hours=_number((run.xcom("prepare", PLANNED_RECORD) or {}).get("total")),
         updated=_number(progress.get("updated")),
     )
     if train and train.state == "up_for_retry":

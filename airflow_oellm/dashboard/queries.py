@@ -15,12 +15,13 @@ from airflow.models.xcom import XComModel
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from airflow_oellm.config.budget import PLANNED_RECORD
 from airflow_oellm.dashboard.model import CONFIG, COOLDOWNS, HISTORY, PROGRESS, RESULT, RETURN, RunRecord, TaskRecord
 
 SWEEP_TAG = "sweep:"
 SWEEP_DAG_TAG = "sweep"  # the DAG that runs a whole sweep (not an experiment)
 # (task, key) pairs the dashboard reads; a task's other XComs (big or irrelevant) stay in the database
-XCOM_KEYS = (RETURN, RESULT, PROGRESS, CONFIG, COOLDOWNS)
+XCOM_KEYS = (RETURN, RESULT, PROGRESS, CONFIG, COOLDOWNS, PLANNED_RECORD)
 XCOM_TASKS = ("prepare", "train", "cooldown.train", "checkpoint.evaluate", "cooldown.evaluate")
 
 

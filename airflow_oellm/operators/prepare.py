@@ -1,14 +1,15 @@
 """PrepareExperimentOperator: the first task of an experiment's DAG run.
 
 XCom: return value = the checkpoints to convert and evaluate; keys `config` (the resolved config),
-`cooldowns`, `checkpoints`, `overrides`, `run_time`.
+`cooldowns`, `checkpoints`, `overrides`, `run_time`, `planned_gpu_hours`.
 
 
 Merges the run's overrides (trigger form fields and the free `overrides` list) into the sweep,
 validates them before anything is submitted, resolves the experiment's config once with the run's
 frozen time (so every retry sees the same timestamps), writes provenance next to the experiment's
 output on the cluster, and plans the run's milestones: which checkpoints get converted and
-evaluated, where cooldowns branch off. Its XCom feeds every other task of the run.
+evaluated, where cooldowns branch off, and what that may cost in GPU-hours (refused over the
+sweep's budget). Its XCom feeds every other task of the run.
 """
 
 from __future__ import annotations
@@ -24,8 +25,15 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 import airflow_oellm
 from airflow_oellm.config import ConfigError, load_sweep
-from airflow_oellm.config.errors import shown
-from airflow_oellm.config.loader import Experiment, Sweep
+from airflow_oellm.config.budget import (
+    PLANNED_RECORD,
+    PlannedGpuHours,
+    experiment_budget_issue,
+    planned_gpu_hours,
+    sweep_budget_issue,
+)
+from airflow_oellm.config.errors import Issue, shown
+from airflow_oellm.config.loader import Experiment, Sweep, planned_hours
 from airflow_oellm.config.milestones import Milestones, plan, with_cooldown_points
 from airflow_oellm.config.noops import inert_overrides
 from airflow_oellm.config.overrides import parse_overrides
@@ -107,6 +115,7 @@ class RunPlan(NamedTuple):
     overrides: list[str]
     milestones: Milestones
     when: datetime
+    planned: PlannedGpuHours
 
 
 def one_line(problem: object) -> str:
@@ -169,6 +178,7 @@ class PrepareExperimentOperator(BaseOperator):
             ("run_time", run.when.isoformat()),
             ("checkpoints", milestones.checkpoints),
             ("cooldowns", milestones.cooldowns),
+            (PLANNED_RECORD, run.planned.as_record()),
         ):
             ti.xcom_push(key=key, value=value)
         # the return value is what the checkpoint branches map over (Airflow maps over return values only)
@@ -234,9 +244,31 @@ class PrepareExperimentOperator(BaseOperator):
                 overrides.append(f"{COOLDOWN_POINTS_PARAM}={json.dumps(points)}")  # for the provenance record
             milestones = plan(config)
             render_run_scripts(config, milestones, sweep.template_dirs)
+            planned = planned_gpu_hours(config)
+            over = self._over_budget(experiment, planned)
+            if over:
+                raise ConfigError(over)
         except (ConfigError, RenderError) as exc:
             raise AirflowFailException(f"invalid overrides or config for this run: {one_line(exc)}") from None
-        return RunPlan(experiment, config, overrides, milestones, when)
+        return RunPlan(experiment, config, overrides, milestones, when, planned)
+
+    def _over_budget(self, experiment: Experiment, planned: PlannedGpuHours) -> list[Issue]:
+        """This run against its own limit, and with every other experiment's plan against the sweep's."""
+        project = experiment.config.project
+        issues = [experiment_budget_issue(experiment.config, planned, experiment.name)]
+        if project.gpu_hour_budget is not None:
+            whole = load_sweep(
+                self.sweep_file, self.sweep_overrides, config_dirs=self.config_dirs, enforce_budget=False
+            )
+            others = [e for e in whole.experiments if e.name != experiment.name]
+            issues.append(
+                sweep_budget_issue(
+                    project.gpu_hour_budget,
+                    {**planned_hours(others), experiment.name: planned},
+                    extra=f" with this run's overrides (this run: {planned.total:,.1f})",
+                )
+            )
+        return [experiment.origins.issue(i.message, i.key) for i in issues if i is not None]
 
     def _write_provenance(
         self, config: dict[str, Any], unresolved: dict[str, Any], overrides: list[str], run_id: str, when: datetime

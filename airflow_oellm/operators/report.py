@@ -17,6 +17,7 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
+from airflow_oellm.config.budget import PLANNED_RECORD
 from airflow_oellm.config.milestones import eval_file
 from airflow_oellm.hooks.slurm import SlurmHook
 from airflow_oellm.monitor.watch import loss_at
@@ -53,6 +54,24 @@ def run_rows(
         row["gpu_hours"] = round(gpu_hours, 3)
         row["attempts"] = len(attempts)
     return rows
+
+
+def used_gpu_hours(results: Mapping[str, Sequence[Mapping[str, Any] | None]]) -> dict[str, float]:
+    """Kind of job -> GPU-hours its attempts held (SLURM's start to end), and the total."""
+    used = {
+        kind: round(sum(a.get("gpu_hours") or 0 for r in found for a in (r or {}).get("attempts") or []), 3)
+        for kind, found in results.items()
+    }
+    return {**used, "total": round(sum(used.values()), 3)}
+
+
+def gpu_hours_line(planned: Mapping[str, Any] | None, used: Mapping[str, float]) -> str:
+    """`GPU-hours used: 12.3 of 39.0 planned (training 8.0 of 24.0, ...)`."""
+    names = {"training": "training", "cooldowns": "cooldowns", "side_jobs": "conversions and evaluations"}
+    if not planned:
+        return f"GPU-hours used: {used['total']:.3g}"
+    parts = ", ".join(f"{name} {used.get(kind, 0):.3g} of {planned.get(kind, 0):.3g}" for kind, name in names.items())
+    return f"GPU-hours used: {used['total']:.3g} of {planned.get('total', 0):.3g} planned ({parts})"
 
 
 def markdown(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -105,6 +124,7 @@ class ExperimentReportOperator(BaseOperator):
         prepare_task_id: str = "prepare",
         train_task_id: str = "train",
         cooldown_task_id: str | None = "cooldown.train",
+        side_job_task_ids: Sequence[str] = ("convert", "evaluate"),
         ssh_conn_id: str | None = None,
         local: bool = False,
         batch_system: str = "slurm",
@@ -115,6 +135,7 @@ class ExperimentReportOperator(BaseOperator):
         self.prepare_task_id = prepare_task_id
         self.train_task_id = train_task_id
         self.cooldown_task_id = cooldown_task_id
+        self.side_job_task_ids = list(side_job_task_ids)  # in the `checkpoint` and `cooldown` task groups
         self.ssh_conn_id = ssh_conn_id
         self.local = local
         self.batch_system = batch_system
@@ -157,10 +178,31 @@ class ExperimentReportOperator(BaseOperator):
             for name, *_ in runs:
                 points = [(r["iteration"], r[first_metric]) for r in rows if r["run"] == name and r.get(first_metric)]
                 evals_plot[f"{name} {first_metric}"] = points
-        report = {"experiment": exp["name"], "columns": columns, "rows": rows, "output": f"{exp['output_dir']}/report"}
-        self._write(exp["output_dir"], rows, columns, plot(curves, evals_plot, exp["name"]), report)
-        self.log.info("report of %s:\n%s", exp["name"], markdown(rows, columns))
+        used = used_gpu_hours(
+            {
+                "training": [runs[0][2]],
+                "cooldowns": [result for _, _, result, _ in runs[1:]],
+                "side_jobs": self._side_job_results(ti, len(evaluations), cooldowns),
+            }
+        )
+        planned = ti.xcom_pull(task_ids=self.prepare_task_id, key=PLANNED_RECORD)
+        report = {
+            "experiment": exp["name"],
+            "columns": columns,
+            "rows": rows,
+            "gpu_hours": {"planned": planned, "used": used},
+            "output": f"{exp['output_dir']}/report",
+        }
+        text = markdown(rows, columns) + "\n" + gpu_hours_line(planned, used) + "\n"
+        self._write(exp["output_dir"], text, rows, columns, plot(curves, evals_plot, exp["name"]), report)
+        self.log.info("report of %s:\n%s", exp["name"], text)
         return report
+
+    def _side_job_results(self, ti: Any, checkpoints: int, cooldowns: Sequence[Mapping[str, Any]]) -> list[Any]:
+        """Results of every conversion and evaluation task of the run (mapped: one per branch)."""
+        branches = [("checkpoint", i) for i in range(checkpoints)]
+        branches += [("cooldown", i) for i, c in enumerate(cooldowns) if c.get("suites")]
+        return [self._result(ti, f"{group}.{task}", i) for group, i in branches for task in self.side_job_task_ids]
 
     def _read_metrics(self, wanted: list[tuple[str, str, int, str]]) -> dict[str, dict[tuple[int, str], Any]]:
         if not wanted:
@@ -183,7 +225,13 @@ class ExperimentReportOperator(BaseOperator):
         return found
 
     def _write(
-        self, output_dir: str, rows: list[dict[str, Any]], columns: list[str], png: bytes, report: dict[str, Any]
+        self,
+        output_dir: str,
+        text: str,
+        rows: list[dict[str, Any]],
+        columns: list[str],
+        png: bytes,
+        report: dict[str, Any],
     ) -> None:
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
@@ -191,7 +239,7 @@ class ExperimentReportOperator(BaseOperator):
         writer.writerows(rows)
         directory = f"{output_dir}/report"
         files = [
-            (f"{directory}/report.md", markdown(rows, columns).encode()),
+            (f"{directory}/report.md", text.encode()),
             (f"{directory}/report.csv", buffer.getvalue().encode()),
             (f"{directory}/report.json", json.dumps(report, indent=2).encode()),
             (f"{directory}/loss.png", png),

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from airflow_oellm.config import load_sweep
+from airflow_oellm.config.budget import planned_gpu_hours
 from airflow_oellm.dag_factory import experiment_dag
 from tests.conftest import REPO
 from tests.operators.conftest import xcom
@@ -103,6 +104,14 @@ def test_experiment_dag_runs_every_branch(factory_sweep, backend, run_dag):
     assert rows[(exp.name, 20)]["quick.perplexity"] > 0 and rows[(exp.name, 20)]["final_bench.perplexity"] > 0
     assert rows[(exp.name, 20)]["train_loss"] < rows[(exp.name, 10)]["train_loss"]
     assert rows[(exp.name, 10)]["validation_loss"] is not None
+    # planned vs used GPU-hours: the plan prepare recorded, and SLURM's start-to-end of every job's attempts
+    # (the dev cluster has no GPUs: both are 0, but every attempt was timed from sacct)
+    config = xcom(dr, "prepare", key="config")
+    assert report["gpu_hours"]["planned"] == planned_gpu_hours(config).as_record()
+    assert set(report["gpu_hours"]["used"]) == {"training", "cooldowns", "side_jobs", "total"}
+    attempts = xcom(dr, "train")["attempts"] + xcom(dr, "cooldown.train", map_index=0)["attempts"]
+    assert attempts and all(isinstance(a["gpu_hours"], float) for a in attempts), attempts
+    assert "GPU-hours used: 0 of 0 planned (training 0 of 0," in backend.run(["cat", f"{out}/report/report.md"])
     provenance = json.loads(backend.run(["cat", f"{out}/provenance/run.json"]))
     assert provenance["run_id"] == dr.run_id and provenance["overrides"] == []
     modes = backend.run(["stat", "-c", "%a", f"{out}/provenance/resolved.json", f"{out}/report/report.md"]).split()

@@ -89,6 +89,12 @@ def running_run() -> RunRecord:
             ("prepare", -1, "config"): CONFIG,
             ("prepare", -1, "cooldowns"): COOLDOWNS,
             ("prepare", -1, "return_value"): EVALUATIONS,
+            ("prepare", -1, "planned_gpu_hours"): {
+                "training": 48.0,
+                "cooldowns": 12.0,
+                "side_jobs": 2.0,
+                "total": 62.0,
+            },
             ("train", -1, "progress"): progress,
             ("cooldown.train", 0, "return_value"): cooldown_result,
             ("checkpoint.evaluate", 0, "return_value"): {"metrics": {"quick": {"perplexity": 50.0}}},
@@ -105,6 +111,7 @@ def test_a_running_experiment_row():
     assert view.eta_seconds == pytest.approx(60 * 2.0)  # 60 iterations left at 2 s each
     # finished attempts (8 + 1.5) plus half an hour so far on 2 nodes x 4 GPUs
     assert view.gpu_hours == pytest.approx(8.0 + 1.5 + 0.5 * 8)
+    assert view.planned_gpu_hours == 62.0  # prepare's plan: every job at its limit, every attempt
     assert not view.stale
     # the main run's evaluation at 20; the cooldown's at 30 is not the experiment's "latest evaluation"
     assert (view.eval_name, view.eval_value, view.eval_iteration) == ("quick.perplexity", 50.0, 20)
@@ -233,6 +240,7 @@ def test_the_pages_render_rows_plots_and_the_timeline():
     common = {"refresh": 20, "root": "/ui-root", "prefix": "/ui-root/oellm"}
     html = templates.get_template("sweep.html").render(sweep=view, plots=plots(view.experiments), **common)
     assert html.count("<tr data-experiment=") == 2 and 'data-iteration="40"' in html
+    assert "GPU-hours used / planned" in html and ">13.50 <" in html and "/ 62.0</span>" in html
     assert '<svg id="loss-vs-iteration"' in html and '<svg id="loss-vs-tokens"' in html
     assert 'href="/ui-root/dags/oellm__s__lr1/runs/manual__1/tasks/train"' in html
     assert '<meta http-equiv="refresh" content="20">' in html

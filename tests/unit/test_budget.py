@@ -1,0 +1,169 @@
+"""GPU-hour budgets: planned hours per run (training, cooldowns, side jobs), `plan`'s figures, and the
+refusals of the loader (validate, the DAG factory) and of `prepare`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from airflow_oellm.cli import main as cli
+from airflow_oellm.config import ConfigError, load_sweep
+from airflow_oellm.config.budget import planned_gpu_hours
+from airflow_oellm.dag_factory import load_dags
+
+pytestmark = [pytest.mark.config, pytest.mark.budget]
+
+SWEEP = """
+defaults: [{platform: mini}]
+project: {name: b, base_output_dir: /r, gpu_hour_budget: %(budget)s}
+slurm: {nodes: 2, gpus_per_node: 4, time: "1:00:00"}
+restart: {max_attempts: 3}
+backend: {args: {train_iters: 100, save_interval: 50}}
+conversion: {resources: {gpus_per_node: 0, time: 600}}
+evaluation:
+  resources: {gpus_per_node: 1, time: "0:30:00"}
+  suites: [{name: quick, when: every}]
+cooldowns: [{at: 50, overrides: [slurm.time=1800, backend.args.train_iters=60]}]
+sweep: {axes: {backend.args.lr: [0.1, 0.2, 0.3]}}
+"""
+
+
+def sweep_file(write, budget="null", extra=""):
+    return write("config/sweeps/b.yaml", SWEEP % {"budget": budget} + extra)
+
+
+def test_planned_hours_count_every_job_at_its_limit_and_every_attempt(write, project):
+    experiment = load_sweep(sweep_file(write)).experiments[0]
+    planned = planned_gpu_hours(experiment.runtime_config())
+    assert planned.training == 2 * 4 * 1.0 * 3  # nodes x GPUs x hours x attempts
+    assert planned.cooldowns == 2 * 4 * 0.5 * 3  # the cooldown's own time limit
+    # evaluations at 50, 100 and the cooldown's final 60: one GPU, half an hour, two attempts each;
+    # conversions hold no GPU
+    assert planned.side_jobs == 3 * 1 * 0.5 * 2
+    assert planned.as_record() == {"training": 24.0, "cooldowns": 12.0, "side_jobs": 3.0, "total": 39.0}
+
+
+def test_plan_shows_each_experiment_against_the_budget(write, project, capsys):
+    path = sweep_file(write, budget=200)
+    assert cli(["plan", str(path), "+project.gpu_hour_budget_per_experiment=50"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("39.0 / 50.0") == 3
+    assert "planned: 117.0 GPU-hours of a budget of 200.0 (project.gpu_hour_budget)" in out
+    assert cli(["plan", str(path), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["planned_gpu_hours"]["total"] for r in rows] == [39.0, 39.0, 39.0]
+
+
+def test_a_sweep_over_its_budget_is_refused_with_the_figures(write, project, capsys):
+    path = sweep_file(write, budget=100)
+    with pytest.raises(ConfigError) as err:
+        load_sweep(path)
+    [issue] = err.value.issues
+    assert issue.key == "project.gpu_hour_budget" and issue.file == str(path) and issue.line == 2
+    assert issue.message.startswith("the sweep plans 117.0 GPU-hours for 3 experiment(s), over its budget of 100.0")
+    assert "(largest: b_lr0.1 39.0, b_lr0.2 39.0, b_lr0.3 39.0;" in issue.message
+    # plan still shows the figures, then refuses
+    assert cli(["plan", str(path)]) == 1
+    captured = capsys.readouterr()
+    assert "planned: 117.0 GPU-hours of a budget of 100.0" in captured.out
+    assert "over its budget of 100.0" in captured.err
+    assert cli(["validate", str(path)]) == 1
+    # the DAG factory: a config error, no DAG
+    dags = load_dags([path.parent])
+    assert "oellm__config_errors" in dags and not [d for d in dags if d.startswith("oellm__b")]
+    # 117 fits a budget of 120
+    assert len(load_sweep(sweep_file(write, budget=120)).experiments) == 3
+
+
+def test_the_per_experiment_limit_names_the_experiment(write, project):
+    path = sweep_file(write)
+    with pytest.raises(ConfigError) as err:
+        load_sweep(path, ["+project.gpu_hour_budget_per_experiment=38.5"])
+    assert [i.key for i in err.value.issues] == ["project.gpu_hour_budget_per_experiment"] * 3
+    assert err.value.issues[0].message.startswith(
+        "experiment b_lr0.1 is over its GPU-hour budget: 39.0 planned: training 24.0, cooldowns 12.0, "
+        "conversions and evaluations 3.0, every job at its time limit and every attempt, limit 38.5"
+    )
+    # a worker loading one experiment checks its own limit too
+    with pytest.raises(ConfigError, match=r"experiment b_lr0\.2 is over its GPU-hour budget"):
+        load_sweep(path, ["+project.gpu_hour_budget_per_experiment=38.5"], only="b_lr0.2")
+
+
+def test_no_budget_plans_nothing_at_load_time(write, project, monkeypatch):
+    # planning every run costs parse time: only sweeps with a budget pay it
+    import airflow_oellm.config.loader as loader
+
+    def must_not_plan(*args, **kwargs):
+        raise AssertionError("planned without a budget")
+
+    monkeypatch.setattr(loader, "planned_gpu_hours", must_not_plan)
+    assert len(load_sweep(sweep_file(write)).experiments) == 3
+
+
+def test_a_swept_budget_is_refused(write, project):
+    path = sweep_file(write, budget=500)
+    # a budget swept beside the axis it would go with: one figure per sweep, not per experiment
+    text = path.read_text().replace(
+        "sweep: {axes: {backend.args.lr: [0.1, 0.2, 0.3]}}",
+        "sweep: {type: list, groups: [{backend.args.lr: 0.1, project.gpu_hour_budget: 500}, "
+        "{backend.args.lr: 0.2, project.gpu_hour_budget: 600}]}",
+    )
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"project\.gpu_hour_budget: must be the same for every experiment"):
+        load_sweep(path)
+    # swept alone it changes no job: refused as such
+    inert = (SWEEP % {"budget": 500}).replace("backend.args.lr: [0.1, 0.2, 0.3]", "project.gpu_hour_budget: [500, 600]")
+    path.write_text(inert)
+    with pytest.raises(ConfigError, match=r"sweep\.axes\.project\.gpu_hour_budget: changes no job"):
+        load_sweep(path)
+
+
+def prepare_task(path, conf):
+    from datetime import UTC, datetime
+    from types import SimpleNamespace
+
+    dag = load_dags([path.parent])["oellm__b__b_lr0.2"]
+    run = SimpleNamespace(conf=conf, run_after=datetime.now(UTC), logical_date=None, run_id="manual__b")
+    return dag.get_task("prepare"), run, dict(dag.params)
+
+
+def test_prepare_refuses_a_run_its_overrides_push_over_the_budget(write, project):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    path = sweep_file(write, budget=120)  # 3 x 39.0 = 117.0 planned
+    task, run, params = prepare_task(path, {})
+    assert task._apply_conf(run, params).planned.as_record()["total"] == 39.0
+    task, run, params = prepare_task(path, {"overrides": ["restart.max_attempts=4"]})
+    with pytest.raises(AirflowFailException) as failure:
+        task._apply_conf(run, params)
+    assert (
+        "b.yaml:2: project.gpu_hour_budget: the sweep plans 129.0 GPU-hours with this run's overrides "
+        "(this run: 51.0) for 3 experiment(s), over its budget of 120.0 (largest: b_lr0.2 51.0, b_lr0.1 39.0, "
+        "b_lr0.3 39.0;"
+    ) in str(failure.value)
+    # the cooldown inherits the attempts: training 4 x 8, cooldown 4 x 4, evaluations 3
+    # a per-experiment limit in the sweep file applies to each run of it, with the run's overrides
+    path.write_text(path.read_text().replace("gpu_hour_budget: 120", "gpu_hour_budget_per_experiment: 40"))
+    task, run, params = prepare_task(path, {"slurm.time": 3600, "overrides": ["slurm.nodes=3"]})
+    with pytest.raises(AirflowFailException, match=r"experiment b_lr0\.2 is over its GPU-hour budget: 57\.0 planned"):
+        task._apply_conf(run, params)
+
+
+def test_the_report_adds_up_what_every_job_used_against_the_plan():
+    from airflow_oellm.operators.report import gpu_hours_line, used_gpu_hours
+
+    used = used_gpu_hours(
+        {
+            "training": [{"attempts": [{"gpu_hours": 8.0}, {"gpu_hours": 2.5}]}],
+            "cooldowns": [{"attempts": [{"gpu_hours": 1.5}]}, None],  # a cooldown that never ran
+            "side_jobs": [{"attempts": [{"gpu_hours": 0.25}, {"gpu_hours": None}]}, {}],
+        }
+    )
+    assert used == {"training": 10.5, "cooldowns": 1.5, "side_jobs": 0.25, "total": 12.25}
+    planned = {"training": 24.0, "cooldowns": 12.0, "side_jobs": 3.0, "total": 39.0}
+    assert gpu_hours_line(planned, used) == (
+        "GPU-hours used: 12.2 of 39 planned (training 10.5 of 24, cooldowns 1.5 of 12, "
+        "conversions and evaluations 0.25 of 3)"
+    )
+    assert gpu_hours_line(None, used) == "GPU-hours used: 12.2"
