@@ -28,7 +28,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from airflow_oellm.config.errors import ConfigError, Issue, did_you_mean, join_key
+from airflow_oellm.config.errors import ConfigError, Issue, did_you_mean, join_key, shown
 from airflow_oellm.config.schema import PROTECTED_SECTIONS, RootConfig
 from airflow_oellm.config.validate import Validator
 from airflow_oellm.config.yamlio import key_line, load_yaml
@@ -42,6 +42,7 @@ STANDARD_DEFAULTS: tuple[tuple[str, str], ...] = (
 SELF = "_self_"
 # directories of a config root that are not config groups
 NOT_GROUPS = frozenset({"sweeps", "templates"})
+MAX_OPTION_PART = 200  # characters of a file name part: below every file system's limit
 _OPTION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*(/[A-Za-z0-9_][A-Za-z0-9_.\-]*)*$")
 
 
@@ -80,7 +81,9 @@ def config_roots(sweep_file: str | os.PathLike[str] | None = None, extra: Iterab
 def validate_option_name(group: str, option: str) -> str | None:
     """Why a group option name is unsafe or malformed, or None when it is fine."""
     if not isinstance(option, str) or not _OPTION.match(option) or ".." in option.split("/"):
-        return f"invalid option {option!r} for group '{group}' (letters, digits, _ . - and / only)"
+        return f"invalid option {shown(option)} for group '{group}' (letters, digits, _ . - and / only)"
+    if any(len(part) > MAX_OPTION_PART for part in option.split("/")):
+        return f"invalid option {shown(option)} for group '{group}' (a name longer than {MAX_OPTION_PART} characters)"
     return None
 
 
@@ -107,14 +110,15 @@ class Composed:
     written_at: dict[str, str] = field(default_factory=dict)
 
     def origin(self, key: str) -> str | None:
-        """File that set a dotted key (or its nearest parent)."""
+        """File that set a dotted key (or its nearest parent, or else the first key it holds)."""
         probe = key
         while probe:
             if probe in self.origins:
                 return self.origins[probe]
             cut = max(probe.rfind("."), probe.rfind("["))
             probe = probe[:cut] if cut > 0 else ""
-        return None
+        # a section made from a dotted key alone (`a.b: 1` swept): the file that wrote a key under it
+        return next((file for k, file in self.origins.items() if k.startswith((f"{key}.", f"{key}["))), None)
 
     def issue(self, message: str, key: str) -> Issue:
         file = self.origin(key)
@@ -170,8 +174,11 @@ class Composer:
     def find(self, relative: str) -> Path | None:
         for root in self.roots:
             candidate = root / f"{relative}.yaml"
-            if candidate.is_file():
-                return candidate
+            try:
+                if candidate.is_file():
+                    return candidate
+            except OSError:  # a name the file system refuses (too long): no such file
+                continue
         return None
 
     def _option_file(self, group: str, option: str, where: Where) -> Path:

@@ -51,5 +51,8 @@ def join_key(prefix: str, key: object) -> str:
 
 def shown(value: object, limit: int = 60) -> str:
     """`repr(value)`, cut to `limit` characters: a message quotes what it refuses, never megabytes of it."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an integer beyond Python's text conversion limit
+        return f"<an integer of {value.bit_length():,} bits>" if isinstance(value, int) else "<unprintable>"
     return text if len(text) <= limit else text[: limit - 3] + "..."

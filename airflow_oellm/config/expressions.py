@@ -12,6 +12,8 @@ import operator
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from airflow_oellm.config.errors import shown
+
 _BINARY: dict[type, Callable[[Any, Any], Any]] = {
     ast.Add: operator.add,
     ast.Sub: operator.sub,
@@ -51,10 +53,20 @@ FUNCTIONS: dict[str, Callable[..., Any]] = {
 }
 _MAX_POWER = 4096
 _MAX_SEQUENCE = 100_000
+_MAX_TEXT = 10_000  # characters of an expression
+_MAX_INT_BITS = 10_000  # about 3,000 digits: well inside what Python converts to text (4,300)
 
 
 class ExpressionError(ValueError):
     pass
+
+
+def _repeated_length(left: Any, right: Any) -> int:
+    """Length of `sequence * count` before computing it (0 when it is no repetition)."""
+    for sequence, count in ((left, right), (right, left)):
+        if isinstance(sequence, (str, list, tuple)) and isinstance(count, int) and not isinstance(count, bool):
+            return len(sequence) * max(count, 0)
+    return 0
 
 
 def _dotted(node: ast.AST) -> str | None:
@@ -109,15 +121,30 @@ class Expression:
 
     def __init__(self, text: str):
         self.text = text
+        if len(text) > _MAX_TEXT:
+            raise ExpressionError(f"expression longer than {_MAX_TEXT:,} characters: {shown(text, 200)}")
         try:
             tree = ast.parse(text.strip(), mode="eval")
         except SyntaxError as exc:
-            raise ExpressionError(f"invalid expression {text!r}: {exc.msg}") from None
+            raise ExpressionError(f"invalid expression {shown(text, 200)}: {exc.msg}") from None
+        except (ValueError, RecursionError, MemoryError) as exc:  # NUL bytes, nesting too deep for the parser
+            raise ExpressionError(f"invalid expression {shown(text, 200)}: {type(exc).__name__}") from None
         _check(tree, text)
         self._tree = tree.body
 
     def evaluate(self, variables: Mapping[str, Any]) -> Any:
-        return self._eval(self._tree, variables)
+        try:
+            return self._eval(self._tree, variables)
+        except RecursionError:
+            raise ExpressionError(f"expression nested too deeply: {shown(self.text, 200)}") from None
+
+    def _bounded(self, value: Any) -> Any:
+        """A result no later step chokes on: ints Python can still print, sequences of bounded length."""
+        if isinstance(value, int) and value.bit_length() > _MAX_INT_BITS:
+            raise ExpressionError(f"number too large in expression {shown(self.text, 200)}")
+        if isinstance(value, (str, list, tuple)) and len(value) > _MAX_SEQUENCE:
+            raise ExpressionError(f"result longer than {_MAX_SEQUENCE:,} in expression {shown(self.text, 200)}")
+        return value
 
     def _lookup(self, name: str, variables: Mapping[str, Any]) -> Any:
         if name in variables:
@@ -157,20 +184,23 @@ class Expression:
                     return result
             return result
         if isinstance(node, ast.UnaryOp):
-            return _UNARY[type(node.op)](self._eval(node.operand, v))
+            try:
+                return _UNARY[type(node.op)](self._eval(node.operand, v))
+            except TypeError as exc:
+                raise ExpressionError(f"{exc} in expression {shown(self.text, 200)}") from None
         if isinstance(node, ast.BinOp):
             left, right = self._eval(node.left, v), self._eval(node.right, v)
             if isinstance(node.op, ast.Pow) and isinstance(right, (int, float)) and abs(right) > _MAX_POWER:
-                raise ExpressionError(f"exponent too large in expression {self.text!r}")
-            if isinstance(node.op, ast.Mult) and (
-                (isinstance(left, (str, list, tuple)) and isinstance(right, int) and right > _MAX_SEQUENCE)
-                or (isinstance(right, (str, list, tuple)) and isinstance(left, int) and left > _MAX_SEQUENCE)
-            ):
-                raise ExpressionError(f"repetition too large in expression {self.text!r}")
+                raise ExpressionError(f"exponent too large in expression {shown(self.text, 200)}")
+            if isinstance(node.op, ast.Mult) and _repeated_length(left, right) > _MAX_SEQUENCE:
+                raise ExpressionError(f"repetition too large in expression {shown(self.text, 200)}")
+            if isinstance(node.op, ast.Mod) and isinstance(left, str):
+                # printf-style formatting takes widths from its arguments: `'%*d' % (10**9, 1)`
+                raise ExpressionError(f"'%' formatting of text is not allowed in expression {shown(self.text, 200)}")
             try:
-                return _BINARY[type(node.op)](left, right)
+                return self._bounded(_BINARY[type(node.op)](left, right))
             except (TypeError, ZeroDivisionError, OverflowError) as exc:
-                raise ExpressionError(f"{exc} in expression {self.text!r}") from None
+                raise ExpressionError(f"{exc} in expression {shown(self.text, 200)}") from None
         if isinstance(node, ast.Compare):
             left = self._eval(node.left, v)
             for op, comparator in zip(node.ops, node.comparators, strict=True):
@@ -192,7 +222,7 @@ class Expression:
         if isinstance(node, ast.Call):
             func = FUNCTIONS[node.func.id]  # type: ignore[attr-defined]
             try:
-                return func(*(self._eval(a, v) for a in node.args))
-            except (TypeError, ValueError) as exc:
-                raise ExpressionError(f"{exc} in expression {self.text!r}") from None
+                return self._bounded(func(*(self._eval(a, v) for a in node.args)))
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise ExpressionError(f"{exc} in expression {shown(self.text, 200)}") from None
         raise ExpressionError(f"cannot evaluate {type(node).__name__} in expression {self.text!r}")

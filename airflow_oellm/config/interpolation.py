@@ -147,7 +147,10 @@ def _primitive(text: str) -> Any:
     if low in ("true", "false"):
         return low == "true"
     if _INT.match(text):
-        return int(text.replace("_", ""))
+        try:
+            return int(text.replace("_", ""))
+        except ValueError:  # more digits than Python converts: no number a config means
+            return text
     if _FLOAT.match(text):
         return float(text.replace("_", ""))
     return text

@@ -182,13 +182,18 @@ def _typed(data: Mapping[str, Any], composed: Composed) -> RootConfig:
     return cfg
 
 
+def _number(value: Any) -> bool:
+    """A resolved number (a run-time interpolation is checked when the run resolves it)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def semantic_problems(cfg: RootConfig, data: Mapping[str, Any]) -> list[tuple[str, str]]:
     """Checks beyond types: (key, message) pairs."""
     problems: list[tuple[str, str]] = []
 
-    def check(key: str, ok: bool, message: str) -> None:
-        if not ok:
-            problems.append((key, message))
+    def at_least(key: str, value: Any, minimum: float, message: str | None = None) -> None:
+        if _number(value) and value < minimum:
+            problems.append((key, message or f"must be at least {minimum}, got {shown(value)}"))
 
     try:
         check_output_root(cfg.project.base_output_dir)
@@ -199,35 +204,38 @@ def semantic_problems(cfg: RootConfig, data: Mapping[str, Any]) -> list[tuple[st
             time_limit_seconds(cfg.slurm.time)
         except ValueError as exc:
             problems.append(("slurm.time", str(exc)))
-    check("slurm.nodes", cfg.slurm.nodes >= 1, f"must be at least 1, got {cfg.slurm.nodes}")
-    check("slurm.gpus_per_node", cfg.slurm.gpus_per_node >= 0, f"must be >= 0, got {cfg.slurm.gpus_per_node}")
-    check(
-        "slurm.ntasks_per_node", cfg.slurm.ntasks_per_node >= 1, f"must be at least 1, got {cfg.slurm.ntasks_per_node}"
-    )
+    at_least("slurm.nodes", cfg.slurm.nodes, 1)
+    at_least("slurm.gpus_per_node", cfg.slurm.gpus_per_node, 0, f"must be >= 0, got {shown(cfg.slurm.gpus_per_node)}")
+    at_least("slurm.ntasks_per_node", cfg.slurm.ntasks_per_node, 1)
     if cfg.slurm.cpus_per_task is not None:
-        check("slurm.cpus_per_task", cfg.slurm.cpus_per_task >= 1, f"must be at least 1, got {cfg.slurm.cpus_per_task}")
-    check("restart.max_attempts", cfg.restart.max_attempts >= 1, f"must be at least 1, got {cfg.restart.max_attempts}")
-    check("restart.retry_delay_seconds", cfg.restart.retry_delay_seconds >= 0, "must be >= 0")
+        at_least("slurm.cpus_per_task", cfg.slurm.cpus_per_task, 1)
+    at_least("restart.max_attempts", cfg.restart.max_attempts, 1)
+    at_least("restart.retry_delay_seconds", cfg.restart.retry_delay_seconds, 0, "must be >= 0")
     m = cfg.monitoring
-    check("monitoring.poll_interval_seconds", m.poll_interval_seconds >= 1, "must be at least 1 second")
-    check(
-        "monitoring.inactivity_threshold_seconds",
-        m.inactivity_threshold_seconds >= m.poll_interval_seconds,
-        f"must be at least monitoring.poll_interval_seconds ({m.poll_interval_seconds})",
-    )
+    at_least("monitoring.poll_interval_seconds", m.poll_interval_seconds, 1, "must be at least 1 second")
+    if _number(m.poll_interval_seconds):
+        at_least(
+            "monitoring.inactivity_threshold_seconds",
+            m.inactivity_threshold_seconds,
+            m.poll_interval_seconds,
+            f"must be at least monitoring.poll_interval_seconds ({m.poll_interval_seconds})",
+        )
     for i, event in enumerate(m.log_events):
-        if event.pattern_type == "regex":
+        if event.pattern_type == "regex" and not _contains_interpolation(event.pattern):
             try:
                 compiled = re.compile(event.pattern)
-            except re.error as exc:
-                problems.append((f"monitoring.log_events[{i}].pattern", f"invalid regex: {exc}"))
+            except (re.error, RecursionError, OverflowError, ValueError) as exc:
+                problems.append((f"monitoring.log_events[{i}].pattern", f"invalid regex: {shown(str(exc), 200)}"))
                 continue
             for target, group in event.extract_groups.items():
-                check(
-                    f"monitoring.log_events[{i}].extract_groups.{target}",
-                    group in compiled.groupindex,
-                    f"the pattern has no group named {group!r}; its groups: {', '.join(compiled.groupindex) or 'none'}",
-                )
+                if group not in compiled.groupindex:
+                    problems.append(
+                        (
+                            f"monitoring.log_events[{i}].extract_groups.{target}",
+                            f"the pattern has no group named {group!r}; its groups: "
+                            f"{', '.join(compiled.groupindex) or 'none'}",
+                        )
+                    )
     for name in cfg.platform.env:
         try:
             check_env_name(name)
@@ -247,7 +255,8 @@ def semantic_problems(cfg: RootConfig, data: Mapping[str, Any]) -> list[tuple[st
 
 def unescaped_setup_interpolations(data: Mapping[str, Any]) -> list[tuple[str, str]]:
     """`platform.setup` lines are trusted shell: config values must reach them through `env`, quoted."""
-    setup = (data.get("platform") or {}).get("setup") or []
+    platform = data.get("platform")
+    setup = platform.get("setup") if isinstance(platform, dict) else None
     problems = []
     for i, line in enumerate(setup if isinstance(setup, list) else []):
         if isinstance(line, str) and _UNESCAPED_INTERPOLATION.search(line):
@@ -403,8 +412,11 @@ class SweepLoader:
         if "${" in template:
             try:
                 template = _resolve_one(base.data, ("sweep", "name_template"))
-            except (interpolation.ResolveError, OmegaConfBaseException) as exc:
+            except (interpolation.ResolveError, OmegaConfBaseException, ValueError) as exc:
                 raise ConfigError(base.issue(f"cannot resolve: {exc}", "sweep.name_template")) from None
+            if not isinstance(template, str):
+                message = f"must resolve to a string, got {shown(template)}"
+                raise ConfigError(base.issue(message, "sweep.name_template"))
         return template
 
     def _experiment(self, point: SweepPoint, sweep_name: str, template: str, overridden: set[str]) -> Experiment:
@@ -450,7 +462,9 @@ class SweepLoader:
         project = data.get("project") if isinstance(data.get("project"), dict) else {}
         missing = [k for k in ("name", "base_output_dir") if k not in project]
         if missing:
-            raise ConfigError([composed_point.issue("missing required key", f"project.{k}") for k in missing])
+            # no file set them: the sweep file is where they belong
+            issues = [composed_point.issue("missing required key", f"project.{k}") for k in missing]
+            raise ConfigError([i if i.file else Issue(i.message, i.key, self.path) for i in issues])
         fields = {
             **point.values,
             "index": point.index,

@@ -88,6 +88,14 @@ def split_group_choices(
     rest: list[Override] = []
     for o in overrides:
         if "." not in o.key and o.key in group_names and not isinstance(o.value, dict):
+            if o.mode != "delete" and o.value is not None and not isinstance(o.value, str):
+                raise ConfigError(
+                    Issue(
+                        f"'{o.key}' is a config group: it takes an option name, got {shown(o.value)}",
+                        key=o.key,
+                        file=o.origin,
+                    )
+                )
             choices[o.key] = None if o.mode == "delete" else o.value
         else:
             rest.append(o)

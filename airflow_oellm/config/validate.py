@@ -73,7 +73,12 @@ class Validator:
         self.issues: list[Issue] = []
 
     def check(self, value: Any, tp: Any, key: str = "") -> Any:
-        if tp is Any or is_unresolved(value):
+        if tp is Any:
+            return value
+        if is_unresolved(value):
+            if dataclasses.is_dataclass(tp) or get_origin(tp) in (list, dict):
+                # the DAG is built from sections, lists and mappings at parse time: they cannot wait for the run
+                return self._bad(key, f"expected {type_name(tp)}, got a run-time interpolation {shown(value)}")
             return value
         if dataclasses.is_dataclass(tp):
             return self._dataclass(value, tp, key)
@@ -117,7 +122,10 @@ class Validator:
                 return value
         elif tp is float:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return float(value)
+                try:
+                    return float(value)
+                except OverflowError:
+                    return self._bad(key, f"number too large, got {_describe(value)}")
         elif tp is str:
             if isinstance(value, str):
                 return value
@@ -170,12 +178,17 @@ class Validator:
         return cls(**kwargs)
 
 
+MAX_ITERATIONS = 2**63  # Megatron counts iterations in a 64-bit integer
+
+
 def iteration_arg(args: dict[str, Any], key: str) -> int | None:
     """A Megatron iteration count from `backend.args` (None when unset); anything else names the key."""
     value = args.get(key)
     if value is None or is_unresolved(value):  # resolved at run time (an escaped interpolation)
         return None
-    if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).strip().isdigit():
+    if isinstance(value, str) and value.strip().isdigit() and len(value.strip().lstrip("0")) <= 19:
+        value = int(value.strip().lstrip("0") or "0")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < MAX_ITERATIONS:
         message = f"expected a whole number of iterations, got {shown(value)}"
         raise ConfigError(Issue(message, key=f"backend.args.{key}"))
-    return int(value)
+    return value

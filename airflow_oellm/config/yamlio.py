@@ -67,6 +67,8 @@ def _load_cached(path: str, _mtime_ns: int, _size: int) -> dict[str, Any]:
         raise ConfigError(Issue(f"invalid YAML: {exc}", file=path)) from None
     except UnicodeDecodeError as exc:
         raise ConfigError(Issue(f"not UTF-8 text: {exc.reason}", file=path)) from None
+    except ValueError as exc:  # PyYAML's int() of a number with more digits than Python converts
+        raise ConfigError(Issue(f"invalid YAML: {exc}", file=path)) from None
     except IsADirectoryError:
         raise ConfigError(Issue("is a directory, not a YAML file", file=path)) from None
     if data is None:
