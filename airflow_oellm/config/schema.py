@@ -153,7 +153,12 @@ SEED_KEYS = {
     "build the checkpoint and cooldown branches (docs/dags.md); a SlurmLogSensor waits for any log event",
     "state_events": "job states are classified by SlurmSubmitOperator: `restart:` and classification rules "
     "(docs/operators.md)",
-    "class_name": "configs are plain data here: drop `class_name`",
+    "class_name": "configs are plain data here: drop `class_name` (`airflow-oellm migrate FILE` translates a "
+    "seed-tool file)",
+    "axes": "a sweep's axes go under `sweep:` (`sweep: {axes: ...}`); `airflow-oellm migrate FILE` translates a "
+    "seed-tool sweep file",
+    "base_values": "a sweep's base values go under `sweep:` (`sweep: {base_values: ...}`); `airflow-oellm migrate "
+    "FILE` translates a seed-tool sweep file",
 }
 
 

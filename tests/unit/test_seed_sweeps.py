@@ -242,3 +242,12 @@ def test_a_repeat_inside_a_larger_sweep_is_found(write, project):
     [issue] = err.value.issues
     assert issue.key == "sweep.groups[0].configs[0].tag"
     assert "6 experiments would run identical jobs (#0 and #1 differ only in tag)" in issue.message
+
+
+def test_the_guides_sweep_file_itself_is_pointed_to_migrate(write, capsys):
+    # the seed tool's own file, top-level `class_name: Sweep`: not a sweep file here, and the error says how
+    path = write("config/sweeps/scaling_experiments.yaml", GUIDE_SWEEP)
+    assert cli(["validate", str(path)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(": ")[2] for line in err] == ["class_name", "axes", "base_values"]
+    assert all("airflow-oellm migrate FILE" in line for line in err)
