@@ -382,6 +382,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from airflow_oellm.config import ConfigError, Issue
+    from airflow_oellm.config.migrate import migrate
+
+    try:
+        migration = migrate(args.seed_files, name=args.name, output_dir=args.output_dir, config_dirs=args.config_dir)
+    except ConfigError as exc:
+        return _fail(exc)
+    for note in migration.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if not args.output:
+        sys.stdout.write(migration.text())
+        return 0
+    try:
+        Path(args.output).write_text(migration.text())
+    except OSError as exc:
+        return _fail(ConfigError(Issue(f"cannot write the sweep: {exc.strerror}", file=args.output)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="airflow-oellm",
@@ -500,6 +520,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:0, ...")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "migrate",
+        help="write one sweep file from the seed tool's (oellm-autoexp) config files",
+        description="Translate the seed tool's config files (sweep, project, slurm, monitoring with log_events, "
+        "state_events and their actions, platform_auto defaults) into one sweep file: axes wired to config keys, "
+        "conversion, evaluation suites, cooldowns, restarts, monitoring and platform settings. What has no "
+        "counterpart is listed on stderr and atop the file as `note: file:line: key: reason`.",
+    )
+    p.add_argument("seed_files", nargs="+", metavar="SEED_FILE", help="the seed tool's YAML files, combined into one")
+    p.add_argument("--output", "-o", metavar="OUT.yaml", help="write the sweep here instead of stdout")
+    p.add_argument("--name", help="project name (default: the seed project's, else the seed file's name)")
+    p.add_argument(
+        "--output-dir",
+        metavar="DIR",
+        help="project.base_output_dir (default: the seed project's, else ${OELLM_OUTPUT_DIR:-/tmp/oellm-runs}/NAME)",
+    )
+    p.set_defaults(func=cmd_migrate)
     return parser
 
 

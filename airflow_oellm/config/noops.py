@@ -92,41 +92,68 @@ def referrers(unresolved: Mapping[str, Any], target: str) -> list[str]:
     ]
 
 
+def _distinct(values: Iterable[Any]) -> list[Any]:
+    """Values in order, each once (a sweep value may be a mapping or a list: compared, not hashed)."""
+    found: list[Any] = []
+    for value in values:
+        if value not in found:
+            found.append(value)
+    return found
+
+
 def _initials(name: str) -> str:
     return "".join(part[0] for part in re.split(r"[_\-]+", name) if part)
 
 
-def suggest_key(
+@dataclass(frozen=True)
+class KeySuggestion:
+    """The config key, or config group, a sweep axis name probably meant."""
+
+    key: str
+    group: bool  # a config group: the axis values are its option names
+
+
+def suggested_key(
     axis: str, values: Sequence[Any], resolved: Mapping[str, Any], groups: Mapping[str, Sequence[str]]
-) -> str | None:
-    """The config key (or group) an inert axis probably meant: `learning_rate` -> `backend.args.lr`."""
+) -> KeySuggestion | None:
+    """`learning_rate` -> `backend.args.lr`, `model_size: [50M, 100M]` -> the group `model`, or None.
+
+    `resolved` is any config holding the candidate keys (only its keys are read).
+    """
     leaf = axis.rsplit(".", 1)[-1]
     for group, options in groups.items():
         texts = {str(v) for v in values}
         if texts and texts <= set(options):
-            return f"the config group `{group}` (an axis `{group}: [{', '.join(map(str, values))}]`)"
+            return KeySuggestion(group, group=True)
     sections = {k: v for k, v in resolved.items() if k in JOB_SECTIONS}
     candidates = [k for k in _flat_keys(sections) if k != axis]
     by_leaf: dict[str, list[str]] = {}
     for key in candidates:
         by_leaf.setdefault(key.rsplit(".", 1)[-1], []).append(key)
 
-    def best(leaves: Iterable[str]) -> str | None:
+    def best(leaves: Iterable[str]) -> KeySuggestion | None:
         # backend.args first: the training's own flags are what a sweep axis most often means
         found = sorted(
             (k for name in leaves for k in by_leaf.get(name, [])), key=lambda k: not k.startswith("backend.args.")
         )
-        return found[0] if found else None
+        return KeySuggestion(found[0], group=False) if found else None
 
     normal = leaf.replace("-", "_")
-    exact = best([normal])
-    if exact:
-        return f"`{exact}`"
-    initials = best([_initials(normal)]) if "_" in normal else None
-    if initials:
-        return f"`{initials}`"
-    close = best(difflib.get_close_matches(normal, list(by_leaf), n=3, cutoff=0.75))
-    return f"`{close}`" if close else None
+    initials = [_initials(normal)] if "_" in normal else []
+    close = difflib.get_close_matches(normal, list(by_leaf), n=3, cutoff=0.75)
+    return best([normal]) or best(initials) or best(close)
+
+
+def suggest_key(
+    axis: str, values: Sequence[Any], resolved: Mapping[str, Any], groups: Mapping[str, Sequence[str]]
+) -> str | None:
+    """`suggested_key` as words for a message: "`backend.args.lr`" or "the config group `model` (...)"."""
+    found = suggested_key(axis, values, resolved, groups)
+    if found is None:
+        return None
+    if found.group:
+        return f"the config group `{found.key}` (an axis `{found.key}: [{', '.join(map(str, values))}]`)"
+    return f"`{found.key}`"
 
 
 def inert_axes(members: Sequence[SweepMember], groups: Mapping[str, Sequence[str]], file: str | None) -> list[Issue]:
@@ -150,7 +177,7 @@ def inert_axes(members: Sequence[SweepMember], groups: Mapping[str, Sequence[str
     example = f"#{a.index} and #{b.index} differ only in {', '.join(differ) or 'nothing'}"
     issues = []
     for key in keys or [""]:
-        values = list(dict.fromkeys(m.values.get(key) for group in repeated for m in group))
+        values = _distinct(m.values.get(key) for group in repeated for m in group)
         source = next((m.sources[key] for m in members if key in m.sources), "sweep")
         where = re.sub(r"\[\d+\]$", "", source)
         target = key if "." in key or key in a.resolved or key in groups else f"vars.{key}"
