@@ -25,6 +25,8 @@ from airflow_oellm.config.yamlio import key_line
 JOB_SECTIONS = ("platform", "slurm", "srun", "backend", "conversion", "evaluation", "cooldowns")
 # texts only: they describe a platform, they do not reach its jobs
 DESCRIPTIVE = {"platform": ("name", "description")}
+# mappings rendered as options, where `false` and `null` leave the option out (as if unset)
+FLAG_MAPPINGS = {"backend": ("args",), "srun": ("args",), "slurm": ("directives",)}
 # backend.args that name a run or say where its logs go, not how it trains
 IDENTITY_ARG_PREFIXES = ("wandb_", "tensorboard_")
 # what a run override may change without reaching a job script: still a real effect on the run
@@ -40,6 +42,9 @@ def job_fingerprint(resolved: Mapping[str, Any]) -> str:
         value = resolved.get(section)
         if isinstance(value, dict):
             value = {k: v for k, v in value.items() if k not in DESCRIPTIVE.get(section, ())}
+            for flags in FLAG_MAPPINGS.get(section, ()):
+                if isinstance(value.get(flags), dict):
+                    value[flags] = {k: v for k, v in value[flags].items() if v is not None and v is not False}
             if section == "backend" and isinstance(value.get("args"), dict):
                 args = value["args"]
                 value["args"] = {k: v for k, v in args.items() if not str(k).startswith(IDENTITY_ARG_PREFIXES)}

@@ -251,3 +251,12 @@ def test_the_guides_sweep_file_itself_is_pointed_to_migrate(write, capsys):
     err = capsys.readouterr().err.splitlines()
     assert [line.split(": ")[2] for line in err] == ["class_name", "axes", "base_values"]
     assert all("airflow-oellm migrate FILE" in line for line in err)
+
+
+def test_flags_left_out_either_way_are_the_same_job(write, project):
+    # `false` and `null` both leave a Megatron flag out of the command: no difference a job sees
+    path = write("config/sweeps/f.yaml", HEAD + "sweep: {axes: {backend.args.fp16: [false, null]}}\n")
+    with pytest.raises(ConfigError, match=r"sweep\.axes\.backend\.args\.fp16: changes no job so 2 experiments"):
+        load_sweep(path)
+    differ = write("config/sweeps/g.yaml", HEAD + "sweep: {axes: {backend.args.fp16: [true, false]}}\n")
+    assert len(load_sweep(differ).experiments) == 2
