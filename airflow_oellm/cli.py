@@ -76,12 +76,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return sweep
     try:
         planned = planned_hours(sweep.experiments)
-        over_budget = budget_issues(sweep.experiments, whole_sweep=True)
+        over_budget = budget_issues(sweep.experiments, whole_sweep=True, planned=planned)
     except ConfigError as exc:
         return _fail(exc)
     rows = []
     for e in sweep.experiments:
-        hours = attempt_gpu_hours(e.config)
+        hours = attempt_gpu_hours(e.config.slurm)
         rows.append(
             {
                 "name": e.name,
@@ -98,7 +98,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 "time_limit_seconds": time_limit_seconds(e.config.slurm.time),
                 "max_attempts": e.config.restart.max_attempts,
                 "gpu_hours": hours,
-                "gpu_hours_max": hours * e.config.restart.max_attempts,
+                "gpu_hours_max": planned[e.name].training,
                 "planned_gpu_hours": planned[e.name].as_record(),
                 "gpu_hour_budget_per_experiment": e.config.project.gpu_hour_budget_per_experiment,
             }

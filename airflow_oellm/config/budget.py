@@ -1,8 +1,8 @@
 """Planned GPU-hours of an experiment run and the budget guard.
 
 Planned hours are what a run may hold at most: every job at its time limit, every allowed attempt.
-The training's `restart.max_attempts` submissions, each cooldown's own, and every conversion and
-evaluation job (two attempts each) of the run's milestones. A sweep's planned hours are the sum of
+The training's `restart.max_attempts` submissions, as many for each cooldown (with its own resources),
+and every conversion and evaluation job of the run (two attempts each). A sweep's planned hours are the sum of
 one run of each experiment. `project.gpu_hour_budget` caps that sum, and
 `project.gpu_hour_budget_per_experiment` caps each run: over either, the sweep is refused when it is
 loaded (validate, the DAG factory) and a run whose overrides push it over is refused by `prepare`.
@@ -10,13 +10,14 @@ loaded (validate, the DAG factory) and a run whose overrides push it over is ref
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from airflow_oellm.config.errors import Issue
-from airflow_oellm.config.milestones import CONVERT, EVALUATE, job_config, plan, typed
-from airflow_oellm.config.schema import RootConfig
+from airflow_oellm.config.errors import ConfigError, Issue
+from airflow_oellm.config.milestones import SIDE_JOB_ATTEMPTS, job_config, plan, typed
+from airflow_oellm.config.schema import JobResources, RootConfig, SlurmConfig
 from airflow_oellm.slurm.timespec import time_limit_seconds
 
 SWEEP_BUDGET_KEY = "project.gpu_hour_budget"
@@ -24,18 +25,16 @@ PLANNED_RECORD = "planned_gpu_hours"  # the name a run's record (prepare's XCom)
 EXPERIMENT_BUDGET_KEY = "project.gpu_hour_budget_per_experiment"
 
 
-def attempt_gpu_hours(cfg: RootConfig) -> float:
-    """GPU-hours of one submission at its time limit (infinite without a limit)."""
-    seconds = time_limit_seconds(cfg.slurm.time)
-    gpus = cfg.slurm.nodes * cfg.slurm.gpus_per_node
+def attempt_gpu_hours(resources: SlurmConfig | JobResources, key: str = "slurm.time") -> float:
+    """GPU-hours of one submission at its time limit (infinite without a limit); `key` names its time."""
+    gpus = resources.nodes * resources.gpus_per_node
     if not gpus:
         return 0.0
+    try:
+        seconds = time_limit_seconds(resources.time)
+    except ValueError as exc:
+        raise ConfigError(Issue(str(exc), key=key)) from None
     return float("inf") if seconds is None else gpus * seconds / 3600.0
-
-
-def _job_hours(config: dict[str, Any]) -> float:
-    cfg = typed(config)
-    return attempt_gpu_hours(cfg) * cfg.restart.max_attempts
 
 
 @dataclass(frozen=True)
@@ -50,35 +49,47 @@ class PlannedGpuHours:
     def total(self) -> float:
         return self.training + self.cooldowns + self.side_jobs
 
-    def as_record(self) -> dict[str, float]:
-        """JSON-safe (it travels as XCom), rounded for people."""
-        return {k: round(v, 3) for k, v in {**asdict(self), "total": self.total}.items()}
+    def as_record(self) -> dict[str, float | None]:
+        """JSON-safe (it travels as XCom), rounded for people; an unlimited figure is None."""
+        figures = {**asdict(self), "total": self.total}
+        return {k: None if math.isinf(v) else round(v, 3) for k, v in figures.items()}
 
 
 def planned_gpu_hours(config: dict[str, Any]) -> PlannedGpuHours:
-    """Planned GPU-hours of a run of this resolved (run-time) experiment config."""
+    """Planned GPU-hours of a run of this resolved (run-time) experiment config.
+
+    Every job as the DAG runs it: the training and each cooldown with the training's attempts (Airflow's
+    retries are set when the DAG is built), a conversion per converted checkpoint and per training
+    cooldown, an evaluation where suites are due, `SIDE_JOB_ATTEMPTS` each.
+    """
+    cfg = typed(config)
     milestones = plan(config)
-    cooldowns = sum(
-        _job_hours(job_config(config, {"kind": "cooldown", "cooldown": c["index"]})) for c in milestones.cooldowns
-    )
-    side_jobs = 0.0
-    runs = [(None, milestones.evaluations)] + [
-        (c["index"], [{"iteration": c["final_iteration"], "suites": c["suites"]}] if c["suites"] else [])
-        for c in milestones.cooldowns
-    ]
-    for cooldown, evaluations in runs:
-        for entry in evaluations:
-            job = {"iteration": entry["iteration"], "cooldown": cooldown}
-            side_jobs += _job_hours(job_config(config, {**job, "kind": CONVERT}))
-            if entry["suites"]:
-                side_jobs += _job_hours(job_config(config, {**job, "kind": EVALUATE, "suites": entry["suites"]}))
-    return PlannedGpuHours(_job_hours(config), cooldowns, side_jobs)
+    attempts = cfg.restart.max_attempts
+    training = attempt_gpu_hours(cfg.slurm) * attempts
+    convert = attempt_gpu_hours(cfg.conversion.resources, "conversion.resources.time")
+    evaluate = attempt_gpu_hours(cfg.evaluation.resources, "evaluation.resources.time")
+    evaluated = sum(1 for e in milestones.evaluations if e["suites"])
+    side_jobs = len(milestones.evaluations) * convert + evaluated * evaluate
+    cooldowns = 0.0
+    for c in milestones.cooldowns:
+        child = typed(job_config(config, {"kind": "cooldown", "cooldown": c["index"]}))
+        where = f"cooldowns[at={c['at']}].overrides: "
+        cooldowns += attempt_gpu_hours(child.slurm, where + "slurm.time") * attempts
+        if child.conversion.enabled:  # the DAG converts every training cooldown's final checkpoint
+            side_jobs += attempt_gpu_hours(child.conversion.resources, where + "conversion.resources.time")
+            if c["suites"]:
+                side_jobs += attempt_gpu_hours(child.evaluation.resources, where + "evaluation.resources.time")
+    return PlannedGpuHours(training, cooldowns, side_jobs * SIDE_JOB_ATTEMPTS)
+
+
+def _hours(value: float) -> str:
+    return "unlimited" if math.isinf(value) else f"{value:,.1f}"
 
 
 def _figures(planned: PlannedGpuHours) -> str:
     return (
-        f"{planned.total:,.1f} planned: training {planned.training:,.1f}, cooldowns {planned.cooldowns:,.1f}, "
-        f"conversions and evaluations {planned.side_jobs:,.1f}, every job at its time limit and every attempt"
+        f"{_hours(planned.total)} planned: training {_hours(planned.training)}, cooldowns {_hours(planned.cooldowns)}, "
+        f"conversions and evaluations {_hours(planned.side_jobs)}, every job at its time limit and every attempt"
     )
 
 
@@ -99,9 +110,9 @@ def sweep_budget_issue(budget: float | None, planned: Mapping[str, PlannedGpuHou
     if budget is None or total <= budget:
         return None
     largest = sorted(planned.items(), key=lambda kv: kv[1].total, reverse=True)[:3]
-    shown = ", ".join(f"{name} {p.total:,.1f}" for name, p in largest)
+    shown = ", ".join(f"{name} {_hours(p.total)}" for name, p in largest)
     return Issue(
-        f"the sweep plans {total:,.1f} GPU-hours{extra} for {len(planned)} experiment(s), over its budget of "
+        f"the sweep plans {_hours(total)} GPU-hours{extra} for {len(planned)} experiment(s), over its budget of "
         f"{budget:,.1f} (largest: {shown}; every job at its time limit and every attempt; `airflow-oellm plan` "
         "lists them all)",
         key=SWEEP_BUDGET_KEY,

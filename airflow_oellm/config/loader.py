@@ -351,7 +351,7 @@ class SweepLoader:
                 experiments.append(exp)
         if not issues and only is None:
             members = [
-                SweepMember(e.index, e.parameters, points_by_index[e.index].sources, e.resolved, e.unresolved)
+                SweepMember(e.index, e.parameters, points_by_index[e.index].sources, _as_run(e), e.unresolved)
                 for e in experiments
             ]
             groups = {g: self.composer.options(g) for g in sorted(self.groups)}
@@ -519,6 +519,16 @@ class SweepLoader:
         )
 
 
+def _as_run(experiment: Experiment) -> dict[str, Any]:
+    """The config a run would see: run-time (escaped) interpolations resolved where they can be now."""
+    if not experiment.has_deferred:
+        return experiment.resolved
+    try:
+        return experiment.runtime_config()
+    except ConfigError:  # it needs what only the run has (an environment of the worker): compare as written
+        return experiment.resolved
+
+
 def planned_hours(experiments: Sequence[Experiment]) -> dict[str, PlannedGpuHours]:
     """Each experiment's planned GPU-hours for a run started now (raises ConfigError naming file and key)."""
     planned = {}
@@ -530,8 +540,11 @@ def planned_hours(experiments: Sequence[Experiment]) -> dict[str, PlannedGpuHour
     return planned
 
 
-def budget_issues(experiments: Sequence[Experiment], *, whole_sweep: bool) -> list[Issue]:
-    """The GPU-hour guards, computed only where a budget is set (planning every run costs parse time)."""
+def budget_issues(
+    experiments: Sequence[Experiment], *, whole_sweep: bool, planned: Mapping[str, PlannedGpuHours] | None = None
+) -> list[Issue]:
+    """The GPU-hour guards, computed only where a budget is set (planning every run costs parse time);
+    `planned`: the experiments' figures when the caller has them already."""
     budgets = {e.config.project.gpu_hour_budget for e in experiments}
     if not experiments:
         return []
@@ -541,7 +554,8 @@ def budget_issues(experiments: Sequence[Experiment], *, whole_sweep: bool) -> li
     first = experiments[0]
     if len(budgets) > 1:
         return [first.origins.issue("must be the same for every experiment of the sweep", SWEEP_BUDGET_KEY)]
-    planned = planned_hours(experiments if (whole_sweep and budgets != {None}) else limited)
+    if planned is None:
+        planned = planned_hours(experiments if (whole_sweep and budgets != {None}) else limited)
     issues = []
     for e in limited:
         issue = experiment_budget_issue(e.config, planned[e.name], e.name)

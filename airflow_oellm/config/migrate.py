@@ -477,7 +477,7 @@ def _sweep_key(t: Translation, seed_name: str, values: list[Any], where: SeedKey
 
 def _sweep_axes(t: Translation, value: Any, where: SeedKey) -> None:
     t.sweep_where = where
-    for seed_name, values in flatten_mapping(_mapping(value, where), lambda v: not isinstance(v, dict) or not v):
+    for seed_name, values in flatten_mapping(_mapping(value, where)):
         at = where.child(seed_name)
         if not isinstance(values, list) or not values:
             t.note(at, f"not translated: axis values must be a non-empty list, got {shown(values)}")
@@ -491,7 +491,7 @@ def _sweep_axes(t: Translation, value: Any, where: SeedKey) -> None:
 
 
 def _sweep_base_values(t: Translation, value: Any, where: SeedKey) -> None:
-    for seed_name, item in flatten_mapping(_mapping(value, where), lambda v: not isinstance(v, dict) or not v):
+    for seed_name, item in flatten_mapping(_mapping(value, where)):
         at = where.child(seed_name)
         wired = _sweep_key(t, seed_name, [item], at)
         if wired is not None:

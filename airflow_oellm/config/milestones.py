@@ -14,13 +14,18 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
-from airflow_oellm.config.errors import ConfigError, Issue, did_you_mean
+from airflow_oellm.config.errors import ConfigError, Issue, did_you_mean, shown
 from airflow_oellm.config.naming import NamingError, check_name
 from airflow_oellm.config.overrides import apply_overrides, parse_overrides
 from airflow_oellm.config.schema import CooldownConfig, EvalSuiteConfig, RootConfig
 from airflow_oellm.config.validate import Validator, iteration_arg
 
 CONVERT, EVALUATE = "convert", "evaluate"
+# submissions of a conversion or evaluation job: they are idempotent, and one retry covers a lost
+# worker or a deferral race (a job that ends within a second of its task deferring)
+SIDE_JOB_ATTEMPTS = 2
+# what a cooldown shares with its parent's DAG (Airflow's retries, the schedule, the project)
+PARENT_SECTIONS = ("restart.", "dag.", "project.")
 
 
 def typed(config: dict[str, Any]) -> RootConfig:
@@ -106,7 +111,7 @@ def _side_job(
         "log_events": [],
     }
     job["cooldowns"] = []
-    job["restart"] = {"max_attempts": 2, "retry_delay_seconds": cfg.restart.retry_delay_seconds}
+    job["restart"] = {"max_attempts": SIDE_JOB_ATTEMPTS, "retry_delay_seconds": cfg.restart.retry_delay_seconds}
     return job
 
 
@@ -196,7 +201,17 @@ def cooldown_config(
     job["cooldowns"] = []  # a cooldown never branches again
     job["monitoring"]["output_paths"] = [f"{out}/checkpoints/latest_checkpointed_iteration.txt"]
     try:
-        apply_overrides(job, parse_overrides(spec.overrides))
+        overrides = parse_overrides(spec.overrides)
+        fixed = [o for o in overrides if o.key.startswith(PARENT_SECTIONS)]
+        if fixed:
+            raise ConfigError(
+                Issue(
+                    f"a cooldown is a task of its parent's DAG, which sets its retries, schedule and project: "
+                    f"{', '.join(shown(o.text) for o in fixed)} would change nothing",
+                    key=fixed[0].key,
+                )
+            )
+        apply_overrides(job, overrides)
     except ConfigError as exc:
         raise ConfigError(
             [Issue(i.message, f"cooldowns[at={spec.at}].overrides: {i.key}") for i in exc.issues]

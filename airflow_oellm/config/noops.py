@@ -30,7 +30,9 @@ FLAG_MAPPINGS = {"backend": ("args",), "srun": ("args",), "slurm": ("directives"
 # backend.args that name a run or say where its logs go, not how it trains
 IDENTITY_ARG_PREFIXES = ("wandb_", "tensorboard_")
 # what a run override may change without reaching a job script: still a real effect on the run
-RUN_SECTIONS = (*JOB_SECTIONS, "monitoring", "restart")
+RUN_SECTIONS = (*JOB_SECTIONS, "monitoring")
+# sections the DAG is built from when the file is parsed (Airflow's retries included): a run cannot change them
+BUILD_SECTIONS = ("dag.", "project.", "restart.")
 EXAMPLE_REPEAT = "`seed: [1, 2]` with `backend.args.seed: ${vars.seed}`, or `backend.args.seed: [1, 2]`"
 
 
@@ -149,7 +151,7 @@ def suggested_key(
     return best([normal]) or best(initials) or best(close)
 
 
-def suggest_key(
+def suggestion_text(
     axis: str, values: Sequence[Any], resolved: Mapping[str, Any], groups: Mapping[str, Sequence[str]]
 ) -> str | None:
     """`suggested_key` as words for a message: "`backend.args.lr`" or "the config group `model` (...)"."""
@@ -179,9 +181,19 @@ def inert_axes(members: Sequence[SweepMember], groups: Mapping[str, Sequence[str
     a, b = first[0], first[1]
     differ = [k for k in dict.fromkeys([*a.values, *b.values]) if a.values.get(k) != b.values.get(k)]
     alike = sum(len(group) for group in repeated)
-    example = f"#{a.index} and #{b.index} differ only in {', '.join(differ) or 'nothing'}"
+    if not keys:  # the very same point twice (a list group repeating an entry)
+        return [
+            Issue(
+                f"#{a.index} and #{b.index} are the same point: {alike} experiments would run identical jobs; "
+                "drop the repeated entry, or sweep a value that reaches the job, e.g. " + EXAMPLE_REPEAT,
+                key="sweep",
+                file=file,
+                line=key_line(file, "sweep"),
+            )
+        ]
+    example = f"#{a.index} and #{b.index} differ only in {', '.join(differ)}"
     issues = []
-    for key in keys or [""]:
+    for key in keys:
         values = _distinct(m.values.get(key) for group in repeated for m in group)
         source = next((m.sources[key] for m in members if key in m.sources), "sweep")
         where = re.sub(r"\[\d+\]$", "", source)
@@ -194,12 +206,11 @@ def inert_axes(members: Sequence[SweepMember], groups: Mapping[str, Sequence[str
                 if users
                 else f": it sets {target}, which nothing refers to,"
             )
-        hint = suggest_key(key, values, a.resolved, groups) if key else None
+        hint = suggestion_text(key, values, a.resolved, groups)
         meant = f"; did you mean {hint}?" if hint else "."
-        subject = f"changes no job{reach}" if key else "experiments of this sweep"
         issues.append(
             Issue(
-                f"{subject} so {alike} experiments would run identical jobs ({example}){meant} "
+                f"changes no job{reach} so {alike} experiments would run identical jobs ({example}){meant} "
                 f"To repeat a run on purpose, sweep a value that reaches the job, e.g. {EXAMPLE_REPEAT}",
                 key=where,
                 file=file,
@@ -218,29 +229,55 @@ def run_effect(config: Mapping[str, Any]) -> str:
 def inert_overrides(
     resolve: Callable[[list[str]], Mapping[str, Any]], overrides: Sequence[str], with_all: Mapping[str, Any]
 ) -> list[Issue]:
-    """The run overrides without which the run would be the same: each is refused by name.
+    """The run overrides that change nothing: each is refused by name.
 
-    `resolve(overrides)` gives the run's resolved config under those overrides; `with_all` is it
-    under all of them.
+    One at a time, in order: an override whose removal leaves the run the same is inert, and the ones
+    after it are judged without it (of two overrides setting one value, the first is the inert one).
+    `resolve(overrides)` gives the run's resolved config under those overrides; `with_all` is it under
+    all of them.
     """
     full = run_effect(with_all)
+    kept = list(overrides)
     issues = []
-    for i, text in enumerate(overrides):
-        rest = [*overrides[:i], *overrides[i + 1 :]]
+    for text in overrides:
+        rest = list(kept)
+        rest.remove(text)
         try:
             without = resolve(rest)
         except ConfigError:
             continue  # another override needs this one (it adds a key the other sets): it has an effect
-        if run_effect(without) == full:
-            key = parse_override(text).key
+        if run_effect(without) != full:
+            continue
+        kept = rest
+        key = parse_override(text).key
+        twin = next((o for o in rest if parse_override(o).key == key), None)
+        if twin is not None:
+            reason = f"override {shown(twin)} sets the same key"
+        elif key.startswith("vars."):
+            reason = "no job setting refers to this variable"
+        elif key.startswith(BUILD_SECTIONS):
             reason = (
-                "no job setting refers to this variable"
-                if key.startswith("vars.")
-                else "the DAG is built when the file is parsed; a run cannot change it"
-                if key.startswith(("dag.", "project."))
-                else "it sets the value the run already has"
+                "the DAG is built when the file is parsed (its retries, budgets and schedule too); "
+                "a run cannot change it"
             )
-            issues.append(
-                Issue(f"override {shown(text)} changes nothing this run submits or watches: {reason}", key=key)
+        else:
+            reason = "it sets the value the run already has"
+        issues.append(Issue(f"override {shown(text)} changes nothing this run submits or watches: {reason}", key=key))
+    return issues
+
+
+def unbuilt_branches(config: Mapping[str, Any], checkpoint_branch: bool, cooldown_branch: bool) -> list[Issue]:
+    """What a run's config asks for that its DAG has no tasks for (the DAG was built without them)."""
+    issues = []
+    conversion = config.get("conversion") or {}
+    if conversion.get("enabled", True) and not checkpoint_branch:
+        issues.append(
+            Issue(
+                "this DAG has no checkpoint branch (its sweep disables conversion); enable it in the sweep file",
+                key="conversion.enabled",
             )
+        )
+    if config.get("cooldowns") and not cooldown_branch:
+        message = "this DAG has no cooldown branch (its sweep has no cooldowns); add them in the sweep file"
+        issues.append(Issue(message, key="cooldowns"))
     return issues

@@ -128,6 +128,16 @@ def _schema_children(path: list[str]) -> list[str]:
     return list(schema_fields(tp)) if dataclasses.is_dataclass(tp) else []
 
 
+def lookup(config: Mapping[str, Any], key: str) -> Any:
+    """The value at a dotted key of a plain config, or None where there is none."""
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
 def locate(data: Mapping[str, Any], key: str) -> tuple[list[str], bool]:
     """Split a dotted key into the literal keys it addresses in `data`; True if it exists."""
     parts = key.split(".")

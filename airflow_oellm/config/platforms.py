@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
+from airflow_oellm.config.overrides import lookup
+
 OVERRIDE_ENV = "OELLM_PLATFORM"
 _ENV_REFERENCE = re.compile(r"\$\{oc\.env:([A-Za-z_][A-Za-z0-9_]*)")
 UNKNOWN = "unknown"
@@ -184,15 +186,6 @@ def _typed_value(config: Any, key: str) -> tuple[bool, Any]:
     return True, node
 
 
-def _unresolved_text(data: Mapping[str, Any], key: str) -> str:
-    node: Any = data
-    for part in key.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return ""
-        node = node[part]
-    return node if isinstance(node, str) else ""
-
-
 def unmet_requirements(config: Any, unresolved: Mapping[str, Any]) -> list[tuple[str, str]]:
     """(key, message) for each key of `platform.requires` the config leaves unset.
 
@@ -208,7 +201,8 @@ def unmet_requirements(config: Any, unresolved: Mapping[str, Any]) -> list[tuple
             continue
         if value is not None and value != "":
             continue
-        env = _ENV_REFERENCE.search(_unresolved_text(unresolved, key))
+        written = lookup(unresolved, key)
+        env = _ENV_REFERENCE.search(written) if isinstance(written, str) else None
         where = (
             f"export {env.group(1)} where Airflow loads the sweep (its dag-processor, scheduler and workers; "
             "`${oc.env:...}` resolves there, not on the login node), or set "

@@ -84,7 +84,7 @@ class _Expander:
             self.bad(key, f"expected a mapping of key: value, got {type(values).__name__}")
             return {}
         flat: dict[str, _Value] = {}
-        for k, value in flatten_mapping(values, _is_leaf):
+        for k, value in flatten_mapping(values):
             if not _VALUE_KEY.match(k):
                 self.bad(join_key(key, k), "invalid key (use a dotted config path or a plain name)")
             elif k in flat:
@@ -103,7 +103,7 @@ class _Expander:
         sizes = [self.size(c, key) if _is_group(c) else 1 for c in configs]
         if kind == "list":
             return sum(sizes)
-        leaves = flatten_mapping(axes, _is_leaf)
+        leaves = flatten_mapping(axes)
         return math.prod(len(v) if isinstance(v, list) else 1 for _, v in leaves) * math.prod(sizes)
 
     def expand(self, group: Mapping[str, Any], key: str, *, top: bool = False) -> list[dict[str, _Value]]:
@@ -132,7 +132,7 @@ class _Expander:
         factors: list[list[dict[str, _Value]]] = []
         seen_axes: set[str] = set()
         # nested axes (`backend: {args: {lr: [...]}}`) name the same axis as `backend.args.lr: [...]`
-        for axis, values in flatten_mapping(axes, _is_leaf):
+        for axis, values in flatten_mapping(axes):
             axis_key = join_key(axes_key, axis)
             if axis in seen_axes:
                 self.bad(axis_key, "axis given twice (once nested, once as a dotted key)")
@@ -169,18 +169,16 @@ class _Expander:
         return [{**defaults, **p} for p in points]
 
 
-def flatten_mapping(values: Mapping[Any, Any], leaf: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    """(dotted key, value) pairs down to the values `leaf` accepts; keys are rendered as text, so a
-    non-string key (YAML's `1:` or `true:`) surfaces as an invalid key rather than a type error."""
+def flatten_mapping(values: Mapping[Any, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value) pairs down to the values that are no mapping (or an empty one), as a config
+    file's nesting means: `{backend: {args: {lr: 1}}}` gives `("backend.args.lr", 1)`."""
     pairs: list[tuple[str, Any]] = []
     for k, value in values.items():
         key = f"{prefix}.{k}" if prefix else str(k)
-        if not isinstance(k, str):
-            key = f"{prefix}.{k!r}" if prefix else repr(k)
-        if leaf(value):
+        if _is_leaf(value):
             pairs.append((key, value))
         else:
-            pairs += flatten_mapping(value, leaf, key)
+            pairs += flatten_mapping(value, key)
     return pairs
 
 

@@ -9,6 +9,7 @@ time); they are accepted here for any type and checked again once resolved.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from functools import cache
@@ -76,8 +77,9 @@ class Validator:
         if tp is Any:
             return value
         if is_unresolved(value):
-            if dataclasses.is_dataclass(tp) or get_origin(tp) in (list, dict):
-                # the DAG is built from sections, lists and mappings at parse time: they cannot wait for the run
+            # once resolved, a `${...}` left is a run-time one; but the DAG is built from sections, lists
+            # and mappings at parse time: they cannot wait for the run (a raw file's are resolved later)
+            if not self.partial and (dataclasses.is_dataclass(tp) or get_origin(tp) in (list, dict)):
                 return self._bad(key, f"expected {type_name(tp)}, got a run-time interpolation {shown(value)}")
             return value
         if dataclasses.is_dataclass(tp):
@@ -186,7 +188,7 @@ def iteration_arg(args: dict[str, Any], key: str) -> int | None:
     value = args.get(key)
     if value is None or is_unresolved(value):  # resolved at run time (an escaped interpolation)
         return None
-    if isinstance(value, str) and value.strip().isdigit() and len(value.strip().lstrip("0")) <= 19:
+    if isinstance(value, str) and re.fullmatch(r"[0-9]{1,19}", value.strip().lstrip("0") or "0"):
         value = int(value.strip().lstrip("0") or "0")
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < MAX_ITERATIONS:
         message = f"expected a whole number of iterations, got {shown(value)}"

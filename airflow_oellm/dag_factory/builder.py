@@ -23,6 +23,7 @@ from airflow.sdk import DAG, task_group
 from airflow.sdk.definitions.param import ParamsDict
 
 from airflow_oellm.config import Experiment, Sweep
+from airflow_oellm.config.milestones import SIDE_JOB_ATTEMPTS
 from airflow_oellm.operators.prepare import (
     OVERRIDES_PARAM,
     CooldownPlanOperator,
@@ -88,9 +89,7 @@ def experiment_dag(sweep: Sweep, exp: Experiment, config_dirs: list[str] | None 
     waiting = {"deferrable": cfg.dag.deferrable}
     restart = restart_policy(cfg)
     training = {**conn, **waiting, **restart, **templates}
-    # side jobs are idempotent; one retry covers a lost worker or a deferral race (a job that ends
-    # within a second of the task deferring can be marked for retry by the scheduler)
-    side = {**conn, **waiting, **templates, "retries": 1, "retry_delay": restart["retry_delay"]}
+    side = {**conn, **waiting, **templates, "retries": SIDE_JOB_ATTEMPTS - 1, "retry_delay": restart["retry_delay"]}
     with DAG(
         dag_id=exp.dag_id,
         schedule=cfg.dag.schedule,
@@ -110,6 +109,7 @@ def experiment_dag(sweep: Sweep, exp: Experiment, config_dirs: list[str] | None 
             config_dirs=config_dirs or [],
             param_defaults=defaults,
             scheduled=cfg.dag.schedule is not None,
+            checkpoint_branch=cfg.conversion.enabled,
             **conn,
         )
         config = prepare.output["config"]

@@ -18,43 +18,25 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any
 
 from airflow.sdk import BaseOperator, Param
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 import airflow_oellm
-from airflow_oellm.config import ConfigError, load_sweep
-from airflow_oellm.config.budget import (
-    PLANNED_RECORD,
-    PlannedGpuHours,
-    experiment_budget_issue,
-    planned_gpu_hours,
-    sweep_budget_issue,
-)
-from airflow_oellm.config.errors import Issue, shown
-from airflow_oellm.config.loader import Experiment, Sweep, planned_hours
-from airflow_oellm.config.milestones import Milestones, plan, with_cooldown_points
-from airflow_oellm.config.noops import inert_overrides
-from airflow_oellm.config.overrides import parse_overrides
+from airflow_oellm.config import ConfigError
+from airflow_oellm.config.budget import PLANNED_RECORD
+from airflow_oellm.config.errors import shown
+from airflow_oellm.config.overrides import lookup, parse_overrides
+from airflow_oellm.config.run import COOLDOWN_POINTS_PARAM, RunPlan, RunRequest, plan_run
 from airflow_oellm.hooks.slurm import SlurmHook
 from airflow_oellm.slurm.operations import CycleRequest
 from airflow_oellm.slurm.render import RenderError, render_run_scripts
 
 OVERRIDES_PARAM = "overrides"
-COOLDOWN_POINTS_PARAM = "cooldowns.at"
 # what identifies the experiment: a run may not move it
 PROTECTED = ("project.name", "project.base_output_dir", "sweep", "experiment")
 _JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string"}
-
-
-def lookup(config: Mapping[str, Any], key: str) -> Any:
-    node: Any = config
-    for part in key.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return None
-        node = node[part]
-    return node
 
 
 def run_params(config: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Param]:
@@ -107,17 +89,6 @@ def check_protected(overrides: Sequence[str]) -> None:
             )
 
 
-class RunPlan(NamedTuple):
-    """What `prepare` decided for one run."""
-
-    experiment: Experiment
-    config: dict[str, Any]
-    overrides: list[str]
-    milestones: Milestones
-    when: datetime
-    planned: PlannedGpuHours
-
-
 def one_line(problem: object) -> str:
     """A task failure's reason on one line (Airflow shows the first line of an exception)."""
     return "; ".join(line.strip() for line in str(problem).splitlines() if line.strip())
@@ -144,9 +115,11 @@ class PrepareExperimentOperator(BaseOperator):
         ssh_conn_id: str | None = None,
         local: bool = False,
         batch_system: str = "slurm",
+        checkpoint_branch: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.checkpoint_branch = checkpoint_branch  # the DAG converts and evaluates checkpoints
         self.sweep_file = sweep_file
         self.sweep_overrides = list(sweep_overrides)  # the ones the DAG was built with
         self.experiment_name = experiment_name
@@ -207,68 +180,30 @@ class PrepareExperimentOperator(BaseOperator):
             )
         values = {**self.param_defaults, **params, **conf}
         points = values.pop(COOLDOWN_POINTS_PARAM, None)
-        default_points = self.param_defaults.get(COOLDOWN_POINTS_PARAM)
         overrides = override_strings(values, {k: v for k, v in self.param_defaults.items() if k in values})
         try:
             check_protected(overrides)
         except ConfigError as exc:  # an override that does not even parse
             raise AirflowFailException(f"invalid overrides for this run: {one_line(exc)}") from None
-        when: datetime = dag_run.run_after
-        extra = []
-        if self.scheduled and dag_run.logical_date is not None:
-            # each scheduled interval (and backfill) writes its own directory: runs never collide
-            base = load_sweep(
-                self.sweep_file, self.sweep_overrides, config_dirs=self.config_dirs, only=self.experiment_name
-            )
-            base = base.experiment(self.experiment_name)
-            stamp = dag_run.logical_date.strftime("%Y%m%dT%H%M%S")
-            extra = [f"project.base_output_dir={base.config.project.base_output_dir}/runs/{stamp}"]
-
-        def run_config(run_overrides: Sequence[str]) -> tuple[Sweep, Experiment, dict[str, Any]]:
-            sweep = load_sweep(
-                self.sweep_file,
-                [*self.sweep_overrides, *run_overrides, *extra],
-                config_dirs=self.config_dirs,
-                only=self.experiment_name,
-            )
-            experiment = sweep.experiment(self.experiment_name)
-            return sweep, experiment, experiment.runtime_config(when)
-
+        scheduled = self.scheduled and dag_run.logical_date is not None
+        request = RunRequest(
+            sweep_file=self.sweep_file,
+            experiment_name=self.experiment_name,
+            when=dag_run.run_after,
+            overrides=overrides,
+            sweep_overrides=self.sweep_overrides,
+            config_dirs=self.config_dirs,
+            cooldown_points=points if points != self.param_defaults.get(COOLDOWN_POINTS_PARAM) else None,
+            scheduled_stamp=dag_run.logical_date.strftime("%Y%m%dT%H%M%S") if scheduled else None,
+            checkpoint_branch=self.checkpoint_branch,
+            cooldown_branch=COOLDOWN_POINTS_PARAM in self.param_defaults,
+        )
         try:
-            sweep, experiment, config = run_config(overrides)
-            inert = inert_overrides(lambda rest: run_config(rest)[2], overrides, config)
-            if inert:
-                raise ConfigError(inert)
-            if points is not None and points != default_points:
-                config = with_cooldown_points(config, points)
-                overrides.append(f"{COOLDOWN_POINTS_PARAM}={json.dumps(points)}")  # for the provenance record
-            milestones = plan(config)
-            render_run_scripts(config, milestones, sweep.template_dirs)
-            planned = planned_gpu_hours(config)
-            over = self._over_budget(experiment, planned)
-            if over:
-                raise ConfigError(over)
+            run = plan_run(request)
+            render_run_scripts(run.config, run.milestones, run.sweep.template_dirs)
         except (ConfigError, RenderError) as exc:
             raise AirflowFailException(f"invalid overrides or config for this run: {one_line(exc)}") from None
-        return RunPlan(experiment, config, overrides, milestones, when, planned)
-
-    def _over_budget(self, experiment: Experiment, planned: PlannedGpuHours) -> list[Issue]:
-        """This run against its own limit, and with every other experiment's plan against the sweep's."""
-        project = experiment.config.project
-        issues = [experiment_budget_issue(experiment.config, planned, experiment.name)]
-        if project.gpu_hour_budget is not None:
-            whole = load_sweep(
-                self.sweep_file, self.sweep_overrides, config_dirs=self.config_dirs, enforce_budget=False
-            )
-            others = [e for e in whole.experiments if e.name != experiment.name]
-            issues.append(
-                sweep_budget_issue(
-                    project.gpu_hour_budget,
-                    {**planned_hours(others), experiment.name: planned},
-                    extra=f" with this run's overrides (this run: {planned.total:,.1f})",
-                )
-            )
-        return [experiment.origins.issue(i.message, i.key) for i in issues if i is not None]
+        return run
 
     def _write_provenance(
         self, config: dict[str, Any], unresolved: dict[str, Any], overrides: list[str], run_id: str, when: datetime

@@ -66,12 +66,16 @@ def used_gpu_hours(results: Mapping[str, Sequence[Mapping[str, Any] | None]]) ->
 
 
 def gpu_hours_line(planned: Mapping[str, Any] | None, used: Mapping[str, float]) -> str:
-    """`GPU-hours used: 12.3 of 39.0 planned (training 8.0 of 24.0, ...)`."""
+    """`GPU-hours used: 12.3 of 39.0 planned (training 8.0 of 24.0, ...)`; an unlimited plan is None."""
     names = {"training": "training", "cooldowns": "cooldowns", "side_jobs": "conversions and evaluations"}
     if not planned:
         return f"GPU-hours used: {used['total']:.3g}"
-    parts = ", ".join(f"{name} {used.get(kind, 0):.3g} of {planned.get(kind, 0):.3g}" for kind, name in names.items())
-    return f"GPU-hours used: {used['total']:.3g} of {planned.get('total', 0):.3g} planned ({parts})"
+
+    def figure(value: float | None) -> str:
+        return "unlimited" if value is None else f"{value:.3g}"
+
+    parts = ", ".join(f"{name} {used.get(kind, 0):.3g} of {figure(planned.get(kind))}" for kind, name in names.items())
+    return f"GPU-hours used: {used['total']:.3g} of {figure(planned.get('total'))} planned ({parts})"
 
 
 def markdown(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -200,8 +204,7 @@ class ExperimentReportOperator(BaseOperator):
 
     def _side_job_results(self, ti: Any, checkpoints: int, cooldowns: Sequence[Mapping[str, Any]]) -> list[Any]:
         """Results of every conversion and evaluation task of the run (mapped: one per branch)."""
-        branches = [("checkpoint", i) for i in range(checkpoints)]
-        branches += [("cooldown", i) for i, c in enumerate(cooldowns) if c.get("suites")]
+        branches = [("checkpoint", i) for i in range(checkpoints)] + [("cooldown", i) for i in range(len(cooldowns))]
         return [self._result(ti, f"{group}.{task}", i) for group, i in branches for task in self.side_job_task_ids]
 
     def _read_metrics(self, wanted: list[tuple[str, str, int, str]]) -> dict[str, dict[tuple[int, str], Any]]:

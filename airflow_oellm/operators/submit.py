@@ -19,7 +19,7 @@ from typing import Any
 
 from airflow.sdk import BaseOperator, Variable
 from airflow.sdk.definitions.template import literal
-from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 
 from airflow_oellm.config.errors import ConfigError
 from airflow_oellm.config.milestones import EVALUATE, evaluation_files, job_config, resume_own_checkpoint, typed
@@ -216,6 +216,9 @@ class SlurmSubmitOperator(BaseOperator):
     # ---------------------------------------------------------------- submit
 
     def execute(self, context: Any) -> Any:
+        if self.job and self.job.get("kind") == EVALUATE and not self.job.get("suites"):
+            # a cooldown's branch converts its final checkpoint whatever its suites; none may be due
+            raise AirflowSkipException("no evaluation suite is due for this checkpoint")
         ti = context["ti"]
         s = self._settings()
         store = context.get("task_state_store")

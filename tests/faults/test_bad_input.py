@@ -96,7 +96,7 @@ HOSTILE_CONFS = [
         {"overrides": ["+vars.x=-1"]},
         "override '+vars.x=-1' changes nothing this run submits or watches: no job setting refers to this variable",
     ),
-    ({"overrides": ["dag.schedule=@daily"]}, "the DAG is built when the file is parsed; a run cannot change it"),
+    ({"overrides": ["dag.schedule=@daily"]}, "the DAG is built when the file is parsed"),
     ({"overrides": ["backend.args.save_interval=5000"]}, "it sets the value the run already has"),
     (
         {"backend.args.train_iters": 100000, "overrides": ["+vars.unused=1"]},
@@ -161,12 +161,12 @@ def test_overrides_that_change_the_jobs_reach_the_cluster(monkeypatch, tmp_path)
 
 
 def test_an_unexpected_error_applying_the_conf_fails_once_in_one_line(monkeypatch):
-    import airflow_oellm.operators.prepare as prepare
+    import airflow_oellm.config.run as run
 
     def broken_plan(config):
         raise TypeError("unhashable type: 'dict'\nsecond line")
 
-    monkeypatch.setattr(prepare, "plan", broken_plan)
+    monkeypatch.setattr(run, "plan", broken_plan)
     task, context, pushed = prepare_context({})
     with pytest.raises(AirflowFailException) as failure:  # not retried
         task.execute(context)

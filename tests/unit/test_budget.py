@@ -134,18 +134,22 @@ def test_prepare_refuses_a_run_its_overrides_push_over_the_budget(write, project
     path = sweep_file(write, budget=120)  # 3 x 39.0 = 117.0 planned
     task, run, params = prepare_task(path, {})
     assert task._apply_conf(run, params).planned.as_record()["total"] == 39.0
-    task, run, params = prepare_task(path, {"overrides": ["restart.max_attempts=4"]})
+    task, run, params = prepare_task(path, {"overrides": ["slurm.nodes=3"]})
     with pytest.raises(AirflowFailException) as failure:
         task._apply_conf(run, params)
+    # three nodes: training 3 x 4 x 1 h x 3, the cooldown (it inherits them) 3 x 4 x 0.5 h x 3, evaluations 3
     assert (
-        "b.yaml:2: project.gpu_hour_budget: the sweep plans 129.0 GPU-hours with this run's overrides "
-        "(this run: 51.0) for 3 experiment(s), over its budget of 120.0 (largest: b_lr0.2 51.0, b_lr0.1 39.0, "
+        "b.yaml:2: project.gpu_hour_budget: the sweep plans 135.0 GPU-hours with this run's overrides "
+        "(this run: 57.0) for 3 experiment(s), over its budget of 120.0 (largest: b_lr0.2 57.0, b_lr0.1 39.0, "
         "b_lr0.3 39.0;"
     ) in str(failure.value)
-    # the cooldown inherits the attempts: training 4 x 8, cooldown 4 x 4, evaluations 3
+    # the retries are the DAG's (Airflow sets them when it builds the DAG): a run cannot add attempts
+    task, run, params = prepare_task(path, {"overrides": ["restart.max_attempts=4"]})
+    with pytest.raises(AirflowFailException, match=r"'restart\.max_attempts=4' changes nothing this run submits"):
+        task._apply_conf(run, params)
     # a per-experiment limit in the sweep file applies to each run of it, with the run's overrides
     path.write_text(path.read_text().replace("gpu_hour_budget: 120", "gpu_hour_budget_per_experiment: 40"))
-    task, run, params = prepare_task(path, {"slurm.time": 3600, "overrides": ["slurm.nodes=3"]})
+    task, run, params = prepare_task(path, {"overrides": ["slurm.nodes=3"]})
     with pytest.raises(AirflowFailException, match=r"experiment b_lr0\.2 is over its GPU-hour budget: 57\.0 planned"):
         task._apply_conf(run, params)
 
@@ -167,3 +171,80 @@ def test_the_report_adds_up_what_every_job_used_against_the_plan():
         "conversions and evaluations 0.25 of 3)"
     )
     assert gpu_hours_line(None, used) == "GPU-hours used: 12.2"
+
+
+def test_a_cooldown_branch_converts_even_without_suites_and_the_plan_counts_it(write, project):
+    # evaluations off: no checkpoint branch entries, but the cooldown's final checkpoint is still converted
+    path = sweep_file(write)
+    text = path.read_text().replace("  suites: [{name: quick, when: every}]\n", "  enabled: false\n")
+    path.write_text(text.replace("gpus_per_node: 0, time: 600", "gpus_per_node: 1, time: 600"))
+    experiment = load_sweep(path).experiments[0]
+    planned = planned_gpu_hours(experiment.runtime_config())
+    assert planned.side_jobs == 1 * 1 * (600 / 3600) * 2  # one conversion, two attempts, nothing evaluated
+
+
+def test_an_unlimited_time_limit_plans_unlimited_hours(write, project, capsys):
+    path = sweep_file(write)
+    experiment = load_sweep(path, ["slurm.time=UNLIMITED"]).experiments[0]
+    record = planned_gpu_hours(experiment.runtime_config()).as_record()
+    assert record["training"] is None and record["total"] is None and record["side_jobs"] == 3.0
+    json.dumps(record, allow_nan=False)  # it travels as XCom: no Infinity
+    with pytest.raises(ConfigError, match=r"unlimited planned: training unlimited"):
+        load_sweep(path, ["slurm.time=UNLIMITED", "+project.gpu_hour_budget_per_experiment=1000"])
+
+
+def test_an_invalid_side_job_time_is_a_config_error_when_planning(write, project):
+    path = sweep_file(write, budget=1000)
+    with pytest.raises(ConfigError, match=r"evaluation\.resources\.time: "):
+        load_sweep(path, ["evaluation.resources.time=soon"])
+
+
+def test_a_cooldown_cannot_override_what_its_parents_dag_sets(write, project):
+    path = sweep_file(write)
+    path.write_text(
+        path.read_text().replace("overrides: [slurm.time=1800,", "overrides: [restart.max_attempts=9, slurm.time=1800,")
+    )
+    with pytest.raises(ConfigError) as err:
+        load_sweep(path, ["+project.gpu_hour_budget_per_experiment=1000"])
+    assert "a cooldown is a task of its parent's DAG, which sets its retries, schedule and project: " in str(err.value)
+    assert "'restart.max_attempts=9' would change nothing" in str(err.value)
+
+
+def test_a_run_cannot_ask_for_branches_its_dag_was_built_without(write, project):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    path = sweep_file(write)
+    # the same sweep without its cooldown: its DAG has no cooldown branch
+    path.write_text(
+        path.read_text().replace(
+            "cooldowns: [{at: 50, overrides: [slurm.time=1800, backend.args.train_iters=60]}]\n", ""
+        )
+    )
+    task, run, params = prepare_task(path, {"overrides": ["+cooldowns=[{at: 50}]"]})
+    with pytest.raises(AirflowFailException, match=r"cooldowns: this DAG has no cooldown branch"):
+        task._apply_conf(run, params)
+
+
+def test_two_overrides_of_one_key_name_the_other(write, project):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    path = sweep_file(write)
+    # the trigger form's field and the free list set the same value: the first is the one that does nothing
+    task, run, params = prepare_task(path, {"slurm.time": "0:30:00", "overrides": ["slurm.time=0:30:00"]})
+    with pytest.raises(AirflowFailException) as failure:
+        task._apply_conf(run, params)
+    assert "override 'slurm.time=\"0:30:00\"' changes nothing this run submits or watches: override " in str(
+        failure.value
+    )
+    assert "sets the same key" in str(failure.value)
+
+
+def test_an_evaluation_with_no_suite_due_submits_nothing():
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    from airflow_oellm.operators.submit import SlurmSubmitOperator
+
+    task = SlurmSubmitOperator(task_id="evaluate", experiment={"any": "config"}, job={"kind": "evaluate"})
+    task.job = {"kind": "evaluate", "iteration": 60, "suites": []}  # as Airflow renders the branch's XCom
+    with pytest.raises(AirflowSkipException, match="no evaluation suite is due for this checkpoint"):
+        task.execute({})  # before any connection or context is touched

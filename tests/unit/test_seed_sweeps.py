@@ -260,3 +260,41 @@ def test_flags_left_out_either_way_are_the_same_job(write, project):
         load_sweep(path)
     differ = write("config/sweeps/g.yaml", HEAD + "sweep: {axes: {backend.args.fp16: [true, false]}}\n")
     assert len(load_sweep(differ).experiments) == 2
+
+
+def test_a_load_time_interpolation_may_give_a_list_or_a_section(write, project):
+    # `${vars.modules}` resolves when the sweep loads: only what is left for the run must be a single value
+    path = write(
+        "config/sweeps/l.yaml",
+        HEAD + "vars: {modules: [gcc, cuda]}\nplatform: {modules: '${vars.modules}'}\n",
+    )
+    assert load_sweep(path).experiments[0].config.platform.modules == ["gcc", "cuda"]
+    deferred = write("config/sweeps/d.yaml", HEAD + "platform: {modules: '$${vars.modules}'}\n")
+    with pytest.raises(ConfigError, match=r"platform\.modules: expected a list, got a run-time interpolation"):
+        load_sweep(deferred)
+
+
+def test_axes_that_reach_the_job_at_run_time_are_not_inert(write, project):
+    # an escaped interpolation resolves when the run starts: the seeds differ then, so the jobs do
+    path = write(
+        "config/sweeps/r.yaml",
+        HEAD + "backend: {args: {seed: '$${vars.seed}'}}\nsweep: {axes: {seed: [1, 2]}}\n",
+    )
+    sweep = load_sweep(path)
+    assert [e.runtime_config()["backend"]["args"]["seed"] for e in sweep.experiments] == [1, 2]
+
+
+def test_the_same_point_twice_is_named_as_such(write, project):
+    path = write(
+        "config/sweeps/t.yaml",
+        HEAD + "sweep: {name_template: 'p{index}', type: list, groups: [{backend.args.lr: 1}, {backend.args.lr: 1}]}\n",
+    )
+    with pytest.raises(ConfigError, match=r"sweep: #0 and #1 are the same point: 2 experiments would run identical"):
+        load_sweep(path)
+
+
+def test_iteration_counts_are_ascii_digits(write, project):
+    path = write("config/sweeps/u.yaml", HEAD)
+    for value in ("²", "٣"):
+        with pytest.raises(ConfigError, match=r"backend\.args\.train_iters: expected a whole number of iterations"):
+            load_sweep(path, [f"backend.args.train_iters={value}"])
