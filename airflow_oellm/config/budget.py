@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from airflow_oellm.config.errors import ConfigError, Issue
-from airflow_oellm.config.milestones import SIDE_JOB_ATTEMPTS, job_config, plan, typed
+from airflow_oellm.config.milestones import SIDE_JOB_ATTEMPTS, plan_runs
 from airflow_oellm.config.schema import JobResources, RootConfig, SlurmConfig
 from airflow_oellm.slurm.timespec import time_limit_seconds
 
@@ -62,8 +62,8 @@ def planned_gpu_hours(config: dict[str, Any]) -> PlannedGpuHours:
     retries are set when the DAG is built), a conversion per converted checkpoint and per training
     cooldown, an evaluation where suites are due, `SIDE_JOB_ATTEMPTS` each.
     """
-    cfg = typed(config)
-    milestones = plan(config)
+    runs = plan_runs(config)
+    cfg, milestones = runs.config, runs.milestones
     attempts = cfg.restart.max_attempts
     training = attempt_gpu_hours(cfg.slurm) * attempts
     convert = attempt_gpu_hours(cfg.conversion.resources, "conversion.resources.time")
@@ -71,8 +71,7 @@ def planned_gpu_hours(config: dict[str, Any]) -> PlannedGpuHours:
     evaluated = sum(1 for e in milestones.evaluations if e["suites"])
     side_jobs = len(milestones.evaluations) * convert + evaluated * evaluate
     cooldowns = 0.0
-    for c in milestones.cooldowns:
-        child = typed(job_config(config, {"kind": "cooldown", "cooldown": c["index"]}))
+    for c, child in zip(milestones.cooldowns, runs.cooldowns, strict=True):
         where = f"cooldowns[at={c['at']}].overrides: "
         cooldowns += attempt_gpu_hours(child.slurm, where + "slurm.time") * attempts
         if child.conversion.enabled:  # the DAG converts every training cooldown's final checkpoint

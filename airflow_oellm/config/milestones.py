@@ -216,7 +216,6 @@ def cooldown_config(
         raise ConfigError(
             [Issue(i.message, f"cooldowns[at={spec.at}].overrides: {i.key}") for i in exc.issues]
         ) from None
-    typed(job)
     return job
 
 
@@ -256,15 +255,30 @@ def plan(config: dict[str, Any]) -> Milestones:
 
     Entries are small: the DAG's mapped tasks rebuild each side job's config with `job_config`.
     """
+    return plan_runs(config).milestones
+
+
+@dataclass
+class PlannedRuns:
+    """A run's milestones with the typed configs they were made from (not for XCom)."""
+
+    config: RootConfig
+    milestones: Milestones
+    cooldowns: list[RootConfig] = field(default_factory=list)  # one per `milestones.cooldowns` entry
+
+
+def plan_runs(config: dict[str, Any]) -> PlannedRuns:
+    """`plan`, keeping the experiment's and each training cooldown's typed config."""
     cfg = typed(config)
     args = cfg.backend.args
     if cfg.backend.name != "megatron":
-        return Milestones(checkpoints=[])
+        return PlannedRuns(cfg, Milestones(checkpoints=[]))
     train_iters = iteration_arg(args, "train_iters") or 0
     if train_iters <= 0:
-        return Milestones(checkpoints=[])
+        return PlannedRuns(cfg, Milestones(checkpoints=[]))
     checkpoints = expected_checkpoints(train_iters, iteration_arg(args, "save_interval"))
     milestones = Milestones(checkpoints=checkpoints)
+    runs = PlannedRuns(cfg, milestones)
     milestones.evaluations = _evaluations(cfg, checkpoints, train_iters, None, cooldown=None)
     known = [s.name for s in cfg.evaluation.suites]
     for index, spec in enumerate(cfg.cooldowns):
@@ -292,7 +306,8 @@ def plan(config: dict[str, Any]) -> Milestones:
                 "suites": evals[0]["suites"] if evals else [],
             }
         )
-    return milestones
+        runs.cooldowns.append(child)
+    return runs
 
 
 def _add_suites(evaluations: list[dict[str, Any]], extra: list[dict[str, Any]]) -> None:
