@@ -265,39 +265,68 @@ def cmd_detect_platform(args: argparse.Namespace) -> int:
     return 0
 
 
-def _configured_events(path: str, config_dirs: list[str]) -> list[dict[str, Any]]:
-    """`monitoring.log_events` of a sweep (its first experiment) or of any config file; raises ConfigError."""
+def _configured_monitoring(path: str, config_dirs: list[str]) -> Any:
+    """The typed `monitoring` section of a sweep (its first experiment) or of any config file; raises ConfigError."""
     import re as regex
 
     from airflow_oellm.config import ConfigError, Issue, load_sweep
     from airflow_oellm.config.compose import check_file_keys
+    from airflow_oellm.config.schema import MonitoringConfig
+    from airflow_oellm.config.validate import Validator
     from airflow_oellm.config.yamlio import key_line, load_yaml
 
     data = load_yaml(path)
     if "project" in data and "sweep" in data:
-        events = load_sweep(path, config_dirs=config_dirs).experiments[0].config.monitoring.log_events
-        return [vars(e) for e in events]
+        return load_sweep(path, config_dirs=config_dirs).experiments[0].config.monitoring
     check_file_keys(path, data)
-    items = ((data.get("monitoring") or {}).get("log_events")) or []
-    issues = []
-    for i, item in enumerate(items):
-        key = f"monitoring.log_events[{i}].pattern"
-        if item.get("pattern_type", "regex") == "regex":
+    validator = Validator()
+    monitoring = validator.check(data.get("monitoring") or {}, MonitoringConfig, "monitoring")
+    issues = [Issue(i.message, i.key, path, key_line(path, i.key)) for i in validator.issues]
+    patterns = [
+        (f"monitoring.log_events[{i}].pattern", e.pattern, e.pattern_type)
+        for i, e in enumerate(monitoring.log_events if monitoring else [])
+    ]
+    for i, rule in enumerate(monitoring.rules if monitoring else []):
+        patterns += [(f"monitoring.rules[{i}].{k}", getattr(rule, k), "regex") for k in ("pattern", "node_pattern")]
+    for key, pattern, kind in patterns:
+        if pattern is not None and kind == "regex":
             try:
-                regex.compile(item["pattern"])
-            except (regex.error, KeyError) as exc:
+                regex.compile(pattern)
+            except regex.error as exc:
                 issues.append(Issue(f"invalid regex: {exc}", key, path, key_line(path, key)))
     if issues:
         raise ConfigError(issues)
-    return items
+    return monitoring
+
+
+def _outcome_arg(text: str) -> tuple[Any, int | None, str | None]:
+    """`STATE[:EXIT_CODE]` (`FAILED:16`, `TIMEOUT`, `CANCELLED by 1001`) -> (state, exit code, cancelled by)."""
+    from airflow_oellm.slurm.states import JobState
+
+    state_text, _, code = text.partition(":")
+    state = JobState.parse(state_text)
+    if state is JobState.UNKNOWN or not (code == "" or code.strip().lstrip("-").isdigit()):
+        raise argparse.ArgumentTypeError(
+            f"expected STATE[:EXIT_CODE] with a SLURM state (COMPLETED, FAILED:16, TIMEOUT, ...), got {text!r}"
+        )
+    who = state_text.partition(" by ")[2]
+    return state, int(code) if code.strip() else None, who.strip() or None
 
 
 def cmd_events(args: argparse.Namespace) -> int:
     from airflow_oellm.config import ConfigError
+    from airflow_oellm.monitor.classify import (
+        DEFAULT_RULES,
+        NAN_INTERVALS,
+        attempt_outcome,
+        classify,
+        rules_from_config,
+    )
     from airflow_oellm.monitor.events import event_specs, match_log
+    from airflow_oellm.monitor.watch import TAIL_BYTES, empty_summary, summarize
 
     try:
-        configured = _configured_events(args.config, args.config_dir) if args.config else []
+        monitoring = _configured_monitoring(args.config, args.config_dir) if args.config else None
     except ConfigError as exc:
         return _fail(exc)
     try:
@@ -305,7 +334,10 @@ def cmd_events(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"error: {args.logfile}: {exc.strerror}", file=sys.stderr)
         return 1
+    configured = [vars(e) for e in monitoring.log_events] if monitoring else []
+    summary = empty_summary()
     for event in match_log(data, event_specs(configured, builtins=not args.no_builtins)):
+        summarize(summary, event)
         if args.json:
             print(
                 json.dumps(
@@ -321,6 +353,33 @@ def cmd_events(args: argparse.Namespace) -> int:
         else:
             groups = " ".join(f"{k}={v}" for k, v in event.groups.items())
             print(f"{event.line_no:>7}  {event.name:<18} {groups}")
+    if args.outcome is None:
+        return 0
+    state, exit_code, cancelled_by = args.outcome
+    saved = summary["checkpoints_saved"]
+    # the watcher reads the tracker file; offline, the last save the log reports stands in for it
+    after = max(saved) if saved else summary["resumed_from"]
+    outcome = attempt_outcome(
+        state,
+        summary,
+        data[-TAIL_BYTES:].decode("utf-8", errors="replace"),
+        exit_code=exit_code,
+        cancelled_by=cancelled_by,
+        checkpoint_before=summary["resumed_from"],
+        checkpoint_after=after,
+        nan_limit=monitoring.nan_intervals if monitoring else NAN_INTERVALS,
+    )
+    rules = [*rules_from_config([vars(r) for r in monitoring.rules] if monitoring else []), *DEFAULT_RULES]
+    verdict = classify(outcome, rules)
+    conclusion = {**verdict.to_dict(), "resume_from": after if verdict.verdict == "retry" else None}
+    if args.json:
+        print(json.dumps(conclusion))
+        return 0
+    print(f"outcome: {verdict.verdict}: {verdict.reason}")
+    print(f"exclude nodes: {', '.join(verdict.exclude_nodes) or '-'}")
+    if verdict.verdict == "retry":
+        where = f"checkpoint {after}" if after else "the start (no checkpoint in the log)"
+        print(f"resumes from: {where}")
     return 0
 
 
@@ -473,10 +532,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="match log events in a log file, as the job watcher does",
         description="Run the same event matching as the training watcher over a log file: built-in Megatron events "
         "(iteration, validation, checkpoint_saved, faults, ...) plus the monitoring.log_events of --config. "
-        "One line (or JSON object) per event.",
+        "One line (or JSON object) per event; with --outcome, then the verdict the classifier would give (with "
+        "--json, the last line is one object: verdict, reason, exclude_nodes, progress_free, resume_from).",
     )
     p.add_argument("logfile", help="a job log")
-    p.add_argument("--config", metavar="CONFIG", help="a sweep or config file with monitoring.log_events")
+    p.add_argument(
+        "--config", metavar="CONFIG", help="a sweep or config file: its monitoring.log_events, rules and nan_intervals"
+    )
+    p.add_argument(
+        "--outcome",
+        metavar="STATE[:EXIT_CODE]",
+        type=_outcome_arg,
+        help="also say what the watcher would conclude if the job ended now in this SLURM state (FAILED:16, "
+        "TIMEOUT, COMPLETED): verdict, reason, nodes to exclude, the checkpoint it resumes from",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per event: name, groups, line_no, ...")
     p.add_argument("--no-builtins", action="store_true", help="only the configured events")
     p.set_defaults(func=cmd_events)

@@ -45,6 +45,7 @@ from airflow_oellm.config.sweep import SweepError, SweepPoint, expand_sweep
 from airflow_oellm.config.validate import Validator, iteration_arg, schema_fields
 from airflow_oellm.config.yamlio import key_line, load_yaml
 from airflow_oellm.slurm.shell import ShellSafetyError, check_env_name, check_module
+from airflow_oellm.slurm.states import JobState
 from airflow_oellm.slurm.timespec import time_limit_seconds
 
 _UNESCAPED_INTERPOLATION = re.compile(r"(?<!\\)\$\{")
@@ -236,6 +237,22 @@ def semantic_problems(cfg: RootConfig, data: Mapping[str, Any]) -> list[tuple[st
                             f"{', '.join(compiled.groupindex) or 'none'}",
                         )
                     )
+    for i, rule in enumerate(m.rules):
+        for field_name in ("pattern", "node_pattern"):
+            regex = getattr(rule, field_name)
+            if regex is not None and not _contains_interpolation(regex):
+                try:
+                    re.compile(regex)
+                except (re.error, RecursionError, OverflowError, ValueError) as exc:
+                    problems.append((f"monitoring.rules[{i}].{field_name}", f"invalid regex: {shown(str(exc), 200)}"))
+        for j, state in enumerate(rule.states):
+            if JobState.parse(state) is JobState.UNKNOWN:
+                problems.append(
+                    (
+                        f"monitoring.rules[{i}].states[{j}]",
+                        f"not a SLURM job state: {shown(state)} (e.g. FAILED, TIMEOUT, CANCELLED, NODE_FAIL)",
+                    )
+                )
     for name in cfg.platform.env:
         try:
             check_env_name(name)

@@ -744,7 +744,12 @@ def _log_event(t: Translation, event: dict[str, Any], where: SeedKey) -> None:
         problem = "not translated: a log event needs a name and a pattern"
     if problem is not None:
         t.note(where, problem)
-    elif BUILTIN_PATTERNS.get(str(name)) == spec["pattern"]:
+    elif BUILTIN_PATTERNS.get(str(name)) == spec["pattern"] or (
+        name == "checkpoint_saved"
+        and _is_checkpoint_event(spec)
+        and _is_checkpoint_event({"pattern": BUILTIN_PATTERNS[name]})
+    ):
+        # the built-in checkpoint event knows every Megatron wording: a seed one of that name would replace it
         t.note(where, f"not needed: the built-in event {name} matches the same lines (checkpoint branches need none)")
     else:
         if name in t.log_events:

@@ -174,6 +174,32 @@ class LogEventConfig:
 
 
 @dataclass
+class ClassificationRuleConfig:
+    """How an ended job is judged: every condition given must hold; rules are tried in order, before the built-in
+    ones (docs/operators.md lists them)."""
+
+    verdict: Literal["success", "retry", "fatal"] = opt(doc="What the job's end means.")
+    reason: str = opt(doc="Shown in the task log and the UI; `{detail}` takes the pattern's `detail` group.")
+    states: list[str] = opt(doc="SLURM states (`FAILED`, `TIMEOUT`, ...); empty: any.", factory=list)
+    exit_codes: list[int] = opt(doc="Exit codes of the job; empty: any.", factory=list)
+    pattern: str | None = opt(None, "Regex searched in the end of the job's log (multi-line).")
+    when: (
+        Literal[
+            "hang",
+            "not_training",
+            "training_done",
+            "unfinished_progress",
+            "unfinished_no_progress",
+            "startup",
+            "user_cancel",
+            "nan",
+        ]
+        | None
+    ) = opt(None, "A fact the watcher knows: a hang, training done, progress made, the first iterations, a NaN loss...")
+    node_pattern: str | None = opt(None, "Regex whose `node` group names a node to exclude from the next submission.")
+
+
+@dataclass
 class MonitoringConfig:
     poll_interval_seconds: int = opt(60, "Seconds between status polls of the job.")
     inactivity_threshold_seconds: int = opt(
@@ -181,6 +207,16 @@ class MonitoringConfig:
     )
     output_paths: list[str] = opt(doc="Extra files whose modification time counts as activity.", factory=list)
     log_events: list[LogEventConfig] = opt(doc="Regex events matched in the job log.", factory=list)
+    nan_intervals: int = opt(
+        3,
+        "Log intervals in a row with a NaN or infinite loss after which an ended training counts as diverged: "
+        "failed, not retried (0: never).",
+    )
+    rules: list[ClassificationRuleConfig] = opt(
+        doc="Your rules for how a job's end is judged (success, retry, fatal), tried before the built-in ones; "
+        "`airflow-oellm events LOG --outcome STATE` tries them on a log.",
+        factory=list,
+    )
 
 
 @dataclass

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from airflow_oellm.megatron.logs import is_finite_number
 from airflow_oellm.monitor.events import Event, EventMatcher, EventSpec
 from airflow_oellm.monitor.inactivity import Activity
 from airflow_oellm.slurm.commands import FileChunk
@@ -29,6 +30,8 @@ MAX_LISTED = 1000
 MAX_VALIDATIONS = 200
 MAX_CURVE = 1000  # (iteration, loss) points kept; every second one is dropped when full
 PROGRESS_CURVE = 250  # (iteration, loss) points in a progress snapshot: a plot's worth
+# split names of validation lines as the summary keeps them
+SPLITS = {"val": "validation", "valid": "validation"}
 # events after which the watch state is saved at once (otherwise at most once a minute)
 NOTEWORTHY = frozenset({"checkpoint_saved", "checkpoint_loaded", "fresh_start", "validation", "training_done"})
 
@@ -54,6 +57,7 @@ def empty_summary() -> dict[str, Any]:
         "faults": [],
         "loss_curve": [],
         "log_skipped_bytes": 0,
+        "nan_intervals": 0,  # consecutive iteration lines, up to the last, with a NaN or infinite loss
     }
 
 
@@ -76,9 +80,12 @@ def summarize(summary: dict[str, Any], event: Event) -> None:
             ("consumed_samples", "consumed_samples"),
             ("global_batch_size", "global_batch_size"),
         ):
-            if key in g:
+            if is_finite_number(g.get(key)):
                 summary[target] = g[key]
-        if "loss" in g and "iteration" in g:
+        # Megatron leaves a NaN loss out of the line and counts it in `number of nan iterations`
+        nan = (g.get("nan_iterations") or 0) > 0 or ("loss" in g and not is_finite_number(g["loss"]))
+        summary["nan_intervals"] = summary.get("nan_intervals", 0) + 1 if nan else 0
+        if is_finite_number(g.get("loss")) and "iteration" in g:
             curve = summary.setdefault("loss_curve", [])
             curve.append([g["iteration"], g["loss"]])
             if len(curve) > MAX_CURVE:  # keep the whole run's shape at half the resolution
@@ -91,12 +98,14 @@ def summarize(summary: dict[str, Any], event: Event) -> None:
     elif event.name == "fresh_start":
         summary["resumed_from"] = 0
     elif event.name == "validation" and len(summary["validation"]) < MAX_VALIDATIONS:
+        # Megatron-LM 2.x names the end of training, not its iteration (`... for val data`)
+        split = SPLITS.get(g.get("split") or g.get("end_split"), g.get("split") or g.get("end_split") or "validation")
         summary["validation"].append(
             {
-                "iteration": g.get("iteration"),
+                "iteration": g.get("iteration", summary["last_iteration"]),
                 "loss": g.get("loss"),
                 "ppl": g.get("ppl"),
-                "split": g.get("split") or "validation",
+                "split": split if g.get("set") is None else f"{split}-{g['set']}",
             }
         )
     elif event.name == "training_done":

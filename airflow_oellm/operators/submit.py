@@ -28,9 +28,11 @@ from airflow_oellm.hooks.slurm import SlurmHook
 from airflow_oellm.monitor.classify import (
     DEFAULT_RULES,
     FATAL,
+    NAN_INTERVALS,
     RETRY,
     SUCCESS,
-    Outcome,
+    Classification,
+    attempt_outcome,
     classify,
     progress_guard,
     rules_from_config,
@@ -390,28 +392,30 @@ class SlurmSubmitOperator(BaseOperator):
         hook = self._hook()
         try:
             after = hook.read_tracker(s["checkpoint_dir"]) if s["checkpoint_dir"] else None
-            outcome = Outcome(
-                state=status.state,
+            outcome = attempt_outcome(
+                status.state,
+                summary,
+                event.get("tail", ""),
                 exit_code=status.exit_code,
                 cancelled_by=status.cancelled_by,
-                log_tail=event.get("tail", "") + "\n" + "\n".join(summary.get("faults", [])),
                 hang=bool(event.get("hang")),
                 cancelled_by_us=bool(event.get("cancelled_by_us")),
-                training_done=bool(summary.get("training_done")),
-                iterations_run=int(summary.get("iterations_run", 0)),
                 checkpoint_before=attempt.get("checkpoint_before"),
                 checkpoint_after=after if isinstance(after, int) else None,
                 training=s["training"],
+                nan_limit=s["config"].monitoring.nan_intervals if s["config"] else NAN_INTERVALS,
             )
-            rules = [*rules_from_config(self.classification_rules), *DEFAULT_RULES]
+            configured = [vars(r) for r in s["config"].monitoring.rules] if s["config"] else []
+            rules = [*rules_from_config([*self.classification_rules, *configured]), *DEFAULT_RULES]
             verdict = classify(outcome, rules)
-            if verdict.verdict == RETRY and s["training"]:
-                earlier = [a for a in history["attempts"] if a["try"] != ti.try_number]
+            if verdict.verdict == RETRY and s["training"] and not verdict.progress_free:
+                # a resume the rerun state machine asked for saves no new checkpoint by design
+                earlier = [a for a in history["attempts"] if a["try"] != ti.try_number and not a.get("progress_free")]
                 checkpoints = [(earlier or [attempt])[0].get("checkpoint_before")]
                 checkpoints += [a.get("checkpoint_after") for a in earlier] + [outcome.checkpoint_after]
                 guard = progress_guard(checkpoints)
                 if guard:
-                    verdict = type(verdict)(FATAL, f"{verdict.reason}; {guard}", verdict.exclude_nodes)
+                    verdict = Classification(FATAL, f"{verdict.reason}; {guard}", verdict.exclude_nodes)
             # a job that resumed at the very end (its predecessor stopped right after the last
             # iteration) logs no iteration: it is where it resumed
             last_iteration = summary.get("last_iteration")
@@ -426,6 +430,7 @@ class SlurmSubmitOperator(BaseOperator):
                 exit_code=status.exit_code,
                 verdict=verdict.verdict,
                 reason=verdict.reason,
+                progress_free=verdict.progress_free,
                 checkpoint_after=outcome.checkpoint_after,
                 last_iteration=last_iteration,
                 resumed_from=summary.get("resumed_from"),

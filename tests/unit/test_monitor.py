@@ -257,3 +257,134 @@ def test_checkpoint_readiness_needs_tracker_and_complete_dir(tmp_path):
     assert checkpoints.never(state, 1500) is None and checkpoints.never(state, 700, at_least=True) is None
     (save / "latest_checkpointed_iteration.txt").write_text("release")
     assert run_probe(save).tracker == "release"
+
+
+RERUN_FIRST = (
+    "ERROR:megatron.core.rerun_state_machine:Rank 5, node nid001234, device 5, iteration #1235: First rerun: "
+    "unexpected result is reproducible within the tolerance (tensor(nan, device='cuda:5') = tensor(nan, "
+    "device='cuda:5')). Need to rerun on a different GPU to verify correctness.!\n"
+    "WARNING:megatron.core.rerun_state_machine:Saving a checkpoint and exiting now. Please resume the job from the "
+    "checkpoint to rerun the last iteration and establish a diagnostic\n"
+)
+RERUN_PERSISTENT = (
+    "WARNING:megatron.core.rerun_state_machine:Second rerun: unexpected result is not reproducible on a different "
+    "GPU, therefore was likely incorrect\n"
+    "ERROR:megatron.core.rerun_state_machine:Rank 5, node nid001777, device 5, iteration #1235: Possible persistent "
+    "error!!\n"
+    "WARNING:megatron.core.rerun_state_machine:Exiting now. A checkpoint at the last iteration already exists if "
+    "further examination is needed\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("case", "verdict", "reason", "nodes", "progress_free"),
+    [
+        # Megatron's rerun state machine: 16 = resume from the checkpoint just saved, on another GPU
+        (outcome("FAILED", RERUN_FIRST, exit_code=16, iterations_run=3), RETRY, "exit 16", ("nid001234",), True),
+        (outcome("FAILED", RERUN_FIRST, exit_code=1, iterations_run=3), RETRY, "exit 16", ("nid001234",), True),
+        (outcome("FAILED", "", exit_code=16, iterations_run=3), RETRY, "exit 16", (), True),
+        # 17 = the result failed validation: the reason is Megatron's diagnosis
+        (
+            outcome("FAILED", RERUN_PERSISTENT, exit_code=17, iterations_run=0),
+            FATAL,
+            "(Megatron's rerun state machine, exit 17): Possible persistent error",
+            (),
+            False,
+        ),
+        (outcome("FAILED", "", exit_code=17), FATAL, "exit 17", (), False),
+        # a diverged loss: N log intervals in a row with NaN (Megatron leaves the loss out and counts it)
+        (outcome("TIMEOUT", nan_intervals=3), FATAL, "the loss diverged", (), False),
+        (outcome("TIMEOUT", nan_intervals=2), RETRY, "time limit", (), False),
+        (outcome("TIMEOUT", nan_intervals=9, nan_limit=0), RETRY, "time limit", (), False),
+        (
+            outcome(
+                "FAILED",
+                "RuntimeError: Rank 3, node nid001234, device 3, iteration 1234: Unexpected result nan "
+                "(message='found NaN in local forward loss calculation')",
+                iterations_run=4,
+            ),
+            FATAL,
+            "NaN in the loss or the gradients (Megatron's check): Unexpected result nan",
+            (),
+            False,
+        ),
+        # hardware errors exclude the node; an NCCL timeout alone does not
+        (
+            outcome(
+                "FAILED",
+                "NVRM: Xid (PCI:0000:8a:00): 79, pid=1234, GPU has fallen off the bus.\n"
+                "srun: error: lrdn0612: task 3: Exited with exit code 1\n",
+                iterations_run=8,
+            ),
+            RETRY,
+            "GPU hardware error",
+            ("lrdn0612",),
+            False,
+        ),
+        (
+            outcome(
+                "FAILED",
+                "[Rank 3] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=9, OpType=ALLREDUCE) ran for "
+                "600000 milliseconds before timing out.\nProcessGroupNCCL's watchdog got stuck ... timeout\n"
+                "srun: error: lrdn0612: task 3: Exited with exit code 1\n",
+                iterations_run=8,
+            ),
+            RETRY,
+            "NCCL / communication error",
+            (),
+            False,
+        ),
+    ],
+)
+def test_megatron_exits_and_faults(case, verdict, reason, nodes, progress_free):
+    result = classify(case)
+    assert (result.verdict, result.exclude_nodes, result.progress_free) == (verdict, nodes, progress_free), result
+    assert reason in result.reason, result.reason
+
+
+def test_configured_rules_match_exit_codes_and_name_nodes():
+    rules = rules_from_config(
+        [
+            {
+                "verdict": "retry",
+                "reason": "site's flaky storage ({detail})",
+                "exit_codes": [75],
+                "pattern": r"(?P<detail>Lustre error \S+) on (?P<node>n\d+)",
+                "node_pattern": r"Lustre error \S+ on (?P<node>n\d+)",
+            }
+        ]
+    )
+    from airflow_oellm.monitor.classify import DEFAULT_RULES
+
+    tail = "LustreError: Lustre error -5 on n042\n"
+    result = classify(outcome("FAILED", tail, exit_code=75), [*rules, *DEFAULT_RULES])
+    assert (result.verdict, result.reason, result.exclude_nodes) == (
+        RETRY,
+        "site's flaky storage (Lustre error -5)",
+        ("n042",),
+    )
+    assert classify(outcome("FAILED", tail, exit_code=1, iterations_run=3), [*rules, *DEFAULT_RULES]).reason == (
+        "crashed (FAILED)"
+    )
+
+
+def test_config_rules_are_checked_when_the_sweep_loads(write, project):
+    from typing import get_args
+
+    from airflow_oellm.config import ConfigError, load_sweep
+    from airflow_oellm.config.schema import ClassificationRuleConfig
+    from airflow_oellm.config.validate import schema_fields
+    from airflow_oellm.monitor.classify import WHEN
+
+    # the schema offers exactly the facts the classifier knows
+    when = schema_fields(ClassificationRuleConfig)["when"].type
+    assert set(get_args(get_args(when)[0])) == set(WHEN)
+    path = write(
+        "config/sweeps/r.yaml",
+        "defaults: [{platform: mini}]\nproject: {name: p, base_output_dir: /r}\nmonitoring:\n  rules:\n"
+        "    - {verdict: retry, reason: x, states: [FAILD], pattern: '(unclosed'}\n",
+    )
+    with pytest.raises(ConfigError) as err:
+        load_sweep(path)
+    assert sorted(i.key for i in err.value.issues) == ["monitoring.rules[0].pattern", "monitoring.rules[0].states[0]"]
+    assert "not a SLURM job state: 'FAILD'" in str(err.value)

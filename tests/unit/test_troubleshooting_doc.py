@@ -54,8 +54,9 @@ def messages() -> dict[str, str]:
 
 
 def fragment(message: str) -> str:
-    """The longest literal piece of a message, whitespace-normalised, backticks dropped."""
-    pieces = [" ".join(p.replace("`", "").split()) for p in message.split(PLACEHOLDER)]
+    """The longest literal piece of a message, whitespace-normalised, backticks dropped (a rule's
+    `{detail}` is filled in when the message is made)."""
+    pieces = [" ".join(p.replace("`", "").split()) for p in message.replace("{detail}", PLACEHOLDER).split(PLACEHOLDER)]
     return max(pieces, key=len)
 
 
