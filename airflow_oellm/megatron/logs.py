@@ -101,7 +101,8 @@ GPU_HARDWARE_ERROR = (
 )
 CHECKPOINT_SAVED = r"successfully saved checkpoint (?:from|at) iteration\s+(?P<iteration>\d+) to (?P<path>\S+)"
 VALIDATION = (
-    r"validation(?:-(?P<set>[\w.\-]+))? loss at (?:iteration\s+(?P<iteration>\d+)(?:\s+on (?P<split>\w+) set)?"
+    r"validation(?:-(?P<set>[\w.\-]+))? loss at (?:iteration\s+(?P<iteration>\d+)"
+    r"(?:\s+on (?:[\w\-]+ draw from )?(?P<split>\w+) set)?"
     r"|the end of training for (?P<end_split>\w+) data)\s*\|.*?lm loss value:\s*(?P<loss>" + NUMBER + r")"
     r"(?:.*?lm loss PPL:\s*(?P<ppl>" + NUMBER + r"))?"
 )

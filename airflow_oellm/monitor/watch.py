@@ -30,6 +30,7 @@ MAX_LISTED = 1000
 MAX_VALIDATIONS = 200
 MAX_CURVE = 1000  # (iteration, loss) points kept; every second one is dropped when full
 PROGRESS_CURVE = 250  # (iteration, loss) points in a progress snapshot: a plot's worth
+NAN_FIELDS = ("loss", "grad_norm")
 # split names of validation lines as the summary keeps them
 SPLITS = {"val": "validation", "valid": "validation"}
 # events after which the watch state is saved at once (otherwise at most once a minute)
@@ -82,8 +83,9 @@ def summarize(summary: dict[str, Any], event: Event) -> None:
         ):
             if is_finite_number(g.get(key)):
                 summary[target] = g[key]
-        # Megatron leaves a NaN loss out of the line and counts it in `number of nan iterations`
-        nan = (g.get("nan_iterations") or 0) > 0 or ("loss" in g and not is_finite_number(g["loss"]))
+        # a NaN loss: fp16 skips the step and counts it in `number of nan iterations`; bf16 does not skip
+        # it, so the interval's loss is left out of the line and its grad norm reads `nan`
+        nan = (g.get("nan_iterations") or 0) > 0 or any(k in g and not is_finite_number(g[k]) for k in NAN_FIELDS)
         summary["nan_intervals"] = summary.get("nan_intervals", 0) + 1 if nan else 0
         if is_finite_number(g.get("loss")) and "iteration" in g:
             curve = summary.setdefault("loss_curve", [])
