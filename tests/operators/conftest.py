@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import uuid
@@ -144,3 +145,19 @@ def xcom(dag_run: Any, task_id: str, key: str = "return_value", map_index: int =
 
 def start_date() -> datetime:
     return datetime(2026, 1, 1)
+
+
+def attempt_history(dag_run: Any, task_id: str, map_index: int = -1) -> dict[str, Any] | None:
+    """The attempts a submit task recorded in Airflow's task state store (kept across its tries)."""
+    from airflow.models.task_state_store import TaskStateStoreModel
+    from airflow.utils.session import create_session
+
+    from airflow_oellm.dashboard.model import HISTORY
+
+    with create_session() as session:
+        row = (
+            session.query(TaskStateStoreModel)
+            .filter_by(dag_run_id=dag_run.id, task_id=task_id, map_index=map_index, key=HISTORY)
+            .first()
+        )
+        return None if row is None else (json.loads(row.value) if isinstance(row.value, str) else row.value)

@@ -13,7 +13,7 @@ from airflow.sdk import DAG
 from airflow_oellm.config import load_sweep
 from airflow_oellm.operators import SlurmSubmitOperator
 from airflow_oellm.slurm.identity import task_status_path
-from tests.operators.conftest import start_date, unique_dag_id, xcom
+from tests.operators.conftest import attempt_history, start_date, unique_dag_id, xcom
 
 
 def experiment(write, backend, *overrides: str, name: str = "exp"):
@@ -310,3 +310,47 @@ def test_a_preempted_job_is_requeued_and_followed_to_its_end(write, backend, run
         duplicates=len(submitted(backend, exp)) - 1,
         lost_events=60 - result["last_iteration"],
     )
+
+
+@pytest.mark.faults
+@pytest.mark.megatron
+def test_the_rerun_state_machine_exit_16_excludes_its_node_and_resumes(write, backend, run_dag, reliability):
+    """Megatron's rerun state machine saves a checkpoint and exits 16 to be resumed on another GPU."""
+    node = backend.node
+    exp = experiment(write, backend, "restart.max_attempts=2")
+    dag = train_dag(exp, backend)
+    dag.get_task("train").experiment.value["platform"]["env"]["FAKE_RERUN_AT"] = 15
+    dr = run_dag(dag)
+    first = attempt_history(dr, "train")["attempts"][0]
+    assert (first["state"], first["exit_code"], first["verdict"]) == ("FAILED", 16, "retry"), first
+    assert "exit 16" in first["reason"] and first["progress_free"] and first["checkpoint_after"] == 14
+    # the next submission avoids the node the message named; on a one-node cluster that leaves nowhere to run
+    script = backend.run(["cat", f"{exp.paths.script_dir}/{exp.name}-try2.sbatch"])
+    assert f"#SBATCH --exclude={node}\n" in script
+    assert dr.state == "failed"
+    status = json.loads(backend.run(["cat", task_status_path(exp.paths.output_dir, "train")]))
+    assert "Requested node configuration is not available" in status["reason"]
+    reliability.record(
+        f"rerun state machine exit 16 ({backend.batch_system})",
+        f"retried with `#SBATCH --exclude={node}` (the node the message named), not held against the progress guard",
+        duplicates=len(submitted(backend, exp)) - 1,
+    )
+
+
+@pytest.mark.faults
+@pytest.mark.megatron
+@pytest.mark.parametrize("backend", ["local-process"], indirect=True)  # a node to exclude that is not this one
+def test_after_exit_16_the_job_resumes_from_the_checkpoint_it_saved(write, backend, run_dag):
+    exp = experiment(write, backend, "restart.max_attempts=3")
+    dag = train_dag(exp, backend)
+    env = dag.get_task("train").experiment.value["platform"]["env"]
+    env.update(FAKE_RERUN_AT=15, FAKE_RERUN_NODE="gpu-node-7")  # the suspect GPU was on another node of the job
+    dr = run_dag(dag)
+    assert dr.state == "success", tis(dr)["train"].state
+    result = xcom(dr, "train")
+    first, second = result["attempts"]
+    assert first["exit_code"] == 16 and first["progress_free"] and first["checkpoint_after"] == 14
+    assert second["resumed_from"] == 14 and second["verdict"] == "success" and result["last_iteration"] == 30
+    script = backend.run(["cat", f"{exp.paths.script_dir}/{exp.name}-try2.sbatch"])
+    assert "#SBATCH --exclude=gpu-node-7\n" in script
+    assert_loss_continues(backend, result["attempts"])
