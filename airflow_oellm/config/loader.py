@@ -48,6 +48,8 @@ from airflow_oellm.slurm.shell import ShellSafetyError, check_env_name, check_mo
 from airflow_oellm.slurm.states import JobState
 from airflow_oellm.slurm.timespec import time_limit_seconds
 
+# checkpoint formats megatron-core writes that the converter refuses (megatron/layout.py names them)
+UNCONVERTIBLE_FORMATS = frozenset({"zarr", "torch_dcp", "fsdp_dtensor"})
 _UNESCAPED_INTERPOLATION = re.compile(r"(?<!\\)\$\{")
 
 
@@ -263,6 +265,15 @@ def semantic_problems(cfg: RootConfig, data: Mapping[str, Any]) -> list[tuple[st
             check_module(module)
         except ShellSafetyError as exc:
             problems.append((f"platform.modules[{i}]", str(exc)))
+    ckpt_format = cfg.backend.args.get("ckpt_format") if cfg.backend.name == "megatron" else None
+    if cfg.conversion.enabled and ckpt_format in UNCONVERTIBLE_FORMATS:
+        problems.append(
+            (
+                "backend.args.ckpt_format",
+                f"the converter does not read {ckpt_format} checkpoints (it reads torch_dist and torch): every "
+                "conversion would fail; train with torch_dist (Megatron's default) or set conversion.enabled: false",
+            )
+        )
     if cfg.backend.name == "command" and not cfg.backend.command:
         problems.append(("backend.command", "backend 'command' needs a non-empty command list"))
     if cfg.platform.container.runtime != "none" and not cfg.platform.container.image:

@@ -1,9 +1,11 @@
 """Megatron checkpoint readiness: when is checkpoint N complete?
 
 `<save>/latest_checkpointed_iteration.txt` is written by rank 0 only after every rank finished a
-save; inside `iter_NNNNNNN/`, `metadata.json` (torch_dist) or `mp_rank_*/model_optim_rng.pt`
-(legacy torch) must exist. A directory that merely exists is being written. Checkpoint N is
-ready when the tracker is at least N and `iter_N` is complete.
+save; inside `iter_NNNNNNN/`, `metadata.json` (torch_dist, zarr), `mp_rank_*/model_optim_rng.pt`
+(legacy torch) or `.metadata` (torch_dcp and fsdp_dtensor: plain torch.distributed.checkpoint)
+must exist. A directory that merely exists is being written. Checkpoint N is ready when the tracker
+is at least N and `iter_N` is complete (so a torch_dist one caught before its metadata.json, with
+the tracker still behind, is not taken for torch_dcp).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ def probe_script(index: int, checkpoint_dir: str) -> str:
         f"t=$(head -c 64 {d}/{TRACKER_FILE} 2>/dev/null | tr -dc 'a-z0-9'); o=; "
         f'for i in {d}/iter_*; do [ -d "$i" ] || continue; n=${{i##*/iter_}}; '
         'if [ -f "$i/metadata.json" ]; then o="$o $n:torch_dist"; '
-        'elif ls "$i"/mp_rank_*/model_optim_rng.pt >/dev/null 2>&1; then o="$o $n:torch"; fi; done; '
+        'elif ls "$i"/mp_rank_*/model_optim_rng.pt >/dev/null 2>&1; then o="$o $n:torch"; '
+        'elif [ -f "$i/.metadata" ]; then o="$o $n:torch_dcp"; fi; done; '
         f'printf \'C %s %s%s\\n\' {int(index)} "${{t:--}}" "$o"'
     )
 
@@ -51,7 +54,7 @@ def parse_probe(line: str) -> tuple[int, CheckpointState] | None:
     )
     complete = {}
     for item in parts[3:]:
-        m = re.match(r"^(\d+):(torch_dist|torch)$", item)
+        m = re.match(r"^(\d+):(torch_dist|torch_dcp|torch)$", item)
         if m:
             complete[int(m.group(1))] = m.group(2)
     return int(parts[1]), CheckpointState(tracker, complete)

@@ -22,7 +22,7 @@ from airflow_oellm import __version__
 from airflow_oellm.megatron import readers as mg
 from airflow_oellm.megatron.architecture import DTYPES, ModelType, model_spec
 from airflow_oellm.megatron.hf_mapping import hf_tensors
-from airflow_oellm.megatron.layout import locate
+from airflow_oellm.megatron.layout import convertible, locate
 from airflow_oellm.megatron.readers import open_checkpoint
 from airflow_oellm.megatron.safetensors_stream import parse_size, write_model
 
@@ -81,7 +81,7 @@ def convert_checkpoint(
     if dtype not in (*DTYPES, "auto"):
         raise ValueError(f"--dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
     shard_bytes = parse_size(max_shard_size)
-    layout = locate(checkpoint, iteration)
+    layout = convertible(locate(checkpoint, iteration))
     target = Path(output_dir).absolute()
     reader = open_checkpoint(layout)
     try:

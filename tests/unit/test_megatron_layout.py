@@ -4,6 +4,7 @@ and clear refusals for incomplete or unsupported ones (file layouts as megatron-
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -84,16 +85,20 @@ def test_legacy_tp_pp_grid(tmp_path):
         (lambda s: legacy(s, 5, tp=2, pp=2, skip=(1, 0)), 5, "lacks mp_rank_01_000 of a TP=2 x PP=2 layout"),
         (lambda s: legacy(s, 5, tp=1, pp=1) / "mp_rank_00_000_001" / "x", 5, None),
         (
-            lambda s: torch_dist(s, 5, meta={"sharded_backend": "zarr"}),
+            lambda s: torch_dist(s, 5, meta={"sharded_backend": "lmdb"}),
             5,
-            "sharded_backend 'zarr' is not supported",
+            "metadata.json names sharded_backend 'lmdb', no format Megatron writes",
         ),
         (
             lambda s: (s / "iter_0000005").mkdir() or (s / "iter_0000005" / "__0_0.distcp").write_bytes(b""),
             5,
-            "no metadata.json yet",
+            "is incomplete: no .metadata yet",
         ),
-        (lambda s: (s / "iter_0000005").mkdir(), 5, "neither a torch_dist nor a legacy torch checkpoint"),
+        (
+            lambda s: (s / "iter_0000005").mkdir(),
+            5,
+            "holds no Megatron checkpoint (torch, torch_dist, torch_dcp, zarr)",
+        ),
     ],
 )
 def test_refusals_name_the_problem(tmp_path, build, iteration, fragment):
@@ -102,10 +107,76 @@ def test_refusals_name_the_problem(tmp_path, build, iteration, fragment):
         target.parent.mkdir(parents=True)
         (target.parent / "model_optim_rng.pt").write_bytes(b"x")
         fragment = "expert-parallel rank; MoE checkpoints cannot be converted"
-    with pytest.raises(CheckpointLayoutError, match=fragment.replace("(", r"\(")):
+    with pytest.raises(CheckpointLayoutError, match=re.escape(fragment)):
         locate(tmp_path, iteration)
 
 
 def test_read_tracker(tmp_path):
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("  42 \n")
     assert read_tracker(tmp_path) == 42
+
+
+def dcp(save: Path, iteration: int) -> Path:
+    """What torch.distributed.checkpoint writes (megatron-core's torch_dcp and fsdp_dtensor): no metadata.json."""
+    d = save / f"iter_{iteration:07d}"
+    d.mkdir(parents=True)
+    (d / "__0_0.distcp").write_bytes(b"x")
+    (d / ".metadata").write_bytes(b"x")
+    return d
+
+
+def test_every_format_megatron_writes_is_named(tmp_path):
+    from airflow_oellm.megatron.layout import CheckpointLayoutError, convertible
+
+    torch_dist(tmp_path / "dist", 5, common=True)
+    legacy(tmp_path / "legacy", 5, tp=1, pp=1)
+    torch_dist(tmp_path / "zarr", 5, meta={"sharded_backend": "zarr", "sharded_backend_version": 1})
+    dcp(tmp_path / "dcp", 5)
+    bridge = torch_dist(tmp_path / "bridge", 5)
+    (bridge / "run_config.yaml").write_text("model: {}\n")
+    (bridge / "train_state.pt").write_bytes(b"x")
+    formats = {name: locate(tmp_path / name, 5).format for name in ("dist", "legacy", "zarr", "dcp", "bridge")}
+    assert formats == {
+        "dist": "torch_dist",
+        "legacy": "torch",
+        "zarr": "zarr",
+        "dcp": "torch_dcp",
+        "bridge": "torch_dist",
+    }
+    # the same files, told apart by the run's --ckpt-format
+    assert locate(tmp_path / "dcp", 5, hint="fsdp_dtensor").format == "fsdp_dtensor"
+    assert locate(tmp_path / "bridge", 5).producer == "megatron-bridge"
+    assert convertible(locate(tmp_path / "dist", 5)).format == "torch_dist"
+    assert convertible(locate(tmp_path / "legacy", 5)).format == "torch"
+    for name, hint, words in [
+        ("zarr", None, "is a zarr checkpoint, which this converter does not read (it reads torch_dist and torch); "),
+        ("dcp", None, "is a torch_dcp checkpoint"),
+        ("dcp", "fsdp_dtensor", "is a fsdp_dtensor checkpoint"),
+        ("bridge", None, "is a Megatron-Bridge checkpoint (run_config.yaml)"),
+    ]:
+        with pytest.raises(CheckpointLayoutError, match=re.escape(words)) as refused:
+            convertible(locate(tmp_path / name, 5, hint=hint))
+        if name != "bridge":
+            assert "--ckpt-convert-format torch_dist --ckpt-convert-save" in str(refused.value)
+
+
+def test_a_torch_dcp_checkpoint_is_ready_once_the_tracker_names_it(tmp_path):
+    from airflow_oellm.megatron import checkpoints
+    from tests.unit.test_monitor import run_probe
+
+    dcp(tmp_path, 500)
+    assert checkpoints.ready(run_probe(tmp_path), str(tmp_path), 500) is None  # the tracker is not there yet
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("500")
+    assert checkpoints.ready(run_probe(tmp_path), str(tmp_path), 500).format == "torch_dcp"
+
+
+def test_a_sweep_that_trains_in_a_format_the_converter_refuses_is_refused_before_it_runs(write, project):
+    from airflow_oellm.config import ConfigError, load_sweep
+
+    path = write("config/sweeps/f.yaml", "defaults: [{platform: mini}]\nproject: {name: p, base_output_dir: /r}\n")
+    for fmt in ("torch_dcp", "fsdp_dtensor", "zarr"):
+        with pytest.raises(ConfigError, match=rf"backend\.args\.ckpt_format: the converter does not read {fmt}"):
+            load_sweep(path, [f"backend.args.ckpt_format={fmt}"])
+        # without conversions, any format Megatron writes is fine
+        assert load_sweep(path, [f"backend.args.ckpt_format={fmt}", "conversion.enabled=false"]).experiments
+    assert load_sweep(path, ["backend.args.ckpt_format=torch_dist"]).experiments
