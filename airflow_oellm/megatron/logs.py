@@ -137,7 +137,8 @@ BUILTIN_EVENTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ),
     (
         "rerun_failed",
-        r"Exiting now\. A checkpoint at the last iteration already exists|Possible persistent error",
+        r"Exiting now\. (?:A checkpoint at the last iteration|The job can be resumed from a previous checkpoint)"
+        r"|Possible (?:persistent|transient) error",
         {"kind": "fault"},
     ),
     (

@@ -125,7 +125,13 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     Rule(FATAL, "cancelled by a user", states=frozenset({JobState.CANCELLED}), when="user_cancel"),
     Rule(FATAL, "CUDA out of memory", pattern=r"CUDA out of memory|OutOfMemoryError|Failed to CUDA calloc"),
     Rule(FATAL, "host memory exhausted (OUT_OF_MEMORY)", states=frozenset({JobState.OUT_OF_MEMORY})),
-    # Megatron's rerun state machine (core 0.10+; on by default since 0.14): 17 = the result failed validation
+    # Megatron's rerun state machine (core 0.10+; on by default since 0.14): 17 = the result failed validation,
+    # unless a rerun on the same GPU did not reproduce it (a transient fault: the next job may well pass)
+    Rule(
+        RETRY,
+        "a transient fault, not reproduced on rerun (Megatron's rerun state machine, exit 17)",
+        pattern=r"Possible transient error",
+    ),
     Rule(
         FATAL,
         "failed on result validation (Megatron's rerun state machine, exit 17): {detail}",

@@ -388,3 +388,16 @@ def test_config_rules_are_checked_when_the_sweep_loads(write, project):
         load_sweep(path)
     assert sorted(i.key for i in err.value.issues) == ["monitoring.rules[0].pattern", "monitoring.rules[0].states[0]"]
     assert "not a SLURM job state: 'FAILD'" in str(err.value)
+
+
+def test_a_fault_megatron_could_not_reproduce_is_retried():
+    # core 0.18+: the in-place rerun gave another result: a transient fault, exit 17 without a checkpoint
+    tail = (
+        "ERROR:megatron.core.rerun_state_machine:Rank 2, node nid000417, device 2, iteration #1402: First rerun: "
+        "unexpected result is not reproducible within the tolerance (3.21 != nan)\n"
+        "ERROR:megatron.core.rerun_state_machine:Rank 2, node nid000417, device 2, iteration #1402: Possible "
+        "transient error!!\n"
+        "WARNING:megatron.core.rerun_state_machine:Exiting now. The job can be resumed from a previous checkpoint\n"
+    )
+    result = classify(outcome("FAILED", tail, exit_code=17, iterations_run=5))
+    assert result.verdict == RETRY and "transient fault" in result.reason and result.exclude_nodes == ()
