@@ -141,6 +141,7 @@ class WatchState:
     activity: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=empty_summary)
     hang: bool = False
+    diverged: bool = False  # the loss was NaN for `nan_limit` log intervals in a row: the job was stopped
     cancelled_by_us: bool = False
     final_status: dict[str, Any] | None = None
 
@@ -163,6 +164,7 @@ class Step:
     lines: list[str]
     events: list[Event]
     hang_detected: bool = False  # just now: the caller cancels the job
+    diverged: bool = False  # just now: the loss went NaN for good; the caller cancels the job
     finished: bool = False  # the job ended and its log is read to the end
     truncated: bool = False  # the log shrank (requeue with --open-mode=truncate): read again from 0
     skipped: int = 0  # unread bytes jumped over just now (MAX_BACKLOG_BYTES)
@@ -170,17 +172,33 @@ class Step:
     @property
     def noteworthy(self) -> bool:
         """Worth saving the watch state at once."""
-        return self.hang_detected or self.finished or any(e.name in NOTEWORTHY for e in self.events)
+        return self.hang_detected or self.diverged or self.finished or any(e.name in NOTEWORTHY for e in self.events)
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why the caller must cancel the job now, or None."""
+        if self.hang_detected:
+            return "no log growth and no iteration progress: hung"
+        if self.diverged:
+            return "its loss was NaN or infinite in the last log intervals: diverged"
+        return None
 
 
 class JobWatch:
     def __init__(
-        self, specs: Sequence[EventSpec], state: WatchState, *, inactivity_threshold: float | None, now: float
+        self,
+        specs: Sequence[EventSpec],
+        state: WatchState,
+        *,
+        inactivity_threshold: float | None,
+        now: float,
+        nan_limit: int = 0,
     ):
         self.state = state
         self.matcher = EventMatcher.from_state(specs, state.matcher)
         self.activity = Activity.from_dict(state.activity, now)
         self.threshold = inactivity_threshold
+        self.nan_limit = nan_limit  # NaN log intervals in a row that stop the job (0: never)
         self._draining = False
 
     @property
@@ -227,6 +245,11 @@ class JobWatch:
         hang = False
         if running and self.threshold and not self.state.hang and self.activity.is_hung(now, self.threshold):
             self.state.hang = hang = True
+        diverged = False
+        nan_intervals = self.state.summary.get("nan_intervals", 0)
+        if running and self.nan_limit and not self.state.diverged and nan_intervals >= self.nan_limit:
+            # every further interval burns GPU-hours on a run that will not recover by itself
+            self.state.diverged = diverged = True
         finished = False
         if ended:
             self.state.final_status = status.to_dict()
@@ -242,7 +265,7 @@ class JobWatch:
                 self._draining = True
         self.state.matcher = self.matcher.state()
         self.state.activity = self.activity.to_dict()
-        return Step(lines, events, hang, finished, truncated, skipped)
+        return Step(lines, events, hang, diverged, finished, truncated, skipped)
 
     def progress(self, status: JobStatus | None, now: float) -> dict[str, Any]:
         """What a running job looks like now (JSON-safe, bounded): the dashboard's live view."""
@@ -276,6 +299,7 @@ class JobWatch:
             "log_path": self.state.log_path,
             "status": self.state.final_status,
             "hang": self.state.hang,
+            "diverged": self.state.diverged,
             "cancelled_by_us": self.state.cancelled_by_us,
             "summary": self.state.summary,
             "tail": tail.decode("utf-8", errors="replace"),

@@ -193,6 +193,7 @@ class SlurmSubmitOperator(BaseOperator):
                 "checkpoint_dir": self.checkpoint_dir or args_save,
                 "events": [*(vars(x) for x in m.log_events), *self.log_events],
                 "inactivity": self.inactivity_threshold or m.inactivity_threshold_seconds,
+                "nan_limit": m.nan_intervals if cfg.backend.name == "megatron" else 0,
                 "output_paths": [*m.output_paths, *self.output_paths],
                 "poll_interval": self.poll_interval or m.poll_interval_seconds,
             }
@@ -208,6 +209,7 @@ class SlurmSubmitOperator(BaseOperator):
             "checkpoint_dir": self.checkpoint_dir,
             "events": self.log_events,
             "inactivity": self.inactivity_threshold,
+            "nan_limit": 0,
             "output_paths": self.output_paths,
             "poll_interval": self.poll_interval or 60.0,
         }
@@ -286,6 +288,7 @@ class SlurmSubmitOperator(BaseOperator):
             "batch_system": self.batch_system,
             "events": s["events"],
             "inactivity_threshold": s["inactivity"],
+            "nan_limit": s["nan_limit"],
             "output_paths": s["output_paths"],
             "poll_interval": s["poll_interval"],
             "progress_to": {
@@ -338,6 +341,7 @@ class SlurmSubmitOperator(BaseOperator):
                 WatchState(args["job_id"], args["log_path"]),
                 inactivity_threshold=args["inactivity_threshold"],
                 now=time.time(),
+                nan_limit=args["nan_limit"],
             )
             while True:
                 cycle = hook.poll_cycle(
@@ -355,8 +359,8 @@ class SlurmSubmitOperator(BaseOperator):
                     self.log.warning(
                         "[job %s] the log grows faster than it is read: skipped %d bytes", args["job_id"], step.skipped
                     )
-                if step.hang_detected:
-                    self.log.warning("job %s looks hung: cancelling it", args["job_id"])
+                if step.stop_reason:
+                    self.log.warning("job %s: %s: cancelling it", args["job_id"], step.stop_reason)
                     watch.state.cancelled_by_us = True
                     hook.cancel([args["job_id"]])
                 if step.finished:

@@ -2,7 +2,7 @@
 
 Through the shared poller it gets the job's state and the new bytes of its log every cycle (one
 remote command for all triggers on the cluster); it streams new lines into the task's log,
-matches log events, cancels a hung job, and keeps its position and event summary in a small state
+matches log events, cancels a hung or diverged job, and keeps its position and event summary in a small state
 file on the cluster, so a restarted triggerer continues at the same byte. It fires one event when
 the job has ended and its log is read to the end. While the job runs it keeps the task's `progress`
 XCom up to date (iteration, loss, throughput): what the dashboard shows without asking the cluster.
@@ -39,6 +39,7 @@ class SlurmJobTrigger(ClusterTrigger):
         "state_path",
         "events",
         "inactivity_threshold",
+        "nan_limit",
         "output_paths",
         "stream_log",
         "progress_to",
@@ -55,6 +56,7 @@ class SlurmJobTrigger(ClusterTrigger):
         batch_system: str = "slurm",
         events: list[dict[str, Any]] | None = None,
         inactivity_threshold: float | None = None,
+        nan_limit: int = 0,
         output_paths: list[str] | None = None,
         poll_interval: float = 60.0,
         fire_after: float | None = None,
@@ -73,6 +75,7 @@ class SlurmJobTrigger(ClusterTrigger):
         self.state_path = state_path
         self.events = list(events or [])
         self.inactivity_threshold = inactivity_threshold
+        self.nan_limit = nan_limit
         self.output_paths = list(output_paths or [])
         self.stream_log = stream_log
         # the task instance whose `progress` XCom follows the job: dag_id, run_id, task_id, map_index
@@ -125,12 +128,8 @@ class SlurmJobTrigger(ClusterTrigger):
             for event in step.events:
                 if event.name != "iteration":
                     self.log.info("event %s at line %d: %s", event.name, event.line_no, event.groups)
-            if step.hang_detected:
-                self.log.warning(
-                    "job %s: no log growth and no iteration progress for %.0f s: cancelling it as hung",
-                    self.job_id,
-                    self.inactivity_threshold,
-                )
+            if step.stop_reason:
+                self.log.warning("job %s: %s: cancelling it", self.job_id, step.stop_reason)
                 watch.state.cancelled_by_us = True
                 await self._cancel()
             if step.finished:
@@ -174,6 +173,7 @@ class SlurmJobTrigger(ClusterTrigger):
             state or WatchState(self.job_id, self.log_path),
             inactivity_threshold=self.inactivity_threshold,
             now=now,
+            nan_limit=self.nan_limit,
         )
 
     async def _finish(self, watch: JobWatch) -> bytes:

@@ -354,3 +354,26 @@ def test_after_exit_16_the_job_resumes_from_the_checkpoint_it_saved(write, backe
     script = backend.run(["cat", f"{exp.paths.script_dir}/{exp.name}-try2.sbatch"])
     assert "#SBATCH --exclude=gpu-node-7\n" in script
     assert_loss_continues(backend, result["attempts"])
+
+
+@pytest.mark.faults
+@pytest.mark.megatron
+def test_a_diverged_training_is_stopped_and_not_retried(write, backend, run_dag, reliability):
+    """A NaN loss from iteration 12 on (bf16-style lines: no lm loss, grad norm nan): after three log intervals the
+    watcher cancels the job instead of letting it burn its time limit, and the training fails without a retry."""
+    exp = experiment(write, backend, "backend.args.train_iters=200", "monitoring.nan_intervals=3")
+    dag = train_dag(exp, backend)
+    dag.get_task("train").experiment.value["platform"]["env"]["FAKE_NAN_FROM"] = 12
+    dr = run_dag(dag)
+    assert dr.state == "failed" and tis(dr)["train"].try_number == 1  # not retried
+    result = xcom(dr, "train", "result")
+    (attempt,) = result["attempts"]
+    assert attempt["state"] == "CANCELLED" and attempt["verdict"] == "fatal"
+    assert "the loss diverged" in result["classification"]["reason"]
+    # stopped a poll or two (2 s, 20 iterations each) after the third NaN line, far from its 200 iterations
+    assert 14 <= attempt["last_iteration"] < 100, attempt["last_iteration"]
+    reliability.record(
+        f"loss NaN from iteration 12 ({backend.batch_system})",
+        f"cancelled at iteration {attempt['last_iteration']} of 200 after three NaN intervals; failed, not retried",
+        duplicates=len(submitted(backend, exp)) - 1,
+    )

@@ -27,6 +27,7 @@ pytestmark = pytest.mark.operators
             ssh_conn_id="lumi",
             events=[{"name": "e", "pattern": "x"}],
             inactivity_threshold=600,
+            nan_limit=3,
             output_paths=["/o/checkpoints/latest_checkpointed_iteration.txt"],
             poll_interval=30,
             progress_to={"dag_id": "d", "run_id": "r", "task_id": "train", "map_index": -1},

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from airflow_oellm.monitor.events import event_specs
@@ -85,3 +87,18 @@ def test_hang_is_detected_once_while_running():
     hung = watch.apply(700, status("RUNNING"), FileChunk("/log", 10, 10, b""))
     assert hung.hang_detected and hung.noteworthy and watch.state.hang
     assert not watch.apply(760, status("RUNNING"), FileChunk("/log", 10, 10, b"")).hang_detected  # reported once
+
+
+def test_a_diverged_loss_stops_the_job_once():
+    log = (
+        Path(__file__).resolve().parents[1] / "fixtures" / "megatron_logs" / "core_v0.14.0_nan_intervals.log"
+    ).read_bytes()
+    watch = JobWatch(event_specs(), WatchState("7", "/log"), inactivity_threshold=None, now=0, nan_limit=3)
+    steps = feed_all(watch, log, "RUNNING", 0, step=len(log))
+    stopped = [s for s in steps if s.diverged]
+    assert len(stopped) == 1 and stopped[0].noteworthy and watch.state.diverged
+    assert "diverged" in stopped[0].stop_reason
+    assert watch.result()["diverged"] is True
+    # off by default (side jobs, hand-written DAGs) and with nan_intervals: 0
+    quiet = JobWatch(event_specs(), WatchState("7", "/log"), inactivity_threshold=None, now=0)
+    assert not any(s.diverged for s in feed_all(quiet, log, "RUNNING", 0, step=len(log)))
