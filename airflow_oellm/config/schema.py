@@ -209,8 +209,8 @@ class MonitoringConfig:
     log_events: list[LogEventConfig] = opt(doc="Regex events matched in the job log.", factory=list)
     nan_intervals: int = opt(
         3,
-        "Log intervals in a row with a NaN or infinite loss after which an ended training counts as diverged: "
-        "failed, not retried (0: never).",
+        "Log intervals in a row with a NaN or infinite loss (or grad norm) after which the training counts as "
+        "diverged: its job is cancelled and the task fails, not retried (0: never).",
     )
     rules: list[ClassificationRuleConfig] = opt(
         doc="Your rules for how a job's end is judged (success, retry, fatal), tried before the built-in ones; "
