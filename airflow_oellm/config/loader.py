@@ -202,6 +202,12 @@ def semantic_problems(cfg: RootConfig, data: Mapping[str, Any]) -> list[tuple[st
         check_output_root(cfg.project.base_output_dir)
     except NamingError as exc:
         problems.append(("project.base_output_dir", str(exc)))
+    for key in ("gpu_hour_budget", "gpu_hour_budget_per_experiment"):
+        budget = getattr(cfg.project, key)
+        if budget is not None and not _number(budget):
+            problems.append(
+                (f"project.{key}", "a budget is checked when the sweep is loaded: it cannot wait for the run")
+            )
     if isinstance(cfg.slurm.time, (int, str)) and not _contains_interpolation(cfg.slurm.time):
         try:
             time_limit_seconds(cfg.slurm.time)
