@@ -377,3 +377,18 @@ def test_a_diverged_training_is_stopped_and_not_retried(write, backend, run_dag,
         f"cancelled at iteration {attempt['last_iteration']} of 200 after three NaN intervals; failed, not retried",
         duplicates=len(submitted(backend, exp)) - 1,
     )
+
+
+@pytest.mark.faults
+@pytest.mark.megatron
+def test_the_rerun_state_machine_exit_17_fails_with_its_diagnosis(write, backend, run_dag):
+    exp = experiment(write, backend, "restart.max_attempts=3")
+    dag = train_dag(exp, backend)
+    dag.get_task("train").experiment.value["platform"]["env"]["FAKE_RERUN_FAILED_AT"] = 15
+    dr = run_dag(dag)
+    assert dr.state == "failed" and tis(dr)["train"].try_number == 1  # two retries allowed, none taken
+    result = xcom(dr, "train", "result")
+    assert result["attempts"][0]["exit_code"] == 17
+    assert result["classification"]["reason"] == (
+        "failed on result validation (Megatron's rerun state machine, exit 17): Possible persistent error"
+    )
