@@ -392,3 +392,20 @@ def test_the_rerun_state_machine_exit_17_fails_with_its_diagnosis(write, backend
     assert result["classification"]["reason"] == (
         "failed on result validation (Megatron's rerun state machine, exit 17): Possible persistent error"
     )
+
+
+@pytest.mark.faults
+@pytest.mark.megatron
+@pytest.mark.parametrize("backend", ["local-process"], indirect=True)  # a node to exclude that is not this one
+def test_resumes_the_rerun_state_machine_asks_for_are_not_held_against_the_progress_guard(write, backend, run_dag):
+    # every job stops at iteration 15 with exit 16 (the same GPU again, say): no new checkpoint after the first
+    exp = experiment(write, backend, "restart.max_attempts=4")
+    dag = train_dag(exp, backend)
+    env = dag.get_task("train").experiment.value["platform"]["env"]
+    env.update(FAKE_RERUN_AT=15, FAKE_RERUN_NODE="gpu-node-7", FAKE_FAULT_ALWAYS=1)
+    dr = run_dag(dag)
+    assert dr.state == "failed" and tis(dr)["train"].try_number == 4  # every retry taken
+    result = xcom(dr, "train", "result")
+    assert [a["checkpoint_after"] for a in result["attempts"]] == [14, 14, 14, 14]
+    assert all(a["progress_free"] and "exit 16" in a["reason"] for a in result["attempts"])
+    assert "no progress" not in result["classification"]["reason"]  # a crash would have stopped at the third
