@@ -170,17 +170,22 @@ def test_scheduler_killed_right_after_sbatch_the_retry_adopts_the_job(stack, dev
     )
 
 
-def monitor_offsets(dev_cluster, remote: str, prefix: str) -> dict[int, int]:
-    """Per sweep index, the log offset its trigger saved (jobs that have saved their watch state)."""
+def watch_states(dev_cluster, remote: str, prefix: str) -> dict[int, dict]:
+    """Per sweep index, the watch state its trigger saved (jobs that have saved one)."""
     script = (
         f"for d in {remote}/runs/{prefix}*; do f=$(ls $d/.oellm/monitor/*.json 2>/dev/null | head -n 1);"
         f' [ -n "$f" ] && printf "%s %s\\n" "${{d##*_}}" "$(tr -d "\\n" < "$f")"; done; true'
     )
-    offsets = {}
+    states = {}
     for line in dev_cluster.ssh(script).stdout.splitlines():
         index, _, state = line.partition(" ")
-        offsets[int(index)] = json.loads(state)["matcher"]["offset"]
-    return offsets
+        states[int(index)] = json.loads(state)
+    return states
+
+
+def monitor_offsets(dev_cluster, remote: str, prefix: str) -> dict[int, int]:
+    """Per sweep index, the log offset its trigger saved."""
+    return {i: s["matcher"]["offset"] for i, s in watch_states(dev_cluster, remote, prefix).items()}
 
 
 def test_triggerer_killed_with_twenty_deferred_loses_and_repeats_nothing(stack, dev_cluster, reliability):
@@ -195,7 +200,14 @@ def test_triggerer_killed_with_twenty_deferred_loses_and_repeats_nothing(stack, 
     stack.restarting.add("triggerer")
     stack.kill("triggerer")
     killed, waiting = time.monotonic(), deferred()
-    at_kill = {i: o for i, o in monitor_offsets(dev_cluster, stack.remote, prefix).items() if i in waiting and o > 0}
+    # the watches that were reading a running job's log: one that had already read its job's end (and was
+    # holding its event) has nothing more to read after the restart
+    at_kill = {
+        i: s["matcher"]["offset"]
+        for i, s in watch_states(dev_cluster, stack.remote, prefix).items()
+        if i in waiting and s["matcher"]["offset"] > 0 and not s.get("final_status")
+    }
+    assert at_kill, "no watch was reading a running job when the triggerer was killed"
     time.sleep(6)
     stack.start("triggerer")
     stack.restarting.discard("triggerer")
