@@ -78,7 +78,7 @@ class Browser:
                 if time.monotonic() > deadline:
                     self._stop()
                     raise
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(0.5)  # poll: Chromium is starting
         self._ws = await websockets.connect(page["webSocketDebuggerUrl"], max_size=64 * 2**20)
         await self.call("Page.enable")
         await self.call("Network.enable")
@@ -118,8 +118,8 @@ class Browser:
         while await self.evaluate("document.readyState") != "complete" or await self.evaluate("location.href") != url:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{url} did not load in {timeout} s")
-            await asyncio.sleep(0.2)
-        await asyncio.sleep(settle)
+            await asyncio.sleep(0.2)  # poll
+        await asyncio.sleep(settle)  # scripts run after load: let them draw
 
     async def evaluate(self, expression: str) -> Any:
         """The JSON value of a JavaScript expression in the page."""

@@ -56,7 +56,7 @@ class DevCluster:
             )
             if result.returncode != 255:
                 break
-            time.sleep(0.5 * (attempt + 1))
+            time.sleep(0.5 * (attempt + 1))  # ssh itself failed (255): back off, then again
         if check and result.returncode != 0:
             raise AssertionError(f"ssh {remote!r} failed ({result.returncode}): {result.stderr.strip()}")
         return result
@@ -84,7 +84,7 @@ class DevCluster:
                 states[job] = (state.split()[0], code)
             if len(states) == len(job_ids) and all(s in TERMINAL for s, _ in states.values()):
                 return states
-            time.sleep(1)
+            time.sleep(1)  # poll
         raise AssertionError(f"jobs not finished after {timeout}s: {states}")
 
 

@@ -55,7 +55,7 @@ def wait_for(hook, job_id: str, predicate, timeout: float = 60, interval: float 
         seen.append(status.state)
         if predicate(status):
             return status, seen
-        time.sleep(interval)
+        time.sleep(interval)  # poll
     raise AssertionError(f"job {job_id}: condition not met in {timeout}s; states seen {seen[-5:]}")
 
 
@@ -97,15 +97,19 @@ def test_cancelled_by_user(hook, dev_cluster, remote_dir):
 
 
 def test_cancel_with_a_signal_reaches_the_batch_shell(hook, remote_dir):
-    body = "trap 'echo \"got USR1\"' USR1; for i in $(seq 120); do sleep 1; done"
+    body = "trap 'echo \"got USR1\"' USR1; echo trapping; for i in $(seq 120); do sleep 1; done"
     job_id, _ = hook.submit(put_job(hook, remote_dir, "sig", body))
     wait_for(hook, job_id, lambda s: s.state is JobState.RUNNING)
-    time.sleep(1)
+    out = f"{remote_dir}/sig-{job_id}.out"
+    deadline = time.monotonic() + 20
+    while b"trapping" not in hook.read_range(out).data:  # the trap is set: a signal now reaches it
+        assert time.monotonic() < deadline, "the batch shell never started"
+        time.sleep(0.2)  # poll
     hook.cancel([job_id], "USR1", batch_only=True)
     deadline = time.monotonic() + 20
-    while b"got USR1" not in hook.read_range(f"{remote_dir}/sig-{job_id}.out").data:
+    while b"got USR1" not in hook.read_range(out).data:
         assert time.monotonic() < deadline, "USR1 not delivered"
-        time.sleep(0.5)
+        time.sleep(0.5)  # poll
     assert hook.job_status(job_id).state is JobState.RUNNING  # the signal did not end the job
     hook.cancel([job_id])
 
@@ -308,7 +312,7 @@ def test_purged_job_is_still_resolved_through_sacct(hook, dev_cluster, slow_jobs
     deadline = time.monotonic() + 240
     while dev_cluster.ssh(["squeue", "-h", "-t", "all", "-j", job_id], check=False).returncode == 0:
         assert time.monotonic() < deadline, "job never left the queue (MinJobAge)"
-        time.sleep(5)
+        time.sleep(5)  # poll: MinJobAge is minutes
     status = hook.job_status(job_id)
     assert status.state is JobState.COMPLETED and status.source == "sacct" and status.exit_code == 0
     assert hook.job_status("99999999").state is JobState.NOT_FOUND

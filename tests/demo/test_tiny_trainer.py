@@ -151,7 +151,7 @@ def test_hang_knob_stops_output_and_progress(tmp_path: Path) -> None:
             seen.append(line)
             if "iteration        2/" in line:
                 break
-        time.sleep(3)
+        time.sleep(3)  # a hang is silence that lasts: three times the iteration time here
         assert process.poll() is None  # alive, silent, going nowhere: only an inactivity watchdog ends it
         readable, _, _ = select.select([process.stdout.fileno()], [], [], 0.1)
         assert not readable  # nothing printed since iteration 2

@@ -64,7 +64,7 @@ def wait(
             last = exc
         if stack is not None:
             stack.check_alive()
-        time.sleep(every)
+        time.sleep(every)  # poll
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}; last={last!r}")
 
 
@@ -150,7 +150,7 @@ class Stack:
             )
             if "database is locked" not in done.stderr:
                 break
-            time.sleep(2)
+            time.sleep(2)  # SQLite's lock is held by another writer: let it finish
         if done.returncode:
             raise RuntimeError(f"airflow {' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
         return done.stdout

@@ -137,7 +137,7 @@ def test_a_running_sweep_then_its_final_comparison(stack, tmp_path):
         async with Browser() as browser:
             await browser.login(site(stack), stack.access_token)
             first = await read_sweep_page(browser, url, tmp_path / "sweep_running_1.png")
-            await asyncio.sleep(8)
+            await asyncio.sleep(8)  # the training must move on between the two reads of the page
             second = await read_sweep_page(browser, url, tmp_path / "sweep_running_2.png")
             return first, second
 
@@ -182,7 +182,7 @@ def test_a_running_sweep_then_its_final_comparison(stack, tmp_path):
                 frame = await browser.evaluate("document.querySelector('iframe')?.src")
                 if frame:
                     break
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(0.5)  # poll
             await asyncio.sleep(3)  # the frame's own page
             await browser.screenshot(tmp_path / "airflow_ui_sweeps.png", full_page=False)
             return rows, series, evaluations, tokens_plot, timeline, counts, frame

@@ -128,7 +128,7 @@ def test_triggerer_restart_mid_run_loses_and_repeats_nothing(stack, dev_cluster)
     stack.restarting.add("triggerer")
     stack.kill("triggerer")
     killed_at = saved_offset()
-    time.sleep(6)
+    time.sleep(6)  # the outage: the triggerer stays down for several poll intervals
     stack.start("triggerer")
     stack.restarting.discard("triggerer")
     assert stack.wait_run("e2e_restart", run_id, 300) == "success", stack.explain("e2e_restart", run_id)
@@ -159,7 +159,7 @@ def test_fifty_deferred_jobs_hold_no_worker_slot_and_one_poll_per_interval(stack
         samples = []
         while time.monotonic() - started < 20:
             samples.append(states())
-            time.sleep(2)
+            time.sleep(2)  # sample the states through the measured window
         rpcs, elapsed = job_info_rpcs(dev_cluster) - before, time.monotonic() - started
         assert all(s.get("deferred") == 50 and not s.get("running") and not s.get("queued") for s in samples), samples
         intervals = elapsed / 5

@@ -152,7 +152,7 @@ def test_scheduler_killed_right_after_sbatch_the_retry_adopts_the_job(stack, dev
         stack.restarting.add("scheduler")
         stack.kill("scheduler")  # with its LocalExecutor workers and their task supervisors
         os.kill(pid, signal.SIGKILL)  # the task process has its own process group: gone too, as with its machine
-        time.sleep(3)
+        time.sleep(3)  # the outage: the scheduler stays down a moment, as after a crash
         stack.start("scheduler")
         stack.restarting.discard("scheduler")
 
@@ -208,7 +208,7 @@ def test_triggerer_killed_with_twenty_deferred_loses_and_repeats_nothing(stack, 
         if i in waiting and s["matcher"]["offset"] > 0 and not s.get("final_status")
     }
     assert at_kill, "no watch was reading a running job when the triggerer was killed"
-    time.sleep(6)
+    time.sleep(6)  # the outage: the triggerer stays down for three poll intervals
     stack.start("triggerer")
     stack.restarting.discard("triggerer")
 
@@ -264,7 +264,7 @@ SLURMCTLD_PID = Path("/run/slurm/slurmctld.pid")
 def restart_slurmctld(down_for: float) -> None:
     """Stop the controller (squeue and sacct fail meanwhile), then start it again from its saved state."""
     os.kill(int(SLURMCTLD_PID.read_text()), signal.SIGTERM)
-    time.sleep(down_for)
+    time.sleep(down_for)  # the outage itself
     subprocess.run(["/usr/sbin/slurmctld"], check=True, stdin=subprocess.DEVNULL, capture_output=True)
 
 
@@ -281,6 +281,7 @@ def test_ssh_and_slurmctld_outages_cause_no_false_state_and_no_failure(stack, de
     wait(lambda: offset() > 1000, 180, "the watch to follow the job", stack)
     outages = {}
     for what, fault in (
+        # the outages last three poll intervals
         ("sshd", lambda: (kill_sshd_and_sessions(), time.sleep(6), start_sshd())),
         ("slurmctld", lambda: restart_slurmctld(6)),
     ):

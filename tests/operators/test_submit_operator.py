@@ -133,10 +133,10 @@ def test_user_scancel_fails_without_retry(write, backend, run_dag, reliability):
         while time.monotonic() < deadline:
             ids = backend.run(["squeue", "-h", "--me", "-t", "RUNNING", f"--name={exp.name}", "-o", "%A"])
             if ids.split():
-                time.sleep(2)
+                time.sleep(2)  # cancel a job that has been training for a moment, as a user would
                 backend.run(["scancel", *ids.split()])
                 return
-            time.sleep(1)
+            time.sleep(1)  # poll
 
     canceller = threading.Thread(target=cancel_when_running)
     canceller.start()
@@ -290,7 +290,7 @@ def test_a_preempted_job_is_requeued_and_followed_to_its_end(write, backend, run
                 backend.run(["scontrol", "requeue", ids[0]])
                 requeued.update(job=ids[0], at=time.monotonic())
                 return
-            time.sleep(1)
+            time.sleep(1)  # poll
 
     preempter = threading.Thread(target=requeue_after_a_checkpoint)
     preempter.start()

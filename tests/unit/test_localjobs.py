@@ -60,7 +60,7 @@ def wait_state(hook: SlurmHook, job_id: str, done: Callable[[JobState], bool], t
         status = hook.job_status(job_id)
         if done(status.state):
             return status
-        time.sleep(0.2)
+        time.sleep(0.2)  # poll
     raise AssertionError(f"job {job_id} still {status.raw_state} after {timeout}s")
 
 
@@ -74,7 +74,7 @@ def eventually_gone(pid: int, timeout: float = 5) -> bool:
             return True
         if state in ("Z", "X"):
             return True
-        time.sleep(0.1)
+        time.sleep(0.1)  # poll
     return False
 
 
@@ -120,7 +120,7 @@ def test_cancel_terminates_the_whole_process_group(hook, script, tmp_path):
     wait_state(hook, job_id, lambda s: s is JobState.RUNNING)
     deadline = time.monotonic() + 10
     while not marker.exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
+        time.sleep(0.1)  # poll
     child = int(marker.read_text())
     hook.cancel([job_id])
     status = finished(hook, job_id)

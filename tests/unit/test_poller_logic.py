@@ -55,7 +55,7 @@ def test_watchers_share_cycles_and_leave_cleanly():
                     return
 
         await asyncio.gather(watch("1"), watch("2"))
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # let the poller's task notice it has no subscribers left
         return poller, seen
 
     poller, seen = asyncio.run(scenario())
