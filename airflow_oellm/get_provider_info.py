@@ -49,4 +49,30 @@ def get_provider_info() -> dict[str, Any]:
                 "tags": ["software"],
             }
         ],
+        "config": {
+            "oellm": {
+                "description": "airflow-oellm: where the sweeps are, and how deferred tasks are resumed.",
+                "options": {
+                    "sweeps_path": {
+                        "description": "Directories of sweep files for the DAG file, `:`-separated, searched "
+                        "after $OELLM_SWEEPS_PATH (docs/dags.md).",
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "/opt/airflow/sweeps:/shared/lab/sweeps",
+                        "default": "",
+                    },
+                    "defer_settle_seconds": {
+                        "description": "A trigger of this provider holds its event until this many seconds "
+                        "after the task deferred. Airflow 3.3 fails a resumed task whose deferring worker's "
+                        "exit the executor reads after the resume was queued; the hold keeps events out of "
+                        "that window. Lower it only with a measurement of your deployment "
+                        "(docs/reliability.md, 'The settle hold').",
+                        "version_added": "0.1.0",
+                        "type": "float",
+                        "example": "15",
+                        "default": "15",
+                    },
+                },
+            }
+        },
     }

@@ -9,21 +9,30 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
+from airflow.configuration import conf
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from airflow_oellm.hooks.slurm import AsyncSlurmHook
 from airflow_oellm.triggers.poller import JobPoller
 
-# Airflow 3.3 fails a deferred task whose trigger fires before the scheduler has seen the deferring
-# worker exit: the worker's stale "success" arrives after the resume was queued and reads as a state
-# changed externally (apache/airflow#66374 fixed only the `scheduled` case; #71580, #72716 are open).
-# The worker was seen lingering up to ~6 s after deferring; an event is held until this long after it.
-DEFER_SETTLE_SECONDS = 15.0
+# Airflow 3.3 fails a deferred task whose trigger fires before the executor has read the deferring
+# worker's exit: that stale "success" arrives after the resume was queued under the same key and reads
+# as a state changed externally (apache/airflow#66374 fixed only the `scheduled` case; #71580, #72716 are
+# open). Nothing in the database or the API marks that moment, so the hold is a time, and a setting.
+DEFAULT_DEFER_SETTLE_SECONDS = 15.0
+
+
+def defer_settle_seconds() -> float:
+    """`[oellm] defer_settle_seconds`: how long after a deferral its trigger may fire (docs/reliability.md)."""
+    seconds = conf.getfloat("oellm", "defer_settle_seconds", fallback=DEFAULT_DEFER_SETTLE_SECONDS)
+    if not seconds >= 0:
+        raise ValueError(f"[oellm] defer_settle_seconds must be a number of seconds >= 0, not {seconds}")
+    return seconds
 
 
 def settle_deadline() -> float:
     """`fire_after` for a trigger created now, at deferral."""
-    return time.time() + DEFER_SETTLE_SECONDS
+    return time.time() + defer_settle_seconds()
 
 
 class ClusterTrigger(BaseTrigger):

@@ -1,8 +1,10 @@
 """DAG file for the end-to-end tests (copied into the stack's DAG folder with a JSON spec beside it).
 
 Kinds: `train` (one SlurmSubmitOperator), `train_with_sensors` (train and, beside it, a CheckpointSensor
-and a SlurmLogSensor) and `fanout` (one mapped SlurmSubmitOperator over many experiments). Optional:
-`retries` and `secret_variables` (train), `max_active_runs`.
+and a SlurmLogSensor), `fanout` (one mapped SlurmSubmitOperator over many experiments) and `settle_probe`
+(`tasks` deferrals whose trigger fires at once, held `hold` seconds or by the setting if null, the
+worker lingering `linger` seconds; needs settle_probe.py on the path). Optional: `retries` and
+`secret_variables` (train), `max_active_runs`.
 """
 
 from __future__ import annotations
@@ -27,8 +29,13 @@ for spec in SPEC["dags"]:
         max_active_tasks=128,
         max_active_runs=spec.get("max_active_runs", 1),
     ) as dag:
-        conn = spec["conn_id"]
-        if spec["kind"] == "train":
+        conn = spec.get("conn_id")
+        if spec["kind"] == "settle_probe":
+            from settle_probe import DeferAtOnce
+
+            for i in range(spec["tasks"]):
+                DeferAtOnce(task_id=f"defer_{i}", hold=spec["hold"], linger=spec["linger"], retries=0)
+        elif spec["kind"] == "train":
             SlurmSubmitOperator(
                 task_id="train",
                 ssh_conn_id=conn,

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 import urllib.parse
 import uuid
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 from airflow_oellm.config import load_sweep
+from airflow_oellm.triggers.base import DEFAULT_DEFER_SETTLE_SECONDS
 from tests.cluster.test_poller import job_info_rpcs
 from tests.conftest import REPO
 from tests.e2e.conftest import wait
@@ -78,7 +81,14 @@ def stack(stack_factory, dev_cluster, module_remote_dir, slurm_conn_id, tmp_path
         ]
     }
 
+    specs["dags"] += [
+        {"dag_id": f"e2e_settle_{label}", "kind": "settle_probe", "tasks": SETTLE_PROBES, "hold": hold}
+        | {"linger": linger}
+        for label, hold, linger in (("none", 0, SLOW_EXIT), ("default", None, SLOW_EXIT), ("natural", None, 0))
+    ]
+
     def write(dags: Path) -> None:
+        shutil.copy(HERE / "settle_probe.py", dags.parent / "settle_probe.py")  # the triggerer imports it
         shutil.copy(HERE / "stack_dags.py", dags / "stack_dags.py")
         (dags / "stack_dags.json").write_text(json.dumps(specs))
 
@@ -87,6 +97,14 @@ def stack(stack_factory, dev_cluster, module_remote_dir, slurm_conn_id, tmp_path
     s.remote = remote
     s.token = token
     return s
+
+
+SETTLE_PROBES = 6
+SLOW_EXIT = 5.0  # seconds a loaded worker was seen to linger after deferring
+EXECUTOR_SUCCESS = re.compile(
+    r"Received executor event with state success for task instance TaskInstanceKey\(dag_id='(?P<dag>[^']+)', "
+    r"task_id='(?P<task>[^']+)', run_id='(?P<run>[^']+)', try_number=(?P<try>\d+)"
+)
 
 
 def trigger_logs(stack, dag_id: str, task_id: str) -> str:
@@ -197,3 +215,59 @@ def test_marking_a_deferred_task_failed_cancels_its_job(stack, dev_cluster):
         return out if out and not out.startswith(("RUNNING", "PENDING")) else None
 
     assert wait(final_state, 120, f"job {job} to be cancelled", stack, every=2).startswith("CANCELLED")
+
+
+def deferral_windows(stack, dag_id: str) -> list[float]:
+    """Per deferral in the DAG's runs: seconds from the task's deferral (its log) until the scheduler
+    received the deferring worker's exit from the executor (its log). A trigger firing inside this
+    window is what the settle hold prevents."""
+    received: dict[tuple[str, str, str], list[datetime]] = {}
+    for line in (stack.home / "scheduler.log").read_text(errors="replace").splitlines():
+        found = EXECUTOR_SUCCESS.search(line)
+        if found and found["dag"] == dag_id:
+            key = (found["task"], found["run"], found["try"])
+            received.setdefault(key, []).append(datetime.fromisoformat(line.split(" ", 1)[0]))
+    windows = []
+    for log in sorted((stack.home / "logs" / f"dag_id={dag_id}").glob("run_id=*/task_id=*/attempt=*.log")):
+        run, task, attempt = log.parent.parent.name[7:], log.parent.name[8:], log.stem.split("=")[1]
+        for line in log.read_text().splitlines():
+            entry = json.loads(line)
+            if entry.get("event", "").startswith("Pausing task as DEFERRED"):
+                deferred = datetime.fromisoformat(entry["timestamp"])
+                after = [t for t in received.get((task, run, attempt), []) if t >= deferred]
+                assert after, f"no executor event after {task}'s deferral"
+                windows.append((min(after) - deferred).total_seconds())
+                break
+    return windows
+
+
+def test_the_settle_hold_keeps_immediate_events_out_of_the_deferral_race(stack, reliability):
+    """Airflow 3.3 fails a resumed task when the executor reads its deferring worker's exit after the
+    resume was queued. With workers slow to exit, triggers that fire at once lose that race with no hold
+    and never with the default `[oellm] defer_settle_seconds`; on workers as they are, the hold is
+    longer than every window measured."""
+    states = {}
+    for together in (["natural"], ["none", "default"]):  # the windows measured alone, on an idle stack
+        runs = {label: stack.trigger(f"e2e_settle_{label}") for label in together}
+        for label, run_id in runs.items():
+            stack.wait_run(f"e2e_settle_{label}", run_id, 240)
+            states[label] = sorted(ti["state"] for ti in stack.task_instances(f"e2e_settle_{label}", run_id))
+    lost = states["none"].count("failed")
+    assert lost > SETTLE_PROBES // 2, f"too few tasks lost the race with no hold: {states}"
+    assert states["default"] == states["natural"] == ["success"] * SETTLE_PROBES, states
+    slow = sorted(deferral_windows(stack, "e2e_settle_default"))
+    windows = sorted(deferral_windows(stack, "e2e_settle_natural"))
+    assert len(slow) == len(windows) == SETTLE_PROBES
+    assert slow[0] >= SLOW_EXIT and slow[-1] < windows[-1] + DEFAULT_DEFER_SETTLE_SECONDS
+    assert windows[-1] < DEFAULT_DEFER_SETTLE_SECONDS, windows
+    reliability.record(
+        "triggers that fire at once (SQLite, LocalExecutor)",
+        f"workers lingering {SLOW_EXIT:g} s after deferring: with no hold {lost} of {SETTLE_PROBES} tasks failed "
+        f"as 'state changed externally', with the default {DEFAULT_DEFER_SETTLE_SECONDS:g} s hold none did. "
+        f"Deferral to the executor reading the worker's exit, workers as they are: median "
+        f"{windows[len(windows) // 2]:.1f} s, max {windows[-1]:.1f} s",
+        duplicates=0,
+        lost_events=0,
+        race_window_median_seconds=round(windows[len(windows) // 2], 2),
+        race_window_max_seconds=round(windows[-1], 2),
+    )

@@ -11,8 +11,14 @@ import time
 import pytest
 from airflow.triggers.base import TriggerEvent
 
+from airflow_oellm.get_provider_info import get_provider_info
 from airflow_oellm.triggers import CheckpointTrigger, LogEventTrigger, SlurmJobTrigger
-from airflow_oellm.triggers.base import ClusterTrigger
+from airflow_oellm.triggers.base import (
+    DEFAULT_DEFER_SETTLE_SECONDS,
+    ClusterTrigger,
+    defer_settle_seconds,
+    settle_deadline,
+)
 
 pytestmark = pytest.mark.operators
 
@@ -67,7 +73,7 @@ class _Immediate(ClusterTrigger):
 
 @pytest.mark.parametrize("hold", [None, 0.6])
 def test_an_event_is_held_until_fire_after(hold):
-    """A trigger may not fire before the deferring worker is surely gone (see DEFER_SETTLE_SECONDS)."""
+    """A trigger may not fire before the deferring worker is surely gone (see `defer_settle_seconds`)."""
     started = time.time()
     trigger = _Immediate(ssh_conn_id=None, local=True, poll_interval=1, fire_after=started + hold if hold else None)
 
@@ -78,3 +84,22 @@ def test_an_event_is_held_until_fire_after(hold):
     event, waited = asyncio.run(first())
     assert event.payload == {"kind": "ready"}
     assert waited >= hold if hold else waited < 0.3
+
+
+def test_the_settle_hold_is_a_setting(monkeypatch):
+    assert defer_settle_seconds() == DEFAULT_DEFER_SETTLE_SECONDS == 15.0
+    monkeypatch.setenv("AIRFLOW__OELLM__DEFER_SETTLE_SECONDS", "2.5")
+    assert defer_settle_seconds() == 2.5
+    assert 2.4 < settle_deadline() - time.time() <= 2.5
+    monkeypatch.setenv("AIRFLOW__OELLM__DEFER_SETTLE_SECONDS", "0")
+    assert defer_settle_seconds() == 0
+    monkeypatch.setenv("AIRFLOW__OELLM__DEFER_SETTLE_SECONDS", "-1")
+    with pytest.raises(ValueError, match=r"\[oellm\] defer_settle_seconds must be .* >= 0, not -1"):
+        settle_deadline()
+
+
+def test_the_providers_settings_are_airflows():
+    """`airflow config` knows the provider's section, with the defaults the code falls back to."""
+    options = get_provider_info()["config"]["oellm"]["options"]
+    assert float(options["defer_settle_seconds"]["default"]) == DEFAULT_DEFER_SETTLE_SECONDS
+    assert options["sweeps_path"]["default"] == ""
