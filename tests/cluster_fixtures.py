@@ -6,9 +6,11 @@ does not run proves nothing. Deselect them with `-m "not cluster"`.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shlex
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -18,6 +20,7 @@ from pathlib import Path
 import pytest
 
 STATE_DIR = Path(os.environ.get("SLURM_DEV_STATE_DIR", "/var/lib/slurm-dev"))
+TOOLS_STAMP = Path(tempfile.gettempdir()) / "oellm-dev-tools.installed"  # test run id, bin directory
 TERMINAL = {
     "COMPLETED",
     "FAILED",
@@ -103,14 +106,23 @@ def dev_cluster() -> DevCluster:
 
 @pytest.fixture(scope="session")
 def cluster_tools(dev_cluster: DevCluster) -> Path:
-    """`airflow-oellm` (with the convert/evaluate extras) installed where cluster jobs can run it."""
+    """`airflow-oellm` (with the convert/evaluate extras) installed where cluster jobs can run it.
+    Once per test run: xdist workers take turns, and the later ones find it done (reinstalling would
+    pull the tiny trainer from under a running job)."""
     repo = Path(__file__).resolve().parents[1]
-    done = subprocess.run(
-        ["bash", str(repo / "scripts" / "dev-cluster.sh"), "tools"], capture_output=True, text=True, timeout=900
-    )
-    if done.returncode:
-        pytest.fail(f"scripts/dev-cluster.sh tools failed: {done.stderr[-2000:]}")
-    return Path(done.stdout.strip().splitlines()[-1]) / "airflow-oellm"
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid-{os.getpid()}"
+    with open(TOOLS_STAMP.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        installed = TOOLS_STAMP.read_text().split("\n") if TOOLS_STAMP.exists() else []
+        if installed[:1] != [run]:
+            done = subprocess.run(
+                ["bash", str(repo / "scripts" / "dev-cluster.sh"), "tools"], capture_output=True, text=True, timeout=900
+            )
+            if done.returncode:
+                pytest.fail(f"scripts/dev-cluster.sh tools failed: {done.stderr[-2000:]}")
+            installed = [run, done.stdout.strip().splitlines()[-1]]
+            TOOLS_STAMP.write_text("\n".join(installed))
+    return Path(installed[1]) / "airflow-oellm"
 
 
 def _remote_dir(cluster: DevCluster) -> Iterator[str]:

@@ -5,6 +5,7 @@ report their figures; at the end of the session the rows are merged into
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from collections.abc import Iterator
@@ -53,7 +54,10 @@ def reliability() -> Iterator[Reliability]:
     table = Reliability()
     yield table
     if table.rows:
-        previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-        previous.update(table.rows)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(previous, indent=2, sort_keys=True) + "\n")
+        # xdist workers end their sessions at about the same time: one merge at a time
+        with open(RESULTS.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+            previous.update(table.rows)
+            RESULTS.write_text(json.dumps(previous, indent=2, sort_keys=True) + "\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar
@@ -25,7 +26,7 @@ DEFAULT_DEFER_SETTLE_SECONDS = 15.0
 def defer_settle_seconds() -> float:
     """`[oellm] defer_settle_seconds`: how long after a deferral its trigger may fire (docs/reliability.md)."""
     seconds = conf.getfloat("oellm", "defer_settle_seconds", fallback=DEFAULT_DEFER_SETTLE_SECONDS)
-    if not seconds >= 0:
+    if not 0 <= seconds < math.inf:
         raise ValueError(f"[oellm] defer_settle_seconds must be a number of seconds >= 0, not {seconds}")
     return seconds
 

@@ -6,6 +6,7 @@ import itertools
 import json
 import re
 import shlex
+import uuid
 
 import pytest
 from airflow.sdk import DAG
@@ -16,7 +17,9 @@ from airflow_oellm.slurm.identity import task_status_path
 from tests.operators.conftest import attempt_history, start_date, unique_dag_id, xcom
 
 
-def experiment(write, backend, *overrides: str, name: str = "exp"):
+def experiment(write, backend, *overrides: str, name: str | None = None):
+    # a name of its own: tests that cancel or requeue by name must not touch another test's job
+    name = name or f"exp{uuid.uuid4().hex[:6]}"
     path = write(
         "config/sweeps/op.yaml",
         f"""

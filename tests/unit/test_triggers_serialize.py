@@ -93,9 +93,10 @@ def test_the_settle_hold_is_a_setting(monkeypatch):
     assert 2.4 < settle_deadline() - time.time() <= 2.5
     monkeypatch.setenv("AIRFLOW__OELLM__DEFER_SETTLE_SECONDS", "0")
     assert defer_settle_seconds() == 0
-    monkeypatch.setenv("AIRFLOW__OELLM__DEFER_SETTLE_SECONDS", "-1")
-    with pytest.raises(ValueError, match=r"\[oellm\] defer_settle_seconds must be .* >= 0, not -1"):
-        settle_deadline()
+    for bad in ("-1", "inf", "nan"):
+        monkeypatch.setenv("AIRFLOW__OELLM__DEFER_SETTLE_SECONDS", bad)
+        with pytest.raises(ValueError, match=r"\[oellm\] defer_settle_seconds must be .* >= 0, not "):
+            settle_deadline()
 
 
 def test_the_providers_settings_are_airflows():
