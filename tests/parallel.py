@@ -5,6 +5,7 @@ Most of the suite waits: on fake trainings that sleep, on SLURM's schedule, on A
 the tests of a module stay on one worker (their module fixtures, a stack above all, are built once), except
 in SPREAD: modules of independent scenarios, each with its own jobs and directories, dealt out one by one.
 Tests marked `serial` need the cluster to themselves: the parallel pass leaves them to the serial one.
+The longest tests are collected first, so that no worker starts one late while the others are done.
 """
 
 from __future__ import annotations
@@ -33,10 +34,22 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
             module = nodeid.split("::", 1)[0]
             return nodeid if module in SPREAD else module
 
+    # hand out work in collection order, which starts with the longest (below); xdist would otherwise
+    # put the modules with the most tests first, and the few long scenarios would end the run alone
+    config.option.loadscopereorder = False
     return ModuleScheduling(config, log)
 
 
+def expected_length(item: pytest.Item) -> int:
+    """0 for the longest tests: `slow` ones, then the stacks' (`e2e`), then the cluster's, then the rest."""
+    for rank, marker in enumerate(("slow", "e2e", "cluster")):
+        if item.get_closest_marker(marker) is not None:
+            return rank
+    return 3
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    items.sort(key=expected_length)  # stable: a module's tests keep their order
     which = os.environ.get("OELLM_TEST_PASS")
     if not which:
         return

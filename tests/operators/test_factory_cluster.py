@@ -190,6 +190,7 @@ def test_checkpoint_branch_converts_and_evaluates_for_real(
     assert rows[10]["quick.perplexity"] == result["metrics"]["perplexity"]
 
 
+@pytest.mark.slow
 @pytest.mark.convert
 @pytest.mark.demo
 def test_tiny_trainer_study_trains_converts_evaluates_and_cools_down(
