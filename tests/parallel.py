@@ -19,8 +19,15 @@ SPREAD = {
     "tests/operators/test_submit_operator.py",
     "tests/operators/test_sensors.py",
     "tests/operators/test_factory_cluster.py",
-    "tests/demo/test_make_demo.py",
 }
+# Tests that keep both cores busy (real torch: megatron-core, lm-eval, the tiny trainer of the demos)
+# share one scope, so they run one after another: two at once slowed a demo past its 5 minutes.
+CPU_BOUND = (
+    "tests/demo/test_make_demo.py",
+    "tests/convert/test_gold_regeneration.py",
+    "tests/convert/test_lm_eval.py",
+    "tests/operators/test_factory_cluster.py::test_tiny_trainer_study",
+)
 PASSES = ("parallel", "serial")
 
 
@@ -31,13 +38,20 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 
     class ModuleScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            module = nodeid.split("::", 1)[0]
-            return nodeid if module in SPREAD else module
+            return scope(nodeid)
 
     # hand out work in collection order, which starts with the longest (below); xdist would otherwise
     # put the modules with the most tests first, and the few long scenarios would end the run alone
     config.option.loadscopereorder = False
     return ModuleScheduling(config, log)
+
+
+def scope(nodeid: str) -> str:
+    """What xdist hands to one worker as a unit: the CPU-bound tests, a test of SPREAD, or a module."""
+    if nodeid.startswith(CPU_BOUND):
+        return "cpu-bound"
+    module = nodeid.split("::", 1)[0]
+    return nodeid if module in SPREAD else module
 
 
 def expected_length(item: pytest.Item) -> int:
