@@ -4,7 +4,8 @@
 Most of the suite waits: on fake trainings that sleep, on SLURM's schedule, on Airflow's loops. Under xdist
 the tests of a module stay on one worker (their module fixtures, a stack above all, are built once), except
 in SPREAD: modules of independent scenarios, each with its own jobs and directories, dealt out one by one.
-Tests marked `serial` need the cluster to themselves: the parallel pass leaves them to the serial one.
+Tests marked `serial` need the cluster, or both cores, to themselves: the parallel pass leaves them to
+the serial one.
 The longest tests are collected first, so that no worker starts one late while the others are done.
 """
 
@@ -20,10 +21,10 @@ SPREAD = {
     "tests/operators/test_sensors.py",
     "tests/operators/test_factory_cluster.py",
 }
-# Tests that keep both cores busy (real torch: megatron-core, lm-eval, the tiny trainer of the demos)
-# share one scope, so they run one after another: two at once slowed a demo past its 5 minutes.
+# Tests that keep both cores busy (real torch: megatron-core, lm-eval, the tiny trainer) share one scope,
+# so they run one after another: two at once slowed a demo past its 5 minutes. The demos themselves
+# (a whole Airflow and sweep each, 210 s alone, 270 s beside the parallel pass) are `serial`.
 CPU_BOUND = (
-    "tests/demo/test_make_demo.py",
     "tests/convert/test_gold_regeneration.py",
     "tests/convert/test_lm_eval.py",
     "tests/operators/test_factory_cluster.py::test_tiny_trainer_study",
