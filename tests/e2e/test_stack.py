@@ -230,7 +230,8 @@ def deferral_windows(stack, dag_id: str) -> list[float]:
             received.setdefault(key, []).append(datetime.fromisoformat(line.split(" ", 1)[0]))
     windows = []
     for log in sorted((stack.home / "logs" / f"dag_id={dag_id}").glob("run_id=*/task_id=*/attempt=*.log")):
-        run, task, attempt = log.parent.parent.name[7:], log.parent.name[8:], log.stem.split("=")[1]
+        run = log.parent.parent.name.removeprefix("run_id=")
+        task, attempt = log.parent.name.removeprefix("task_id="), log.stem.removeprefix("attempt=")
         for line in log.read_text().splitlines():
             entry = json.loads(line)
             if entry.get("event", "").startswith("Pausing task as DEFERRED"):
