@@ -1,12 +1,16 @@
-"""How CI shares two cores: a parallel pass (`OELLM_TEST_PASS=parallel pytest -n 3`), then a serial one
-(`OELLM_TEST_PASS=serial pytest`); without the variable every selected test runs.
+"""How CI shares two cores: two passes, each under xdist.
 
-Most of the suite waits: on fake trainings that sleep, on SLURM's schedule, on Airflow's loops. Under xdist
-the tests of a module stay on one worker (their module fixtures, a stack above all, are built once), except
-in SPREAD: modules of independent scenarios, each with its own jobs and directories, dealt out one by one.
-Tests marked `serial` need the cluster, or both cores, to themselves: the parallel pass leaves them to
-the serial one.
-The longest tests are collected first, so that no worker starts one late while the others are done.
+- `OELLM_TEST_PASS=shared pytest -n 3`: the tests that use the dev cluster and can share it. Most of
+  their time is waiting, on fake trainings that sleep, on SLURM's schedule, on Airflow's loops.
+- `OELLM_TEST_PASS=exclusive pytest -n 3`: one worker runs the SERIAL tests one after another, each with
+  the cluster to itself, and takes nothing else; the other two run the tests that use no cluster at all,
+  which nothing the serial tests do can disturb.
+
+The tests of a module stay on one worker (their module fixtures, a stack above all, are built once),
+except in SPREAD: modules of independent scenarios, each with its own jobs and directories, dealt out
+one by one. The tests that keep both cores busy (CPU_BOUND) run one after another. The longest tests
+are collected first, so that no worker starts one late while the others are done. Without the
+variable every selected test runs.
 """
 
 from __future__ import annotations
@@ -21,15 +25,29 @@ SPREAD = {
     "tests/operators/test_sensors.py",
     "tests/operators/test_factory_cluster.py",
 }
-# Tests that keep both cores busy (real torch: megatron-core, lm-eval, the tiny trainer) share one scope,
-# so they run one after another: two at once slowed a demo past its 5 minutes. The demos themselves
-# (a whole Airflow and sweep each, 210 s alone, 270 s beside the parallel pass) are `serial`.
+# Tests that need the dev cluster to themselves (a module, or one test of one), and why.
+SERIAL = {
+    "tests/faults/test_airflow_faults.py": "kills sshd, slurmctld and Airflow's components",
+    "tests/e2e/test_stack.py": "counts slurmctld's RPCs with 50 jobs filling the node",
+    "tests/cluster/test_poller.py": "counts slurmctld's RPCs, kills sshd",
+    "tests/bench/test_benchmarks.py": "timings, and slurmctld's RPC counts",
+    "tests/demo/test_make_demo.py::test_demo_on_the_dev_cluster": "a whole sweep within 5 minutes",
+}
+# Real torch (the local-process demo, megatron-core, lm-eval, the tiny trainer) keeps both cores busy:
+# these share one scope, so they run one after another. Two at once slowed a demo past its 5 minutes.
 CPU_BOUND = (
+    "tests/demo/test_make_demo.py::test_demo_falls_back_to_local_processes",
+    "tests/demo/test_tiny_trainer.py",
     "tests/convert/test_gold_regeneration.py",
     "tests/convert/test_lm_eval.py",
     "tests/operators/test_factory_cluster.py::test_tiny_trainer_study",
 )
-PASSES = ("parallel", "serial")
+CLUSTER_FIXTURES = {"dev_cluster", "slurm_conn_id", "cluster_tools"}
+PASSES = ("shared", "exclusive")
+
+
+def is_serial(nodeid: str) -> bool:
+    return nodeid.split("[", 1)[0] in SERIAL or nodeid.split("::", 1)[0] in SERIAL
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -41,6 +59,14 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
         def _split_scope(self, nodeid: str) -> str:
             return scope(nodeid)
 
+        def _reschedule(self, node: Any) -> None:
+            # the serial tests' worker takes nothing else until they are done: a unit queued behind
+            # them would wait for all of them
+            work = self.assigned_work.get(node, {})
+            if "serial" in work and self._pending_of({"serial": work["serial"]}):
+                return
+            super()._reschedule(node)
+
     # hand out work in collection order, which starts with the longest (below); xdist would otherwise
     # put the modules with the most tests first, and the few long scenarios would end the run alone
     config.option.loadscopereorder = False
@@ -48,7 +74,10 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 
 
 def scope(nodeid: str) -> str:
-    """What xdist hands to one worker as a unit: the CPU-bound tests, a test of SPREAD, or a module."""
+    """What xdist hands to one worker as a unit: the serial tests, the CPU-bound ones, a test of SPREAD,
+    or a module."""
+    if is_serial(nodeid):
+        return "serial"
     if nodeid.startswith(CPU_BOUND):
         return "cpu-bound"
     module = nodeid.split("::", 1)[0]
@@ -63,14 +92,30 @@ def expected_length(item: pytest.Item) -> int:
     return 3
 
 
+def uses_cluster(item: pytest.Item) -> bool:
+    return item.get_closest_marker("cluster") is not None or bool(CLUSTER_FIXTURES & set(item.fixturenames))
+
+
+def in_pass(item: pytest.Item, which: str) -> bool:
+    if which == "shared":
+        return uses_cluster(item) and item.get_closest_marker("serial") is None
+    return item.get_closest_marker("serial") is not None or not uses_cluster(item)
+
+
+@pytest.hookimpl(trylast=True)  # after the conftests have marked their tests
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if is_serial(item.nodeid):
+            item.add_marker(pytest.mark.serial)
+        if uses_cluster(item):
+            item.add_marker(pytest.mark.cluster)
     items.sort(key=expected_length)  # stable: a module's tests keep their order
     which = os.environ.get("OELLM_TEST_PASS")
     if not which:
         return
     if which not in PASSES:
         raise pytest.UsageError(f"OELLM_TEST_PASS must be one of {', '.join(PASSES)}, not {which!r}")
-    keep = [item for item in items if (item.get_closest_marker("serial") is not None) == (which == "serial")]
+    keep = [item for item in items if in_pass(item, which)]
     if len(keep) < len(items):
         config.hook.pytest_deselected(items=[item for item in items if item not in keep])
         items[:] = keep

@@ -4,7 +4,7 @@ A test's time is its setup, call and teardown together (under xdist, on its work
 session-scoped fixture is charged to the test that first needed it. A test with several markers counts in
 each of their rows; tests under tests/unit/ carry the `unit` marker. `OELLM_TEST_TIMES=path.json` also
 writes every test's time and markers, and `python -m tests.timing A.json B.json` sums several runs (CI's
-parallel and serial passes).
+shared and exclusive passes).
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def main(paths: list[str]) -> None:
-    """`python -m tests.timing A.json B.json`: one summary of several runs (CI's parallel and serial passes)."""
+    """`python -m tests.timing A.json B.json`: one summary of several runs (CI's two passes)."""
     tests: dict[str, dict[str, Any]] = {}
     wall = 0.0
     for path in paths:

@@ -12,7 +12,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import sweep_expansion
 
-pytestmark = [pytest.mark.bench, pytest.mark.serial]  # timings, and slurmctld's RPC counts
+pytestmark = pytest.mark.bench
 
 
 def test_thousand_point_sweep_expands_and_validates_quickly():

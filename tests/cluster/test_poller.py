@@ -18,7 +18,7 @@ from airflow_oellm.hooks import AsyncSlurmHook
 from airflow_oellm.slurm.states import JobState
 from airflow_oellm.triggers.poller import JobPoller
 
-pytestmark = [pytest.mark.hook, pytest.mark.serial]  # counts slurmctld's RPCs, kills sshd
+pytestmark = pytest.mark.hook
 
 SSHD_PID = Path("/run/sshd-slurmdev.pid")
 SSHD_CONFIG = "/etc/ssh/sshd_config_slurmdev"

@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import REPO
 
-pytestmark = [pytest.mark.demo, pytest.mark.e2e, pytest.mark.slow, pytest.mark.serial]  # 5 minutes only alone
+pytestmark = [pytest.mark.demo, pytest.mark.e2e, pytest.mark.slow]
 
 
 def run_demo(batch_system: str, state_dir) -> str:

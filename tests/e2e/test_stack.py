@@ -21,7 +21,6 @@ from tests.e2e.conftest import wait
 
 FAKE = REPO / "tests" / "fixtures" / "fake_megatron.py"
 HERE = Path(__file__).parent
-pytestmark = pytest.mark.serial  # counts slurmctld's RPCs with 50 jobs filling the node
 
 
 def sweep(directory: Path, remote: str, name: str, args: str, extra: str = "", poll: int = 2) -> list[dict]:

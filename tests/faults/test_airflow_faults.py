@@ -25,7 +25,7 @@ FAKE = REPO / "tests" / "fixtures" / "fake_megatron.py"
 DAGS = REPO / "tests" / "e2e" / "stack_dags.py"
 FANOUT = 20
 SECRET = f"tok-{uuid.uuid4().hex}; $(touch PWNED)"
-pytestmark = [pytest.mark.e2e, pytest.mark.cluster, pytest.mark.slow, pytest.mark.serial]  # kills sshd, slurmctld
+pytestmark = [pytest.mark.e2e, pytest.mark.cluster, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
