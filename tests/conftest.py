@@ -20,7 +20,13 @@ os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = os.path.join(_AIRFLOW_HOME, "dags")
 os.makedirs(os.environ["AIRFLOW__CORE__DAGS_FOLDER"], exist_ok=True)
 atexit.register(shutil.rmtree, _AIRFLOW_HOME, True)
 
-pytest_plugins = ["tests.cluster_fixtures", "tests.reliability", "tests.timing", "tests.parallel"]
+pytest_plugins = [
+    "tests.cluster_fixtures",
+    "tests.reliability",
+    "tests.timing",
+    "tests.shared_stack",
+    "tests.parallel",
+]
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "config"

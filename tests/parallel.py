@@ -20,6 +20,8 @@ from typing import Any
 
 import pytest
 
+from tests.shared_stack import group_of
+
 SPREAD = {
     "tests/operators/test_submit_operator.py",
     "tests/operators/test_sensors.py",
@@ -109,7 +111,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.serial)
         if uses_cluster(item):
             item.add_marker(pytest.mark.cluster)
-    items.sort(key=expected_length)  # stable: a module's tests keep their order
+    # stable: a module's tests keep their order; the modules sharing a stack come one after another
+    group_rank: dict[str, int] = {}
+    for item in items:
+        if group := group_of(item.nodeid):
+            group_rank[group] = min(group_rank.get(group, 3), expected_length(item))
+
+    def order(item: pytest.Item) -> tuple[int, str]:
+        group = group_of(item.nodeid) or ""
+        return group_rank.get(group, expected_length(item)), group
+
+    items.sort(key=order)
     which = os.environ.get("OELLM_TEST_PASS")
     if not which:
         return

@@ -1,4 +1,5 @@
-"""DAG file for the end-to-end tests (copied into the stack's DAG folder with a JSON spec beside it).
+"""DAG file for the end-to-end tests (copied into the stack's DAG folder; every JSON file beside it is a
+spec, {"dags": [...]}, one per module that shares the stack).
 
 Kinds: `train` (one SlurmSubmitOperator), `train_with_sensors` (train and, beside it, a CheckpointSensor
 and a SlurmLogSensor), `fanout` (one mapped SlurmSubmitOperator over many experiments) and `settle_probe`
@@ -18,9 +19,9 @@ from airflow.sdk import DAG
 from airflow_oellm.operators import SlurmSubmitOperator
 from airflow_oellm.sensors import CheckpointSensor, SlurmLogSensor
 
-SPEC = json.loads((Path(__file__).parent / "stack_dags.json").read_text())
+SPECS = [spec for path in sorted(Path(__file__).parent.glob("*.json")) for spec in json.loads(path.read_text())["dags"]]
 
-for spec in SPEC["dags"]:
+for spec in SPECS:
     with DAG(
         dag_id=spec["dag_id"],
         schedule=None,

@@ -19,7 +19,8 @@ import pytest
 
 from airflow_oellm.config import load_sweep
 from tests.browser import Browser
-from tests.e2e.conftest import sweeps_dag_file, upload_fake_tools, wait
+from tests.e2e.conftest import upload_fake_tools, wait
+from tests.shared_stack import add_file
 
 TRAIN_ITERS = 60
 pytestmark = pytest.mark.dashboard
@@ -48,21 +49,12 @@ sweep: {{name: dash{token}, name_template: "lr{{lr}}", axes: {{backend.args.lr: 
 
 
 @pytest.fixture(scope="module")
-def stack(stack_factory, dev_cluster, module_remote_dir, slurm_conn_id, tmp_path_factory):
+def stack(shared_stack, dev_cluster, module_remote_dir, slurm_conn_id):
     remote = module_remote_dir
     upload_fake_tools(dev_cluster, remote)
     token = uuid.uuid4().hex[:6]
-    sweeps = tmp_path_factory.mktemp("dashboard-sweeps")
-    (sweeps / "dash.yaml").write_text(sweep_yaml(remote, token, slurm_conn_id))
-
-    env = {
-        "OELLM_SWEEPS_PATH": str(sweeps),
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
-    }
-    s = stack_factory(sweeps_dag_file, env)
-    s.login()
-    s.sweep = load_sweep(sweeps / "dash.yaml")
+    s = shared_stack  # real logins, logged in as admin (tests/shared_stack.py)
+    s.sweep = load_sweep(add_file(s.sweeps, f"dash{token}.yaml", sweep_yaml(remote, token, slurm_conn_id)))
     ids = [e.dag_id for e in s.sweep.experiments] + [f"oellm__{s.sweep.name}"]
     wait(lambda: all(s.http("GET", f"/dags/{d}") for d in ids), 240, "the sweep's DAGs parsed", s)
     return s

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from airflow_oellm.config import load_sweep
-from tests.e2e.conftest import sweeps_dag_file, upload_fake_tools, wait
+from tests.e2e.conftest import upload_fake_tools, wait
+from tests.shared_stack import add_file
 
 pytestmark = pytest.mark.factory
 
@@ -52,20 +53,17 @@ sweep: {{name: nightly{token}, name_template: "speed{{i}}", axes: {{i: [1, 2]}},
     }
     paths = {}
     for name, text in files.items():
-        paths[name] = directory / f"{name}.yaml"
-        paths[name].write_text(text)
+        paths[name] = add_file(directory, f"{name}{token}.yaml", text)
     return paths
 
 
 @pytest.fixture(scope="module")
-def stack(stack_factory, dev_cluster, module_remote_dir, slurm_conn_id, tmp_path_factory):
+def stack(shared_stack, dev_cluster, module_remote_dir, slurm_conn_id):
     remote = module_remote_dir
     upload_fake_tools(dev_cluster, remote)
     token = uuid.uuid4().hex[:6]
-    sweeps = tmp_path_factory.mktemp("factory-sweeps")
-    paths = write_sweeps(sweeps, remote, token, slurm_conn_id)
-
-    s = stack_factory(sweeps_dag_file, {"OELLM_SWEEPS_PATH": str(sweeps)})
+    s = shared_stack  # the project's DAG file, loading the sweeps in s.sweeps (tests/shared_stack.py)
+    paths = write_sweeps(s.sweeps, remote, token, slurm_conn_id)
     s.study = load_sweep(paths["study"])
     s.nightly = load_sweep(paths["nightly"])
     ids = [e.dag_id for e in s.study.experiments + s.nightly.experiments] + [f"oellm__{s.nightly.name}"]

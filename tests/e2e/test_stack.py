@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import time
 import urllib.parse
 import uuid
@@ -18,6 +17,7 @@ from airflow_oellm.triggers.base import DEFAULT_DEFER_SETTLE_SECONDS
 from tests.cluster.test_poller import job_info_rpcs
 from tests.conftest import REPO
 from tests.e2e.conftest import wait
+from tests.shared_stack import add_file
 
 FAKE = REPO / "tests" / "fixtures" / "fake_megatron.py"
 HERE = Path(__file__).parent
@@ -35,7 +35,7 @@ def sweep(directory: Path, remote: str, name: str, args: str, extra: str = "", p
 
 
 @pytest.fixture(scope="module")
-def stack(stack_factory, dev_cluster, module_remote_dir, slurm_conn_id, tmp_path_factory):
+def stack(shared_stack, dev_cluster, module_remote_dir, slurm_conn_id, tmp_path_factory):
     remote = module_remote_dir
     dev_cluster.upload(f"{remote}/fake_megatron.py", FAKE.read_text(), mode="0644")
     configs = tmp_path_factory.mktemp("e2e-sweeps")
@@ -87,12 +87,8 @@ def stack(stack_factory, dev_cluster, module_remote_dir, slurm_conn_id, tmp_path
         for label, hold, linger in (("none", 0, SLOW_EXIT), ("default", None, SLOW_EXIT), ("natural", None, 0))
     ]
 
-    def write(dags: Path) -> None:
-        shutil.copy(HERE / "settle_probe.py", dags.parent / "settle_probe.py")  # the triggerer imports it
-        shutil.copy(HERE / "stack_dags.py", dags / "stack_dags.py")
-        (dags / "stack_dags.json").write_text(json.dumps(specs))
-
-    s = stack_factory(write)
+    s = shared_stack
+    add_file(s.dags, f"e2e_{token}.json", json.dumps(specs))
     wait(lambda: all(s.http("GET", f"/dags/{d['dag_id']}") for d in specs["dags"]), 240, "DAGs parsed", s)
     s.remote = remote
     s.token = token

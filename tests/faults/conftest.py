@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import stack_factory  # noqa: F401 - the real Airflow stack, for the e2e scenarios
-
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     here = Path(__file__).parent

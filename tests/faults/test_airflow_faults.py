@@ -20,20 +20,18 @@ from tests.cluster.test_poller import kill_sshd_and_sessions, start_sshd
 from tests.conftest import REPO
 from tests.e2e.conftest import wait
 from tests.e2e.test_stack import sweep, trigger_logs
+from tests.shared_stack import add_file
 
 FAKE = REPO / "tests" / "fixtures" / "fake_megatron.py"
-DAGS = REPO / "tests" / "e2e" / "stack_dags.py"
 FANOUT = 20
-SECRET = f"tok-{uuid.uuid4().hex}; $(touch PWNED)"
 pytestmark = [pytest.mark.e2e, pytest.mark.cluster, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def stack(stack_factory, dev_cluster, module_remote_dir, slurm_conn_id, tmp_path_factory):
+def stack(shared_stack, dev_cluster, module_remote_dir, slurm_conn_id, tmp_path_factory):
     remote = module_remote_dir
     dev_cluster.upload(f"{remote}/fake_megatron.py", FAKE.read_text(), mode="0644")
     configs = tmp_path_factory.mktemp("fault-sweeps")
-    pauses = tmp_path_factory.mktemp("pauses")
     token = uuid.uuid4().hex[:6]
     steady = "save_interval: 10, iter_seconds: 1"
 
@@ -64,24 +62,12 @@ def stack(stack_factory, dev_cluster, module_remote_dir, slurm_conn_id, tmp_path
         ]
     }
 
-    def write(dags: Path) -> None:
-        (dags / "stack_dags.py").write_text(DAGS.read_text())
-        (dags / "stack_dags.json").write_text(json.dumps(specs))
-
-    env = {
-        "OELLM_PAUSE_AT": f"after-sbatch:{pauses}",
-        "AIRFLOW_VAR_OELLM_TOKEN": SECRET,
-        # a task whose worker died is noticed after this long (default 300 s)
-        "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "20",
-        # a dead scheduler's tasks are reset for another try this soon (defaults 30 s and 300 s)
-        "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_THRESHOLD": "10",
-        "AIRFLOW__SCHEDULER__ORPHANED_TASKS_CHECK_INTERVAL": "10",
-    }
-    s = stack_factory(write, env)
+    s = shared_stack  # its configuration: tests/shared_stack.py's boot_faults
+    add_file(s.dags, f"faults_{token}.json", json.dumps(specs))
     wait(lambda: all(s.http("GET", f"/dags/{d['dag_id']}") for d in specs["dags"]), 240, "DAGs parsed", s)
-    s.remote, s.token, s.pauses, s.specs = remote, token, pauses, {d["dag_id"]: d for d in specs["dags"]}
+    s.remote, s.token, s.specs = remote, token, {d["dag_id"]: d for d in specs["dags"]}
     yield s
-    for flag in list(pauses.iterdir()):  # nothing stays paused for its hour
+    for flag in list(s.pauses.iterdir()):  # nothing stays paused for its hour
         if flag.suffix not in (".armed", ".release"):
             flag.with_name(flag.name + ".release").touch()
 
@@ -315,7 +301,7 @@ def test_a_secret_is_in_no_file_log_or_xcom_and_state_files_are_private(stack, d
     run_id = stack.trigger("f_secret")
     assert stack.wait_run("f_secret", run_id, 300) == "success", stack.explain("f_secret", run_id)
     out = stack.specs["f_secret"]["experiment"]["experiment"]["output_dir"]
-    token = SECRET.split(";")[0]
+    token = stack.secret.split(";")[0]
     remote = dev_cluster.ssh(f"grep -rlF {token} {out} || true").stdout.split()
     local = [str(p) for p in stack.home.rglob("*") if p.is_file() and token.encode() in p.read_bytes()]
     assert remote == [] and local == [], (remote, local)  # the Airflow logs, its database (XCom), the job's tree

@@ -1,0 +1,238 @@
+"""Airflow stacks shared by several test modules, so that a scenario joins a stack instead of booting one.
+
+- `airflow`: the stack of the modules that never kill a component. Its DAG folder holds the project's DAG
+  file; a module adds its sweep files to `stack.sweeps` (OELLM_SWEEPS_PATH). Logins are real (no
+  all-admins); the stack is logged in as admin. xdist workers share it: the first module to need it boots
+  it, the others attach to it through a state file.
+- `faults`: the stack of the modules that kill components and restart them (all SERIAL, so one worker,
+  one module after another). Its DAG folder holds tests/e2e/stack_dags.py; a module adds its DAG specs as
+  a JSON file there (`stack.dags`). A paused-after-sbatch hook (`stack.pauses`) and a secret variable
+  (`stack.secret`, as `oellm_token`) are configured.
+
+A module asks for one with `shared_stack("airflow")` from a module-scoped fixture, and gets its own copy
+of the `Stack` (for its attributes). The stack stops when no module uses it and the next test on this
+worker is not one of its modules; the xdist controller stops whatever is left at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import json
+import os
+import shutil
+import signal
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import REPO
+
+MODULES = {
+    "airflow": ("tests/e2e/test_dashboard_stack.py", "tests/e2e/test_factory_stack.py"),
+    "faults": ("tests/faults/test_airflow_faults.py", "tests/e2e/test_stack.py"),
+}
+STATE_DIR_VARIABLE = "OELLM_SHARED_STACKS"
+LOCAL: dict[str, Any] = {}  # the stacks this process booted: their processes are its children
+JOINED: set[str] = set()
+
+
+def group_of(nodeid: str) -> str | None:
+    module = nodeid.split("::", 1)[0]
+    return next((name for name, modules in MODULES.items() if module in modules), None)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if STATE_DIR_VARIABLE not in os.environ:  # the controller (xdist workers inherit its environment)
+        os.environ[STATE_DIR_VARIABLE] = tempfile.mkdtemp(prefix="oellm-shared-stacks-")
+        config.stash[owner_key] = True
+
+
+owner_key = pytest.StashKey[bool]()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if not config.stash.get(owner_key, False):
+        return
+    state_dir = Path(os.environ.pop(STATE_DIR_VARIABLE))
+    for name in list(MODULES):
+        with locked(state_dir, name):
+            stop(state_dir, name)
+    shutil.rmtree(state_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def locked(state_dir: Path, name: str) -> Iterator[None]:
+    with open(state_dir / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def read_state(state_dir: Path, name: str) -> dict[str, Any] | None:
+    path = state_dir / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_state(state_dir: Path, name: str, state: dict[str, Any]) -> None:
+    (state_dir / f"{name}.json").write_text(json.dumps(state))
+
+
+def stop(state_dir: Path, name: str) -> None:
+    """Stop the stack `name` (the state lock held): through its processes if this process booted it, else
+    by the process groups the state file lists."""
+    state = read_state(state_dir, name)
+    local = LOCAL.pop(name, None)
+    JOINED.discard(name)
+    if state is None:
+        return
+    (state_dir / f"{name}.json").unlink()
+    if local is not None and str(local.home) == state["home"]:
+        local.stop()
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pgid in state["pgids"]:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, sig)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(alive(pgid) for pgid in state["pgids"]):
+            time.sleep(0.5)  # poll: the components shut down
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie: another worker booted it and reaps it only when it exits."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def boot_airflow(home: Path) -> tuple[Callable[[Path], None], dict[str, str], dict[str, Any]]:
+    from tests.e2e.conftest import sweeps_dag_file
+
+    sweeps = home / "sweeps"
+    sweeps.mkdir()
+    env = {
+        "OELLM_SWEEPS_PATH": str(sweeps),
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+        "AIRFLOW__CORE__PARALLELISM": "8",  # two modules' runs at once
+    }
+    return sweeps_dag_file, env, {"sweeps": sweeps}
+
+
+def boot_faults(home: Path) -> tuple[Callable[[Path], None], dict[str, str], dict[str, Any]]:
+    pauses = home / "pauses"
+    pauses.mkdir()
+    secret = f"tok-{uuid.uuid4().hex}; $(touch PWNED)"
+
+    def write(dags: Path) -> None:
+        shutil.copy(REPO / "tests" / "e2e" / "settle_probe.py", dags.parent / "settle_probe.py")  # the triggerer's
+        shutil.copy(REPO / "tests" / "e2e" / "stack_dags.py", dags / "stack_dags.py")
+
+    env = {
+        "OELLM_PAUSE_AT": f"after-sbatch:{pauses}",
+        "AIRFLOW_VAR_OELLM_TOKEN": secret,
+        # a task whose worker died is noticed after this long (default 300 s)
+        "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "20",
+        # a dead scheduler's tasks are reset for another try this soon (defaults 30 s and 300 s)
+        "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_THRESHOLD": "10",
+        "AIRFLOW__SCHEDULER__ORPHANED_TASKS_CHECK_INTERVAL": "10",
+    }
+    return write, env, {"pauses": pauses, "secret": secret, "dags": home / "dags"}
+
+
+BOOT = {"airflow": boot_airflow, "faults": boot_faults}
+
+
+def join(name: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The running stack `name`, booted here if no one has; one more module uses it."""
+    from tests.e2e.conftest import Stack, start_stack
+
+    state_dir = Path(os.environ[STATE_DIR_VARIABLE])
+    with locked(state_dir, name):
+        state = read_state(state_dir, name)
+        if state is None:
+            home = tmp_path_factory.mktemp(f"airflow-shared-{name}")
+            dags = home / "dags"
+            dags.mkdir()
+            write_dags, env, attributes = BOOT[name](home)
+            write_dags(dags)
+            connections = {k: v for k, v in os.environ.items() if k.startswith("AIRFLOW_CONN_")}
+            stack = start_stack(home, dags, {**connections, **env})
+            if name == "airflow":
+                stack.login()
+            for key, value in attributes.items():
+                setattr(stack, key, value)
+            LOCAL[name] = stack
+            state = {  # what another worker needs to use it: no secret (the test looks for it in files)
+                "home": str(home),
+                "env": {k: v for k, v in stack.env.items() if not k.startswith("AIRFLOW_VAR_")},
+                "base": stack.base,
+                "access_token": stack.access_token,
+                "pgids": [proc.pid for proc in stack.procs.values()],
+                "folders": {k: str(v) for k, v in attributes.items() if isinstance(v, Path)},
+                "users": 0,
+            }
+        local = LOCAL.get(name)
+        if local is not None and str(local.home) == state["home"]:
+            stack = copy.copy(local)
+        else:
+            stack = Stack(Path(state["home"]), state["env"], state["base"], access_token=state["access_token"])
+            for key, value in state["folders"].items():
+                setattr(stack, key, Path(value))
+        state["users"] += 1
+        write_state(state_dir, name, state)
+        JOINED.add(name)
+    return stack
+
+
+def leave(name: str) -> None:
+    state_dir = Path(os.environ[STATE_DIR_VARIABLE])
+    with locked(state_dir, name):
+        state = read_state(state_dir, name)
+        if state is not None:
+            state["users"] -= 1
+            write_state(state_dir, name, state)
+
+
+@pytest.fixture(scope="module")
+def shared_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The shared stack of this module's group (MODULES), for this module's tests."""
+    name = group_of(request.node.nodeid)
+    if name is None:
+        raise pytest.UsageError(f"{request.node.nodeid} is in no group of tests/shared_stack.py's MODULES")
+    stack = join(name, tmp_path_factory)
+    yield stack
+    leave(name)
+
+
+@pytest.hookimpl(trylast=True)  # after the module fixtures' teardown
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    if not JOINED:
+        return
+    state_dir = Path(os.environ[STATE_DIR_VARIABLE])
+    for name in list(JOINED):
+        if nextitem is not None and group_of(nextitem.nodeid) == name:
+            continue
+        with locked(state_dir, name):
+            state = read_state(state_dir, name)
+            if state is None or state["users"] == 0:
+                stop(state_dir, name)
+            else:
+                JOINED.discard(name)
+
+
+def add_file(directory: Path, name: str, text: str) -> Path:
+    """Write a file into a running stack's folder whole (renamed into place): its DAG processor never
+    reads half of it."""
+    path = directory / name
+    partial = directory / f".{name}.partial"
+    partial.write_text(text)
+    partial.rename(path)
+    return path
