@@ -27,16 +27,18 @@ SPREAD = {
     "tests/operators/test_sensors.py",
     "tests/operators/test_factory_cluster.py",
 }
-# Tests that need the dev cluster to themselves (a module, or one test of one), and why.
+# Tests that need the dev cluster to themselves (a module, or one test of one), why, and in the order they
+# run: the demo last, once the CPU-bound tests beside it are done (two demos at once took over 5 minutes).
 SERIAL = {
-    "tests/faults/test_airflow_faults.py": "kills sshd, slurmctld and Airflow's components",
     "tests/e2e/test_stack.py": "counts slurmctld's RPCs with 50 jobs filling the node",
+    "tests/faults/test_airflow_faults.py": "kills sshd, slurmctld and Airflow's components",
     "tests/cluster/test_poller.py": "counts slurmctld's RPCs, kills sshd",
     "tests/bench/test_benchmarks.py": "timings, and slurmctld's RPC counts",
-    "tests/demo/test_make_demo.py::test_demo_on_the_dev_cluster": "a whole sweep within 5 minutes",
+    "tests/demo/test_make_demo.py::test_demo_on_the_dev_cluster": "a whole sweep within 5 minutes, on both cores",
 }
 # Real torch (the local-process demo, megatron-core, lm-eval, the tiny trainer) keeps both cores busy:
-# these share one scope, so they run one after another. Two at once slowed a demo past its 5 minutes.
+# these share one scope, so they run one after another, in this order. Two at once slowed a demo past
+# its 5 minutes.
 CPU_BOUND = (
     "tests/demo/test_make_demo.py::test_demo_falls_back_to_local_processes",
     "tests/demo/test_tiny_trainer.py",
@@ -48,8 +50,16 @@ CLUSTER_FIXTURES = {"dev_cluster", "slurm_conn_id", "cluster_tools"}
 PASSES = ("shared", "exclusive")
 
 
+def serial_rank(nodeid: str) -> int | None:
+    """The position in SERIAL of the entry naming this test, or None."""
+    for rank, listed in enumerate(SERIAL):
+        if nodeid.split("[", 1)[0] == listed or nodeid.split("::", 1)[0] == listed:
+            return rank
+    return None
+
+
 def is_serial(nodeid: str) -> bool:
-    return nodeid.split("[", 1)[0] in SERIAL or nodeid.split("::", 1)[0] in SERIAL
+    return serial_rank(nodeid) is not None
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -117,9 +127,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if group := group_of(item.nodeid):
             group_rank[group] = min(group_rank.get(group, 3), expected_length(item))
 
-    def order(item: pytest.Item) -> tuple[int, str]:
+    def order(item: pytest.Item) -> tuple[int, int, str]:
+        serial = serial_rank(item.nodeid)
+        if serial is not None:  # first: theirs is the longest lane
+            return -1, serial, ""
+        cpu_bound = next((rank for rank, listed in enumerate(CPU_BOUND) if item.nodeid.startswith(listed)), None)
+        if cpu_bound is not None:  # next, in CPU_BOUND's order: the local-process demo first
+            return -1, len(SERIAL) + cpu_bound, ""
         group = group_of(item.nodeid) or ""
-        return group_rank.get(group, expected_length(item)), group
+        return group_rank.get(group, expected_length(item)), 0, group
 
     items.sort(key=order)
     which = os.environ.get("OELLM_TEST_PASS")

@@ -1,6 +1,11 @@
 """An experiment DAG built by the factory, run with dag.test() on the dev cluster: prepare -> train ->
 checkpoint branches (convert + evaluate with stand-in tools) -> a cooldown from the parent's checkpoint ->
-report. And a bad run conf that must not reach SLURM."""
+report. And a bad run conf that must not reach SLURM.
+
+The DAGs here are built with `dag.deferrable=false` (sensors in reschedule mode): dag.test() runs one task
+at a time and a deferred task's trigger in line, so a checkpoint sensor deferred before the training that
+writes its checkpoint can wait for ever (three tests did). The same factory DAGs run deferred, through a real scheduler
+and triggerer, in tests/e2e/test_factory_stack.py and test_dashboard_stack.py."""
 
 from __future__ import annotations
 
