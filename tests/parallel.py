@@ -72,10 +72,11 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
             return scope(nodeid)
 
         def _reschedule(self, node: Any) -> None:
-            # the serial tests' worker takes nothing else until they are done: a unit queued behind
-            # them would wait for all of them
+            # the serial tests' worker takes nothing else before their last one: a unit queued behind them
+            # would wait for all of them. At the last, it is given more or shut down (a worker starts a
+            # test only once it knows the next one, or that there is none).
             work = self.assigned_work.get(node, {})
-            if "serial" in work and self._pending_of({"serial": work["serial"]}):
+            if "serial" in work and self._pending_of({"serial": work["serial"]}) > 1:
                 return
             super()._reschedule(node)
 
@@ -105,7 +106,7 @@ def expected_length(item: pytest.Item) -> int:
 
 
 def uses_cluster(item: pytest.Item) -> bool:
-    return item.get_closest_marker("cluster") is not None or bool(CLUSTER_FIXTURES & set(item.fixturenames))
+    return item.get_closest_marker("cluster") is not None  # the conftests' markers, and pytest_itemcollected's
 
 
 def in_pass(item: pytest.Item, which: str) -> bool:
@@ -114,13 +115,16 @@ def in_pass(item: pytest.Item, which: str) -> bool:
     return item.get_closest_marker("serial") is not None or not uses_cluster(item)
 
 
+def pytest_itemcollected(item: pytest.Item) -> None:
+    # before any selection: `-m serial` and `-m cluster` see these
+    if is_serial(item.nodeid):
+        item.add_marker(pytest.mark.serial)
+    if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
+        item.add_marker(pytest.mark.cluster)
+
+
 @pytest.hookimpl(trylast=True)  # after the conftests have marked their tests
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        if is_serial(item.nodeid):
-            item.add_marker(pytest.mark.serial)
-        if uses_cluster(item):
-            item.add_marker(pytest.mark.cluster)
     # stable: a module's tests keep their order; the modules sharing a stack come one after another
     group_rank: dict[str, int] = {}
     for item in items:

@@ -9,9 +9,10 @@
   a JSON file there (`stack.dags`). A paused-after-sbatch hook (`stack.pauses`) and a secret variable
   (`stack.secret`, as `oellm_token`) are configured.
 
-A module asks for one with `shared_stack("airflow")` from a module-scoped fixture, and gets its own copy
+A module asks for its group's stack with the `shared_stack` fixture (module-scoped), and gets its own copy
 of the `Stack` (for its attributes). The stack stops when no module uses it and the next test on this
-worker is not one of its modules; the xdist controller stops whatever is left at the end.
+worker is not one of its modules; the controller (or the only process, without xdist) stops whatever is
+left at the end, Ctrl-C included: every process running with a stack's AIRFLOW_HOME.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ MODULES = {
     "airflow": ("tests/e2e/test_dashboard_stack.py", "tests/e2e/test_factory_stack.py"),
     "faults": ("tests/faults/test_airflow_faults.py", "tests/e2e/test_stack.py"),
 }
+# kills and restarts components, which only the process that started them can do (all its modules are SERIAL)
+CONTROLLED = {"faults"}
 STATE_DIR_VARIABLE = "OELLM_SHARED_STACKS"
 LOCAL: dict[str, Any] = {}  # the stacks this process booted: their processes are its children
 JOINED: set[str] = set()
@@ -61,10 +64,12 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     if not config.stash.get(owner_key, False):
         return
     state_dir = Path(os.environ.pop(STATE_DIR_VARIABLE))
-    for name in list(MODULES):
-        with locked(state_dir, name):
-            stop(state_dir, name)
-    shutil.rmtree(state_dir, ignore_errors=True)
+    try:
+        for name in MODULES:
+            with contextlib.suppress(Exception), locked(state_dir, name):  # stop the others all the same
+                stop(state_dir, name)
+    finally:
+        shutil.rmtree(state_dir, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -84,8 +89,9 @@ def write_state(state_dir: Path, name: str, state: dict[str, Any]) -> None:
 
 
 def stop(state_dir: Path, name: str) -> None:
-    """Stop the stack `name` (the state lock held): through its processes if this process booted it, else
-    by the process groups the state file lists."""
+    """Stop the stack `name` (the state lock held): through its processes if this process booted it, then
+    every process group still running with its AIRFLOW_HOME (components restarted by a test, task runners,
+    a stack booted by a worker that crashed)."""
     state = read_state(state_dir, name)
     local = LOCAL.pop(name, None)
     JOINED.discard(name)
@@ -94,22 +100,32 @@ def stop(state_dir: Path, name: str) -> None:
     (state_dir / f"{name}.json").unlink()
     if local is not None and str(local.home) == state["home"]:
         local.stop()
-        return
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pgid in state["pgids"]:
+        groups = processes_of(state["home"])
+        for pgid in groups:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, sig)
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and any(alive(pgid) for pgid in state["pgids"]):
+        while groups and time.monotonic() < deadline and processes_of(state["home"]):
             time.sleep(0.5)  # poll: the components shut down
 
 
-def alive(pid: int) -> bool:
-    """Running, not a zombie: another worker booted it and reaps it only when it exits."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (FileNotFoundError, IndexError):
-        return False
+def processes_of(home: str) -> set[int]:
+    """The process groups of the running (not zombie) processes whose AIRFLOW_HOME is `home`."""
+    needle = f"\0AIRFLOW_HOME={home}\0".encode()
+    groups = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if needle not in b"\0" + (proc / "environ").read_bytes() + b"\0":
+                continue
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):  # gone, or not ours to read
+            continue
+        if fields[0] not in ("Z", "X"):
+            groups.add(int(fields[2]))
+    return groups
 
 
 def boot_airflow(home: Path) -> tuple[Callable[[Path], None], dict[str, str], dict[str, Any]]:
@@ -157,6 +173,9 @@ def join(name: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
     state_dir = Path(os.environ[STATE_DIR_VARIABLE])
     with locked(state_dir, name):
         state = read_state(state_dir, name)
+        if state is not None and name in CONTROLLED and state["owner"] != os.getpid():
+            stop(state_dir, name)  # left by a worker that crashed: this one must control its own
+            state = None
         if state is None:
             home = tmp_path_factory.mktemp(f"airflow-shared-{name}")
             dags = home / "dags"
@@ -165,17 +184,21 @@ def join(name: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
             write_dags(dags)
             connections = {k: v for k, v in os.environ.items() if k.startswith("AIRFLOW_CONN_")}
             stack = start_stack(home, dags, {**connections, **env})
-            if name == "airflow":
-                stack.login()
+            try:
+                if name == "airflow":
+                    stack.login()
+            except BaseException:
+                stack.stop()
+                raise
             for key, value in attributes.items():
                 setattr(stack, key, value)
             LOCAL[name] = stack
             state = {  # what another worker needs to use it: no secret (the test looks for it in files)
                 "home": str(home),
+                "owner": os.getpid(),
                 "env": {k: v for k, v in stack.env.items() if not k.startswith("AIRFLOW_VAR_")},
                 "base": stack.base,
                 "access_token": stack.access_token,
-                "pgids": [proc.pid for proc in stack.procs.values()],
                 "folders": {k: str(v) for k, v in attributes.items() if isinstance(v, Path)},
                 "users": 0,
             }
@@ -212,8 +235,16 @@ def shared_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
     leave(name)
 
 
-@pytest.hookimpl(trylast=True)  # after the module fixtures' teardown
-def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    try:
+        return (yield)  # the module fixtures' teardown first: a module leaves its stack there
+    finally:
+        stop_unused(nextitem)
+
+
+def stop_unused(nextitem: pytest.Item | None) -> None:
+    """Stop each stack this process joined that no module uses, unless the next test is one of its own."""
     if not JOINED:
         return
     state_dir = Path(os.environ[STATE_DIR_VARIABLE])
@@ -222,7 +253,7 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
             continue
         with locked(state_dir, name):
             state = read_state(state_dir, name)
-            if state is None or state["users"] == 0:
+            if state is None or state["users"] <= 0:
                 stop(state_dir, name)
             else:
                 JOINED.discard(name)

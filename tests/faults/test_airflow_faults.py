@@ -189,15 +189,16 @@ def test_triggerer_killed_with_twenty_deferred_loses_and_repeats_nothing(stack, 
     stack.restarting.add("triggerer")
     stack.kill("triggerer")
     waiting = deferred()
-    # the watches that were reading a running job's log: one that had already read its job's end (and was
-    # holding its event) has nothing more to read after the restart
+    time.sleep(6)  # the outage: the triggerer stays down for three poll intervals
+    # the watches that were reading a running job's log, as the dead triggerer left them (read after the
+    # outage: a poll's remote command may save state after its client died). One that had already read
+    # its job's end (and was holding its event) has nothing more to read after the restart.
     at_kill = {
         i: s["matcher"]["offset"]
         for i, s in watch_states(dev_cluster, stack.remote, prefix).items()
         if i in waiting and s["matcher"]["offset"] > 0 and not s.get("final_status")
     }
     assert at_kill, "no watch was reading a running job when the triggerer was killed"
-    time.sleep(6)  # the outage: the triggerer stays down for three poll intervals
     restarted = datetime.now(UTC)
     stack.start("triggerer")
     stack.restarting.discard("triggerer")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.parallel import SERIAL, scope
-from tests.shared_stack import MODULES, group_of
+from tests.shared_stack import CONTROLLED, MODULES, group_of
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -75,8 +75,14 @@ def test_scopes_keep_a_module_together_and_deal_out_spread_and_serial_tests():
     assert scope("tests/cluster/test_hook.py::test_a") == "tests/cluster/test_hook.py"
 
 
+def test_a_controlled_stacks_modules_are_serial():
+    # kill and start work only in the process that started the stack: its modules share one worker
+    for name in CONTROLLED:
+        assert all(module in SERIAL for module in MODULES[name]), name
+
+
 def test_a_shared_stacks_modules_run_one_after_another(passes):
-    for which in (None, "exclusive"):
+    for which in (None, "shared", "exclusive"):
         order = [group_of(t) for t in passes[which]]
         for name, modules in MODULES.items():
             positions = [i for i, group in enumerate(order) if group == name]
