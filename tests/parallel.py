@@ -28,10 +28,12 @@ SPREAD = {
     "tests/operators/test_factory_cluster.py",
 }
 # Tests that need the dev cluster to themselves (a module, or one test of one), why, and in the order they
-# run: the demo last, once the CPU-bound tests beside it are done (two demos at once took over 5 minutes).
+# run. The fault scenarios first: they mostly wait, beside the local-process demo (which took 269 s of
+# its 5 minutes beside the 50 jobs of test_stack). The cluster demo last, once the CPU-bound tests beside
+# it are done (two demos at once took over 5 minutes).
 SERIAL = {
-    "tests/e2e/test_stack.py": "counts slurmctld's RPCs with 50 jobs filling the node",
     "tests/faults/test_airflow_faults.py": "kills sshd, slurmctld and Airflow's components",
+    "tests/e2e/test_stack.py": "counts slurmctld's RPCs with 50 jobs filling the node",
     "tests/cluster/test_poller.py": "counts slurmctld's RPCs, kills sshd",
     "tests/bench/test_benchmarks.py": "timings, and slurmctld's RPC counts",
     "tests/demo/test_make_demo.py::test_demo_on_the_dev_cluster": "a whole sweep within 5 minutes, on both cores",
