@@ -25,7 +25,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from airflow_oellm.dashboard import queries
 from airflow_oellm.dashboard.model import ExperimentView, SweepView, experiment_name, experiment_view, sweep_view
 from airflow_oellm.dashboard.plot import PALETTE, Series, line_plot
-from airflow_oellm.plugins.dashboard import URL_PREFIX
+from airflow_oellm.dashboard.urls import URL_PREFIX
 
 REFRESH_SECONDS = 20  # pages of something still running reload themselves this often
 ACTIVE = frozenset({"running", "queued", "retrying"})

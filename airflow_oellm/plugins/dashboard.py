@@ -7,7 +7,7 @@ from typing import Any
 
 from airflow.plugins_manager import AirflowPlugin
 
-URL_PREFIX = "/oellm"
+from airflow_oellm.dashboard.urls import SWEEPS_HREF, TRAINING_HREF, URL_PREFIX
 
 
 class _DashboardApp:
@@ -29,10 +29,10 @@ class OellmDashboardPlugin(AirflowPlugin):
     name = "oellm_dashboard"
     fastapi_apps = [{"app": _DashboardApp(), "url_prefix": URL_PREFIX, "name": "airflow-oellm dashboard"}]
     external_views = [
-        {"name": "Sweeps", "href": "oellm/", "destination": "nav", "url_route": "oellm-sweeps"},
+        {"name": "Sweeps", "href": SWEEPS_HREF, "destination": "nav", "url_route": "oellm-sweeps"},
         {
             "name": "Training",
-            "href": "oellm/experiments/{DAG_ID}",
+            "href": TRAINING_HREF,
             "destination": "dag",
             "url_route": "oellm-training",
         },
