@@ -27,6 +27,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from airflow_oellm.config import naming
+
 REPO = Path(__file__).resolve().parents[1]
 
 MEASURE = """
@@ -192,7 +194,7 @@ def measure(folder: Path, env: dict[str, str] | None = None) -> dict:
 def first_dag_id(folder: Path) -> str:
     text = (folder.parent / "sweeps" / "bench.yaml").read_text()
     lr = text.split("backend.args.lr: [", 1)[1].split(",", 1)[0]
-    return f"oellm__bench__lr{lr}_s0"
+    return naming.dag_id("bench", f"lr{lr}_s0")
 
 
 def run(counts: list[int], repeat: int = 3) -> dict:

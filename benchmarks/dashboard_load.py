@@ -30,6 +30,8 @@ import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from airflow_oellm.config import naming
+
 REPO = Path(__file__).resolve().parents[1]
 AIRFLOW = str(Path(sys.executable).with_name("airflow"))
 RESULTS = REPO / "benchmarks" / "results"
@@ -270,7 +272,7 @@ def main() -> int:
         page = get(f"{base}/oellm/sweeps/{name}").decode()
         rows = page.count("data-experiment=")
         assert rows == args.experiments, f"the page shows {rows} experiments"
-        dag_ids = [f"oellm__{name}__e{i}" for i in range(args.experiments)]
+        dag_ids = [naming.dag_id(name, f"e{i}") for i in range(args.experiments)]
 
         def baseline() -> None:
             for dag_id in dag_ids:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from airflow_oellm.config import naming  # noqa: E402
 from tests.browser import Browser  # noqa: E402 - the repository root is put on the path first
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -60,7 +61,11 @@ def main() -> int:
             method="POST",
         )
         token = json.load(urllib.request.urlopen(request, timeout=30))["access_token"]
-        pages = {"dags": "/dags", "sweep": "/dags/oellm__demo", "experiment": "/dags/oellm__demo__tiny_lr0.01"}
+        pages = {
+            "dags": "/dags",
+            "sweep": f"/dags/{naming.sweep_dag_id('demo')}",
+            "experiment": f"/dags/{naming.dag_id('demo', 'tiny_lr0.01')}",
+        }
         result["screenshots"] = asyncio.run(screenshots(base, token, pages, RESULTS))
     if not args.keep:
         subprocess.run(["make", "demo-stop"], cwd=clone, capture_output=True, timeout=120)

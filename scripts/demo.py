@@ -27,6 +27,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from airflow_oellm.config.naming import RUN_TASK, TRAIN_TASK, experiment_name, sweep_dag_id
+from airflow_oellm.slurm.identity import task_status_path
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO = Path(os.environ.get("OELLM_DEMO_DIR") or REPO / ".demo")  # Airflow home, local runs, pids
 HOME = DEMO / "airflow"
@@ -34,7 +37,8 @@ PIDS = DEMO / "pids"
 VENV_BIN = Path(sys.executable).parent
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 CLUSTER_ENV = Path(os.environ.get("SLURM_DEV_STATE_DIR", "/var/lib/slurm-dev")) / "cluster.env"
-SWEEP_DAG = "oellm__demo"
+SWEEP = "demo"
+SWEEP_DAG = sweep_dag_id(SWEEP)
 
 
 def say(text: str) -> None:
@@ -191,7 +195,7 @@ def experiment_runs(airflow: Airflow, sweep_run: str) -> dict[str, tuple[str, st
     found = {}
     tis = airflow.api("GET", f"/dags/{SWEEP_DAG}/dagRuns/{quote(sweep_run)}/taskInstances?limit=100")
     for ti in tis["task_instances"]:
-        if ti["task_id"] != "run" or ti.get("map_index", -1) < 0:
+        if ti["task_id"] != RUN_TASK or ti.get("map_index", -1) < 0:
             continue
         dag_id = ti.get("rendered_map_index") or ""
         if not dag_id:
@@ -203,11 +207,10 @@ def experiment_runs(airflow: Airflow, sweep_run: str) -> dict[str, tuple[str, st
 
 
 def current_iteration(output_dir: Path) -> int | None:
-    """The training's last logged iteration, from the status file the provider keeps beside the run."""
-    from airflow_oellm.slurm.identity import task_status_path
-
+    """The training's checkpoint when its last attempt ended, from the status file the provider keeps
+    beside the run (none while its first attempt runs)."""
     try:
-        return json.loads(Path(task_status_path(str(output_dir), "train")).read_text()).get("iteration")
+        return json.loads(Path(task_status_path(str(output_dir), TRAIN_TASK)).read_text()).get("iteration")
     except (OSError, ValueError):
         return None
 
@@ -217,7 +220,7 @@ def progress_line(airflow: Airflow, sweep_run: str, outputs: Path, started: floa
     states = [state for _, state in runs.values()]
     parts = []
     for dag_id, (run_id, _) in sorted(runs.items()):
-        name = dag_id.split("__")[-1]
+        name = experiment_name(dag_id, SWEEP)
         tis = airflow.api("GET", f"/dags/{dag_id}/dagRuns/{quote(run_id)}/taskInstances?limit=1000")["task_instances"]
         active = sum(1 for t in tis if t["state"] in ("running", "deferred", "queued", "scheduled"))
         done = sum(1 for t in tis if t["state"] in ("success", "skipped"))
@@ -349,7 +352,7 @@ def main() -> int:
     if not problems and state == "success":
         say("checks: losses fall across checkpoints in every experiment; every cooldown ends below its parent")
     say(f"\nAirflow UI: {env['AIRFLOW__API__BASE_URL']}  (user admin, password {password})")
-    say(f"sweep dashboard: {env['AIRFLOW__API__BASE_URL']}/oellm/sweeps/{SWEEP_DAG.removeprefix('oellm__')}")
+    say(f"sweep dashboard: {env['AIRFLOW__API__BASE_URL']}/oellm/sweeps/{SWEEP}")
     say(f"logs: {HOME}/*.log   stop it with: make demo-stop")
     return 0 if state == "success" and not problems else 1
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import posixpath
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -93,5 +94,89 @@ def check_output_root(path: str, what: str = "project.base_output_dir") -> str:
     return normal
 
 
+# DAG ids: `oellm__<sweep>` runs a sweep, `oellm__<sweep>__<experiment>` is one experiment. An experiment
+# name may itself hold `__`; a sweep name holding it (or ending in `_`) is ambiguous, and the first
+# part is taken as the sweep.
+SEPARATOR = "__"
+CONFIG_ERRORS_DAG_ID = f"{DAG_ID_PREFIX}{SEPARATOR}config_errors"
+
+
 def dag_id(sweep: str, name: str) -> str:
-    return f"{DAG_ID_PREFIX}__{sweep}__{name}"
+    return f"{DAG_ID_PREFIX}{SEPARATOR}{sweep}{SEPARATOR}{name}"
+
+
+def sweep_dag_id(sweep: str) -> str:
+    return f"{DAG_ID_PREFIX}{SEPARATOR}{sweep}"
+
+
+@dataclass(frozen=True)
+class DagIdParts:
+    sweep: str
+    experiment: str | None  # None: the sweep's own DAG
+
+
+def parse_dag_id(the_dag_id: str) -> DagIdParts | None:
+    """The inverse of `dag_id` and `sweep_dag_id`; None for a DAG that is not ours."""
+    prefix, _, rest = the_dag_id.partition(SEPARATOR)
+    if prefix != DAG_ID_PREFIX or not rest:
+        return None
+    sweep, separator, experiment = rest.partition(SEPARATOR)
+    return DagIdParts(sweep, experiment if separator else None)
+
+
+def experiment_name(the_dag_id: str, sweep: str) -> str:
+    """The experiment an id of `sweep` names; any other id is shown as it is."""
+    prefix = dag_id(sweep, "")
+    return the_dag_id[len(prefix) :] if the_dag_id.startswith(prefix) else the_dag_id
+
+
+# DAG tags: what the dashboard finds sweeps by.
+OELLM_TAG = "oellm"
+SWEEP_TAG_PREFIX = "sweep:"
+SWEEP_DAG_TAG = "sweep"  # the DAG that runs a whole sweep, not an experiment
+
+
+def sweep_tag(sweep: str) -> str:
+    return f"{SWEEP_TAG_PREFIX}{sweep}"
+
+
+def parse_sweep_tag(tag: str) -> str | None:
+    return tag.removeprefix(SWEEP_TAG_PREFIX) if tag.startswith(SWEEP_TAG_PREFIX) else None
+
+
+def platform_tag(platform: str) -> str:
+    return f"platform:{platform}"
+
+
+def model_tag(model: Any) -> str:
+    return f"model:{model}"
+
+
+# Task ids of an experiment DAG (dag_factory/builder.py). The report, the dashboard, the sensors and
+# the status files on the cluster find tasks by them.
+PREPARE_TASK = "prepare"
+TRAIN_TASK = "train"
+WAIT_TASK = "wait"
+CONVERT_TASK = "convert"
+EVALUATE_TASK = "evaluate"
+COOLDOWN_PLAN_TASK = "cooldown_plan"
+REPORT_TASK = "report"
+OUTCOME_TASK = "outcome"
+CHECKPOINT_GROUP = "checkpoint"  # mapped over the run's checkpoint milestones
+COOLDOWN_GROUP = "cooldown"  # mapped over its cooldowns
+
+
+def in_group(group: str, task: str) -> str:
+    return f"{group}.{task}"
+
+
+COOLDOWN_TRAIN_TASK = in_group(COOLDOWN_GROUP, TRAIN_TASK)
+CHECKPOINT_EVALUATE_TASK = in_group(CHECKPOINT_GROUP, EVALUATE_TASK)
+COOLDOWN_EVALUATE_TASK = in_group(COOLDOWN_GROUP, EVALUATE_TASK)
+# Task ids of a sweep DAG: a mapped trigger task per part of the sweep, then the summary.
+RUN_TASK = "run"
+SUMMARY_TASK = "summary"
+
+
+def run_part_task(part: int, parts: int) -> str:
+    return RUN_TASK if parts == 1 else f"{RUN_TASK}_{part}"

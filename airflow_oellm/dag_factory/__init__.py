@@ -13,6 +13,7 @@ from airflow.sdk import DAG
 
 from airflow_oellm.config import ConfigError, load_sweep
 from airflow_oellm.config.errors import shown
+from airflow_oellm.config.naming import CONFIG_ERRORS_DAG_ID, parse_dag_id, sweep_dag_id
 from airflow_oellm.dag_factory.builder import experiment_dag, sweep_dag
 
 SWEEPS_PATH_ENV = "OELLM_SWEEPS_PATH"
@@ -68,9 +69,9 @@ def load_dags(directories: Iterable[str | os.PathLike[str]] = (), config_dirs: I
     collecting = gc.isenabled()
     gc.disable()
     try:
-        if wanted and wanted.startswith("oellm__"):
-            sweep_name = wanted.split("__")[1]
-            dags = _build([p for p in paths if p.stem == sweep_name], list(config_dirs), wanted)
+        parts = parse_dag_id(wanted) if wanted else None
+        if parts:
+            dags = _build([p for p in paths if p.stem == parts.sweep], list(config_dirs), wanted)
             if wanted in dags:
                 return dags
         return _build(paths, list(config_dirs), wanted)
@@ -82,8 +83,8 @@ def load_dags(directories: Iterable[str | os.PathLike[str]] = (), config_dirs: I
 def _build(paths: list[Path], config_dirs: list[str], wanted: str | None) -> dict[str, DAG]:
     dags: dict[str, DAG] = {}
     errors: list[str] = []
-    parts = wanted.split("__", 2) if wanted else []
-    only = parts[2] if len(parts) == 3 else None  # a worker runs a task of one experiment's DAG
+    parts = parse_dag_id(wanted) if wanted else None
+    only = parts.experiment if parts else None  # a worker runs a task of one experiment's DAG
     for path in paths:
         # each file alone: whatever goes wrong in one becomes its import error, never another's
         try:
@@ -98,7 +99,7 @@ def _build(paths: list[Path], config_dirs: list[str], wanted: str | None) -> dic
                 "airflow-oellm, please report it; the traceback is in the dag-processor's log; the other sweeps loaded)"
             )
     if errors:
-        dags["oellm__config_errors"] = SweepConfigErrors(errors, dag_id="oellm__config_errors", schedule=None)
+        dags[CONFIG_ERRORS_DAG_ID] = SweepConfigErrors(errors, dag_id=CONFIG_ERRORS_DAG_ID, schedule=None)
     return dags
 
 
@@ -108,8 +109,8 @@ def _sweep_dags(path: Path, config_dirs: list[str], wanted: str | None, only: st
     for exp in sweep.experiments:
         if not wanted or wanted == exp.dag_id:
             dags[exp.dag_id] = experiment_dag(sweep, exp, config_dirs)
-    if not wanted or wanted == f"oellm__{sweep.name}":
-        dags[f"oellm__{sweep.name}"] = sweep_dag(sweep)
+    if not wanted or wanted == sweep_dag_id(sweep.name):
+        dags[sweep_dag_id(sweep.name)] = sweep_dag(sweep)
     return dags
 
 

@@ -24,6 +24,26 @@ from airflow.sdk.definitions.param import ParamsDict
 
 from airflow_oellm.config import Experiment, Sweep
 from airflow_oellm.config.milestones import SIDE_JOB_ATTEMPTS
+from airflow_oellm.config.naming import (
+    CHECKPOINT_GROUP,
+    CONVERT_TASK,
+    COOLDOWN_GROUP,
+    COOLDOWN_PLAN_TASK,
+    EVALUATE_TASK,
+    OELLM_TAG,
+    OUTCOME_TASK,
+    PREPARE_TASK,
+    REPORT_TASK,
+    SUMMARY_TASK,
+    SWEEP_DAG_TAG,
+    TRAIN_TASK,
+    WAIT_TASK,
+    model_tag,
+    platform_tag,
+    run_part_task,
+    sweep_dag_id,
+    sweep_tag,
+)
 from airflow_oellm.operators.prepare import (
     OVERRIDES_PARAM,
     CooldownPlanOperator,
@@ -44,10 +64,10 @@ def _start_date(text: str) -> datetime:
 
 def experiment_tags(sweep: Sweep, exp: Experiment) -> list[str]:
     cfg = exp.config
-    tags = ["oellm", f"sweep:{sweep.name}", f"platform:{cfg.platform.name}"]
+    tags = [OELLM_TAG, sweep_tag(sweep.name), platform_tag(cfg.platform.name)]
     model = exp.parameters.get("model") or cfg.vars.get("model_size")
     if model:
-        tags.append(f"model:{model}")
+        tags.append(model_tag(model))
     return list(dict.fromkeys([*tags, *cfg.project.tags, *cfg.dag.tags]))
 
 
@@ -102,7 +122,7 @@ def experiment_dag(sweep: Sweep, exp: Experiment, config_dirs: list[str] | None 
         default_args={"owner": cfg.project.owner},
     ) as dag:
         prepare = PrepareExperimentOperator(
-            task_id="prepare",
+            task_id=PREPARE_TASK,
             sweep_file=sweep.file,
             sweep_overrides=sweep.overrides,
             experiment_name=exp.name,
@@ -113,19 +133,19 @@ def experiment_dag(sweep: Sweep, exp: Experiment, config_dirs: list[str] | None 
             **conn,
         )
         config = prepare.output["config"]
-        train = SlurmSubmitOperator(task_id="train", experiment=config, **training)
+        train = SlurmSubmitOperator(task_id=TRAIN_TASK, experiment=config, **training)
         prepare >> train
-        report = ExperimentReportOperator(task_id="report", **conn)
+        report = ExperimentReportOperator(task_id=REPORT_TASK, **conn)
         ends = [train]
 
         def wait_for(checkpoint_dir: Any, iteration: Any, output_dir: Any) -> CheckpointSensor:
             """Waits beside the parent's training for its checkpoint; skips if the training fails for good."""
             return CheckpointSensor(
-                task_id="wait",
+                task_id=WAIT_TASK,
                 checkpoint_dir=checkpoint_dir,
                 iteration=iteration,
                 output_dir=output_dir,
-                training_task_id="train",
+                training_task_id=TRAIN_TASK,
                 on_training_failure="skip",
                 map_index_template="{{ task.iteration }}",
                 retries=1,  # its first check runs on the worker, over SSH: one outage there is no verdict
@@ -137,14 +157,14 @@ def experiment_dag(sweep: Sweep, exp: Experiment, config_dirs: list[str] | None 
         def convert_and_evaluate(iteration: Any, suites: Any, cooldown: Any) -> tuple[Any, Any]:
             label = {"map_index_template": "{{ task.job['iteration'] }}"}
             convert = SlurmSubmitOperator(
-                task_id="convert",
+                task_id=CONVERT_TASK,
                 experiment=config,
                 job={"kind": "convert", "iteration": iteration, "cooldown": cooldown},
                 **label,
                 **side,
             )
             evaluate = SlurmSubmitOperator(
-                task_id="evaluate",
+                task_id=EVALUATE_TASK,
                 experiment=config,
                 job={"kind": "evaluate", "iteration": iteration, "suites": suites, "cooldown": cooldown},
                 **label,
@@ -155,7 +175,7 @@ def experiment_dag(sweep: Sweep, exp: Experiment, config_dirs: list[str] | None 
 
         if cfg.conversion.enabled:
 
-            @task_group(group_id="checkpoint")
+            @task_group(group_id=CHECKPOINT_GROUP)
             def checkpoint(
                 iteration: Any, label: Any, suites: Any, cooldown: Any, checkpoint_dir: Any, output_dir: Any
             ) -> None:
@@ -166,7 +186,7 @@ def experiment_dag(sweep: Sweep, exp: Experiment, config_dirs: list[str] | None 
 
         if cfg.cooldowns:
 
-            @task_group(group_id="cooldown")
+            @task_group(group_id=COOLDOWN_GROUP)
             def cooldown(
                 index: Any,
                 name: Any,
@@ -179,7 +199,7 @@ def experiment_dag(sweep: Sweep, exp: Experiment, config_dirs: list[str] | None 
                 suites: Any,
             ) -> None:
                 cooled = SlurmSubmitOperator(
-                    task_id="train",
+                    task_id=TRAIN_TASK,
                     experiment=config,
                     job={"kind": "cooldown", "cooldown": index},
                     map_index_template="from {{ task.job['cooldown'] }}",
@@ -190,11 +210,11 @@ def experiment_dag(sweep: Sweep, exp: Experiment, config_dirs: list[str] | None 
                     convert, _ = convert_and_evaluate(final_iteration, suites, index)
                     cooled >> convert
 
-            plan = CooldownPlanOperator(task_id="cooldown_plan", cooldowns=prepare.output["cooldowns"])
+            plan = CooldownPlanOperator(task_id=COOLDOWN_PLAN_TASK, cooldowns=prepare.output["cooldowns"])
             ends.append(cooldown.expand_kwargs(plan.output))
         for end in ends:
             end >> report
-        outcome = RunOutcomeOperator(task_id="outcome")
+        outcome = RunOutcomeOperator(task_id=OUTCOME_TASK)
         outcome.set_upstream([t for t in dag.tasks if t is not outcome])
     # Airflow deep-copies a DAG's params into each task it creates (half the build time, measured);
     # a run reads the DAG's own params anyway (merged with the run's conf), so they come last.
@@ -209,12 +229,12 @@ def sweep_dag(sweep: Sweep) -> DAG:
 
     first = sweep.experiments[0].config if sweep.experiments else None
     with DAG(
-        dag_id=f"oellm__{sweep.name}",
+        dag_id=sweep_dag_id(sweep.name),
         schedule=None,
         start_date=_start_date(first.dag.start_date) if first else datetime(2026, 1, 1, tzinfo=UTC),
         catchup=False,
         max_active_runs=1,
-        tags=["oellm", f"sweep:{sweep.name}", "sweep"],
+        tags=[OELLM_TAG, sweep_tag(sweep.name), SWEEP_DAG_TAG],
         doc_md=f"### Sweep {sweep.name}\n\nRuns the {len(sweep.experiments)} experiment DAGs of `{sweep.file}`, "
         "waits for them and summarises them (task `summary`: one row per experiment); each experiment "
         "writes its full report to `<output>/report/`.",
@@ -226,7 +246,7 @@ def sweep_dag(sweep: Sweep) -> DAG:
         parts = [ids[i : i + size] for i in range(0, len(ids), size)] or [[]]
         runs = [
             TriggerDagRunOperator.partial(
-                task_id="run" if len(parts) == 1 else f"run_{n}",
+                task_id=run_part_task(n, len(parts)),
                 wait_for_completion=True,
                 deferrable=True,
                 poke_interval=first.monitoring.poll_interval_seconds if first else 60,
@@ -236,11 +256,11 @@ def sweep_dag(sweep: Sweep) -> DAG:
             for n, part in enumerate(parts, start=1)
         ]
         summary = SweepSummaryOperator(
-            task_id="summary",
+            task_id=SUMMARY_TASK,
             experiments={e.dag_id: e.name for e in sweep.experiments},
             trigger_task_id=[r.task_id for r in runs],
             part_size=size,
         )
-        [*runs, summary] >> RunOutcomeOperator(task_id="outcome")
+        [*runs, summary] >> RunOutcomeOperator(task_id=OUTCOME_TASK)
         runs >> summary
     return dag

@@ -22,8 +22,9 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from jinja2 import Environment, PackageLoader, select_autoescape
 
+from airflow_oellm.config.naming import experiment_name
 from airflow_oellm.dashboard import queries
-from airflow_oellm.dashboard.model import ExperimentView, SweepView, experiment_name, experiment_view, sweep_view
+from airflow_oellm.dashboard.model import ExperimentView, SweepView, experiment_view, sweep_view
 from airflow_oellm.dashboard.plot import PALETTE, Series, line_plot
 from airflow_oellm.dashboard.urls import URL_PREFIX
 

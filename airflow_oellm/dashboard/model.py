@@ -13,10 +13,17 @@ from datetime import datetime
 from typing import Any
 
 from airflow_oellm.config.budget import PLANNED_RECORD
+from airflow_oellm.config.naming import (
+    CHECKPOINT_EVALUATE_TASK,
+    COOLDOWN_EVALUATE_TASK,
+    COOLDOWN_TRAIN_TASK,
+    PREPARE_TASK,
+    TRAIN_TASK,
+    experiment_name,
+)
 from airflow_oellm.monitor.watch import loss_at, thinned
 
-TRAIN, COOLDOWN_TRAIN = "train", "cooldown.train"
-EVALUATE_TASKS = {"checkpoint.evaluate": False, "cooldown.evaluate": True}  # task -> is a cooldown's
+EVALUATE_TASKS = {CHECKPOINT_EVALUATE_TASK: False, COOLDOWN_EVALUATE_TASK: True}  # task -> is a cooldown's
 PROGRESS, RESULT, CONFIG, COOLDOWNS, HISTORY = "progress", "result", "config", "cooldowns", "oellm_attempts"
 RETURN = "return_value"
 NEVER_RUN = "never run"
@@ -131,11 +138,6 @@ def state_counts(states: Iterable[str]) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def experiment_name(dag_id: str, sweep: str) -> str:
-    prefix = f"oellm__{sweep}__"
-    return dag_id[len(prefix) :] if dag_id.startswith(prefix) else dag_id
-
-
 def merged_curve(curves: Iterable[Sequence[Sequence[float]] | None]) -> list[tuple[float, float]]:
     """Loss points of successive attempts: a later attempt's value wins where a resume re-ran iterations."""
     points: dict[float, float] = {}
@@ -220,8 +222,8 @@ def _tokens_per_iteration(config: Mapping[str, Any], summary: Mapping[str, Any])
 
 def evaluations(run: RunRecord, name: str) -> list[dict[str, Any]]:
     """Rows (run, iteration, validation_loss, metrics) per evaluated or validated checkpoint."""
-    prepared = run.xcom("prepare") or []
-    cooldowns = run.xcom("prepare", COOLDOWNS) or []
+    prepared = run.xcom(PREPARE_TASK) or []
+    cooldowns = run.xcom(PREPARE_TASK, COOLDOWNS) or []
     rows: dict[tuple[str, int], dict[str, Any]] = {}
 
     def row(run_name: str, iteration: int) -> dict[str, Any]:
@@ -251,7 +253,7 @@ def evaluations(run: RunRecord, name: str) -> list[dict[str, Any]]:
                 for metric, value in (values or {}).items():
                     if _number(value) is not None:
                         target["metrics"][f"{suite}.{metric}"] = _number(value)
-    runs = [(name, TRAIN, -1)] + [(c.get("name", ""), COOLDOWN_TRAIN, i) for i, c in enumerate(cooldowns)]
+    runs = [(name, TRAIN_TASK, -1)] + [(c.get("name", ""), COOLDOWN_TRAIN_TASK, i) for i, c in enumerate(cooldowns)]
     for run_name, task_id, map_index in runs:
         summaries = [_latest_summary(run, task_id, map_index), *_attempts(run, task_id, map_index)]
         for source in summaries:
@@ -268,9 +270,9 @@ def _when(value: datetime | None) -> float | None:
 def timeline(run: RunRecord) -> list[TimelineEntry]:
     """Submissions, ends with their classification, faults, checkpoints and side tasks, oldest first."""
     entries: list[TimelineEntry] = []
-    cooldowns = run.xcom("prepare", COOLDOWNS) or []
-    trainings = [(TRAIN, -1, "training")] + [
-        (COOLDOWN_TRAIN, i, f"cooldown {c.get('name', i)}") for i, c in enumerate(cooldowns)
+    cooldowns = run.xcom(PREPARE_TASK, COOLDOWNS) or []
+    trainings = [(TRAIN_TASK, -1, "training")] + [
+        (COOLDOWN_TRAIN_TASK, i, f"cooldown {c.get('name', i)}") for i, c in enumerate(cooldowns)
     ]
     for task_id, map_index, label in trainings:
         for a in _attempts(run, task_id, map_index):
@@ -301,7 +303,7 @@ def timeline(run: RunRecord) -> list[TimelineEntry]:
                     )
                 )
     for task in run.tasks:
-        if task.task_id in (TRAIN, COOLDOWN_TRAIN, "prepare") or task.state is None:
+        if task.task_id in (TRAIN_TASK, COOLDOWN_TRAIN_TASK, PREPARE_TASK) or task.state is None:
             continue
         label = f"{task.task_id}[{task.label or task.map_index}]" if task.map_index >= 0 else task.task_id
         if task.end and task.state in ("success", "failed", "skipped", "upstream_failed"):
@@ -325,7 +327,7 @@ def _job_state(
     """The training job's SLURM state: live while the task waits for it, else how its last job ended
     (a retry's task may still hold its predecessor's progress until it starts)."""
     ended = {a.get("job_id"): a.get("state") for a in attempts if a.get("verdict")}
-    if _running(run, TRAIN) and progress.get("job_id") not in ended:
+    if _running(run, TRAIN_TASK) and progress.get("job_id") not in ended:
         return progress.get("job_state")
     if result.get("final_state"):
         return result["final_state"]
@@ -336,13 +338,13 @@ def experiment_view(dag_id: str, name: str, run: RunRecord | None, now: float) -
     """One experiment's row: its latest run's state, progress and results."""
     if run is None:
         return ExperimentView(dag_id=dag_id, name=name, state=NEVER_RUN)
-    config = run.xcom("prepare", CONFIG) or {}
+    config = run.xcom(PREPARE_TASK, CONFIG) or {}
     name = (config.get("experiment") or {}).get("name") or name
-    train = run.task(TRAIN)
-    summary = _latest_summary(run, TRAIN)
-    progress = _progress(run, TRAIN)
-    attempts = _attempts(run, TRAIN)
-    result = run.result(TRAIN) or {}
+    train = run.task(TRAIN_TASK)
+    summary = _latest_summary(run, TRAIN_TASK)
+    progress = _progress(run, TRAIN_TASK)
+    attempts = _attempts(run, TRAIN_TASK)
+    result = run.result(TRAIN_TASK) or {}
     args = (config.get("backend") or {}).get("args") or {}
     iteration = summary.get("last_iteration")
     if iteration is None:
@@ -362,20 +364,20 @@ def experiment_view(dag_id: str, name: str, run: RunRecord | None, now: float) -
         train_iters=int(train_iters) if train_iters else None,
         loss=_number(summary.get("last_loss")),
         gpu_hours=gpu_hours(run, config, now),
-        planned_gpu_hours=_number((run.xcom("prepare", PLANNED_RECORD) or {}).get("total")),
+        planned_gpu_hours=_number((run.xcom(PREPARE_TASK, PLANNED_RECORD) or {}).get("total")),
         updated=_number(progress.get("updated")),
     )
     if train and train.state == "up_for_retry":
         view.state = "retrying"
-    if _running(run, TRAIN) and view.updated is not None:
+    if _running(run, TRAIN_TASK) and view.updated is not None:
         view.stale = now - view.updated > STALE_AFTER
     iteration_ms = _number(summary.get("iteration_ms"))
     if view.job_state == "RUNNING" and iteration_ms and view.iteration is not None and view.train_iters:
         view.eta_seconds = max(view.train_iters - view.iteration, 0) * iteration_ms / 1000
     tokens = _tokens_per_iteration(config, summary)
-    view.curves = [Curve(name, run_curve(run, TRAIN), tokens, group=name)]
-    for index, cooldown in enumerate(run.xcom("prepare", COOLDOWNS) or []):
-        points = run_curve(run, COOLDOWN_TRAIN, index)
+    view.curves = [Curve(name, run_curve(run, TRAIN_TASK), tokens, group=name)]
+    for index, cooldown in enumerate(run.xcom(PREPARE_TASK, COOLDOWNS) or []):
+        points = run_curve(run, COOLDOWN_TRAIN_TASK, index)
         at = cooldown.get("at")
         parent_loss = loss_at(view.curves[0].points, at) if at is not None else None
         if points and parent_loss is not None:

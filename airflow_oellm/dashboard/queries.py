@@ -16,13 +16,29 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from airflow_oellm.config.budget import PLANNED_RECORD
-from airflow_oellm.dashboard.model import CONFIG, COOLDOWNS, HISTORY, PROGRESS, RESULT, RETURN, RunRecord, TaskRecord
+from airflow_oellm.config.naming import (
+    COOLDOWN_TRAIN_TASK,
+    PREPARE_TASK,
+    SWEEP_DAG_TAG,
+    SWEEP_TAG_PREFIX,
+    TRAIN_TASK,
+    parse_sweep_tag,
+)
+from airflow_oellm.dashboard.model import (
+    CONFIG,
+    COOLDOWNS,
+    EVALUATE_TASKS,
+    HISTORY,
+    PROGRESS,
+    RESULT,
+    RETURN,
+    RunRecord,
+    TaskRecord,
+)
 
-SWEEP_TAG = "sweep:"
-SWEEP_DAG_TAG = "sweep"  # the DAG that runs a whole sweep (not an experiment)
 # (task, key) pairs the dashboard reads; a task's other XComs (big or irrelevant) stay in the database
 XCOM_KEYS = (RETURN, RESULT, PROGRESS, CONFIG, COOLDOWNS, PLANNED_RECORD)
-XCOM_TASKS = ("prepare", "train", "cooldown.train", "checkpoint.evaluate", "cooldown.evaluate")
+XCOM_TASKS = (PREPARE_TASK, TRAIN_TASK, COOLDOWN_TRAIN_TASK, *EVALUATE_TASKS)
 
 
 def sweeps(session: Session, allowed: Collection[str] | None) -> dict[str, list[str]]:
@@ -30,14 +46,14 @@ def sweeps(session: Session, allowed: Collection[str] | None) -> dict[str, list[
     tags = session.execute(
         select(DagTag.dag_id, DagTag.name)
         .join(DagModel, DagModel.dag_id == DagTag.dag_id)
-        .where(DagModel.is_stale.is_(False), DagTag.name.startswith(SWEEP_TAG) | (DagTag.name == SWEEP_DAG_TAG))
+        .where(DagModel.is_stale.is_(False), DagTag.name.startswith(SWEEP_TAG_PREFIX) | (DagTag.name == SWEEP_DAG_TAG))
     ).all()
     runners = {dag_id for dag_id, name in tags if name == SWEEP_DAG_TAG}
     found: dict[str, list[str]] = {}
     for dag_id, name in sorted(tags):
         if name == SWEEP_DAG_TAG or dag_id in runners or (allowed is not None and dag_id not in allowed):
             continue
-        found.setdefault(name[len(SWEEP_TAG) :], []).append(dag_id)
+        found.setdefault(parse_sweep_tag(name) or "", []).append(dag_id)
     return dict(sorted(found.items()))
 
 
@@ -134,5 +150,6 @@ def dag_runs(session: Session, dag_id: str, limit: int = 20) -> list[tuple[int, 
 
 def dag_sweep(session: Session, dag_id: str) -> str | None:
     """The sweep an experiment DAG belongs to."""
-    name = session.scalar(select(DagTag.name).where(DagTag.dag_id == dag_id, DagTag.name.startswith(SWEEP_TAG)))
-    return name[len(SWEEP_TAG) :] if name else None
+    tag = select(DagTag.name).where(DagTag.dag_id == dag_id, DagTag.name.startswith(SWEEP_TAG_PREFIX))
+    name = session.scalar(tag)
+    return parse_sweep_tag(name) if name else None

@@ -19,6 +19,18 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from airflow_oellm.config.budget import PLANNED_RECORD
 from airflow_oellm.config.milestones import eval_file
+from airflow_oellm.config.naming import (
+    CHECKPOINT_GROUP,
+    CONVERT_TASK,
+    COOLDOWN_GROUP,
+    COOLDOWN_TRAIN_TASK,
+    EVALUATE_TASK,
+    PREPARE_TASK,
+    REPORT_TASK,
+    RUN_TASK,
+    TRAIN_TASK,
+    in_group,
+)
 from airflow_oellm.hooks.slurm import SlurmHook
 from airflow_oellm.monitor.watch import loss_at
 from airflow_oellm.slurm.operations import CycleRequest
@@ -125,10 +137,10 @@ class ExperimentReportOperator(BaseOperator):
     def __init__(
         self,
         *,
-        prepare_task_id: str = "prepare",
-        train_task_id: str = "train",
-        cooldown_task_id: str | None = "cooldown.train",
-        side_job_task_ids: Sequence[str] = ("convert", "evaluate"),
+        prepare_task_id: str = PREPARE_TASK,
+        train_task_id: str = TRAIN_TASK,
+        cooldown_task_id: str | None = COOLDOWN_TRAIN_TASK,
+        side_job_task_ids: Sequence[str] = (CONVERT_TASK, EVALUATE_TASK),
         ssh_conn_id: str | None = None,
         local: bool = False,
         batch_system: str = "slurm",
@@ -139,7 +151,7 @@ class ExperimentReportOperator(BaseOperator):
         self.prepare_task_id = prepare_task_id
         self.train_task_id = train_task_id
         self.cooldown_task_id = cooldown_task_id
-        self.side_job_task_ids = list(side_job_task_ids)  # in the `checkpoint` and `cooldown` task groups
+        self.side_job_task_ids = list(side_job_task_ids)  # in the checkpoint and cooldown task groups
         self.ssh_conn_id = ssh_conn_id
         self.local = local
         self.batch_system = batch_system
@@ -204,8 +216,9 @@ class ExperimentReportOperator(BaseOperator):
 
     def _side_job_results(self, ti: Any, checkpoints: int, cooldowns: Sequence[Mapping[str, Any]]) -> list[Any]:
         """Results of every conversion and evaluation task of the run (mapped: one per branch)."""
-        branches = [("checkpoint", i) for i in range(checkpoints)] + [("cooldown", i) for i in range(len(cooldowns))]
-        return [self._result(ti, f"{group}.{task}", i) for group, i in branches for task in self.side_job_task_ids]
+        branches = [(CHECKPOINT_GROUP, i) for i in range(checkpoints)]
+        branches += [(COOLDOWN_GROUP, i) for i in range(len(cooldowns))]
+        return [self._result(ti, in_group(group, task), i) for group, i in branches for task in self.side_job_task_ids]
 
     def _read_metrics(self, wanted: list[tuple[str, str, int, str]]) -> dict[str, dict[tuple[int, str], Any]]:
         if not wanted:
@@ -273,9 +286,9 @@ class SweepSummaryOperator(BaseOperator):
         self,
         *,
         experiments: Mapping[str, str],
-        trigger_task_id: str | Sequence[str] = "run",
+        trigger_task_id: str | Sequence[str] = RUN_TASK,
         part_size: int | None = None,
-        report_task_id: str = "report",
+        report_task_id: str = REPORT_TASK,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("trigger_rule", "all_done")

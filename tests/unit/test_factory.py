@@ -72,6 +72,20 @@ def test_experiment_dag_shape(project_dags):
     assert dag.get_task("checkpoint.wait").map_index_template == "{{ task.iteration }}"
 
 
+def test_every_task_the_report_and_dashboard_read_is_built(project_dags):
+    from airflow_oellm.dashboard.queries import XCOM_TASKS
+    from airflow_oellm.operators.report import ExperimentReportOperator
+
+    exp = load_sweep(REPO / "config" / "sweeps" / "cooldowns_and_evals.yaml").experiments[0]
+    dag = project_dags[exp.dag_id]
+    report = dag.get_task("report")
+    assert isinstance(report, ExperimentReportOperator)
+    read = {*XCOM_TASKS, report.prepare_task_id, report.train_task_id, report.cooldown_task_id}
+    read |= {f"{group}.{task}" for group in ("checkpoint", "cooldown") for task in report.side_job_task_ids}
+    assert read <= set(dag.task_ids)
+    assert dag.get_task("checkpoint.wait").training_task_id == "train"
+
+
 def test_sweep_dag_runs_and_summarises_its_experiments(project_dags):
     sweep = load_sweep(REPO / "config" / "sweeps" / "scaling_study.yaml")
     dag = project_dags[f"oellm__{sweep.name}"]

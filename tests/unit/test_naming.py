@@ -1,0 +1,52 @@
+"""naming.py owns every id both ways: DAG ids, tags and task ids are built and parsed back in one place."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from airflow_oellm.config.naming import (
+    CONFIG_ERRORS_DAG_ID,
+    DagIdParts,
+    dag_id,
+    experiment_name,
+    parse_dag_id,
+    parse_sweep_tag,
+    run_part_task,
+    sweep_dag_id,
+    sweep_tag,
+)
+
+pytestmark = pytest.mark.config
+# what check_name lets through: `__` may appear inside an experiment name
+NAMES = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,30}", fullmatch=True)
+SWEEPS = NAMES.filter(lambda name: "__" not in name and not name.endswith("_"))
+
+
+@given(SWEEPS, NAMES)
+def test_an_experiment_dag_id_parses_back(sweep, name):
+    assert parse_dag_id(dag_id(sweep, name)) == DagIdParts(sweep, name)
+    assert experiment_name(dag_id(sweep, name), sweep) == name
+
+
+@given(SWEEPS)
+def test_a_sweep_dag_id_parses_back(sweep):
+    assert parse_dag_id(sweep_dag_id(sweep)) == DagIdParts(sweep, None)
+    assert parse_sweep_tag(sweep_tag(sweep)) == sweep
+
+
+def test_ids_that_are_not_ours():
+    for foreign in ("etl_daily", "oellm", "oellm__", "other__s__e", "oellmx__s__e"):
+        assert parse_dag_id(foreign) is None, foreign
+    assert experiment_name("etl_daily", "s") == "etl_daily"
+    assert experiment_name(dag_id("other", "e"), "s") == dag_id("other", "e")
+    assert parse_sweep_tag("platform:lumi") is None and parse_sweep_tag("sweep") is None
+
+
+def test_the_wire_values_stay():
+    """DAG ids, tags and task ids are stored in deployed databases and on the cluster."""
+    assert dag_id("s", "lr1e-4__b") == "oellm__s__lr1e-4__b"
+    assert sweep_dag_id("s") == "oellm__s" and CONFIG_ERRORS_DAG_ID == "oellm__config_errors"
+    assert sweep_tag("s") == "sweep:s"
+    assert run_part_task(1, 1) == "run" and run_part_task(2, 3) == "run_2"
