@@ -315,13 +315,8 @@ def _outcome_arg(text: str) -> tuple[Any, int | None, str | None]:
 
 def cmd_events(args: argparse.Namespace) -> int:
     from airflow_oellm.config import ConfigError
-    from airflow_oellm.monitor.classify import (
-        DEFAULT_RULES,
-        NAN_INTERVALS,
-        attempt_outcome,
-        classify,
-        rules_from_config,
-    )
+    from airflow_oellm.monitor.attempts import attempt_rules
+    from airflow_oellm.monitor.classify import NAN_INTERVALS, attempt_outcome, classify
     from airflow_oellm.monitor.events import event_specs, match_log
     from airflow_oellm.monitor.watch import TAIL_BYTES, empty_summary, summarize
 
@@ -369,8 +364,7 @@ def cmd_events(args: argparse.Namespace) -> int:
         checkpoint_after=after,
         nan_limit=monitoring.nan_intervals if monitoring else NAN_INTERVALS,
     )
-    rules = [*rules_from_config([vars(r) for r in monitoring.rules] if monitoring else []), *DEFAULT_RULES]
-    verdict = classify(outcome, rules)
+    verdict = classify(outcome, attempt_rules([vars(r) for r in monitoring.rules] if monitoring else []))
     conclusion = {**verdict.to_dict(), "resume_from": after if verdict.verdict == "retry" else None}
     if args.json:
         print(json.dumps(conclusion))

@@ -349,7 +349,10 @@ def _job_run(config: dict[str, Any], job: dict[str, Any]) -> tuple[dict[str, Any
     cfg = typed(config)
     if job.get("cooldown") is None:
         return config, cfg
-    spec = cfg.cooldowns[int(job["cooldown"])]
+    index = int(job["cooldown"])
+    if not 0 <= index < len(cfg.cooldowns):
+        raise ConfigError(Issue(f"no cooldown {index}: the experiment has {len(cfg.cooldowns)}", key="cooldowns"))
+    spec = cfg.cooldowns[index]
     if job["kind"] != "cooldown" and not spec.train:
         return config, cfg  # an evaluation-only cooldown evaluates the parent's checkpoint
     train_iters = iteration_arg(cfg.backend.args, "train_iters") or 0

@@ -14,7 +14,7 @@ import contextlib
 import json
 import time
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from airflow.sdk import BaseOperator, Variable
@@ -22,33 +22,26 @@ from airflow.sdk.definitions.template import literal
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 
 from airflow_oellm.config.errors import ConfigError
-from airflow_oellm.config.milestones import EVALUATE, evaluation_files, job_config, resume_own_checkpoint, typed
+from airflow_oellm.config.milestones import EVALUATE, evaluation_files, resume_own_checkpoint, typed
 from airflow_oellm.config.schema import RootConfig
 from airflow_oellm.hooks.slurm import SlurmHook
-from airflow_oellm.monitor.classify import (
-    DEFAULT_RULES,
-    FATAL,
-    NAN_INTERVALS,
-    RETRY,
-    SUCCESS,
-    Classification,
-    attempt_outcome,
-    classify,
-    progress_guard,
-    rules_from_config,
+from airflow_oellm.monitor.attempts import (
+    JobSettings,
+    JobSettingsError,
+    decide_attempt,
+    job_settings,
+    training_state_after,
 )
+from airflow_oellm.monitor.classify import FATAL, RETRY, SUCCESS
 from airflow_oellm.monitor.events import event_specs
-from airflow_oellm.monitor.watch import PROGRESS_CURVE, JobWatch, WatchState, thinned
+from airflow_oellm.monitor.records import HISTORY_KEY, AttemptHistory, AttemptRecord, TrainingState, TrainingStatus
+from airflow_oellm.monitor.watch import JobWatch, WatchState
 from airflow_oellm.pause_points import pause_point
 from airflow_oellm.slurm.identity import JobIdentity, monitor_state_path, task_status_path
 from airflow_oellm.slurm.operations import CycleRequest, SubmissionConflict
 from airflow_oellm.slurm.render import JobSpec, render_sbatch
-from airflow_oellm.slurm.states import JobStatus
 from airflow_oellm.triggers.base import settle_deadline
 from airflow_oellm.triggers.job import PROGRESS_XCOM_KEY, SlurmJobTrigger
-
-HISTORY_KEY = "oellm_attempts"
-MAX_ATTEMPT_FAULTS = 5  # fault lines kept per attempt in the history
 
 
 def _references(value: Any) -> bool:
@@ -171,48 +164,25 @@ class SlurmSubmitOperator(BaseOperator):
 
     # ---------------------------------------------------------------- settings
 
-    def _settings(self) -> dict[str, Any]:
-        """Paths and monitoring settings, from the experiment config where one is given."""
-        if self.experiment is not None:
-            config = dict(self.experiment)
-            if self.job:
-                try:
-                    config = job_config(config, dict(self.job))
-                except ConfigError as exc:
-                    raise AirflowFailException(f"cannot build {dict(self.job)}: {exc}") from None
-            cfg = typed_config(config)
-            e, m = cfg.experiment, cfg.monitoring
-            args_save = cfg.backend.args.get("save") if cfg.backend.name == "megatron" else None
-            return {
-                "config": cfg,
-                "training": cfg.backend.name == "megatron" if self.expects_training is None else self.expects_training,
-                "output_dir": e.output_dir,
-                "name": self.job_name or e.name,
-                "log_path": e.log_path,
-                "script_dir": e.script_dir,
-                "checkpoint_dir": self.checkpoint_dir or args_save,
-                "events": [*(vars(x) for x in m.log_events), *self.log_events],
-                "inactivity": self.inactivity_threshold or m.inactivity_threshold_seconds,
-                "nan_limit": m.nan_intervals if cfg.backend.name == "megatron" else 0,
-                "output_paths": [*m.output_paths, *self.output_paths],
-                "poll_interval": self.poll_interval or m.poll_interval_seconds,
-            }
-        output = self.output_dir.rstrip("/")
-        name = self.job_name or self.task_id
-        return {
-            "config": None,
-            "training": bool(self.expects_training),
-            "output_dir": output,
-            "name": name,
-            "log_path": self.log_path or f"{output}/logs/{name}-%j.out",
-            "script_dir": f"{output}/scripts",
-            "checkpoint_dir": self.checkpoint_dir,
-            "events": self.log_events,
-            "inactivity": self.inactivity_threshold,
-            "nan_limit": 0,
-            "output_paths": self.output_paths,
-            "poll_interval": self.poll_interval or 60.0,
-        }
+    def _settings(self) -> JobSettings:
+        try:
+            return job_settings(
+                experiment=self.experiment,
+                job=self.job,
+                task_id=self.task_id,
+                expects_training=self.expects_training,
+                job_name=self.job_name,
+                output_dir=self.output_dir,
+                log_path=self.log_path,
+                checkpoint_dir=self.checkpoint_dir,
+                log_events=self.log_events,
+                classification_rules=self.classification_rules,
+                inactivity_threshold=self.inactivity_threshold,
+                output_paths=self.output_paths,
+                poll_interval=self.poll_interval,
+            )
+        except JobSettingsError as exc:
+            raise AirflowFailException(str(exc)) from None
 
     def _hook(self) -> SlurmHook:
         return SlurmHook(self.ssh_conn_id, local=self.local, batch_system=self.batch_system)
@@ -226,55 +196,45 @@ class SlurmSubmitOperator(BaseOperator):
         ti = context["ti"]
         s = self._settings()
         store = context.get("task_state_store")
-        history = (store.get(HISTORY_KEY) if store is not None else None) or {"attempts": [], "exclude": []}
+        history = AttemptHistory.from_dict(store.get(HISTORY_KEY) if store is not None else None)
         identity = JobIdentity(
             ti.dag_id,
             ti.run_id,
             ti.task_id,
             ti.map_index if ti.map_index is not None else -1,
             ti.try_number,
-            s["output_dir"],
+            s.output_dir,
         )
         hook = self._hook()
         try:
-            script_path = f"{s['script_dir']}/{s['name']}-try{ti.try_number}.sbatch"
+            script_path = s.script_path(ti.try_number)
             try:
-                before = hook.read_tracker(s["checkpoint_dir"]) if s["checkpoint_dir"] else None
-                script = self._script(s, history["exclude"], before if isinstance(before, int) else None)
-                hook.mkdirs([s["output_dir"], s["log_path"].rsplit("/", 1)[0], s["script_dir"]])
+                before = self._checkpoint(hook, s)
+                script = self._script(s, history.exclude, before)
+                hook.mkdirs([s.output_dir, s.log_path.rsplit("/", 1)[0], s.script_dir])
                 hook.upload(script_path, script, mode="0700")
                 secrets = {env: Variable.get(key) for env, key in self.secret_variables.items()}
                 outcome = hook.submit_once(identity, script_path, options=self.sbatch_options, secrets=secrets)
                 pause_point("after-sbatch", ti.dag_id)  # tests kill the worker here: the job id is not saved yet
             except Exception as exc:
                 # sensors beside this task must learn that no job is coming (this try, or ever)
-                final = isinstance(exc, SubmissionConflict | AirflowFailException)
-                final = final or ti.try_number > (self.retries or 0)
+                hopeless = isinstance(exc, SubmissionConflict | AirflowFailException)
+                state = training_state_after(FATAL if hopeless else RETRY, ti.try_number, self.retries or 0)
                 with contextlib.suppress(Exception):
-                    self._write_status(
-                        hook, s, ti, "failed" if final else "retrying", None, None, reason=f"submission failed: {exc}"
-                    )
+                    self._write_status(hook, s, ti, state, None, None, reason=f"submission failed: {exc}")
                 if isinstance(exc, SubmissionConflict):
                     raise AirflowFailException(str(exc)) from None
                 raise
-            log_path = s["log_path"].replace("%j", outcome.job_id)
+            log_path = s.log_path.replace("%j", outcome.job_id)
             self._job_id = outcome.job_id
             self.log.info("%s job %s (try %d) -> log %s", outcome.kind, outcome.job_id, ti.try_number, log_path)
-            attempt = {
-                "try": ti.try_number,
-                "job_id": outcome.job_id,
-                "submission": outcome.kind,
-                "log_path": log_path,
-                "checkpoint_before": before if isinstance(before, int) else None,
-                "submitted_at": time.time(),
-            }
-            history["attempts"] = [a for a in history["attempts"] if a["try"] != ti.try_number] + [attempt]
+            attempt = AttemptRecord(ti.try_number, outcome.job_id, before, outcome.kind, log_path, time.time())
             if store is not None:
-                store.set(HISTORY_KEY, history)
+                store.set(HISTORY_KEY, history.put(attempt).to_dict())
             ti.xcom_push(key="job_id", value=outcome.job_id)
             ti.xcom_push(key="log_path", value=log_path)
             ti.xcom_push(key="script_path", value=script_path)
-            self._write_status(hook, s, ti, "running", outcome.job_id, log_path)
+            self._write_status(hook, s, ti, TrainingState.RUNNING, outcome.job_id, log_path)
         finally:
             hook.close()
         if not self.wait_for_completion:
@@ -286,11 +246,11 @@ class SlurmSubmitOperator(BaseOperator):
             "ssh_conn_id": self.ssh_conn_id,
             "local": self.local,
             "batch_system": self.batch_system,
-            "events": s["events"],
-            "inactivity_threshold": s["inactivity"],
-            "nan_limit": s["nan_limit"],
-            "output_paths": s["output_paths"],
-            "poll_interval": s["poll_interval"],
+            "events": s.events,
+            "inactivity_threshold": s.inactivity,
+            "nan_limit": s.stop_nan_limit,
+            "output_paths": s.output_paths,
+            "poll_interval": s.poll_interval,
             "progress_to": {
                 "dag_id": ti.dag_id,
                 "run_id": ti.run_id,
@@ -303,33 +263,32 @@ class SlurmSubmitOperator(BaseOperator):
             self.defer(trigger=trigger, method_name="execute_complete")
         return self._finish(context, self._watch_here(trigger_args, ti))
 
-    def _script(self, s: dict[str, Any], exclude: Sequence[str], own_checkpoint: int | None) -> str:
-        if s["config"] is None:
+    def _script(self, s: JobSettings, exclude: Sequence[str], own_checkpoint: int | None) -> str:
+        if s.config is None:
             return self.script
-        cfg = resume_own_checkpoint(s["config"], own_checkpoint)
-        return render_sbatch(cfg, JobSpec(job_name=s["name"], exclude=list(exclude)), template_dirs=self.template_dirs)
+        cfg = resume_own_checkpoint(s.config, own_checkpoint)
+        return render_sbatch(cfg, JobSpec(job_name=s.name, exclude=list(exclude)), template_dirs=self.template_dirs)
+
+    @staticmethod
+    def _checkpoint(hook: SlurmHook, s: JobSettings) -> int | None:
+        """The job's latest checkpoint iteration (Megatron's tracker file), if it has one."""
+        found = hook.read_tracker(s.checkpoint_dir) if s.checkpoint_dir else None
+        return found if isinstance(found, int) else None
 
     def _write_status(
         self,
         hook: SlurmHook,
-        s: dict[str, Any],
+        s: JobSettings,
         ti: Any,
-        state: str,
+        state: TrainingState,
         job_id: str | None,
         log_path: str | None,
-        **extra: Any,
+        reason: str | None = None,
+        iteration: int | None = None,
     ) -> None:
         """The task's status on the cluster, for sensors that run beside it (same DAG run only)."""
-        status = {
-            "state": state,
-            "run_id": ti.run_id,
-            "try": ti.try_number,
-            "job_id": job_id,
-            "log_path": log_path,
-            "updated": time.time(),
-            **extra,
-        }
-        hook.upload(task_status_path(s["output_dir"], ti.task_id), json.dumps(status))
+        status = TrainingStatus(state, ti.run_id, ti.try_number, job_id, log_path, time.time(), reason, iteration)
+        hook.upload(task_status_path(s.output_dir, ti.task_id), status.to_json())
 
     def _watch_here(self, args: dict[str, Any], ti: Any) -> dict[str, Any]:
         """The same watch as the trigger, polling from the worker (deferrable=False)."""
@@ -380,115 +339,32 @@ class SlurmSubmitOperator(BaseOperator):
 
     def _finish(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
         ti = context["ti"]
-        s = self._settings()
-        store = context.get("task_state_store")
-        history = (store.get(HISTORY_KEY) if store is not None else None) or {"attempts": [], "exclude": []}
         if event.get("kind") == "error":
             raise AirflowException(
                 f"lost contact with the cluster while following job {event.get('job_id')}: {event.get('message')}"
             )
-        status = JobStatus.from_dict(event["status"]) if event.get("status") else JobStatus.not_found(event["job_id"])
-        summary = event.get("summary") or {}
-        attempt = next(
-            (a for a in history["attempts"] if a["try"] == ti.try_number),
-            {"try": ti.try_number, "job_id": event["job_id"], "checkpoint_before": None},
-        )
+        s = self._settings()
+        store = context.get("task_state_store")
+        history = AttemptHistory.from_dict(store.get(HISTORY_KEY) if store is not None else None)
         hook = self._hook()
         try:
-            after = hook.read_tracker(s["checkpoint_dir"]) if s["checkpoint_dir"] else None
-            outcome = attempt_outcome(
-                status.state,
-                summary,
-                event.get("tail", ""),
-                exit_code=status.exit_code,
-                cancelled_by=status.cancelled_by,
-                hang=bool(event.get("hang")),
-                cancelled_by_us=bool(event.get("cancelled_by_us")),
-                checkpoint_before=attempt.get("checkpoint_before"),
-                checkpoint_after=after if isinstance(after, int) else None,
-                training=s["training"],
-                nan_limit=s["config"].monitoring.nan_intervals if s["config"] else NAN_INTERVALS,
-            )
-            configured = [vars(r) for r in s["config"].monitoring.rules] if s["config"] else []
-            rules = [*rules_from_config([*self.classification_rules, *configured]), *DEFAULT_RULES]
-            verdict = classify(outcome, rules)
-            if verdict.verdict == RETRY and s["training"] and not verdict.progress_free:
-                # a resume the rerun state machine asked for saves no new checkpoint by design
-                earlier = [a for a in history["attempts"] if a["try"] != ti.try_number and not a.get("progress_free")]
-                checkpoints = [(earlier or [attempt])[0].get("checkpoint_before")]
-                checkpoints += [a.get("checkpoint_after") for a in earlier] + [outcome.checkpoint_after]
-                guard = progress_guard(checkpoints)
-                if guard:
-                    verdict = Classification(FATAL, f"{verdict.reason}; {guard}", verdict.exclude_nodes)
-            # a job that resumed at the very end (its predecessor stopped right after the last
-            # iteration) logs no iteration: it is where it resumed
-            last_iteration = summary.get("last_iteration")
-            if last_iteration is None:
-                last_iteration = summary.get("resumed_from") or None
-            attempt.update(
-                start=status.start,
-                end=status.end,
-                gpu_hours=gpu_hours(status, s["config"]),
-                state=status.state.value,
-                raw_state=status.raw_state,
-                exit_code=status.exit_code,
-                verdict=verdict.verdict,
-                reason=verdict.reason,
-                progress_free=verdict.progress_free,
-                checkpoint_after=outcome.checkpoint_after,
-                last_iteration=last_iteration,
-                resumed_from=summary.get("resumed_from"),
-                # what the dashboard draws of earlier attempts (their XComs go with their try)
-                loss_curve=thinned(summary.get("loss_curve", []), PROGRESS_CURVE),
-                validation=summary.get("validation", []),
-                checkpoints_saved=summary.get("checkpoints_saved", []),
-                faults=summary.get("faults", [])[:MAX_ATTEMPT_FAULTS],
-                iteration_ms=summary.get("iteration_ms"),
-            )
-            history["attempts"] = [a for a in history["attempts"] if a["try"] != ti.try_number] + [attempt]
-            history["exclude"] = list(dict.fromkeys([*history["exclude"], *verdict.exclude_nodes]))
+            after = self._checkpoint(hook, s)
+            decision = decide_attempt(history, ti.try_number, self.retries or 0, event, after, s)
             if store is not None:
-                store.set(HISTORY_KEY, history)
-            result = {
-                "job_ids": [a["job_id"] for a in history["attempts"]],
-                "final_state": status.state.value,
-                "classification": verdict.to_dict(),
-                "last_iteration": last_iteration,
-                "checkpoint": outcome.checkpoint_after,
-                "events": summary.get("counts", {}),
-                "summary": summary,
-                "attempts": history["attempts"],
-            }
-            self.log.info(
-                "job %s ended %s: %s (%s)",
-                event["job_id"],
-                status.raw_state or status.state.value,
-                verdict.verdict,
-                verdict.reason,
-            )
-            if verdict.verdict == SUCCESS:
-                if self.job and self.job.get("kind") == EVALUATE:
-                    result["metrics"] = self._evaluation_metrics(hook)
-                self._write_status(
-                    hook, s, ti, "completed", event["job_id"], event.get("log_path"), iteration=result["checkpoint"]
-                )
-                return result
-            last_try = ti.try_number > (self.retries or 0)
-            final = verdict.verdict == FATAL or last_try
-            self._write_status(
-                hook,
-                s,
-                ti,
-                "failed" if final else "retrying",
-                event["job_id"],
-                event.get("log_path"),
-                reason=verdict.reason,
-                iteration=result["checkpoint"],
-            )
+                store.set(HISTORY_KEY, decision.history.to_dict())
+            verdict, attempt, result = decision.classification, decision.attempt, decision.result
+            job_id, log_path = event["job_id"], event.get("log_path")
+            ended = attempt.raw_state or attempt.state
+            self.log.info("job %s ended %s: %s (%s)", job_id, ended, verdict.verdict, verdict.reason)
+            if verdict.verdict == SUCCESS and self.job and self.job.get("kind") == EVALUATE:
+                result["metrics"] = self._evaluation_metrics(hook)
+            self._write_status(hook, s, ti, decision.training_state, job_id, log_path, **decision.status_fields)
         finally:
             hook.close()
+        if verdict.verdict == SUCCESS:
+            return result
         ti.xcom_push(key="result", value=result)
-        message = f"job {event['job_id']} {status.state.value}: {verdict.reason}"
+        message = f"job {job_id} {attempt.state}: {verdict.reason}"
         if verdict.exclude_nodes:
             message += f"; excluding {', '.join(verdict.exclude_nodes)} next time"
         if verdict.verdict == FATAL:
@@ -516,17 +392,6 @@ class SlurmSubmitOperator(BaseOperator):
                 hook.cancel([job_id])
             finally:
                 hook.close()
-
-
-def gpu_hours(status: JobStatus, cfg: RootConfig | None) -> float | None:
-    """Hours the job ran (sacct start to end) times the GPUs it held."""
-    if cfg is None or not status.start or not status.end:
-        return None
-    try:
-        seconds = (datetime.fromisoformat(status.end) - datetime.fromisoformat(status.start)).total_seconds()
-    except ValueError:
-        return None
-    return round(max(seconds, 0) / 3600 * cfg.slurm.nodes * cfg.slurm.gpus_per_node, 4)
 
 
 def restart_policy(experiment: Mapping[str, Any] | RootConfig) -> dict[str, Any]:

@@ -1,0 +1,248 @@
+"""What one attempt of a job task means, decided without Airflow.
+
+`job_settings` reads what a task needs to know about its job (paths, watch settings, rules) from the
+experiment config it was given, or from its own arguments for a plain script. `decide_attempt` takes
+an ended job's event, the checkpoint it left and the task's attempt history, and returns the verdict
+(success, retry, fatal), the attempt's record, the new history, the task's result and the state the
+sensors beside the task must see. The submit operator only stores, pushes and raises what it returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from airflow_oellm.config.errors import ConfigError
+from airflow_oellm.config.milestones import job_config, typed
+from airflow_oellm.config.schema import RootConfig
+from airflow_oellm.monitor.accounting import attempt_used_gpu_hours
+from airflow_oellm.monitor.classify import (
+    DEFAULT_RULES,
+    FATAL,
+    NAN_INTERVALS,
+    RETRY,
+    SUCCESS,
+    Classification,
+    Rule,
+    attempt_outcome,
+    classify,
+    progress_guard,
+    rules_from_config,
+)
+from airflow_oellm.monitor.records import AttemptHistory, AttemptRecord, TrainingState
+from airflow_oellm.monitor.watch import PROGRESS_CURVE, thinned
+from airflow_oellm.slurm.states import JobStatus
+
+MAX_ATTEMPT_FAULTS = 5  # fault lines kept per attempt in the history
+DEFAULT_POLL_INTERVAL = 60.0  # seconds, for a script job without a config
+
+
+class JobSettingsError(ValueError):
+    """A task's experiment config, or the side job asked of it, cannot be built (the message says which)."""
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    """Where a task's job writes and how it is watched and judged."""
+
+    config: RootConfig | None  # None: a plain script
+    training: bool  # success needs Megatron's "training is done" and the progress guard applies
+    output_dir: str
+    name: str
+    log_path: str  # with SLURM's %j
+    script_dir: str
+    checkpoint_dir: str | None
+    events: list[dict[str, Any]]
+    inactivity: float | None
+    # NaN intervals that make the watch stop a job (0: it never does: not Megatron's log) and that
+    # make the classifier call an ended one diverged; two settings, as they have always been
+    stop_nan_limit: int
+    classify_nan_limit: int
+    output_paths: list[str]
+    poll_interval: float
+    gpus: int | None  # what the job holds, for its GPU-hours (None: unknown, a plain script)
+    rules: list[Rule]  # the task's own rules, then the config's, then the defaults
+
+    def script_path(self, try_number: int) -> str:
+        return f"{self.script_dir}/{self.name}-try{try_number}.sbatch"
+
+
+def attempt_rules(config_rules: Sequence[Mapping[str, Any]], own: Sequence[Mapping[str, Any]] = ()) -> list[Rule]:
+    """A task's classification rules: its own first, then its config's, then the defaults."""
+    return [*rules_from_config([*own, *config_rules]), *DEFAULT_RULES]
+
+
+def job_settings(
+    *,
+    experiment: Mapping[str, Any] | None,
+    job: Mapping[str, Any] | None,
+    task_id: str,
+    expects_training: bool | None = None,
+    job_name: str | None = None,
+    output_dir: str | None = None,
+    log_path: str | None = None,
+    checkpoint_dir: str | None = None,
+    log_events: Sequence[Mapping[str, Any]] = (),
+    classification_rules: Sequence[Mapping[str, Any]] = (),
+    inactivity_threshold: float | None = None,
+    output_paths: Sequence[str] = (),
+    poll_interval: float | None = None,
+) -> JobSettings:
+    """A task's settings: from `experiment` (and `job`, a side job of it) when given, else from its own
+    arguments (a script in `output_dir`)."""
+    own_events = [dict(e) for e in log_events]
+    if experiment is None:
+        output = (output_dir or "").rstrip("/")
+        name = job_name or task_id
+        return JobSettings(
+            config=None,
+            training=bool(expects_training),
+            output_dir=output,
+            name=name,
+            log_path=log_path or f"{output}/logs/{name}-%j.out",
+            script_dir=f"{output}/scripts",
+            checkpoint_dir=checkpoint_dir,
+            events=own_events,
+            inactivity=inactivity_threshold,
+            stop_nan_limit=0,
+            classify_nan_limit=NAN_INTERVALS,
+            output_paths=list(output_paths),
+            poll_interval=poll_interval or DEFAULT_POLL_INTERVAL,
+            gpus=None,
+            rules=attempt_rules([], classification_rules),
+        )
+    config = dict(experiment)
+    if job:
+        try:
+            config = job_config(config, dict(job))
+        except ConfigError as exc:
+            raise JobSettingsError(f"cannot build {dict(job)}: {exc}") from None
+    try:
+        cfg = typed(config)
+    except ConfigError as exc:
+        raise JobSettingsError(f"invalid experiment config: {exc}") from None
+    megatron = cfg.backend.name == "megatron"
+    e, m = cfg.experiment, cfg.monitoring
+    return JobSettings(
+        config=cfg,
+        training=megatron if expects_training is None else expects_training,
+        output_dir=e.output_dir,
+        name=job_name or e.name,
+        log_path=e.log_path,
+        script_dir=e.script_dir,
+        checkpoint_dir=checkpoint_dir or (cfg.backend.args.get("save") if megatron else None),
+        events=[*(vars(x) for x in m.log_events), *own_events],
+        inactivity=inactivity_threshold or m.inactivity_threshold_seconds,
+        stop_nan_limit=m.nan_intervals if megatron else 0,
+        classify_nan_limit=m.nan_intervals,
+        output_paths=[*m.output_paths, *output_paths],
+        poll_interval=poll_interval or m.poll_interval_seconds,
+        gpus=cfg.slurm.nodes * cfg.slurm.gpus_per_node,
+        rules=attempt_rules([vars(r) for r in m.rules], classification_rules),
+    )
+
+
+def training_state_after(verdict: str, try_number: int, retries: int) -> TrainingState:
+    """The state the sensors beside a task see once a try ended with `verdict` (a failed submission
+    is a RETRY, or FATAL when retrying cannot help)."""
+    if verdict == SUCCESS:
+        return TrainingState.COMPLETED
+    if verdict == FATAL or try_number > retries:
+        return TrainingState.FAILED
+    return TrainingState.RETRYING
+
+
+@dataclass(frozen=True)
+class AttemptDecision:
+    classification: Classification
+    attempt: AttemptRecord
+    history: AttemptHistory
+    result: dict[str, Any]  # the task's return value on success, its `result` XCom otherwise
+    training_state: TrainingState
+
+    @property
+    def status_fields(self) -> dict[str, Any]:
+        """What the status file says besides the state: the checkpoint, and why when it did not succeed."""
+        fields: dict[str, Any] = {"iteration": self.result["checkpoint"]}
+        if self.classification.verdict != SUCCESS:
+            fields = {"reason": self.classification.reason, **fields}
+        return fields
+
+
+def decide_attempt(
+    history: AttemptHistory,
+    try_number: int,
+    retries: int,
+    ended: Mapping[str, Any],
+    checkpoint_after: int | None,
+    settings: JobSettings,
+) -> AttemptDecision:
+    """The verdict on a try whose job has ended (`ended`: the watch's finished event, see
+    `JobWatch.result`), with the checkpoint the job left."""
+    status = JobStatus.from_dict(ended["status"]) if ended.get("status") else JobStatus.not_found(ended["job_id"])
+    summary = ended.get("summary") or {}
+    # the submission's record; lost with the task's store, the attempt is judged from what is known
+    attempt = history.get(try_number) or AttemptRecord(try_number, ended["job_id"])
+    outcome = attempt_outcome(
+        status.state,
+        summary,
+        ended.get("tail", ""),
+        exit_code=status.exit_code,
+        cancelled_by=status.cancelled_by,
+        hang=bool(ended.get("hang")),
+        cancelled_by_us=bool(ended.get("cancelled_by_us")),
+        checkpoint_before=attempt.checkpoint_before,
+        checkpoint_after=checkpoint_after,
+        training=settings.training,
+        nan_limit=settings.classify_nan_limit,
+    )
+    verdict = classify(outcome, settings.rules)
+    if verdict.verdict == RETRY and settings.training and not verdict.progress_free:
+        # a resume the rerun state machine asked for saves no new checkpoint by design
+        earlier = [a for a in history.attempts if a.try_number != try_number and not a.progress_free]
+        checkpoints = [(earlier or [attempt])[0].checkpoint_before]
+        checkpoints += [a.checkpoint_after for a in earlier] + [outcome.checkpoint_after]
+        guard = progress_guard(checkpoints)
+        if guard:
+            verdict = Classification(FATAL, f"{verdict.reason}; {guard}", verdict.exclude_nodes)
+    # a job that resumed at the very end (its predecessor stopped right after the last
+    # iteration) logs no iteration: it is where it resumed
+    last_iteration = summary.get("last_iteration")
+    if last_iteration is None:
+        last_iteration = summary.get("resumed_from") or None
+    attempt = replace(
+        attempt,
+        start=status.start,
+        end=status.end,
+        gpu_hours=attempt_used_gpu_hours(status.start, status.end, settings.gpus),
+        state=status.state.value,
+        raw_state=status.raw_state,
+        exit_code=status.exit_code,
+        verdict=verdict.verdict,
+        reason=verdict.reason,
+        progress_free=verdict.progress_free,
+        checkpoint_after=outcome.checkpoint_after,
+        last_iteration=last_iteration,
+        resumed_from=summary.get("resumed_from"),
+        # what the dashboard draws of earlier attempts (their XComs go with their try)
+        loss_curve=thinned(summary.get("loss_curve", []), PROGRESS_CURVE),
+        validation=summary.get("validation", []),
+        checkpoints_saved=summary.get("checkpoints_saved", []),
+        faults=summary.get("faults", [])[:MAX_ATTEMPT_FAULTS],
+        iteration_ms=summary.get("iteration_ms"),
+    )
+    history = history.put(attempt).excluding(verdict.exclude_nodes)
+    attempts = history.to_dict()["attempts"]
+    result = {
+        "job_ids": [a["job_id"] for a in attempts],
+        "final_state": status.state.value,
+        "classification": verdict.to_dict(),
+        "last_iteration": last_iteration,
+        "checkpoint": outcome.checkpoint_after,
+        "events": summary.get("counts", {}),
+        "summary": summary,
+        "attempts": attempts,
+    }
+    state = training_state_after(verdict.verdict, try_number, retries)
+    return AttemptDecision(verdict, attempt, history, result, state)

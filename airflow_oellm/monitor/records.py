@@ -1,0 +1,196 @@
+"""The records a training task leaves for the layers that read it, and the keys it stores them under.
+
+Each record is written in one place and read through its class everywhere: the attempt history in
+Airflow's task state store (the submit operator writes it; the progress guard, the report and the
+dashboard read it) and the training status file on the cluster (the sensors beside the training
+read it). Their JSON forms are wire formats: deployed databases and clusters hold values written by
+earlier versions, so `from_dict` accepts what they lack and `to_dict` writes the same keys as ever.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from enum import StrEnum
+from typing import Any
+
+HISTORY_KEY = "oellm_attempts"  # task state store: the task's attempts, across its tries
+STATUS_READ_LIMIT = 64 * 1024  # bytes of a status file worth reading (it is a few hundred)
+
+
+class TrainingState(StrEnum):
+    """A training task's state as the sensors beside it see it (its status file)."""
+
+    RUNNING = "running"
+    RETRYING = "retrying"  # this try ended; Airflow will try again
+    FAILED = "failed"  # for good: no try is coming
+    COMPLETED = "completed"
+
+    @property
+    def final(self) -> bool:
+        return self in (TrainingState.FAILED, TrainingState.COMPLETED)
+
+
+@dataclass(frozen=True)
+class TrainingStatus:
+    """`<output>/.oellm/status/<task>.json`: the last state of a training task of one DAG run."""
+
+    state: TrainingState
+    run_id: str
+    try_number: int
+    job_id: str | None
+    log_path: str | None
+    updated: float
+    reason: str | None = None
+    iteration: int | None = None  # the checkpoint when the attempt ended
+
+    def to_json(self) -> str:
+        data: dict[str, Any] = {
+            "state": self.state.value,
+            "run_id": self.run_id,
+            "try": self.try_number,
+            "job_id": self.job_id,
+            "log_path": self.log_path,
+            "updated": self.updated,
+        }
+        if self.reason is not None:
+            data["reason"] = self.reason
+        if self.iteration is not None:
+            data["iteration"] = self.iteration
+        return json.dumps(data)
+
+    @classmethod
+    def from_json(cls, data: bytes | None, run_id: str | None) -> TrainingStatus | None:
+        """The status of this DAG run (any run's with `run_id=None`), or None: absent, unreadable,
+        another run's, or a state this version does not know (never final, as before)."""
+        if not data:
+            return None
+        try:
+            raw = json.loads(data.decode())
+        except ValueError:
+            return None
+        if not isinstance(raw, dict) or (run_id is not None and raw.get("run_id") != run_id):
+            return None
+        try:
+            state = TrainingState(raw.get("state"))
+        except ValueError:
+            return None
+        return cls(
+            state,
+            str(raw.get("run_id") or ""),
+            _int(raw.get("try")) or 0,
+            raw.get("job_id"),
+            raw.get("log_path"),
+            _float(raw.get("updated")) or 0.0,
+            raw.get("reason"),
+            _int(raw.get("iteration")),
+        )
+
+
+# An attempt's keys as the submission writes them, then the ones its end adds (in that order).
+SUBMISSION_KEYS = ("try", "job_id", "submission", "log_path", "checkpoint_before", "submitted_at")
+OUTCOME_KEYS = (
+    "start",
+    "end",
+    "gpu_hours",
+    "state",
+    "raw_state",
+    "exit_code",
+    "verdict",
+    "reason",
+    "progress_free",
+    "checkpoint_after",
+    "last_iteration",
+    "resumed_from",
+    "loss_curve",
+    "validation",
+    "checkpoints_saved",
+    "faults",
+    "iteration_ms",
+)
+_OPTIONAL_SUBMISSION = ("submission", "log_path", "submitted_at")  # absent when the submission went unrecorded
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    """One try of a task: its job, and once the job has ended, what it was and what it achieved."""
+
+    try_number: int
+    job_id: str | None
+    checkpoint_before: int | None = None
+    submission: str | None = None  # submitted | adopted (see slurm/operations.py)
+    log_path: str | None = None
+    submitted_at: float | None = None
+    start: str | None = None
+    end: str | None = None
+    gpu_hours: float | None = None  # this attempt's, from sacct's start and end
+    state: str | None = None
+    raw_state: str | None = None
+    exit_code: int | None = None
+    verdict: str | None = None  # None while the job runs
+    reason: str | None = None
+    progress_free: bool = False
+    checkpoint_after: int | None = None
+    last_iteration: int | None = None
+    resumed_from: int | None = None
+    loss_curve: list[Any] = field(default_factory=list)
+    validation: list[Any] = field(default_factory=list)
+    checkpoints_saved: list[Any] = field(default_factory=list)
+    faults: list[Any] = field(default_factory=list)
+    iteration_ms: float | None = None
+
+    @property
+    def ended(self) -> bool:
+        return self.verdict is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {"try" if f.name == "try_number" else f.name: getattr(self, f.name) for f in fields(self)}
+        keys = [k for k in SUBMISSION_KEYS if k not in _OPTIONAL_SUBMISSION or data[k] is not None]
+        return {k: data[k] for k in [*keys, *(OUTCOME_KEYS if self.ended else ())]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AttemptRecord:
+        known = {f.name for f in fields(cls)} - {"try_number"}
+        values = {k: v for k, v in data.items() if k in known and v is not None}
+        return cls(try_number=int(data.get("try") or 0), **values)
+
+
+@dataclass(frozen=True)
+class AttemptHistory:
+    """A task's attempts in try order, and the nodes its next job must avoid."""
+
+    attempts: tuple[AttemptRecord, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> AttemptHistory:
+        if not isinstance(data, Mapping):
+            return cls()
+        attempts = data.get("attempts") or []
+        return cls(
+            tuple(AttemptRecord.from_dict(a) for a in attempts if isinstance(a, Mapping)),
+            tuple(str(n) for n in data.get("exclude") or []),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"attempts": [a.to_dict() for a in self.attempts], "exclude": list(self.exclude)}
+
+    def get(self, try_number: int) -> AttemptRecord | None:
+        return next((a for a in self.attempts if a.try_number == try_number), None)
+
+    def put(self, attempt: AttemptRecord) -> AttemptHistory:
+        """With `attempt` as the record of its try (a try decided twice keeps one record), last."""
+        others = tuple(a for a in self.attempts if a.try_number != attempt.try_number)
+        return replace(self, attempts=(*others, attempt))
+
+    def excluding(self, nodes: Iterable[str]) -> AttemptHistory:
+        return replace(self, exclude=tuple(dict.fromkeys([*self.exclude, *nodes])))
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _float(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None

@@ -1,0 +1,315 @@
+"""The attempt policy without Airflow: every classification path from an ended job's event to the
+verdict, the attempt's record, the history, the task's result and the state the sensors see."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from airflow_oellm.config import load_sweep
+from airflow_oellm.monitor.attempts import (
+    MAX_ATTEMPT_FAULTS,
+    JobSettingsError,
+    attempt_rules,
+    decide_attempt,
+    job_settings,
+    training_state_after,
+)
+from airflow_oellm.monitor.classify import FATAL, NAN_INTERVALS, RETRY, SUCCESS
+from airflow_oellm.monitor.records import (
+    OUTCOME_KEYS,
+    SUBMISSION_KEYS,
+    AttemptHistory,
+    AttemptRecord,
+    TrainingState,
+    TrainingStatus,
+)
+from airflow_oellm.monitor.watch import PROGRESS_CURVE, empty_summary
+from airflow_oellm.slurm.states import JobState, JobStatus
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.unit
+SWEEP = REPO / "config" / "sweeps" / "cooldowns_and_evals.yaml"
+START, END = "2026-12-01T10:00:00", "2026-12-01T12:30:00"  # 2.5 h
+
+
+@pytest.fixture(scope="module")
+def experiment() -> dict:
+    return load_sweep(SWEEP).experiments[0].runtime_config()
+
+
+@pytest.fixture(scope="module")
+def training(experiment):
+    on_gpus = {**experiment, "slurm": {**experiment["slurm"], "nodes": 2, "gpus_per_node": 4}}
+    return job_settings(experiment=on_gpus, job=None, task_id="train")
+
+
+@pytest.fixture(scope="module")
+def script():
+    return job_settings(experiment=None, job=None, task_id="tool", output_dir="/out/tool/")
+
+
+def ended(
+    state: str, *, job_id: str = "101", tail: str = "", exit_code: int | None = None, by: str | None = None, **summary
+) -> dict:
+    status = JobStatus(
+        job_id, JobState(state), raw_state=state, exit_code=exit_code, cancelled_by=by, start=START, end=END
+    )
+    return {
+        "job_id": job_id,
+        "log_path": f"/out/logs/x-{job_id}.out",
+        "status": status.to_dict(),
+        "hang": summary.pop("hang", False),
+        "diverged": False,
+        "cancelled_by_us": summary.pop("cancelled_by_us", False),
+        "summary": {**empty_summary(), **summary},
+        "tail": tail,
+        "log_bytes": 1000,
+    }
+
+
+def submitted(try_number: int, job_id: str, before: int | None) -> AttemptRecord:
+    return AttemptRecord(try_number, job_id, before, "submitted", f"/out/logs/x-{job_id}.out", 1.0e9)
+
+
+def history_of(*attempts: AttemptRecord) -> AttemptHistory:
+    return AttemptHistory(tuple(attempts))
+
+
+def test_a_finished_training_succeeds(training):
+    history = history_of(submitted(1, "101", 0))
+    event = ended("COMPLETED", training_done=True, last_iteration=1000, checkpoints_saved=[500, 1000])
+    decision = decide_attempt(history, 1, 2, event, 1000, training)
+    assert decision.classification.verdict == SUCCESS
+    assert decision.training_state is TrainingState.COMPLETED
+    assert decision.status_fields == {"iteration": 1000}
+    attempt = decision.attempt
+    assert (attempt.verdict, attempt.state, attempt.checkpoint_after, attempt.last_iteration) == (
+        SUCCESS,
+        "COMPLETED",
+        1000,
+        1000,
+    )
+    assert training.gpus == 8 and attempt.gpu_hours == 20.0
+    result = decision.result
+    assert set(result) == {
+        "job_ids",
+        "final_state",
+        "classification",
+        "last_iteration",
+        "checkpoint",
+        "events",
+        "summary",
+        "attempts",
+    }
+    assert result["job_ids"] == ["101"] and result["checkpoint"] == 1000 and result["final_state"] == "COMPLETED"
+    assert result["attempts"] == decision.history.to_dict()["attempts"]
+    assert list(result["attempts"][0]) == [*SUBMISSION_KEYS, *OUTCOME_KEYS]
+
+
+def test_a_completed_job_that_is_not_a_training_succeeds(script):
+    decision = decide_attempt(AttemptHistory(), 1, 0, ended("COMPLETED"), None, script)
+    assert decision.classification.verdict == SUCCESS and decision.training_state is TrainingState.COMPLETED
+    assert decision.attempt.gpu_hours is None  # a plain script: its GPUs are unknown
+
+
+def test_a_completed_training_without_the_done_line_is_not_success(training):
+    decision = decide_attempt(history_of(submitted(1, "101", 0)), 1, 2, ended("COMPLETED"), 500, training)
+    assert decision.classification.verdict == RETRY and "before the last iteration" in decision.classification.reason
+
+
+def test_a_time_limit_retries_until_the_last_try(training):
+    event = ended("TIMEOUT", tail="*** JOB 101 ON n1 CANCELLED AT x DUE TO TIME LIMIT ***", last_iteration=600)
+    first = decide_attempt(history_of(submitted(1, "101", 0)), 1, 2, event, 500, training)
+    assert first.classification.verdict == RETRY and first.training_state is TrainingState.RETRYING
+    assert first.status_fields == {"reason": first.classification.reason, "iteration": 500}
+    history = first.history.put(submitted(3, "103", 1000))
+    last = decide_attempt(history, 3, 2, ended("TIMEOUT", job_id="103"), 1500, training)
+    # the verdict stays a retry (Airflow ends the task: no try left); the sensors see it failed for good
+    assert last.classification.verdict == RETRY and last.training_state is TrainingState.FAILED
+
+
+@pytest.mark.parametrize(
+    ("event", "reason"),
+    [
+        (ended("FAILED", tail="torch.OutOfMemoryError: CUDA out of memory.", iterations_run=5), "CUDA out of memory"),
+        (ended("OUT_OF_MEMORY"), "host memory"),
+        (ended("CANCELLED", by="1001"), "cancelled by a user"),
+        (ended("FAILED", exit_code=17), "exit 17"),
+        (ended("TIMEOUT", nan_intervals=NAN_INTERVALS), "the loss diverged"),
+        (ended("FAILED", tail="Traceback (most recent call last):\n  ValueError: bad arg"), "traceback"),
+        (ended("DEADLINE"), "DEADLINE"),
+    ],
+)
+def test_fatal_endings_fail_for_good(training, event, reason):
+    decision = decide_attempt(history_of(submitted(1, "101", 0)), 1, 5, event, 0, training)
+    assert decision.classification.verdict == FATAL and reason in decision.classification.reason
+    assert decision.training_state is TrainingState.FAILED
+
+
+def test_a_user_cancel_is_fatal_but_our_own_cancel_of_a_hang_retries(training):
+    cancelled = JobStatus("101", JobState.CANCELLED, cancelled_by="1001").to_dict()
+    user = {**ended("CANCELLED"), "status": cancelled}
+    hang = {**user, "hang": True, "cancelled_by_us": True}
+    assert decide_attempt(AttemptHistory(), 1, 2, user, 0, training).classification.verdict == FATAL
+    decision = decide_attempt(AttemptHistory(), 1, 2, hang, 0, training)
+    assert decision.classification.verdict == RETRY and "hang" in decision.classification.reason
+
+
+def test_a_vanished_job_retries(training):
+    event = {**ended("COMPLETED"), "status": None}  # not in squeue or sacct: the event has no status
+    decision = decide_attempt(AttemptHistory(), 1, 2, event, None, training)
+    assert decision.classification.verdict == RETRY and decision.attempt.state == "NOT_FOUND"
+    assert decision.attempt.gpu_hours is None
+
+
+def test_the_progress_guard_turns_a_third_flat_attempt_fatal(training):
+    crash = "srun: error: Node failure on lrdn0418\n"
+    history = history_of(submitted(1, "101", 500))
+    first = decide_attempt(history, 1, 9, ended("FAILED", tail=crash, iterations_run=5), 500, training)
+    assert first.classification.verdict == RETRY  # one attempt without progress: once more
+    second_history = first.history.put(submitted(2, "102", 500))
+    second = decide_attempt(second_history, 2, 9, ended("FAILED", job_id="102", tail=crash), 500, training)
+    assert second.classification.verdict == FATAL
+    assert second.classification.reason.startswith("node failure; no progress over the last two attempts")
+    assert second.classification.exclude_nodes == ("lrdn0418",)
+    assert second.history.exclude == ("lrdn0418",)  # merged once, though both attempts named it
+
+
+def test_the_guard_counts_from_where_the_first_attempt_began(training):
+    first = decide_attempt(history_of(submitted(1, "101", 0)), 1, 9, ended("FAILED", iterations_run=5), 500, training)
+    second_history = first.history.put(submitted(2, "102", 500))
+    second = decide_attempt(second_history, 2, 9, ended("FAILED", job_id="102", iterations_run=5), 500, training)
+    assert second.classification.verdict == RETRY  # 0 -> 500 -> 500: one flat attempt so far
+
+
+def test_progress_free_resumes_are_left_out_of_the_guard(training):
+    rerun = ended("FAILED", exit_code=16, iterations_run=3)
+    history = history_of(submitted(1, "101", 500))
+    first = decide_attempt(history, 1, 9, rerun, 500, training)
+    assert first.classification.verdict == RETRY and first.classification.progress_free
+    assert first.attempt.progress_free
+    # two more flat attempts after it: the guard counts from the first attempt that counts
+    second = decide_attempt(
+        first.history.put(submitted(2, "102", 500)), 2, 9, ended("FAILED", job_id="102"), 500, training
+    )
+    assert second.classification.verdict == RETRY
+    third_history = second.history.put(submitted(3, "103", 500))
+    third = decide_attempt(third_history, 3, 9, ended("FAILED", job_id="103"), 500, training)
+    assert third.classification.verdict == FATAL and "no progress" in third.classification.reason
+
+
+def test_the_guard_spares_jobs_that_are_not_trainings(script):
+    history = history_of(submitted(1, "1", None), submitted(2, "2", None))
+    for try_number in (1, 2):
+        history = decide_attempt(history, try_number, 9, ended("FAILED", job_id=str(try_number)), None, script).history
+    third = decide_attempt(history.put(submitted(3, "3", None)), 3, 9, ended("FAILED", job_id="3"), None, script)
+    assert third.classification.verdict == RETRY
+
+
+def test_the_last_iteration_falls_back_to_where_the_job_resumed(training):
+    resumed_at_end = ended("COMPLETED", training_done=True, resumed_from=1000)
+    assert decide_attempt(AttemptHistory(), 1, 2, resumed_at_end, 1000, training).attempt.last_iteration == 1000
+    from_scratch = ended("FAILED", resumed_from=0)
+    assert decide_attempt(AttemptHistory(), 1, 2, from_scratch, None, training).attempt.last_iteration is None
+
+
+def test_a_lost_submission_record_is_judged_and_a_try_decided_twice_is_kept_once(training):
+    decision = decide_attempt(AttemptHistory(), 2, 3, ended("TIMEOUT", job_id="102"), 700, training)
+    assert list(decision.attempt.to_dict())[:3] == ["try", "job_id", "checkpoint_before"]
+    assert "submission" not in decision.attempt.to_dict() and decision.attempt.checkpoint_before is None
+    again = decide_attempt(decision.history, 2, 3, ended("TIMEOUT", job_id="102"), 700, training)
+    assert [a.try_number for a in again.history.attempts] == [2] and again.result["job_ids"] == ["102"]
+
+
+def test_what_an_attempt_keeps_of_its_log(training):
+    curve = [[i, 10.0 - i / 1000] for i in range(1, 5001)]
+    faults = [f"fault {i}" for i in range(12)]
+    event = ended("TIMEOUT", loss_curve=curve, faults=faults, iteration_ms=812.5, validation=[{"iteration": 5}])
+    attempt = decide_attempt(AttemptHistory(), 1, 2, event, 0, training).attempt
+    assert len(attempt.loss_curve) <= PROGRESS_CURVE < len(curve) and attempt.loss_curve[-1] == curve[-1]
+    assert attempt.faults == faults[:MAX_ATTEMPT_FAULTS] and attempt.iteration_ms == 812.5
+    assert attempt.validation == [{"iteration": 5}]
+
+
+def test_the_state_after_a_try():
+    assert training_state_after(SUCCESS, 3, 2) is TrainingState.COMPLETED
+    assert training_state_after(FATAL, 1, 5) is TrainingState.FAILED
+    assert training_state_after(RETRY, 1, 2) is TrainingState.RETRYING
+    assert training_state_after(RETRY, 2, 2) is TrainingState.RETRYING  # try 2 of 3
+    assert training_state_after(RETRY, 3, 2) is TrainingState.FAILED
+    assert training_state_after(RETRY, 1, 0) is TrainingState.FAILED
+
+
+def test_settings_from_a_megatron_experiment_a_side_job_and_a_script(experiment, training, script):
+    assert training.training and training.config is not None
+    assert training.checkpoint_dir == experiment["backend"]["args"]["save"]
+    assert training.stop_nan_limit == training.classify_nan_limit == training.config.monitoring.nan_intervals
+    assert training.script_path(2) == f"{training.script_dir}/{training.name}-try2.sbatch"
+    convert = job_settings(experiment=experiment, job={"kind": "convert", "iteration": 500}, task_id="convert")
+    assert not convert.training and convert.checkpoint_dir is None and convert.stop_nan_limit == 0
+    assert convert.output_dir != training.output_dir
+    assert (script.output_dir, script.log_path, script.script_dir) == (
+        "/out/tool",
+        "/out/tool/logs/tool-%j.out",
+        "/out/tool/scripts",
+    )
+    assert (script.training, script.stop_nan_limit, script.classify_nan_limit) == (False, 0, NAN_INTERVALS)
+    assert job_settings(experiment=experiment, job=None, task_id="t", expects_training=False).training is False
+
+
+def test_settings_refuse_what_cannot_be_built(experiment):
+    with pytest.raises(JobSettingsError, match="cannot build"):
+        job_settings(experiment=experiment, job={"kind": "cooldown", "cooldown": 99}, task_id="t")
+    broken = {**experiment, "slurm": {**experiment["slurm"], "nodes": "many"}}
+    with pytest.raises(JobSettingsError, match="invalid experiment config"):
+        job_settings(experiment=broken, job=None, task_id="t")
+
+
+def test_own_rules_come_before_the_config_and_the_defaults(experiment, training):
+    own = [{"verdict": "fatal", "reason": "own", "pattern": "corrupt shard"}]
+    settings = job_settings(experiment=experiment, job=None, task_id="train", classification_rules=own)
+    assert [r.reason for r in settings.rules[:1]] == ["own"]
+    assert settings.rules[1:] == training.rules
+    assert attempt_rules([], own)[0].reason == "own" and len(attempt_rules([])) == len(training.rules) - len(
+        training.config.monitoring.rules
+    )
+    event = ended("TIMEOUT", tail="corrupt shard 7")
+    assert decide_attempt(AttemptHistory(), 1, 5, event, 0, settings).classification.reason == "own"
+
+
+def test_records_keep_their_wire_keys():
+    attempt = submitted(1, "101", None)
+    assert list(attempt.to_dict()) == list(SUBMISSION_KEYS)
+    assert AttemptRecord.from_dict(attempt.to_dict()) == attempt
+    stored = {
+        "attempts": [{"try": 1, "job_id": "9", "checkpoint_before": 3, "unknown_later_key": 1}],
+        "exclude": ["n1"],
+    }
+    history = AttemptHistory.from_dict(stored)
+    assert history.to_dict() == {"attempts": [{"try": 1, "job_id": "9", "checkpoint_before": 3}], "exclude": ["n1"]}
+    assert AttemptHistory.from_dict(None) == AttemptHistory() == AttemptHistory.from_dict("garbage")
+
+
+def test_the_status_file_round_trips_and_ignores_what_is_not_this_runs():
+    status = TrainingStatus(TrainingState.FAILED, "run1", 2, "7", "/l", 5.0, "oom", 1000)
+    assert json.loads(status.to_json()) == {
+        "state": "failed",
+        "run_id": "run1",
+        "try": 2,
+        "job_id": "7",
+        "log_path": "/l",
+        "updated": 5.0,
+        "reason": "oom",
+        "iteration": 1000,
+    }
+    running = TrainingStatus(TrainingState.RUNNING, "run1", 1, "7", "/l", 5.0)
+    assert set(json.loads(running.to_json())) == {"state", "run_id", "try", "job_id", "log_path", "updated"}
+    data = status.to_json().encode()
+    assert TrainingStatus.from_json(data, "run1") == status
+    assert TrainingStatus.from_json(data, None) == status
+    assert TrainingStatus.from_json(data, "run2") is None
+    for bad in (None, b"", b"{", b"[1]", b'{"state": "sleeping", "run_id": "run1"}'):
+        assert TrainingStatus.from_json(bad, "run1") is None, bad
+    assert status.state.final and not TrainingState.RETRYING.final
