@@ -9,7 +9,8 @@ from airflow.sdk import BaseSensorOperator, PokeReturnValue
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from airflow_oellm.hooks.slurm import SlurmHook
-from airflow_oellm.monitor.waiting import Decision, checkpoint_decision, training_status
+from airflow_oellm.monitor.records import TrainingStatus
+from airflow_oellm.monitor.waiting import Decision, checkpoint_decision
 from airflow_oellm.slurm.identity import task_status_path
 from airflow_oellm.triggers.base import settle_deadline
 from airflow_oellm.triggers.checkpoint import CheckpointTrigger
@@ -97,7 +98,7 @@ class CheckpointSensor(BaseSensorOperator):
             cycle = hook.poll_cycle([], trigger.request())
         finally:
             hook.close()
-        status = training_status(cycle.chunks[0].data if cycle.chunks else None, trigger.run_id)
+        status = TrainingStatus.from_json(cycle.chunks[0].data if cycle.chunks else None, trigger.run_id)
         decision = checkpoint_decision(
             cycle.checkpoints[0], self.checkpoint_dir, int(self.iteration), self.at_least, status
         )

@@ -10,13 +10,11 @@ from airflow.sdk import BaseSensorOperator, PokeReturnValue
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_oellm.hooks.slurm import SlurmHook
-from airflow_oellm.monitor.events import EventMatcher
-from airflow_oellm.monitor.inactivity import Activity
-from airflow_oellm.monitor.waiting import FINAL_TRAINING_STATES, event_condition, event_satisfies, training_status
+from airflow_oellm.monitor.records import STATUS_READ_LIMIT, TrainingStatus
+from airflow_oellm.monitor.waiting import LogWait, event_condition
 from airflow_oellm.monitor.watch import DRAIN_BYTES
 from airflow_oellm.slurm.identity import task_status_path
 from airflow_oellm.slurm.operations import CycleRequest
-from airflow_oellm.slurm.states import JobState
 from airflow_oellm.triggers.base import settle_deadline
 from airflow_oellm.triggers.log_event import LogEventTrigger, resolve_event
 
@@ -74,9 +72,7 @@ class SlurmLogSensor(BaseSensorOperator):
         self.batch_system = batch_system
         self.poll_interval = poll_interval
         self.deferrable = deferrable
-        self._target: tuple[str, str] | None = None
-        self._matcher: EventMatcher | None = None
-        self._activity: Activity | None = None
+        self._wait: LogWait | None = None
 
     def _status_path(self) -> str | None:
         return task_status_path(self.output_dir, self.training_task_id) if self.training_task_id else None
@@ -105,45 +101,35 @@ class SlurmLogSensor(BaseSensorOperator):
         )
 
     def poke(self, context: Any) -> PokeReturnValue:
-        spec = resolve_event(self.event)
-        condition = event_condition(self.condition)
+        if self._wait is None:  # kept between pokes in poke mode; reschedule mode starts over each time
+            target = (str(self.job_id), self.log_path) if self.job_id and self.log_path else None
+            self._wait = LogWait(
+                resolve_event(self.event),
+                event_condition(self.condition),
+                target,
+                follows_training=bool(self._status_path()),
+                inactivity_threshold=self.inactivity_threshold,
+            )
+        wait = self._wait
         hook = SlurmHook(self.ssh_conn_id, local=self.local, batch_system=self.batch_system)
         try:
             training = None
-            target = (str(self.job_id), self.log_path) if self.job_id else None
             if self._status_path():
-                first = hook.poll_cycle([], CycleRequest(reads=[(self._status_path(), 0, 64 * 1024)]))
-                training = training_status(first.chunks[0].data, context["ti"].run_id)
-                if training and training.get("job_id"):
-                    target = (str(training["job_id"]), training["log_path"])
-            if target is None:
-                if training and training.get("state") in FINAL_TRAINING_STATES:
-                    raise AirflowFailException(f"the training {training['state']} without the event {spec.name}")
-                return PokeReturnValue(is_done=False)
-            if target != self._target or self._matcher is None:
-                self._target, self._matcher, self._activity = target, EventMatcher([spec]), None
-            cycle = hook.poll_cycle([target[0]], CycleRequest(reads=[(target[1], self._matcher.offset, DRAIN_BYTES)]))
+                first = hook.poll_cycle([], CycleRequest(reads=[(self._status_path(), 0, STATUS_READ_LIMIT)]))
+                training = TrainingStatus.from_json(first.chunks[0].data, context["ti"].run_id)
+                wait.retarget(training)
+            log = wait.read_request(DRAIN_BYTES)
+            cycle = hook.poll_cycle([wait.target[0]], CycleRequest(reads=[log])) if wait.target and log else None
         finally:
             hook.close()
-        status, chunk = cycle.statuses[target[0]], cycle.chunks[0]
-        drained = chunk.size is None or chunk.end >= chunk.size
-        _, events = self._matcher.feed(chunk.data, final=status.is_terminal and drained and chunk.size is not None)
-        for event in events:
-            if event_satisfies(condition, event.groups):
-                self.log.info("event %s at line %d of job %s: %s", event.name, event.line_no, target[0], event.line)
-                return PokeReturnValue(is_done=True, xcom_value=event.groups)
-        now = time.time()
-        self._activity = (self._activity or Activity(last_change=now)).observe(
-            now, running=status.state is JobState.RUNNING, log_size=chunk.size
-        )
-        if self.inactivity_threshold and self._activity.is_hung(now, self.inactivity_threshold):
-            raise AirflowFailException(f"log {target[1]} did not grow for {self.inactivity_threshold:.0f} s")
-        if status.is_terminal and drained:
-            still_training = training is not None and training.get("state") not in FINAL_TRAINING_STATES
-            if not (self._status_path() and (training is None or still_training)):
-                raise AirflowFailException(
-                    f"job {target[0]} ended ({status.state.value}) without the event {spec.name}"
-                )
+        status = cycle.statuses[wait.target[0]] if cycle else None
+        decision = wait.apply(time.time(), status, cycle.chunks[0] if cycle else None, training)
+        if decision.kind == "matched" and decision.event is not None:
+            event = decision.event
+            self.log.info("event %s at line %d of job %s: %s", event.name, event.line_no, decision.job_id, event.line)
+            return PokeReturnValue(is_done=True, xcom_value=event.groups)
+        if decision.kind != "wait":
+            raise AirflowFailException(decision.message)
         return PokeReturnValue(is_done=False)
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:

@@ -11,11 +11,10 @@ from collections.abc import AsyncIterator
 
 from airflow.triggers.base import TriggerEvent
 
-from airflow_oellm.monitor.waiting import checkpoint_decision, training_status
+from airflow_oellm.monitor.records import STATUS_READ_LIMIT, TrainingStatus
+from airflow_oellm.monitor.waiting import checkpoint_decision
 from airflow_oellm.slurm.operations import CycleRequest
 from airflow_oellm.triggers.base import ClusterTrigger
-
-STATUS_READ_LIMIT = 64 * 1024
 
 
 class CheckpointTrigger(ClusterTrigger):
@@ -57,7 +56,7 @@ class CheckpointTrigger(ClusterTrigger):
             if update.error:
                 self.log.warning("cannot probe %s: %s", self.checkpoint_dir, update.error)
                 continue
-            status = training_status(update.chunks[0].data if update.chunks else None, self.run_id)
+            status = TrainingStatus.from_json(update.chunks[0].data if update.chunks else None, self.run_id)
             decision = checkpoint_decision(
                 update.checkpoints[0], self.checkpoint_dir, self.iteration, self.at_least, status
             )

@@ -14,15 +14,12 @@ from typing import Any
 
 from airflow.triggers.base import TriggerEvent
 
-from airflow_oellm.monitor.events import EventMatcher, EventSpec, event_specs
-from airflow_oellm.monitor.inactivity import Activity
-from airflow_oellm.monitor.waiting import FINAL_TRAINING_STATES, event_condition, event_satisfies, training_status
+from airflow_oellm.monitor.events import EventSpec, event_specs
+from airflow_oellm.monitor.records import STATUS_READ_LIMIT, TrainingStatus
+from airflow_oellm.monitor.waiting import LogWait, event_condition
 from airflow_oellm.monitor.watch import READ_BYTES
 from airflow_oellm.slurm.operations import CycleRequest
-from airflow_oellm.slurm.states import JobState
 from airflow_oellm.triggers.base import ClusterTrigger
-
-STATUS_READ_LIMIT = 64 * 1024
 
 
 def resolve_event(event: str | dict[str, Any]) -> EventSpec:
@@ -81,80 +78,33 @@ class LogEventTrigger(ClusterTrigger):
         self.inactivity_threshold = inactivity_threshold
 
     async def watch(self) -> AsyncIterator[TriggerEvent]:
-        spec = resolve_event(self.event)
-        condition = event_condition(self.condition)
-
+        wait = LogWait(
+            resolve_event(self.event),
+            event_condition(self.condition),
+            (self.job_id, self.log_path) if self.job_id and self.log_path else None,
+            follows_training=bool(self.training_status_path),
+            inactivity_threshold=self.inactivity_threshold,
+        )
         poller = self.poller()
-        target = (self.job_id, self.log_path) if self.job_id else None
-        while True:
-            matcher = EventMatcher([spec])
-            activity = Activity(last_change=time.time())
-            switch = None
 
-            def request(current: tuple[str, str] | None = target, m: EventMatcher = matcher) -> CycleRequest:
-                reads = [(self.training_status_path, 0, STATUS_READ_LIMIT)] if self.training_status_path else []
-                if current is not None:
-                    reads.append((current[1], m.offset, READ_BYTES))
-                return CycleRequest(reads=reads)
+        def request() -> CycleRequest:
+            reads = [(self.training_status_path, 0, STATUS_READ_LIMIT)] if self.training_status_path else []
+            log = wait.read_request(READ_BYTES)
+            return CycleRequest(reads=[*reads, *([log] if log else [])])
 
-            async for update in poller.watch(target[0] if target else None, request):
+        while True:  # once per job followed: the poller watches one job id
+            async for update in poller.watch(wait.target[0] if wait.target else None, request):
                 if update.error:
                     self.log.warning("cannot poll: %s", update.error)
                     continue
                 chunks = list(update.chunks)
                 training = None
                 if self.training_status_path:
-                    training = training_status(chunks.pop(0).data, self.run_id)
-                    if training and training.get("job_id") and (target is None or training["job_id"] != target[0]):
-                        switch = (str(training["job_id"]), training["log_path"])
-                        break
-                if target is None:
-                    if training and training.get("state") in FINAL_TRAINING_STATES:
-                        yield TriggerEvent(
-                            {
-                                "kind": "ended",
-                                "message": f"the training {training['state']} without the event {spec.name}",
-                            }
-                        )
-                        return
-                    continue
-                chunk = chunks[0] if chunks else None
-                finished = update.status is not None and update.status.is_terminal
-                _, events = matcher.feed(
-                    chunk.data if chunk else b"",
-                    final=finished and chunk is not None and chunk.size is not None and chunk.end >= chunk.size,
-                )
-                for event in events:
-                    if event_satisfies(condition, event.groups):
-                        yield TriggerEvent({"kind": "matched", "job_id": target[0], **event.to_dict()})
-                        return
-                running = update.status is not None and update.status.state is JobState.RUNNING
-                activity = activity.observe(
-                    time.time(), running=running, log_size=chunk.size if chunk and chunk.size is not None else None
-                )
-                if self.inactivity_threshold and activity.is_hung(time.time(), self.inactivity_threshold):
-                    yield TriggerEvent(
-                        {
-                            "kind": "inactive",
-                            "job_id": target[0],
-                            "message": f"log {target[1]} did not grow for {self.inactivity_threshold:.0f} s",
-                        }
-                    )
+                    training = TrainingStatus.from_json(chunks.pop(0).data, self.run_id)
+                if wait.retarget(training):
+                    self.log.info("following job %s (%s)", *wait.target)
+                    break
+                decision = wait.apply(time.time(), update.status, chunks[0] if chunks else None, training)
+                if decision.kind != "wait":
+                    yield TriggerEvent(decision.to_event())
                     return
-                drained = chunk is None or chunk.size is None or chunk.end >= chunk.size
-                if finished and drained:
-                    still_training = training is not None and training.get("state") not in FINAL_TRAINING_STATES
-                    if self.training_status_path and (training is None or still_training):
-                        continue  # a retry will submit the next job: follow it
-                    yield TriggerEvent(
-                        {
-                            "kind": "ended",
-                            "job_id": target[0],
-                            "message": f"job {target[0]} ended ({update.status.state.value}) without the event "
-                            f"{spec.name}",
-                        }
-                    )
-                    return
-            if switch is not None:
-                self.log.info("following job %s (%s)", *switch)
-                target = switch
