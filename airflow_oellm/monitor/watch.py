@@ -8,6 +8,7 @@ restarted triggerer resumes at the same byte with the same event summary.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,7 @@ from airflow_oellm.megatron.logs import is_finite_number
 from airflow_oellm.monitor.events import Event, EventMatcher, EventSpec
 from airflow_oellm.monitor.inactivity import Activity
 from airflow_oellm.slurm.commands import FileChunk
+from airflow_oellm.slurm.operations import CycleRequest, PollUpdate
 from airflow_oellm.slurm.states import JobStatus
 
 READ_BYTES = 64 * 1024  # new log bytes read per poll while the job runs
@@ -305,3 +307,135 @@ class JobWatch:
             "tail": tail.decode("utf-8", errors="replace"),
             "log_bytes": self.matcher.offset,
         }
+
+
+SAVE_EVERY = 60.0  # seconds between saves of the watch state without noteworthy events
+PERMANENT_ERROR_GRACE = 600.0  # seconds a non-transient connection error may last before the task is told
+STATE_READ_LIMIT = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class FollowStep:
+    """What the caller does after one poll cycle, in this order."""
+
+    notices: list[tuple[int, str]] = field(default_factory=list)  # (logging level, message) for the task log
+    lines: list[str] = field(default_factory=list)  # new log lines, to stream after the notices
+    later: list[tuple[int, str]] = field(default_factory=list)  # notices about those lines (events, a stop)
+    cancel: bool = False  # cancel the job now (hung or diverged)
+    finished: bool = False  # read the tail and save with `final_request`, then fire `result`
+    error: str | None = None  # the cluster stayed unreachable for good: give up following
+    publish: dict[str, Any] | None = None  # a new progress snapshot for the task's `progress` XCom
+    poll_again: bool = False  # nothing was judged yet (the saved state was just read): no need to wait
+
+
+class JobFollower:
+    """Follows one job across poll cycles, without I/O: the trigger (through the shared poller) and
+    the operator's own polling loop (deferrable=False) feed it each cycle's update and do what it says.
+
+    The first cycle reads the state an earlier follower saved, so a restarted triggerer or worker
+    continues at the same byte. The state is saved with a later cycle: at once after a checkpoint, a
+    validation or a hang, else once a minute. A permanent connection error lasting beyond
+    PERMANENT_ERROR_GRACE ends the following; a transient one never does.
+    """
+
+    def __init__(
+        self,
+        job_id: str,
+        log_path: str,
+        state_path: str,
+        specs: Sequence[EventSpec],
+        *,
+        inactivity_threshold: float | None,
+        nan_limit: int,
+        output_paths: Sequence[str] = (),
+    ) -> None:
+        self.job_id, self.log_path, self.state_path = job_id, log_path, state_path
+        self.specs = list(specs)
+        self.inactivity_threshold = inactivity_threshold
+        self.nan_limit = nan_limit
+        self.output_paths = list(output_paths)
+        self.watch: JobWatch | None = None
+        self._pending_write: bytes | None = None
+        self._saved_at = 0.0
+        self._error_since: float | None = None
+        self._published: tuple[Any, ...] | None = None
+
+    def request(self) -> CycleRequest:
+        if self.watch is None:  # first: what an earlier follower knew
+            return CycleRequest(reads=[(self.state_path, 0, STATE_READ_LIMIT)])
+        writes = [(self.state_path, self._pending_write)] if self._pending_write is not None else []
+        return CycleRequest(reads=[self.watch.read_request()], stats=self.output_paths, writes=writes)
+
+    def on_update(self, update: PollUpdate, now: float) -> FollowStep:
+        if update.error:
+            self._error_since = self._error_since or now
+            notice = (
+                logging.WARNING,
+                f"cannot poll job {self.job_id} ({update.consecutive_failures} failures in a row): {update.error}",
+            )
+            gave_up = update.permanent and now - self._error_since > PERMANENT_ERROR_GRACE
+            return FollowStep([notice], error=update.error if gave_up else None)
+        self._error_since = None
+        if self.watch is None:
+            return self._restore(update.chunks[0].data if update.chunks else b"", now)
+        watch = self.watch
+        if self._pending_write is not None and update.writes_ok and all(update.writes_ok):
+            self._pending_write, self._saved_at = None, now
+        step = watch.apply(now, update.status, update.chunks[0] if update.chunks else None, update.mtimes)
+        notices = []
+        if step.truncated:
+            notices.append(
+                (logging.INFO, f"[job {self.job_id}] log restarted from the beginning (truncated by a requeue)")
+            )
+        if step.skipped:
+            notices.append(
+                (
+                    logging.WARNING,
+                    f"[job {self.job_id}] the log grows faster than it is read: skipped {step.skipped} bytes",
+                )
+            )
+        later = [
+            (logging.INFO, f"event {e.name} at line {e.line_no}: {e.groups}")
+            for e in step.events
+            if e.name != "iteration"
+        ]
+        if step.stop_reason:
+            later.append((logging.WARNING, f"job {self.job_id}: {step.stop_reason}: cancelling it"))
+            watch.state.cancelled_by_us = True
+        if step.finished:
+            return FollowStep(notices, step.lines, later, cancel=bool(step.stop_reason), finished=True)
+        publish = None
+        if watch.progress_mark(update.status) != self._published:
+            publish, self._published = watch.progress(update.status, now), watch.progress_mark(update.status)
+        if step.noteworthy or now - self._saved_at >= SAVE_EVERY:
+            self._pending_write = watch.state.to_json()  # saved with the next cycle
+        return FollowStep(notices, step.lines, later, cancel=bool(step.stop_reason), publish=publish)
+
+    def final_request(self) -> CycleRequest:
+        """Save the final state (a late restart then cannot replay the ending) and read the log's end."""
+        if self.watch is None:
+            raise RuntimeError("final_request before the first update")
+        return CycleRequest(reads=[self.watch.tail_request()], writes=[(self.state_path, self.watch.state.to_json())])
+
+    def result(self, tail: bytes) -> dict[str, Any]:
+        """The finished event: the watch's result (see JobWatch.result)."""
+        if self.watch is None:
+            raise RuntimeError("result before the first update")
+        return {"kind": "finished", **self.watch.result(tail)}
+
+    def _restore(self, saved: bytes, now: float) -> FollowStep:
+        state = WatchState.from_json(saved, self.job_id, self.log_path) if saved else None
+        notices = []
+        if state is not None:
+            offset = state.matcher.get("offset", 0)
+            notices.append(
+                (logging.INFO, f"resuming the watch of job {self.job_id} at byte {offset} of {self.log_path}")
+            )
+        self.watch = JobWatch(
+            self.specs,
+            state or WatchState(self.job_id, self.log_path),
+            inactivity_threshold=self.inactivity_threshold,
+            now=now,
+            nan_limit=self.nan_limit,
+        )
+        return FollowStep(notices, poll_again=True)

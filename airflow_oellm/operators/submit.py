@@ -35,10 +35,11 @@ from airflow_oellm.monitor.attempts import (
 from airflow_oellm.monitor.classify import FATAL, RETRY, SUCCESS
 from airflow_oellm.monitor.events import event_specs
 from airflow_oellm.monitor.records import HISTORY_KEY, AttemptHistory, AttemptRecord, TrainingState, TrainingStatus
-from airflow_oellm.monitor.watch import JobWatch, WatchState
+from airflow_oellm.monitor.watch import JobFollower
 from airflow_oellm.pause_points import pause_point
+from airflow_oellm.slurm.commands import SlurmCommandError
 from airflow_oellm.slurm.identity import JobIdentity, monitor_state_path, task_status_path
-from airflow_oellm.slurm.operations import CycleRequest, SubmissionConflict
+from airflow_oellm.slurm.operations import CycleRequest, PollUpdate, SubmissionConflict
 from airflow_oellm.slurm.render import JobSpec, render_sbatch
 from airflow_oellm.triggers.base import settle_deadline
 from airflow_oellm.triggers.job import PROGRESS_XCOM_KEY, SlurmJobTrigger
@@ -291,46 +292,55 @@ class SlurmSubmitOperator(BaseOperator):
         hook.upload(task_status_path(s.output_dir, ti.task_id), status.to_json())
 
     def _watch_here(self, args: dict[str, Any], ti: Any) -> dict[str, Any]:
-        """The same watch as the trigger, polling from the worker (deferrable=False)."""
+        """The trigger's watch (the same JobFollower), polling from the worker (deferrable=False)."""
+        job_id = args["job_id"]
+        follower = JobFollower(
+            job_id,
+            args["log_path"],
+            args["state_path"],
+            event_specs(args["events"]),
+            inactivity_threshold=args["inactivity_threshold"],
+            nan_limit=args["nan_limit"],
+            output_paths=args["output_paths"],
+        )
         hook = self._hook()
-        published = None
+        cycles = failures = 0
         try:
-            watch = JobWatch(
-                event_specs(args["events"]),
-                WatchState(args["job_id"], args["log_path"]),
-                inactivity_threshold=args["inactivity_threshold"],
-                now=time.time(),
-                nan_limit=args["nan_limit"],
-            )
             while True:
-                cycle = hook.poll_cycle(
-                    [args["job_id"]], CycleRequest(reads=[watch.read_request()], stats=args["output_paths"])
-                )
-                step = watch.apply(
-                    time.time(),
-                    cycle.statuses[args["job_id"]],
-                    cycle.chunks[0],
-                    dict(zip(args["output_paths"], cycle.mtimes, strict=True)),
-                )
+                request, cycles = follower.request(), cycles + 1
+                try:
+                    update = PollUpdate.from_cycle(job_id, request, hook.poll_cycle([job_id], request), cycles)
+                    failures = 0
+                except SlurmCommandError as exc:
+                    failures += 1
+                    update = PollUpdate.failed(job_id, exc, cycles, failures)
+                step = follower.on_update(update, time.time())
+                for level, notice in step.notices:
+                    self.log.log(level, notice)
                 for line in step.lines:
-                    self.log.info("[job %s] %s", args["job_id"], line)
-                if step.skipped:
-                    self.log.warning(
-                        "[job %s] the log grows faster than it is read: skipped %d bytes", args["job_id"], step.skipped
-                    )
-                if step.stop_reason:
-                    self.log.warning("job %s: %s: cancelling it", args["job_id"], step.stop_reason)
-                    watch.state.cancelled_by_us = True
-                    hook.cancel([args["job_id"]])
+                    self.log.info("[job %s] %s", job_id, line)
+                for level, notice in step.later:
+                    self.log.log(level, notice)
+                if step.error:
+                    return {"kind": "error", "job_id": job_id, "message": step.error}
+                if step.cancel:
+                    hook.cancel([job_id])
                 if step.finished:
-                    return {"kind": "finished", **watch.result(hook.read_range(*watch.tail_request()).data)}
-                status = cycle.statuses[args["job_id"]]
-                if watch.progress_mark(status) != published:
-                    ti.xcom_push(key=PROGRESS_XCOM_KEY, value=watch.progress(status, time.time()))
-                    published = watch.progress_mark(status)
-                time.sleep(args["poll_interval"])
+                    return follower.result(self._read_tail(hook, follower))
+                if step.publish is not None:
+                    ti.xcom_push(key=PROGRESS_XCOM_KEY, value=step.publish)
+                if not step.poll_again:
+                    time.sleep(args["poll_interval"])
         finally:
             hook.close()
+
+    def _read_tail(self, hook: SlurmHook, follower: JobFollower) -> bytes:
+        """Save the final watch state and read the log's end (as the trigger does)."""
+        try:
+            return hook.poll_cycle([], follower.final_request()).chunks[0].data
+        except Exception as exc:  # the event carries the summary; the tail only sharpens classification
+            self.log.warning("could not save the state / read the log end of job %s: %s", follower.job_id, exc)
+            return b""
 
     # ---------------------------------------------------------------- after the job
 

@@ -11,7 +11,7 @@ import base64
 import re
 import shlex
 from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from airflow_oellm.config.platforms import Detection, PlatformProbe, detect_platform, probe_command
@@ -92,6 +92,40 @@ class CycleResult:
     mtimes: list[float | None]
     checkpoints: list[CheckpointState]
     writes_ok: list[bool]
+
+
+@dataclass(frozen=True)
+class PollUpdate:
+    """One cycle's answer for one watcher: its job's status and its file requests' results,
+    or the error that made the cycle fail (status None, nothing read)."""
+
+    job_id: str | None
+    status: JobStatus | None
+    cycle: int
+    error: str | None = None
+    consecutive_failures: int = 0
+    permanent: bool = False
+    chunks: tuple[FileChunk, ...] = ()
+    mtimes: dict[str, float | None] = field(default_factory=dict)
+    checkpoints: tuple[CheckpointState, ...] = ()
+    writes_ok: tuple[bool, ...] = ()
+
+    @classmethod
+    def from_cycle(cls, job_id: str | None, request: CycleRequest, result: CycleResult, cycle: int) -> PollUpdate:
+        """A watcher's update from a cycle that served its request alone (the sync hooks' polls)."""
+        return cls(
+            job_id,
+            result.statuses.get(job_id) if job_id is not None else None,
+            cycle,
+            chunks=tuple(result.chunks),
+            mtimes=dict(zip(request.stats, result.mtimes, strict=True)),
+            checkpoints=tuple(result.checkpoints),
+            writes_ok=tuple(result.writes_ok),
+        )
+
+    @classmethod
+    def failed(cls, job_id: str | None, error: SlurmCommandError, cycle: int, failures: int) -> PollUpdate:
+        return cls(job_id, None, cycle, str(error), failures, not error.transient)
 
 
 def poll_cycle(

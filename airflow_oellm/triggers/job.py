@@ -18,14 +18,10 @@ from typing import Any
 from airflow.triggers.base import TriggerEvent
 
 from airflow_oellm.monitor.events import event_specs
-from airflow_oellm.monitor.watch import JobWatch, WatchState
-from airflow_oellm.slurm.operations import CycleRequest
+from airflow_oellm.monitor.watch import JobFollower
 from airflow_oellm.triggers.base import ClusterTrigger
 
 PROGRESS_XCOM_KEY = "progress"
-STATE_READ_LIMIT = 1024 * 1024
-SAVE_EVERY = 60.0  # seconds between saves of the watch state without noteworthy events
-PERMANENT_ERROR_GRACE = 600.0  # seconds a non-transient connection error may last before the task is told
 
 
 class SlurmJobTrigger(ClusterTrigger):
@@ -80,109 +76,56 @@ class SlurmJobTrigger(ClusterTrigger):
         self.stream_log = stream_log
         # the task instance whose `progress` XCom follows the job: dag_id, run_id, task_id, map_index
         self.progress_to = dict(progress_to) if progress_to else None
-        self._published: tuple[Any, ...] | None = None
 
     async def watch(self) -> AsyncIterator[TriggerEvent]:
-        specs = event_specs(self.events)
-        watch: JobWatch | None = None
-        pending_write: bytes | None = None
-        error_since: float | None = None
-        saved_at = 0.0
-
-        def request() -> CycleRequest:
-            if watch is None:  # first: what an earlier triggerer knew
-                return CycleRequest(reads=[(self.state_path, 0, STATE_READ_LIMIT)])
-            writes = [(self.state_path, pending_write)] if pending_write is not None else []
-            return CycleRequest(reads=[watch.read_request()], stats=self.output_paths, writes=writes)
-
-        async for update in self.poller().watch(self.job_id, request):
-            now = time.time()
-            if update.error:
-                self.log.warning(
-                    "cannot poll job %s (%d failures in a row): %s",
-                    self.job_id,
-                    update.consecutive_failures,
-                    update.error,
-                )
-                error_since = error_since or now
-                if update.permanent and now - error_since > PERMANENT_ERROR_GRACE:
-                    yield TriggerEvent({"kind": "error", "job_id": self.job_id, "message": update.error})
-                    return
-                continue
-            error_since = None
-            if watch is None:
-                watch = self._restore(update.chunks[0].data if update.chunks else b"", now, specs)
-                continue
-            if pending_write is not None and update.writes_ok and all(update.writes_ok):
-                pending_write, saved_at = None, now
-            step = watch.apply(now, update.status, update.chunks[0] if update.chunks else None, update.mtimes)
-            if step.truncated:
-                self.log.info("[job %s] log restarted from the beginning (truncated by a requeue)", self.job_id)
-            if step.skipped:
-                self.log.warning(
-                    "[job %s] the log grows faster than it is read: skipped %d bytes", self.job_id, step.skipped
-                )
+        follower = JobFollower(
+            self.job_id,
+            self.log_path,
+            self.state_path,
+            event_specs(self.events),
+            inactivity_threshold=self.inactivity_threshold,
+            nan_limit=self.nan_limit,
+            output_paths=self.output_paths,
+        )
+        async for update in self.poller().watch(self.job_id, follower.request):
+            step = follower.on_update(update, time.time())
+            for level, notice in step.notices:
+                self.log.log(level, notice)
             if self.stream_log:
                 for line in step.lines:
                     self.log.info("[job %s] %s", self.job_id, line)
-            for event in step.events:
-                if event.name != "iteration":
-                    self.log.info("event %s at line %d: %s", event.name, event.line_no, event.groups)
-            if step.stop_reason:
-                self.log.warning("job %s: %s: cancelling it", self.job_id, step.stop_reason)
-                watch.state.cancelled_by_us = True
+            for level, notice in step.later:
+                self.log.log(level, notice)
+            if step.error:
+                yield TriggerEvent({"kind": "error", "job_id": self.job_id, "message": step.error})
+                return
+            if step.cancel:
                 await self._cancel()
             if step.finished:
-                tail = await self._finish(watch)
-                yield TriggerEvent({"kind": "finished", **watch.result(tail)})
+                yield TriggerEvent(follower.result(await self._read_tail(follower)))
                 return
-            await self._publish(watch, update.status, now)
-            # saved with the next cycle: at once after a checkpoint, a validation, a hang; else once a minute
-            if step.noteworthy or now - saved_at >= SAVE_EVERY:
-                pending_write = watch.state.to_json()
+            if step.publish is not None:
+                await self._publish(step.publish)
 
-    async def _publish(self, watch: JobWatch, status: Any, now: float) -> None:
-        """The task's `progress` XCom, when something changed (it is a view: a failed write is no fault)."""
-        mark = watch.progress_mark(status)
-        if self.progress_to is None or mark == self._published:
+    async def _publish(self, snapshot: dict[str, Any]) -> None:
+        """The task's `progress` XCom (it is a view: a failed write is no fault)."""
+        if self.progress_to is None:
             return
         from airflow.sdk.execution_time.xcom import XCom
 
-        snapshot = watch.progress(status, now)
         try:
             try:
                 await XCom.aset(PROGRESS_XCOM_KEY, snapshot, **self.progress_to)
             except AttributeError:  # dag.test()'s in-process supervisor only sends synchronously
                 XCom.set(PROGRESS_XCOM_KEY, snapshot, **self.progress_to)
-            self._published = mark
         except Exception as exc:
             self.log.warning("could not record the progress of job %s: %s", self.job_id, exc)
-            self._published = mark  # tried: the next change tries again
 
-    def _restore(self, saved: bytes, now: float, specs: list[Any]) -> JobWatch:
-        state = WatchState.from_json(saved, self.job_id, self.log_path) if saved else None
-        if state is not None:
-            self.log.info(
-                "resuming the watch of job %s at byte %d of %s",
-                self.job_id,
-                state.matcher.get("offset", 0),
-                self.log_path,
-            )
-        return JobWatch(
-            specs,
-            state or WatchState(self.job_id, self.log_path),
-            inactivity_threshold=self.inactivity_threshold,
-            now=now,
-            nan_limit=self.nan_limit,
-        )
-
-    async def _finish(self, watch: JobWatch) -> bytes:
-        """Save the final state (a late restart then cannot replay the ending) and read the log's end."""
+    async def _read_tail(self, follower: JobFollower) -> bytes:
+        """Save the final state and read the log's end."""
         hook = self.hook()
         try:
-            cycle = await hook.poll_cycle(
-                [], CycleRequest(reads=[watch.tail_request()], writes=[(self.state_path, watch.state.to_json())])
-            )
+            cycle = await hook.poll_cycle([], follower.final_request())
             return cycle.chunks[0].data
         except Exception as exc:  # the event carries the summary; the tail only sharpens classification
             self.log.warning("could not save the state / read the log end of job %s: %s", self.job_id, exc)

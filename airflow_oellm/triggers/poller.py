@@ -17,37 +17,18 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 from airflow_oellm.hooks.slurm import AsyncSlurmHook
-from airflow_oellm.megatron.checkpoints import CheckpointState
-from airflow_oellm.slurm.commands import FileChunk, SlurmCommandError
-from airflow_oellm.slurm.operations import CycleRequest
-from airflow_oellm.slurm.states import JobStatus
+from airflow_oellm.slurm.commands import SlurmCommandError
+from airflow_oellm.slurm.operations import CycleRequest, PollUpdate
 
 log = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL = 60.0
 FIRST_CHECK_AFTER = 3.0
 MAX_BACKOFF = 300.0
-
-
-@dataclass(frozen=True)
-class PollUpdate:
-    """One cycle's answer for one watcher: its job's status and its file requests' results,
-    or the error that made the cycle fail (status None, nothing read)."""
-
-    job_id: str | None
-    status: JobStatus | None
-    cycle: int
-    error: str | None = None
-    consecutive_failures: int = 0
-    permanent: bool = False
-    chunks: tuple[FileChunk, ...] = ()
-    mtimes: dict[str, float | None] = field(default_factory=dict)
-    checkpoints: tuple[CheckpointState, ...] = ()
-    writes_ok: tuple[bool, ...] = ()
 
 
 @dataclass(eq=False)
@@ -199,9 +180,7 @@ class JobPoller:
             self._due = time.monotonic() + delay
             if self.consecutive_failures >= self.failure_threshold or not exc.transient:
                 for w in watchers:
-                    w.queue.put_nowait(
-                        PollUpdate(w.job_id, None, self.cycles, str(exc), self.consecutive_failures, not exc.transient)
-                    )
+                    w.queue.put_nowait(PollUpdate.failed(w.job_id, exc, self.cycles, self.consecutive_failures))
             return
         self.consecutive_failures = 0
         self._due = time.monotonic() + self.interval

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 
 from airflow_oellm.monitor.events import event_specs
-from airflow_oellm.monitor.watch import READ_BYTES, JobWatch, WatchState
+from airflow_oellm.monitor.watch import (
+    PERMANENT_ERROR_GRACE,
+    READ_BYTES,
+    STATE_READ_LIMIT,
+    JobFollower,
+    JobWatch,
+    WatchState,
+)
 from airflow_oellm.slurm.commands import FileChunk
+from airflow_oellm.slurm.operations import PollUpdate
 from airflow_oellm.slurm.states import JobState, JobStatus
 from tests.unit.test_monitor import MEGATRON_LOG
 
@@ -102,3 +111,93 @@ def test_a_diverged_loss_stops_the_job_once():
     # off by default (side jobs, hand-written DAGs) and with nan_intervals: 0
     quiet = JobWatch(event_specs(), WatchState("7", "/log"), inactivity_threshold=None, now=0)
     assert not any(s.diverged for s in feed_all(quiet, log, "RUNNING", 0, step=len(log)))
+
+
+def follower(**kwargs) -> JobFollower:
+    return JobFollower(
+        "7", "/log", "/state", event_specs(), inactivity_threshold=kwargs.pop("threshold", None), **kwargs
+    )
+
+
+def served(follow: JobFollower, data: bytes, state: str, cycle: int, writes_ok: bool = True) -> PollUpdate:
+    """The poller's answer to the follower's request, from a log holding `data`."""
+    request = follow.request()
+    chunks = tuple(FileChunk(p, o, len(data), data[o : o + n]) for p, o, n in request.reads)
+    return PollUpdate("7", status(state), cycle, chunks=chunks, writes_ok=tuple(writes_ok for _ in request.writes))
+
+
+def test_the_follower_restores_first_then_reads_on_from_the_saved_byte():
+    first = follower(nan_limit=0)
+    assert first.request().reads == [("/state", 0, STATE_READ_LIMIT)]
+    step = first.on_update(PollUpdate("7", status("RUNNING"), 1, chunks=(FileChunk("/state", 0, None, b""),)), 0)
+    assert step.poll_again and first.watch is not None and first.watch.offset == 0
+    first.on_update(served(first, LOG[:700], "RUNNING", 2), 1)
+    saved = first.watch.state.to_json()
+    second = follower(nan_limit=0)
+    restored = second.on_update(PollUpdate("7", None, 1, chunks=(FileChunk("/state", 0, len(saved), saved),)), 2)
+    assert restored.notices == [(logging.INFO, f"resuming the watch of job 7 at byte {first.watch.offset} of /log")]
+    assert second.request().reads[0] == ("/log", first.watch.offset, READ_BYTES)
+
+
+def test_the_follower_saves_at_once_after_a_checkpoint_else_once_a_minute():
+    t = 1.0e9
+    follow = follower(nan_limit=0)
+    follow.on_update(PollUpdate("7", None, 1, chunks=(FileChunk("/state", 0, None, b""),)), t)
+    follow.on_update(served(follow, b"plain line\n", "RUNNING", 2), t + 10)  # never saved: at once
+    assert [path for path, _ in follow.request().writes] == ["/state"]
+    follow.on_update(served(follow, b"plain line\n", "RUNNING", 3), t + 20)  # written with that cycle
+    assert follow.request().writes == []
+    follow.on_update(served(follow, b"plain line\n", "RUNNING", 4), t + 70)
+    assert follow.request().writes == []  # less than a minute since that save
+    line = b"  successfully saved checkpoint from iteration    1000 to /out/run [ t 1/1, p 1/1 ]\n"
+    follow.on_update(served(follow, b"plain line\n" + line, "RUNNING", 5), t + 75)
+    assert follow.request().writes != []  # noteworthy: saved with the next cycle, not a minute later
+    follow.on_update(served(follow, b"plain line\n" + line, "RUNNING", 6, writes_ok=False), t + 80)
+    assert follow.request().writes != []  # the write failed: kept until it lands
+    follow.on_update(served(follow, b"plain line\n" + line, "RUNNING", 7), t + 85)
+    assert follow.request().writes == []
+
+
+def test_the_follower_publishes_progress_only_when_it_changes():
+    follow = follower(nan_limit=0)
+    follow.on_update(PollUpdate("7", None, 1, chunks=(FileChunk("/state", 0, None, b""),)), 0)
+    first = follow.on_update(served(follow, b"", "PENDING", 2), 1)
+    assert first.publish is not None and first.publish["job_state"] == "PENDING"
+    assert follow.on_update(served(follow, b"", "PENDING", 3), 2).publish is None
+    running = follow.on_update(served(follow, LOG, "RUNNING", 4), 3)
+    assert running.publish["summary"]["last_iteration"] == 100 and running.publish["job_state"] == "RUNNING"
+
+
+def test_the_follower_gives_up_only_on_a_lasting_permanent_error():
+    follow = follower(nan_limit=0)
+    transient = PollUpdate("7", None, 1, "timed out", 5, permanent=False)
+    assert all(follow.on_update(transient, t).error is None for t in (0, 700, 5000))
+    permanent = PollUpdate("7", None, 2, "Permission denied", 1, permanent=True)
+    follow = follower(nan_limit=0)
+    assert follow.on_update(permanent, 6000).error is None
+    assert follow.on_update(permanent, 6000 + PERMANENT_ERROR_GRACE).error is None
+    step = follow.on_update(permanent, 6000 + PERMANENT_ERROR_GRACE + 1)
+    assert step.error == "Permission denied" and step.notices[0][0] == logging.WARNING
+    # an answer in between starts the grace over
+    again = follower(nan_limit=0)
+    again.on_update(permanent, 0)
+    again.on_update(PollUpdate("7", None, 3, chunks=(FileChunk("/state", 0, None, b""),)), 500)
+    assert again.on_update(permanent, 700).error is None
+
+
+def test_the_follower_cancels_a_hang_then_finishes_with_a_final_save():
+    follow = follower(threshold=60, nan_limit=0)
+    follow.on_update(PollUpdate("7", None, 1, chunks=(FileChunk("/state", 0, None, b""),)), 0)
+    follow.on_update(served(follow, b"x\n", "RUNNING", 2), 0)
+    hung = follow.on_update(served(follow, b"x\n", "RUNNING", 3), 100)
+    assert hung.cancel and hung.later[-1] == (
+        logging.WARNING,
+        "job 7: no log growth and no iteration progress: hung: cancelling it",
+    )
+    assert follow.watch.state.cancelled_by_us
+    done = follow.on_update(served(follow, b"x\n", "CANCELLED", 4), 160)
+    assert done.finished and not done.cancel
+    final = follow.final_request()
+    assert final.reads == [follow.watch.tail_request()] and final.writes[0][0] == "/state"
+    event = follow.result(b"tail")
+    assert event["kind"] == "finished" and event["hang"] and event["cancelled_by_us"] and event["tail"] == "tail"
