@@ -144,9 +144,9 @@ def mid_training_run(exp, now: datetime) -> None:
                 session=session,
             )
 
-        xcom("prepare", "config", exp.resolved)
-        xcom("prepare", "cooldowns", cooldowns)
-        xcom("prepare", "return_value", evaluations)
+        xcom(naming.PREPARE_TASK, naming.CONFIG_KEY, exp.resolved)
+        xcom(naming.PREPARE_TASK, naming.COOLDOWNS_KEY, cooldowns)
+        xcom(naming.PREPARE_TASK, naming.RETURN_KEY, evaluations)
         summary = {
             "last_iteration": 6200,
             "train_iters": 10000,
@@ -159,17 +159,17 @@ def mid_training_run(exp, now: datetime) -> None:
             "counts": {"iteration": 2200},
         }
         xcom(
-            "train",
-            "progress",
+            naming.TRAIN_TASK,
+            naming.PROGRESS_KEY,
             {"job_id": "1002", "job_state": "RUNNING", "updated": time.time(), "summary": summary},
         )
         for index in range(done):
             metrics = {"quick": {"hellaswag": 0.3 + index / 100, "arc_easy": 0.4 + index / 100}}
-            xcom("checkpoint.evaluate", "return_value", {"metrics": metrics}, index)
+            xcom(naming.CHECKPOINT_EVALUATE_TASK, naming.RETURN_KEY, {"metrics": metrics}, index)
         for index in range(len(cooldowns)):
             xcom(
-                "cooldown.train",
-                "return_value",
+                naming.COOLDOWN_TRAIN_TASK,
+                naming.RETURN_KEY,
                 {
                     "final_state": "COMPLETED",
                     "last_iteration": 6000,
@@ -195,9 +195,9 @@ def mid_training_run(exp, now: datetime) -> None:
         session.add(
             TaskStateStoreModel(
                 dag_run_id=run.id,
-                task_id="train",
+                task_id=naming.TRAIN_TASK,
                 map_index=-1,
-                key="oellm_attempts",
+                key=naming.HISTORY_KEY,
                 dag_id=exp.dag_id,
                 run_id=run.run_id,
                 value=json.dumps(history),
@@ -279,7 +279,10 @@ def main() -> int:
                 runs = json.loads(get(f"{base}/api/v2/dags/{dag_id}/dagRuns?order_by=-run_after&limit=1"))
                 run_id = urllib.request.quote(runs["dag_runs"][0]["dag_run_id"], safe="")
                 get(f"{base}/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances?limit=1000")
-                for task_id, key in (("train", "progress"), ("prepare", "config")):
+                for task_id, key in (
+                    (naming.TRAIN_TASK, naming.PROGRESS_KEY),
+                    (naming.PREPARE_TASK, naming.CONFIG_KEY),
+                ):
                     get(f"{base}/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/{key}")
 
         result = {

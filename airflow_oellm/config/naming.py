@@ -180,3 +180,15 @@ SUMMARY_TASK = "summary"
 
 def run_part_task(part: int, parts: int) -> str:
     return RUN_TASK if parts == 1 else f"{RUN_TASK}_{part}"
+
+
+# XCom keys and the task state store's key: the operators write them, the report and the dashboard
+# read them. They are stored in deployed databases: never rename one.
+RETURN_KEY = "return_value"  # Airflow's key of a task's return value
+RESULT_KEY = "result"  # a job task's result when it fails (its return value when it succeeds)
+PROGRESS_KEY = "progress"  # a running job's progress snapshot
+JOB_ID_KEY, LOG_PATH_KEY, SCRIPT_PATH_KEY = "job_id", "log_path", "script_path"  # a job task's submission
+CONFIG_KEY = "config"  # prepare: the run's resolved config
+OVERRIDES_KEY, RUN_TIME_KEY = "overrides", "run_time"  # prepare: the run's conf overrides, its frozen clock
+CHECKPOINTS_KEY, COOLDOWNS_KEY = "checkpoints", "cooldowns"  # prepare: the run's milestones
+HISTORY_KEY = "oellm_attempts"  # task state store: a job task's attempts, across its tries

@@ -26,9 +26,11 @@ from airflow_oellm.config import Experiment, Sweep
 from airflow_oellm.config.milestones import SIDE_JOB_ATTEMPTS
 from airflow_oellm.config.naming import (
     CHECKPOINT_GROUP,
+    CONFIG_KEY,
     CONVERT_TASK,
     COOLDOWN_GROUP,
     COOLDOWN_PLAN_TASK,
+    COOLDOWNS_KEY,
     EVALUATE_TASK,
     OELLM_TAG,
     OUTCOME_TASK,
@@ -132,7 +134,7 @@ def experiment_dag(sweep: Sweep, exp: Experiment, config_dirs: list[str] | None 
             checkpoint_branch=cfg.conversion.enabled,
             **conn,
         )
-        config = prepare.output["config"]
+        config = prepare.output[CONFIG_KEY]
         train = SlurmSubmitOperator(task_id=TRAIN_TASK, experiment=config, **training)
         prepare >> train
         report = ExperimentReportOperator(task_id=REPORT_TASK, **conn)
@@ -210,7 +212,7 @@ def experiment_dag(sweep: Sweep, exp: Experiment, config_dirs: list[str] | None 
                     convert, _ = convert_and_evaluate(final_iteration, suites, index)
                     cooled >> convert
 
-            plan = CooldownPlanOperator(task_id=COOLDOWN_PLAN_TASK, cooldowns=prepare.output["cooldowns"])
+            plan = CooldownPlanOperator(task_id=COOLDOWN_PLAN_TASK, cooldowns=prepare.output[COOLDOWNS_KEY])
             ends.append(cooldown.expand_kwargs(plan.output))
         for end in ends:
             end >> report

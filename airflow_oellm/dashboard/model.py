@@ -15,17 +15,20 @@ from typing import Any
 from airflow_oellm.config.budget import PLANNED_RECORD
 from airflow_oellm.config.naming import (
     CHECKPOINT_EVALUATE_TASK,
+    CONFIG_KEY,
     COOLDOWN_EVALUATE_TASK,
     COOLDOWN_TRAIN_TASK,
+    COOLDOWNS_KEY,
     PREPARE_TASK,
+    PROGRESS_KEY,
+    RESULT_KEY,
+    RETURN_KEY,
     TRAIN_TASK,
     experiment_name,
 )
 from airflow_oellm.monitor.watch import loss_at, thinned
 
 EVALUATE_TASKS = {CHECKPOINT_EVALUATE_TASK: False, COOLDOWN_EVALUATE_TASK: True}  # task -> is a cooldown's
-PROGRESS, RESULT, CONFIG, COOLDOWNS, HISTORY = "progress", "result", "config", "cooldowns", "oellm_attempts"
-RETURN = "return_value"
 NEVER_RUN = "never run"
 CURVE_POINTS = 200  # per run, whatever its length: what a plot can show
 # a progress snapshot older than this (seconds, beyond its poll interval) is shown as stale
@@ -55,7 +58,7 @@ class RunRecord:
     xcoms: dict[tuple[str, int, str], Any] = field(default_factory=dict)  # (task_id, map_index, key) -> value
     histories: dict[tuple[str, int], Any] = field(default_factory=dict)  # (task_id, map_index) -> attempts
 
-    def xcom(self, task_id: str, key: str = RETURN, map_index: int = -1) -> Any:
+    def xcom(self, task_id: str, key: str = RETURN_KEY, map_index: int = -1) -> Any:
         return self.xcoms.get((task_id, map_index, key))
 
     def task(self, task_id: str, map_index: int = -1) -> TaskRecord | None:
@@ -63,7 +66,7 @@ class RunRecord:
 
     def result(self, task_id: str, map_index: int = -1) -> Mapping[str, Any] | None:
         """A submit task's result: its return value, or the `result` it leaves when it fails."""
-        for key in (RETURN, RESULT):
+        for key in (RETURN_KEY, RESULT_KEY):
             value = self.xcom(task_id, key, map_index)
             if isinstance(value, Mapping) and value:
                 return value
@@ -155,7 +158,7 @@ def _attempts(run: RunRecord, task_id: str, map_index: int = -1) -> list[Mapping
 
 
 def _progress(run: RunRecord, task_id: str, map_index: int = -1) -> Mapping[str, Any]:
-    return run.xcom(task_id, PROGRESS, map_index) or {}
+    return run.xcom(task_id, PROGRESS_KEY, map_index) or {}
 
 
 def _running(run: RunRecord, task_id: str, map_index: int = -1) -> bool:
@@ -223,7 +226,7 @@ def _tokens_per_iteration(config: Mapping[str, Any], summary: Mapping[str, Any])
 def evaluations(run: RunRecord, name: str) -> list[dict[str, Any]]:
     """Rows (run, iteration, validation_loss, metrics) per evaluated or validated checkpoint."""
     prepared = run.xcom(PREPARE_TASK) or []
-    cooldowns = run.xcom(PREPARE_TASK, COOLDOWNS) or []
+    cooldowns = run.xcom(PREPARE_TASK, COOLDOWNS_KEY) or []
     rows: dict[tuple[str, int], dict[str, Any]] = {}
 
     def row(run_name: str, iteration: int) -> dict[str, Any]:
@@ -235,7 +238,7 @@ def evaluations(run: RunRecord, name: str) -> list[dict[str, Any]]:
         for task in run.tasks:
             if task.task_id != task_id:
                 continue
-            metrics = (run.xcom(task_id, RETURN, task.map_index) or {}).get("metrics") or {}
+            metrics = (run.xcom(task_id, RETURN_KEY, task.map_index) or {}).get("metrics") or {}
             if not metrics:
                 continue
             if is_cooldown:
@@ -270,7 +273,7 @@ def _when(value: datetime | None) -> float | None:
 def timeline(run: RunRecord) -> list[TimelineEntry]:
     """Submissions, ends with their classification, faults, checkpoints and side tasks, oldest first."""
     entries: list[TimelineEntry] = []
-    cooldowns = run.xcom(PREPARE_TASK, COOLDOWNS) or []
+    cooldowns = run.xcom(PREPARE_TASK, COOLDOWNS_KEY) or []
     trainings = [(TRAIN_TASK, -1, "training")] + [
         (COOLDOWN_TRAIN_TASK, i, f"cooldown {c.get('name', i)}") for i, c in enumerate(cooldowns)
     ]
@@ -338,7 +341,7 @@ def experiment_view(dag_id: str, name: str, run: RunRecord | None, now: float) -
     """One experiment's row: its latest run's state, progress and results."""
     if run is None:
         return ExperimentView(dag_id=dag_id, name=name, state=NEVER_RUN)
-    config = run.xcom(PREPARE_TASK, CONFIG) or {}
+    config = run.xcom(PREPARE_TASK, CONFIG_KEY) or {}
     name = (config.get("experiment") or {}).get("name") or name
     train = run.task(TRAIN_TASK)
     summary = _latest_summary(run, TRAIN_TASK)
@@ -376,7 +379,7 @@ def experiment_view(dag_id: str, name: str, run: RunRecord | None, now: float) -
         view.eta_seconds = max(view.train_iters - view.iteration, 0) * iteration_ms / 1000
     tokens = _tokens_per_iteration(config, summary)
     view.curves = [Curve(name, run_curve(run, TRAIN_TASK), tokens, group=name)]
-    for index, cooldown in enumerate(run.xcom(PREPARE_TASK, COOLDOWNS) or []):
+    for index, cooldown in enumerate(run.xcom(PREPARE_TASK, COOLDOWNS_KEY) or []):
         points = run_curve(run, COOLDOWN_TRAIN_TASK, index)
         at = cooldown.get("at")
         parent_loss = loss_at(view.curves[0].points, at) if at is not None else None

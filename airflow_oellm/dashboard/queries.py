@@ -17,27 +17,23 @@ from sqlalchemy.orm import Session
 
 from airflow_oellm.config.budget import PLANNED_RECORD
 from airflow_oellm.config.naming import (
+    CONFIG_KEY,
     COOLDOWN_TRAIN_TASK,
+    COOLDOWNS_KEY,
+    HISTORY_KEY,
     PREPARE_TASK,
+    PROGRESS_KEY,
+    RESULT_KEY,
+    RETURN_KEY,
     SWEEP_DAG_TAG,
     SWEEP_TAG_PREFIX,
     TRAIN_TASK,
     parse_sweep_tag,
 )
-from airflow_oellm.dashboard.model import (
-    CONFIG,
-    COOLDOWNS,
-    EVALUATE_TASKS,
-    HISTORY,
-    PROGRESS,
-    RESULT,
-    RETURN,
-    RunRecord,
-    TaskRecord,
-)
+from airflow_oellm.dashboard.model import EVALUATE_TASKS, RunRecord, TaskRecord
 
 # (task, key) pairs the dashboard reads; a task's other XComs (big or irrelevant) stay in the database
-XCOM_KEYS = (RETURN, RESULT, PROGRESS, CONFIG, COOLDOWNS, PLANNED_RECORD)
+XCOM_KEYS = (RETURN_KEY, RESULT_KEY, PROGRESS_KEY, CONFIG_KEY, COOLDOWNS_KEY, PLANNED_RECORD)
 XCOM_TASKS = (PREPARE_TASK, TRAIN_TASK, COOLDOWN_TRAIN_TASK, *EVALUATE_TASKS)
 
 
@@ -121,7 +117,7 @@ def run_records(session: Session, run_pks: Collection[int]) -> dict[int, RunReco
             TaskStateStoreModel.task_id,
             TaskStateStoreModel.map_index,
             TaskStateStoreModel.value,
-        ).where(TaskStateStoreModel.dag_run_id.in_(pks), TaskStateStoreModel.key == HISTORY)
+        ).where(TaskStateStoreModel.dag_run_id.in_(pks), TaskStateStoreModel.key == HISTORY_KEY)
     )
     for pk, task_id, map_index, value in histories:
         records[pk].histories[(task_id, map_index)] = _loaded(value)

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
 from typing import Any
 
-HISTORY_KEY = "oellm_attempts"  # task state store: the task's attempts, across its tries
 STATUS_READ_LIMIT = 64 * 1024  # bytes of a status file worth reading (it is a few hundred)
 
 

@@ -27,6 +27,7 @@ import airflow_oellm
 from airflow_oellm.config import ConfigError
 from airflow_oellm.config.budget import PLANNED_RECORD
 from airflow_oellm.config.errors import shown
+from airflow_oellm.config.naming import CHECKPOINTS_KEY, CONFIG_KEY, COOLDOWNS_KEY, OVERRIDES_KEY, RUN_TIME_KEY
 from airflow_oellm.config.overrides import lookup, parse_overrides
 from airflow_oellm.config.run import COOLDOWN_POINTS_PARAM, RunPlan, RunRequest, plan_run
 from airflow_oellm.hooks.slurm import SlurmHook
@@ -146,11 +147,11 @@ class PrepareExperimentOperator(BaseOperator):
         self._write_provenance(config, run.experiment.unresolved, run.overrides, dag_run.run_id, run.when)
         ti = context["ti"]
         for key, value in (
-            ("config", config),
-            ("overrides", run.overrides),
-            ("run_time", run.when.isoformat()),
-            ("checkpoints", milestones.checkpoints),
-            ("cooldowns", milestones.cooldowns),
+            (CONFIG_KEY, config),
+            (OVERRIDES_KEY, run.overrides),
+            (RUN_TIME_KEY, run.when.isoformat()),
+            (CHECKPOINTS_KEY, milestones.checkpoints),
+            (COOLDOWNS_KEY, milestones.cooldowns),
             (PLANNED_RECORD, run.planned.as_record()),
         ):
             ti.xcom_push(key=key, value=value)

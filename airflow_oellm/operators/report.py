@@ -21,12 +21,15 @@ from airflow_oellm.config.budget import PLANNED_RECORD
 from airflow_oellm.config.milestones import eval_file
 from airflow_oellm.config.naming import (
     CHECKPOINT_GROUP,
+    CONFIG_KEY,
     CONVERT_TASK,
     COOLDOWN_GROUP,
     COOLDOWN_TRAIN_TASK,
+    COOLDOWNS_KEY,
     EVALUATE_TASK,
     PREPARE_TASK,
     REPORT_TASK,
+    RESULT_KEY,
     RUN_TASK,
     TRAIN_TASK,
     in_group,
@@ -160,15 +163,15 @@ class ExperimentReportOperator(BaseOperator):
     def _result(ti: Any, task_id: str, map_index: int | None = None) -> Any:
         """A training task's result: its return value, or the `result` it leaves when it fails."""
         kwargs = {} if map_index is None else {"map_indexes": map_index}
-        return ti.xcom_pull(task_ids=task_id, **kwargs) or ti.xcom_pull(task_ids=task_id, key="result", **kwargs)
+        return ti.xcom_pull(task_ids=task_id, **kwargs) or ti.xcom_pull(task_ids=task_id, key=RESULT_KEY, **kwargs)
 
     def execute(self, context: Any) -> dict[str, Any]:
         ti = context["ti"]
-        config = ti.xcom_pull(task_ids=self.prepare_task_id, key="config")
+        config = ti.xcom_pull(task_ids=self.prepare_task_id, key=CONFIG_KEY)
         if not config:
             raise AirflowSkipException(f"nothing to report: {self.prepare_task_id} did not prepare this run")
         exp = config["experiment"]
-        cooldowns = ti.xcom_pull(task_ids=self.prepare_task_id, key="cooldowns") or []
+        cooldowns = ti.xcom_pull(task_ids=self.prepare_task_id, key=COOLDOWNS_KEY) or []
         evaluations = ti.xcom_pull(task_ids=self.prepare_task_id) or []
         runs = [(exp["name"], exp["output_dir"], self._result(ti, self.train_task_id), evaluations)]
         for i, cooldown in enumerate(cooldowns):

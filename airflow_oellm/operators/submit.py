@@ -23,6 +23,14 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException, Airfl
 
 from airflow_oellm.config.errors import ConfigError
 from airflow_oellm.config.milestones import EVALUATE, evaluation_files, resume_own_checkpoint, typed
+from airflow_oellm.config.naming import (
+    HISTORY_KEY,
+    JOB_ID_KEY,
+    LOG_PATH_KEY,
+    PROGRESS_KEY,
+    RESULT_KEY,
+    SCRIPT_PATH_KEY,
+)
 from airflow_oellm.config.schema import RootConfig
 from airflow_oellm.hooks.slurm import SlurmHook
 from airflow_oellm.monitor.attempts import (
@@ -34,7 +42,7 @@ from airflow_oellm.monitor.attempts import (
 )
 from airflow_oellm.monitor.classify import FATAL, RETRY, SUCCESS
 from airflow_oellm.monitor.events import event_specs
-from airflow_oellm.monitor.records import HISTORY_KEY, AttemptHistory, AttemptRecord, TrainingState, TrainingStatus
+from airflow_oellm.monitor.records import AttemptHistory, AttemptRecord, TrainingState, TrainingStatus
 from airflow_oellm.monitor.watch import JobFollower
 from airflow_oellm.pause_points import pause_point
 from airflow_oellm.slurm.commands import SlurmCommandError
@@ -42,7 +50,7 @@ from airflow_oellm.slurm.identity import JobIdentity, monitor_state_path, task_s
 from airflow_oellm.slurm.operations import CycleRequest, PollUpdate, SubmissionConflict
 from airflow_oellm.slurm.render import JobSpec, render_sbatch
 from airflow_oellm.triggers.base import settle_deadline
-from airflow_oellm.triggers.job import PROGRESS_XCOM_KEY, SlurmJobTrigger
+from airflow_oellm.triggers.job import SlurmJobTrigger
 
 
 def _references(value: Any) -> bool:
@@ -232,9 +240,9 @@ class SlurmSubmitOperator(BaseOperator):
             attempt = AttemptRecord(ti.try_number, outcome.job_id, before, outcome.kind, log_path, time.time())
             if store is not None:
                 store.set(HISTORY_KEY, history.put(attempt).to_dict())
-            ti.xcom_push(key="job_id", value=outcome.job_id)
-            ti.xcom_push(key="log_path", value=log_path)
-            ti.xcom_push(key="script_path", value=script_path)
+            ti.xcom_push(key=JOB_ID_KEY, value=outcome.job_id)
+            ti.xcom_push(key=LOG_PATH_KEY, value=log_path)
+            ti.xcom_push(key=SCRIPT_PATH_KEY, value=script_path)
             self._write_status(hook, s, ti, TrainingState.RUNNING, outcome.job_id, log_path)
         finally:
             hook.close()
@@ -328,7 +336,7 @@ class SlurmSubmitOperator(BaseOperator):
                 if step.finished:
                     return follower.result(self._read_tail(hook, follower))
                 if step.publish is not None:
-                    ti.xcom_push(key=PROGRESS_XCOM_KEY, value=step.publish)
+                    ti.xcom_push(key=PROGRESS_KEY, value=step.publish)
                 if not step.poll_again:
                     time.sleep(args["poll_interval"])
         finally:
@@ -373,7 +381,7 @@ class SlurmSubmitOperator(BaseOperator):
             hook.close()
         if verdict.verdict == SUCCESS:
             return result
-        ti.xcom_push(key="result", value=result)
+        ti.xcom_push(key=RESULT_KEY, value=result)
         message = f"job {job_id} {attempt.state}: {verdict.reason}"
         if verdict.exclude_nodes:
             message += f"; excluding {', '.join(verdict.exclude_nodes)} next time"

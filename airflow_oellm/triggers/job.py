@@ -17,11 +17,10 @@ from typing import Any
 
 from airflow.triggers.base import TriggerEvent
 
+from airflow_oellm.config.naming import PROGRESS_KEY
 from airflow_oellm.monitor.events import event_specs
 from airflow_oellm.monitor.watch import JobFollower
 from airflow_oellm.triggers.base import ClusterTrigger
-
-PROGRESS_XCOM_KEY = "progress"
 
 
 class SlurmJobTrigger(ClusterTrigger):
@@ -115,9 +114,9 @@ class SlurmJobTrigger(ClusterTrigger):
 
         try:
             try:
-                await XCom.aset(PROGRESS_XCOM_KEY, snapshot, **self.progress_to)
+                await XCom.aset(PROGRESS_KEY, snapshot, **self.progress_to)
             except AttributeError:  # dag.test()'s in-process supervisor only sends synchronously
-                XCom.set(PROGRESS_XCOM_KEY, snapshot, **self.progress_to)
+                XCom.set(PROGRESS_KEY, snapshot, **self.progress_to)
         except Exception as exc:
             self.log.warning("could not record the progress of job %s: %s", self.job_id, exc)
 

@@ -157,12 +157,12 @@ def attempt_history(dag_run: Any, task_id: str, map_index: int = -1) -> dict[str
     from airflow.models.task_state_store import TaskStateStoreModel
     from airflow.utils.session import create_session
 
-    from airflow_oellm.dashboard.model import HISTORY
+    from airflow_oellm.config.naming import HISTORY_KEY
 
     with create_session() as session:
         row = (
             session.query(TaskStateStoreModel)
-            .filter_by(dag_run_id=dag_run.id, task_id=task_id, map_index=map_index, key=HISTORY)
+            .filter_by(dag_run_id=dag_run.id, task_id=task_id, map_index=map_index, key=HISTORY_KEY)
             .first()
         )
         return None if row is None else (json.loads(row.value) if isinstance(row.value, str) else row.value)

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from airflow_oellm.config import naming
 from airflow_oellm.config.naming import (
     CONFIG_ERRORS_DAG_ID,
     DagIdParts,
@@ -50,3 +51,6 @@ def test_the_wire_values_stay():
     assert sweep_dag_id("s") == "oellm__s" and CONFIG_ERRORS_DAG_ID == "oellm__config_errors"
     assert sweep_tag("s") == "sweep:s"
     assert run_part_task(1, 1) == "run" and run_part_task(2, 3) == "run_2"
+    keys = (naming.RETURN_KEY, naming.RESULT_KEY, naming.PROGRESS_KEY, naming.CONFIG_KEY, naming.COOLDOWNS_KEY)
+    assert keys == ("return_value", "result", "progress", "config", "cooldowns")
+    assert naming.HISTORY_KEY == "oellm_attempts"
