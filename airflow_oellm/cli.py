@@ -174,7 +174,7 @@ def _print_plan(sweep: Any, rows: list[dict[str, Any]], budget: float | None) ->
 
 def cmd_render(args: argparse.Namespace) -> int:
     from airflow_oellm.config import ConfigError
-    from airflow_oellm.slurm.render import RenderError, render_sbatch
+    from airflow_oellm.jobscript.render import RenderError, render_sbatch
 
     sweep = _load_one(args)
     if isinstance(sweep, int):
@@ -211,7 +211,7 @@ def _validate_file(path: str, overrides: list[str], config_dirs: list[str]) -> s
     from airflow_oellm.config.compose import Composer, config_roots
     from airflow_oellm.config.milestones import plan
     from airflow_oellm.config.yamlio import load_yaml
-    from airflow_oellm.slurm.render import RenderError, render_run_scripts, render_sbatch
+    from airflow_oellm.jobscript.render import RenderError, render_run_scripts, render_sbatch
 
     data = load_yaml(path)
     if "project" not in data and "sweep" not in data:

@@ -1,21 +1,22 @@
 """Which HPC platform are we on? Environment variables, host name patterns and filesystem markers.
 
 Detection is a pure function of a `PlatformProbe` (environment, host name, existing marker paths),
-so the same rules run locally (`PlatformProbe.local()`) and on a remote login node: run
-`probe_command()` there over SSH and feed its output to `PlatformProbe.parse()`.
+so the same rules run locally (`local_probe()`) and on a remote login node: run `probe_command()`
+there over SSH and feed its output to `PlatformProbe.parse()` (slurm/probe.py).
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shlex
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 from airflow_oellm.config.overrides import lookup
+from airflow_oellm.slurm import probe as slurm_probe
+from airflow_oellm.slurm.probe import PlatformProbe
 
 OVERRIDE_ENV = "OELLM_PLATFORM"
 _ENV_REFERENCE = re.compile(r"\$\{oc\.env:([A-Za-z_][A-Za-z0-9_]*)")
@@ -82,39 +83,6 @@ PLATFORMS = tuple(r.name for r in RULES)
 
 
 @dataclass(frozen=True)
-class PlatformProbe:
-    env: Mapping[str, str]
-    hostname: str
-    existing_paths: frozenset[str]
-
-    @classmethod
-    def local(cls) -> PlatformProbe:
-        return cls(
-            env={k: os.environ[k] for k in probed_env_vars() if k in os.environ},
-            hostname=socket.gethostname(),
-            existing_paths=frozenset(p for p in probed_paths() if os.path.exists(p)),
-        )
-
-    @classmethod
-    def parse(cls, text: str) -> PlatformProbe:
-        """Read the output of `probe_command()`."""
-        env: dict[str, str] = {}
-        host = ""
-        paths: set[str] = set()
-        for line in text.splitlines():
-            kind, _, rest = line.partition(" ")
-            if kind == "HOST":
-                host = rest.strip()
-            elif kind == "ENV":
-                name, _, value = rest.partition("=")
-                if value:
-                    env[name] = value
-            elif kind == "PATH":
-                paths.add(rest.strip())
-        return cls(env=env, hostname=host, existing_paths=frozenset(paths))
-
-
-@dataclass(frozen=True)
 class Detection:
     name: str
     reason: str
@@ -133,19 +101,22 @@ def probed_paths() -> list[str]:
 
 
 def probe_command() -> str:
-    """One shell command that prints everything detection needs (no other variables leak)."""
-    env_names = " ".join(shlex.quote(v) for v in probed_env_vars())
-    paths = " ".join(shlex.quote(p) for p in probed_paths())
-    return (
-        'printf "HOST %s\\n" "$(hostname -f 2>/dev/null || hostname)"; '
-        f'for v in {env_names}; do printf "ENV %s=%s\\n" "$v" "$(printenv "$v")"; done; '
-        f'for p in {paths}; do [ -e "$p" ] && printf "PATH %s\\n" "$p"; done; true'
+    """One shell command that prints everything detection needs (run it on a login node)."""
+    return slurm_probe.probe_command(probed_env_vars(), probed_paths())
+
+
+def local_probe() -> PlatformProbe:
+    """The facts of this machine."""
+    return PlatformProbe(
+        env={k: os.environ[k] for k in probed_env_vars() if k in os.environ},
+        hostname=socket.gethostname(),
+        existing_paths=frozenset(p for p in probed_paths() if os.path.exists(p)),
     )
 
 
 def detect_platform(probe: PlatformProbe | None = None) -> Detection:
     """The platform these facts point to, or `unknown`, with the reason."""
-    probe = probe or PlatformProbe.local()
+    probe = probe or local_probe()
     forced = probe.env.get(OVERRIDE_ENV, "").strip()
     if forced:
         return Detection(forced, f"${OVERRIDE_ENV}={forced}")

@@ -23,7 +23,7 @@ from typing import TypeVar
 
 from airflow.sdk import BaseHook
 
-from airflow_oellm.config.platforms import Detection
+from airflow_oellm.config.platforms import Detection, detect_platform, probed_env_vars, probed_paths
 from airflow_oellm.hooks.transport import AsyncLocalShell, AsyncSSHShell, LocalShell, ParamikoShell
 from airflow_oellm.localjobs.cli import shell_functions
 from airflow_oellm.slurm import operations
@@ -152,7 +152,7 @@ class SlurmHook(BaseHook):
         self.run(operations.exclude_nodes(job_id, nodes))
 
     def detect_platform(self) -> Detection:
-        return self.run(operations.probe_platform())
+        return detect_platform(self.run(operations.probe_platform(probed_env_vars(), probed_paths())))
 
 
 class AsyncSlurmHook:
@@ -255,7 +255,8 @@ class AsyncSlurmHook:
         return await self.run(operations.submit_once(identity, script_path, options=options, secrets=secrets))
 
     async def detect_platform(self) -> Detection:
-        return await self.run(operations.probe_platform())
+        probe = await self.run(operations.probe_platform(probed_env_vars(), probed_paths()))
+        return detect_platform(probe)
 
 
 def checked_batch_system(batch_system: str) -> str:

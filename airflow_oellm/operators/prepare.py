@@ -31,8 +31,8 @@ from airflow_oellm.config.naming import CHECKPOINTS_KEY, CONFIG_KEY, COOLDOWNS_K
 from airflow_oellm.config.overrides import lookup, parse_overrides
 from airflow_oellm.config.run import COOLDOWN_POINTS_PARAM, RunPlan, RunRequest, plan_run
 from airflow_oellm.hooks.slurm import SlurmHook
+from airflow_oellm.jobscript.render import RenderError, render_run_scripts
 from airflow_oellm.slurm.operations import CycleRequest
-from airflow_oellm.slurm.render import RenderError, render_run_scripts
 
 OVERRIDES_PARAM = "overrides"
 # what identifies the experiment: a run may not move it

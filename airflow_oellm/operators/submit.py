@@ -33,6 +33,7 @@ from airflow_oellm.config.naming import (
 )
 from airflow_oellm.config.schema import RootConfig
 from airflow_oellm.hooks.slurm import SlurmHook
+from airflow_oellm.jobscript.render import JobSpec, render_sbatch
 from airflow_oellm.monitor.attempts import (
     JobSettings,
     JobSettingsError,
@@ -48,7 +49,6 @@ from airflow_oellm.pause_points import pause_point
 from airflow_oellm.slurm.commands import SlurmCommandError
 from airflow_oellm.slurm.identity import JobIdentity, monitor_state_path, task_status_path
 from airflow_oellm.slurm.operations import CycleRequest, PollUpdate, SubmissionConflict
-from airflow_oellm.slurm.render import JobSpec, render_sbatch
 from airflow_oellm.triggers.base import settle_deadline
 from airflow_oellm.triggers.job import SlurmJobTrigger
 

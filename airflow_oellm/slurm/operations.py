@@ -14,12 +14,12 @@ from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from airflow_oellm.config.platforms import Detection, PlatformProbe, detect_platform, probe_command
 from airflow_oellm.megatron import checkpoints
 from airflow_oellm.megatron.checkpoints import TRACKER_FILE, CheckpointState
 from airflow_oellm.slurm import commands
 from airflow_oellm.slurm.commands import FileChunk, SlurmCommandError
 from airflow_oellm.slurm.identity import JobIdentity, parse_comment
+from airflow_oellm.slurm.probe import PlatformProbe, probe_command
 from airflow_oellm.slurm.states import JobStatus
 
 T = TypeVar("T")
@@ -382,7 +382,8 @@ def read_tracker(checkpoint_dir: str) -> Operation[int | str | None]:
     return None if chunk.size is None else commands.parse_tracker(chunk.data)
 
 
-def probe_platform() -> Operation[Detection]:
-    """Platform detection with the remote login node's environment, host name and files."""
-    result = yield Command(probe_command(), label="probe")
-    return detect_platform(PlatformProbe.parse(_checked(result, "platform probe").stdout))
+def probe_platform(env_names: Sequence[str], paths: Sequence[str]) -> Operation[PlatformProbe]:
+    """The login node's environment, host name and files, as platform detection needs them
+    (config/platforms.py decides which, and what they mean)."""
+    result = yield Command(probe_command(env_names, paths), label="probe")
+    return PlatformProbe.parse(_checked(result, "platform probe").stdout)

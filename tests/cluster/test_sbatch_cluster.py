@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from airflow_oellm.config import load_sweep
+from airflow_oellm.jobscript.render import render_sbatch
 from airflow_oellm.slurm import shell
-from airflow_oellm.slurm.render import render_sbatch
 from tests.conftest import EXAMPLE_SWEEPS
 from tests.unit.test_render import HOSTILE
 

@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from airflow_oellm.config import load_sweep
+from airflow_oellm.jobscript.render import render_sbatch
 from airflow_oellm.slurm import commands
-from airflow_oellm.slurm.render import render_sbatch
 
 # pieces that would run a command, end a quote or start a directive if anything were left unquoted
 SHELL_PIECES = [

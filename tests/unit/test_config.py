@@ -12,7 +12,7 @@ from airflow_oellm.config import ConfigError, load_sweep
 from airflow_oellm.config.compose import Composer, config_roots
 from airflow_oellm.config.resolvers import frozen_time
 from airflow_oellm.config.schema import RootConfig
-from airflow_oellm.slurm.render import render_sbatch
+from airflow_oellm.jobscript.render import render_sbatch
 from tests.conftest import CONFIG
 
 pytestmark = pytest.mark.config

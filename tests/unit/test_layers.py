@@ -25,6 +25,7 @@ RANK: dict[str, int] = {
     "config": 2,
     "localjobs": 2,
     "monitor": 3,
+    "jobscript": 3,
     "hooks": 4,
     "triggers": 5,
     "sensors": 6,
@@ -37,13 +38,13 @@ RANK: dict[str, int] = {
 }
 # Below the line: plain Python, no Airflow, reachable without it (the CLI included).
 AIRFLOW_FREE_UNITS = frozenset({"(root)", "megatron", "evaluation", "pause_points", "slurm", "config", "localjobs"})
-AIRFLOW_FREE_UNITS |= {"monitor", "cli"}
+AIRFLOW_FREE_UNITS |= {"monitor", "jobscript", "cli"}
 AIRFLOW_FREE_MODULES = frozenset(f"airflow_oellm.dashboard.{name}" for name in ("model", "plot", "urls"))
 WEB_AND_DB = ("airflow", "sqlalchemy", "fastapi", "starlette")
 
 # Cycles that exist today, each to be removed by its own change. A listed cycle that is gone fails too,
 # so the list only shrinks.
-KNOWN_CYCLES: set[frozenset[str]] = {frozenset({"config", "slurm"})}
+KNOWN_CYCLES: set[frozenset[str]] = set()
 
 
 def module_name(path: Path) -> str:

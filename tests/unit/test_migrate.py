@@ -19,7 +19,7 @@ from airflow_oellm.config.compose import check_file_keys
 from airflow_oellm.config.migrate import migrate
 from airflow_oellm.config.milestones import plan
 from airflow_oellm.config.yamlio import load_yaml
-from airflow_oellm.slurm.render import render_sbatch
+from airflow_oellm.jobscript.render import render_sbatch
 from tests.conftest import CONFIG, REPO
 from tests.seed_guide import guide_examples
 from tests.unit.test_troubleshooting_doc import PLACEHOLDER, fragment

@@ -65,7 +65,7 @@ def test_lower_layers_import_nothing_from_airflow():
                 offenders += [f"{path.relative_to(REPO)}: {n}" for n in bad]
     assert offenders == []
     code = (
-        "import sys, airflow_oellm.cli, airflow_oellm.config, airflow_oellm.slurm.render; "
+        "import sys, airflow_oellm.cli, airflow_oellm.config, airflow_oellm.jobscript.render; "
         "bad = [m for m in sys.modules if m == 'airflow' or m.startswith('airflow.')]; print(bad)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -12,8 +12,8 @@ import pytest
 from airflow_oellm.cli import main as cli
 from airflow_oellm.config import load_sweep
 from airflow_oellm.config.platforms import PLATFORMS
+from airflow_oellm.jobscript.render import JobSpec, RenderError, render_sbatch
 from airflow_oellm.slurm import shell
-from airflow_oellm.slurm.render import JobSpec, RenderError, render_sbatch
 from tests.conftest import CONFIG, EXAMPLE_SWEEPS
 
 pytestmark = pytest.mark.render

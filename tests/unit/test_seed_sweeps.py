@@ -10,7 +10,7 @@ import pytest
 from airflow_oellm.cli import main as cli
 from airflow_oellm.config import ConfigError, load_sweep
 from airflow_oellm.config.yamlio import key_line
-from airflow_oellm.slurm.render import render_sbatch
+from airflow_oellm.jobscript.render import render_sbatch
 from tests.seed_guide import guide_examples, under
 
 pytestmark = [pytest.mark.sweep, pytest.mark.config]
