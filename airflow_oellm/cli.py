@@ -67,7 +67,7 @@ def _render_issue(experiment: Any, exc: Any) -> Any:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from airflow_oellm.config import ConfigError
-    from airflow_oellm.config.budget import attempt_gpu_hours
+    from airflow_oellm.config.budget import limit_gpu_hours
     from airflow_oellm.config.loader import budget_issues, planned_hours
     from airflow_oellm.slurm.timespec import time_limit_seconds
 
@@ -81,7 +81,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return _fail(exc)
     rows = []
     for e in sweep.experiments:
-        hours = attempt_gpu_hours(e.config.slurm)
+        hours = limit_gpu_hours(e.config.slurm)
         rows.append(
             {
                 "name": e.name,

@@ -25,8 +25,9 @@ PLANNED_RECORD = "planned_gpu_hours"  # the name a run's record (prepare's XCom)
 EXPERIMENT_BUDGET_KEY = "project.gpu_hour_budget_per_experiment"
 
 
-def attempt_gpu_hours(resources: SlurmConfig | JobResources, key: str = "slurm.time") -> float:
-    """GPU-hours of one submission at its time limit (infinite without a limit); `key` names its time."""
+def limit_gpu_hours(resources: SlurmConfig | JobResources, key: str = "slurm.time") -> float:
+    """GPU-hours one submission may use: its GPUs for its whole time limit (infinite without a limit);
+    `key` names its time. What attempts really used is monitor/accounting.py's."""
     gpus = resources.nodes * resources.gpus_per_node
     if not gpus:
         return 0.0
@@ -65,19 +66,19 @@ def planned_gpu_hours(config: dict[str, Any]) -> PlannedGpuHours:
     runs = plan_runs(config)
     cfg, milestones = runs.config, runs.milestones
     attempts = cfg.restart.max_attempts
-    training = attempt_gpu_hours(cfg.slurm) * attempts
-    convert = attempt_gpu_hours(cfg.conversion.resources, "conversion.resources.time")
-    evaluate = attempt_gpu_hours(cfg.evaluation.resources, "evaluation.resources.time")
+    training = limit_gpu_hours(cfg.slurm) * attempts
+    convert = limit_gpu_hours(cfg.conversion.resources, "conversion.resources.time")
+    evaluate = limit_gpu_hours(cfg.evaluation.resources, "evaluation.resources.time")
     evaluated = sum(1 for e in milestones.evaluations if e["suites"])
     side_jobs = len(milestones.evaluations) * convert + evaluated * evaluate
     cooldowns = 0.0
     for c, child in zip(milestones.cooldowns, runs.cooldowns, strict=True):
         where = f"cooldowns[at={c['at']}].overrides: "
-        cooldowns += attempt_gpu_hours(child.slurm, where + "slurm.time") * attempts
+        cooldowns += limit_gpu_hours(child.slurm, where + "slurm.time") * attempts
         if child.conversion.enabled:  # the DAG converts every training cooldown's final checkpoint
-            side_jobs += attempt_gpu_hours(child.conversion.resources, where + "conversion.resources.time")
+            side_jobs += limit_gpu_hours(child.conversion.resources, where + "conversion.resources.time")
             if c["suites"]:
-                side_jobs += attempt_gpu_hours(child.evaluation.resources, where + "evaluation.resources.time")
+                side_jobs += limit_gpu_hours(child.evaluation.resources, where + "evaluation.resources.time")
     return PlannedGpuHours(training, cooldowns, side_jobs * SIDE_JOB_ATTEMPTS)
 
 

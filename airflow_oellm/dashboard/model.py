@@ -26,6 +26,7 @@ from airflow_oellm.config.naming import (
     TRAIN_TASK,
     experiment_name,
 )
+from airflow_oellm.monitor.accounting import running_gpu_hours_estimate, used_gpu_hours
 from airflow_oellm.monitor.watch import loss_at, thinned
 
 EVALUATE_TASKS = {CHECKPOINT_EVALUATE_TASK: False, COOLDOWN_EVALUATE_TASK: True}  # task -> is a cooldown's
@@ -195,13 +196,13 @@ def _gpus(config: Mapping[str, Any]) -> float:
     return float(slurm.get("nodes") or 1) * float(slurm.get("gpus_per_node") or 0)
 
 
-def gpu_hours(run: RunRecord, config: Mapping[str, Any], now: float) -> float:
-    """GPU-hours of every finished attempt of every job, plus the time so far of trainings still running."""
+def run_gpu_hours_so_far(run: RunRecord, config: Mapping[str, Any], now: float) -> float:
+    """GPU-hours every ended attempt of every job used, plus an estimate for jobs still running."""
     total = 0.0
     keys = {(t.task_id, t.map_index) for t in run.tasks} | set(run.histories)
     for task_id, map_index in keys:
         attempts = _attempts(run, task_id, map_index)
-        total += sum(_number(a.get("gpu_hours")) or 0.0 for a in attempts)
+        total += used_gpu_hours(attempts)
         progress = _progress(run, task_id, map_index)
         summary = progress.get("summary") or {}
         since = _number(summary.get("running_since"))
@@ -212,7 +213,7 @@ def gpu_hours(run: RunRecord, config: Mapping[str, Any], now: float) -> float:
             and _running(run, task_id, map_index)
             and progress.get("job_id") not in finished
         ):
-            total += max(now - since, 0.0) / 3600 * _gpus(config)
+            total += running_gpu_hours_estimate(since, now, _gpus(config))
     return round(total, 3)
 
 
@@ -366,7 +367,7 @@ def experiment_view(dag_id: str, name: str, run: RunRecord | None, now: float) -
         iteration=int(iteration) if iteration is not None else None,
         train_iters=int(train_iters) if train_iters else None,
         loss=_number(summary.get("last_loss")),
-        gpu_hours=gpu_hours(run, config, now),
+        gpu_hours=run_gpu_hours_so_far(run, config, now),
         planned_gpu_hours=_number((run.xcom(PREPARE_TASK, PLANNED_RECORD) or {}).get("total")),
         updated=_number(progress.get("updated")),
     )

@@ -1,13 +1,19 @@
-"""GPU-hours, each figure under its own name.
+"""GPU-hours used, each figure under its own name.
 
 - `attempt_used_gpu_hours`: what one attempt's job used (sacct's start to end, times its GPUs);
   stored with the attempt (`AttemptRecord.gpu_hours`).
-- Planned figures (an attempt at its time limit, a whole run) are the budget's: config/budget.py.
+- `used_gpu_hours`: the sum over attempts; `used_gpu_hours_by_kind`: a run's, by kind of job (the
+  report's "GPU-hours used" line).
+- `running_gpu_hours_estimate`: a job still running, so far (the dashboard adds it to what ended).
+
+Planned figures (one submission at its time limit, a whole run) are the budget's: config/budget.py.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
+from typing import Any
 
 
 def attempt_used_gpu_hours(start: str | None, end: str | None, gpus: int | None) -> float | None:
@@ -19,3 +25,27 @@ def attempt_used_gpu_hours(start: str | None, end: str | None, gpus: int | None)
     except ValueError:
         return None
     return round(max(seconds, 0) / 3600 * gpus, 4)
+
+
+def used_gpu_hours(attempts: Iterable[Mapping[str, Any]]) -> float:
+    """What these attempts used (an attempt without a figure counts nothing)."""
+    total = 0.0
+    for attempt in attempts:
+        value = attempt.get("gpu_hours")
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            total += value
+    return total
+
+
+def used_gpu_hours_by_kind(results: Mapping[str, Sequence[Mapping[str, Any] | None]]) -> dict[str, float]:
+    """Kind of job -> GPU-hours its tasks' attempts used (from each task's result), and the total."""
+    used = {
+        kind: round(sum(used_gpu_hours((r or {}).get("attempts") or []) for r in found), 3)
+        for kind, found in results.items()
+    }
+    return {**used, "total": round(sum(used.values()), 3)}
+
+
+def running_gpu_hours_estimate(running_since: float, now: float, gpus: float) -> float:
+    """A running job's GPU-hours so far, from when it was first seen running."""
+    return max(now - running_since, 0.0) / 3600 * gpus

@@ -35,6 +35,7 @@ from airflow_oellm.config.naming import (
     in_group,
 )
 from airflow_oellm.hooks.slurm import SlurmHook
+from airflow_oellm.monitor.accounting import used_gpu_hours, used_gpu_hours_by_kind
 from airflow_oellm.monitor.watch import loss_at
 from airflow_oellm.slurm.operations import CycleRequest
 
@@ -49,7 +50,7 @@ def run_rows(
     attempts = (result or {}).get("attempts") or []
     validation = {v["iteration"]: v["loss"] for v in summary.get("validation", []) if v.get("split") == "validation"}
     checkpoints = sorted({*summary.get("checkpoints_saved", []), *(e["iteration"] for e in evaluations)})
-    gpu_hours = sum(a.get("gpu_hours") or 0 for a in attempts)
+    training_gpu_hours = used_gpu_hours(attempts)  # this run's training task, shown on each of its rows
     rows = []
     for iteration in checkpoints:
         row: dict[str, Any] = {
@@ -66,18 +67,9 @@ def run_rows(
                     row[f"{suite}.{metric}"] = value
         rows.append(row)
     for row in rows:
-        row["gpu_hours"] = round(gpu_hours, 3)
+        row["gpu_hours"] = round(training_gpu_hours, 3)
         row["attempts"] = len(attempts)
     return rows
-
-
-def used_gpu_hours(results: Mapping[str, Sequence[Mapping[str, Any] | None]]) -> dict[str, float]:
-    """Kind of job -> GPU-hours its attempts held (SLURM's start to end), and the total."""
-    used = {
-        kind: round(sum(a.get("gpu_hours") or 0 for r in found for a in (r or {}).get("attempts") or []), 3)
-        for kind, found in results.items()
-    }
-    return {**used, "total": round(sum(used.values()), 3)}
 
 
 def gpu_hours_line(planned: Mapping[str, Any] | None, used: Mapping[str, float]) -> str:
@@ -197,7 +189,7 @@ class ExperimentReportOperator(BaseOperator):
             for name, *_ in runs:
                 points = [(r["iteration"], r[first_metric]) for r in rows if r["run"] == name and r.get(first_metric)]
                 evals_plot[f"{name} {first_metric}"] = points
-        used = used_gpu_hours(
+        used = used_gpu_hours_by_kind(
             {
                 "training": [runs[0][2]],
                 "cooldowns": [result for _, _, result, _ in runs[1:]],

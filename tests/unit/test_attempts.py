@@ -313,3 +313,15 @@ def test_the_status_file_round_trips_and_ignores_what_is_not_this_runs():
     for bad in (None, b"", b"{", b"[1]", b'{"state": "sleeping", "run_id": "run1"}'):
         assert TrainingStatus.from_json(bad, "run1") is None, bad
     assert status.state.final and not TrainingState.RETRYING.final
+
+
+def test_gpu_hours_used_by_an_attempt():
+    from airflow_oellm.monitor.accounting import attempt_used_gpu_hours, running_gpu_hours_estimate, used_gpu_hours
+
+    assert attempt_used_gpu_hours(START, END, 4) == 10.0
+    assert attempt_used_gpu_hours(END, START, 4) == 0.0  # clock skew never counts negative
+    assert attempt_used_gpu_hours("2026-12-01T10:00:00", "2026-12-01T10:00:07", 1) == 0.0019  # 4 places
+    for start, end, gpus in ((None, END, 4), (START, "Unknown", 4), (START, END, None), ("", END, 1)):
+        assert attempt_used_gpu_hours(start, end, gpus) is None
+    assert used_gpu_hours([{"gpu_hours": 1.5}, {"gpu_hours": None}, {}, {"gpu_hours": 2}]) == 3.5
+    assert running_gpu_hours_estimate(0.0, 1800.0, 8) == 4.0 and running_gpu_hours_estimate(10.0, 0.0, 8) == 0.0

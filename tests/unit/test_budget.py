@@ -155,9 +155,10 @@ def test_prepare_refuses_a_run_its_overrides_push_over_the_budget(write, project
 
 
 def test_the_report_adds_up_what_every_job_used_against_the_plan():
-    from airflow_oellm.operators.report import gpu_hours_line, used_gpu_hours
+    from airflow_oellm.monitor.accounting import used_gpu_hours_by_kind
+    from airflow_oellm.operators.report import gpu_hours_line
 
-    used = used_gpu_hours(
+    used = used_gpu_hours_by_kind(
         {
             "training": [{"attempts": [{"gpu_hours": 8.0}, {"gpu_hours": 2.5}]}],
             "cooldowns": [{"attempts": [{"gpu_hours": 1.5}]}, None],  # a cooldown that never ran
