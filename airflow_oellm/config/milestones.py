@@ -12,7 +12,7 @@ import dataclasses
 import posixpath
 import shlex
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 from airflow_oellm.config.errors import ConfigError, Issue, did_you_mean, shown
 from airflow_oellm.config.naming import NamingError, check_name
@@ -20,7 +20,7 @@ from airflow_oellm.config.overrides import apply_overrides, parse_overrides
 from airflow_oellm.config.schema import CooldownConfig, EvalSuiteConfig, RootConfig
 from airflow_oellm.config.validate import Validator, iteration_arg
 
-CONVERT, EVALUATE = "convert", "evaluate"
+COOLDOWN, CONVERT, EVALUATE = "cooldown", "convert", "evaluate"  # side job kinds
 # submissions of a conversion or evaluation job: they are idempotent, and one retry covers a lost
 # worker or a deferral race (a job that ends within a second of its task deferring)
 SIDE_JOB_ATTEMPTS = 2
@@ -60,13 +60,40 @@ def eval_file(output_dir: str, iteration: int, suite: str) -> str:
     return f"{output_dir}/evaluations/iter_{iteration:07d}/{suite}.json"
 
 
+class CheckpointBranch(TypedDict):
+    """One checkpoint's branch of a run: convert it, then evaluate these suites. The DAG's `checkpoint`
+    task group takes exactly these keys (dag_factory/builder.py)."""
+
+    iteration: int
+    label: str  # how the UI labels the branch
+    suites: list[str]
+    cooldown: int | None  # the cooldown whose checkpoint it is, or None: the training's
+    checkpoint_dir: str
+    output_dir: str
+
+
+class CooldownBranch(TypedDict):
+    """One cooldown of a run: train from the parent's checkpoint `at`, then convert and evaluate its
+    last. The DAG's `cooldown` task group takes exactly these keys."""
+
+    index: int
+    name: str
+    at: int
+    parent_checkpoint_dir: str
+    parent_output_dir: str
+    output_dir: str
+    checkpoint_dir: str
+    final_iteration: int
+    suites: list[str]
+
+
 @dataclass
 class Milestones:
     """JSON-safe (it travels as XCom): lists of dicts the DAG maps its branches over."""
 
     checkpoints: list[int]
-    evaluations: list[dict[str, Any]] = field(default_factory=list)  # one per converted checkpoint
-    cooldowns: list[dict[str, Any]] = field(default_factory=list)
+    evaluations: list[CheckpointBranch] = field(default_factory=list)  # one per converted checkpoint
+    cooldowns: list[CooldownBranch] = field(default_factory=list)
 
 
 def job_paths(name: str, out: str) -> dict[str, str]:
@@ -294,23 +321,23 @@ def plan_runs(config: dict[str, Any]) -> PlannedRuns:
         final = iteration_arg(child.backend.args, "train_iters") or 0
         evals = _evaluations(child, [final], final, spec.suites, cooldown=index)
         milestones.cooldowns.append(
-            {
-                "index": index,
-                "name": child.experiment.name,
-                "at": spec.at,
-                "parent_checkpoint_dir": cfg.experiment.checkpoint_dir,
-                "parent_output_dir": cfg.experiment.output_dir,
-                "output_dir": child.experiment.output_dir,
-                "checkpoint_dir": child.experiment.checkpoint_dir,
-                "final_iteration": final,
-                "suites": evals[0]["suites"] if evals else [],
-            }
+            CooldownBranch(
+                index=index,
+                name=child.experiment.name,
+                at=spec.at,
+                parent_checkpoint_dir=cfg.experiment.checkpoint_dir,
+                parent_output_dir=cfg.experiment.output_dir,
+                output_dir=child.experiment.output_dir,
+                checkpoint_dir=child.experiment.checkpoint_dir,
+                final_iteration=final,
+                suites=evals[0]["suites"] if evals else [],
+            )
         )
         runs.cooldowns.append(child)
     return runs
 
 
-def _add_suites(evaluations: list[dict[str, Any]], extra: list[dict[str, Any]]) -> None:
+def _add_suites(evaluations: list[CheckpointBranch], extra: list[CheckpointBranch]) -> None:
     """Merge evaluation entries: one branch per checkpoint, each suite once."""
     for entry in extra:
         same = next((e for e in evaluations if e["iteration"] == entry["iteration"]), None)
@@ -323,7 +350,7 @@ def _add_suites(evaluations: list[dict[str, Any]], extra: list[dict[str, Any]]) 
 
 def _evaluations(
     cfg: RootConfig, checkpoints: list[int], final: int, only: list[str] | None, cooldown: int | None
-) -> list[dict[str, Any]]:
+) -> list[CheckpointBranch]:
     if not cfg.conversion.enabled:
         return []
     suites = [s for s in cfg.evaluation.suites if only is None or s.name in only] if cfg.evaluation.enabled else []
@@ -332,14 +359,14 @@ def _evaluations(
         for iteration in suite_iterations(suite, checkpoints, final):
             by_iteration.setdefault(iteration, []).append(suite.name)
     return [
-        {
-            "iteration": it,
-            "label": f"iter {it}",
-            "suites": names,
-            "cooldown": cooldown,
-            "checkpoint_dir": cfg.experiment.checkpoint_dir,
-            "output_dir": cfg.experiment.output_dir,
-        }
+        CheckpointBranch(
+            iteration=it,
+            label=f"iter {it}",
+            suites=names,
+            cooldown=cooldown,
+            checkpoint_dir=cfg.experiment.checkpoint_dir,
+            output_dir=cfg.experiment.output_dir,
+        )
         for it, names in sorted(by_iteration.items())
     ]
 
@@ -353,7 +380,7 @@ def _job_run(config: dict[str, Any], job: dict[str, Any]) -> tuple[dict[str, Any
     if not 0 <= index < len(cfg.cooldowns):
         raise ConfigError(Issue(f"no cooldown {index}: the experiment has {len(cfg.cooldowns)}", key="cooldowns"))
     spec = cfg.cooldowns[index]
-    if job["kind"] != "cooldown" and not spec.train:
+    if job["kind"] != COOLDOWN and not spec.train:
         return config, cfg  # an evaluation-only cooldown evaluates the parent's checkpoint
     train_iters = iteration_arg(cfg.backend.args, "train_iters") or 0
     base = cooldown_config(
@@ -376,7 +403,7 @@ def job_config(config: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
     """
     base, cfg = _job_run(config, job)
     kind = job["kind"]
-    if kind == "cooldown":
+    if kind == COOLDOWN:
         return base
     if kind == CONVERT:
         return conversion_job(base, cfg, int(job["iteration"]))

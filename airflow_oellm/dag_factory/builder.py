@@ -16,6 +16,7 @@ checkpoints it will really have. Building a DAG does no I/O: everything was read
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,7 +24,7 @@ from airflow.sdk import DAG, task_group
 from airflow.sdk.definitions.param import ParamsDict
 
 from airflow_oellm.config import Experiment, Sweep
-from airflow_oellm.config.milestones import SIDE_JOB_ATTEMPTS
+from airflow_oellm.config.milestones import CONVERT, COOLDOWN, EVALUATE, SIDE_JOB_ATTEMPTS
 from airflow_oellm.config.naming import (
     CHECKPOINT_GROUP,
     CONFIG_KEY,
@@ -46,6 +47,7 @@ from airflow_oellm.config.naming import (
     sweep_dag_id,
     sweep_tag,
 )
+from airflow_oellm.config.schema import RootConfig
 from airflow_oellm.operators.prepare import (
     OVERRIDES_PARAM,
     CooldownPlanOperator,
@@ -94,24 +96,119 @@ def experiment_doc(sweep: Sweep, exp: Experiment) -> str:
     )
 
 
-def experiment_dag(sweep: Sweep, exp: Experiment, config_dirs: list[str] | None = None) -> DAG:
-    cfg = exp.config
+@dataclass(frozen=True)
+class TaskKwargs:
+    """Keyword arguments the tasks of one experiment DAG share, by kind of task."""
+
+    conn: dict[str, Any]  # where jobs run
+    sensor: dict[str, Any]  # a checkpoint wait beside a training
+    training: dict[str, Any]  # a training or a cooldown's training: the restart policy
+    side_job: dict[str, Any]  # a conversion or an evaluation
+
+
+def task_kwargs(sweep: Sweep, cfg: RootConfig) -> TaskKwargs:
     conn = {
         "ssh_conn_id": cfg.platform.ssh_conn_id,
         "local": cfg.platform.local_commands,
         "batch_system": cfg.platform.batch_system,
     }
     templates = {"template_dirs": [str(d) for d in sweep.template_dirs]}
+    deferrable = {"deferrable": cfg.dag.deferrable}
+    restart = restart_policy(cfg)
+    sensor = {
+        **conn,
+        "poll_interval": cfg.monitoring.poll_interval_seconds,
+        **deferrable,
+        **({} if cfg.dag.deferrable else {"mode": "reschedule"}),
+        "retries": 1,  # its first check runs on the worker, over SSH: one outage there is no verdict
+        "retry_delay": restart["retry_delay"],
+    }
+    return TaskKwargs(
+        conn=conn,
+        sensor=sensor,
+        training={**conn, **deferrable, **restart, **templates},
+        side_job={
+            **conn,
+            **deferrable,
+            **templates,
+            "retries": SIDE_JOB_ATTEMPTS - 1,
+            "retry_delay": restart["retry_delay"],
+        },
+    )
+
+
+def wait_for(kw: TaskKwargs, checkpoint_dir: Any, iteration: Any, output_dir: Any) -> CheckpointSensor:
+    """Waits beside the parent's training for its checkpoint; skips if the training fails for good."""
+    return CheckpointSensor(
+        task_id=WAIT_TASK,
+        checkpoint_dir=checkpoint_dir,
+        iteration=iteration,
+        output_dir=output_dir,
+        training_task_id=TRAIN_TASK,
+        on_training_failure="skip",
+        map_index_template="{{ task.iteration }}",
+        **kw.sensor,
+    )
+
+
+def convert_and_evaluate(
+    config: Any, kw: TaskKwargs, iteration: Any, suites: Any, cooldown: Any
+) -> tuple[SlurmSubmitOperator, SlurmSubmitOperator]:
+    label = {"map_index_template": "{{ task.job['iteration'] }}"}
+    job = {"kind": CONVERT, "iteration": iteration, "cooldown": cooldown}
+    convert = SlurmSubmitOperator(task_id=CONVERT_TASK, experiment=config, job=job, **label, **kw.side_job)
+    job = {"kind": EVALUATE, "iteration": iteration, "suites": suites, "cooldown": cooldown}
+    evaluate = SlurmSubmitOperator(task_id=EVALUATE_TASK, experiment=config, job=job, **label, **kw.side_job)
+    convert >> evaluate
+    return convert, evaluate
+
+
+def checkpoint_group(config: Any, kw: TaskKwargs) -> Any:
+    """The task group mapped over a run's CheckpointBranch entries (its parameters are their keys)."""
+
+    @task_group(group_id=CHECKPOINT_GROUP)
+    def checkpoint(
+        iteration: Any, label: Any, suites: Any, cooldown: Any, checkpoint_dir: Any, output_dir: Any
+    ) -> None:
+        convert, _ = convert_and_evaluate(config, kw, iteration, suites, cooldown)
+        wait_for(kw, checkpoint_dir, iteration, output_dir) >> convert
+
+    return checkpoint
+
+
+def cooldown_group(config: Any, kw: TaskKwargs, conversion: bool) -> Any:
+    """The task group mapped over a run's CooldownBranch entries (its parameters are their keys)."""
+
+    @task_group(group_id=COOLDOWN_GROUP)
+    def cooldown(
+        index: Any,
+        name: Any,
+        at: Any,
+        parent_checkpoint_dir: Any,
+        parent_output_dir: Any,
+        output_dir: Any,
+        checkpoint_dir: Any,
+        final_iteration: Any,
+        suites: Any,
+    ) -> None:
+        job = {"kind": COOLDOWN, "cooldown": index}
+        template = "from {{ task.job['cooldown'] }}"
+        trained = SlurmSubmitOperator(
+            task_id=TRAIN_TASK, experiment=config, job=job, map_index_template=template, **kw.training
+        )
+        wait_for(kw, parent_checkpoint_dir, at, parent_output_dir) >> trained
+        if conversion:
+            trained >> convert_and_evaluate(config, kw, final_iteration, suites, index)[0]
+
+    return cooldown
+
+
+def experiment_dag(sweep: Sweep, exp: Experiment, config_dirs: list[str] | None = None) -> DAG:
+    cfg = exp.config
+    kw = task_kwargs(sweep, cfg)
     # a swept key is what the experiment is: it stays out of the form (an override of it is refused)
     params = run_params(exp.resolved, [k for k in cfg.dag.params if k not in exp.parameters])
     defaults = {k: p.value for k, p in params.items() if k != OVERRIDES_PARAM}
-    poll = {"poll_interval": cfg.monitoring.poll_interval_seconds, "deferrable": cfg.dag.deferrable}
-    if not cfg.dag.deferrable:
-        poll["mode"] = "reschedule"
-    waiting = {"deferrable": cfg.dag.deferrable}
-    restart = restart_policy(cfg)
-    training = {**conn, **waiting, **restart, **templates}
-    side = {**conn, **waiting, **templates, "retries": SIDE_JOB_ATTEMPTS - 1, "retry_delay": restart["retry_delay"]}
     with DAG(
         dag_id=exp.dag_id,
         schedule=cfg.dag.schedule,
@@ -132,90 +229,16 @@ def experiment_dag(sweep: Sweep, exp: Experiment, config_dirs: list[str] | None 
             param_defaults=defaults,
             scheduled=cfg.dag.schedule is not None,
             checkpoint_branch=cfg.conversion.enabled,
-            **conn,
+            **kw.conn,
         )
         config = prepare.output[CONFIG_KEY]
-        train = SlurmSubmitOperator(task_id=TRAIN_TASK, experiment=config, **training)
-        prepare >> train
-        report = ExperimentReportOperator(task_id=REPORT_TASK, **conn)
-        ends = [train]
-
-        def wait_for(checkpoint_dir: Any, iteration: Any, output_dir: Any) -> CheckpointSensor:
-            """Waits beside the parent's training for its checkpoint; skips if the training fails for good."""
-            return CheckpointSensor(
-                task_id=WAIT_TASK,
-                checkpoint_dir=checkpoint_dir,
-                iteration=iteration,
-                output_dir=output_dir,
-                training_task_id=TRAIN_TASK,
-                on_training_failure="skip",
-                map_index_template="{{ task.iteration }}",
-                retries=1,  # its first check runs on the worker, over SSH: one outage there is no verdict
-                retry_delay=restart["retry_delay"],
-                **conn,
-                **poll,
-            )
-
-        def convert_and_evaluate(iteration: Any, suites: Any, cooldown: Any) -> tuple[Any, Any]:
-            label = {"map_index_template": "{{ task.job['iteration'] }}"}
-            convert = SlurmSubmitOperator(
-                task_id=CONVERT_TASK,
-                experiment=config,
-                job={"kind": "convert", "iteration": iteration, "cooldown": cooldown},
-                **label,
-                **side,
-            )
-            evaluate = SlurmSubmitOperator(
-                task_id=EVALUATE_TASK,
-                experiment=config,
-                job={"kind": "evaluate", "iteration": iteration, "suites": suites, "cooldown": cooldown},
-                **label,
-                **side,
-            )
-            convert >> evaluate
-            return convert, evaluate
-
+        ends: list[Any] = [prepare >> SlurmSubmitOperator(task_id=TRAIN_TASK, experiment=config, **kw.training)]
         if cfg.conversion.enabled:
-
-            @task_group(group_id=CHECKPOINT_GROUP)
-            def checkpoint(
-                iteration: Any, label: Any, suites: Any, cooldown: Any, checkpoint_dir: Any, output_dir: Any
-            ) -> None:
-                convert, _ = convert_and_evaluate(iteration, suites, cooldown)
-                wait_for(checkpoint_dir, iteration, output_dir) >> convert
-
-            ends.append(checkpoint.expand_kwargs(prepare.output))
-
+            ends.append(checkpoint_group(config, kw).expand_kwargs(prepare.output))
         if cfg.cooldowns:
-
-            @task_group(group_id=COOLDOWN_GROUP)
-            def cooldown(
-                index: Any,
-                name: Any,
-                at: Any,
-                parent_checkpoint_dir: Any,
-                parent_output_dir: Any,
-                output_dir: Any,
-                checkpoint_dir: Any,
-                final_iteration: Any,
-                suites: Any,
-            ) -> None:
-                cooled = SlurmSubmitOperator(
-                    task_id=TRAIN_TASK,
-                    experiment=config,
-                    job={"kind": "cooldown", "cooldown": index},
-                    map_index_template="from {{ task.job['cooldown'] }}",
-                    **training,
-                )
-                wait_for(parent_checkpoint_dir, at, parent_output_dir) >> cooled
-                if cfg.conversion.enabled:
-                    convert, _ = convert_and_evaluate(final_iteration, suites, index)
-                    cooled >> convert
-
             plan = CooldownPlanOperator(task_id=COOLDOWN_PLAN_TASK, cooldowns=prepare.output[COOLDOWNS_KEY])
-            ends.append(cooldown.expand_kwargs(plan.output))
-        for end in ends:
-            end >> report
+            ends.append(cooldown_group(config, kw, cfg.conversion.enabled).expand_kwargs(plan.output))
+        ends >> ExperimentReportOperator(task_id=REPORT_TASK, **kw.conn)
         outcome = RunOutcomeOperator(task_id=OUTCOME_TASK)
         outcome.set_upstream([t for t in dag.tasks if t is not outcome])
     # Airflow deep-copies a DAG's params into each task it creates (half the build time, measured);

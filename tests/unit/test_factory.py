@@ -265,3 +265,25 @@ def test_site_requirements_resolve_on_the_airflow_host_when_the_dag_file_is_pars
     prepare = dagbag.dags["oellm__lumi__onlumi"].get_task("prepare")
     config = load_sweep(prepare.sweep_file, only="onlumi").experiment("onlumi").config
     assert config.slurm.account == "project_465000123"
+
+
+def test_the_branch_groups_take_exactly_the_planned_keys():
+    """The mapped task groups get each milestone entry as keyword arguments: their parameters must be
+    the declared branch shapes' keys, and the planner must make entries of exactly those keys."""
+    import inspect
+    from typing import get_type_hints
+
+    from airflow_oellm.config.milestones import CheckpointBranch, CooldownBranch, plan
+    from airflow_oellm.dag_factory.builder import checkpoint_group, cooldown_group, task_kwargs
+
+    sweep = load_sweep(REPO / "config" / "sweeps" / "cooldowns_and_evals.yaml")
+    kw = task_kwargs(sweep, sweep.experiments[0].config)
+    for group, shape in (
+        (checkpoint_group(None, kw), CheckpointBranch),
+        (cooldown_group(None, kw, True), CooldownBranch),
+    ):
+        assert list(inspect.signature(group.function).parameters) == list(get_type_hints(shape))
+    milestones = plan(sweep.experiments[0].runtime_config())
+    assert milestones.evaluations and milestones.cooldowns
+    assert all(list(e) == list(get_type_hints(CheckpointBranch)) for e in milestones.evaluations)
+    assert all(list(c) == list(get_type_hints(CooldownBranch)) for c in milestones.cooldowns)
