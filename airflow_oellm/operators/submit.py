@@ -206,14 +206,8 @@ class SlurmSubmitOperator(BaseOperator):
         s = self._settings()
         store = context.get("task_state_store")
         history = AttemptHistory.from_dict(store.get(HISTORY_KEY) if store is not None else None)
-        identity = JobIdentity(
-            ti.dag_id,
-            ti.run_id,
-            ti.task_id,
-            ti.map_index if ti.map_index is not None else -1,
-            ti.try_number,
-            s.output_dir,
-        )
+        map_index = ti.map_index if ti.map_index is not None else -1
+        identity = JobIdentity(ti.dag_id, ti.run_id, ti.task_id, map_index, ti.try_number, s.output_dir)
         hook = self._hook()
         try:
             script_path = s.script_path(ti.try_number)
@@ -248,8 +242,16 @@ class SlurmSubmitOperator(BaseOperator):
             hook.close()
         if not self.wait_for_completion:
             return {"job_id": outcome.job_id, "log_path": log_path, "script_path": script_path}
-        trigger_args = {
-            "job_id": outcome.job_id,
+        trigger_args = self._watch_args(s, identity, outcome.job_id, log_path)
+        if self.deferrable:
+            trigger = SlurmJobTrigger(**trigger_args, fire_after=settle_deadline())
+            self.defer(trigger=trigger, method_name="execute_complete")
+        return self._finish(context, self._watch_here(trigger_args, ti))
+
+    def _watch_args(self, s: JobSettings, identity: JobIdentity, job_id: str, log_path: str) -> dict[str, Any]:
+        """What follows the job: the trigger's arguments, or the worker's own polling loop's."""
+        return {
+            "job_id": job_id,
             "log_path": log_path,
             "state_path": monitor_state_path(identity),
             "ssh_conn_id": self.ssh_conn_id,
@@ -261,16 +263,12 @@ class SlurmSubmitOperator(BaseOperator):
             "output_paths": s.output_paths,
             "poll_interval": s.poll_interval,
             "progress_to": {
-                "dag_id": ti.dag_id,
-                "run_id": ti.run_id,
-                "task_id": ti.task_id,
-                "map_index": ti.map_index if ti.map_index is not None else -1,
+                "dag_id": identity.dag_id,
+                "run_id": identity.run_id,
+                "task_id": identity.task_id,
+                "map_index": identity.map_index,
             },
         }
-        if self.deferrable:
-            trigger = SlurmJobTrigger(**trigger_args, fire_after=settle_deadline())
-            self.defer(trigger=trigger, method_name="execute_complete")
-        return self._finish(context, self._watch_here(trigger_args, ti))
 
     def _script(self, s: JobSettings, exclude: Sequence[str], own_checkpoint: int | None) -> str:
         if s.config is None:
