@@ -45,6 +45,11 @@ class SlurmHook(BaseHook):
     :param batch_system: `slurm`, or `local-process` (implies `local`): SLURM's commands are answered by
         `airflow_oellm.localjobs`, which runs jobs as local background processes.
     :param min_submit_interval: seconds between two sbatch calls of this user on the cluster.
+
+    What tasks use: `submit_once` (exactly once, reconciled), `poll_cycle` (job states and file reads,
+    stats, probes and writes in one command), `read_ranges`/`read_range`, `write_files`, `upload`,
+    `mkdirs`, `read_tracker`, `cancel`. For scripts, tools and tests: `submit_unreconciled` (plain
+    sbatch), `job_statuses`/`job_status`, `find_jobs`, `exclude_nodes`, `detect_platform`.
     """
 
     conn_name_attr = "ssh_conn_id"
@@ -107,7 +112,9 @@ class SlurmHook(BaseHook):
     def mkdirs(self, paths: Sequence[str]) -> None:
         self.run(operations.mkdirs(paths))
 
-    def submit(self, script_path: str, options: Sequence[str] = ()) -> tuple[str, str | None]:
+    def submit_unreconciled(self, script_path: str, options: Sequence[str] = ()) -> tuple[str, str | None]:
+        """Plain `sbatch`, without the exactly-once reconciliation of `submit_once`: for tests and tools
+        that submit a job by hand. A task must use `submit_once`."""
         return self.run(operations.submit(script_path, options))
 
     def submit_once(
@@ -144,6 +151,9 @@ class SlurmHook(BaseHook):
 
     def read_ranges(self, requests: Sequence[tuple[str, int, int]]) -> list[FileChunk]:
         return self.run(operations.read_ranges(requests))
+
+    def write_files(self, files: Sequence[tuple[str, bytes]]) -> list[bool]:
+        return self.run(operations.write_files(files))
 
     def read_tracker(self, checkpoint_dir: str) -> int | str | None:
         return self.run(operations.read_tracker(checkpoint_dir))

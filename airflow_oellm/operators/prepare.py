@@ -32,7 +32,6 @@ from airflow_oellm.config.overrides import lookup, parse_overrides
 from airflow_oellm.config.run import COOLDOWN_POINTS_PARAM, RunPlan, RunRequest, plan_run
 from airflow_oellm.hooks.slurm import SlurmHook
 from airflow_oellm.jobscript.render import RenderError, render_run_scripts
-from airflow_oellm.slurm.operations import CycleRequest
 
 OVERRIDES_PARAM = "overrides"
 # what identifies the experiment: a run may not move it
@@ -226,10 +225,10 @@ class PrepareExperimentOperator(BaseOperator):
         ]
         hook = SlurmHook(self.ssh_conn_id, local=self.local, batch_system=self.batch_system)
         try:
-            cycle = hook.poll_cycle([], CycleRequest(writes=[(p, json.dumps(v, indent=2).encode()) for p, v in files]))
+            written = hook.write_files([(p, json.dumps(v, indent=2).encode()) for p, v in files])
         finally:
             hook.close()
-        if not all(cycle.writes_ok):
+        if not all(written):
             raise AirflowException(f"could not write provenance to {directory}")
 
 

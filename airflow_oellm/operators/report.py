@@ -37,7 +37,6 @@ from airflow_oellm.config.naming import (
 from airflow_oellm.hooks.slurm import SlurmHook
 from airflow_oellm.monitor.accounting import used_gpu_hours, used_gpu_hours_by_kind
 from airflow_oellm.monitor.watch import loss_at
-from airflow_oellm.slurm.operations import CycleRequest
 
 
 def run_rows(
@@ -220,13 +219,11 @@ class ExperimentReportOperator(BaseOperator):
             return {}
         hook = SlurmHook(self.ssh_conn_id, local=self.local, batch_system=self.batch_system)
         try:
-            cycle = hook.poll_cycle(
-                [], CycleRequest(reads=[(eval_file(out, it, suite), 0, 1 << 20) for _, out, it, suite in wanted])
-            )
+            chunks = hook.read_ranges([(eval_file(out, it, suite), 0, 1 << 20) for _, out, it, suite in wanted])
         finally:
             hook.close()
         found: dict[str, dict[tuple[int, str], Any]] = {}
-        for (name, _, iteration, suite), chunk in zip(wanted, cycle.chunks, strict=True):
+        for (name, _, iteration, suite), chunk in zip(wanted, chunks, strict=True):
             if chunk.size is None:
                 continue
             try:
@@ -257,10 +254,10 @@ class ExperimentReportOperator(BaseOperator):
         ]
         hook = SlurmHook(self.ssh_conn_id, local=self.local, batch_system=self.batch_system)
         try:
-            cycle = hook.poll_cycle([], CycleRequest(writes=files))
+            written = hook.write_files(files)
         finally:
             hook.close()
-        if not all(cycle.writes_ok):
+        if not all(written):
             self.log.warning("could not write every report file to %s", directory)
 
 

@@ -48,7 +48,7 @@ from airflow_oellm.monitor.watch import JobFollower
 from airflow_oellm.pause_points import pause_point
 from airflow_oellm.slurm.commands import SlurmCommandError
 from airflow_oellm.slurm.identity import JobIdentity, monitor_state_path, task_status_path
-from airflow_oellm.slurm.operations import CycleRequest, PollUpdate, SubmissionConflict
+from airflow_oellm.slurm.operations import PollUpdate, SubmissionConflict
 from airflow_oellm.triggers.base import settle_deadline
 from airflow_oellm.triggers.job import SlurmJobTrigger
 
@@ -390,9 +390,9 @@ class SlurmSubmitOperator(BaseOperator):
     def _evaluation_metrics(self, hook: SlurmHook) -> dict[str, Any]:
         """Suite -> metrics of the finished evaluation job (kept in its XCom for the dashboard)."""
         files = evaluation_files(dict(self.experiment), dict(self.job))
-        cycle = hook.poll_cycle([], CycleRequest(reads=[(path, 0, 1 << 20) for path in files.values()]))
+        chunks = hook.read_ranges([(path, 0, 1 << 20) for path in files.values()])
         metrics = {}
-        for suite, chunk in zip(files, cycle.chunks, strict=True):
+        for suite, chunk in zip(files, chunks, strict=True):
             try:
                 metrics[suite] = json.loads(chunk.data.decode()).get("metrics", {}) if chunk.size else {}
             except ValueError:

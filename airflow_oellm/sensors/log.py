@@ -115,8 +115,8 @@ class SlurmLogSensor(BaseSensorOperator):
         try:
             training = None
             if self._status_path():
-                first = hook.poll_cycle([], CycleRequest(reads=[(self._status_path(), 0, STATUS_READ_LIMIT)]))
-                training = TrainingStatus.from_json(first.chunks[0].data, context["ti"].run_id)
+                status_file = hook.read_range(self._status_path(), 0, STATUS_READ_LIMIT)
+                training = TrainingStatus.from_json(status_file.data, context["ti"].run_id)
                 wait.retarget(training)
             log = wait.read_request(DRAIN_BYTES)
             cycle = hook.poll_cycle([wait.target[0]], CycleRequest(reads=[log])) if wait.target and log else None

@@ -66,13 +66,13 @@ def terminal(status):
 @pytest.fixture(scope="module")
 def slow_jobs(hook, module_remote_dir):
     """Jobs whose outcome takes a while (time limit, purge from the queue), started first."""
-    tmo = hook.submit(put_job(hook, module_remote_dir, "tmo", "sleep 600"), ["--time=1"])[0]
-    gone = hook.submit(put_job(hook, module_remote_dir, "gone", "true"))[0]
+    tmo = hook.submit_unreconciled(put_job(hook, module_remote_dir, "tmo", "sleep 600"), ["--time=1"])[0]
+    gone = hook.submit_unreconciled(put_job(hook, module_remote_dir, "gone", "true"))[0]
     return {"timeout": tmo, "purged": gone}
 
 
 def test_submit_running_then_completed(hook, remote_dir, slow_jobs):
-    job_id, cluster = hook.submit(put_job(hook, remote_dir, "ok", "sleep 4; echo done"))
+    job_id, cluster = hook.submit_unreconciled(put_job(hook, remote_dir, "ok", "sleep 4; echo done"))
     assert cluster is None and job_id.isdigit()
     status, seen = wait_for(hook, job_id, terminal)
     assert JobState.RUNNING in seen
@@ -82,13 +82,13 @@ def test_submit_running_then_completed(hook, remote_dir, slow_jobs):
 
 
 def test_failed_with_exit_code(hook, remote_dir):
-    job_id, _ = hook.submit(put_job(hook, remote_dir, "fail", "exit 3"))
+    job_id, _ = hook.submit_unreconciled(put_job(hook, remote_dir, "fail", "exit 3"))
     status, _ = wait_for(hook, job_id, terminal)
     assert status.state is JobState.FAILED and (status.exit_code, status.exit_signal) == (3, 0)
 
 
 def test_cancelled_by_user(hook, dev_cluster, remote_dir):
-    job_id, _ = hook.submit(put_job(hook, remote_dir, "can", "sleep 300"))
+    job_id, _ = hook.submit_unreconciled(put_job(hook, remote_dir, "can", "sleep 300"))
     wait_for(hook, job_id, lambda s: s.state is JobState.RUNNING)
     hook.cancel([job_id])
     status, _ = wait_for(hook, job_id, terminal)
@@ -98,7 +98,7 @@ def test_cancelled_by_user(hook, dev_cluster, remote_dir):
 
 def test_cancel_with_a_signal_reaches_the_batch_shell(hook, remote_dir):
     body = "trap 'echo \"got USR1\"' USR1; echo trapping; for i in $(seq 120); do sleep 1; done"
-    job_id, _ = hook.submit(put_job(hook, remote_dir, "sig", body))
+    job_id, _ = hook.submit_unreconciled(put_job(hook, remote_dir, "sig", body))
     wait_for(hook, job_id, lambda s: s.state is JobState.RUNNING)
     out = f"{remote_dir}/sig-{job_id}.out"
     deadline = time.monotonic() + 20
@@ -115,7 +115,7 @@ def test_cancel_with_a_signal_reaches_the_batch_shell(hook, remote_dir):
 
 
 def test_array_job_as_a_whole_and_by_element(hook, remote_dir):
-    job_id, _ = hook.submit(put_job(hook, remote_dir, "arr", "sleep 1", "--array=0-3"))
+    job_id, _ = hook.submit_unreconciled(put_job(hook, remote_dir, "arr", "sleep 1", "--array=0-3"))
     status, _ = wait_for(hook, job_id, terminal)
     assert status.state is JobState.COMPLETED
     elements = hook.job_statuses([f"{job_id}_{i}" for i in range(4)])
@@ -124,7 +124,7 @@ def test_array_job_as_a_whole_and_by_element(hook, remote_dir):
 
 
 def test_requeue_keeps_the_job_alive_and_records_history(hook, dev_cluster, remote_dir):
-    job_id, _ = hook.submit(put_job(hook, remote_dir, "rq", "sleep 300", "--open-mode=append"))
+    job_id, _ = hook.submit_unreconciled(put_job(hook, remote_dir, "rq", "sleep 300", "--open-mode=append"))
     wait_for(hook, job_id, lambda s: s.state is JobState.RUNNING)
     dev_cluster.ssh(["scontrol", "requeue", job_id])
     status, seen = wait_for(
@@ -254,7 +254,7 @@ def test_secrets_reach_the_job_and_nowhere_else(hook, dev_cluster, remote_dir, r
 
 
 def test_exclude_nodes_on_a_pending_job(hook, dev_cluster, remote_dir):
-    job_id, _ = hook.submit(put_job(hook, remote_dir, "held", "true"), ["--hold"])
+    job_id, _ = hook.submit_unreconciled(put_job(hook, remote_dir, "held", "true"), ["--hold"])
     hook.exclude_nodes(job_id, [dev_cluster.env["SLURM_DEV_NODE"]])
     show = dev_cluster.ssh(["scontrol", "show", "job", "-o", job_id]).stdout
     assert f"ExcNodeList={dev_cluster.env['SLURM_DEV_NODE']} " in show

@@ -83,7 +83,9 @@ def finished(hook: SlurmHook, job_id: str, timeout: float = 30):
 
 
 def test_job_runs_to_completion_with_slurm_environment(hook, script, tmp_path):
-    job_id, cluster = hook.submit(script('echo "id=$SLURM_JOB_ID name=$SLURM_JOB_NAME"; pwd', name="hello"))
+    job_id, cluster = hook.submit_unreconciled(
+        script('echo "id=$SLURM_JOB_ID name=$SLURM_JOB_NAME"; pwd', name="hello")
+    )
     status = finished(hook, job_id)
     assert status.state is JobState.COMPLETED and status.exit_code == 0 and cluster is None
     assert status.name == "hello" and status.source == "sacct" and status.start and status.end
@@ -91,8 +93,8 @@ def test_job_runs_to_completion_with_slurm_environment(hook, script, tmp_path):
 
 
 def test_exit_status_and_signals_become_failed(hook, script):
-    failing = hook.submit(script("exit 3", name="three"))[0]
-    killed = hook.submit(script("kill -9 $$", name="killed"))[0]
+    failing = hook.submit_unreconciled(script("exit 3", name="three"))[0]
+    killed = hook.submit_unreconciled(script("kill -9 $$", name="killed"))[0]
     status = finished(hook, failing)
     assert status.state is JobState.FAILED and (status.exit_code, status.exit_signal) == (3, 0)
     status = finished(hook, killed)
@@ -101,12 +103,12 @@ def test_exit_status_and_signals_become_failed(hook, script):
 
 def test_time_limit_warns_then_times_out(hook, script, tmp_path):
     body = "trap 'echo warned; exit 0' USR1\nwhile true; do sleep 0.1; done"
-    job_id = hook.submit(script(body, name="slow", time="0:04", signal="B:USR1@2"))[0]
+    job_id = hook.submit_unreconciled(script(body, name="slow", time="0:04", signal="B:USR1@2"))[0]
     assert finished(hook, job_id).state is JobState.COMPLETED  # the batch shell caught the warning and left
     assert (tmp_path / f"slow-{job_id}.out").read_text().strip() == "warned"
 
     stubborn = "trap '' TERM\nwhile true; do sleep 0.1; done"
-    job_id = hook.submit(script(stubborn, name="stubborn", time="0:02"))[0]
+    job_id = hook.submit_unreconciled(script(stubborn, name="stubborn", time="0:02"))[0]
     started = time.monotonic()
     status = finished(hook, job_id)
     # SIGTERM at the limit is ignored; SIGKILL follows after the kill wait (3 s here)
@@ -116,7 +118,7 @@ def test_time_limit_warns_then_times_out(hook, script, tmp_path):
 def test_cancel_terminates_the_whole_process_group(hook, script, tmp_path):
     marker = tmp_path / "child.pid"
     body = f"sleep 300 & echo $! > {marker}\nwait"
-    job_id = hook.submit(script(body, name="tree"))[0]
+    job_id = hook.submit_unreconciled(script(body, name="tree"))[0]
     wait_state(hook, job_id, lambda s: s is JobState.RUNNING)
     deadline = time.monotonic() + 10
     while not marker.exists() and time.monotonic() < deadline:
@@ -130,8 +132,8 @@ def test_cancel_terminates_the_whole_process_group(hook, script, tmp_path):
 
 
 def test_jobs_wait_for_free_cpus(hook, script):
-    long = [hook.submit(script("sleep 3", name=f"long{i}"))[0] for i in range(2)]
-    queued = hook.submit(script("true", name="queued"))[0]
+    long = [hook.submit_unreconciled(script("sleep 3", name=f"long{i}"))[0] for i in range(2)]
+    queued = hook.submit_unreconciled(script("true", name="queued"))[0]
     wait_state(hook, long[1], lambda s: s is JobState.RUNNING)
     status = hook.job_status(queued)
     assert status.state is JobState.PENDING and status.reason == "Resources"
@@ -141,7 +143,7 @@ def test_jobs_wait_for_free_cpus(hook, script):
 
 def test_a_dead_supervisor_is_a_node_failure_and_its_job_is_stopped(hook, script, queue, tmp_path):
     marker = tmp_path / "shell.pid"
-    job_id = hook.submit(script(f"echo $$ > {marker}; sleep 300", name="orphan"))[0]
+    job_id = hook.submit_unreconciled(script(f"echo $$ > {marker}; sleep 300", name="orphan"))[0]
     wait_state(hook, job_id, lambda s: s is JobState.RUNNING)
     supervisor = json.loads((queue / "jobs" / job_id / "supervisor.json").read_text())["pid"]
     os.kill(supervisor, signal.SIGKILL)
@@ -178,9 +180,9 @@ def test_unknown_ids_and_refused_options(hook, script):
         ({"time": "soon"}, "invalid SLURM time"),
     ]:
         with pytest.raises(SlurmCommandError, match=message):
-            hook.submit(script("true", name="refused", **directive))
+            hook.submit_unreconciled(script("true", name="refused", **directive))
     with pytest.raises(SlurmCommandError, match="Unable to open file"):
-        hook.submit("/nonexistent/job.sbatch")
+        hook.submit_unreconciled("/nonexistent/job.sbatch")
 
 
 def test_options_parse_like_sbatch():
@@ -208,7 +210,7 @@ def test_quickstart_commands_work_on_a_real_local_job(hook, script):
         if line.startswith("oellm-local ")
     ]
     assert len(lines) == 3
-    job_id = hook.submit(script("sleep 60", name="quick"))[0]
+    job_id = hook.submit_unreconciled(script("sleep 60", name="quick"))[0]
     wait_state(hook, job_id, lambda s: s is JobState.RUNNING)
     command = str(Path(sys.executable).with_name("oellm-local"))
     outputs = []
