@@ -27,7 +27,7 @@ from airflow_oellm.config.naming import (
     experiment_name,
 )
 from airflow_oellm.monitor.accounting import running_gpu_hours_estimate, used_gpu_hours
-from airflow_oellm.monitor.watch import loss_at, thinned
+from airflow_oellm.monitor.watch import loss_at, merged_curve, thinned, validation_losses
 
 EVALUATE_TASKS = {CHECKPOINT_EVALUATE_TASK: False, COOLDOWN_EVALUATE_TASK: True}  # task -> is a cooldown's
 NEVER_RUN = "never run"
@@ -142,16 +142,6 @@ def state_counts(states: Iterable[str]) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def merged_curve(curves: Iterable[Sequence[Sequence[float]] | None]) -> list[tuple[float, float]]:
-    """Loss points of successive attempts: a later attempt's value wins where a resume re-ran iterations."""
-    points: dict[float, float] = {}
-    for curve in curves:
-        for point in curve or []:
-            if len(point) >= 2 and point[1] is not None:
-                points[point[0]] = point[1]
-    return sorted(points.items())
-
-
 def _attempts(run: RunRecord, task_id: str, map_index: int = -1) -> list[Mapping[str, Any]]:
     history = run.histories.get((task_id, map_index)) or {}
     attempts = history.get("attempts") or (run.result(task_id, map_index) or {}).get("attempts") or []
@@ -260,10 +250,8 @@ def evaluations(run: RunRecord, name: str) -> list[dict[str, Any]]:
     runs = [(name, TRAIN_TASK, -1)] + [(c.get("name", ""), COOLDOWN_TRAIN_TASK, i) for i, c in enumerate(cooldowns)]
     for run_name, task_id, map_index in runs:
         summaries = [_latest_summary(run, task_id, map_index), *_attempts(run, task_id, map_index)]
-        for source in summaries:
-            for point in source.get("validation") or []:
-                if point.get("split", "validation") == "validation" and point.get("iteration") is not None:
-                    row(run_name, int(point["iteration"]))["validation_loss"] = _number(point.get("loss"))
+        for iteration, loss in validation_losses(s.get("validation") for s in summaries).items():
+            row(run_name, iteration)["validation_loss"] = _number(loss)
     return sorted(rows.values(), key=lambda r: (r["run"] != name, r["run"], r["iteration"]))
 
 

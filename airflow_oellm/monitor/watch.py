@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,6 +124,27 @@ def thinned(points: Sequence[Any], limit: int) -> list[Any]:
         return list(points)
     step = (len(points) - 1) / (limit - 1)
     return [points[round(i * step)] for i in range(limit)]
+
+
+def merged_curve(curves: Iterable[Sequence[Sequence[float]] | None]) -> list[tuple[float, float]]:
+    """Loss points of successive attempts: a later attempt's value wins where a resume re-ran iterations."""
+    points: dict[float, float] = {}
+    for curve in curves:
+        for point in curve or []:
+            if len(point) >= 2 and point[1] is not None:
+                points[point[0]] = point[1]
+    return sorted(points.items())
+
+
+def validation_losses(sources: Iterable[Sequence[Mapping[str, Any]] | None]) -> dict[int, Any]:
+    """Iteration -> validation loss over successive attempts' points (a later one wins). A point without
+    a split is a validation point (the watch writes "validation" unless the log names another split)."""
+    losses: dict[int, Any] = {}
+    for points in sources:
+        for point in points or []:
+            if point.get("split", "validation") == "validation" and isinstance(point.get("iteration"), int):
+                losses[point["iteration"]] = point.get("loss")
+    return losses
 
 
 def loss_at(curve: Sequence[Sequence[float]], iteration: float) -> float | None:

@@ -36,7 +36,7 @@ from airflow_oellm.config.naming import (
 )
 from airflow_oellm.hooks.slurm import SlurmHook
 from airflow_oellm.monitor.accounting import used_gpu_hours, used_gpu_hours_by_kind
-from airflow_oellm.monitor.watch import loss_at
+from airflow_oellm.monitor.watch import loss_at, merged_curve, validation_losses
 
 
 def run_rows(
@@ -47,15 +47,19 @@ def run_rows(
 ) -> list[dict[str, Any]]:
     summary = (result or {}).get("summary") or {}
     attempts = (result or {}).get("attempts") or []
-    validation = {v["iteration"]: v["loss"] for v in summary.get("validation", []) if v.get("split") == "validation"}
-    checkpoints = sorted({*summary.get("checkpoints_saved", []), *(e["iteration"] for e in evaluations)})
+    # every attempt's record, then the last attempt's whole summary: what the dashboard shows too
+    sources = [*attempts, summary]
+    validation = validation_losses(s.get("validation") for s in sources)
+    saved = {c for s in sources for c in s.get("checkpoints_saved") or []}
+    checkpoints = sorted({*saved, *(e["iteration"] for e in evaluations)})
+    curve = run_curve(result)
     training_gpu_hours = used_gpu_hours(attempts)  # this run's training task, shown on each of its rows
     rows = []
     for iteration in checkpoints:
         row: dict[str, Any] = {
             "run": run,
             "iteration": iteration,
-            "train_loss": loss_at(summary.get("loss_curve", []), iteration),
+            "train_loss": loss_at(curve, iteration),
             "validation_loss": validation.get(iteration),
         }
         for entry in evaluations:
@@ -69,6 +73,12 @@ def run_rows(
         row["gpu_hours"] = round(training_gpu_hours, 3)
         row["attempts"] = len(attempts)
     return rows
+
+
+def run_curve(result: Mapping[str, Any] | None) -> list[tuple[float, float]]:
+    """A training's loss over all its attempts (as the dashboard draws it)."""
+    sources = [*((result or {}).get("attempts") or []), (result or {}).get("summary") or {}]
+    return merged_curve(s.get("loss_curve") for s in sources)
 
 
 def gpu_hours_line(planned: Mapping[str, Any] | None, used: Mapping[str, float]) -> str:
@@ -181,7 +191,7 @@ class ExperimentReportOperator(BaseOperator):
         columns = ["run", "iteration", "train_loss", "validation_loss"]
         metric_columns = sorted({k for r in rows for k in r} - {*columns, "gpu_hours", "attempts"})
         columns += [*metric_columns, "gpu_hours", "attempts"]
-        curves = {name: ((result or {}).get("summary") or {}).get("loss_curve", []) for name, _, result, _ in runs}
+        curves = {name: run_curve(result) for name, _, result, _ in runs}
         first_metric = next((c for c in columns if "." in c), None)
         evals_plot = {}
         if first_metric:

@@ -11,11 +11,10 @@ from airflow_oellm.dashboard.model import (
     RunRecord,
     TaskRecord,
     experiment_view,
-    merged_curve,
     sweep_view,
 )
 from airflow_oellm.dashboard.plot import Series, line_plot, nice_ticks
-from airflow_oellm.monitor.watch import PROGRESS_CURVE, JobWatch, WatchState, thinned
+from airflow_oellm.monitor.watch import PROGRESS_CURVE, JobWatch, WatchState, merged_curve, thinned
 from airflow_oellm.slurm.states import JobState, JobStatus
 
 pytestmark = pytest.mark.dashboard
@@ -249,3 +248,46 @@ def test_the_pages_render_rows_plots_and_the_timeline():
     )
     assert page.count('<tr class="kind-') == len(view.experiments[0].timeline) > 3
     assert "quick.perplexity" in page
+
+
+def test_the_report_and_the_dashboard_agree_on_a_run_that_retried():
+    """Both read every attempt: rows, losses and validation of the first attempt stay after a retry."""
+    from airflow_oellm.dashboard.model import evaluations, run_curve
+    from airflow_oellm.operators.report import run_curve as report_curve
+    from airflow_oellm.operators.report import run_rows
+
+    first = {
+        "try": 1,
+        "job_id": "101",
+        "end": when(-3600).isoformat(),
+        "gpu_hours": 8.0,
+        "loss_curve": [[10, 5.0], [20, 4.0], [25, 3.9]],
+        "validation": [{"iteration": 10, "loss": 4.8}],  # written without a split: a validation point
+        "checkpoints_saved": [10, 20],
+    }
+    last_summary = {
+        "loss_curve": [[21, 3.95], [30, 3.7]],
+        "validation": [
+            {"iteration": 30, "loss": 3.6, "split": "validation"},
+            {"iteration": 30, "loss": 9, "split": "test"},
+        ],
+        "checkpoints_saved": [30],
+    }
+    second = {"try": 2, "job_id": "102", "end": when(-60).isoformat(), "gpu_hours": 2.0, **last_summary}
+    result = {"final_state": "COMPLETED", "summary": last_summary, "attempts": [first, second]}
+    rows = {r["iteration"]: r for r in run_rows("lr1", result, [{"iteration": 20, "suites": []}], {})}
+    assert sorted(rows) == [10, 20, 30]
+    assert [rows[i]["train_loss"] for i in (10, 20, 30)] == [5.0, 4.0, 3.7]
+    assert [rows[i]["validation_loss"] for i in (10, 20, 30)] == [4.8, None, 3.6]
+    assert rows[10]["gpu_hours"] == 10.0 and rows[10]["attempts"] == 2
+    run = RunRecord(
+        dag_id="oellm__s__lr1",
+        run_id="manual__1",
+        state="success",
+        tasks=[TaskRecord("prepare", -1, "success", 1, 0), TaskRecord("train", -1, "success", 2, 1)],
+        xcoms={("prepare", -1, "config"): CONFIG, ("train", -1, "return_value"): result},
+        histories={("train", -1): {"attempts": [first, second]}},
+    )
+    shown = {r["iteration"]: r["validation_loss"] for r in evaluations(run, "lr1")}
+    assert shown == {i: rows[i]["validation_loss"] for i in (10, 30)}
+    assert run_curve(run, "train") == report_curve(result)
