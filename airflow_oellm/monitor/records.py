@@ -13,7 +13,7 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypedDict
 
 STATUS_READ_LIMIT = 64 * 1024  # bytes of a status file worth reading (it is a few hundred)
 
@@ -85,6 +85,40 @@ class TrainingStatus:
             raw.get("reason"),
             _int(raw.get("iteration")),
         )
+
+
+class ValidationPoint(TypedDict, total=False):
+    iteration: int
+    loss: float | None
+    ppl: float | None
+    split: str  # "validation" unless the log names another (test); a point without one is validation
+
+
+class WatchSummary(TypedDict):
+    """What the watch folds a job's log into (monitor/watch.summarize): in the trigger's finished event,
+    the `result` XCom, each attempt's record (in part) and the `progress` XCom. Readers use `.get`:
+    summaries written by older versions lack the later keys."""
+
+    counts: dict[str, int]  # event name -> how often
+    last_iteration: int | None
+    first_iteration: int | None
+    train_iters: int | None
+    last_loss: float | None
+    last_lr: float | None
+    tokens_per_second_per_gpu: float | None
+    iteration_ms: float | None
+    consumed_samples: int | None
+    global_batch_size: int | None
+    running_since: float | None  # when the job was first seen running (the dashboard's estimate)
+    checkpoints_saved: list[int]
+    resumed_from: int | None
+    validation: list[ValidationPoint]
+    training_done: bool
+    iterations_run: int
+    faults: list[str]
+    loss_curve: list[list[float]]  # [iteration, loss], thinned when long
+    log_skipped_bytes: int
+    nan_intervals: int  # consecutive iteration lines, up to the last, with a NaN or infinite loss
 
 
 # An attempt's keys as the submission writes them, then the ones its end adds (in that order).

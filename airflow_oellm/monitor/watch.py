@@ -16,6 +16,7 @@ from typing import Any
 from airflow_oellm.megatron.logs import is_finite_number
 from airflow_oellm.monitor.events import Event, EventMatcher, EventSpec
 from airflow_oellm.monitor.inactivity import Activity
+from airflow_oellm.monitor.records import WatchSummary
 from airflow_oellm.slurm.commands import FileChunk
 from airflow_oellm.slurm.operations import CycleRequest, PollUpdate
 from airflow_oellm.slurm.states import JobStatus
@@ -39,7 +40,7 @@ SPLITS = {"val": "validation", "valid": "validation"}
 NOTEWORTHY = frozenset({"checkpoint_saved", "checkpoint_loaded", "fresh_start", "validation", "training_done"})
 
 
-def empty_summary() -> dict[str, Any]:
+def empty_summary() -> WatchSummary:
     return {
         "counts": {},
         "last_iteration": None,
@@ -60,11 +61,11 @@ def empty_summary() -> dict[str, Any]:
         "faults": [],
         "loss_curve": [],
         "log_skipped_bytes": 0,
-        "nan_intervals": 0,  # consecutive iteration lines, up to the last, with a NaN or infinite loss
+        "nan_intervals": 0,
     }
 
 
-def summarize(summary: dict[str, Any], event: Event) -> None:
+def summarize(summary: WatchSummary, event: Event) -> None:
     """Fold one event into the attempt's summary (bounded in size)."""
     counts = summary["counts"]
     counts[event.name] = counts.get(event.name, 0) + 1
@@ -162,7 +163,7 @@ class WatchState:
     log_path: str
     matcher: dict[str, Any] = field(default_factory=dict)
     activity: dict[str, Any] = field(default_factory=dict)
-    summary: dict[str, Any] = field(default_factory=empty_summary)
+    summary: WatchSummary = field(default_factory=empty_summary)
     hang: bool = False
     diverged: bool = False  # the loss was NaN for `nan_limit` log intervals in a row: the job was stopped
     cancelled_by_us: bool = False

@@ -325,3 +325,11 @@ def test_gpu_hours_used_by_an_attempt():
         assert attempt_used_gpu_hours(start, end, gpus) is None
     assert used_gpu_hours([{"gpu_hours": 1.5}, {"gpu_hours": None}, {}, {"gpu_hours": 2}]) == 3.5
     assert running_gpu_hours_estimate(0.0, 1800.0, 8) == 4.0 and running_gpu_hours_estimate(10.0, 0.0, 8) == 0.0
+
+
+def test_the_watch_summary_is_declared_once():
+    from typing import get_type_hints
+
+    from airflow_oellm.monitor.records import WatchSummary
+
+    assert list(empty_summary()) == list(get_type_hints(WatchSummary))
