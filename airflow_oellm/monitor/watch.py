@@ -354,8 +354,8 @@ class JobFollower:
     """Follows one job across poll cycles, without I/O: the trigger (through the shared poller) and
     the operator's own polling loop (deferrable=False) feed it each cycle's update and do what it says.
 
-    The first cycle reads the state an earlier follower saved, so a restarted triggerer or worker
-    continues at the same byte. The state is saved with a later cycle: at once after a checkpoint, a
+    The first cycle reads the state an earlier follower of the same try saved, so a restarted
+    triggerer continues at the same byte. The state is saved with a later cycle: at once after a checkpoint, a
     validation or a hang, else once a minute. A permanent connection error lasting beyond
     PERMANENT_ERROR_GRACE ends the following; a transient one never does.
     """
