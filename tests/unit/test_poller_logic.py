@@ -130,3 +130,24 @@ def test_file_requests_ride_along_and_come_back_to_their_watcher():
     assert [c.path for c in got["b"].chunks] == ["/b.log"] and got["b"].status is None
     assert got["a"].mtimes == {"/x": 1.0} and got["b"].mtimes == {"/x": 1.0, "/y": 1.0}
     assert hook.calls == [["1"]]  # one cycle for both watchers
+
+
+def test_a_sync_poll_becomes_the_same_update_the_poller_gives():
+    """The worker's own polling loop hands the follower what a triggerer's poller would."""
+    from airflow_oellm.slurm.operations import PollUpdate
+
+    status = JobStatus("7", JobState.RUNNING)
+    request = CycleRequest(reads=[("/log", 0, 10)], stats=["/out/a", "/out/b"], writes=[("/state", b"{}")])
+    result = CycleResult({"7": status}, [FileChunk("/log", 0, 3, b"abc")], [1.0, None], [], [True])
+    update = PollUpdate.from_cycle("7", request, result, 4)
+    assert update == PollUpdate(
+        "7", status, 4, chunks=(result.chunks[0],), mtimes={"/out/a": 1.0, "/out/b": None}, writes_ok=(True,)
+    )
+    failed = PollUpdate.failed("7", SlurmCommandError("Permission denied", transient=False), 5, 1)
+    assert (failed.status, failed.error, failed.permanent, failed.consecutive_failures) == (
+        None,
+        "Permission denied",
+        True,
+        1,
+    )
+    assert PollUpdate.from_cycle(None, CycleRequest(), CycleResult({}, [], [], [], []), 1).status is None
