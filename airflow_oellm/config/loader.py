@@ -35,7 +35,14 @@ from airflow_oellm.config.budget import (
 from airflow_oellm.config.compose import Composed, Composer, config_roots
 from airflow_oellm.config.errors import ConfigError, Issue, shown
 from airflow_oellm.config.expressions import ExpressionError
-from airflow_oellm.config.naming import NamingError, check_name, check_output_root, dag_id, render_template
+from airflow_oellm.config.naming import (
+    NamingError,
+    check_name,
+    check_output_root,
+    dag_id,
+    job_path_interpolations,
+    render_template,
+)
 from airflow_oellm.config.noops import SweepMember, inert_axes
 from airflow_oellm.config.overrides import apply_overrides, locate, parse_overrides, split_group_choices
 from airflow_oellm.config.platforms import unmet_requirements
@@ -518,12 +525,7 @@ class SweepLoader:
             "index": point.index,
             "sweep": sweep_name,
             "dag_id": the_dag_id,
-            "output_dir": "${project.base_output_dir}/" + name,
-            "checkpoint_dir": "${experiment.output_dir}/checkpoints",
-            "log_dir": "${experiment.output_dir}/logs",
-            "log_path": "${experiment.log_dir}/" + name + "-%j.out",
-            "script_dir": "${experiment.output_dir}/scripts",
-            "provenance_dir": "${experiment.output_dir}/provenance",
+            **job_path_interpolations(name),
             "parameters": copy.deepcopy(point.values),
         }
         resolved = _resolve(data, composed_point)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
 from airflow_oellm.config.errors import ConfigError, Issue, did_you_mean, shown
-from airflow_oellm.config.naming import NamingError, check_name
+from airflow_oellm.config.naming import NamingError, check_name, job_paths
 from airflow_oellm.config.overrides import apply_overrides, parse_overrides
 from airflow_oellm.config.schema import CooldownConfig, EvalSuiteConfig, RootConfig
 from airflow_oellm.config.validate import Validator, iteration_arg
@@ -94,19 +94,6 @@ class Milestones:
     checkpoints: list[int]
     evaluations: list[CheckpointBranch] = field(default_factory=list)  # one per converted checkpoint
     cooldowns: list[CooldownBranch] = field(default_factory=list)
-
-
-def job_paths(name: str, out: str) -> dict[str, str]:
-    """The `experiment` section's paths for a job named `name` writing to `out` (as the planner lays out)."""
-    return {
-        "name": name,
-        "output_dir": out,
-        "checkpoint_dir": f"{out}/checkpoints",
-        "log_dir": f"{out}/logs",
-        "log_path": f"{out}/logs/{name}-%j.out",
-        "script_dir": f"{out}/scripts",
-        "provenance_dir": f"{out}/provenance",
-    }
 
 
 def _side_job(
@@ -209,12 +196,13 @@ def cooldown_config(
         raise ConfigError(Issue(str(exc), key="cooldowns")) from None
     job = copy.deepcopy(parent)
     out = posixpath.join(posixpath.dirname(cfg.experiment.output_dir), name)
-    job["experiment"].update(job_paths(name, out))
+    paths = job_paths(name, out)
+    job["experiment"].update(paths)
     args = job["backend"].setdefault("args", {})
     if cfg.backend.name == "megatron":
         args.update(
             load=cfg.experiment.checkpoint_dir,
-            save=f"{out}/checkpoints",
+            save=paths["checkpoint_dir"],
             ckpt_step=spec.at,
             override_opt_param_scheduler=True,
         )

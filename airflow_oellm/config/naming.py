@@ -94,6 +94,49 @@ def check_output_root(path: str, what: str = "project.base_output_dir") -> str:
     return normal
 
 
+# The layout of a job's output directory on the cluster. Only log file names carry the job id (%j).
+CHECKPOINTS_DIR = "checkpoints"
+LOGS_DIR = "logs"
+SCRIPTS_DIR = "scripts"
+PROVENANCE_DIR = "provenance"
+REPORT_DIR = "report"
+
+
+def log_file(name: str) -> str:
+    return f"{name}-%j.out"
+
+
+def script_file(name: str, try_number: int) -> str:
+    return f"{name}-try{try_number}.sbatch"
+
+
+def job_paths(name: str, out: str) -> dict[str, str]:
+    """The `experiment` section's paths of a job named `name` writing to `out`."""
+    return {
+        "name": name,
+        "output_dir": out,
+        "checkpoint_dir": f"{out}/{CHECKPOINTS_DIR}",
+        "log_dir": f"{out}/{LOGS_DIR}",
+        "log_path": f"{out}/{LOGS_DIR}/{log_file(name)}",
+        "script_dir": f"{out}/{SCRIPTS_DIR}",
+        "provenance_dir": f"{out}/{PROVENANCE_DIR}",
+    }
+
+
+def job_path_interpolations(name: str) -> dict[str, str]:
+    """`job_paths` as the loader writes them before resolution: under `${project.base_output_dir}`,
+    each derived from `${experiment.output_dir}` (so an override of one moves the others)."""
+    out, logs = "${experiment.output_dir}", "${experiment.log_dir}"
+    return {
+        "output_dir": "${project.base_output_dir}/" + name,
+        "checkpoint_dir": f"{out}/{CHECKPOINTS_DIR}",
+        "log_dir": f"{out}/{LOGS_DIR}",
+        "log_path": f"{logs}/{log_file(name)}",
+        "script_dir": f"{out}/{SCRIPTS_DIR}",
+        "provenance_dir": f"{out}/{PROVENANCE_DIR}",
+    }
+
+
 # DAG ids: `oellm__<sweep>` runs a sweep, `oellm__<sweep>__<experiment>` is one experiment. An experiment
 # name may itself hold `__`; a sweep name holding it (or ending in `_`) is ambiguous, and the first
 # part is taken as the sweep.

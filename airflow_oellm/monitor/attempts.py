@@ -15,6 +15,7 @@ from typing import Any
 
 from airflow_oellm.config.errors import ConfigError
 from airflow_oellm.config.milestones import job_config, typed
+from airflow_oellm.config.naming import job_paths, script_file
 from airflow_oellm.config.schema import RootConfig
 from airflow_oellm.monitor.accounting import attempt_used_gpu_hours
 from airflow_oellm.monitor.classify import (
@@ -65,7 +66,7 @@ class JobSettings:
     rules: list[Rule]  # the task's own rules, then the config's, then the defaults
 
     def script_path(self, try_number: int) -> str:
-        return f"{self.script_dir}/{self.name}-try{try_number}.sbatch"
+        return f"{self.script_dir}/{script_file(self.name, try_number)}"
 
 
 def attempt_rules(config_rules: Sequence[Mapping[str, Any]], own: Sequence[Mapping[str, Any]] = ()) -> list[Rule]:
@@ -95,13 +96,14 @@ def job_settings(
     if experiment is None:
         output = (output_dir or "").rstrip("/")
         name = job_name or task_id
+        paths = job_paths(name, output)
         return JobSettings(
             config=None,
             training=bool(expects_training),
             output_dir=output,
             name=name,
-            log_path=log_path or f"{output}/logs/{name}-%j.out",
-            script_dir=f"{output}/scripts",
+            log_path=log_path or paths["log_path"],
+            script_dir=paths["script_dir"],
             checkpoint_dir=checkpoint_dir,
             events=own_events,
             inactivity=inactivity_threshold,

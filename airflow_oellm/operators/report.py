@@ -28,6 +28,7 @@ from airflow_oellm.config.naming import (
     COOLDOWNS_KEY,
     EVALUATE_TASK,
     PREPARE_TASK,
+    REPORT_DIR,
     REPORT_TASK,
     RESULT_KEY,
     RUN_TASK,
@@ -211,7 +212,7 @@ class ExperimentReportOperator(BaseOperator):
             "columns": columns,
             "rows": rows,
             "gpu_hours": {"planned": planned, "used": used},
-            "output": f"{exp['output_dir']}/report",
+            "output": f"{exp['output_dir']}/{REPORT_DIR}",
         }
         text = markdown(rows, columns) + "\n" + gpu_hours_line(planned, used) + "\n"
         self._write(exp["output_dir"], text, rows, columns, plot(curves, evals_plot, exp["name"]), report)
@@ -255,7 +256,7 @@ class ExperimentReportOperator(BaseOperator):
         writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-        directory = f"{output_dir}/report"
+        directory = f"{output_dir}/{REPORT_DIR}"
         files = [
             (f"{directory}/report.md", text.encode()),
             (f"{directory}/report.csv", buffer.getvalue().encode()),

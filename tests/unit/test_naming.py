@@ -54,3 +54,18 @@ def test_the_wire_values_stay():
     keys = (naming.RETURN_KEY, naming.RESULT_KEY, naming.PROGRESS_KEY, naming.CONFIG_KEY, naming.COOLDOWNS_KEY)
     assert keys == ("return_value", "result", "progress", "config", "cooldowns")
     assert naming.HISTORY_KEY == "oellm_attempts"
+
+
+def test_the_loader_and_the_planner_lay_out_outputs_alike():
+    """One layout: an experiment's resolved paths, and a cooldown's, are naming.job_paths of its name."""
+    from airflow_oellm.config import load_sweep
+    from airflow_oellm.config.milestones import job_config
+    from airflow_oellm.config.naming import job_paths
+    from tests.conftest import REPO
+
+    exp = load_sweep(REPO / "config" / "sweeps" / "cooldowns_and_evals.yaml").experiments[0]
+    section = exp.resolved["experiment"]
+    assert {k: section[k] for k in job_paths("x", "/o")} == job_paths(exp.name, section["output_dir"])
+    cooled = job_config(exp.runtime_config(), {"kind": "cooldown", "cooldown": 0})["experiment"]
+    assert {k: cooled[k] for k in job_paths("x", "/o")} == job_paths(cooled["name"], cooled["output_dir"])
+    assert cooled["output_dir"] != section["output_dir"]
