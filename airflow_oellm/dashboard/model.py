@@ -187,7 +187,8 @@ def _gpus(config: Mapping[str, Any]) -> float:
 
 
 def run_gpu_hours_so_far(run: RunRecord, config: Mapping[str, Any], now: float) -> float:
-    """GPU-hours every ended attempt of every job used, plus an estimate for jobs still running."""
+    """GPU-hours every ended attempt of every job used, plus an estimate for jobs still running (with
+    the GPUs the running job holds, as its submission recorded; the experiment's for older records)."""
     total = 0.0
     keys = {(t.task_id, t.map_index) for t in run.tasks} | set(run.histories)
     for task_id, map_index in keys:
@@ -203,7 +204,9 @@ def run_gpu_hours_so_far(run: RunRecord, config: Mapping[str, Any], now: float) 
             and _running(run, task_id, map_index)
             and progress.get("job_id") not in finished
         ):
-            total += running_gpu_hours_estimate(since, now, _gpus(config))
+            current = next((a for a in attempts if a.get("job_id") == progress.get("job_id")), {})
+            gpus = _number(current.get("gpus"))
+            total += running_gpu_hours_estimate(since, now, _gpus(config) if gpus is None else gpus)
     return round(total, 3)
 
 

@@ -122,7 +122,7 @@ class WatchSummary(TypedDict):
 
 
 # An attempt's keys as the submission writes them, then the ones its end adds (in that order).
-SUBMISSION_KEYS = ("try", "job_id", "submission", "log_path", "checkpoint_before", "submitted_at")
+SUBMISSION_KEYS = ("try", "job_id", "submission", "log_path", "checkpoint_before", "submitted_at", "gpus")
 OUTCOME_KEYS = (
     "start",
     "end",
@@ -142,7 +142,8 @@ OUTCOME_KEYS = (
     "faults",
     "iteration_ms",
 )
-_OPTIONAL_SUBMISSION = ("submission", "log_path", "submitted_at")  # absent when the submission went unrecorded
+# absent when the submission went unrecorded; `gpus` also in records written before it was kept
+_OPTIONAL_SUBMISSION = ("submission", "log_path", "submitted_at", "gpus")
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,7 @@ class AttemptRecord:
     submission: str | None = None  # submitted | adopted (see slurm/operations.py)
     log_path: str | None = None
     submitted_at: float | None = None
+    gpus: int | None = None  # what the job holds (its own resources: a conversion's are not the training's)
     start: str | None = None
     end: str | None = None
     gpu_hours: float | None = None  # this attempt's, from sacct's start and end

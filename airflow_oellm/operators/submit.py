@@ -231,7 +231,7 @@ class SlurmSubmitOperator(BaseOperator):
             log_path = s.log_path.replace("%j", outcome.job_id)
             self._job_id = outcome.job_id
             self.log.info("%s job %s (try %d) -> log %s", outcome.kind, outcome.job_id, ti.try_number, log_path)
-            attempt = AttemptRecord(ti.try_number, outcome.job_id, before, outcome.kind, log_path, time.time())
+            attempt = AttemptRecord(ti.try_number, outcome.job_id, before, outcome.kind, log_path, time.time(), s.gpus)
             if store is not None:
                 store.set(HISTORY_KEY, history.put(attempt).to_dict())
             ti.xcom_push(key=JOB_ID_KEY, value=outcome.job_id)

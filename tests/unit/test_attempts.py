@@ -70,7 +70,7 @@ def ended(
 
 
 def submitted(try_number: int, job_id: str, before: int | None) -> AttemptRecord:
-    return AttemptRecord(try_number, job_id, before, "submitted", f"/out/logs/x-{job_id}.out", 1.0e9)
+    return AttemptRecord(try_number, job_id, before, "submitted", f"/out/logs/x-{job_id}.out", 1.0e9, 8)
 
 
 def history_of(*attempts: AttemptRecord) -> AttemptHistory:
@@ -283,6 +283,8 @@ def test_records_keep_their_wire_keys():
     attempt = submitted(1, "101", None)
     assert list(attempt.to_dict()) == list(SUBMISSION_KEYS)
     assert AttemptRecord.from_dict(attempt.to_dict()) == attempt
+    older = {k: v for k, v in attempt.to_dict().items() if k != "gpus"}  # written before gpus was kept
+    assert AttemptRecord.from_dict(older).to_dict() == older
     stored = {
         "attempts": [{"try": 1, "job_id": "9", "checkpoint_before": 3, "unknown_later_key": 1}],
         "exclude": ["n1"],

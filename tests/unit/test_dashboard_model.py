@@ -53,7 +53,7 @@ def running_run() -> RunRecord:
         "checkpoints_saved": [10, 20],
         "faults": [],
     }
-    second_try = {"try": 2, "job_id": "102", "submission": "submitted", "submitted_at": NOW - 1800}
+    second_try = {"try": 2, "job_id": "102", "submission": "submitted", "submitted_at": NOW - 1800, "gpus": 8}
     progress = {
         "job_id": "102",
         "job_state": "RUNNING",
@@ -291,3 +291,18 @@ def test_the_report_and_the_dashboard_agree_on_a_run_that_retried():
     shown = {r["iteration"]: r["validation_loss"] for r in evaluations(run, "lr1")}
     assert shown == {i: rows[i]["validation_loss"] for i in (10, 30)}
     assert run_curve(run, "train") == report_curve(result)
+
+
+def test_a_running_side_job_is_estimated_with_its_own_gpus():
+    """An evaluation holds its own resources (one GPU here), not the training's eight."""
+    run = running_run()
+    run.tasks.append(TaskRecord("checkpoint.evaluate", 2, "deferred", 1, 1))
+    run.xcoms[("checkpoint.evaluate", 2, "progress")] = {
+        "job_id": "301",
+        "job_state": "RUNNING",
+        "updated": NOW - 10,
+        "summary": {"running_since": NOW - 3600},
+    }
+    run.histories[("checkpoint.evaluate", 2)] = {"attempts": [{"try": 1, "job_id": "301", "gpus": 1}]}
+    view = experiment_view("oellm__s__lr1", "lr1", run, NOW)
+    assert view.gpu_hours == pytest.approx(8.0 + 1.5 + 0.5 * 8 + 1.0 * 1)
