@@ -27,6 +27,7 @@ from airflow_oellm.config.naming import (
     experiment_name,
 )
 from airflow_oellm.monitor.accounting import running_gpu_hours_estimate, used_gpu_hours
+from airflow_oellm.monitor.records import AttemptHistory, AttemptRecord
 from airflow_oellm.monitor.watch import loss_at, merged_curve, thinned, validation_losses
 
 EVALUATE_TASKS = {CHECKPOINT_EVALUATE_TASK: False, COOLDOWN_EVALUATE_TASK: True}  # task -> is a cooldown's
@@ -142,10 +143,12 @@ def state_counts(states: Iterable[str]) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def _attempts(run: RunRecord, task_id: str, map_index: int = -1) -> list[Mapping[str, Any]]:
-    history = run.histories.get((task_id, map_index)) or {}
-    attempts = history.get("attempts") or (run.result(task_id, map_index) or {}).get("attempts") or []
-    return sorted(attempts, key=lambda a: a.get("try", 0))
+def _attempts(run: RunRecord, task_id: str, map_index: int = -1) -> list[AttemptRecord]:
+    """The task's attempts: its history in the task state store, else those its result carries."""
+    history = AttemptHistory.from_dict(run.histories.get((task_id, map_index)))
+    if not history.attempts:
+        history = AttemptHistory.from_dict({"attempts": (run.result(task_id, map_index) or {}).get("attempts")})
+    return sorted(history.attempts, key=lambda a: a.try_number)
 
 
 def _progress(run: RunRecord, task_id: str, map_index: int = -1) -> Mapping[str, Any]:
@@ -159,7 +162,7 @@ def _running(run: RunRecord, task_id: str, map_index: int = -1) -> bool:
 
 def run_curve(run: RunRecord, task_id: str, map_index: int = -1) -> list[tuple[float, float]]:
     """Every attempt's loss points, then the running attempt's (its progress) or the final result's."""
-    curves = [a.get("loss_curve") for a in _attempts(run, task_id, map_index)]
+    curves: list[Any] = [a.loss_curve for a in _attempts(run, task_id, map_index)]
     curves.append(((run.result(task_id, map_index) or {}).get("summary") or {}).get("loss_curve"))
     curves.append((_progress(run, task_id, map_index).get("summary") or {}).get("loss_curve"))
     return thinned(merged_curve(curves), CURVE_POINTS)
@@ -193,19 +196,19 @@ def run_gpu_hours_so_far(run: RunRecord, config: Mapping[str, Any], now: float) 
     keys = {(t.task_id, t.map_index) for t in run.tasks} | set(run.histories)
     for task_id, map_index in keys:
         attempts = _attempts(run, task_id, map_index)
-        total += used_gpu_hours(attempts)
+        total += used_gpu_hours(a.gpu_hours for a in attempts)
         progress = _progress(run, task_id, map_index)
         summary = progress.get("summary") or {}
         since = _number(summary.get("running_since"))
-        finished = {a.get("job_id") for a in attempts if a.get("end")}
+        finished = {a.job_id for a in attempts if a.end}
         if (
             since
             and progress.get("job_state") == "RUNNING"
             and _running(run, task_id, map_index)
             and progress.get("job_id") not in finished
         ):
-            current = next((a for a in attempts if a.get("job_id") == progress.get("job_id")), {})
-            gpus = _number(current.get("gpus"))
+            current = next((a for a in attempts if a.job_id == progress.get("job_id")), None)
+            gpus = _number(current.gpus) if current else None
             total += running_gpu_hours_estimate(since, now, _gpus(config) if gpus is None else gpus)
     return round(total, 3)
 
@@ -252,8 +255,9 @@ def evaluations(run: RunRecord, name: str) -> list[dict[str, Any]]:
                         target["metrics"][f"{suite}.{metric}"] = _number(value)
     runs = [(name, TRAIN_TASK, -1)] + [(c.get("name", ""), COOLDOWN_TRAIN_TASK, i) for i, c in enumerate(cooldowns)]
     for run_name, task_id, map_index in runs:
-        summaries = [_latest_summary(run, task_id, map_index), *_attempts(run, task_id, map_index)]
-        for iteration, loss in validation_losses(s.get("validation") for s in summaries).items():
+        sources = [_latest_summary(run, task_id, map_index).get("validation")]
+        sources += [a.validation for a in _attempts(run, task_id, map_index)]
+        for iteration, loss in validation_losses(sources).items():
             row(run_name, iteration)["validation_loss"] = _number(loss)
     return sorted(rows.values(), key=lambda r: (r["run"] != name, r["run"], r["iteration"]))
 
@@ -271,30 +275,28 @@ def timeline(run: RunRecord) -> list[TimelineEntry]:
     ]
     for task_id, map_index, label in trainings:
         for a in _attempts(run, task_id, map_index):
-            tried = f"{label} try {a.get('try')}"
+            tried = f"{label} try {a.try_number}"
             entries.append(
                 TimelineEntry(
-                    _number(a.get("submitted_at")),
+                    _number(a.submitted_at),
                     "submit",
-                    f"{tried}: job {a.get('job_id')} {a.get('submission', 'submitted')}"
-                    + (f", from checkpoint {a['checkpoint_before']}" if a.get("checkpoint_before") else ""),
+                    f"{tried}: job {a.job_id} {a.submission or 'submitted'}"
+                    + (f", from checkpoint {a.checkpoint_before}" if a.checkpoint_before else ""),
                 )
             )
-            for line in a.get("faults") or []:
-                entries.append(TimelineEntry(_iso(a.get("end")), "fault", f"{tried}: {line}"))
-            if a.get("checkpoints_saved"):
-                saved = ", ".join(str(c) for c in a["checkpoints_saved"])
-                entries.append(
-                    TimelineEntry(_iso(a.get("end")), "checkpoint", f"{tried}: checkpoints saved at {saved}")
-                )
-            if a.get("verdict"):
-                kind = {"retry": "retry", "fatal": "fault"}.get(a["verdict"], "end")
+            for line in a.faults:
+                entries.append(TimelineEntry(_iso(a.end), "fault", f"{tried}: {line}"))
+            if a.checkpoints_saved:
+                saved = ", ".join(str(c) for c in a.checkpoints_saved)
+                entries.append(TimelineEntry(_iso(a.end), "checkpoint", f"{tried}: checkpoints saved at {saved}"))
+            if a.verdict:
+                kind = {"retry": "retry", "fatal": "fault"}.get(a.verdict, "end")
                 entries.append(
                     TimelineEntry(
-                        _iso(a.get("end")),
+                        _iso(a.end),
                         kind,
-                        f"{tried}: job {a.get('job_id')} ended {a.get('raw_state') or a.get('state')}"
-                        f" at iteration {a.get('last_iteration')} -> {a['verdict']} ({a.get('reason')})",
+                        f"{tried}: job {a.job_id} ended {a.raw_state or a.state}"
+                        f" at iteration {a.last_iteration} -> {a.verdict} ({a.reason})",
                     )
                 )
     for task in run.tasks:
@@ -317,16 +319,16 @@ def _iso(value: Any) -> float | None:
 
 
 def _job_state(
-    run: RunRecord, attempts: Sequence[Mapping[str, Any]], progress: Mapping[str, Any], result: Mapping[str, Any]
+    run: RunRecord, attempts: Sequence[AttemptRecord], progress: Mapping[str, Any], result: Mapping[str, Any]
 ) -> str | None:
     """The training job's SLURM state: live while the task waits for it, else how its last job ended
     (a retry's task may still hold its predecessor's progress until it starts)."""
-    ended = {a.get("job_id"): a.get("state") for a in attempts if a.get("verdict")}
+    ended = {a.job_id: a.state for a in attempts if a.verdict}
     if _running(run, TRAIN_TASK) and progress.get("job_id") not in ended:
         return progress.get("job_state")
     if result.get("final_state"):
         return result["final_state"]
-    return ended.get(progress.get("job_id")) or (attempts[-1].get("state") if attempts else None)
+    return ended.get(progress.get("job_id")) or (attempts[-1].state if attempts else None)
 
 
 def experiment_view(dag_id: str, name: str, run: RunRecord | None, now: float) -> ExperimentView:
@@ -344,7 +346,7 @@ def experiment_view(dag_id: str, name: str, run: RunRecord | None, now: float) -
     iteration = summary.get("last_iteration")
     if iteration is None:
         iteration = result.get("last_iteration") or next(
-            (a.get("last_iteration") or a.get("checkpoint_after") for a in reversed(attempts)), None
+            (a.last_iteration or a.checkpoint_after for a in reversed(attempts)), None
         )
     train_iters = summary.get("train_iters") or args.get("train_iters")
     view = ExperimentView(

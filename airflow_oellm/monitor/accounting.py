@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+from airflow_oellm.monitor.records import AttemptHistory, AttemptRecord
+
 
 def attempt_used_gpu_hours(start: str | None, end: str | None, gpus: int | None) -> float | None:
     """Hours between sacct's start and end times the job's GPUs; None when any is unknown."""
@@ -27,23 +29,22 @@ def attempt_used_gpu_hours(start: str | None, end: str | None, gpus: int | None)
     return round(max(seconds, 0) / 3600 * gpus, 4)
 
 
-def used_gpu_hours(attempts: Iterable[Mapping[str, Any]]) -> float:
-    """What these attempts used (an attempt without a figure counts nothing)."""
-    total = 0.0
-    for attempt in attempts:
-        value = attempt.get("gpu_hours")
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            total += value
-    return total
+def used_gpu_hours(figures: Iterable[float | None]) -> float:
+    """What attempts used, from their `gpu_hours` (an attempt without a figure counts nothing)."""
+    return sum(f for f in figures if isinstance(f, int | float) and not isinstance(f, bool))
 
 
 def used_gpu_hours_by_kind(results: Mapping[str, Sequence[Mapping[str, Any] | None]]) -> dict[str, float]:
     """Kind of job -> GPU-hours its tasks' attempts used (from each task's result), and the total."""
     used = {
-        kind: round(sum(used_gpu_hours((r or {}).get("attempts") or []) for r in found), 3)
+        kind: round(sum(used_gpu_hours(a.gpu_hours for a in _attempts(r)) for r in found), 3)
         for kind, found in results.items()
     }
     return {**used, "total": round(sum(used.values()), 3)}
+
+
+def _attempts(result: Mapping[str, Any] | None) -> tuple[AttemptRecord, ...]:
+    return AttemptHistory.from_dict({"attempts": (result or {}).get("attempts")}).attempts
 
 
 def running_gpu_hours_estimate(running_since: float, now: float, gpus: float) -> float:

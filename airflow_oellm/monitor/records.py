@@ -186,9 +186,10 @@ class AttemptRecord:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AttemptRecord:
-        known = {f.name for f in fields(cls)} - {"try_number"}
+        known = {f.name for f in fields(cls)} - {"try_number", "job_id"}
         values = {k: v for k, v in data.items() if k in known and v is not None}
-        return cls(try_number=int(data.get("try") or 0), **values)
+        job_id = data.get("job_id")
+        return cls(_int(data.get("try")) or 0, None if job_id is None else str(job_id), **values)
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from airflow_oellm.config.naming import (
 )
 from airflow_oellm.hooks.slurm import SlurmHook
 from airflow_oellm.monitor.accounting import used_gpu_hours, used_gpu_hours_by_kind
+from airflow_oellm.monitor.records import AttemptHistory
 from airflow_oellm.monitor.watch import loss_at, merged_curve, validation_losses
 
 
@@ -47,14 +48,13 @@ def run_rows(
     metrics: Mapping[tuple[int, str], Mapping[str, Any]],
 ) -> list[dict[str, Any]]:
     summary = (result or {}).get("summary") or {}
-    attempts = (result or {}).get("attempts") or []
+    attempts = AttemptHistory.from_dict({"attempts": (result or {}).get("attempts")}).attempts
     # every attempt's record, then the last attempt's whole summary: what the dashboard shows too
-    sources = [*attempts, summary]
-    validation = validation_losses(s.get("validation") for s in sources)
-    saved = {c for s in sources for c in s.get("checkpoints_saved") or []}
+    validation = validation_losses([*(a.validation for a in attempts), summary.get("validation")])
+    saved = {*(c for a in attempts for c in a.checkpoints_saved), *(summary.get("checkpoints_saved") or [])}
     checkpoints = sorted({*saved, *(e["iteration"] for e in evaluations)})
     curve = run_curve(result)
-    training_gpu_hours = used_gpu_hours(attempts)  # this run's training task, shown on each of its rows
+    training_gpu_hours = used_gpu_hours(a.gpu_hours for a in attempts)  # this run's training, on each of its rows
     rows = []
     for iteration in checkpoints:
         row: dict[str, Any] = {
@@ -78,8 +78,8 @@ def run_rows(
 
 def run_curve(result: Mapping[str, Any] | None) -> list[tuple[float, float]]:
     """A training's loss over all its attempts (as the dashboard draws it)."""
-    sources = [*((result or {}).get("attempts") or []), (result or {}).get("summary") or {}]
-    return merged_curve(s.get("loss_curve") for s in sources)
+    attempts = AttemptHistory.from_dict({"attempts": (result or {}).get("attempts")}).attempts
+    return merged_curve([*(a.loss_curve for a in attempts), ((result or {}).get("summary") or {}).get("loss_curve")])
 
 
 def gpu_hours_line(planned: Mapping[str, Any] | None, used: Mapping[str, float]) -> str:

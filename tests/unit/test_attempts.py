@@ -325,7 +325,7 @@ def test_gpu_hours_used_by_an_attempt():
     assert attempt_used_gpu_hours("2026-12-01T10:00:00", "2026-12-01T10:00:07", 1) == 0.0019  # 4 places
     for start, end, gpus in ((None, END, 4), (START, "Unknown", 4), (START, END, None), ("", END, 1)):
         assert attempt_used_gpu_hours(start, end, gpus) is None
-    assert used_gpu_hours([{"gpu_hours": 1.5}, {"gpu_hours": None}, {}, {"gpu_hours": 2}]) == 3.5
+    assert used_gpu_hours([1.5, None, 2, True]) == 3.5
     assert running_gpu_hours_estimate(0.0, 1800.0, 8) == 4.0 and running_gpu_hours_estimate(10.0, 0.0, 8) == 0.0
 
 
