@@ -147,7 +147,7 @@ def _attempts(run: RunRecord, task_id: str, map_index: int = -1) -> list[Attempt
     """The task's attempts: its history in the task state store, else those its result carries."""
     history = AttemptHistory.from_dict(run.histories.get((task_id, map_index)))
     if not history.attempts:
-        history = AttemptHistory.from_dict({"attempts": (run.result(task_id, map_index) or {}).get("attempts")})
+        history = AttemptHistory.of_result(run.result(task_id, map_index))
     return sorted(history.attempts, key=lambda a: a.try_number)
 
 

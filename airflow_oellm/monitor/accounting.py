@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from airflow_oellm.monitor.records import AttemptHistory, AttemptRecord
+from airflow_oellm.monitor.records import AttemptHistory
 
 
 def attempt_used_gpu_hours(start: str | None, end: str | None, gpus: int | None) -> float | None:
@@ -37,14 +37,10 @@ def used_gpu_hours(figures: Iterable[float | None]) -> float:
 def used_gpu_hours_by_kind(results: Mapping[str, Sequence[Mapping[str, Any] | None]]) -> dict[str, float]:
     """Kind of job -> GPU-hours its tasks' attempts used (from each task's result), and the total."""
     used = {
-        kind: round(sum(used_gpu_hours(a.gpu_hours for a in _attempts(r)) for r in found), 3)
+        kind: round(sum(used_gpu_hours(a.gpu_hours for a in AttemptHistory.of_result(r).attempts) for r in found), 3)
         for kind, found in results.items()
     }
     return {**used, "total": round(sum(used.values()), 3)}
-
-
-def _attempts(result: Mapping[str, Any] | None) -> tuple[AttemptRecord, ...]:
-    return AttemptHistory.from_dict({"attempts": (result or {}).get("attempts")}).attempts
 
 
 def running_gpu_hours_estimate(running_since: float, now: float, gpus: float) -> float:

@@ -209,6 +209,11 @@ class AttemptHistory:
             tuple(str(n) for n in data.get("exclude") or []),
         )
 
+    @classmethod
+    def of_result(cls, result: Mapping[str, Any] | None) -> AttemptHistory:
+        """The attempts a job task's result (its return value or `result` XCom) carries."""
+        return cls.from_dict({"attempts": (result or {}).get("attempts")})
+
     def to_dict(self) -> dict[str, Any]:
         return {"attempts": [a.to_dict() for a in self.attempts], "exclude": list(self.exclude)}
 

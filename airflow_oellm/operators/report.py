@@ -48,7 +48,7 @@ def run_rows(
     metrics: Mapping[tuple[int, str], Mapping[str, Any]],
 ) -> list[dict[str, Any]]:
     summary = (result or {}).get("summary") or {}
-    attempts = AttemptHistory.from_dict({"attempts": (result or {}).get("attempts")}).attempts
+    attempts = AttemptHistory.of_result(result).attempts
     # every attempt's record, then the last attempt's whole summary: what the dashboard shows too
     validation = validation_losses([*(a.validation for a in attempts), summary.get("validation")])
     saved = {*(c for a in attempts for c in a.checkpoints_saved), *(summary.get("checkpoints_saved") or [])}
@@ -78,7 +78,7 @@ def run_rows(
 
 def run_curve(result: Mapping[str, Any] | None) -> list[tuple[float, float]]:
     """A training's loss over all its attempts (as the dashboard draws it)."""
-    attempts = AttemptHistory.from_dict({"attempts": (result or {}).get("attempts")}).attempts
+    attempts = AttemptHistory.of_result(result).attempts
     return merged_curve([*(a.loss_curve for a in attempts), ((result or {}).get("summary") or {}).get("loss_curve")])
 
 
