@@ -59,12 +59,24 @@ class RunRecord:
     tasks: list[TaskRecord] = field(default_factory=list)
     xcoms: dict[tuple[str, int, str], Any] = field(default_factory=dict)  # (task_id, map_index, key) -> value
     histories: dict[tuple[str, int], Any] = field(default_factory=dict)  # (task_id, map_index) -> attempts
+    _parsed: dict[tuple[str, int], list[AttemptRecord]] = field(default_factory=dict, repr=False, compare=False)
 
     def xcom(self, task_id: str, key: str = RETURN_KEY, map_index: int = -1) -> Any:
         return self.xcoms.get((task_id, map_index, key))
 
     def task(self, task_id: str, map_index: int = -1) -> TaskRecord | None:
         return next((t for t in self.tasks if t.task_id == task_id and t.map_index == map_index), None)
+
+    def attempts(self, task_id: str, map_index: int = -1) -> list[AttemptRecord]:
+        """The task's attempts in try order: its history in the task state store, else those its result
+        carries. Read once per task: a page asks several times."""
+        key = (task_id, map_index)
+        if key not in self._parsed:
+            history = AttemptHistory.from_dict(self.histories.get(key))
+            if not history.attempts:
+                history = AttemptHistory.of_result(self.result(task_id, map_index))
+            self._parsed[key] = sorted(history.attempts, key=lambda a: a.try_number)
+        return self._parsed[key]
 
     def result(self, task_id: str, map_index: int = -1) -> Mapping[str, Any] | None:
         """A submit task's result: its return value, or the `result` it leaves when it fails."""
@@ -143,14 +155,6 @@ def state_counts(states: Iterable[str]) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def _attempts(run: RunRecord, task_id: str, map_index: int = -1) -> list[AttemptRecord]:
-    """The task's attempts: its history in the task state store, else those its result carries."""
-    history = AttemptHistory.from_dict(run.histories.get((task_id, map_index)))
-    if not history.attempts:
-        history = AttemptHistory.of_result(run.result(task_id, map_index))
-    return sorted(history.attempts, key=lambda a: a.try_number)
-
-
 def _progress(run: RunRecord, task_id: str, map_index: int = -1) -> Mapping[str, Any]:
     return run.xcom(task_id, PROGRESS_KEY, map_index) or {}
 
@@ -162,7 +166,7 @@ def _running(run: RunRecord, task_id: str, map_index: int = -1) -> bool:
 
 def run_curve(run: RunRecord, task_id: str, map_index: int = -1) -> list[tuple[float, float]]:
     """Every attempt's loss points, then the running attempt's (its progress) or the final result's."""
-    curves: list[Any] = [a.loss_curve for a in _attempts(run, task_id, map_index)]
+    curves: list[Any] = [a.loss_curve for a in run.attempts(task_id, map_index)]
     curves.append(((run.result(task_id, map_index) or {}).get("summary") or {}).get("loss_curve"))
     curves.append((_progress(run, task_id, map_index).get("summary") or {}).get("loss_curve"))
     return thinned(merged_curve(curves), CURVE_POINTS)
@@ -195,7 +199,7 @@ def run_gpu_hours_so_far(run: RunRecord, config: Mapping[str, Any], now: float) 
     total = 0.0
     keys = {(t.task_id, t.map_index) for t in run.tasks} | set(run.histories)
     for task_id, map_index in keys:
-        attempts = _attempts(run, task_id, map_index)
+        attempts = run.attempts(task_id, map_index)
         total += used_gpu_hours(a.gpu_hours for a in attempts)
         progress = _progress(run, task_id, map_index)
         summary = progress.get("summary") or {}
@@ -256,7 +260,7 @@ def evaluations(run: RunRecord, name: str) -> list[dict[str, Any]]:
     runs = [(name, TRAIN_TASK, -1)] + [(c.get("name", ""), COOLDOWN_TRAIN_TASK, i) for i, c in enumerate(cooldowns)]
     for run_name, task_id, map_index in runs:
         sources = [_latest_summary(run, task_id, map_index).get("validation")]
-        sources += [a.validation for a in _attempts(run, task_id, map_index)]
+        sources += [a.validation for a in run.attempts(task_id, map_index)]
         for iteration, loss in validation_losses(sources).items():
             row(run_name, iteration)["validation_loss"] = _number(loss)
     return sorted(rows.values(), key=lambda r: (r["run"] != name, r["run"], r["iteration"]))
@@ -274,7 +278,7 @@ def timeline(run: RunRecord) -> list[TimelineEntry]:
         (COOLDOWN_TRAIN_TASK, i, f"cooldown {c.get('name', i)}") for i, c in enumerate(cooldowns)
     ]
     for task_id, map_index, label in trainings:
-        for a in _attempts(run, task_id, map_index):
+        for a in run.attempts(task_id, map_index):
             tried = f"{label} try {a.try_number}"
             entries.append(
                 TimelineEntry(
@@ -340,7 +344,7 @@ def experiment_view(dag_id: str, name: str, run: RunRecord | None, now: float) -
     train = run.task(TRAIN_TASK)
     summary = _latest_summary(run, TRAIN_TASK)
     progress = _progress(run, TRAIN_TASK)
-    attempts = _attempts(run, TRAIN_TASK)
+    attempts = run.attempts(TRAIN_TASK)
     result = run.result(TRAIN_TASK) or {}
     args = (config.get("backend") or {}).get("args") or {}
     iteration = summary.get("last_iteration")

@@ -186,10 +186,13 @@ class AttemptRecord:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AttemptRecord:
-        known = {f.name for f in fields(cls)} - {"try_number", "job_id"}
-        values = {k: v for k, v in data.items() if k in known and v is not None}
+        values = {k: v for k, v in data.items() if k in _ATTEMPT_FIELDS and v is not None}
         job_id = data.get("job_id")
         return cls(_int(data.get("try")) or 0, None if job_id is None else str(job_id), **values)
+
+
+# read per attempt of every run on each dashboard page: computed once
+_ATTEMPT_FIELDS = frozenset(f.name for f in fields(AttemptRecord)) - {"try_number", "job_id"}
 
 
 @dataclass(frozen=True)
