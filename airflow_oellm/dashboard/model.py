@@ -59,7 +59,9 @@ class RunRecord:
     tasks: list[TaskRecord] = field(default_factory=list)
     xcoms: dict[tuple[str, int, str], Any] = field(default_factory=dict)  # (task_id, map_index, key) -> value
     histories: dict[tuple[str, int], Any] = field(default_factory=dict)  # (task_id, map_index) -> attempts
-    _parsed: dict[tuple[str, int], list[AttemptRecord]] = field(default_factory=dict, repr=False, compare=False)
+    _parsed: dict[tuple[str, int], list[AttemptRecord]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def xcom(self, task_id: str, key: str = RETURN_KEY, map_index: int = -1) -> Any:
         return self.xcoms.get((task_id, map_index, key))
