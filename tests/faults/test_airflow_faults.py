@@ -59,7 +59,10 @@ def stack(shared_stack, dev_cluster, module_remote_dir, slurm_conn_id, tmp_path_
                     "trig",
                     "train_iters: 40, save_interval: 10, iter_seconds: 0.5, seed: '${vars.i}'",
                     "sweep: {axes: {i: [" + ",".join(map(str, range(FANOUT))) + "]}, "
-                    f"name_template: 'trig{token}_{{i}}'}}\n",
+                    f"name_template: 'trig{token}_{{i}}'}}\n"
+                    # every job waits at iteration 5 until the test releases it: none ends before all twenty
+                    # tasks have deferred, however slowly a loaded machine starts them
+                    f"platform: {{env: {{FAKE_HOLD_AT: 5, FAKE_HOLD_UNTIL: {remote}/trig{token}.release}}}}\n",
                 ),
             },
         ]
@@ -184,8 +187,8 @@ def test_triggerer_killed_with_twenty_deferred_loses_and_repeats_nothing(stack, 
     def deferred() -> set[int]:
         return {t["map_index"] for t in stack.task_instances("f_triggerer", run_id) if t["state"] == "deferred"}
 
-    wait(lambda: len(deferred()) == FANOUT, 400, f"{FANOUT} deferred tasks", stack, every=3)
-    wait(lambda: sum(o > 0 for o in monitor_offsets(dev_cluster, stack.remote, prefix).values()) >= 4, 240, "watches")
+    wait(lambda: len(deferred()) == FANOUT, 200, f"{FANOUT} deferred tasks", stack, every=3)
+    wait(lambda: sum(o > 0 for o in monitor_offsets(dev_cluster, stack.remote, prefix).values()) >= 4, 60, "watches")
     stack.restarting.add("triggerer")
     stack.kill("triggerer")
     waiting = deferred()
@@ -202,6 +205,7 @@ def test_triggerer_killed_with_twenty_deferred_loses_and_repeats_nothing(stack, 
     restarted = datetime.now(UTC)
     stack.start("triggerer")
     stack.restarting.discard("triggerer")
+    dev_cluster.ssh(["touch", f"{stack.remote}/trig{stack.token}.release"])  # the held jobs train on
     # judged on outcomes, not on a moment caught between two looks: a watch may read to its job's end at once
     assert stack.wait_run("f_triggerer", run_id, 900) == "success", stack.explain("f_triggerer", run_id)
     resumed: dict[str, list[tuple[int, datetime]]] = {}  # per job: (byte, when) of each resumed watch
