@@ -57,6 +57,7 @@ from airflow_oellm.operators.prepare import (
 from airflow_oellm.operators.report import ExperimentReportOperator, RunOutcomeOperator, SweepSummaryOperator
 from airflow_oellm.operators.submit import SlurmSubmitOperator, restart_policy
 from airflow_oellm.sensors import CheckpointSensor
+from airflow_oellm.slurm.target import ClusterTarget
 
 MAX_DOC_CONFIG = 20_000  # characters of resolved config shown in the DAG's documentation
 
@@ -100,23 +101,20 @@ def experiment_doc(sweep: Sweep, exp: Experiment) -> str:
 class TaskKwargs:
     """Keyword arguments the tasks of one experiment DAG share, by kind of task."""
 
-    conn: dict[str, Any]  # where jobs run
+    cluster: dict[str, Any]  # where jobs run
     sensor: dict[str, Any]  # a checkpoint wait beside a training
     training: dict[str, Any]  # a training or a cooldown's training: the restart policy
     side_job: dict[str, Any]  # a conversion or an evaluation
 
 
 def task_kwargs(sweep: Sweep, cfg: RootConfig) -> TaskKwargs:
-    conn = {
-        "ssh_conn_id": cfg.platform.ssh_conn_id,
-        "local": cfg.platform.local_commands,
-        "batch_system": cfg.platform.batch_system,
-    }
+    platform = cfg.platform
+    cluster = {"cluster": ClusterTarget(platform.ssh_conn_id, platform.local_commands, platform.batch_system)}
     templates = {"template_dirs": [str(d) for d in sweep.template_dirs]}
     deferrable = {"deferrable": cfg.dag.deferrable}
     restart = restart_policy(cfg)
     sensor = {
-        **conn,
+        **cluster,
         "poll_interval": cfg.monitoring.poll_interval_seconds,
         **deferrable,
         **({} if cfg.dag.deferrable else {"mode": "reschedule"}),
@@ -124,11 +122,11 @@ def task_kwargs(sweep: Sweep, cfg: RootConfig) -> TaskKwargs:
         "retry_delay": restart["retry_delay"],
     }
     return TaskKwargs(
-        conn=conn,
+        cluster=cluster,
         sensor=sensor,
-        training={**conn, **deferrable, **restart, **templates},
+        training={**cluster, **deferrable, **restart, **templates},
         side_job={
-            **conn,
+            **cluster,
             **deferrable,
             **templates,
             "retries": SIDE_JOB_ATTEMPTS - 1,
@@ -229,7 +227,7 @@ def experiment_dag(sweep: Sweep, exp: Experiment, config_dirs: list[str] | None 
             param_defaults=defaults,
             scheduled=cfg.dag.schedule is not None,
             checkpoint_branch=cfg.conversion.enabled,
-            **kw.conn,
+            **kw.cluster,
         )
         config = prepare.output[CONFIG_KEY]
         ends: list[Any] = [prepare >> SlurmSubmitOperator(task_id=TRAIN_TASK, experiment=config, **kw.training)]
@@ -238,7 +236,7 @@ def experiment_dag(sweep: Sweep, exp: Experiment, config_dirs: list[str] | None 
         if cfg.cooldowns:
             plan = CooldownPlanOperator(task_id=COOLDOWN_PLAN_TASK, cooldowns=prepare.output[COOLDOWNS_KEY])
             ends.append(cooldown_group(config, kw, cfg.conversion.enabled).expand_kwargs(plan.output))
-        ends >> ExperimentReportOperator(task_id=REPORT_TASK, **kw.conn)
+        ends >> ExperimentReportOperator(task_id=REPORT_TASK, **kw.cluster)
         outcome = RunOutcomeOperator(task_id=OUTCOME_TASK)
         outcome.set_upstream([t for t in dag.tasks if t is not outcome])
     # Airflow deep-copies a DAG's params into each task it creates (half the build time, measured);

@@ -1,12 +1,11 @@
 """SlurmHook and AsyncSlurmHook: every remote action of the provider goes through one of these.
 
-Both run the same operations (`airflow_oellm.slurm.operations`) on the login node of a cluster,
-over an Airflow SSH connection (the SSH provider's SSHHook / SSHHookAsync: host keys verified,
-keys from the connection) or, with `local=True`, with the local bash (Airflow on a login node).
-With `batch_system="local-process"` there is no SLURM at all: jobs run as background processes on this
-machine (`airflow_oellm.localjobs`), through the same operations.
+Both run the same operations (`airflow_oellm.slurm.operations`) where a `ClusterTarget` says jobs run:
+on a cluster's login node over an Airflow SSH connection (the SSH provider's SSHHook / SSHHookAsync:
+host keys verified, keys from the connection), with the local bash (Airflow on a login node), or with
+no SLURM at all, jobs as background processes on this machine (`airflow_oellm.localjobs`).
 
-    hook = SlurmHook(ssh_conn_id="lumi")
+    hook = SlurmHook(ssh_conn_id="lumi")  # or SlurmHook(cluster=ClusterTarget(batch_system="local-process"))
     hook.upload("/scratch/x/job.sbatch", script, mode="0700")
     outcome = hook.submit_once(identity, "/scratch/x/job.sbatch")
     hook.job_statuses([outcome.job_id])
@@ -17,10 +16,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
+from airflow.exceptions import AirflowProviderDeprecationWarning
 from airflow.sdk import BaseHook
 
 from airflow_oellm.config.platforms import Detection, detect_platform, probed_env_vars, probed_paths
@@ -31,19 +32,16 @@ from airflow_oellm.slurm.commands import FileChunk, SlurmCommandError
 from airflow_oellm.slurm.identity import JobIdentity
 from airflow_oellm.slurm.operations import CycleRequest, CycleResult, Operation, SubmitOutcome
 from airflow_oellm.slurm.states import JobStatus
+from airflow_oellm.slurm.target import DEFAULT_SSH_CONN_ID, LOCAL_PROCESS, SLURM, ClusterTarget
 
 T = TypeVar("T")
-LOCAL_PROCESS = "local-process"
-BATCH_SYSTEMS = ("slurm", LOCAL_PROCESS)
 
 
 class SlurmHook(BaseHook):
     """SLURM on a cluster's login node, over SSH or locally (synchronous, for workers).
 
-    :param ssh_conn_id: Airflow SSH connection to the login node (ignored when `local`).
-    :param local: run commands with the local bash instead of SSH.
-    :param batch_system: `slurm`, or `local-process` (implies `local`): SLURM's commands are answered by
-        `airflow_oellm.localjobs`, which runs jobs as local background processes.
+    :param ssh_conn_id: Airflow SSH connection to the login node (the SSH case's shorthand).
+    :param cluster: where jobs run, any `ClusterTarget` (instead of `ssh_conn_id`).
     :param min_submit_interval: seconds between two sbatch calls of this user on the cluster.
 
     What tasks use: `submit_once` (exactly once, reconciled), `poll_cycle` (job states and file reads,
@@ -53,7 +51,7 @@ class SlurmHook(BaseHook):
     """
 
     conn_name_attr = "ssh_conn_id"
-    default_conn_name = "ssh_default"
+    default_conn_name = DEFAULT_SSH_CONN_ID
     conn_type = "ssh"
     hook_name = "SLURM over SSH"
 
@@ -61,24 +59,20 @@ class SlurmHook(BaseHook):
         self,
         ssh_conn_id: str | None = default_conn_name,
         *,
-        local: bool = False,
-        batch_system: str = "slurm",
+        cluster: ClusterTarget | None = None,
         min_submit_interval: float = 1.0,
     ) -> None:
         super().__init__()
-        self.batch_system = checked_batch_system(batch_system)
-        self.local = local or batch_system == LOCAL_PROCESS
-        if not self.local and not ssh_conn_id:
-            raise ValueError("SlurmHook needs an ssh_conn_id, or local=True")
-        self.ssh_conn_id = ssh_conn_id
+        self.cluster = ClusterTarget.choose(ssh_conn_id, cluster)
+        self.ssh_conn_id = self.cluster.ssh_conn_id
         self.min_submit_interval = min_submit_interval
         self._shell: LocalShell | ParamikoShell | None = None
         self.counts: Counter[str] = Counter()  # commands run, by kind (squeue, sacct, sbatch, ...)
 
     def get_conn(self) -> LocalShell | ParamikoShell:
         if self._shell is None:
-            if self.local:
-                self._shell = LocalShell(local_prelude(self.batch_system))
+            if self.cluster.local_commands:
+                self._shell = LocalShell(local_prelude(self.cluster))
             else:
                 from airflow.providers.ssh.hooks.ssh import SSHHook
 
@@ -98,7 +92,7 @@ class SlurmHook(BaseHook):
             try:
                 return self.get_conn().run(command)
             except SlurmCommandError as exc:
-                if not exc.transient or self.local:
+                if not exc.transient or self.cluster.local_commands:
                     raise
                 self.log.warning("SSH command failed (%s); reconnecting once", exc)
                 self.close()
@@ -170,33 +164,22 @@ class AsyncSlurmHook:
 
     def __init__(
         self,
-        ssh_conn_id: str | None = SlurmHook.default_conn_name,
+        ssh_conn_id: str | None = DEFAULT_SSH_CONN_ID,
         *,
-        local: bool = False,
-        batch_system: str = "slurm",
+        cluster: ClusterTarget | None = None,
         connect_timeout: float = 30.0,
     ) -> None:
-        self.batch_system = checked_batch_system(batch_system)
-        self.local = local or batch_system == LOCAL_PROCESS
-        if not self.local and not ssh_conn_id:
-            raise ValueError("AsyncSlurmHook needs an ssh_conn_id, or local=True")
-        self.ssh_conn_id = ssh_conn_id
+        self.cluster = ClusterTarget.choose(ssh_conn_id, cluster)
+        self.ssh_conn_id = self.cluster.ssh_conn_id
         self.connect_timeout = connect_timeout
         self._shell: AsyncLocalShell | AsyncSSHShell | None = None
         self.connects = 0
         self.counts: Counter[str] = Counter()  # commands run, by kind (squeue, sacct, sbatch, ...)
 
-    @property
-    def key(self) -> str:
-        """Identifies the cluster endpoint: triggers with the same key share a poller."""
-        if self.batch_system == LOCAL_PROCESS:
-            return LOCAL_PROCESS
-        return "local" if self.local else f"ssh:{self.ssh_conn_id}"
-
     async def get_conn(self) -> AsyncLocalShell | AsyncSSHShell:
         if self._shell is None:
-            if self.local:
-                self._shell = AsyncLocalShell(local_prelude(self.batch_system))
+            if self.cluster.local_commands:
+                self._shell = AsyncLocalShell(local_prelude(self.cluster))
             else:
                 import asyncio
 
@@ -269,16 +252,28 @@ class AsyncSlurmHook:
         return detect_platform(probe)
 
 
-def checked_batch_system(batch_system: str) -> str:
-    if batch_system not in BATCH_SYSTEMS:
-        raise ValueError(f"unknown batch_system {batch_system!r}; use one of {', '.join(BATCH_SYSTEMS)}")
-    return batch_system
+def task_cluster(ssh_conn_id: str | None, cluster: ClusterTarget | None, kwargs: dict[str, Any]) -> ClusterTarget:
+    """An operator's or sensor's target from its arguments. The `local=` and `batch_system=` arguments of
+    0.1 still work for one release, with a deprecation warning; they leave `kwargs` before BaseOperator
+    sees them."""
+    before = {name: kwargs.pop(name) for name in ("local", "batch_system") if name in kwargs}
+    if not before:
+        return ClusterTarget.choose(ssh_conn_id, cluster)
+    if cluster is not None:
+        raise ValueError(f"give cluster= alone, without {' or '.join(f'{k}=' for k in before)}")
+    warnings.warn(
+        f"{', '.join(f'{k}=' for k in before)} is deprecated: pass cluster=ClusterTarget(...) "
+        "(airflow_oellm.slurm.target)",
+        AirflowProviderDeprecationWarning,
+        stacklevel=3,
+    )
+    return ClusterTarget(ssh_conn_id, bool(before.get("local")), before.get("batch_system", SLURM))
 
 
-def local_prelude(batch_system: str) -> str:
+def local_prelude(cluster: ClusterTarget) -> str:
     """What local scripts start with: nothing for SLURM, the local-process batch system's commands otherwise.
     They run with this interpreter, so jobs and Airflow share one installation of the provider."""
-    return shell_functions(sys.executable) if batch_system == LOCAL_PROCESS else ""
+    return shell_functions(sys.executable) if cluster.batch_system == LOCAL_PROCESS else ""
 
 
 def _connect_error_is_transient(exc: BaseException) -> bool:

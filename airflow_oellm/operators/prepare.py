@@ -30,8 +30,9 @@ from airflow_oellm.config.errors import shown
 from airflow_oellm.config.naming import CHECKPOINTS_KEY, CONFIG_KEY, COOLDOWNS_KEY, OVERRIDES_KEY, RUN_TIME_KEY
 from airflow_oellm.config.overrides import lookup, parse_overrides
 from airflow_oellm.config.run import COOLDOWN_POINTS_PARAM, RunPlan, RunRequest, plan_run
-from airflow_oellm.hooks.slurm import SlurmHook
+from airflow_oellm.hooks.slurm import SlurmHook, task_cluster
 from airflow_oellm.jobscript.render import RenderError, render_run_scripts
+from airflow_oellm.slurm.target import DEFAULT_SSH_CONN_ID, ClusterTarget
 
 OVERRIDES_PARAM = "overrides"
 # what identifies the experiment: a run may not move it
@@ -112,12 +113,12 @@ class PrepareExperimentOperator(BaseOperator):
         config_dirs: Sequence[str] = (),
         param_defaults: Mapping[str, Any] | None = None,
         scheduled: bool = False,
-        ssh_conn_id: str | None = None,
-        local: bool = False,
-        batch_system: str = "slurm",
+        ssh_conn_id: str | None = DEFAULT_SSH_CONN_ID,
+        cluster: ClusterTarget | None = None,
         checkpoint_branch: bool = True,
         **kwargs: Any,
     ) -> None:
+        cluster = task_cluster(ssh_conn_id, cluster, kwargs)
         super().__init__(**kwargs)
         self.checkpoint_branch = checkpoint_branch  # the DAG converts and evaluates checkpoints
         self.sweep_file = sweep_file
@@ -126,9 +127,7 @@ class PrepareExperimentOperator(BaseOperator):
         self.config_dirs = list(config_dirs)
         self.param_defaults = dict(param_defaults or {})
         self.scheduled = scheduled
-        self.ssh_conn_id = ssh_conn_id
-        self.local = local
-        self.batch_system = batch_system
+        self.cluster = cluster
 
     def execute(self, context: Any) -> list[dict[str, Any]]:
         dag_run = context["dag_run"]
@@ -223,7 +222,7 @@ class PrepareExperimentOperator(BaseOperator):
             (f"{directory}/run.json", meta),
             (f"{directory}/runs/{safe_run_id(run_id)}.json", meta),
         ]
-        hook = SlurmHook(self.ssh_conn_id, local=self.local, batch_system=self.batch_system)
+        hook = SlurmHook(cluster=self.cluster)
         try:
             written = hook.write_files([(p, json.dumps(v, indent=2).encode()) for p, v in files])
         finally:

@@ -35,10 +35,11 @@ from airflow_oellm.config.naming import (
     TRAIN_TASK,
     in_group,
 )
-from airflow_oellm.hooks.slurm import SlurmHook
+from airflow_oellm.hooks.slurm import SlurmHook, task_cluster
 from airflow_oellm.monitor.accounting import used_gpu_hours, used_gpu_hours_by_kind
 from airflow_oellm.monitor.records import AttemptHistory
 from airflow_oellm.monitor.watch import loss_at, merged_curve, validation_losses
+from airflow_oellm.slurm.target import DEFAULT_SSH_CONN_ID, ClusterTarget
 
 
 def run_rows(
@@ -146,20 +147,18 @@ class ExperimentReportOperator(BaseOperator):
         train_task_id: str = TRAIN_TASK,
         cooldown_task_id: str | None = COOLDOWN_TRAIN_TASK,
         side_job_task_ids: Sequence[str] = (CONVERT_TASK, EVALUATE_TASK),
-        ssh_conn_id: str | None = None,
-        local: bool = False,
-        batch_system: str = "slurm",
+        ssh_conn_id: str | None = DEFAULT_SSH_CONN_ID,
+        cluster: ClusterTarget | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("trigger_rule", "all_done")  # report what there is, also after a failure
+        cluster = task_cluster(ssh_conn_id, cluster, kwargs)
         super().__init__(**kwargs)
         self.prepare_task_id = prepare_task_id
         self.train_task_id = train_task_id
         self.cooldown_task_id = cooldown_task_id
         self.side_job_task_ids = list(side_job_task_ids)  # in the checkpoint and cooldown task groups
-        self.ssh_conn_id = ssh_conn_id
-        self.local = local
-        self.batch_system = batch_system
+        self.cluster = cluster
 
     @staticmethod
     def _result(ti: Any, task_id: str, map_index: int | None = None) -> Any:
@@ -228,7 +227,7 @@ class ExperimentReportOperator(BaseOperator):
     def _read_metrics(self, wanted: list[tuple[str, str, int, str]]) -> dict[str, dict[tuple[int, str], Any]]:
         if not wanted:
             return {}
-        hook = SlurmHook(self.ssh_conn_id, local=self.local, batch_system=self.batch_system)
+        hook = SlurmHook(cluster=self.cluster)
         try:
             chunks = hook.read_ranges([(eval_file(out, it, suite), 0, 1 << 20) for _, out, it, suite in wanted])
         finally:
@@ -263,7 +262,7 @@ class ExperimentReportOperator(BaseOperator):
             (f"{directory}/report.json", json.dumps(report, indent=2).encode()),
             (f"{directory}/loss.png", png),
         ]
-        hook = SlurmHook(self.ssh_conn_id, local=self.local, batch_system=self.batch_system)
+        hook = SlurmHook(cluster=self.cluster)
         try:
             written = hook.write_files(files)
         finally:

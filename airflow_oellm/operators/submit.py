@@ -32,7 +32,7 @@ from airflow_oellm.config.naming import (
     SCRIPT_PATH_KEY,
 )
 from airflow_oellm.config.schema import RootConfig
-from airflow_oellm.hooks.slurm import SlurmHook
+from airflow_oellm.hooks.slurm import SlurmHook, task_cluster
 from airflow_oellm.jobscript.render import JobSpec, render_sbatch
 from airflow_oellm.monitor.attempts import (
     JobSettings,
@@ -49,6 +49,7 @@ from airflow_oellm.pause_points import pause_point
 from airflow_oellm.slurm.commands import SlurmCommandError
 from airflow_oellm.slurm.identity import JobIdentity, monitor_state_path, task_status_path
 from airflow_oellm.slurm.operations import PollUpdate, SubmissionConflict
+from airflow_oellm.slurm.target import DEFAULT_SSH_CONN_ID, ClusterTarget
 from airflow_oellm.triggers.base import settle_deadline
 from airflow_oellm.triggers.job import SlurmJobTrigger
 
@@ -79,9 +80,9 @@ def typed_config(experiment: Mapping[str, Any]) -> RootConfig:
 class SlurmSubmitOperator(BaseOperator):
     """Submit a SLURM job over SSH exactly once and (by default) wait for it in the triggerer.
 
-    :param ssh_conn_id: Airflow SSH connection to the cluster's login node.
-    :param local: run SLURM commands on this machine instead (Airflow on a login node).
-    :param batch_system: `slurm`, or `local-process` to run the job as a local background process (no SLURM).
+    :param ssh_conn_id: Airflow SSH connection to the cluster's login node (the usual case).
+    :param cluster: where jobs run, any `ClusterTarget` instead: this machine's shell (Airflow on a login
+        node) or local background processes (no SLURM).
     :param experiment: a resolved experiment config (what `airflow-oellm` plans); renders the script.
         Not Jinja-rendered (it is data); an XCom reference resolves at run time.
     :param job: run a side job of `experiment` instead of its training: `{"kind": "cooldown" | "convert" |
@@ -120,9 +121,8 @@ class SlurmSubmitOperator(BaseOperator):
     def __init__(
         self,
         *,
-        ssh_conn_id: str | None = "ssh_default",
-        local: bool = False,
-        batch_system: str = "slurm",
+        ssh_conn_id: str | None = DEFAULT_SSH_CONN_ID,
+        cluster: ClusterTarget | None = None,
         experiment: Mapping[str, Any] | Any | None = None,
         job: Mapping[str, Any] | Any | None = None,
         expects_training: bool | None = None,
@@ -143,14 +143,13 @@ class SlurmSubmitOperator(BaseOperator):
         template_dirs: Sequence[str] = (),
         **kwargs: Any,
     ) -> None:
+        cluster = task_cluster(ssh_conn_id, cluster, kwargs)
         super().__init__(**kwargs)
         if (experiment is None) == (script is None):
             raise ValueError(f"{self.task_id}: give either experiment= or script=")
         if script is not None and not output_dir:
             raise ValueError(f"{self.task_id}: script= needs output_dir=")
-        self.ssh_conn_id = ssh_conn_id
-        self.local = local
-        self.batch_system = batch_system
+        self.cluster = cluster
         # a config is data, not a template: only XCom references in it are resolved
         self.experiment = as_data(experiment)
         self.job = as_data(job)
@@ -194,7 +193,7 @@ class SlurmSubmitOperator(BaseOperator):
             raise AirflowFailException(str(exc)) from None
 
     def _hook(self) -> SlurmHook:
-        return SlurmHook(self.ssh_conn_id, local=self.local, batch_system=self.batch_system)
+        return SlurmHook(cluster=self.cluster)
 
     # ---------------------------------------------------------------- submit
 
@@ -254,9 +253,7 @@ class SlurmSubmitOperator(BaseOperator):
             "job_id": job_id,
             "log_path": log_path,
             "state_path": monitor_state_path(identity),
-            "ssh_conn_id": self.ssh_conn_id,
-            "local": self.local,
-            "batch_system": self.batch_system,
+            "cluster": self.cluster,
             "events": s.events,
             "inactivity_threshold": s.inactivity,
             "nan_limit": s.stop_nan_limit,

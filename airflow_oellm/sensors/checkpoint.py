@@ -8,10 +8,11 @@ from typing import Any
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from airflow_oellm.hooks.slurm import SlurmHook
+from airflow_oellm.hooks.slurm import SlurmHook, task_cluster
 from airflow_oellm.monitor.records import TrainingStatus
 from airflow_oellm.monitor.waiting import Decision, checkpoint_decision
 from airflow_oellm.slurm.identity import task_status_path
+from airflow_oellm.slurm.target import DEFAULT_SSH_CONN_ID, ClusterTarget
 from airflow_oellm.triggers.base import settle_deadline
 from airflow_oellm.triggers.checkpoint import CheckpointTrigger
 
@@ -27,6 +28,7 @@ class CheckpointSensor(BaseSensorOperator):
     :param output_dir, training_task_id: where the training task beside this sensor publishes its
         status: when it failed for good or finished below `iteration`, the sensor ends at once.
     :param on_training_failure: "fail" or "skip" in that case (and when `iteration` can never appear).
+    :param ssh_conn_id, cluster: where the job runs (as for `SlurmSubmitOperator`).
     """
 
     template_fields: Sequence[str] = ("checkpoint_dir", "iteration", "output_dir")
@@ -41,14 +43,14 @@ class CheckpointSensor(BaseSensorOperator):
         output_dir: str | None = None,
         training_task_id: str | None = None,
         on_training_failure: str = "fail",
-        ssh_conn_id: str | None = "ssh_default",
-        local: bool = False,
-        batch_system: str = "slurm",
+        ssh_conn_id: str | None = DEFAULT_SSH_CONN_ID,
+        cluster: ClusterTarget | None = None,
         poll_interval: float = 60.0,
         deferrable: bool = True,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("poke_interval", poll_interval)
+        cluster = task_cluster(ssh_conn_id, cluster, kwargs)
         super().__init__(**kwargs)
         if on_training_failure not in ("fail", "skip"):
             raise ValueError("on_training_failure must be 'fail' or 'skip'")
@@ -58,9 +60,7 @@ class CheckpointSensor(BaseSensorOperator):
         self.output_dir = output_dir
         self.training_task_id = training_task_id
         self.on_training_failure = on_training_failure
-        self.ssh_conn_id = ssh_conn_id
-        self.local = local
-        self.batch_system = batch_system
+        self.cluster = cluster
         self.poll_interval = poll_interval
         self.deferrable = deferrable
 
@@ -76,9 +76,7 @@ class CheckpointSensor(BaseSensorOperator):
             at_least=self.at_least,
             training_status_path=self._status_path(),
             run_id=context["ti"].run_id,
-            ssh_conn_id=self.ssh_conn_id,
-            local=self.local,
-            batch_system=self.batch_system,
+            cluster=self.cluster,
             poll_interval=self.poll_interval,
             fire_after=settle_deadline(),
         )
@@ -93,7 +91,7 @@ class CheckpointSensor(BaseSensorOperator):
 
     def poke(self, context: Any) -> PokeReturnValue:
         trigger = self._trigger(context)
-        hook = SlurmHook(self.ssh_conn_id, local=self.local, batch_system=self.batch_system)
+        hook = SlurmHook(cluster=self.cluster)
         try:
             cycle = hook.poll_cycle([], trigger.request())
         finally:

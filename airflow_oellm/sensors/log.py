@@ -9,12 +9,13 @@ from typing import Any
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
 from airflow.sdk.exceptions import AirflowFailException
 
-from airflow_oellm.hooks.slurm import SlurmHook
+from airflow_oellm.hooks.slurm import SlurmHook, task_cluster
 from airflow_oellm.monitor.records import STATUS_READ_LIMIT, TrainingStatus
 from airflow_oellm.monitor.waiting import LogWait, event_condition
 from airflow_oellm.monitor.watch import DRAIN_BYTES
 from airflow_oellm.slurm.identity import task_status_path
 from airflow_oellm.slurm.operations import CycleRequest
+from airflow_oellm.slurm.target import DEFAULT_SSH_CONN_ID, ClusterTarget
 from airflow_oellm.triggers.base import settle_deadline
 from airflow_oellm.triggers.log_event import LogEventTrigger, resolve_event
 
@@ -29,6 +30,7 @@ class SlurmLogSensor(BaseSensorOperator):
     :param output_dir, training_task_id: follow the training task beside this sensor, across its
         resubmissions (each attempt's log in turn).
     :param inactivity_threshold: fail when the log does not grow for this long while the job runs.
+    :param ssh_conn_id, cluster: where the job runs (as for `SlurmSubmitOperator`).
 
     Fails when the watched job (or the followed training) ends without the event. Waits in the
     triggerer by default; `deferrable=False` pokes from the worker (in `poke` mode the read position
@@ -48,14 +50,14 @@ class SlurmLogSensor(BaseSensorOperator):
         output_dir: str | None = None,
         training_task_id: str | None = None,
         inactivity_threshold: float | None = None,
-        ssh_conn_id: str | None = "ssh_default",
-        local: bool = False,
-        batch_system: str = "slurm",
+        ssh_conn_id: str | None = DEFAULT_SSH_CONN_ID,
+        cluster: ClusterTarget | None = None,
         poll_interval: float = 60.0,
         deferrable: bool = True,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("poke_interval", poll_interval)
+        cluster = task_cluster(ssh_conn_id, cluster, kwargs)
         super().__init__(**kwargs)
         resolve_event(event)  # an unknown built-in name fails when the DAG is parsed, not hours later
         if not ((job_id and log_path) or (output_dir and training_task_id)):
@@ -67,9 +69,7 @@ class SlurmLogSensor(BaseSensorOperator):
         self.output_dir = output_dir
         self.training_task_id = training_task_id
         self.inactivity_threshold = inactivity_threshold
-        self.ssh_conn_id = ssh_conn_id
-        self.local = local
-        self.batch_system = batch_system
+        self.cluster = cluster
         self.poll_interval = poll_interval
         self.deferrable = deferrable
         self._wait: LogWait | None = None
@@ -90,9 +90,7 @@ class SlurmLogSensor(BaseSensorOperator):
                 training_status_path=status_path,
                 run_id=context["ti"].run_id,
                 inactivity_threshold=self.inactivity_threshold,
-                ssh_conn_id=self.ssh_conn_id,
-                local=self.local,
-                batch_system=self.batch_system,
+                cluster=self.cluster,
                 poll_interval=self.poll_interval,
                 fire_after=settle_deadline(),
             ),
@@ -111,7 +109,7 @@ class SlurmLogSensor(BaseSensorOperator):
                 inactivity_threshold=self.inactivity_threshold,
             )
         wait = self._wait
-        hook = SlurmHook(self.ssh_conn_id, local=self.local, batch_system=self.batch_system)
+        hook = SlurmHook(cluster=self.cluster)
         try:
             training = None
             if self._status_path():

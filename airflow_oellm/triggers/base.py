@@ -1,4 +1,4 @@
-"""What every trigger of this provider shares: a cluster connection, the shared poller, and a hold on
+"""What every trigger of this provider shares: a cluster target, the shared poller, and a hold on
 events that come too soon after the task deferred."""
 
 from __future__ import annotations
@@ -7,13 +7,14 @@ import abc
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, ClassVar
 
 from airflow.configuration import conf
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from airflow_oellm.hooks.slurm import AsyncSlurmHook
+from airflow_oellm.slurm.target import SLURM, ClusterTarget
 from airflow_oellm.triggers.poller import JobPoller
 
 # Airflow 3.3 fails a deferred task whose trigger fires before the executor has read the deferring
@@ -36,38 +37,52 @@ def settle_deadline() -> float:
     return time.time() + defer_settle_seconds()
 
 
+def trigger_cluster(
+    cluster: ClusterTarget | Mapping[str, Any] | None, before_cluster_target: Mapping[str, Any]
+) -> ClusterTarget:
+    """A trigger's target: `cluster` as it serializes, or the three arguments a trigger serialized before
+    there was one (`ssh_conn_id`, `local`, `batch_system`): a triggerer upgraded under deferred tasks
+    still resumes their watches."""
+    unknown = set(before_cluster_target) - {"ssh_conn_id", "local", "batch_system"}
+    if unknown:
+        raise TypeError(f"unexpected trigger arguments: {', '.join(sorted(unknown))}")
+    if cluster is not None:
+        return ClusterTarget.of(cluster)
+    old = before_cluster_target
+    return ClusterTarget(old.get("ssh_conn_id"), bool(old.get("local")), old.get("batch_system", SLURM))
+
+
 class ClusterTrigger(BaseTrigger):
-    """Serializes the attributes named in `fields` (all JSON-safe); polls through the connection's poller.
+    """Serializes the attributes named in `fields` (the cluster target as its dict, the rest JSON-safe);
+    polls through the target's shared poller.
 
     Subclasses implement `watch()`; `run()` passes its events on, none before `fire_after` (epoch seconds).
     """
 
-    fields: ClassVar[tuple[str, ...]] = ("ssh_conn_id", "local", "batch_system", "poll_interval", "fire_after")
+    fields: ClassVar[tuple[str, ...]] = ("cluster", "poll_interval", "fire_after")
 
     def __init__(
         self,
         *,
-        ssh_conn_id: str | None,
-        local: bool,
+        cluster: ClusterTarget | Mapping[str, Any] | None,
         poll_interval: float,
-        batch_system: str = "slurm",
         fire_after: float | None = None,
+        **before_cluster_target: Any,
     ) -> None:
         super().__init__()
-        self.ssh_conn_id = ssh_conn_id
-        self.local = local
-        self.batch_system = batch_system
+        self.cluster = trigger_cluster(cluster, before_cluster_target)
         self.poll_interval = poll_interval
         self.fire_after = fire_after
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
-        return f"{type(self).__module__}.{type(self).__qualname__}", {f: getattr(self, f) for f in self.fields}
+        kwargs = {f: getattr(self, f) for f in self.fields}
+        return f"{type(self).__module__}.{type(self).__qualname__}", {**kwargs, "cluster": self.cluster.as_dict()}
 
     def hook(self) -> AsyncSlurmHook:
-        return AsyncSlurmHook(self.ssh_conn_id, local=self.local, batch_system=self.batch_system)
+        return AsyncSlurmHook(cluster=self.cluster)
 
     def poller(self) -> JobPoller:
-        return JobPoller.shared(self.hook, key=self.hook().key, interval=self.poll_interval)
+        return JobPoller.shared(self.hook, key=self.cluster.key, interval=self.poll_interval)
 
     @abc.abstractmethod
     def watch(self) -> AsyncIterator[TriggerEvent]:

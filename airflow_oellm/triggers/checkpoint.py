@@ -7,13 +7,15 @@ or the training ended (failed for good, or finished below N).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 from airflow.triggers.base import TriggerEvent
 
 from airflow_oellm.monitor.records import STATUS_READ_LIMIT, TrainingStatus
 from airflow_oellm.monitor.waiting import checkpoint_decision
 from airflow_oellm.slurm.operations import CycleRequest
+from airflow_oellm.slurm.target import ClusterTarget
 from airflow_oellm.triggers.base import ClusterTrigger
 
 
@@ -28,18 +30,16 @@ class CheckpointTrigger(ClusterTrigger):
         at_least: bool = False,
         training_status_path: str | None = None,
         run_id: str | None = None,
-        ssh_conn_id: str | None = None,
-        local: bool = False,
-        batch_system: str = "slurm",
+        cluster: ClusterTarget | Mapping[str, Any] | None = None,
         poll_interval: float = 60.0,
         fire_after: float | None = None,
+        **before_cluster_target: Any,
     ) -> None:
         super().__init__(
-            ssh_conn_id=ssh_conn_id,
-            local=local,
-            batch_system=batch_system,
+            cluster=cluster,
             poll_interval=poll_interval,
             fire_after=fire_after,
+            **before_cluster_target,
         )
         self.checkpoint_dir = checkpoint_dir
         self.iteration = int(iteration)

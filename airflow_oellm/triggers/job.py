@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from airflow.triggers.base import TriggerEvent
@@ -20,6 +20,7 @@ from airflow.triggers.base import TriggerEvent
 from airflow_oellm.config.naming import PROGRESS_KEY
 from airflow_oellm.monitor.events import event_specs
 from airflow_oellm.monitor.watch import JobFollower
+from airflow_oellm.slurm.target import ClusterTarget
 from airflow_oellm.triggers.base import ClusterTrigger
 
 
@@ -46,9 +47,7 @@ class SlurmJobTrigger(ClusterTrigger):
         job_id: str,
         log_path: str,
         state_path: str,
-        ssh_conn_id: str | None = None,
-        local: bool = False,
-        batch_system: str = "slurm",
+        cluster: ClusterTarget | Mapping[str, Any] | None = None,
         events: list[dict[str, Any]] | None = None,
         inactivity_threshold: float | None = None,
         nan_limit: int = 0,
@@ -57,13 +56,13 @@ class SlurmJobTrigger(ClusterTrigger):
         fire_after: float | None = None,
         stream_log: bool = True,
         progress_to: dict[str, Any] | None = None,
+        **before_cluster_target: Any,
     ) -> None:
         super().__init__(
-            ssh_conn_id=ssh_conn_id,
-            local=local,
-            batch_system=batch_system,
+            cluster=cluster,
             poll_interval=poll_interval,
             fire_after=fire_after,
+            **before_cluster_target,
         )
         self.job_id = str(job_id)
         self.log_path = log_path

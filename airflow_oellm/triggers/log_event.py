@@ -9,7 +9,7 @@ ended (the job, or the training, finished without the event).
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from airflow.triggers.base import TriggerEvent
@@ -19,6 +19,7 @@ from airflow_oellm.monitor.records import STATUS_READ_LIMIT, TrainingStatus
 from airflow_oellm.monitor.waiting import LogWait, event_condition
 from airflow_oellm.monitor.watch import READ_BYTES
 from airflow_oellm.slurm.operations import CycleRequest
+from airflow_oellm.slurm.target import ClusterTarget
 from airflow_oellm.triggers.base import ClusterTrigger
 
 
@@ -54,18 +55,16 @@ class LogEventTrigger(ClusterTrigger):
         training_status_path: str | None = None,
         run_id: str | None = None,
         inactivity_threshold: float | None = None,
-        ssh_conn_id: str | None = None,
-        local: bool = False,
-        batch_system: str = "slurm",
+        cluster: ClusterTarget | Mapping[str, Any] | None = None,
         poll_interval: float = 60.0,
         fire_after: float | None = None,
+        **before_cluster_target: Any,
     ) -> None:
         super().__init__(
-            ssh_conn_id=ssh_conn_id,
-            local=local,
-            batch_system=batch_system,
+            cluster=cluster,
             poll_interval=poll_interval,
             fire_after=fire_after,
+            **before_cluster_target,
         )
         if not ((job_id and log_path) or training_status_path):
             raise ValueError("LogEventTrigger needs job_id and log_path, or training_status_path")

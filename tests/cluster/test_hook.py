@@ -16,6 +16,7 @@ from airflow_oellm.slurm.commands import SlurmCommandError
 from airflow_oellm.slurm.identity import JobIdentity
 from airflow_oellm.slurm.operations import SubmissionConflict
 from airflow_oellm.slurm.states import JobState
+from airflow_oellm.slurm.target import ClusterTarget
 from tests.cluster_fixtures import ssh_connection_uri
 
 pytestmark = pytest.mark.hook
@@ -290,7 +291,7 @@ def test_wrong_host_key_is_refused_by_both_hooks(dev_cluster, monkeypatch, relia
 
 
 def test_local_mode_runs_the_same_operations(dev_cluster, tmp_path):
-    local = SlurmHook(local=True)
+    local = SlurmHook(cluster=ClusterTarget(local_commands=True))
     (tmp_path / "x").mkdir()
     local.upload(str(tmp_path / "x" / "f.txt"), b"hello world")
     assert local.read_range(str(tmp_path / "x" / "f.txt"), 6, 5).data == b"world"

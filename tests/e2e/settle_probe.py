@@ -13,6 +13,7 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.triggers.base import TriggerEvent
 
+from airflow_oellm.slurm.target import ClusterTarget
 from airflow_oellm.triggers.base import ClusterTrigger, settle_deadline
 
 
@@ -37,7 +38,7 @@ class DeferAtOnce(BaseOperator):
         if self.linger:
             atexit.register(time.sleep, self.linger)  # the task runner runs these before the process exits
         fire_after = settle_deadline() if self.hold is None else time.time() + self.hold
-        trigger = FireAtOnce(ssh_conn_id=None, local=True, poll_interval=1, fire_after=fire_after)
+        trigger = FireAtOnce(cluster=ClusterTarget(local_commands=True), poll_interval=1, fire_after=fire_after)
         self.defer(trigger=trigger, method_name="resume")
 
     def resume(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:

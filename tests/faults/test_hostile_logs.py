@@ -12,6 +12,7 @@ from airflow_oellm.monitor.events import MAX_LINE_BYTES, EventMatcher, event_spe
 from airflow_oellm.monitor.watch import DRAIN_BYTES, MAX_BACKLOG_BYTES, READ_BYTES, JobWatch, WatchState
 from airflow_oellm.slurm.operations import CycleRequest
 from airflow_oellm.slurm.states import JobState, JobStatus
+from airflow_oellm.slurm.target import ClusterTarget
 
 ITERATION = (
     " [2026-11-29 07:00:00] iteration       40/      40 | consumed samples:          320 | elapsed time per "
@@ -57,7 +58,7 @@ def test_a_one_gib_log_is_skipped_to_its_end_in_a_few_polls(tmp_path, reliabilit
         f.seek(0, os.SEEK_END)
         f.write(b"\n" + THE_END.encode())
     size = log.stat().st_size
-    hook = SlurmHook(local=True)
+    hook = SlurmHook(cluster=ClusterTarget(local_commands=True))
     watch = JobWatch(event_specs(), WatchState("9", str(log)), inactivity_threshold=None, now=0)
     running, ended = JobStatus("9", JobState.RUNNING), JobStatus("9", JobState.COMPLETED, exit_code=0)
     polls = []

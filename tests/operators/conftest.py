@@ -16,6 +16,7 @@ import pytest
 
 from airflow_oellm.localjobs.cli import COMMANDS
 from airflow_oellm.localjobs.store import JobStore, node_name
+from airflow_oellm.slurm.target import ClusterTarget
 from tests.conftest import REPO
 
 FAKE_MEGATRON = REPO / "tests" / "fixtures" / "fake_megatron.py"
@@ -72,7 +73,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.
         yield Backend(
             batch_system="slurm",
             platform="local",
-            conn={"ssh_conn_id": request.getfixturevalue("slurm_conn_id")},
+            conn={"cluster": ClusterTarget(request.getfixturevalue("slurm_conn_id"))},
             work_dir=request.getfixturevalue("remote_dir"),
             fake_megatron=request.getfixturevalue("fake_megatron"),
             node=cluster.env["SLURM_DEV_NODE"],
@@ -86,7 +87,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.
     yield Backend(
         batch_system="local-process",
         platform="local-process",
-        conn={"ssh_conn_id": None, "batch_system": "local-process"},
+        conn={"cluster": ClusterTarget(batch_system="local-process")},
         work_dir=str(work_dir),
         fake_megatron=str(FAKE_MEGATRON),
         node=node_name(),

@@ -30,7 +30,7 @@ def small_study(backend, *extra: str):
     """The example study (config/sweeps/cooldowns_and_evals.yaml), made small and pointed at the backend."""
     tools = backend.provide(FAKE_TOOLS)
     where = (
-        [f"platform.ssh_conn_id={backend.conn['ssh_conn_id']}"]
+        [f"platform.ssh_conn_id={backend.conn['cluster'].ssh_conn_id}"]
         if backend.batch_system == "slurm"
         else [f"platform={backend.platform}"]
     )

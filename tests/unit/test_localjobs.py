@@ -18,6 +18,7 @@ from airflow_oellm.localjobs.spec import SubmitError, directives, job_spec, pars
 from airflow_oellm.slurm.identity import JobIdentity
 from airflow_oellm.slurm.operations import SubmissionConflict
 from airflow_oellm.slurm.states import JobState
+from airflow_oellm.slurm.target import ClusterTarget
 
 pytestmark = pytest.mark.hook
 
@@ -37,7 +38,7 @@ def queue(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture
 def hook(queue: Path) -> SlurmHook:
-    hook = SlurmHook(None, batch_system="local-process")
+    hook = SlurmHook(cluster=ClusterTarget(batch_system="local-process"))
     yield hook
     hook.close()
 

@@ -12,6 +12,7 @@ import pytest
 from airflow.triggers.base import TriggerEvent
 
 from airflow_oellm.get_provider_info import get_provider_info
+from airflow_oellm.slurm.target import ClusterTarget
 from airflow_oellm.triggers import CheckpointTrigger, LogEventTrigger, SlurmJobTrigger
 from airflow_oellm.triggers.base import (
     DEFAULT_DEFER_SETTLE_SECONDS,
@@ -30,7 +31,7 @@ pytestmark = pytest.mark.operators
             job_id="12",
             log_path="/o/logs/x-12.out",
             state_path="/o/.oellm/monitor/a-1.json",
-            ssh_conn_id="lumi",
+            cluster=ClusterTarget("lumi"),
             events=[{"name": "e", "pattern": "x"}],
             inactivity_threshold=600,
             nan_limit=3,
@@ -44,7 +45,7 @@ pytestmark = pytest.mark.operators
             at_least=True,
             training_status_path="/o/.oellm/status/train.json",
             run_id="manual__1",
-            local=True,
+            cluster=ClusterTarget(local_commands=True),
         ),
         LogEventTrigger(
             event="iteration",
@@ -52,7 +53,7 @@ pytestmark = pytest.mark.operators
             training_status_path="/o/s.json",
             run_id="r",
             inactivity_threshold=900,
-            ssh_conn_id="leonardo",
+            cluster=ClusterTarget(batch_system="local-process"),
         ),
     ],
     ids=lambda t: type(t).__name__,
@@ -63,7 +64,25 @@ def test_round_trip(trigger):
     module, _, name = classpath.rpartition(".")
     rebuilt = getattr(importlib.import_module(module), name)(**kwargs)
     assert rebuilt.serialize() == (classpath, kwargs)
-    assert rebuilt.hook().key == trigger.hook().key
+    assert rebuilt.cluster == trigger.cluster and rebuilt.hook().cluster == trigger.cluster
+
+
+@pytest.mark.parametrize(
+    ("before", "cluster"),
+    [
+        ({"ssh_conn_id": "lumi", "local": False, "batch_system": "slurm"}, ClusterTarget("lumi")),
+        ({"ssh_conn_id": "ssh_default", "local": True, "batch_system": "slurm"}, ClusterTarget(local_commands=True)),
+        ({"ssh_conn_id": None, "batch_system": "local-process"}, ClusterTarget(batch_system="local-process")),
+    ],
+)
+def test_a_trigger_serialized_before_the_cluster_target_still_resumes(before, cluster):
+    """A triggerer upgraded under deferred tasks rebuilds their triggers from the 0.1 arguments."""
+    kwargs = {"job_id": "7", "log_path": "/o/l-7.out", "state_path": "/o/s.json", "poll_interval": 5, **before}
+    trigger = SlurmJobTrigger(**kwargs)
+    assert trigger.cluster == cluster
+    assert trigger.serialize()[1]["cluster"] == cluster.as_dict()
+    with pytest.raises(TypeError, match="unexpected trigger arguments: batch_sytem"):
+        SlurmJobTrigger(**{**kwargs, "batch_sytem": "slurm"})
 
 
 class _Immediate(ClusterTrigger):
@@ -75,7 +94,9 @@ class _Immediate(ClusterTrigger):
 def test_an_event_is_held_until_fire_after(hold):
     """A trigger may not fire before the deferring worker is surely gone (see `defer_settle_seconds`)."""
     started = time.time()
-    trigger = _Immediate(ssh_conn_id=None, local=True, poll_interval=1, fire_after=started + hold if hold else None)
+    trigger = _Immediate(
+        cluster=ClusterTarget(local_commands=True), poll_interval=1, fire_after=started + hold if hold else None
+    )
 
     async def first():
         async for event in trigger.run():
