@@ -12,6 +12,7 @@ import json
 import re
 import signal
 import sys
+import warnings
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -617,7 +618,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.overrides = [*args.overrides, *extra]
         else:
             args.files = [*args.files, *extra]
-    return int(args.func(args))
+    from airflow_oellm.config.errors import ConfigDeprecationWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConfigDeprecationWarning)
+        code = int(args.func(args))
+    for warning in caught:
+        if warning.category is not ConfigDeprecationWarning:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+    for notice in dict.fromkeys(str(w.message) for w in caught if w.category is ConfigDeprecationWarning):
+        print(f"warning: {notice}", file=sys.stderr)  # file:line: key: what to write instead
+    return code
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ print(json.dumps({"seconds": seconds, "dags": len(bag.dag_ids), "tasks": tasks,
 """
 
 OURS_SWEEP = """\
-defaults: [{{platform: local}}, {{model: 50M}}, _self_]
+defaults: [{{platform: devcluster}}, {{model: 50M}}, _self_]
 project: {{name: bench, base_output_dir: /scratch/bench}}
 backend: {{args: {{train_iters: 20000, save_interval: 1000}}}}
 evaluation:

@@ -45,7 +45,7 @@ def free_port() -> int:
 
 def sweep_yaml(experiments: int) -> str:
     return f"""
-defaults: [{{platform: local}}]
+defaults: [{{platform: devcluster}}]
 project: {{name: bench, base_output_dir: /scratch/bench/runs}}
 backend: {{args: {{train_iters: 10000, save_interval: 1000, eval_interval: 1000, seq_length: 4096,
   global_batch_size: 512}}}}

@@ -35,7 +35,7 @@ def write_sweep(directory: Path, points: int) -> Path:
     """A sweep of `points` experiments given as an explicit list (like a generated study)."""
     lines = [
         "defaults:",
-        "  - platform: local",
+        "  - platform: devcluster",
         "  - model: 50M",
         "  - _self_",
         "project:",

@@ -108,7 +108,7 @@ def job_environment(batch_system: str, stamp: str) -> dict[str, str]:
         tools = Path(os.environ.get("SLURM_DEV_TOOLS_DIR", "/opt/oellm-dev-tools"))
         return {
             "AIRFLOW_CONN_SLURM_DEV": json.dumps(connection),
-            "OELLM_DEMO_PLATFORM": "local",
+            "OELLM_DEMO_PLATFORM": "devcluster",
             "OELLM_DEMO_OUTPUT_DIR": f"{cluster['SLURM_DEV_USER_HOME']}/oellm-demo/{stamp}",
             "OELLM_DEMO_TOOLS_BIN": str(tools / "bin"),
             "OELLM_TINY_MEGATRON": str(tools / "tiny_megatron"),

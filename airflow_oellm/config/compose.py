@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -28,7 +29,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from airflow_oellm.config.errors import ConfigError, Issue, did_you_mean, join_key, shown
+from airflow_oellm.config.errors import ConfigDeprecationWarning, ConfigError, Issue, did_you_mean, join_key, shown
 from airflow_oellm.config.schema import PROTECTED_SECTIONS, RootConfig
 from airflow_oellm.config.validate import Validator
 from airflow_oellm.config.yamlio import key_line, load_yaml
@@ -43,6 +44,8 @@ SELF = "_self_"
 # directories of a config root that are not config groups
 NOT_GROUPS = frozenset({"sweeps", "templates"})
 MAX_OPTION_PART = 200  # characters of a file name part: below every file system's limit
+# group options renamed, old name -> new: the old name still composes for one release, with a warning
+RENAMED_OPTIONS: dict[tuple[str, str], str] = {("platform", "local"): "devcluster"}
 _OPTION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*(/[A-Za-z0-9_][A-Za-z0-9_.\-]*)*$")
 
 
@@ -94,8 +97,11 @@ class Where:
     key: str
     file: str | None
 
+    def issue(self, message: str) -> Issue:
+        return Issue(message, self.key, self.file, key_line(self.file, self.key))
+
     def error(self, message: str) -> ConfigError:
-        return ConfigError(Issue(message, self.key, self.file, key_line(self.file, self.key)))
+        return ConfigError(self.issue(message))
 
 
 @dataclass
@@ -218,8 +224,8 @@ class Composer:
         overrides = dict(choices or {})
         resolved_choices: dict[str, str | None] = {}
         for i, entry in enumerate(entries):
-            if entry[0] == "group" and entry[1] in overrides:
-                entries[i] = ("group", entry[1], overrides.pop(entry[1]), entry[3])
+            if entry[0] == "group" and entry[1] in overrides:  # an error names the override, not the entry
+                entries[i] = ("group", entry[1], overrides.pop(entry[1]), Where(f"override {entry[1]}", origin))
         for group, option in overrides.items():  # groups the defaults did not mention
             entries.insert(len(entries) - 1, ("group", group, option, Where(f"override {group}", origin)))
 
@@ -259,6 +265,15 @@ class Composer:
                 raise where.error(f"cannot resolve option for group '{group}': {exc}") from None
         if not isinstance(option, str):
             raise where.error(f"option for group '{group}' must be a string, got {option!r}")
+        renamed = RENAMED_OPTIONS.get((group, option))
+        if renamed is not None and self.find(f"{group}/{option}") is None:  # a config root's own file wins
+            notice = f"the {group} '{option}' is now '{renamed}' (the old name is removed in the next release)"
+            warnings.warn(
+                str(where.issue(notice)),
+                ConfigDeprecationWarning,
+                stacklevel=2,
+            )
+            return renamed
         return option
 
     def _parse_defaults(self, raw: Any, file: str, group: str | None) -> list[tuple[str, str, Any, Where]]:

@@ -72,7 +72,7 @@ RULES: tuple[PlatformRule, ...] = (
         paths=("/gpfs/projects/bsc", "/apps/GPP", "/apps/ACC"),
     ),
     PlatformRule(
-        "local",
+        "devcluster",
         env_vars=("SLURM_DEV_CLUSTER",),
         env_values={"SLURM_CLUSTER_NAME": r"^devcluster$"},
         paths=("/etc/slurm/oellm-dev-cluster",),

@@ -63,7 +63,7 @@ class ClusterTarget:
         """The endpoint: triggers with the same key share one poller (one connection, one poll per interval)."""
         if self.batch_system == LOCAL_PROCESS:
             return LOCAL_PROCESS
-        return "local" if self.local_commands else f"ssh:{self.ssh_conn_id}"
+        return "local-commands" if self.local_commands else f"ssh:{self.ssh_conn_id}"
 
     def describe(self) -> str:
         if self.batch_system == LOCAL_PROCESS:

@@ -403,7 +403,7 @@ SLURM_DEV_ACCOUNTING=$SLURM_DEV_ACCOUNTING
 SLURM_DEV_SLURM_VERSION=$SLURM_VERSION
 EOF
 chmod 0644 "$ENV_FILE"
-# readable by every user (the key directory is not): lets airflow-oellm detect the platform `local`
+# readable by every user (the key directory is not): lets airflow-oellm detect the platform `devcluster`
 echo "# airflow-oellm dev cluster ($CLUSTER); see scripts/dev-cluster.sh" > "$SLURM_ETC/oellm-dev-cluster"
 chmod 0644 "$SLURM_ETC/oellm-dev-cluster"
 pids() { local out="" d f

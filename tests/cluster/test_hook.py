@@ -264,7 +264,7 @@ def test_exclude_nodes_on_a_pending_job(hook, dev_cluster, remote_dir):
 
 def test_platform_detection_runs_remotely(hook):
     found = hook.detect_platform()
-    assert found.name == "local" and "oellm-dev-cluster" in found.reason
+    assert found.name == "devcluster" and "oellm-dev-cluster" in found.reason
 
 
 @pytest.mark.faults

@@ -85,7 +85,7 @@ def test_hostile_config_values_stay_inert_on_the_cluster(dev_cluster, remote_dir
     path = write(
         "sweeps/hostile.yaml",
         f"""
-        defaults: [{{platform: local}}]
+        defaults: [{{platform: devcluster}}]
         project: {{name: hostile, base_output_dir: /unused}}
         platform:
           env:
@@ -136,4 +136,4 @@ def test_platform_probe_runs_on_the_remote_login_node(dev_cluster):
     facts = PlatformProbe.parse(dev_cluster.ssh(probe_command()).stdout)
     assert facts.hostname  # the login node's name, read over SSH
     assert "/etc/slurm/oellm-dev-cluster" in facts.existing_paths
-    assert detect_platform(facts).name == "local"
+    assert detect_platform(facts).name == "devcluster"

@@ -34,7 +34,7 @@ SERIES_JS = """Array.from(document.querySelectorAll('svg#loss-vs-iteration polyl
 
 def sweep_yaml(remote: str, token: str, conn_id: str) -> str:
     return f"""
-defaults: [{{platform: local}}]
+defaults: [{{platform: devcluster}}]
 project: {{name: dash{token}, base_output_dir: {remote}/runs}}
 platform: {{ssh_conn_id: {conn_id}}}
 backend: {{python: python3, entrypoint: {remote}/fake_megatron.py, megatron_path: null,

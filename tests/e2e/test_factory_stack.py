@@ -29,7 +29,7 @@ def write_sweeps(directory: Path, remote: str, token: str, conn_id: str) -> dict
     tools = f"[python3, {remote}/fake_tools.py"
     files = {
         "study": f"""
-defaults: [{{platform: local}}]
+defaults: [{{platform: devcluster}}]
 project: {{name: fx{token}, base_output_dir: {remote}/runs}}
 {backend}
 conversion: {{command: {tools}, convert]}}
@@ -41,7 +41,7 @@ sweep: {{name: fx{token}, name_template: "{{stage}}", axes: {{stage: [cli, rest,
   base_values: {{platform.env.OELLM_STAGE: "${{vars.stage}}"}}}}
 """,
         "nightly": f"""
-defaults: [{{platform: local}}]
+defaults: [{{platform: devcluster}}]
 project: {{name: nightly{token}, base_output_dir: {remote}/runs}}
 {backend}
 conversion: {{enabled: false}}

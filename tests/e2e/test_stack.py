@@ -26,7 +26,7 @@ HERE = Path(__file__).parent
 def sweep(directory: Path, remote: str, name: str, args: str, extra: str = "", poll: int = 2) -> list[dict]:
     path = directory / f"{name}.yaml"
     path.write_text(
-        f"defaults: [{{platform: local}}]\n"
+        f"defaults: [{{platform: devcluster}}]\n"
         f"project: {{name: {name}, base_output_dir: {remote}/runs}}\n"
         f"backend: {{python: python3, entrypoint: {remote}/fake_megatron.py, megatron_path: null, args: {{{args}}}}}\n"
         f"monitoring: {{poll_interval_seconds: {poll}, inactivity_threshold_seconds: 600}}\n{extra}"

@@ -15,7 +15,7 @@ from airflow_oellm.dag_factory import load_dags
 from tests.conftest import REPO
 from tests.unit.test_factory import DAG_FILE, bag
 
-HEAD = "defaults: [{platform: local}]\nproject: {name: %s, base_output_dir: /tmp/oellm-bad-input}\n"
+HEAD = "defaults: [{platform: devcluster}]\nproject: {name: %s, base_output_dir: /tmp/oellm-bad-input}\n"
 # file -> (its text, what its error must say)
 CORPUS = {
     "syntax.yaml": (HEAD % "syntax" + "sweep: {axes: {i: [1, 2}\n", ["syntax.yaml:3", "invalid YAML"]),
@@ -189,7 +189,7 @@ def test_sweeps_from_the_real_world_beside_the_examples_in_a_real_dagbag(tmp_pat
     for example in (REPO / "config" / "sweeps").glob("*.yaml"):
         shutil.copy(example, sweeps / example.name)
     guide = guide_examples()["config/sweep/scaling_experiments.yaml"]
-    head = "defaults: [{platform: local}]\nproject: {name: %s, base_output_dir: /tmp/oellm-guide}\n"
+    head = "defaults: [{platform: devcluster}]\nproject: {name: %s, base_output_dir: /tmp/oellm-guide}\n"
     (sweeps / "guide_verbatim.yaml").write_text(head % "verbatim" + under("sweep", guide))
     wired = guide.replace("  model_size:", "  model:")
     (sweeps / "guide_nested.yaml").write_text(

@@ -728,7 +728,7 @@ def test_any_override_list_parses_and_applies_or_raises_config_error(sweep: Path
 # The smallest inputs found for each escape site (by this fuzz, or by probing around what it found),
 # checked one by one so each site shows as its own failure: (id, sweep file text, overrides); a text
 # that does not start with its own `defaults` gets HEAD in front.
-HEAD = "defaults: [{platform: local}]\nproject: {name: m, base_output_dir: /tmp/oellm-runs/m}\n"
+HEAD = "defaults: [{platform: devcluster}]\nproject: {name: m, base_output_dir: /tmp/oellm-runs/m}\n"
 AXES = "sweep: {axes: {backend.args.lr: [0.0003, 0.001]}}\n"
 BIG_EVAL = f"\"${{eval:'{BIG_RESULT}'}}\""
 FOUND: list[tuple[str, str, list[str]]] = [
@@ -790,7 +790,7 @@ FOUND: list[tuple[str, str, list[str]]] = [
     ("5000-digit-text-as-train-iters", "backend: {args: {train_iters: '" + "1" * 5000 + "'}}\n" + AXES, []),
     ("8001-digit-int-as-a-group-option", AXES, [f"platform={BIG_EVAL[1:-1]}"]),
     ("inert-axis-of-mappings", "sweep: {name_template: 'n{index}', axes: {bogus: [{a: 1}, {b: 2}]}}\n", []),
-    ("no-project-section", "defaults: [{platform: local}]\n" + AXES, []),
+    ("no-project-section", "defaults: [{platform: devcluster}]\n" + AXES, []),
     ("axis-under-an-unknown-section", "sweep: {axes: {a.b: [1, 2]}}\n", []),
 ]
 

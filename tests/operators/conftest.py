@@ -72,7 +72,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.
         cluster = request.getfixturevalue("dev_cluster")
         yield Backend(
             batch_system="slurm",
-            platform="local",
+            platform="devcluster",
             conn={"cluster": ClusterTarget(request.getfixturevalue("slurm_conn_id"))},
             work_dir=request.getfixturevalue("remote_dir"),
             fake_megatron=request.getfixturevalue("fake_megatron"),

@@ -206,7 +206,7 @@ def test_tiny_trainer_study_trains_converts_evaluates_and_cools_down(
     path = write(
         "config/sweeps/tiny_study.yaml",
         f"""
-        defaults: [{{platform: local}}, {{model: tiny}}, _self_]
+        defaults: [{{platform: devcluster}}, {{model: tiny}}, _self_]
         project: {{name: tiny_study, base_output_dir: {remote_dir}/runs}}
         platform: {{ssh_conn_id: {slurm_conn_id}}}
         backend:

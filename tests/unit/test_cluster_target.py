@@ -18,7 +18,7 @@ pytestmark = pytest.mark.unit
     [
         (ClusterTarget("lumi"), "ssh:lumi", "SLURM over SSH (lumi)"),
         (ClusterTarget(), "ssh:ssh_default", "SLURM over SSH (ssh_default)"),
-        (ClusterTarget("lumi", local_commands=True), "local", "SLURM with this machine's shell"),
+        (ClusterTarget("lumi", local_commands=True), "local-commands", "SLURM with this machine's shell"),
         (ClusterTarget(batch_system="local-process"), "local-process", "local processes on this machine (no SLURM)"),
     ],
 )

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import warnings
 
 import pytest
 
 from airflow_oellm.cli import main as cli
 from airflow_oellm.config import ConfigError, load_sweep
 from airflow_oellm.config.compose import Composer, config_roots
+from airflow_oellm.config.errors import ConfigDeprecationWarning
 from airflow_oellm.config.resolvers import frozen_time
 from airflow_oellm.config.schema import RootConfig
 from airflow_oellm.jobscript.render import render_sbatch
@@ -235,7 +237,7 @@ def test_timestring_is_one_instant_within_a_resolution(write, project):
 
 def test_builtin_platforms_compose_and_inherit_base():
     composer = Composer(config_roots(None))
-    for name in ("lumi", "leonardo", "juwels", "jupiter", "marenostrum", "local"):
+    for name in ("lumi", "leonardo", "juwels", "jupiter", "marenostrum", "devcluster"):
         composed = composer.compose(None, {"defaults": [{"platform": name}]})
         data = composed.data
         assert data["platform"]["name"] == name
@@ -291,7 +293,7 @@ def test_a_site_that_needs_an_account_refuses_a_sweep_without_one(monkeypatch, t
         ("juwels", ["slurm.account"]),
         ("jupiter", ["slurm.account"]),
         ("marenostrum", ["slurm.account", "slurm.qos"]),
-        ("local", []),
+        ("devcluster", []),
         ("local-process", []),
     ],
 )
@@ -351,8 +353,25 @@ def test_config_dir_option_adds_a_root(write, tmp_path):
 
 
 def test_sweep_file_outside_a_project_uses_builtin_groups(write):
-    path = write("anywhere/s.yaml", "defaults: [{platform: local}]\nproject: {name: z, base_output_dir: /r}\n")
-    assert load_sweep(path).experiments[0].config.platform.name == "local"
+    path = write("anywhere/s.yaml", "defaults: [{platform: devcluster}]\nproject: {name: z, base_output_dir: /r}\n")
+    assert load_sweep(path).experiments[0].config.platform.name == "devcluster"
+
+
+def test_the_dev_cluster_platform_keeps_its_old_name_for_a_release(write):
+    path = write("anywhere/s.yaml", "project: {name: z, base_output_dir: /r}\ndefaults: [{platform: local}]\n")
+    with pytest.warns(ConfigDeprecationWarning) as caught:
+        assert load_sweep(path).experiments[0].config.platform.name == "devcluster"
+    assert f"{path}:2: defaults[0]: the platform 'local' is now 'devcluster'" in str(caught[0].message)
+    with pytest.warns(ConfigDeprecationWarning, match="override platform: the platform 'local' is now 'devcluster'"):
+        assert load_sweep(path, ["platform=local"]).experiments[0].config.platform.name == "devcluster"
+
+
+def test_a_config_roots_own_platform_under_an_old_name_wins_without_a_warning(write, tmp_path):
+    write("extra/platform/local.yaml", "defaults: [base]\nplatform: {name: mine}\n")
+    path = write("s.yaml", "defaults: [{platform: local}]\nproject: {name: z, base_output_dir: /r}\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_sweep(path, config_dirs=[str(tmp_path / "extra")]).experiments[0].config.platform.name == "mine"
 
 
 def test_seconds_and_strings_both_accepted_for_time(write, project):

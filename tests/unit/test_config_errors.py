@@ -322,6 +322,15 @@ def test_validate_checks_the_run_plan(write, project, capsys):
     assert f"error: {path}:5: cooldowns: cooldown at 55 is not a checkpoint iteration" in err, err
 
 
+def test_validate_names_an_old_platform_name_once_and_still_passes(write, capsys):
+    path = write("anywhere/old.yaml", "defaults: [{platform: local}]\nproject: {name: o, base_output_dir: /r}\n")
+    assert cli(["validate", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert f"ok: {path}" in out
+    expected = f"warning: {path}:1: defaults[0]: the platform 'local' is now 'devcluster'"
+    assert err.count("warning:") == 1 and err.startswith(expected), err
+
+
 def test_missing_file(tmp_path, capsys):
     assert cli(["validate", str(tmp_path / "nope.yaml")]) == 1
     assert "nope.yaml: file not found" in capsys.readouterr().err

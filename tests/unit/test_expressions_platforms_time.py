@@ -84,7 +84,7 @@ def probe(env=None, host="", paths=()):
         (probe(host="admin-node"), "unknown"),  # the seed's bare "mn" substring would have matched
         (probe(host="x", paths=["/leonardo_work"]), "leonardo"),
         (probe(host="x", paths=["/appl/lumi"]), "lumi"),
-        (probe(host="vm", paths=["/etc/slurm/oellm-dev-cluster"]), "local"),
+        (probe(host="vm", paths=["/etc/slurm/oellm-dev-cluster"]), "devcluster"),
     ],
 )
 def test_platform_detection_rules(facts, expected):

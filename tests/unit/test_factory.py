@@ -37,7 +37,7 @@ def test_experiment_dag_settings(project_dags):
     exp = sweep.experiments[0]
     dag = project_dags[exp.dag_id]
     assert dag.max_active_runs == 1 and dag.schedule is None and not dag.catchup
-    assert {"oellm", f"sweep:{sweep.name}", "platform:local", "model:50M"} <= set(dag.tags)
+    assert {"oellm", f"sweep:{sweep.name}", "platform:devcluster", "model:50M"} <= set(dag.tags)
     assert dag.default_args["owner"] == exp.config.project.owner
     assert exp.name in dag.doc_md and '"train_iters": 150000' in dag.doc_md
     train = dag.get_task("train")
@@ -105,7 +105,7 @@ def test_a_sweep_larger_than_max_map_length_runs_from_several_trigger_tasks(writ
     monkeypatch.setenv("AIRFLOW__CORE__MAX_MAP_LENGTH", "10")
     path = write(
         "s/big.yaml",
-        "defaults: [{platform: local}]\nproject: {name: big, base_output_dir: /tmp/x}\n"
+        "defaults: [{platform: devcluster}]\nproject: {name: big, base_output_dir: /tmp/x}\n"
         "backend: {args: {seed: '${vars.i}'}}\nsweep: {axes: {i: [" + ", ".join(map(str, range(25))) + "]}}\n",
     )
     sweep = load_sweep(path)
@@ -178,7 +178,7 @@ def test_dag_file_reads_sweeps_path_and_keeps_errors_local(tmp_path, write, monk
     folder = tmp_path / "dags"
     folder.mkdir()
     shutil.copy(DAG_FILE, folder / DAG_FILE.name)
-    head = "defaults: [{platform: local}]\nproject: {name: %s, base_output_dir: /tmp/x}\n"
+    head = "defaults: [{platform: devcluster}]\nproject: {name: %s, base_output_dir: /tmp/x}\n"
     good = write("a/good.yaml", head % "good" + "backend: {args: {seed: '${vars.i}'}}\nsweep: {axes: {i: [1, 2]}}\n")
     write("b/other.yaml", head % "other")
     write("b/broken.yaml", head % "broken" + "slurm: {nodez: 2}\n")
@@ -200,7 +200,7 @@ def test_sweep_directories_from_env_and_airflow_option(tmp_path, monkeypatch):
 
 def test_a_worker_builds_only_the_dag_it_runs(tmp_path, write, monkeypatch):
     # the sweep renames itself: the file stem does not say which file holds the DAG
-    head = "defaults: [{platform: local}]\nproject: {name: %s, base_output_dir: /tmp/x}\n"
+    head = "defaults: [{platform: devcluster}]\nproject: {name: %s, base_output_dir: /tmp/x}\n"
     write(
         "s/study.yaml", head % "p" + "backend: {args: {seed: '${vars.i}'}}\nsweep: {name: renamed, axes: {i: [1, 2]}}\n"
     )
@@ -214,7 +214,7 @@ def test_a_worker_builds_only_the_dag_it_runs(tmp_path, write, monkeypatch):
 def test_scheduled_sweep(write):
     path = write(
         "s/nightly.yaml",
-        "defaults: [{platform: local}]\nproject: {name: n, base_output_dir: /tmp/x}\n"
+        "defaults: [{platform: devcluster}]\nproject: {name: n, base_output_dir: /tmp/x}\n"
         "dag: {schedule: '@daily', start_date: '2026-11-01', catchup: true, tags: [speed]}\n",
     )
     sweep = load_sweep(path)

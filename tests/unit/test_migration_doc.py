@@ -37,7 +37,7 @@ def test_a_seed_action_is_refused_with_its_replacement(write):
     path = write(
         "config/sweeps/seed.yaml",
         """
-        defaults: [{platform: local}, _self_]
+        defaults: [{platform: devcluster}, _self_]
         project: {name: seed, base_output_dir: /tmp/seed}
         monitoring:
           log_events:

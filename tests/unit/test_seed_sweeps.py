@@ -146,7 +146,7 @@ def guide_sweep_file(write, text=GUIDE_SWEEP):
     """Our sweep file around the guide's sweep block, which is copied in verbatim (indented under `sweep:`)."""
     return write(
         "config/sweeps/scaling_experiments.yaml",
-        "defaults: [{platform: local}]\nproject: {name: scaling_study, base_output_dir: /tmp/oellm/scaling}\n"
+        "defaults: [{platform: devcluster}]\nproject: {name: scaling_study, base_output_dir: /tmp/oellm/scaling}\n"
         + under("sweep", text),
     )
 
