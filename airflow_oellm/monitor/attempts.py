@@ -248,3 +248,10 @@ def decide_attempt(
     }
     state = training_state_after(verdict.verdict, try_number, retries)
     return AttemptDecision(verdict, attempt, history, result, state)
+
+
+def lost_contact_result(history: AttemptHistory, message: str) -> dict[str, Any]:
+    """What a try that lost the cluster leaves as its `result`: the attempts so far, so that the report
+    counts their GPU-hours and curves as the dashboard does from the history, and why nothing more is known."""
+    attempts = history.to_dict()["attempts"]
+    return {"job_ids": [a["job_id"] for a in attempts], "attempts": attempts, "lost_contact": message}

@@ -39,6 +39,7 @@ from airflow_oellm.monitor.attempts import (
     JobSettingsError,
     decide_attempt,
     job_settings,
+    lost_contact_result,
     training_state_after,
 )
 from airflow_oellm.monitor.classify import FATAL, RETRY, SUCCESS
@@ -352,13 +353,13 @@ class SlurmSubmitOperator(BaseOperator):
 
     def _finish(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
         ti = context["ti"]
-        if event.get("kind") == "error":
-            raise AirflowException(
-                f"lost contact with the cluster while following job {event.get('job_id')}: {event.get('message')}"
-            )
-        s = self._settings()
         store = context.get("task_state_store")
         history = AttemptHistory.from_dict(store.get(HISTORY_KEY) if store is not None else None)
+        if event.get("kind") == "error":
+            message = f"lost contact with the cluster while following job {event.get('job_id')}: {event.get('message')}"
+            ti.xcom_push(key=RESULT_KEY, value=lost_contact_result(history, message))
+            raise AirflowException(message)
+        s = self._settings()
         hook = self._hook()
         try:
             after = self._checkpoint(hook, s)

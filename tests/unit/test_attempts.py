@@ -335,3 +335,34 @@ def test_the_watch_summary_is_declared_once():
     from airflow_oellm.monitor.records import WatchSummary
 
     assert list(empty_summary()) == list(get_type_hints(WatchSummary))
+
+
+def test_a_try_that_lost_the_cluster_leaves_the_attempts_so_far_as_its_result():
+    """Its result carries the history, so the report counts what the dashboard counts (not retried
+    silently: the task still fails, naming the job)."""
+    from airflow.sdk.exceptions import AirflowException
+
+    from airflow_oellm.config.naming import HISTORY_KEY, RESULT_KEY
+    from airflow_oellm.operators.submit import SlurmSubmitOperator
+
+    history = {"attempts": [{"try": 1, "job_id": "7", "end": END, "gpu_hours": 3.0, "verdict": "retry"}]}
+    pushed: dict[str, object] = {}
+
+    class TaskInstance:  # what _finish uses of the running task instance
+        try_number = 2
+
+        def xcom_push(self, key: str, value: object) -> None:
+            pushed[key] = value
+
+    class Store(dict):
+        def set(self, key: str, value: object) -> None:
+            self[key] = value
+
+    task = SlurmSubmitOperator(task_id="train", script="#!/bin/bash\n", output_dir="/o")
+    event = {"kind": "error", "job_id": "7", "message": "cannot connect to lumi: timed out"}
+    context = {"ti": TaskInstance(), "task_state_store": Store({HISTORY_KEY: history})}
+    with pytest.raises(AirflowException, match="lost contact with the cluster while following job 7: cannot connect"):
+        task._finish(context, event)
+    assert AttemptHistory.of_result(pushed[RESULT_KEY]) == AttemptHistory.from_dict(history)
+    assert pushed[RESULT_KEY]["job_ids"] == ["7"]
+    assert "cannot connect to lumi" in pushed[RESULT_KEY]["lost_contact"]

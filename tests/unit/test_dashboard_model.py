@@ -11,6 +11,7 @@ from airflow_oellm.dashboard.model import (
     RunRecord,
     TaskRecord,
     experiment_view,
+    run_gpu_hours_so_far,
     sweep_view,
 )
 from airflow_oellm.dashboard.plot import Series, line_plot, nice_ticks
@@ -291,6 +292,39 @@ def test_the_report_and_the_dashboard_agree_on_a_run_that_retried():
     shown = {r["iteration"]: r["validation_loss"] for r in evaluations(run, "lr1")}
     assert shown == {i: rows[i]["validation_loss"] for i in (10, 30)}
     assert run_curve(run, "train") == report_curve(result)
+
+
+def test_the_report_and_the_dashboard_agree_when_the_last_try_lost_the_cluster():
+    """The failed try leaves the attempts so far as its result: the report counts the first try's
+    hours, as the dashboard does from the history."""
+    from airflow_oellm.monitor.accounting import used_gpu_hours_by_kind
+    from airflow_oellm.monitor.attempts import lost_contact_result
+    from airflow_oellm.monitor.records import AttemptHistory
+    from airflow_oellm.operators.report import run_rows
+
+    first = {
+        "try": 1,
+        "job_id": "101",
+        "end": when(-3600).isoformat(),
+        "gpu_hours": 8.0,
+        "verdict": "retry",
+        "checkpoints_saved": [10],
+    }
+    second = {"try": 2, "job_id": "101", "submission": "adopted"}  # followed until the cluster went away
+    history = AttemptHistory.from_dict({"attempts": [first, second]})
+    result = lost_contact_result(history, "lost contact with the cluster while following job 101: timed out")
+    assert result["job_ids"] == ["101", "101"] and "timed out" in result["lost_contact"]
+    run = RunRecord(
+        dag_id="oellm__s__lr1",
+        run_id="manual__1",
+        state="failed",
+        tasks=[TaskRecord("prepare", -1, "success", 1, 0), TaskRecord("train", -1, "failed", 2, 1)],
+        xcoms={("prepare", -1, "config"): CONFIG, ("train", -1, "result"): result},
+        histories={("train", -1): history.to_dict()},
+    )
+    dashboard = run_gpu_hours_so_far(run, CONFIG, NOW)
+    assert dashboard == used_gpu_hours_by_kind({"training": [result]})["total"] == 8.0
+    assert run_rows("lr1", result, [], {})[0]["gpu_hours"] == 8.0
 
 
 def test_a_running_side_job_is_estimated_with_its_own_gpus():
