@@ -112,23 +112,19 @@ def script_file(name: str, try_number: int) -> str:
 
 def job_paths(name: str, out: str) -> dict[str, str]:
     """The `experiment` section's paths of a job named `name` writing to `out`."""
-    return {
-        "name": name,
-        "output_dir": out,
-        "checkpoint_dir": f"{out}/{CHECKPOINTS_DIR}",
-        "log_dir": f"{out}/{LOGS_DIR}",
-        "log_path": f"{out}/{LOGS_DIR}/{log_file(name)}",
-        "script_dir": f"{out}/{SCRIPTS_DIR}",
-        "provenance_dir": f"{out}/{PROVENANCE_DIR}",
-    }
+    return {"name": name, "output_dir": out, **_derived_paths(name, out, f"{out}/{LOGS_DIR}")}
 
 
 def job_path_interpolations(name: str) -> dict[str, str]:
     """`job_paths` as the loader writes them before resolution: under `${project.base_output_dir}`,
     each derived from `${experiment.output_dir}` (so an override of one moves the others)."""
-    out, logs = "${experiment.output_dir}", "${experiment.log_dir}"
+    output_dir = "${project.base_output_dir}/" + name
+    return {"output_dir": output_dir, **_derived_paths(name, "${experiment.output_dir}", "${experiment.log_dir}")}
+
+
+def _derived_paths(name: str, out: str, logs: str) -> dict[str, str]:
+    """The layout under a job's output directory `out` (its log directory `logs`)."""
     return {
-        "output_dir": "${project.base_output_dir}/" + name,
         "checkpoint_dir": f"{out}/{CHECKPOINTS_DIR}",
         "log_dir": f"{out}/{LOGS_DIR}",
         "log_path": f"{logs}/{log_file(name)}",
