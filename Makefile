@@ -12,7 +12,7 @@ demo:  ## the whole product on this machine: Airflow runs the example sweep on t
 demo-stop:  ## stop the Airflow that `make demo` left running for its UI
 	.venv/bin/python scripts/demo.py --stop
 
-test:  ## everything CI runs: install, dev cluster up, lint, all tests
+test:  ## everything CI runs: install, dev cluster and production services up, lint, all tests
 	.ci/run
 
 reliability: install cluster  ## the fault-injection suite, then docs/reliability.md's table from its figures

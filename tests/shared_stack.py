@@ -1,6 +1,7 @@
 """Airflow stacks shared by several test modules, so that a scenario joins a stack instead of booting one.
 
-- `airflow`: the stack of the modules that never kill a component. Its DAG folder holds the project's DAG
+- `airflow`: the stack of the modules that never kill a component, in the production topology (PostgreSQL,
+  Celery, two schedulers, triggerers and workers). Its DAG folder holds the project's DAG
   file; a module adds its sweep files to `stack.sweeps` (OELLM_SWEEPS_PATH). Logins are real (no
   all-admins); the stack is logged in as admin. xdist workers share it: the first module to need it boots
   it, the others attach to it through a state file.
@@ -41,6 +42,8 @@ MODULES = {
 }
 # kills and restarts components, which only the process that started them can do (all its modules are SERIAL)
 CONTROLLED = {"faults"}
+# on PostgreSQL and the CeleryExecutor, two schedulers, triggerers and workers (tests/e2e/conftest.py)
+PRODUCTION = {"airflow"}
 STATE_DIR_VARIABLE = "OELLM_SHARED_STACKS"
 LOCAL: dict[str, Any] = {}  # the stacks this process booted: their processes are its children
 JOINED: set[str] = set()
@@ -92,6 +95,8 @@ def stop(state_dir: Path, name: str) -> None:
     """Stop the stack `name` (the state lock held): through its processes if this process booted it, then
     every process group still running with its AIRFLOW_HOME (components restarted by a test, task runners,
     a stack booted by a worker that crashed)."""
+    from tests.e2e.conftest import drop_database
+
     state = read_state(state_dir, name)
     local = LOCAL.pop(name, None)
     JOINED.discard(name)
@@ -108,6 +113,7 @@ def stop(state_dir: Path, name: str) -> None:
         deadline = time.monotonic() + 30
         while groups and time.monotonic() < deadline and processes_of(state["home"]):
             time.sleep(0.5)  # poll: the components shut down
+    drop_database(state["env"])
 
 
 def processes_of(home: str) -> set[int]:
@@ -183,7 +189,7 @@ def join(name: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
             write_dags, env, attributes = BOOT[name](home)
             write_dags(dags)
             connections = {k: v for k, v in os.environ.items() if k.startswith("AIRFLOW_CONN_")}
-            stack = start_stack(home, dags, {**connections, **env})
+            stack = start_stack(home, dags, {**connections, **env}, production=name in PRODUCTION)
             try:
                 if name == "airflow":
                     stack.login()

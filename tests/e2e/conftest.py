@@ -1,5 +1,9 @@
-"""A real Airflow stack for end-to-end tests: api-server, scheduler, dag-processor, triggerer (LocalExecutor,
-SQLite), started from this venv with a fresh AIRFLOW_HOME and free ports, stopped by process group."""
+"""A real Airflow stack for end-to-end tests, started from this venv with a fresh AIRFLOW_HOME and free ports,
+stopped by process group. Two topologies:
+- single: api-server, scheduler, dag-processor, triggerer; LocalExecutor on SQLite;
+- production: PostgreSQL and the CeleryExecutor over Redis (scripts/prod-stack.sh), with two schedulers,
+  two triggerers and two Celery workers (each process with its own hostname), a dag-processor and an
+  api-server. Each stack has its own database and its own Celery queue."""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +28,8 @@ import pytest
 from tests.conftest import REPO
 
 AIRFLOW = str(Path(sys.executable).with_name("airflow"))
-COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
+SINGLE = {name: (name,) for name in ("api-server", "scheduler", "dag-processor", "triggerer")}
+PRODUCTION_SERVICES = Path(os.environ.get("OELLM_PROD_STATE_DIR", "/var/lib/oellm-prod-stack")) / "stack.env"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -73,6 +79,8 @@ class Stack:
     home: Path
     env: dict[str, str]
     base: str
+    commands: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(SINGLE))  # process -> airflow args
+    process_env: dict[str, dict[str, str]] = field(default_factory=dict)  # a process's own settings
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     logs: dict[str, Any] = field(default_factory=dict)
     restarting: set[str] = field(default_factory=set)
@@ -91,8 +99,8 @@ class Stack:
         log = self.logs.get(component) or open(self.home / f"{component}.log", "ab")  # noqa: SIM115 - closed in stop()
         self.logs[component] = log
         self.procs[component] = subprocess.Popen(
-            [AIRFLOW, component],
-            env=self.env,
+            [AIRFLOW, *self.commands[component]],
+            env={**self.env, **self.process_env.get(component, {})},
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -122,6 +130,7 @@ class Stack:
                 proc.wait(timeout=10)
         for log in self.logs.values():
             log.close()
+        drop_database(self.env)
 
     def login(self, user: str = "admin") -> str:
         """A JWT for `user` of the simple auth manager (its generated password), kept for `http`."""
@@ -200,7 +209,7 @@ class Stack:
         return entry["value"]
 
 
-def start_stack(home: Path, dags_folder: Path, extra_env: dict[str, str]) -> Stack:
+def start_stack(home: Path, dags_folder: Path, extra_env: dict[str, str], production: bool = False) -> Stack:
     port = free_port()
     # SQLite: writers (CLI, scheduler, api-server) wait for each other's locks instead of failing
     (home / "oellm_e2e_db.py").write_text('CONNECT_ARGS = {"timeout": 60}\n')
@@ -227,12 +236,17 @@ def start_stack(home: Path, dags_folder: Path, extra_env: dict[str, str]) -> Sta
         AIRFLOW__TRIGGERER__CAPACITY="1000",
         PYTHONWARNINGS="ignore",
     )
+    commands, process_env = dict(SINGLE), {}
+    if production:
+        commands, process_env = production_topology(home, env)
     env.update(extra_env)
-    subprocess.run([AIRFLOW, "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
-    stack = Stack(home, env, f"http://127.0.0.1:{port}/api/v2")
-    for component in COMPONENTS:
-        stack.start(component)
+    stack = Stack(home, env, f"http://127.0.0.1:{port}/api/v2", commands, process_env)
     try:
+        migrate = subprocess.run([AIRFLOW, "db", "migrate"], env=env, capture_output=True, text=True, timeout=300)
+        if migrate.returncode:
+            raise RuntimeError(f"airflow db migrate failed:\n{migrate.stderr[-3000:]}")
+        for component in commands:
+            stack.start(component)
 
         def healthy() -> bool:
             h = stack.http("GET", "/monitor/health")
@@ -243,6 +257,80 @@ def start_stack(home: Path, dags_folder: Path, extra_env: dict[str, str]) -> Sta
         stack.stop()
         raise
     return stack
+
+
+def production_services() -> dict[str, str]:
+    """The PostgreSQL and Redis of scripts/prod-stack.sh."""
+    if not PRODUCTION_SERVICES.exists():
+        pytest.fail(f"production services not set up ({PRODUCTION_SERVICES} missing): run scripts/prod-stack.sh up")
+    return dict(line.split("=", 1) for line in PRODUCTION_SERVICES.read_text().splitlines() if "=" in line)
+
+
+def production_topology(
+    home: Path, env: dict[str, str]
+) -> tuple[dict[str, tuple[str, ...]], dict[str, dict[str, str]]]:
+    """Set `env` for PostgreSQL and Celery (a new database and queue for this stack); the processes, two
+    of each but the dag-processor and the api-server, and each one's own hostname and log-server port."""
+    import psycopg2
+
+    services = production_services()
+    token = uuid.uuid4().hex[:8]
+    database = f"airflow_e2e_{token}"
+    try:
+        admin = psycopg2.connect(f"{services['OELLM_PROD_PG_URL'].replace('+psycopg2', '')}/postgres")
+    except psycopg2.OperationalError as exc:
+        pytest.fail(f"production services not running ({exc}): run scripts/prod-stack.sh up")
+    admin.autocommit = True  # CREATE DATABASE runs outside a transaction
+    with admin.cursor() as cursor:
+        cursor.execute(f"CREATE DATABASE {database}")
+    admin.close()
+    (home / "oellm_e2e_host.py").write_text(
+        "import os\n\n\ndef hostname() -> str:\n    return os.environ['OELLM_E2E_HOSTNAME']\n"
+    )
+    queue = f"oellm_e2e_{token}"
+    del env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS"]  # SQLite's lock timeout
+    env.update(
+        AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"{services['OELLM_PROD_PG_URL']}/{database}",
+        AIRFLOW__CORE__EXECUTOR="CeleryExecutor",
+        AIRFLOW__CELERY__BROKER_URL=f"{services['OELLM_PROD_REDIS_URL']}/{1 + int(token, 16) % 63}",
+        AIRFLOW__CELERY__RESULT_BACKEND=f"db+{services['OELLM_PROD_PG_URL']}/{database}",
+        AIRFLOW__CELERY__WORKER_CONCURRENCY="4",
+        AIRFLOW__OPERATORS__DEFAULT_QUEUE=queue,
+        AIRFLOW__CORE__HOSTNAME_CALLABLE="oellm_e2e_host.hostname",
+        OELLM_E2E_HOSTNAME="cli",
+    )
+    commands: dict[str, tuple[str, ...]] = {"api-server": ("api-server",), "dag-processor": ("dag-processor",)}
+    for n in (1, 2):
+        commands[f"scheduler-{n}"] = ("scheduler",)
+        commands[f"triggerer-{n}"] = ("triggerer",)
+        commands[f"worker-{n}"] = ("celery", "worker", "--queues", queue, "--celery-hostname", f"worker-{n}-{token}@%h")
+    process_env = {
+        name: {
+            "OELLM_E2E_HOSTNAME": name,
+            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+            "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
+        }
+        for name in commands
+    }
+    return commands, process_env
+
+
+def drop_database(env: dict[str, str]) -> None:
+    """A production stack's database goes with it (its processes are stopped)."""
+    url = env.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "")
+    if not url.startswith("postgresql"):
+        return
+    import psycopg2
+
+    server, _, database = url.replace("+psycopg2", "").rpartition("/")
+    try:
+        admin = psycopg2.connect(f"{server}/postgres")
+    except psycopg2.OperationalError:
+        return  # the server is down: nothing to drop now
+    admin.autocommit = True
+    with admin.cursor() as cursor:
+        cursor.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+    admin.close()
 
 
 @pytest.fixture(scope="module")

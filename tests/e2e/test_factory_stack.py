@@ -1,6 +1,7 @@
 """The DAG factory through a real Airflow stack: the project's DAG file loading sweeps from
 $OELLM_SWEEPS_PATH, runs triggered from the CLI with `--conf` and through the REST API, a bad conf
-that never reaches SLURM, a sweep DAG running its experiments, and a backfill of a scheduled sweep."""
+that never reaches SLURM, a sweep DAG running its experiments, and a backfill of a scheduled sweep.
+The stack is the production topology: PostgreSQL, Celery, two schedulers, triggerers and workers."""
 
 from __future__ import annotations
 
@@ -83,6 +84,9 @@ def test_cli_trigger_with_conf_changes_train_iters(stack, dev_cluster):
     run_id = f"cli_{uuid.uuid4().hex[:6]}"
     stack.cli("dags", "trigger", exp.dag_id, "--run-id", run_id, "--conf", json.dumps({"backend.args.train_iters": 30}))
     assert stack.wait_run(exp.dag_id, run_id, 900) == "success", stack.explain(exp.dag_id, run_id)
+    # the production topology (tests/shared_stack.py): every task ran on one of its two Celery workers
+    ran_on = {ti["hostname"] for ti in stack.task_instances(exp.dag_id, run_id) if ti["state"] == "success"}
+    assert stack.env["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor" and ran_on <= {"worker-1", "worker-2"}, ran_on
     found = states(stack, exp.dag_id, run_id)
     assert found["checkpoint.evaluate"] == ["success"] * 3, found  # 10, 20 and the new end, 30
     assert found["cooldown.train"] == ["success"] and found["outcome"] == ["skipped"], found
