@@ -18,6 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from airflow_oellm.deprecation import ConfigDeprecationWarning
+
 _OVERRIDE = re.compile(r"^(~|\+\+?)?[A-Za-z_][A-Za-z0-9_.\-]*(=|$)")
 
 
@@ -618,8 +620,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.overrides = [*args.overrides, *extra]
         else:
             args.files = [*args.files, *extra]
-    from airflow_oellm.config.errors import ConfigDeprecationWarning
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConfigDeprecationWarning)
         code = int(args.func(args))

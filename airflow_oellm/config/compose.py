@@ -29,10 +29,11 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from airflow_oellm.config.errors import ConfigDeprecationWarning, ConfigError, Issue, did_you_mean, join_key, shown
+from airflow_oellm.config.errors import ConfigError, Issue, did_you_mean, join_key, shown
 from airflow_oellm.config.schema import PROTECTED_SECTIONS, RootConfig
 from airflow_oellm.config.validate import Validator
 from airflow_oellm.config.yamlio import key_line, load_yaml
+from airflow_oellm.deprecation import ConfigDeprecationWarning
 
 CONFIG_PATH_ENV = "OELLM_CONFIG_PATH"
 STANDARD_DEFAULTS: tuple[tuple[str, str], ...] = (

@@ -36,10 +36,6 @@ class ConfigError(ValueError):
         super().__init__("\n".join(str(i) for i in self.issues))
 
 
-class ConfigDeprecationWarning(FutureWarning):
-    """A config that still works but uses a name going away; shown by default, with file, line and key."""
-
-
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """' (did you mean 'x'?)' for the closest choice, or '' when nothing is close."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)

@@ -11,9 +11,9 @@ import pytest
 from airflow_oellm.cli import main as cli
 from airflow_oellm.config import ConfigError, load_sweep
 from airflow_oellm.config.compose import Composer, config_roots
-from airflow_oellm.config.errors import ConfigDeprecationWarning
 from airflow_oellm.config.resolvers import frozen_time
 from airflow_oellm.config.schema import RootConfig
+from airflow_oellm.deprecation import ConfigDeprecationWarning
 from airflow_oellm.jobscript.render import render_sbatch
 from tests.conftest import CONFIG
 

@@ -21,6 +21,7 @@ RANK: dict[str, int] = {
     "megatron": 0,
     "evaluation": 0,
     "pause_points": 0,
+    "deprecation": 0,
     "slurm": 1,
     "config": 2,
     "localjobs": 2,
@@ -37,7 +38,8 @@ RANK: dict[str, int] = {
     "get_provider_info": 8,
 }
 # Below the line: plain Python, no Airflow, reachable without it (the CLI included).
-AIRFLOW_FREE_UNITS = frozenset({"(root)", "megatron", "evaluation", "pause_points", "slurm", "config", "localjobs"})
+AIRFLOW_FREE_UNITS = frozenset({"(root)", "megatron", "evaluation", "pause_points", "deprecation", "slurm", "config"})
+AIRFLOW_FREE_UNITS |= {"localjobs"}
 AIRFLOW_FREE_UNITS |= {"monitor", "jobscript", "cli"}
 AIRFLOW_FREE_MODULES = frozenset(f"airflow_oellm.dashboard.{name}" for name in ("model", "plot", "urls"))
 WEB_AND_DB = ("airflow", "sqlalchemy", "fastapi", "starlette")
