@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -44,6 +45,7 @@ MODULES = {
 CONTROLLED = {"faults"}
 # on PostgreSQL and the CeleryExecutor, two schedulers, triggerers and workers (tests/e2e/conftest.py)
 PRODUCTION = {"airflow"}
+SECRET_SETTINGS = ("AIRFLOW_VAR_", "AIRFLOW_CONN_OELLM_E2E_SECRET")  # kept out of the state file
 STATE_DIR_VARIABLE = "OELLM_SHARED_STACKS"
 LOCAL: dict[str, Any] = {}  # the stacks this process booted: their processes are its children
 JOINED: set[str] = set()
@@ -139,13 +141,24 @@ def boot_airflow(home: Path) -> tuple[Callable[[Path], None], dict[str, str], di
 
     sweeps = home / "sweeps"
     sweeps.mkdir()
+    token, password = stack_secrets(home)
     env = {
         "OELLM_SWEEPS_PATH": str(sweeps),
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
         "AIRFLOW__CORE__PARALLELISM": "8",  # two modules' runs at once
+        # what a sweep's platform.secrets names: from the environment, so that no database row holds them
+        "AIRFLOW_VAR_OELLM_E2E_TOKEN": token,
+        "AIRFLOW_CONN_OELLM_E2E_SECRET": json.dumps({"conn_type": "generic", "login": "u", "password": password}),
     }
     return sweeps_dag_file, env, {"sweeps": sweeps}
+
+
+def stack_secrets(home: Path) -> tuple[str, str]:
+    """The `airflow` stack's Variable `oellm_e2e_token` and Connection `oellm_e2e_secret`'s password, made from
+    its home (every module of the group finds them; no state file holds them), hostile to a shell."""
+    digest = hashlib.sha256(f"oellm-e2e-secret:{home}".encode()).hexdigest()
+    return f"tok-{digest[:20]}; $(touch PWNED)", f"pw-{digest[20:40]}'\"`touch PWNED`"
 
 
 def boot_faults(home: Path) -> tuple[Callable[[Path], None], dict[str, str], dict[str, Any]]:
@@ -202,7 +215,7 @@ def join(name: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
             state = {  # what another worker needs to use it: no secret (the test looks for it in files)
                 "home": str(home),
                 "owner": os.getpid(),
-                "env": {k: v for k, v in stack.env.items() if not k.startswith("AIRFLOW_VAR_")},
+                "env": {k: v for k, v in stack.env.items() if not k.startswith(SECRET_SETTINGS)},
                 "base": stack.base,
                 "access_token": stack.access_token,
                 "folders": {k: str(v) for k, v in attributes.items() if isinstance(v, Path)},

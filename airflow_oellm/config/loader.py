@@ -48,6 +48,7 @@ from airflow_oellm.config.overrides import apply_overrides, locate, parse_overri
 from airflow_oellm.config.platforms import unmet_requirements
 from airflow_oellm.config.resolvers import RESOLVERS, frozen_time
 from airflow_oellm.config.schema import RootConfig
+from airflow_oellm.config.secrets import secret_problems
 from airflow_oellm.config.sweep import SweepError, SweepPoint, expand_sweep
 from airflow_oellm.config.validate import Validator, iteration_arg, schema_fields
 from airflow_oellm.config.yamlio import key_line, load_yaml
@@ -209,6 +210,7 @@ def semantic_problems(cfg: RootConfig, data: Mapping[str, Any]) -> list[tuple[st
         check_output_root(cfg.project.base_output_dir)
     except NamingError as exc:
         problems.append(("project.base_output_dir", str(exc)))
+    problems += secret_problems(cfg.platform.secrets)
     for key in ("gpu_hour_budget", "gpu_hour_budget_per_experiment"):
         budget = getattr(cfg.project, key)
         if budget is not None and not _number(budget):

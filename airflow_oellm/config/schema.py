@@ -80,6 +80,12 @@ class PlatformConfig:
     local_commands: bool = opt(
         False, "Run SLURM commands on the Airflow machine itself (Airflow on a login node), not over SSH."
     )
+    secrets: dict[str, str] = opt(
+        doc="Environment variables jobs get from Airflow, by reference: `var:<variable key>` or "
+        "`conn:<connection id>/<login|password|host|schema|port|extra.<key>>`. Looked up at submission; "
+        "the values reach the job on sbatch's stdin, never a file, log, XCom or rendered script.",
+        factory=dict,
+    )
     requires: list[str] = opt(
         doc="Config keys this site cannot run without (`slurm.account`, `slurm.qos`): a sweep that leaves one "
         "unset is refused by `validate`, `plan` and the DAG factory, before anything reaches a queue.",

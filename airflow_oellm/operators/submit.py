@@ -17,9 +17,10 @@ from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
-from airflow.sdk import BaseOperator, Variable
+from airflow.sdk import BaseOperator, Connection, Variable
 from airflow.sdk.definitions.template import literal
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
+from airflow.sdk.log import mask_secret
 
 from airflow_oellm.config.errors import ConfigError
 from airflow_oellm.config.milestones import EVALUATE, evaluation_files, resume_own_checkpoint, typed
@@ -32,6 +33,7 @@ from airflow_oellm.config.naming import (
     SCRIPT_PATH_KEY,
 )
 from airflow_oellm.config.schema import RootConfig
+from airflow_oellm.config.secrets import SecretError, resolve_secrets
 from airflow_oellm.hooks.slurm import SlurmHook, task_cluster
 from airflow_oellm.jobscript.render import JobSpec, render_sbatch
 from airflow_oellm.monitor.attempts import (
@@ -94,7 +96,8 @@ class SlurmSubmitOperator(BaseOperator):
     :param output_dir: the job's stable output directory (with `script`).
     :param log_path: SLURM log path with `%j`; default `<output_dir>/logs/<job_name>-%j.out`.
     :param sbatch_options: extra `sbatch` command-line options.
-    :param secret_variables: environment variable -> Airflow Variable key; values reach the job's
+    :param secret_variables: environment variable -> `var:<Variable key>` or `conn:<id>/<field>` (a bare
+        value is a Variable key), beside the config's `platform.secrets`; values reach the job's
         environment on stdin, never a script, log or XCom.
     :param log_events: extra log events (the seed guide's format); Megatron's are built in.
     :param classification_rules: rules tried before the defaults (verdict, reason, states, pattern, when).
@@ -193,6 +196,20 @@ class SlurmSubmitOperator(BaseOperator):
         except JobSettingsError as exc:
             raise AirflowFailException(str(exc)) from None
 
+    def _secrets(self, s: JobSettings) -> dict[str, str]:
+        """The job's secrets, looked up now: the config's `platform.secrets`, then this task's own (a bare
+        value there is a Variable key, as in 0.1). Masked in every log of this process."""
+        references = dict(s.config.platform.secrets) if s.config is not None else {}
+        for env, text in self.secret_variables.items():
+            references[env] = text if text.startswith(("var:", "conn:")) else f"var:{text}"
+        try:
+            values = resolve_secrets(references, Variable.get, Connection.get)
+        except SecretError as exc:
+            raise AirflowFailException(str(exc)) from None
+        for value in values.values():
+            mask_secret(value)
+        return values
+
     def _hook(self) -> SlurmHook:
         return SlurmHook(cluster=self.cluster)
 
@@ -216,7 +233,7 @@ class SlurmSubmitOperator(BaseOperator):
                 script = self._script(s, history.exclude, before)
                 hook.mkdirs([s.output_dir, s.log_path.rsplit("/", 1)[0], s.script_dir])
                 hook.upload(script_path, script, mode="0700")
-                secrets = {env: Variable.get(key) for env, key in self.secret_variables.items()}
+                secrets = self._secrets(s)
                 outcome = hook.submit_once(identity, script_path, options=self.sbatch_options, secrets=secrets)
                 pause_point("after-sbatch", ti.dag_id)  # tests kill the worker here: the job id is not saved yet
             except Exception as exc:

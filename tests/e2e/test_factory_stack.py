@@ -5,7 +5,9 @@ The stack is the production topology: PostgreSQL, Celery, two schedulers, trigge
 
 from __future__ import annotations
 
+import hashlib
 import json
+import subprocess
 import urllib.error
 import uuid
 from pathlib import Path
@@ -14,7 +16,7 @@ import pytest
 
 from airflow_oellm.config import load_sweep
 from tests.e2e.conftest import upload_fake_tools, wait
-from tests.shared_stack import add_file
+from tests.shared_stack import add_file, stack_secrets
 
 pytestmark = pytest.mark.factory
 
@@ -40,6 +42,17 @@ evaluation:
 cooldowns: [{{at: 10, overrides: [backend.args.lr=1.0e-5, backend.args.train_iters=15]}}]
 sweep: {{name: fx{token}, name_template: "{{stage}}", axes: {{stage: [cli, rest, bad]}},
   base_values: {{platform.env.OELLM_STAGE: "${{vars.stage}}"}}}}
+""",
+        "secret": f"""
+defaults: [{{platform: devcluster}}]
+project: {{name: secret{token}, base_output_dir: {remote}/runs}}
+{backend.replace(f"platform: {{ssh_conn_id: {conn_id}}}", "")}
+conversion: {{enabled: false}}
+evaluation: {{enabled: false}}
+platform:
+  ssh_conn_id: {conn_id}
+  secrets: {{OELLM_TOKEN: "var:oellm_e2e_token", OELLM_PASSWORD: "conn:oellm_e2e_secret/password"}}
+  env: {{FAKE_DIGEST_OF: "OELLM_TOKEN,OELLM_PASSWORD"}}
 """,
         "nightly": f"""
 defaults: [{{platform: devcluster}}]
@@ -67,7 +80,9 @@ def stack(shared_stack, dev_cluster, module_remote_dir, slurm_conn_id):
     paths = write_sweeps(s.sweeps, remote, token, slurm_conn_id)
     s.study = load_sweep(paths["study"])
     s.nightly = load_sweep(paths["nightly"])
-    ids = [e.dag_id for e in s.study.experiments + s.nightly.experiments] + [f"oellm__{s.nightly.name}"]
+    s.secret = load_sweep(paths["secret"])
+    experiments = s.study.experiments + s.nightly.experiments + s.secret.experiments
+    ids = [e.dag_id for e in experiments] + [f"oellm__{s.nightly.name}"]
     wait(lambda: all(s.http("GET", f"/dags/{d}") for d in ids), 240, "the factory's DAGs parsed", s)
     return s
 
@@ -166,3 +181,33 @@ def test_sweep_dag_runs_its_experiments_and_backfill_keeps_runs_apart(stack, dev
     for day in ("20261120T000000", "20261121T000000"):
         tracker = f"{base}/runs/{day}/{exp.name}/checkpoints/latest_checkpointed_iteration.txt"
         assert dev_cluster.ssh(["cat", tracker]).stdout == "20", day
+
+
+def test_sweep_secrets_reach_the_job_and_no_file_log_or_database_row(stack, dev_cluster, reliability):
+    """platform.secrets names a Variable and a Connection's password: the job sees both (their digests in
+    its log), and neither value is in the job's tree, the Airflow home (logs) or the PostgreSQL database."""
+    exp = stack.secret.experiments[0]
+    run_id = stack.trigger(exp.dag_id)
+    assert stack.wait_run(exp.dag_id, run_id, 600) == "success", stack.explain(exp.dag_id, run_id)
+    values = stack_secrets(stack.home)
+    log = dev_cluster.ssh(["cat", stack.xcom(exp.dag_id, run_id, "train", "log_path")]).stdout
+    for name, value in zip(("OELLM_TOKEN", "OELLM_PASSWORD"), values, strict=True):
+        assert f"secret digest {name}: {hashlib.sha256(value.encode()).hexdigest()}" in log, name
+    out = exp.paths.output_dir
+    dump = subprocess.run(
+        ["pg_dump", "--data-only", stack.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].replace("+psycopg2", "")],
+        capture_output=True,
+        check=True,
+    ).stdout
+    assert exp.dag_id.encode() in dump  # the dump holds the run's rows
+    for value in values:
+        marker = value.split(";")[0].split("'")[0]
+        remote = dev_cluster.ssh(["grep", "-rlF", "--", marker, out], check=False).stdout.split()
+        local = [str(p) for p in stack.home.rglob("*") if p.is_file() and marker.encode() in p.read_bytes()]
+        assert remote == [] and local == [] and marker.encode() not in dump, (remote, local)
+    assert dev_cluster.ssh(["find", out, "-name", "PWNED"]).stdout.strip() == ""
+    reliability.record(
+        "secrets from a sweep (a Variable, a Connection's password) on PostgreSQL and Celery",
+        "reached the job (their hashes in its log); in no file of the job's tree or the Airflow home, no row",
+        files_holding_the_secret=0,
+    )
