@@ -118,10 +118,16 @@ class SlurmHook(BaseHook):
         *,
         options: Sequence[str] = (),
         secrets: Mapping[str, str] | None = None,
+        decided: Sequence[str] | None = None,
     ) -> SubmitOutcome:
         return self.run(
             operations.submit_once(
-                identity, script_path, options=options, secrets=secrets, min_interval=self.min_submit_interval
+                identity,
+                script_path,
+                options=options,
+                secrets=secrets,
+                min_interval=self.min_submit_interval,
+                decided=decided,
             )
         )
 
@@ -244,8 +250,11 @@ class AsyncSlurmHook:
         *,
         options: Sequence[str] = (),
         secrets: Mapping[str, str] | None = None,
+        decided: Sequence[str] | None = None,
     ) -> SubmitOutcome:
-        return await self.run(operations.submit_once(identity, script_path, options=options, secrets=secrets))
+        return await self.run(
+            operations.submit_once(identity, script_path, options=options, secrets=secrets, decided=decided)
+        )
 
     async def detect_platform(self) -> Detection:
         probe = await self.run(operations.probe_platform(probed_env_vars(), probed_paths()))

@@ -14,6 +14,7 @@ import contextlib
 import json
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -234,7 +235,11 @@ class SlurmSubmitOperator(BaseOperator):
                 hook.mkdirs([s.output_dir, s.log_path.rsplit("/", 1)[0], s.script_dir])
                 hook.upload(script_path, script, mode="0700")
                 secrets = self._secrets(s)
-                outcome = hook.submit_once(identity, script_path, options=self.sbatch_options, secrets=secrets)
+                # jobs a try has judged; the latest earlier try's job, ended and judged by none, is taken over
+                decided = [a.job_id for a in history.attempts if a.ended and a.job_id] if store is not None else None
+                outcome = hook.submit_once(
+                    identity, script_path, options=self.sbatch_options, secrets=secrets, decided=decided
+                )
                 pause_point("after-sbatch", ti.dag_id)  # tests kill the worker here: the job id is not saved yet
             except Exception as exc:
                 # sensors beside this task must learn that no job is coming (this try, or ever)
@@ -248,6 +253,12 @@ class SlurmSubmitOperator(BaseOperator):
             log_path = s.log_path.replace("%j", outcome.job_id)
             self._job_id = outcome.job_id
             self.log.info("%s job %s (try %d) -> log %s", outcome.kind, outcome.job_id, ti.try_number, log_path)
+            watched = identity
+            if outcome.kind == "ended" and outcome.try_number is not None:
+                self.log.info("job %s of try %d ended unjudged: taking its result", outcome.job_id, outcome.try_number)
+                earlier = history.get(outcome.try_number)
+                before = earlier.checkpoint_before if earlier is not None else None
+                watched = replace(identity, try_number=outcome.try_number)  # its watch state, where it stopped
             attempt = AttemptRecord(ti.try_number, outcome.job_id, before, outcome.kind, log_path, time.time(), s.gpus)
             if store is not None:
                 store.set(HISTORY_KEY, history.put(attempt).to_dict())
@@ -259,7 +270,7 @@ class SlurmSubmitOperator(BaseOperator):
             hook.close()
         if not self.wait_for_completion:
             return {"job_id": outcome.job_id, "log_path": log_path, "script_path": script_path}
-        trigger_args = self._watch_args(s, identity, outcome.job_id, log_path)
+        trigger_args = self._watch_args(s, watched, outcome.job_id, log_path)
         if self.deferrable:
             trigger = SlurmJobTrigger(**trigger_args, fire_after=settle_deadline())
             self.defer(trigger=trigger, method_name="execute_complete")

@@ -242,17 +242,17 @@ def scancel_argv(job_ids: Sequence[str], signal: str | None = None, *, batch_onl
         argv.append(f"--signal={signal}")
     if batch_only:
         argv.append("--batch")
-    return [*argv, *(_job_id(j) for j in job_ids)]
+    return [*argv, *(checked_job_id(j) for j in job_ids)]
 
 
 def exclude_nodes_argv(job_id: str, nodes: Sequence[str]) -> list[str]:
     for node in nodes:
         if not re.match(r"^[A-Za-z0-9_.\-\[\],]+$", node):
             raise ValueError(f"invalid node name {node!r}")
-    return ["scontrol", "update", f"JobId={_job_id(job_id)}", f"ExcNodeList={','.join(nodes)}"]
+    return ["scontrol", "update", f"JobId={checked_job_id(job_id)}", f"ExcNodeList={','.join(nodes)}"]
 
 
-def _job_id(job_id: str) -> str:
+def checked_job_id(job_id: str) -> str:
     if not re.match(r"^\d+(_\d+)?$", str(job_id)):
         raise ValueError(f"invalid job id {job_id!r}")
     return str(job_id)

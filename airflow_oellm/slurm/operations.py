@@ -231,12 +231,15 @@ def submit(script_path: str, options: Sequence[str] = ()) -> Operation[tuple[str
 @dataclass(frozen=True)
 class SubmitOutcome:
     """`submitted`: a new job; `recorded`: this attempt was submitted before (its job id);
-    `adopted`: an earlier attempt of the same task is still active and is followed instead."""
+    `adopted`: an earlier attempt of the same task is still active and is followed instead;
+    `ended`: the latest earlier attempt's job has ended and no try decided it (its follower died): its
+    result is taken instead of submitting (`try_number` is that attempt's)."""
 
     kind: str
     job_id: str
     cluster: str | None = None
     comment: str | None = None
+    try_number: int | None = None
 
 
 class SubmissionConflict(RuntimeError):
@@ -244,11 +247,18 @@ class SubmissionConflict(RuntimeError):
 
 
 def submit_once_script(
-    identity: JobIdentity, script_path: str, options: Sequence[str], min_interval: float, lock_timeout: int
+    identity: JobIdentity,
+    script_path: str,
+    options: Sequence[str],
+    min_interval: float,
+    lock_timeout: int,
+    decided: Sequence[str] | None = None,
 ) -> str:
     """Reconcile and submit under a lock on the output directory, in one remote command.
 
-    Order: this attempt's record -> any active job on the output dir -> sbatch (at most one per
+    Order: this attempt's record -> any active job on the output dir -> the latest earlier attempt's
+    record, whose job has then ended: unless its job is one of `decided` (None: the caller keeps no
+    decisions, never take one), it is taken instead of a new one -> sbatch (at most one per
     `min_interval` seconds per cluster user) -> record. SIGHUP is ignored so a dropped connection
     cannot stop the script between sbatch and writing the record. Secrets arrive on stdin as
     `NAME=<base64>` lines and are exported for sbatch (the job inherits them), never written down.
@@ -274,6 +284,13 @@ done <<OELLM_QUEUE
 $queue
 OELLM_QUEUE
 [ "$found" = 1 ] && exit 0
+for try in $(seq {identity.try_number - 1 if decided is not None else 0} -1 1); do
+  earlier={state}/submissions/{identity.task_key}-$try
+  [ -s "$earlier" ] || continue
+  jid=$(head -n 1 "$earlier"); jid=${{jid%%;*}}
+  case " "{shlex.quote(" ".join(decided or ()))}" " in *" $jid "*) ;; *) echo "OELLM-ENDED $jid $try"; exit 0;; esac
+  break
+done
 mkdir -p "$HOME/.oellm"
 exec 9>>"$HOME/.oellm/sbatch.lock"
 flock -w {int(lock_timeout)} 9 || {{ echo "OELLM-ERROR timed out waiting for $HOME/.oellm/sbatch.lock"; exit 3; }}
@@ -307,9 +324,13 @@ def submit_once(
     secrets: Mapping[str, str] | None = None,
     min_interval: float = 1.0,
     lock_timeout: int = 300,
+    decided: Sequence[str] | None = None,
 ) -> Operation[SubmitOutcome]:
-    """Submit unless this attempt (or another attempt of the same task that is still active) already was."""
-    script = submit_once_script(identity, script_path, options, min_interval, lock_timeout)
+    """Submit unless this attempt (or another attempt of the same task that is still active) already was,
+    or the latest earlier attempt's job ended with no try deciding it (not one of `decided`)."""
+    if decided is not None:
+        decided = [commands.checked_job_id(j) for j in decided]  # they reach the script: digits only
+    script = submit_once_script(identity, script_path, options, min_interval, lock_timeout, decided)
     result = yield Command(script, stdin=encode_secrets(secrets or {}), timeout=2 * lock_timeout + 120, label="sbatch")
     lines = result.stdout.splitlines()
     tags = [line for line in lines if line.startswith("OELLM-")]
@@ -322,6 +343,9 @@ def submit_once(
     if tag in ("OELLM-SUBMITTED", "OELLM-RECORDED"):
         job_id, cluster = commands.parse_sbatch(rest)
         return SubmitOutcome("submitted" if tag == "OELLM-SUBMITTED" else "recorded", job_id, cluster)
+    if tag == "OELLM-ENDED":
+        job_id, _, try_number = rest.partition(" ")
+        return SubmitOutcome("ended", job_id, try_number=int(try_number))
     if tag == "OELLM-ACTIVE":
         active = [line.split(" ", 2)[1:] for line in tags if line.startswith("OELLM-ACTIVE ")]
         for job_id, comment in active:

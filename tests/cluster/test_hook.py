@@ -196,6 +196,26 @@ def test_submit_once_never_submits_twice(hook, dev_cluster, remote_dir):
     hook.cancel([first.job_id])
 
 
+def test_a_retry_takes_the_earlier_tries_ended_job_unless_a_try_judged_it(hook, remote_dir):
+    """Try 1's follower died and its job ended: try 2 takes that job instead of submitting; once a try
+    has judged the job (a retry verdict), the next try submits anew."""
+    name = f"ended-{uuid.uuid4().hex[:8]}"
+    script = put_job(hook, remote_dir, name, "true")
+    first = hook.submit_once(identity(remote_dir), script, decided=[])
+    assert first.kind == "submitted"
+    wait_for(hook, first.job_id, terminal)
+    taken = hook.submit_once(identity(remote_dir, try_number=2), script, decided=[])
+    assert (taken.kind, taken.job_id, taken.try_number) == ("ended", first.job_id, 1)
+    # a caller that keeps no decisions (decided=None) never takes an ended job
+    fresh = hook.submit_once(identity(remote_dir, try_number=2), script)
+    assert fresh.kind == "submitted" and fresh.job_id != first.job_id
+    wait_for(hook, fresh.job_id, terminal)
+    # try 3: the latest earlier job (try 2's) is judged, so try 1's is not looked at either
+    third = hook.submit_once(identity(remote_dir, try_number=3), script, decided=[fresh.job_id])
+    assert third.kind == "submitted" and third.job_id not in (first.job_id, fresh.job_id)
+    wait_for(hook, third.job_id, terminal)
+
+
 def test_concurrent_submitters_make_one_job(slurm_conn_id, dev_cluster, hook, remote_dir):
     name = f"race-{uuid.uuid4().hex[:8]}"
     script = put_job(hook, remote_dir, name, "sleep 30")

@@ -45,6 +45,7 @@ def stack(shared_stack, dev_cluster, module_remote_dir, slurm_conn_id, tmp_path_
     specs = {
         "dags": [
             train("f_worker", "worker", 60, retries=1),
+            train("f_ended", "ended", 20, retries=1),
             train("f_scheduler", "scheduler", 100, retries=1),
             train("f_twice", "twice", 40, retries=0, max_active_runs=3),
             train("f_outage", "outage", 90, retries=0),
@@ -136,6 +137,35 @@ def test_worker_killed_right_after_sbatch_the_retry_adopts_the_job(stack, dev_cl
         duplicates=len(jobs) - 1,
         lost_events=60 - result["events"]["iteration"],
         recover_seconds=recovered,
+    )
+
+
+def test_a_retry_takes_the_result_of_a_job_that_ended_while_no_try_followed_it(stack, dev_cluster, reliability):
+    """The worker is held right after sbatch (the job id not yet saved) until its job has COMPLETED, then
+    killed: the retry finds the earlier try's job ended and judged by no try, and takes its result."""
+    run_id = armed(stack, "f_ended")
+    pid, name = paused_submitter(stack, "f_ended")
+    (job,) = wait(lambda: jobs_named(dev_cluster, name), 60, "the submitted job in sacct", stack)
+
+    def job_state() -> str:
+        return dev_cluster.ssh(["sacct", "-X", "-n", "-P", "-j", job, "-o", "State"]).stdout.strip()
+
+    wait(lambda: job_state() == "COMPLETED", 120, f"job {job} COMPLETED while its try is held", stack)
+    killed = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    assert stack.wait_run("f_ended", run_id, 600) == "success", stack.explain("f_ended", run_id)
+    taken = time.monotonic() - killed
+    result = stack.xcom("f_ended", run_id, "train")
+    jobs = jobs_named(dev_cluster, name)
+    assert jobs == result["job_ids"] == [job], "a second job was submitted"
+    assert [(a["try"], a["submission"]) for a in result["attempts"]] == [(2, "ended")], result["attempts"]
+    assert result["summary"]["iterations_run"] == result["last_iteration"] == 20
+    reliability.record(
+        "worker killed after sbatch, its job ended before the retry",
+        "the retry found the earlier try's job ended and judged by no try, and took its result; no second sbatch",
+        duplicates=len(jobs) - 1,
+        lost_events=20 - result["events"]["iteration"],
+        recover_seconds=taken,
     )
 
 

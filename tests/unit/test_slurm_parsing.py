@@ -228,6 +228,19 @@ def test_submit_once_outcomes():
     assert err.value.transient
 
 
+def test_an_earlier_tries_ended_job_is_taken_only_when_no_try_judged_it():
+    ident = JobIdentity("d", "r", "t", -1, 3, "/o")
+    outcome, seen = drive(
+        operations.submit_once(ident, "/o/job.sh", decided=["7", "8"]), [submit_result("OELLM-ENDED 9 2\n")]
+    )
+    assert (outcome.kind, outcome.job_id, outcome.try_number) == ("ended", "9", 2)
+    assert "$(seq 2 -1 1)" in seen[0].script and 'case " "\'7 8\'" " in' in seen[0].script
+    _, seen = drive(operations.submit_once(ident, "/o/job.sh"), [submit_result("OELLM-SUBMITTED 10\n")])
+    assert "$(seq 0 -1 1)" in seen[0].script  # decided=None: no earlier try's job is ever taken
+    with pytest.raises(ValueError, match="invalid job id"):
+        drive(operations.submit_once(ident, "/o/job.sh", decided=["7; touch x"]), [])
+
+
 def test_secrets_travel_on_stdin_only():
     ident = JobIdentity("d", "r", "t", -1, 1, "/o")
     _, seen = drive(
