@@ -4,12 +4,12 @@ value. The values are looked up when the job is submitted and reach it on sbatch
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-SECRET_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+from airflow_oellm.slurm.shell import ENV_NAME
+
 CONNECTION_FIELDS = ("login", "password", "host", "schema", "port")  # and extra.<key>
 SYNTAX = "`var:<variable key>` or `conn:<connection id>/<login|password|host|schema|port|extra.<key>>`"
 
@@ -50,7 +50,7 @@ def secret_problems(secrets: Mapping[str, Any]) -> list[tuple[str, str]]:
     problems = []
     for name, text in secrets.items():
         key = f"platform.secrets.{name}"
-        if not SECRET_NAME.match(str(name)):
+        if not ENV_NAME.match(str(name)):
             problems.append((key, f"{name!r} is not an environment variable name"))
             continue
         try:
@@ -69,7 +69,7 @@ def resolve_secrets(
     connection's fields and `extra_dejson`). A reference that finds nothing raises SecretError naming it."""
     values = {}
     for name, text in references.items():
-        if not SECRET_NAME.match(name):
+        if not ENV_NAME.match(name):
             raise SecretError(f"secret {name}: not an environment variable name")
         reference = SecretReference.parse(text)
         try:

@@ -32,7 +32,7 @@ from airflow_oellm.slurm.commands import FileChunk, SlurmCommandError
 from airflow_oellm.slurm.identity import JobIdentity
 from airflow_oellm.slurm.operations import CycleRequest, CycleResult, Operation, SubmitOutcome
 from airflow_oellm.slurm.states import JobStatus
-from airflow_oellm.slurm.target import DEFAULT_SSH_CONN_ID, LOCAL_PROCESS, SLURM, ClusterTarget
+from airflow_oellm.slurm.target import DEFAULT_SSH_CONN_ID, LOCAL_PROCESS, ClusterTarget
 
 T = TypeVar("T")
 
@@ -276,7 +276,7 @@ def task_cluster(ssh_conn_id: str | None, cluster: ClusterTarget | None, kwargs:
         AirflowProviderDeprecationWarning,
         stacklevel=3,
     )
-    return ClusterTarget(ssh_conn_id, bool(before.get("local")), before.get("batch_system", SLURM))
+    return ClusterTarget.of_0_1(ssh_conn_id, before)
 
 
 def local_prelude(cluster: ClusterTarget) -> str:

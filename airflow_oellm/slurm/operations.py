@@ -20,11 +20,11 @@ from airflow_oellm.slurm import commands
 from airflow_oellm.slurm.commands import FileChunk, SlurmCommandError
 from airflow_oellm.slurm.identity import JobIdentity, parse_comment
 from airflow_oellm.slurm.probe import PlatformProbe, probe_command
+from airflow_oellm.slurm.shell import ENV_NAME
 from airflow_oellm.slurm.states import JobStatus
 
 T = TypeVar("T")
 SQUEUE_CHUNK = 1000
-_SECRET_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 @dataclass(frozen=True)
@@ -310,7 +310,7 @@ echo "OELLM-SUBMITTED $id"
 def encode_secrets(secrets: Mapping[str, str]) -> bytes:
     lines = []
     for name, value in secrets.items():
-        if not _SECRET_NAME.match(name):
+        if not ENV_NAME.match(name):
             raise ValueError(f"invalid secret variable name {name!r}")
         lines.append(f"{name}={base64.b64encode(str(value).encode()).decode()}")
     return ("\n".join(lines) + "\n").encode()

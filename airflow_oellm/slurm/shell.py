@@ -14,7 +14,7 @@ import shlex
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")  # an environment variable (also a secret's)
 _VAR_REF = re.compile(
     r"\$(?:(?P<plain>[A-Za-z_][A-Za-z0-9_]*)|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?P<default>:-[A-Za-z0-9_./:@%+=,\-]*)?\})"
 )
@@ -88,7 +88,7 @@ def _escape_double(text: str) -> str:
 
 
 def check_env_name(name: str) -> str:
-    if not isinstance(name, str) or not _ENV_NAME.match(name):
+    if not isinstance(name, str) or not ENV_NAME.match(name):
         raise ShellSafetyError(f"invalid environment variable name {name!r}")
     return name
 

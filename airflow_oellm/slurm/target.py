@@ -55,6 +55,11 @@ class ClusterTarget:
             raise ValueError(f"give ssh_conn_id={ssh_conn_id!r} or cluster={cluster!r}, not both")
         return cluster
 
+    @classmethod
+    def of_0_1(cls, ssh_conn_id: str | None, arguments: Mapping[str, Any]) -> ClusterTarget:
+        """The target that 0.1's `local` and `batch_system` arguments named, beside `ssh_conn_id`."""
+        return cls(ssh_conn_id, bool(arguments.get("local")), arguments.get("batch_system", SLURM))
+
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 

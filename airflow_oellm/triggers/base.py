@@ -14,7 +14,7 @@ from airflow.configuration import conf
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from airflow_oellm.hooks.slurm import AsyncSlurmHook
-from airflow_oellm.slurm.target import SLURM, ClusterTarget
+from airflow_oellm.slurm.target import ClusterTarget
 from airflow_oellm.triggers.poller import JobPoller
 
 # Airflow 3.3 fails a deferred task whose trigger fires before the executor has read the deferring
@@ -48,8 +48,7 @@ def trigger_cluster(
         raise TypeError(f"unexpected trigger arguments: {', '.join(sorted(unknown))}")
     if cluster is not None:
         return ClusterTarget.of(cluster)
-    old = before_cluster_target
-    return ClusterTarget(old.get("ssh_conn_id"), bool(old.get("local")), old.get("batch_system", SLURM))
+    return ClusterTarget.of_0_1(before_cluster_target.get("ssh_conn_id"), before_cluster_target)
 
 
 class ClusterTrigger(BaseTrigger):
