@@ -72,6 +72,16 @@ def get_provider_info() -> dict[str, Any]:
                         "example": "15",
                         "default": "15",
                     },
+                    "reconcile_interval_minutes": {
+                        "description": "How often the DAG `oellm_reconcile` cancels orphaned jobs: jobs whose "
+                        "task was marked failed or success (or whose DAG run was marked failed) while no "
+                        "triggerer followed them. 0: it runs only when triggered (docs/reliability.md, "
+                        "'Orphaned jobs').",
+                        "version_added": "0.2.0",
+                        "type": "integer",
+                        "example": "15",
+                        "default": "15",
+                    },
                 },
             }
         },

@@ -138,6 +138,9 @@ def _derived_paths(name: str, out: str, logs: str) -> dict[str, str]:
 # part is taken as the sweep.
 SEPARATOR = "__"
 CONFIG_ERRORS_DAG_ID = f"{DAG_ID_PREFIX}{SEPARATOR}config_errors"
+# not `oellm__...`: that is a sweep's namespace
+RECONCILE_DAG_ID = f"{DAG_ID_PREFIX}_reconcile"
+MAINTENANCE_TAG = "maintenance"
 
 
 def dag_id(sweep: str, name: str) -> str:

@@ -11,10 +11,10 @@ from typing import Any
 
 from airflow.sdk import DAG
 
-from airflow_oellm.config import ConfigError, load_sweep
+from airflow_oellm.config import ConfigError, Sweep, load_sweep
 from airflow_oellm.config.errors import shown
-from airflow_oellm.config.naming import CONFIG_ERRORS_DAG_ID, parse_dag_id, sweep_dag_id
-from airflow_oellm.dag_factory.builder import experiment_dag, sweep_dag
+from airflow_oellm.config.naming import CONFIG_ERRORS_DAG_ID, RECONCILE_DAG_ID, parse_dag_id, sweep_dag_id
+from airflow_oellm.dag_factory.builder import cluster_dag_ids, experiment_dag, reconcile_dag, sweep_dag
 
 SWEEPS_PATH_ENV = "OELLM_SWEEPS_PATH"
 log = logging.getLogger(__name__)
@@ -82,13 +82,16 @@ def load_dags(directories: Iterable[str | os.PathLike[str]] = (), config_dirs: I
 
 def _build(paths: list[Path], config_dirs: list[str], wanted: str | None) -> dict[str, DAG]:
     dags: dict[str, DAG] = {}
+    sweeps: list[Sweep] = []
     errors: list[str] = []
     parts = parse_dag_id(wanted) if wanted else None
     only = parts.experiment if parts else None  # a worker runs a task of one experiment's DAG
     for path in paths:
         # each file alone: whatever goes wrong in one becomes its import error, never another's
         try:
-            dags.update(_sweep_dags(path, config_dirs, wanted, only))
+            sweep = load_sweep(path, config_dirs=config_dirs, only=only)
+            dags.update(_sweep_dags(sweep, config_dirs, wanted))
+            sweeps.append(sweep)
         except ConfigError as exc:
             log.error("sweep %s is invalid:\n%s", path, exc)
             errors.append(str(exc))
@@ -98,13 +101,14 @@ def _build(paths: list[Path], config_dirs: list[str], wanted: str | None) -> dic
                 f"{path}: could not be loaded: {type(exc).__name__}: {shown(str(exc), 300)} (this is a bug in "
                 "airflow-oellm, please report it; the traceback is in the dag-processor's log; the other sweeps loaded)"
             )
+    if sweeps and only is None and wanted in (None, RECONCILE_DAG_ID):
+        dags[RECONCILE_DAG_ID] = reconcile_dag(cluster_dag_ids(sweeps))
     if errors:
         dags[CONFIG_ERRORS_DAG_ID] = SweepConfigErrors(errors, dag_id=CONFIG_ERRORS_DAG_ID, schedule=None)
     return dags
 
 
-def _sweep_dags(path: Path, config_dirs: list[str], wanted: str | None, only: str | None) -> dict[str, DAG]:
-    sweep = load_sweep(path, config_dirs=config_dirs, only=only)
+def _sweep_dags(sweep: Sweep, config_dirs: list[str], wanted: str | None) -> dict[str, DAG]:
     dags: dict[str, DAG] = {}
     for exp in sweep.experiments:
         if not wanted or wanted == exp.dag_id:
@@ -114,4 +118,4 @@ def _sweep_dags(path: Path, config_dirs: list[str], wanted: str | None, only: st
     return dags
 
 
-__all__ = ["experiment_dag", "load_dags", "sweep_dag"]
+__all__ = ["experiment_dag", "load_dags", "reconcile_dag", "sweep_dag"]

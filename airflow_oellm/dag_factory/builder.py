@@ -11,13 +11,17 @@ Experiment DAG (`oellm__<sweep>__<experiment>`):
 The branches wait beside the training (CheckpointSensors in the triggerer); their number comes
 from `prepare` at run time, so a run with `--conf` overrides (another train_iters) gets the
 checkpoints it will really have. Building a DAG does no I/O: everything was read from YAML.
+
+`oellm_reconcile`, one for all sweeps: one task per cluster, each cancelling that cluster's orphaned jobs.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from airflow.sdk import DAG, task_group
@@ -33,9 +37,11 @@ from airflow_oellm.config.naming import (
     COOLDOWN_PLAN_TASK,
     COOLDOWNS_KEY,
     EVALUATE_TASK,
+    MAINTENANCE_TAG,
     OELLM_TAG,
     OUTCOME_TASK,
     PREPARE_TASK,
+    RECONCILE_DAG_ID,
     REPORT_TASK,
     SUMMARY_TASK,
     SWEEP_DAG_TAG,
@@ -54,6 +60,7 @@ from airflow_oellm.operators.prepare import (
     PrepareExperimentOperator,
     run_params,
 )
+from airflow_oellm.operators.reconcile import CancelOrphanedJobsOperator
 from airflow_oellm.operators.report import ExperimentReportOperator, RunOutcomeOperator, SweepSummaryOperator
 from airflow_oellm.operators.submit import SlurmSubmitOperator, restart_policy
 from airflow_oellm.sensors import CheckpointSensor
@@ -107,9 +114,13 @@ class TaskKwargs:
     side_job: dict[str, Any]  # a conversion or an evaluation
 
 
-def task_kwargs(sweep: Sweep, cfg: RootConfig) -> TaskKwargs:
+def platform_target(cfg: RootConfig) -> ClusterTarget:
     platform = cfg.platform
-    cluster = {"cluster": ClusterTarget(platform.ssh_conn_id, platform.local_commands, platform.batch_system)}
+    return ClusterTarget(platform.ssh_conn_id, platform.local_commands, platform.batch_system)
+
+
+def task_kwargs(sweep: Sweep, cfg: RootConfig) -> TaskKwargs:
+    cluster = {"cluster": platform_target(cfg)}
     templates = {"template_dirs": [str(d) for d in sweep.template_dirs]}
     deferrable = {"deferrable": cfg.dag.deferrable}
     restart = restart_policy(cfg)
@@ -286,4 +297,49 @@ def sweep_dag(sweep: Sweep) -> DAG:
         )
         [*runs, summary] >> RunOutcomeOperator(task_id=OUTCOME_TASK)
         runs >> summary
+    return dag
+
+
+DEFAULT_RECONCILE_INTERVAL_MINUTES = 15
+
+
+def reconcile_interval() -> timedelta | None:
+    """`[oellm] reconcile_interval_minutes` (0: no schedule, the DAG runs when triggered)."""
+    from airflow.configuration import conf
+
+    minutes = conf.getint("oellm", "reconcile_interval_minutes", fallback=DEFAULT_RECONCILE_INTERVAL_MINUTES)
+    if minutes < 0:
+        raise ValueError(f"[oellm] reconcile_interval_minutes must be >= 0, not {minutes}")
+    return timedelta(minutes=minutes) if minutes else None
+
+
+def cluster_dag_ids(sweeps: Sequence[Sweep]) -> dict[ClusterTarget, list[str]]:
+    """The experiment DAGs of the sweeps, by the cluster they run on."""
+    targets: dict[ClusterTarget, list[str]] = {}
+    for sweep in sweeps:
+        for exp in sweep.experiments:
+            targets.setdefault(platform_target(exp.config), []).append(exp.dag_id)
+    return targets
+
+
+def reconcile_dag(targets: Mapping[ClusterTarget, Sequence[str]]) -> DAG:
+    """`oellm_reconcile`: per cluster (its experiment DAGs), cancel the jobs no task will follow."""
+    interval = reconcile_interval()
+    with DAG(
+        dag_id=RECONCILE_DAG_ID,
+        schedule=interval,
+        start_date=datetime(2026, 1, 1, tzinfo=UTC),
+        catchup=False,
+        max_active_runs=1,
+        is_paused_upon_creation=False,  # it is what stops orphaned jobs: on from the start
+        tags=[OELLM_TAG, MAINTENANCE_TAG],
+        doc_md="### Orphaned jobs\n\nCancels the jobs whose task was marked failed or success, or whose DAG "
+        "run was marked failed, while no triggerer followed them (docs/reliability.md, 'Orphaned jobs'). "
+        f"One task per cluster; {'every ' + str(interval) if interval else 'only when triggered'} "
+        "(`[oellm] reconcile_interval_minutes`).",
+    ) as dag:
+        for target, dag_ids in sorted(targets.items(), key=lambda item: item[0].key):
+            CancelOrphanedJobsOperator(
+                task_id="cancel_orphans_" + re.sub(r"[^A-Za-z0-9_.-]", "_", target.key), cluster=target, dag_ids=dag_ids
+            )
     return dag

@@ -1,7 +1,9 @@
 """Operators: SlurmSubmitOperator submits and follows SLURM jobs; the experiment DAG's own steps
-(prepare, cooldown plan, report, run outcome, sweep summary) build on it."""
+(prepare, cooldown plan, report, run outcome, sweep summary) build on it; CancelOrphanedJobsOperator stops
+jobs no task follows any more."""
 
 from airflow_oellm.operators.prepare import CooldownPlanOperator, PrepareExperimentOperator
+from airflow_oellm.operators.reconcile import CancelOrphanedJobsOperator
 from airflow_oellm.operators.report import (
     ExperimentReportOperator,
     RunOutcomeOperator,
@@ -10,6 +12,7 @@ from airflow_oellm.operators.report import (
 from airflow_oellm.operators.submit import SlurmSubmitOperator
 
 __all__ = [
+    "CancelOrphanedJobsOperator",
     "CooldownPlanOperator",
     "ExperimentReportOperator",
     "PrepareExperimentOperator",

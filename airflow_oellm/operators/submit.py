@@ -53,6 +53,7 @@ from airflow_oellm.pause_points import pause_point
 from airflow_oellm.slurm.commands import SlurmCommandError
 from airflow_oellm.slurm.identity import JobIdentity, monitor_state_path, task_status_path
 from airflow_oellm.slurm.operations import PollUpdate, SubmissionConflict
+from airflow_oellm.slurm.states import JobState
 from airflow_oellm.slurm.target import DEFAULT_SSH_CONN_ID, ClusterTarget
 from airflow_oellm.triggers.base import settle_deadline
 from airflow_oellm.triggers.job import SlurmJobTrigger
@@ -240,6 +241,20 @@ class SlurmSubmitOperator(BaseOperator):
                 outcome = hook.submit_once(
                     identity, script_path, options=self.sbatch_options, secrets=secrets, decided=decided
                 )
+                if outcome.kind == "ended" and hook.job_status(outcome.job_id).state is JobState.CANCELLED:
+                    # stopped with its task (marked failed, an orphan): a try that runs again trains again
+                    self.log.info(
+                        "job %s of try %s was cancelled while no try followed it: submitting a new one",
+                        outcome.job_id,
+                        outcome.try_number,
+                    )
+                    outcome = hook.submit_once(
+                        identity,
+                        script_path,
+                        options=self.sbatch_options,
+                        secrets=secrets,
+                        decided=[*(decided or ()), outcome.job_id],
+                    )
                 pause_point("after-sbatch", ti.dag_id)  # tests kill the worker here: the job id is not saved yet
             except Exception as exc:
                 # sensors beside this task must learn that no job is coming (this try, or ever)

@@ -23,6 +23,11 @@ def _digest(*parts: object) -> str:
     return hashlib.sha256("\0".join(str(p) for p in parts).encode()).hexdigest()[:16]
 
 
+def task_key(dag_id: str, run_id: str, task_id: str, map_index: int) -> str:
+    """The task part of a job's comment: which task instance submitted it, across its tries."""
+    return _digest(dag_id, run_id, task_id, map_index)
+
+
 @dataclass(frozen=True)
 class JobIdentity:
     dag_id: str
@@ -38,7 +43,7 @@ class JobIdentity:
 
     @property
     def task_key(self) -> str:
-        return _digest(self.dag_id, self.run_id, self.task_id, self.map_index)
+        return task_key(self.dag_id, self.run_id, self.task_id, self.map_index)
 
     @property
     def comment(self) -> str:

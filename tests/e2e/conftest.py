@@ -234,6 +234,8 @@ def start_stack(home: Path, dags_folder: Path, extra_env: dict[str, str], produc
         AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL="5",
         AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC="2",
         AIRFLOW__TRIGGERER__CAPACITY="1000",
+        # oellm_reconcile runs when a test triggers it: a scheduled run would race the test that looks at it
+        AIRFLOW__OELLM__RECONCILE_INTERVAL_MINUTES="0",
         PYTHONWARNINGS="ignore",
     )
     commands, process_env = dict(SINGLE), {}

@@ -4,7 +4,8 @@ spec, {"dags": [...]}, one per module that shares the stack).
 Kinds: `train` (one SlurmSubmitOperator), `train_with_sensors` (train and, beside it, a CheckpointSensor
 and a SlurmLogSensor), `fanout` (one mapped SlurmSubmitOperator over many experiments) and `settle_probe`
 (`tasks` deferrals whose trigger fires at once, held `hold` seconds or by the setting if null, the
-worker lingering `linger` seconds; needs settle_probe.py on the path). Optional: `retries` and
+worker lingering `linger` seconds; needs settle_probe.py on the path), `reconcile` (the factory's
+`oellm_reconcile` over the spec's `dag_ids` on `conn_id`). Optional: `retries` and
 `secret_variables` (train), `max_active_runs`.
 """
 
@@ -16,12 +17,17 @@ from pathlib import Path
 
 from airflow.sdk import DAG
 
+from airflow_oellm.dag_factory import reconcile_dag
 from airflow_oellm.operators import SlurmSubmitOperator
 from airflow_oellm.sensors import CheckpointSensor, SlurmLogSensor
+from airflow_oellm.slurm.target import ClusterTarget
 
 SPECS = [spec for path in sorted(Path(__file__).parent.glob("*.json")) for spec in json.loads(path.read_text())["dags"]]
 
 for spec in SPECS:
+    if spec["kind"] == "reconcile":
+        globals()["oellm_reconcile"] = reconcile_dag({ClusterTarget(spec["conn_id"]): spec["dag_ids"]})
+        continue
     with DAG(
         dag_id=spec["dag_id"],
         schedule=None,

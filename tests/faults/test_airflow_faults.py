@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import time
+import urllib.parse
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,6 +27,7 @@ from tests.shared_stack import add_file
 
 FAKE = REPO / "tests" / "fixtures" / "fake_megatron.py"
 FANOUT = 20
+ORPHANS = ("f_orphan_task", "f_orphan_run", "f_orphan_cleared")
 RESUMED = re.compile(r"resuming the watch of job (\d+) at byte (\d+)")  # the trigger's log
 pytestmark = [pytest.mark.e2e, pytest.mark.cluster, pytest.mark.slow]
 
@@ -42,6 +44,17 @@ def stack(shared_stack, dev_cluster, module_remote_dir, slurm_conn_id, tmp_path_
         experiment = sweep(configs, remote, f"{name}_{token}", f"train_iters: {iters}, {steady}")[0]
         return {"dag_id": dag_id, "kind": "train", "conn_id": slurm_conn_id, "experiment": experiment, **extra}
 
+    # jobs that wait at iteration 5 until the test releases them (no job ends while its task is looked at)
+    orphan_experiments = [
+        sweep(
+            configs,
+            remote,
+            f"{dag_id[2:]}_{token}",
+            "train_iters: 20, save_interval: 10, iter_seconds: 0.5",
+            f"platform: {{env: {{FAKE_HOLD_AT: 5, FAKE_HOLD_UNTIL: {remote}/orphans{token}.release}}}}\n",
+        )[0]
+        for dag_id in ORPHANS
+    ]
     specs = {
         "dags": [
             train("f_worker", "worker", 60, retries=1),
@@ -50,6 +63,11 @@ def stack(shared_stack, dev_cluster, module_remote_dir, slurm_conn_id, tmp_path_
             train("f_twice", "twice", 40, retries=0, max_active_runs=3),
             train("f_outage", "outage", 90, retries=0),
             train("f_secret", "secret", 20, secret_variables={"OELLM_TOKEN": "oellm_token"}),
+            *(
+                {"dag_id": dag_id, "kind": "train", "conn_id": slurm_conn_id, "experiment": experiment}
+                for dag_id, experiment in zip(ORPHANS, orphan_experiments, strict=True)
+            ),
+            {"dag_id": "oellm_reconcile", "kind": "reconcile", "conn_id": slurm_conn_id, "dag_ids": list(ORPHANS)},
             {
                 "dag_id": "f_triggerer",
                 "kind": "fanout",
@@ -361,4 +379,104 @@ def test_a_secret_is_in_no_file_log_or_xcom_and_state_files_are_private(stack, d
         "a secret from an Airflow Variable",
         "in no file of the job's directory, of the Airflow home (logs, database with XCom) or anywhere readable",
         files_holding_the_secret=len(remote) + len(local),
+    )
+
+
+def test_jobs_whose_task_was_stopped_while_no_triggerer_ran_are_cancelled_by_the_reconcile_dag(
+    stack, dev_cluster, reliability
+):
+    """With the triggerer down: one task marked failed, one DAG run marked failed, one task cleared.
+    `oellm_reconcile` cancels the first two jobs and keeps the third, which the cleared task's next try
+    adopts; the failed task, cleared afterwards, trains again with a new job (a cancelled job is not taken)."""
+    runs = {dag_id: stack.trigger(dag_id) for dag_id in ORPHANS}
+    names = {dag_id: stack.specs[dag_id]["experiment"]["experiment"]["name"] for dag_id in ORPHANS}
+
+    def all_held() -> dict[str, str] | None:
+        if not all(ti_state(stack, d, r)[0] == "deferred" for d, r in runs.items()):
+            return None
+        running = {
+            d: dev_cluster.ssh(["squeue", "-h", "--me", f"--name={n}", "-t", "RUNNING", "-o", "%A"]).stdout.strip()
+            for d, n in names.items()
+        }
+        return running if all(running.values()) else None
+
+    jobs = wait(all_held, 240, "three deferred tasks and their running jobs", stack, every=3)
+    stack.restarting.add("triggerer")
+    stack.kill("triggerer")
+    try:
+        q = {d: urllib.parse.quote(r, safe="") for d, r in runs.items()}
+        stack.http(
+            "PATCH", f"/dags/f_orphan_task/dagRuns/{q['f_orphan_task']}/taskInstances/train", {"new_state": "failed"}
+        )
+        stack.http("PATCH", f"/dags/f_orphan_run/dagRuns/{q['f_orphan_run']}", {"state": "failed"})
+        clear = {"dry_run": False, "only_failed": False, "task_ids": ["train"], "dag_run_id": runs["f_orphan_cleared"]}
+        stack.http("POST", "/dags/f_orphan_cleared/clearTaskInstances", clear)
+        # the cleared task's next try runs on a worker (no triggerer needed), adopts the job and defers
+        wait(
+            lambda: ti_state(stack, "f_orphan_cleared", runs["f_orphan_cleared"]) == ("deferred", 2),
+            180,
+            "the cleared task's next try to defer",
+            stack,
+        )
+        started = time.monotonic()
+        reconcile = stack.trigger("oellm_reconcile")
+        assert stack.wait_run("oellm_reconcile", reconcile, 300) == "success", stack.explain(
+            "oellm_reconcile", reconcile
+        )
+        task_id = next(t["task_id"] for t in stack.task_instances("oellm_reconcile", reconcile))
+        cancelled = stack.xcom("oellm_reconcile", reconcile, task_id)
+
+        def state(job: str) -> str:
+            return dev_cluster.ssh(["sacct", "-X", "-n", "-P", "-j", job, "-o", "State"]).stdout.strip()
+
+        gone = wait(
+            lambda: all(state(jobs[d]).startswith("CANCELLED") for d in ORPHANS[:2]) and time.monotonic() - started,
+            60,
+            "both orphaned jobs cancelled",
+            stack,
+        )
+        assert sorted(c["job_id"] for c in cancelled) == sorted([jobs["f_orphan_task"], jobs["f_orphan_run"]]), (
+            cancelled
+        )
+        reasons = {c["job_id"]: c["reason"] for c in cancelled}
+        assert reasons[jobs["f_orphan_task"]].endswith("/ train is failed"), reasons
+        assert reasons[jobs["f_orphan_run"]].endswith("/ train is failed"), (
+            reasons
+        )  # Airflow fails a run's deferred task
+        assert state(jobs["f_orphan_cleared"]) == "RUNNING"  # its task follows it again
+    finally:
+        stack.start("triggerer")
+        stack.restarting.discard("triggerer")
+        dev_cluster.ssh(["touch", f"{stack.remote}/orphans{stack.token}.release"])
+    cleared = runs["f_orphan_cleared"]
+    assert stack.wait_run("f_orphan_cleared", cleared, 300) == "success", stack.explain("f_orphan_cleared", cleared)
+    result = stack.xcom("f_orphan_cleared", cleared, "train")
+    assert jobs_named(dev_cluster, names["f_orphan_cleared"]) == [jobs["f_orphan_cleared"]]
+    assert [(a["job_id"], a["submission"]) for a in result["attempts"]] == [
+        (jobs["f_orphan_cleared"], "submitted"),
+        (jobs["f_orphan_cleared"], "adopted"),
+    ], result["attempts"]
+    # the task marked failed, cleared now: its job was cancelled with it, so this try trains again
+    failed = runs["f_orphan_task"]
+    stack.http(
+        "POST",
+        "/dags/f_orphan_task/clearTaskInstances",
+        {"dry_run": False, "only_failed": True, "task_ids": ["train"], "dag_run_id": failed},
+    )
+    wait(lambda: ti_state(stack, "f_orphan_task", failed)[1] == 2, 60, "the cleared task's second try", stack)
+    assert stack.wait_run("f_orphan_task", failed, 300) == "success", stack.explain("f_orphan_task", failed)
+    again = jobs_named(dev_cluster, names["f_orphan_task"])
+    assert len(again) == 2 and again[0] == jobs["f_orphan_task"], again
+    result = stack.xcom("f_orphan_task", failed, "train")
+    # it resumed from the checkpoint the cancelled job saved on its way out
+    assert result["job_ids"][-1] == again[1] and result["last_iteration"] == 20, result
+    assert [a["submission"] for a in result["attempts"]] == ["submitted", "submitted"], result["attempts"]
+    reliability.record(
+        "task / DAG run marked failed while no triggerer ran",
+        "oellm_reconcile cancelled both jobs; a cleared task's next try adopted its job; the failed task, "
+        "cleared later, trained again with a new job",
+        duplicates=0,
+        recover_seconds=gone,
+        orphans_cancelled=len(cancelled),
+        jobs_kept=1,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import shutil
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -24,12 +25,34 @@ def project_dags() -> dict:
 
 
 def test_one_dag_per_experiment_and_one_per_sweep(project_dags):
-    expected = set()
+    expected = {"oellm_reconcile"}
     for path in EXAMPLE_SWEEPS:
         sweep = load_sweep(path)
         expected |= {f"oellm__{sweep.name}__{e.name}" for e in sweep.experiments} | {f"oellm__{sweep.name}"}
     assert set(project_dags) == expected
     assert "oellm__config_errors" not in project_dags
+
+
+def test_one_reconcile_task_per_cluster_over_every_experiment_on_it(project_dags):
+    dag = project_dags["oellm_reconcile"]
+    experiments = sorted(d for d in project_dags if d.count("__") == 2)
+    (task,) = dag.tasks  # every example sweep runs on the dev cluster
+    assert task.task_id == "cancel_orphans_ssh_slurm_dev" and task.cluster.ssh_conn_id == "slurm_dev"
+    assert sorted(task.dag_ids) == experiments
+    assert dag.schedule == timedelta(minutes=15) and not dag.catchup and dag.max_active_runs == 1
+    assert dag.is_paused_upon_creation is False
+
+
+def test_reconcile_interval_comes_from_airflow_config(monkeypatch, tmp_path):
+    from airflow_oellm.dag_factory.builder import reconcile_interval
+
+    monkeypatch.setenv("AIRFLOW__OELLM__RECONCILE_INTERVAL_MINUTES", "0")
+    assert reconcile_interval() is None
+    monkeypatch.setenv("AIRFLOW__OELLM__RECONCILE_INTERVAL_MINUTES", "3")
+    assert reconcile_interval() == timedelta(minutes=3)
+    monkeypatch.setenv("AIRFLOW__OELLM__RECONCILE_INTERVAL_MINUTES", "-1")
+    with pytest.raises(ValueError, match="reconcile_interval_minutes must be >= 0, not -1"):
+        reconcile_interval()
 
 
 def test_experiment_dag_settings(project_dags):
