@@ -222,6 +222,11 @@ def semantic_problems(cfg: RootConfig, data: Mapping[str, Any]) -> list[tuple[st
             time_limit_seconds(cfg.slurm.time)
         except ValueError as exc:
             problems.append(("slurm.time", str(exc)))
+    if isinstance(cfg.platform.max_outage, (int, str)) and not _contains_interpolation(cfg.platform.max_outage):
+        try:
+            time_limit_seconds(cfg.platform.max_outage)
+        except ValueError as exc:
+            problems.append(("platform.max_outage", str(exc)))
     at_least("slurm.nodes", cfg.slurm.nodes, 1)
     at_least("slurm.gpus_per_node", cfg.slurm.gpus_per_node, 0, f"must be >= 0, got {shown(cfg.slurm.gpus_per_node)}")
     at_least("slurm.ntasks_per_node", cfg.slurm.ntasks_per_node, 1)

@@ -86,6 +86,13 @@ class PlatformConfig:
         "the values reach the job on sbatch's stdin, never a file, log, XCom or rendered script.",
         factory=dict,
     )
+    max_outage: int | str = opt(
+        "3-00:00:00",
+        "How long a waiting task waits out an unreachable cluster (maintenance, an expired SSH certificate): "
+        "seconds or a SLURM time string (`1-00:00:00`), `UNLIMITED` for ever. Meanwhile its log, progress and "
+        "the dashboard say since when and why; after it, the try ends as lost contact and its retry adopts "
+        "the job.",
+    )
     requires: list[str] = opt(
         doc="Config keys this site cannot run without (`slurm.account`, `slurm.qos`): a sweep that leaves one "
         "unset is refused by `validate`, `plan` and the DAG factory, before anything reaches a queue.",

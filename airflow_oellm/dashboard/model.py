@@ -27,6 +27,7 @@ from airflow_oellm.config.naming import (
     experiment_name,
 )
 from airflow_oellm.monitor.accounting import running_gpu_hours_estimate, used_gpu_hours
+from airflow_oellm.monitor.outage import outage_line
 from airflow_oellm.monitor.records import AttemptHistory, AttemptRecord
 from airflow_oellm.monitor.watch import loss_at, merged_curve, thinned, validation_losses
 
@@ -125,6 +126,8 @@ class ExperimentView:
     eta_seconds: float | None = None
     updated: float | None = None
     stale: bool = False
+    outage: str | None = None  # the training's watch cannot reach the cluster: since when and why
+    outage_advice: str | None = None
     curves: list[Curve] = field(default_factory=list)
     evaluations: list[dict[str, Any]] = field(default_factory=list)  # run, iteration, validation_loss, metrics
     timeline: list[TimelineEntry] = field(default_factory=list)
@@ -374,6 +377,8 @@ def experiment_view(dag_id: str, name: str, run: RunRecord | None, now: float) -
         view.state = "retrying"
     if _running(run, TRAIN_TASK) and view.updated is not None:
         view.stale = now - view.updated > STALE_AFTER
+    if _running(run, TRAIN_TASK) and isinstance(progress.get("outage"), Mapping):
+        view.outage, view.outage_advice = outage_line(progress["outage"]), str(progress["outage"].get("advice", ""))
     iteration_ms = _number(summary.get("iteration_ms"))
     if view.job_state == "RUNNING" and iteration_ms and view.iteration is not None and view.train_iters:
         view.eta_seconds = max(view.train_iters - view.iteration, 0) * iteration_ms / 1000

@@ -31,6 +31,7 @@ from airflow_oellm.monitor.classify import (
     progress_guard,
     rules_from_config,
 )
+from airflow_oellm.monitor.outage import DEFAULT_MAX_OUTAGE_SECONDS, max_outage_seconds
 from airflow_oellm.monitor.records import AttemptHistory, AttemptRecord, TrainingState
 from airflow_oellm.monitor.watch import PROGRESS_CURVE, thinned
 from airflow_oellm.slurm.states import JobStatus
@@ -63,6 +64,7 @@ class JobSettings:
     output_paths: list[str]
     poll_interval: float
     gpus: int | None  # what the job holds, for its GPU-hours (None: unknown, a plain script)
+    max_outage: float | None  # seconds a watch waits out an unreachable cluster (None: for ever)
     rules: list[Rule]  # the task's own rules, then the config's, then the defaults
 
     def script_path(self, try_number: int) -> str:
@@ -112,6 +114,7 @@ def job_settings(
             output_paths=list(output_paths),
             poll_interval=poll_interval or DEFAULT_POLL_INTERVAL,
             gpus=None,
+            max_outage=DEFAULT_MAX_OUTAGE_SECONDS,
             rules=attempt_rules([], classification_rules),
         )
     config = dict(experiment)
@@ -141,6 +144,7 @@ def job_settings(
         output_paths=[*m.output_paths, *output_paths],
         poll_interval=poll_interval or m.poll_interval_seconds,
         gpus=cfg.slurm.nodes * cfg.slurm.gpus_per_node,
+        max_outage=max_outage_seconds(cfg.platform.max_outage),
         rules=attempt_rules([vars(r) for r in m.rules], classification_rules),
     )
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from airflow_oellm.megatron.logs import is_finite_number
 from airflow_oellm.monitor.events import Event, EventMatcher, EventSpec
 from airflow_oellm.monitor.inactivity import Activity
+from airflow_oellm.monitor.outage import DEFAULT_MAX_OUTAGE_SECONDS, Outage
 from airflow_oellm.monitor.records import WatchSummary
 from airflow_oellm.slurm.commands import FileChunk
 from airflow_oellm.slurm.operations import CycleRequest, PollUpdate
@@ -332,7 +333,6 @@ class JobWatch:
 
 
 SAVE_EVERY = 60.0  # seconds between saves of the watch state without noteworthy events
-PERMANENT_ERROR_GRACE = 600.0  # seconds a non-transient connection error may last before the task is told
 STATE_READ_LIMIT = 1024 * 1024
 
 
@@ -356,8 +356,9 @@ class JobFollower:
 
     The first cycle reads the state an earlier follower of the same try saved, so a restarted
     triggerer continues at the same byte. The state is saved with a later cycle: at once after a checkpoint, a
-    validation or a hang, else once a minute. A permanent connection error lasting beyond
-    PERMANENT_ERROR_GRACE ends the following; a transient one never does.
+    validation or a hang, else once a minute. Failed polls are an outage of `cluster` (monitor/outage.py):
+    each is logged with since when and why, the progress snapshot carries it, and the following goes on
+    until the outage has lasted `max_outage` seconds (None: for ever), whatever its kind.
     """
 
     def __init__(
@@ -370,8 +371,13 @@ class JobFollower:
         inactivity_threshold: float | None,
         nan_limit: int,
         output_paths: Sequence[str] = (),
+        cluster: str = "the cluster",
+        max_outage: float | None = DEFAULT_MAX_OUTAGE_SECONDS,
     ) -> None:
         self.job_id, self.log_path, self.state_path = job_id, log_path, state_path
+        self.cluster, self.max_outage = cluster, max_outage
+        self.outage: Outage | None = None
+        self._status: JobStatus | None = None  # the last one polled, for snapshots taken during an outage
         self.specs = list(specs)
         self.inactivity_threshold = inactivity_threshold
         self.nan_limit = nan_limit
@@ -379,7 +385,6 @@ class JobFollower:
         self.watch: JobWatch | None = None
         self._pending_write: bytes | None = None
         self._saved_at = 0.0
-        self._error_since: float | None = None
         self._published: tuple[Any, ...] | None = None
 
     def request(self) -> CycleRequest:
@@ -390,21 +395,19 @@ class JobFollower:
 
     def on_update(self, update: PollUpdate, now: float) -> FollowStep:
         if update.error:
-            self._error_since = self._error_since or now
-            notice = (
-                logging.WARNING,
-                f"cannot poll job {self.job_id} ({update.consecutive_failures} failures in a row): {update.error}",
-            )
-            gave_up = update.permanent and now - self._error_since > PERMANENT_ERROR_GRACE
-            return FollowStep([notice], error=update.error if gave_up else None)
-        self._error_since = None
+            return self._failed_poll(update.error, now)
+        notices = []
+        if self.outage is not None:
+            notices.append((logging.INFO, f"job {self.job_id}: {self.outage.ended(now)}; carrying on"))
+            self.outage, self._published = None, None  # the next snapshot says the outage is over
         if self.watch is None:
-            return self._restore(update.chunks[0].data if update.chunks else b"", now)
+            step = self._restore(update.chunks[0].data if update.chunks else b"", now)
+            return replace(step, notices=notices + step.notices)
         watch = self.watch
+        self._status = update.status
         if self._pending_write is not None and update.writes_ok and all(update.writes_ok):
             self._pending_write, self._saved_at = None, now
         step = watch.apply(now, update.status, update.chunks[0] if update.chunks else None, update.mtimes)
-        notices = []
         if step.truncated:
             notices.append(
                 (logging.INFO, f"[job {self.job_id}] log restarted from the beginning (truncated by a requeue)")
@@ -428,10 +431,34 @@ class JobFollower:
             return FollowStep(notices, step.lines, later, cancel=bool(step.stop_reason), finished=True)
         publish = None
         if watch.progress_mark(update.status) != self._published:
-            publish, self._published = watch.progress(update.status, now), watch.progress_mark(update.status)
+            publish, self._published = self.snapshot(now), watch.progress_mark(update.status)
         if step.noteworthy or now - self._saved_at >= SAVE_EVERY:
             self._pending_write = watch.state.to_json()  # saved with the next cycle
         return FollowStep(notices, step.lines, later, cancel=bool(step.stop_reason), publish=publish)
+
+    def _failed_poll(self, error: str, now: float) -> FollowStep:
+        before = self.outage
+        since, failures = (before.since, before.failures + 1) if before is not None else (now, 1)
+        self.outage = outage = Outage(self.cluster, since, error, failures)
+        notice = (logging.WARNING, f"job {self.job_id}: {outage.message(now)}")
+        if self.max_outage is not None and now - since > self.max_outage:
+            return FollowStep(
+                [notice], error=f"{outage.message(now)}; gave up after platform.max_outage ({self.max_outage:.0f} s)"
+            )
+        publish = None
+        if before is None or before.kind != outage.kind:  # the dashboard learns when it starts or changes
+            publish = self.snapshot(now)
+        return FollowStep([notice], publish=publish)
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        """The progress snapshot: the watch's view of the job, and the outage if polls fail now."""
+        if self.watch is not None:
+            progress = self.watch.progress(self._status, now)
+        else:
+            progress = {"job_id": self.job_id, "job_state": None, "updated": now, "summary": {}}
+        if self.outage is not None:
+            progress["outage"] = self.outage.to_dict(now)
+        return progress
 
     def final_request(self) -> CycleRequest:
         """Save the final state (a late restart then cannot replay the ending) and read the log's end."""

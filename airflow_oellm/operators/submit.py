@@ -303,6 +303,7 @@ class SlurmSubmitOperator(BaseOperator):
             "nan_limit": s.stop_nan_limit,
             "output_paths": s.output_paths,
             "poll_interval": s.poll_interval,
+            "max_outage": s.max_outage,
             "progress_to": {
                 "dag_id": identity.dag_id,
                 "run_id": identity.run_id,
@@ -349,6 +350,8 @@ class SlurmSubmitOperator(BaseOperator):
             inactivity_threshold=args["inactivity_threshold"],
             nan_limit=args["nan_limit"],
             output_paths=args["output_paths"],
+            cluster=self.cluster.name,
+            max_outage=args["max_outage"],
         )
         hook = self._hook()
         cycles = failures = 0

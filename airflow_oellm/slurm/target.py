@@ -70,6 +70,11 @@ class ClusterTarget:
             return LOCAL_PROCESS
         return "local-commands" if self.local_commands else f"ssh:{self.ssh_conn_id}"
 
+    @property
+    def name(self) -> str:
+        """What messages call the cluster: its connection, or this machine."""
+        return self.ssh_conn_id or "this machine"
+
     def describe(self) -> str:
         if self.batch_system == LOCAL_PROCESS:
             return "local processes on this machine (no SLURM)"

@@ -19,6 +19,7 @@ from airflow.triggers.base import TriggerEvent
 
 from airflow_oellm.config.naming import PROGRESS_KEY
 from airflow_oellm.monitor.events import event_specs
+from airflow_oellm.monitor.outage import DEFAULT_MAX_OUTAGE_SECONDS
 from airflow_oellm.monitor.watch import JobFollower
 from airflow_oellm.slurm.target import ClusterTarget
 from airflow_oellm.triggers.base import ClusterTrigger
@@ -39,6 +40,7 @@ class SlurmJobTrigger(ClusterTrigger):
         "output_paths",
         "stream_log",
         "progress_to",
+        "max_outage",
     )
 
     def __init__(
@@ -56,6 +58,7 @@ class SlurmJobTrigger(ClusterTrigger):
         fire_after: float | None = None,
         stream_log: bool = True,
         progress_to: dict[str, Any] | None = None,
+        max_outage: float | None = DEFAULT_MAX_OUTAGE_SECONDS,
         **before_cluster_target: Any,
     ) -> None:
         super().__init__(
@@ -74,6 +77,7 @@ class SlurmJobTrigger(ClusterTrigger):
         self.stream_log = stream_log
         # the task instance whose `progress` XCom follows the job: dag_id, run_id, task_id, map_index
         self.progress_to = dict(progress_to) if progress_to else None
+        self.max_outage = max_outage
 
     async def watch(self) -> AsyncIterator[TriggerEvent]:
         follower = JobFollower(
@@ -84,6 +88,8 @@ class SlurmJobTrigger(ClusterTrigger):
             inactivity_threshold=self.inactivity_threshold,
             nan_limit=self.nan_limit,
             output_paths=self.output_paths,
+            cluster=self.cluster.name,
+            max_outage=self.max_outage,
         )
         async for update in self.poller().watch(self.job_id, follower.request):
             step = follower.on_update(update, time.time())

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
@@ -207,6 +208,15 @@ class Stack:
             f"?map_index={map_index}&deserialize=true",
         )
         return entry["value"]
+
+    def xcom_or_none(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value") -> Any:
+        """The XCom, or None while the task has not pushed it."""
+        try:
+            return self.xcom(dag_id, run_id, task_id, key)
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                return None
+            raise
 
 
 def start_stack(home: Path, dags_folder: Path, extra_env: dict[str, str], production: bool = False) -> Stack:

@@ -5,8 +5,8 @@ Kinds: `train` (one SlurmSubmitOperator), `train_with_sensors` (train and, besid
 and a SlurmLogSensor), `fanout` (one mapped SlurmSubmitOperator over many experiments) and `settle_probe`
 (`tasks` deferrals whose trigger fires at once, held `hold` seconds or by the setting if null, the
 worker lingering `linger` seconds; needs settle_probe.py on the path), `reconcile` (the factory's
-`oellm_reconcile` over the spec's `dag_ids` on `conn_id`). Optional: `retries` and
-`secret_variables` (train), `max_active_runs`.
+`oellm_reconcile` over the spec's `dag_ids` on `conn_id`). Optional: `retries`, `retry_delay`
+(seconds) and `secret_variables` (train), `max_active_runs`.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ for spec in SPECS:
                 ssh_conn_id=conn,
                 experiment=spec["experiment"],
                 retries=spec.get("retries", 0),
-                retry_delay=timedelta(seconds=2),
+                retry_delay=timedelta(seconds=spec.get("retry_delay", 2)),
                 secret_variables=spec.get("secret_variables", {}),
             )
         elif spec["kind"] == "fanout":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
 import signal
 import subprocess
@@ -28,6 +29,7 @@ from tests.shared_stack import add_file
 FAKE = REPO / "tests" / "fixtures" / "fake_megatron.py"
 FANOUT = 20
 ORPHANS = ("f_orphan_task", "f_orphan_run", "f_orphan_cleared")
+REFUSED = {"f_refused_wait": {"retries": 0}, "f_refused_give_up": {"retries": 1, "retry_delay": 40}}
 RESUMED = re.compile(r"resuming the watch of job (\d+) at byte (\d+)")  # the trigger's log
 pytestmark = [pytest.mark.e2e, pytest.mark.cluster, pytest.mark.slow]
 
@@ -55,6 +57,18 @@ def stack(shared_stack, dev_cluster, module_remote_dir, slurm_conn_id, tmp_path_
         )[0]
         for dag_id in ORPHANS
     ]
+    # the key refused for longer than the 10 minutes a refused key used to get, shortened by config
+    refused_experiments = [
+        sweep(
+            configs,
+            remote,
+            f"{dag_id[2:]}_{token}",
+            "train_iters: 20, save_interval: 10, iter_seconds: 0.5",
+            f"platform: {{max_outage: {max_outage}, env: {{FAKE_HOLD_AT: 5, "
+            f"FAKE_HOLD_UNTIL: {remote}/refused{token}.release}}}}\n",
+        )[0]
+        for dag_id, max_outage in (("f_refused_wait", 900), ("f_refused_give_up", 15))
+    ]
     specs = {
         "dags": [
             train("f_worker", "worker", 60, retries=1),
@@ -68,6 +82,10 @@ def stack(shared_stack, dev_cluster, module_remote_dir, slurm_conn_id, tmp_path_
                 for dag_id, experiment in zip(ORPHANS, orphan_experiments, strict=True)
             ),
             {"dag_id": "oellm_reconcile", "kind": "reconcile", "conn_id": slurm_conn_id, "dag_ids": list(ORPHANS)},
+            *(
+                {"dag_id": dag_id, "kind": "train", "conn_id": slurm_conn_id, "experiment": experiment, **extra}
+                for (dag_id, extra), experiment in zip(REFUSED.items(), refused_experiments, strict=True)
+            ),
             {
                 "dag_id": "f_triggerer",
                 "kind": "fanout",
@@ -479,4 +497,86 @@ def test_jobs_whose_task_was_stopped_while_no_triggerer_ran_are_cancelled_by_the
         recover_seconds=gone,
         orphans_cancelled=len(cancelled),
         jobs_kept=1,
+    )
+
+
+def refuse_the_key(dev_cluster) -> Path:
+    """sshd refuses the connection's key from now on (as after a certificate expired): the authorized keys
+    moved away, every session ended. Returns the moved file, to put back."""
+    keys = Path(pwd.getpwnam(dev_cluster.env["SLURM_DEV_SSH_USER"]).pw_dir) / ".ssh" / "authorized_keys"
+    refused = keys.with_name("authorized_keys.refused")
+    keys.rename(refused)
+    kill_sshd_and_sessions()
+    start_sshd()
+    return refused
+
+
+def test_a_refused_key_is_waited_out_for_max_outage_and_the_watch_carries_on(stack, dev_cluster, reliability):
+    """The key refused for about a minute: the watch with `platform.max_outage: 900` waits, says since when and
+    why (log and progress), and carries on at its byte; the one with 15 s gives up, and its retry adopts the job."""
+    runs = {dag_id: stack.trigger(dag_id) for dag_id in REFUSED}
+    names = {dag_id: stack.specs[dag_id]["experiment"]["experiment"]["name"] for dag_id in REFUSED}
+
+    def following() -> bool:
+        progress = [stack.xcom_or_none(d, r, "train", "progress") or {} for d, r in runs.items()]
+        return all(p.get("job_state") == "RUNNING" for p in progress)
+
+    wait(following, 240, "both watches following a running job", stack, every=3)
+    jobs = {dag_id: jobs_named(dev_cluster, name) for dag_id, name in names.items()}
+    assert all(len(j) == 1 for j in jobs.values()), jobs
+    refused = refuse_the_key(dev_cluster)
+    started = time.monotonic()
+    try:
+        wait(
+            lambda: ti_state(stack, "f_refused_give_up", runs["f_refused_give_up"])[0] == "up_for_retry",
+            180,
+            "the 15 s watch to give up",
+            stack,
+        )
+        outage = wait(
+            lambda: (stack.xcom_or_none("f_refused_wait", runs["f_refused_wait"], "train", "progress") or {}).get(
+                "outage"
+            ),
+            60,
+            "the outage in the waiting task's progress",
+            stack,
+        )
+        assert ti_state(stack, "f_refused_wait", runs["f_refused_wait"]) == ("deferred", 1)
+        refused_for = time.monotonic() - started
+    finally:
+        refused.rename(refused.with_name("authorized_keys"))
+    restored = time.monotonic()
+    assert outage["kind"] == "authentication" and outage["cluster"] == stack.specs["f_refused_wait"]["conn_id"], outage
+    log = trigger_logs(stack, "f_refused_wait", "train")
+    assert "authentication failed (renew your SSH certificate or key" in log
+    back = wait(
+        lambda: (
+            "reached" in trigger_logs(stack, "f_refused_wait", "train").split("authentication failed")[-1]
+            and time.monotonic() - restored
+        ),
+        400,
+        "the waiting watch to reach the cluster again",
+        stack,
+    )
+    give_up_run = runs["f_refused_give_up"]
+    wait(lambda: ti_state(stack, "f_refused_give_up", give_up_run) == ("deferred", 2), 120, "the retry to adopt", stack)
+    dev_cluster.ssh(["touch", f"{stack.remote}/refused{stack.token}.release"])  # the held jobs train on
+    for dag_id, run_id in runs.items():
+        assert stack.wait_run(dag_id, run_id, 400) == "success", stack.explain(dag_id, run_id)
+        assert jobs_named(dev_cluster, names[dag_id]) == jobs[dag_id], "a second job was submitted"
+    waited = stack.xcom("f_refused_wait", runs["f_refused_wait"], "train")
+    assert [a["submission"] for a in waited["attempts"]] == ["submitted"] and waited["events"]["iteration"] == 20
+    gave_up = stack.xcom("f_refused_give_up", runs["f_refused_give_up"], "train")
+    assert [a["submission"] for a in gave_up["attempts"]] == ["submitted", "adopted"], gave_up["attempts"]
+    assert "gave up after platform.max_outage (15 s)" in trigger_logs(stack, "f_refused_give_up", "train") + "".join(
+        p.read_text() for p in (stack.home / "logs").rglob("dag_id=f_refused_give_up/**/attempt=1.log")
+    )
+    reliability.record(
+        "SSH key refused beyond one watch's platform.max_outage (900 s and 15 s)",
+        "the 900 s watch waited, logged and published the authentication outage, and carried on at its byte; "
+        "the 15 s one gave up and its retry adopted the job",
+        duplicates=0,
+        lost_events=20 - waited["events"]["iteration"],
+        recover_seconds=back,
+        refused_seconds=round(refused_for),
     )

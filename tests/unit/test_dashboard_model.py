@@ -15,6 +15,7 @@ from airflow_oellm.dashboard.model import (
     sweep_view,
 )
 from airflow_oellm.dashboard.plot import Series, line_plot, nice_ticks
+from airflow_oellm.monitor.outage import Outage
 from airflow_oellm.monitor.watch import PROGRESS_CURVE, JobWatch, WatchState, merged_curve, thinned
 from airflow_oellm.slurm.states import JobState, JobStatus
 
@@ -160,6 +161,18 @@ def test_a_stale_progress_is_flagged():
     run = running_run()
     run.xcoms[("train", -1, "progress")]["updated"] = NOW - 3600
     assert experiment_view("d", "lr1", run, NOW).stale
+
+
+def test_an_outage_in_the_progress_is_shown_on_the_row_with_its_advice():
+    run = running_run()
+    progress = run.xcoms[("train", -1, "progress")]
+    progress["outage"] = Outage("lumi", 1_796_523_180.0, "cannot connect to lumi: Permission denied").to_dict(NOW)
+    view = experiment_view("d", "lr1", run, NOW)
+    assert view.outage == "cannot reach lumi since 2026-12-06 02:13 UTC: authentication failed"
+    assert view.outage_advice.startswith("renew your SSH certificate or key")
+    assert view.iteration == progress["summary"]["last_iteration"]  # the last known progress stays
+    del progress["outage"]
+    assert experiment_view("d", "lr1", run, NOW).outage is None
 
 
 def test_a_finished_experiment_uses_its_result_not_the_last_progress():

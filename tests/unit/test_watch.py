@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from airflow_oellm.monitor.events import event_specs
+from airflow_oellm.monitor.outage import DEFAULT_MAX_OUTAGE_SECONDS
 from airflow_oellm.monitor.watch import (
-    PERMANENT_ERROR_GRACE,
     READ_BYTES,
     STATE_READ_LIMIT,
     JobFollower,
@@ -168,21 +168,40 @@ def test_the_follower_publishes_progress_only_when_it_changes():
     assert running.publish["summary"]["last_iteration"] == 100 and running.publish["job_state"] == "RUNNING"
 
 
-def test_the_follower_gives_up_only_on_a_lasting_permanent_error():
-    follow = follower(nan_limit=0)
-    transient = PollUpdate("7", None, 1, "timed out", 5, permanent=False)
-    assert all(follow.on_update(transient, t).error is None for t in (0, 700, 5000))
-    permanent = PollUpdate("7", None, 2, "Permission denied", 1, permanent=True)
-    follow = follower(nan_limit=0)
-    assert follow.on_update(permanent, 6000).error is None
-    assert follow.on_update(permanent, 6000 + PERMANENT_ERROR_GRACE).error is None
-    step = follow.on_update(permanent, 6000 + PERMANENT_ERROR_GRACE + 1)
-    assert step.error == "Permission denied" and step.notices[0][0] == logging.WARNING
-    # an answer in between starts the grace over
-    again = follower(nan_limit=0)
-    again.on_update(permanent, 0)
-    again.on_update(PollUpdate("7", None, 3, chunks=(FileChunk("/state", 0, None, b""),)), 500)
-    assert again.on_update(permanent, 700).error is None
+def test_the_follower_waits_out_an_outage_of_any_kind_for_max_outage():
+    day = 86400.0
+    for error, permanent in (("Connection refused", False), ("Permission denied (publickey)", True)):
+        follow = follower(nan_limit=0, cluster="lumi", max_outage=DEFAULT_MAX_OUTAGE_SECONDS)
+        failed = PollUpdate("7", None, 1, error, 5, permanent=permanent)
+        # the 10 minutes a refused key used to get are long past: it waits, and says so
+        steps = [follow.on_update(failed, t) for t in (0.0, 700.0, day, 3 * day)]
+        assert all(step.error is None for step in steps)
+        assert all(step.notices[0][0] == logging.WARNING for step in steps)
+        assert "cannot reach lumi since 1970-01-01 00:00 UTC (3 days 0 h)" in steps[-1].notices[0][1]
+        gave_up = follow.on_update(failed, 3 * day + 1)
+        assert "gave up after platform.max_outage (259200 s)" in gave_up.error and error in gave_up.error
+    unlimited = follower(nan_limit=0, max_outage=None)
+    assert unlimited.on_update(PollUpdate("7", None, 1, "timed out", 5), 1e9).error is None
+
+
+def test_an_outage_is_told_by_kind_published_when_it_starts_and_ended_by_an_answer():
+    follow = follower(nan_limit=0, cluster="leonardo", max_outage=600)
+    follow.on_update(PollUpdate("7", None, 1, chunks=(FileChunk("/state", 0, None, b""),)), 0)
+    follow.on_update(served(follow, LOG, "RUNNING", 2), 1)
+    refused = PollUpdate("7", None, 3, "cannot connect to leonardo: Permission denied for user u", 1, permanent=True)
+    first = follow.on_update(refused, 100)
+    assert "authentication failed (renew your SSH certificate or key" in first.notices[0][1]
+    outage = first.publish["outage"]
+    assert (outage["kind"], outage["since"], outage["cluster"]) == ("authentication", 100, "leonardo")
+    assert first.publish["summary"]["last_iteration"] == 100  # the last known progress stays
+    assert follow.on_update(refused, 160).publish is None  # the same outage: published once
+    network = follow.on_update(PollUpdate("7", None, 5, "cannot connect to leonardo: timed out", 2), 220)
+    assert network.publish["outage"]["kind"] == "network" and network.publish["outage"]["since"] == 100
+    # one more failure, then an answer: the outage ends 200 s + on, and the following carries on
+    back = follow.on_update(served(follow, LOG, "RUNNING", 6), 400)
+    assert back.notices[0] == (logging.INFO, "job 7: reached leonardo again after 5 min without contact; carrying on")
+    assert back.publish is not None and "outage" not in back.publish
+    assert follow.outage is None and follow.on_update(refused, 500).error is None  # a new outage, a new count
 
 
 def test_the_follower_cancels_a_hang_then_finishes_with_a_final_save():
