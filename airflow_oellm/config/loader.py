@@ -47,7 +47,7 @@ from airflow_oellm.config.noops import SweepMember, inert_axes
 from airflow_oellm.config.overrides import apply_overrides, locate, parse_overrides, split_group_choices
 from airflow_oellm.config.platforms import unmet_requirements
 from airflow_oellm.config.resolvers import RESOLVERS, frozen_time
-from airflow_oellm.config.schema import RootConfig
+from airflow_oellm.config.schema import DEFAULT_NOTIFY_OUTAGE_AFTER, RootConfig
 from airflow_oellm.config.secrets import secret_problems
 from airflow_oellm.config.sweep import SweepError, SweepPoint, expand_sweep
 from airflow_oellm.config.validate import Validator, iteration_arg, schema_fields
@@ -59,6 +59,7 @@ from airflow_oellm.slurm.timespec import time_limit_seconds
 # checkpoint formats megatron-core writes that the converter refuses (megatron/layout.py names them)
 UNCONVERTIBLE_FORMATS = frozenset({"zarr", "torch_dcp", "fsdp_dtensor"})
 _UNESCAPED_INTERPOLATION = re.compile(r"(?<!\\)\$\{")
+CALLBACK_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
 
 
 @dataclass(frozen=True)
@@ -222,11 +223,22 @@ def semantic_problems(cfg: RootConfig, data: Mapping[str, Any]) -> list[tuple[st
             time_limit_seconds(cfg.slurm.time)
         except ValueError as exc:
             problems.append(("slurm.time", str(exc)))
-    if isinstance(cfg.platform.max_outage, (int, str)) and not _contains_interpolation(cfg.platform.max_outage):
-        try:
-            time_limit_seconds(cfg.platform.max_outage)
-        except ValueError as exc:
-            problems.append(("platform.max_outage", str(exc)))
+    for key, value in (("max_outage", cfg.platform.max_outage), ("on_outage.after", cfg.platform.on_outage.after)):
+        if isinstance(value, (int, str)) and not _contains_interpolation(value):
+            try:
+                time_limit_seconds(value)
+            except ValueError as exc:
+                problems.append((f"platform.{key}", str(exc)))
+    notifier = cfg.platform.on_outage
+    if notifier.callback is None and notifier.after != DEFAULT_NOTIFY_OUTAGE_AFTER:
+        problems.append(("platform.on_outage.after", "is set but notifies nobody: set platform.on_outage.callback"))
+    if notifier.callback is not None and not CALLBACK_PATH.match(str(notifier.callback)):
+        problems.append(
+            (
+                "platform.on_outage.callback",
+                f"must be a dotted path `package.module.name`, not {shown(notifier.callback)}",
+            )
+        )
     at_least("slurm.nodes", cfg.slurm.nodes, 1)
     at_least("slurm.gpus_per_node", cfg.slurm.gpus_per_node, 0, f"must be >= 0, got {shown(cfg.slurm.gpus_per_node)}")
     at_least("slurm.ntasks_per_node", cfg.slurm.ntasks_per_node, 1)

@@ -52,6 +52,25 @@ class ContainerConfig:
     args: list[str] = opt(doc="Extra arguments for `<runtime> exec`.", factory=list)
 
 
+DEFAULT_NOTIFY_OUTAGE_AFTER = 900
+
+
+@dataclass
+class OutageNotifierConfig:
+    callback: str | None = opt(
+        None,
+        "Dotted path of what to call about an outage (`mylab.alerts.slack_outage`): a function or an Airflow "
+        "notifier, called in the triggerer as `callback(context)` with `event` (`started`, `ended`, "
+        "`gave_up`), `message` and `outage` (cluster, since, kind, advice, last error, watches). Once per "
+        "cluster and outage in each triggerer, however many jobs wait.",
+    )
+    after: int | str = opt(
+        DEFAULT_NOTIFY_OUTAGE_AFTER,
+        "How long an outage lasts before `callback` hears of it (seconds or a SLURM time string): polls "
+        "fail and recover by themselves within minutes.",
+    )
+
+
 @dataclass
 class PlatformConfig:
     name: str = opt("base", "Platform name (lumi, leonardo, juwels, jupiter, marenostrum, local, ...).")
@@ -93,6 +112,7 @@ class PlatformConfig:
         "the dashboard say since when and why; after it, the try ends as lost contact and its retry adopts "
         "the job.",
     )
+    on_outage: OutageNotifierConfig = opt(doc="Who hears of an outage, and when.", factory=OutageNotifierConfig)
     requires: list[str] = opt(
         doc="Config keys this site cannot run without (`slurm.account`, `slurm.qos`): a sweep that leaves one "
         "unset is refused by `validate`, `plan` and the DAG factory, before anything reaches a queue.",

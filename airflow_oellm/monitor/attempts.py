@@ -65,6 +65,8 @@ class JobSettings:
     poll_interval: float
     gpus: int | None  # what the job holds, for its GPU-hours (None: unknown, a plain script)
     max_outage: float | None  # seconds a watch waits out an unreachable cluster (None: for ever)
+    on_outage: str | None  # dotted path of platform.on_outage.callback
+    notify_outage_after: float | None  # seconds of outage before it is called (None: no callback)
     rules: list[Rule]  # the task's own rules, then the config's, then the defaults
 
     def script_path(self, try_number: int) -> str:
@@ -115,6 +117,8 @@ def job_settings(
             poll_interval=poll_interval or DEFAULT_POLL_INTERVAL,
             gpus=None,
             max_outage=DEFAULT_MAX_OUTAGE_SECONDS,
+            on_outage=None,
+            notify_outage_after=None,
             rules=attempt_rules([], classification_rules),
         )
     config = dict(experiment)
@@ -128,7 +132,7 @@ def job_settings(
     except ConfigError as exc:
         raise JobSettingsError(f"invalid experiment config: {exc}") from None
     megatron = cfg.backend.name == "megatron"
-    e, m = cfg.experiment, cfg.monitoring
+    e, m, notifier = cfg.experiment, cfg.monitoring, cfg.platform.on_outage
     return JobSettings(
         config=cfg,
         training=megatron if expects_training is None else expects_training,
@@ -145,6 +149,8 @@ def job_settings(
         poll_interval=poll_interval or m.poll_interval_seconds,
         gpus=cfg.slurm.nodes * cfg.slurm.gpus_per_node,
         max_outage=max_outage_seconds(cfg.platform.max_outage),
+        on_outage=notifier.callback,
+        notify_outage_after=max_outage_seconds(notifier.after) if notifier.callback else None,
         rules=attempt_rules([vars(r) for r in m.rules], classification_rules),
     )
 

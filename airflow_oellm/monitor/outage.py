@@ -137,3 +137,16 @@ def outage_line(outage: Mapping[str, Any]) -> str:
     since = outage.get("since")
     when = _clock(float(since)) if isinstance(since, int | float) else "?"
     return f"cannot reach {outage.get('cluster', 'the cluster')} since {when}: {outage.get('what', 'commands fail')}"
+
+
+OUTAGE_EVENTS = ("started", "ended", "gave_up")
+
+
+def notice(event: str, outage: Outage, now: float) -> dict[str, Any]:
+    """What `platform.on_outage.callback` gets: `event`, a one-paragraph `message`, the `outage` itself."""
+    text = {
+        "started": outage.message(now),
+        "ended": outage.ended(now),
+        "gave_up": f"{outage.message(now)}; a task stopped waiting (platform.max_outage)",
+    }[event]
+    return {"event": event, "message": text, "outage": outage.to_dict(now)}

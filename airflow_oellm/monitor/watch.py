@@ -16,7 +16,7 @@ from typing import Any
 from airflow_oellm.megatron.logs import is_finite_number
 from airflow_oellm.monitor.events import Event, EventMatcher, EventSpec
 from airflow_oellm.monitor.inactivity import Activity
-from airflow_oellm.monitor.outage import DEFAULT_MAX_OUTAGE_SECONDS, Outage
+from airflow_oellm.monitor.outage import DEFAULT_MAX_OUTAGE_SECONDS, Outage, notice
 from airflow_oellm.monitor.records import WatchSummary
 from airflow_oellm.slurm.commands import FileChunk
 from airflow_oellm.slurm.operations import CycleRequest, PollUpdate
@@ -347,6 +347,7 @@ class FollowStep:
     finished: bool = False  # read the tail and save with `final_request`, then fire `result`
     error: str | None = None  # the cluster stayed unreachable for good: give up following
     publish: dict[str, Any] | None = None  # a new progress snapshot for the task's `progress` XCom
+    notify: dict[str, Any] | None = None  # tell `platform.on_outage.callback` (monitor/outage.py, `notice`)
     poll_again: bool = False  # nothing was judged yet (the saved state was just read): no need to wait
 
 
@@ -373,10 +374,12 @@ class JobFollower:
         output_paths: Sequence[str] = (),
         cluster: str = "the cluster",
         max_outage: float | None = DEFAULT_MAX_OUTAGE_SECONDS,
+        notify_outage_after: float | None = None,
     ) -> None:
         self.job_id, self.log_path, self.state_path = job_id, log_path, state_path
-        self.cluster, self.max_outage = cluster, max_outage
+        self.cluster, self.max_outage, self.notify_outage_after = cluster, max_outage, notify_outage_after
         self.outage: Outage | None = None
+        self._outage_notified = False
         self._status: JobStatus | None = None  # the last one polled, for snapshots taken during an outage
         self.specs = list(specs)
         self.inactivity_threshold = inactivity_threshold
@@ -395,14 +398,16 @@ class JobFollower:
 
     def on_update(self, update: PollUpdate, now: float) -> FollowStep:
         if update.error:
-            return self._failed_poll(update.error, now)
-        notices = []
+            return self._failed_poll(update.error, update.failing_since, now)
+        notices, notify = [], None
         if self.outage is not None:
             notices.append((logging.INFO, f"job {self.job_id}: {self.outage.ended(now)}; carrying on"))
-            self.outage, self._published = None, None  # the next snapshot says the outage is over
+            if self._outage_notified:
+                notify = notice("ended", self.outage, now)
+            self.outage, self._published, self._outage_notified = None, None, False  # the next snapshot says so
         if self.watch is None:
             step = self._restore(update.chunks[0].data if update.chunks else b"", now)
-            return replace(step, notices=notices + step.notices)
+            return replace(step, notices=notices + step.notices, notify=notify)
         watch = self.watch
         self._status = update.status
         if self._pending_write is not None and update.writes_ok and all(update.writes_ok):
@@ -428,27 +433,32 @@ class JobFollower:
             later.append((logging.WARNING, f"job {self.job_id}: {step.stop_reason}: cancelling it"))
             watch.state.cancelled_by_us = True
         if step.finished:
-            return FollowStep(notices, step.lines, later, cancel=bool(step.stop_reason), finished=True)
+            return FollowStep(notices, step.lines, later, cancel=bool(step.stop_reason), finished=True, notify=notify)
         publish = None
         if watch.progress_mark(update.status) != self._published:
             publish, self._published = self.snapshot(now), watch.progress_mark(update.status)
         if step.noteworthy or now - self._saved_at >= SAVE_EVERY:
             self._pending_write = watch.state.to_json()  # saved with the next cycle
-        return FollowStep(notices, step.lines, later, cancel=bool(step.stop_reason), publish=publish)
+        return FollowStep(notices, step.lines, later, cancel=bool(step.stop_reason), publish=publish, notify=notify)
 
-    def _failed_poll(self, error: str, now: float) -> FollowStep:
+    def _failed_poll(self, error: str, failing_since: float | None, now: float) -> FollowStep:
         before = self.outage
-        since, failures = (before.since, before.failures + 1) if before is not None else (now, 1)
+        if before is not None:
+            since, failures = before.since, before.failures + 1
+        else:  # since the poller's first failed cycle: the same moment for every job it follows
+            since, failures = min(failing_since or now, now), 1
         self.outage = outage = Outage(self.cluster, since, error, failures)
-        notice = (logging.WARNING, f"job {self.job_id}: {outage.message(now)}")
+        logged = (logging.WARNING, f"job {self.job_id}: {outage.message(now)}")
+        notifying = self.notify_outage_after is not None
         if self.max_outage is not None and now - since > self.max_outage:
-            return FollowStep(
-                [notice], error=f"{outage.message(now)}; gave up after platform.max_outage ({self.max_outage:.0f} s)"
-            )
-        publish = None
+            message = f"{outage.message(now)}; gave up after platform.max_outage ({self.max_outage:.0f} s)"
+            return FollowStep([logged], error=message, notify=notice("gave_up", outage, now) if notifying else None)
+        publish = notify = None
         if before is None or before.kind != outage.kind:  # the dashboard learns when it starts or changes
             publish = self.snapshot(now)
-        return FollowStep([notice], publish=publish)
+        if notifying and not self._outage_notified and now - since >= self.notify_outage_after:
+            self._outage_notified, notify = True, notice("started", outage, now)
+        return FollowStep([logged], publish=publish, notify=notify)
 
     def snapshot(self, now: float) -> dict[str, Any]:
         """The progress snapshot: the watch's view of the job, and the outage if polls fail now."""

@@ -49,6 +49,7 @@ from airflow_oellm.monitor.classify import FATAL, RETRY, SUCCESS
 from airflow_oellm.monitor.events import event_specs
 from airflow_oellm.monitor.records import AttemptHistory, AttemptRecord, TrainingState, TrainingStatus
 from airflow_oellm.monitor.watch import JobFollower
+from airflow_oellm.notifications import outage_callback, tell
 from airflow_oellm.pause_points import pause_point
 from airflow_oellm.slurm.commands import SlurmCommandError
 from airflow_oellm.slurm.identity import JobIdentity, monitor_state_path, task_status_path
@@ -236,6 +237,11 @@ class SlurmSubmitOperator(BaseOperator):
                 hook.mkdirs([s.output_dir, s.log_path.rsplit("/", 1)[0], s.script_dir])
                 hook.upload(script_path, script, mode="0700")
                 secrets = self._secrets(s)
+                if s.on_outage:
+                    try:
+                        outage_callback(s.on_outage)  # refused now, not found missing during an outage
+                    except ImportError as exc:
+                        raise AirflowFailException(str(exc)) from None
                 # jobs a try has judged; the latest earlier try's job, ended and judged by none, is taken over
                 decided = [a.job_id for a in history.attempts if a.ended and a.job_id] if store is not None else None
                 outcome = hook.submit_once(
@@ -304,6 +310,8 @@ class SlurmSubmitOperator(BaseOperator):
             "output_paths": s.output_paths,
             "poll_interval": s.poll_interval,
             "max_outage": s.max_outage,
+            "on_outage": s.on_outage,
+            "notify_outage_after": s.notify_outage_after,
             "progress_to": {
                 "dag_id": identity.dag_id,
                 "run_id": identity.run_id,
@@ -352,6 +360,7 @@ class SlurmSubmitOperator(BaseOperator):
             output_paths=args["output_paths"],
             cluster=self.cluster.name,
             max_outage=args["max_outage"],
+            notify_outage_after=args["notify_outage_after"],
         )
         hook = self._hook()
         cycles = failures = 0
@@ -379,6 +388,8 @@ class SlurmSubmitOperator(BaseOperator):
                     return follower.result(self._read_tail(hook, follower))
                 if step.publish is not None:
                     ti.xcom_push(key=PROGRESS_KEY, value=step.publish)
+                if step.notify is not None and args["on_outage"]:
+                    tell(args["on_outage"], step.notify, self.log)
                 if not step.poll_again:
                     time.sleep(args["poll_interval"])
         finally:

@@ -109,6 +109,7 @@ class PollUpdate:
     mtimes: dict[str, float | None] = field(default_factory=dict)
     checkpoints: tuple[CheckpointState, ...] = ()
     writes_ok: tuple[bool, ...] = ()
+    failing_since: float | None = None  # epoch seconds of the first failed cycle in a row (an error's)
 
     @classmethod
     def from_cycle(cls, job_id: str | None, request: CycleRequest, result: CycleResult, cycle: int) -> PollUpdate:
@@ -124,8 +125,10 @@ class PollUpdate:
         )
 
     @classmethod
-    def failed(cls, job_id: str | None, error: SlurmCommandError, cycle: int, failures: int) -> PollUpdate:
-        return cls(job_id, None, cycle, str(error), failures, not error.transient)
+    def failed(
+        cls, job_id: str | None, error: SlurmCommandError, cycle: int, failures: int, since: float | None = None
+    ) -> PollUpdate:
+        return cls(job_id, None, cycle, str(error), failures, not error.transient, failing_since=since)
 
 
 def poll_cycle(

@@ -21,6 +21,7 @@ from airflow_oellm.config.naming import PROGRESS_KEY
 from airflow_oellm.monitor.events import event_specs
 from airflow_oellm.monitor.outage import DEFAULT_MAX_OUTAGE_SECONDS
 from airflow_oellm.monitor.watch import JobFollower
+from airflow_oellm.notifications import first_to_tell, tell
 from airflow_oellm.slurm.target import ClusterTarget
 from airflow_oellm.triggers.base import ClusterTrigger
 
@@ -41,6 +42,8 @@ class SlurmJobTrigger(ClusterTrigger):
         "stream_log",
         "progress_to",
         "max_outage",
+        "on_outage",
+        "notify_outage_after",
     )
 
     def __init__(
@@ -59,6 +62,8 @@ class SlurmJobTrigger(ClusterTrigger):
         stream_log: bool = True,
         progress_to: dict[str, Any] | None = None,
         max_outage: float | None = DEFAULT_MAX_OUTAGE_SECONDS,
+        on_outage: str | None = None,
+        notify_outage_after: float | None = None,
         **before_cluster_target: Any,
     ) -> None:
         super().__init__(
@@ -78,6 +83,8 @@ class SlurmJobTrigger(ClusterTrigger):
         # the task instance whose `progress` XCom follows the job: dag_id, run_id, task_id, map_index
         self.progress_to = dict(progress_to) if progress_to else None
         self.max_outage = max_outage
+        self.on_outage = on_outage  # platform.on_outage.callback, told after notify_outage_after seconds
+        self.notify_outage_after = notify_outage_after if on_outage else None
 
     async def watch(self) -> AsyncIterator[TriggerEvent]:
         follower = JobFollower(
@@ -90,6 +97,7 @@ class SlurmJobTrigger(ClusterTrigger):
             output_paths=self.output_paths,
             cluster=self.cluster.name,
             max_outage=self.max_outage,
+            notify_outage_after=self.notify_outage_after,
         )
         async for update in self.poller().watch(self.job_id, follower.request):
             step = follower.on_update(update, time.time())
@@ -100,6 +108,8 @@ class SlurmJobTrigger(ClusterTrigger):
                     self.log.info("[job %s] %s", self.job_id, line)
             for level, notice in step.later:
                 self.log.log(level, notice)
+            if step.notify is not None and self.on_outage:
+                await self._tell(step.notify)
             if step.error:
                 yield TriggerEvent({"kind": "error", "job_id": self.job_id, "message": step.error})
                 return
@@ -124,6 +134,16 @@ class SlurmJobTrigger(ClusterTrigger):
                 XCom.set(PROGRESS_KEY, snapshot, **self.progress_to)
         except Exception as exc:
             self.log.warning("could not record the progress of job %s: %s", self.job_id, exc)
+
+    async def _tell(self, notice: dict[str, Any]) -> None:
+        """The outage callback, once per outage and cluster in this triggerer, in a thread."""
+        if not first_to_tell(self.on_outage, self.cluster.key, notice):
+            return
+        notice = {**notice, "outage": {**notice["outage"], "watches": len(self.poller().watched)}}
+        try:
+            await asyncio.wait_for(asyncio.to_thread(tell, self.on_outage, notice, self.log), 120)
+        except TimeoutError:
+            self.log.warning("platform.on_outage.callback %s took over 120 s; not waited for", self.on_outage)
 
     async def _read_tail(self, follower: JobFollower) -> bytes:
         """Save the final state and read the log's end."""

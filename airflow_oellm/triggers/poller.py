@@ -65,6 +65,7 @@ class JobPoller:
         self.cycles = 0
         self.failed_cycles = 0
         self.consecutive_failures = 0
+        self.failing_since: float | None = None  # epoch seconds of the first failed cycle in a row
         self._watchers: list[_Watcher] = []
         self._due = time.monotonic() + first_check_after
         self._wake = asyncio.Event()
@@ -168,6 +169,7 @@ class JobPoller:
         except SlurmCommandError as exc:
             self.failed_cycles += 1
             self.consecutive_failures += 1
+            self.failing_since = self.failing_since or time.time()
             delay = backoff(self.consecutive_failures, self.interval)
             log.warning(
                 "poll of %d job(s) on %s failed (%d in a row, next try in %.0f s): %s",
@@ -180,9 +182,12 @@ class JobPoller:
             self._due = time.monotonic() + delay
             if self.consecutive_failures >= self.failure_threshold or not exc.transient:
                 for w in watchers:
-                    w.queue.put_nowait(PollUpdate.failed(w.job_id, exc, self.cycles, self.consecutive_failures))
+                    update = PollUpdate.failed(
+                        w.job_id, exc, self.cycles, self.consecutive_failures, self.failing_since
+                    )
+                    w.queue.put_nowait(update)
             return
-        self.consecutive_failures = 0
+        self.consecutive_failures, self.failing_since = 0, None
         self._due = time.monotonic() + self.interval
         mtimes = dict(zip(combined.stats, result.mtimes, strict=True))
         reads = checks = writes = 0

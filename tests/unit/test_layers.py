@@ -22,6 +22,7 @@ RANK: dict[str, int] = {
     "evaluation": 0,
     "pause_points": 0,
     "deprecation": 0,
+    "notifications": 0,
     "slurm": 1,
     "config": 2,
     "localjobs": 2,
@@ -39,6 +40,7 @@ RANK: dict[str, int] = {
 }
 # Below the line: plain Python, no Airflow, reachable without it (the CLI included).
 AIRFLOW_FREE_UNITS = frozenset({"(root)", "megatron", "evaluation", "pause_points", "deprecation", "slurm", "config"})
+AIRFLOW_FREE_UNITS |= {"notifications"}
 AIRFLOW_FREE_UNITS |= {"localjobs"}
 AIRFLOW_FREE_UNITS |= {"monitor", "jobscript", "cli"}
 AIRFLOW_FREE_MODULES = frozenset(f"airflow_oellm.dashboard.{name}" for name in ("model", "plot", "urls"))
