@@ -5,10 +5,15 @@
   file; a module adds its sweep files to `stack.sweeps` (OELLM_SWEEPS_PATH). Logins are real (no
   all-admins); the stack is logged in as admin. xdist workers share it: the first module to need it boots
   it, the others attach to it through a state file.
-- `faults`: the stack of the modules that kill components and restart them (all SERIAL, so one worker,
-  one module after another). Its DAG folder holds tests/e2e/stack_dags.py; a module adds its DAG specs as
-  a JSON file there (`stack.dags`). A paused-after-sbatch hook (`stack.pauses`) and a secret variable
-  (`stack.secret`, as `oellm_token`) are configured.
+- `faults`: the fault-injection module's stack, in the production topology too: it kills one of two
+  schedulers, triggerers and workers, and restarts PostgreSQL. Its DAG folder holds tests/e2e/stack_dags.py;
+  a module adds its DAG specs as a JSON file there (`stack.dags`). A paused-after-sbatch hook
+  (`stack.pauses`) and a secret variable (`stack.secret`, as `oellm_token`) are configured.
+- `sqlite`: the same for tests/e2e/test_stack.py on one machine's Airflow (SQLite, LocalExecutor): its
+  scenarios (a triggerer restart, the settle race) are measured there, where they were found.
+
+The modules of `faults` and `sqlite` kill components and restart them: they are SERIAL (one worker, one
+module after another), so the two stacks never run at once.
 
 A module asks for its group's stack with the `shared_stack` fixture (module-scoped), and gets its own copy
 of the `Stack` (for its attributes). The stack stops when no module uses it and the next test on this
@@ -39,12 +44,13 @@ from tests.conftest import REPO
 
 MODULES = {
     "airflow": ("tests/e2e/test_dashboard_stack.py", "tests/e2e/test_factory_stack.py"),
-    "faults": ("tests/faults/test_airflow_faults.py", "tests/e2e/test_stack.py"),
+    "faults": ("tests/faults/test_airflow_faults.py",),
+    "sqlite": ("tests/e2e/test_stack.py",),
 }
 # kills and restarts components, which only the process that started them can do (all its modules are SERIAL)
-CONTROLLED = {"faults"}
+CONTROLLED = {"faults", "sqlite"}
 # on PostgreSQL and the CeleryExecutor, two schedulers, triggerers and workers (tests/e2e/conftest.py)
-PRODUCTION = {"airflow"}
+PRODUCTION = {"airflow", "faults"}
 SECRET_SETTINGS = ("AIRFLOW_VAR_", "AIRFLOW_CONN_OELLM_E2E_SECRET")  # kept out of the state file
 STATE_DIR_VARIABLE = "OELLM_SHARED_STACKS"
 LOCAL: dict[str, Any] = {}  # the stacks this process booted: their processes are its children
@@ -161,7 +167,7 @@ def stack_secrets(home: Path) -> tuple[str, str]:
     return f"tok-{digest[:20]}; $(touch PWNED)", f"pw-{digest[20:40]}'\"`touch PWNED`"
 
 
-def boot_faults(home: Path) -> tuple[Callable[[Path], None], dict[str, str], dict[str, Any]]:
+def boot_spec_dags(home: Path) -> tuple[Callable[[Path], None], dict[str, str], dict[str, Any]]:
     pauses = home / "pauses"
     pauses.mkdir()
     secret = f"tok-{uuid.uuid4().hex}; $(touch PWNED)"
@@ -178,11 +184,13 @@ def boot_faults(home: Path) -> tuple[Callable[[Path], None], dict[str, str], dic
         # a dead scheduler's tasks are reset for another try this soon (defaults 30 s and 300 s)
         "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_THRESHOLD": "10",
         "AIRFLOW__SCHEDULER__ORPHANED_TASKS_CHECK_INTERVAL": "10",
+        # a dead triggerer's triggers go to another this soon (default 30 s)
+        "AIRFLOW__TRIGGERER__TRIGGERER_HEALTH_CHECK_THRESHOLD": "15",
     }
     return write, env, {"pauses": pauses, "secret": secret, "dags": home / "dags"}
 
 
-BOOT = {"airflow": boot_airflow, "faults": boot_faults}
+BOOT = {"airflow": boot_airflow, "faults": boot_spec_dags, "sqlite": boot_spec_dags}
 
 
 def join(name: str, tmp_path_factory: pytest.TempPathFactory) -> Any:

@@ -7,6 +7,7 @@ stopped by process group. Two topologies:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -208,6 +209,24 @@ class Stack:
             f"?map_index={map_index}&deserialize=true",
         )
         return entry["value"]
+
+    def sql(self, query: str, *params: Any) -> list[tuple[Any, ...]]:
+        """Rows from a production stack's metadata database (what no API tells: which triggerer holds a
+        trigger, which scheduler queued a task)."""
+        import psycopg2
+
+        url = self.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].replace("+psycopg2", "")
+        with contextlib.closing(psycopg2.connect(url)) as connection, connection.cursor() as cursor:
+            cursor.execute(query, params)
+            return cursor.fetchall()
+
+    def database_dump(self) -> bytes:
+        """Every row of a production stack's database (pg_dump); a SQLite stack's is a file in its home."""
+        url = self.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
+        if not url.startswith("postgresql"):
+            return b""
+        command = ["pg_dump", "--data-only", url.replace("+psycopg2", "")]
+        return subprocess.run(command, capture_output=True, check=True).stdout
 
     def xcom_or_none(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value") -> Any:
         """The XCom, or None while the task has not pushed it."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 import urllib.error
 import uuid
 from pathlib import Path
@@ -194,11 +193,7 @@ def test_sweep_secrets_reach_the_job_and_no_file_log_or_database_row(stack, dev_
     for name, value in zip(("OELLM_TOKEN", "OELLM_PASSWORD"), values, strict=True):
         assert f"secret digest {name}: {hashlib.sha256(value.encode()).hexdigest()}" in log, name
     out = exp.paths.output_dir
-    dump = subprocess.run(
-        ["pg_dump", "--data-only", stack.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].replace("+psycopg2", "")],
-        capture_output=True,
-        check=True,
-    ).stdout
+    dump = stack.database_dump()
     assert exp.dag_id.encode() in dump  # the dump holds the run's rows
     for value in values:
         marker = value.split(";")[0].split("'")[0]
