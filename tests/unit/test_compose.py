@@ -26,11 +26,15 @@ AIRFLOW = {
     "airflow-scheduler": "scheduler",
     "airflow-dag-processor": "dag-processor",
     "airflow-triggerer": "triggerer",
+    "airflow-worker": "celery worker",
+    "flower": "celery flower",
 }
 
 
 def test_the_official_layout_plus_a_slurm_service():
-    assert set(SERVICES) == {"postgres", "slurm", "airflow-init", *AIRFLOW}
+    assert set(SERVICES) == {"postgres", "redis", "slurm", "airflow-init", *AIRFLOW}
+    assert SERVICES["flower"]["profiles"] == ["flower"] and SERVICES["flower"]["ports"] == ["127.0.0.1:5555:5555"]
+    assert "profiles" not in SERVICES["airflow-worker"]  # a plain `docker compose up` has a worker
     for name, command in AIRFLOW.items():
         assert SERVICES[name]["command"] == command
         assert SERVICES[name]["depends_on"]["airflow-init"] == {"condition": "service_completed_successfully"}
@@ -82,15 +86,21 @@ def test_build_contexts_dockerfiles_and_copied_files_exist():
 
 def test_airflow_settings_agree_with_the_services():
     env = SERVICES["airflow-scheduler"]["environment"]
-    assert env["AIRFLOW__CORE__EXECUTOR"] == "LocalExecutor"
-    db = urllib.parse.urlsplit(env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"])
+    assert env["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
     pg = SERVICES["postgres"]["environment"]
-    assert (db.hostname, db.username, db.password, db.path.lstrip("/")) == (
-        "postgres",
-        pg["POSTGRES_USER"],
-        pg["POSTGRES_PASSWORD"],
-        pg["POSTGRES_DB"],
-    )
+    # the metadata database and Celery's result backend: the PostgreSQL service, psycopg2 named
+    for url in (env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"], env["AIRFLOW__CELERY__RESULT_BACKEND"].removeprefix("db+")):
+        db = urllib.parse.urlsplit(url)
+        assert db.scheme == "postgresql+psycopg2"
+        assert (db.hostname, db.username, db.password, db.path.lstrip("/")) == (
+            "postgres",
+            pg["POSTGRES_USER"],
+            pg["POSTGRES_PASSWORD"],
+            pg["POSTGRES_DB"],
+        )
+    broker = urllib.parse.urlsplit(env["AIRFLOW__CELERY__BROKER_URL"])
+    assert (broker.scheme, broker.hostname, broker.port) == ("redis", "redis", 6379)
+    assert SERVICES["redis"]["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
     api = urllib.parse.urlsplit(env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"])
     assert api.hostname == "airflow-apiserver" and f"{api.port}:{api.port}" in SERVICES["airflow-apiserver"]["ports"][0]
     assert (
@@ -100,7 +110,7 @@ def test_airflow_settings_agree_with_the_services():
     passwords = env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"].replace("/opt/airflow-oellm", str(REPO))
     users = dict(u.split(":") for u in env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"].split(","))
     assert set(json.loads(Path(passwords).read_text())) == set(users)
-    for name in ("airflow-init", *AIRFLOW):  # every component shares one environment (JWT secret, DB)
+    for name in ("airflow-init", *AIRFLOW):  # every component shares one environment (JWT secret, DB, broker)
         assert SERVICES[name]["environment"]["AIRFLOW__API_AUTH__JWT_SECRET"] == env["AIRFLOW__API_AUTH__JWT_SECRET"]
     assert SERVICES["airflow-init"]["environment"]["_AIRFLOW_DB_MIGRATE"] == "true"
 
@@ -151,4 +161,5 @@ def test_the_airflow_image_matches_the_lock():
         line.split("==", 1) for line in lock.read_text().splitlines() if "==" in line and not line.startswith("#")
     )
     assert f"FROM apache/airflow:{pins['apache-airflow']}-python3.11" in dockerfile
-    assert f"-c /opt/airflow-oellm/constraints/{lock.name} /opt/airflow-oellm" in dockerfile
+    # with the production extra: the Celery provider and the PostgreSQL drivers, at the lock's versions
+    assert f'-c /opt/airflow-oellm/constraints/{lock.name} "/opt/airflow-oellm[production]"' in dockerfile
