@@ -43,12 +43,18 @@ def test_the_table_is_rewritten_between_the_markers(tmp_path):
             "at": "2026-11-29 06:00 UTC",
         },
     }
+    rows["renamed"] = {**rows["host key"], "scenario": "renamed", "test": "tests/cluster/test_hook.py::test_gone"}
+    for test in ("tests/faults/test_airflow_faults.py", "tests/cluster/test_hook.py"):  # the recording tests
+        (tmp_path / test).parent.mkdir(parents=True, exist_ok=True)
+        name = "test_triggerer" if "faults" in test else "test_wrong_host_key"
+        (tmp_path / test).write_text(f"def {name}(stack):\n    pass\n")
     results = tmp_path / "r.json"
     results.write_text(json.dumps(rows))
     doc = tmp_path / "doc.md"
     doc.write_text(f"# x\n\nbefore\n\n{report.BEGIN}\nold table\n{report.END}\n\nafter\n")
-    assert report.main(["--results", str(results), "--doc", str(doc)]) == 0
+    assert report.main(["--results", str(results), "--doc", str(doc), "--tests-root", str(tmp_path)]) == 0
     text = doc.read_text()
+    assert "renamed" not in text  # its test is gone: its figures with it
     assert "old table" not in text and text.startswith("# x\n\nbefore\n") and text.endswith("after\n")
     assert "| host key | refused | — | — | — | `test_wrong_host_key` |" in text
     assert "| triggerer killed | resumed \\| at the byte | 0 | 0 | 12.3 s | `test_triggerer` |" in text
