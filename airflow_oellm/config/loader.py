@@ -54,7 +54,7 @@ from airflow_oellm.config.validate import Validator, iteration_arg, schema_field
 from airflow_oellm.config.yamlio import key_line, load_yaml
 from airflow_oellm.slurm.shell import ShellSafetyError, check_env_name, check_module
 from airflow_oellm.slurm.states import JobState
-from airflow_oellm.slurm.timespec import time_limit_seconds
+from airflow_oellm.slurm.timespec import UNLIMITED, time_limit_seconds
 
 # checkpoint formats megatron-core writes that the converter refuses (megatron/layout.py names them)
 UNCONVERTIBLE_FORMATS = frozenset({"zarr", "torch_dcp", "fsdp_dtensor"})
@@ -230,6 +230,8 @@ def semantic_problems(cfg: RootConfig, data: Mapping[str, Any]) -> list[tuple[st
             except ValueError as exc:
                 problems.append((f"platform.{key}", str(exc)))
     notifier = cfg.platform.on_outage
+    if str(notifier.after).strip() in UNLIMITED:
+        problems.append(("platform.on_outage.after", "UNLIMITED would never tell the callback: give a time"))
     if notifier.callback is None and notifier.after != DEFAULT_NOTIFY_OUTAGE_AFTER:
         problems.append(("platform.on_outage.after", "is set but notifies nobody: set platform.on_outage.callback"))
     if notifier.callback is not None and not CALLBACK_PATH.match(str(notifier.callback)):

@@ -61,8 +61,8 @@ class OutageNotifierConfig:
         None,
         "Dotted path of what to call about an outage (`mylab.alerts.slack_outage`): a function or an Airflow "
         "notifier, called in the triggerer as `callback(context)` with `event` (`started`, `ended`, "
-        "`gave_up`), `message` and `outage` (cluster, since, kind, advice, last error, watches). Once per "
-        "cluster and outage in each triggerer, however many jobs wait.",
+        "`gave_up`), `message` and `outage` (cluster, since, kind, advice, error, failures, seconds, watches). "
+        "Once per cluster and outage in each triggerer, however many jobs wait.",
     )
     after: int | str = opt(
         DEFAULT_NOTIFY_OUTAGE_AFTER,

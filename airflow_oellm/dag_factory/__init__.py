@@ -102,7 +102,11 @@ def _build(paths: list[Path], config_dirs: list[str], wanted: str | None) -> dic
                 "airflow-oellm, please report it; the traceback is in the dag-processor's log; the other sweeps loaded)"
             )
     if sweeps and only is None and wanted in (None, RECONCILE_DAG_ID):
-        dags[RECONCILE_DAG_ID] = reconcile_dag(cluster_dag_ids(sweeps))
+        try:
+            dags[RECONCILE_DAG_ID] = reconcile_dag(cluster_dag_ids(sweeps))
+        except ValueError as exc:  # a bad Airflow setting: its own import error, every sweep's DAGs still load
+            log.error("%s is not built: %s", RECONCILE_DAG_ID, exc)
+            errors.append(f"{RECONCILE_DAG_ID} is not built: {exc}")
     if errors:
         dags[CONFIG_ERRORS_DAG_ID] = SweepConfigErrors(errors, dag_id=CONFIG_ERRORS_DAG_ID, schedule=None)
     return dags

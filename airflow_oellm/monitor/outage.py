@@ -97,9 +97,9 @@ def _duration(seconds: float) -> str:
 
 @dataclass(frozen=True)
 class Outage:
-    """Polls of `cluster` have failed since `since` (epoch seconds); `error` is the latest failure."""
+    """Polls of the cluster `cluster_name` have failed since `since` (epoch seconds); `error` is the latest."""
 
-    cluster: str
+    cluster_name: str
     since: float
     error: str
     failures: int = 1
@@ -110,17 +110,17 @@ class Outage:
 
     def message(self, now: float) -> str:
         return (
-            f"cannot reach {self.cluster} since {_clock(self.since)} ({_duration(now - self.since)}): "
+            f"cannot reach {self.cluster_name} since {_clock(self.since)} ({_duration(now - self.since)}): "
             f"{WHAT[self.kind]} ({ADVICE[self.kind]}). Last error: {self.error}"
         )
 
     def ended(self, now: float) -> str:
-        return f"reached {self.cluster} again after {_duration(now - self.since)} without contact"
+        return f"reached {self.cluster_name} again after {_duration(now - self.since)} without contact"
 
     def to_dict(self, now: float) -> dict[str, Any]:
         """For the progress XCom and the dashboard."""
         return {
-            "cluster": self.cluster,
+            "cluster": self.cluster_name,
             "since": self.since,
             "kind": self.kind,
             "what": WHAT[self.kind],
@@ -137,9 +137,6 @@ def outage_line(outage: Mapping[str, Any]) -> str:
     since = outage.get("since")
     when = _clock(float(since)) if isinstance(since, int | float) else "?"
     return f"cannot reach {outage.get('cluster', 'the cluster')} since {when}: {outage.get('what', 'commands fail')}"
-
-
-OUTAGE_EVENTS = ("started", "ended", "gave_up")
 
 
 def notice(event: str, outage: Outage, now: float) -> dict[str, Any]:

@@ -372,14 +372,15 @@ class JobFollower:
         inactivity_threshold: float | None,
         nan_limit: int,
         output_paths: Sequence[str] = (),
-        cluster: str = "the cluster",
+        cluster_name: str = "the cluster",
         max_outage: float | None = DEFAULT_MAX_OUTAGE_SECONDS,
         notify_outage_after: float | None = None,
     ) -> None:
         self.job_id, self.log_path, self.state_path = job_id, log_path, state_path
-        self.cluster, self.max_outage, self.notify_outage_after = cluster, max_outage, notify_outage_after
+        self.cluster_name, self.max_outage, self.notify_outage_after = cluster_name, max_outage, notify_outage_after
         self.outage: Outage | None = None
         self._outage_notified = False
+        self._first_update: float | None = None  # when this follower first heard from its poller
         self._status: JobStatus | None = None  # the last one polled, for snapshots taken during an outage
         self.specs = list(specs)
         self.inactivity_threshold = inactivity_threshold
@@ -397,8 +398,10 @@ class JobFollower:
         return CycleRequest(reads=[self.watch.read_request()], stats=self.output_paths, writes=writes)
 
     def on_update(self, update: PollUpdate, now: float) -> FollowStep:
+        if self._first_update is None:
+            self._first_update = now
         if update.error:
-            return self._failed_poll(update.error, update.failing_since, now)
+            return self._failed_poll(update.error, update.failing_since, update.consecutive_failures, now)
         notices, notify = [], None
         if self.outage is not None:
             notices.append((logging.INFO, f"job {self.job_id}: {self.outage.ended(now)}; carrying on"))
@@ -441,20 +444,26 @@ class JobFollower:
             self._pending_write = watch.state.to_json()  # saved with the next cycle
         return FollowStep(notices, step.lines, later, cancel=bool(step.stop_reason), publish=publish, notify=notify)
 
-    def _failed_poll(self, error: str, failing_since: float | None, now: float) -> FollowStep:
+    def _failed_poll(
+        self, error: str, failing_since: float | None, consecutive_failures: int, now: float
+    ) -> FollowStep:
         before = self.outage
-        if before is not None:
-            since, failures = before.since, before.failures + 1
-        else:  # since the poller's first failed cycle: the same moment for every job it follows
-            since, failures = min(failing_since or now, now), 1
-        self.outage = outage = Outage(self.cluster, since, error, failures)
+        # since the poller's first failed cycle (the same moment for every job it follows), but not before this
+        # follower began: a retry that joins an outage gets its own max_outage
+        first = now if self._first_update is None else self._first_update
+        began = min(max(now if failing_since is None else failing_since, first), now)
+        since = before.since if before is not None else began
+        failures = max(consecutive_failures, before.failures + 1 if before is not None else 1)
+        self.outage = outage = Outage(self.cluster_name, since, error, failures)
         logged = (logging.WARNING, f"job {self.job_id}: {outage.message(now)}")
         notifying = self.notify_outage_after is not None
         if self.max_outage is not None and now - since > self.max_outage:
             message = f"{outage.message(now)}; gave up after platform.max_outage ({self.max_outage:.0f} s)"
             return FollowStep([logged], error=message, notify=notice("gave_up", outage, now) if notifying else None)
         publish = notify = None
-        if before is None or before.kind != outage.kind:  # the dashboard learns when it starts or changes
+        # the dashboard learns when it starts or changes; not before the watch is restored, whose empty
+        # snapshot would hide the progress the last follower published
+        if self.watch is not None and (before is None or before.kind != outage.kind):
             publish = self.snapshot(now)
         if notifying and not self._outage_notified and now - since >= self.notify_outage_after:
             self._outage_notified, notify = True, notice("started", outage, now)
@@ -462,10 +471,9 @@ class JobFollower:
 
     def snapshot(self, now: float) -> dict[str, Any]:
         """The progress snapshot: the watch's view of the job, and the outage if polls fail now."""
-        if self.watch is not None:
-            progress = self.watch.progress(self._status, now)
-        else:
-            progress = {"job_id": self.job_id, "job_state": None, "updated": now, "summary": {}}
+        if self.watch is None:
+            raise RuntimeError("snapshot before the first update")
+        progress = self.watch.progress(self._status, now)
         if self.outage is not None:
             progress["outage"] = self.outage.to_dict(now)
         return progress

@@ -41,19 +41,20 @@ class CancelOrphanedJobsOperator(BaseOperator):
         hook = SlurmHook(cluster=self.cluster)
         try:
             jobs = hook.find_jobs(comment_prefix=f"{COMMENT_PREFIX}/")
-            if not queued_task_keys(jobs):
+            queued = queued_task_keys(jobs)
+            if not queued:
                 self.log.info("no job of this provider is queued or running on %s", self.cluster.describe())
                 return []
             ti = context["ti"]
             tasks = [ref for dag_id in self.dag_ids for ref in task_instances(dag_id, ti.get_task_states(dag_id))]
-            reset = {(t.dag_id, t.run_id) for t in tasks if t.state is None}
-            run_states = {key: ti.get_dagrun_state(*key) for key in reset}
-            orphans = find_orphans(jobs, tasks, run_states)
+            # a run's state matters only for a reset task instance that owns a queued job
+            reset = {(t.dag_id, t.run_id) for t in tasks if t.state is None and t.key in queued}
+            orphans = find_orphans(jobs, tasks, {key: ti.get_dagrun_state(*key) for key in reset})
+            for orphan in orphans:  # logged first: a job that ends meanwhile may make scancel fail
+                self.log.warning("cancelling job %s: %s", orphan.job_id, orphan.reason)
             if orphans:
                 hook.cancel([o.job_id for o in orphans])
         finally:
             hook.close()
-        for orphan in orphans:
-            self.log.warning("cancelled job %s: %s", orphan.job_id, orphan.reason)
         self.log.info("%d job(s) of this provider on %s, %d orphaned", len(jobs), self.cluster.describe(), len(orphans))
         return [{"job_id": o.job_id, "task": o.task.describe(), "reason": o.reason} for o in orphans]

@@ -49,7 +49,7 @@ from airflow_oellm.monitor.classify import FATAL, RETRY, SUCCESS
 from airflow_oellm.monitor.events import event_specs
 from airflow_oellm.monitor.records import AttemptHistory, AttemptRecord, TrainingState, TrainingStatus
 from airflow_oellm.monitor.watch import JobFollower
-from airflow_oellm.notifications import outage_callback, tell
+from airflow_oellm.notifications import first_to_tell, outage_callback, tell
 from airflow_oellm.pause_points import pause_point
 from airflow_oellm.slurm.commands import SlurmCommandError
 from airflow_oellm.slurm.identity import JobIdentity, monitor_state_path, task_status_path
@@ -358,7 +358,7 @@ class SlurmSubmitOperator(BaseOperator):
             inactivity_threshold=args["inactivity_threshold"],
             nan_limit=args["nan_limit"],
             output_paths=args["output_paths"],
-            cluster=self.cluster.name,
+            cluster_name=self.cluster.name,
             max_outage=args["max_outage"],
             notify_outage_after=args["notify_outage_after"],
         )
@@ -380,6 +380,9 @@ class SlurmSubmitOperator(BaseOperator):
                     self.log.info("[job %s] %s", job_id, line)
                 for level, notice in step.later:
                     self.log.log(level, notice)
+                callback = args["on_outage"]  # told before an error or an end returns: gave_up, ended
+                if step.notify and callback and first_to_tell(callback, self.cluster.key, step.notify):
+                    tell(callback, step.notify, self.log)
                 if step.error:
                     return {"kind": "error", "job_id": job_id, "message": step.error}
                 if step.cancel:
@@ -388,8 +391,6 @@ class SlurmSubmitOperator(BaseOperator):
                     return follower.result(self._read_tail(hook, follower))
                 if step.publish is not None:
                     ti.xcom_push(key=PROGRESS_KEY, value=step.publish)
-                if step.notify is not None and args["on_outage"]:
-                    tell(args["on_outage"], step.notify, self.log)
                 if not step.poll_again:
                     time.sleep(args["poll_interval"])
         finally:

@@ -95,7 +95,7 @@ class SlurmJobTrigger(ClusterTrigger):
             inactivity_threshold=self.inactivity_threshold,
             nan_limit=self.nan_limit,
             output_paths=self.output_paths,
-            cluster=self.cluster.name,
+            cluster_name=self.cluster.name,
             max_outage=self.max_outage,
             notify_outage_after=self.notify_outage_after,
         )

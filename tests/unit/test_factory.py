@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from airflow_oellm.config import load_sweep
+from airflow_oellm.config import ConfigError, load_sweep
 from airflow_oellm.dag_factory import experiment_dag, load_dags
 from airflow_oellm.operators.prepare import check_protected, override_strings, run_params
 from tests.conftest import EXAMPLE_SWEEPS, REPO
@@ -53,6 +53,11 @@ def test_reconcile_interval_comes_from_airflow_config(monkeypatch, tmp_path):
     monkeypatch.setenv("AIRFLOW__OELLM__RECONCILE_INTERVAL_MINUTES", "-1")
     with pytest.raises(ValueError, match="reconcile_interval_minutes must be >= 0, not -1"):
         reconcile_interval()
+    # a bad setting is the reconcile DAG's import error; every sweep's DAGs still load
+    dags = load_dags([REPO / "config" / "sweeps"])
+    assert "oellm_reconcile" not in dags and len(dags) > 2
+    with pytest.raises(ConfigError, match=r"oellm_reconcile is not built.*reconcile_interval_minutes must be >= 0"):
+        dags["oellm__config_errors"].validate()
 
 
 def test_experiment_dag_settings(project_dags):

@@ -88,7 +88,7 @@ def test_the_callback_hears_of_an_outage_once_it_lasted_then_of_its_end():
         event_specs(),
         inactivity_threshold=None,
         nan_limit=0,
-        cluster="lumi",
+        cluster_name="lumi",
         max_outage=3600,
         notify_outage_after=900,
     )
@@ -173,6 +173,7 @@ def broken(notice):
         ("{on_outage: {after: 60}}", r"platform\.on_outage\.after.*notifies nobody"),
         ("{on_outage: {callback: 'not a path'}}", r"platform\.on_outage\.callback.*dotted path"),
         ("{on_outage: {callback: lab.alerts.slack, after: soon}}", r"platform\.on_outage\.after.*invalid SLURM time"),
+        ("{on_outage: {callback: lab.alerts.slack, after: UNLIMITED}}", r"platform\.on_outage\.after.*never tell"),
     ],
 )
 def test_an_outage_callback_that_cannot_work_is_refused_by_key(tmp_path, platform, message):

@@ -171,7 +171,7 @@ def test_the_follower_publishes_progress_only_when_it_changes():
 def test_the_follower_waits_out_an_outage_of_any_kind_for_max_outage():
     day = 86400.0
     for error, permanent in (("Connection refused", False), ("Permission denied (publickey)", True)):
-        follow = follower(nan_limit=0, cluster="lumi", max_outage=DEFAULT_MAX_OUTAGE_SECONDS)
+        follow = follower(nan_limit=0, cluster_name="lumi", max_outage=DEFAULT_MAX_OUTAGE_SECONDS)
         failed = PollUpdate("7", None, 1, error, 5, permanent=permanent)
         # the 10 minutes a refused key used to get are long past: it waits, and says so
         steps = [follow.on_update(failed, t) for t in (0.0, 700.0, day, 3 * day)]
@@ -185,7 +185,7 @@ def test_the_follower_waits_out_an_outage_of_any_kind_for_max_outage():
 
 
 def test_an_outage_is_told_by_kind_published_when_it_starts_and_ended_by_an_answer():
-    follow = follower(nan_limit=0, cluster="leonardo", max_outage=600)
+    follow = follower(nan_limit=0, cluster_name="leonardo", max_outage=600)
     follow.on_update(PollUpdate("7", None, 1, chunks=(FileChunk("/state", 0, None, b""),)), 0)
     follow.on_update(served(follow, LOG, "RUNNING", 2), 1)
     refused = PollUpdate("7", None, 3, "cannot connect to leonardo: Permission denied for user u", 1, permanent=True)
@@ -220,3 +220,13 @@ def test_the_follower_cancels_a_hang_then_finishes_with_a_final_save():
     assert final.reads == [follow.watch.tail_request()] and final.writes[0][0] == "/state"
     event = follow.result(b"tail")
     assert event["kind"] == "finished" and event["hang"] and event["cancelled_by_us"] and event["tail"] == "tail"
+
+
+def test_a_follower_that_joins_an_outage_waits_its_own_max_outage_and_publishes_no_empty_progress():
+    follow = follower(nan_limit=0, cluster_name="lumi", max_outage=600)
+    old = PollUpdate("7", None, 9, "timed out", 40, failing_since=0.0)  # the poller has failed for an hour
+    step = follow.on_update(old, 3600)
+    assert step.error is None and follow.outage.since == 3600 and follow.outage.failures == 40
+    assert step.publish is None  # nothing restored yet: an empty snapshot would hide the last progress
+    assert follow.on_update(old, 4200).error is None
+    assert "gave up after platform.max_outage (600 s)" in follow.on_update(old, 4201).error
