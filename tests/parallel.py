@@ -33,6 +33,11 @@ SPREAD = {
 # it are done (two demos at once took over 5 minutes).
 SERIAL = {
     "tests/faults/test_airflow_faults.py": "kills sshd, slurmctld and Airflow's components",
+    # beside the shared pass's stacks and tests its experiment took over 280 s (70 s alone): after the faults,
+    # when the CPU-bound tests beside the serial lane are done
+    "tests/e2e/test_compose_stack.py": "a demo experiment's real CPU work through a Celery stack of its own",
+    # 262 s of its 300 alone; beside the production fault stack it took 307 and 316 s
+    "tests/demo/test_make_demo.py::test_demo_falls_back_to_local_processes": "a whole sweep on both cores",
     "tests/e2e/test_stack.py": "counts slurmctld's RPCs with 50 jobs filling the node",
     "tests/cluster/test_poller.py": "counts slurmctld's RPCs, kills sshd",
     "tests/bench/test_benchmarks.py": "timings, and slurmctld's RPC counts",
@@ -40,15 +45,12 @@ SERIAL = {
 }
 # Real torch (the local-process demo, megatron-core, lm-eval, the tiny trainer) keeps both cores busy:
 # these share one scope, so they run one after another, in this order. Two at once slowed a demo past
-# its 5 minutes. The local-process demo (about 265 s of its 300 alone) comes last of its pass's: not
-# beside the burst of the pass's start (a production stack booting, the unit tests), which pushed it over.
+# its 5 minutes; the local-process demo is SERIAL for that reason.
 CPU_BOUND = (
     "tests/demo/test_tiny_trainer.py",
     "tests/convert/test_gold_regeneration.py",
     "tests/convert/test_lm_eval.py",
-    "tests/e2e/test_compose_stack.py",
     "tests/operators/test_factory_cluster.py::test_tiny_trainer_study",
-    "tests/demo/test_make_demo.py::test_demo_falls_back_to_local_processes",
 )
 CLUSTER_FIXTURES = {"dev_cluster", "slurm_conn_id", "cluster_tools"}
 PASSES = ("shared", "exclusive")

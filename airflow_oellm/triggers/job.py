@@ -165,6 +165,34 @@ class SlurmJobTrigger(ClusterTrigger):
             await hook.close()
 
     async def on_kill(self) -> None:
-        """The user killed the task (mark failed / clear): stop the job too."""
-        self.log.info("task killed: cancelling job %s", self.job_id)
+        """The user killed the task (mark failed / clear): stop the job too.
+
+        Airflow 3.3 also calls `on_kill` when it moves a trigger to another triggerer (one that missed its
+        heartbeats under load): the task is still deferred then, and its job must go on.
+        """
+        state = await self._task_state()
+        if state == "deferred":
+            self.log.info(
+                "trigger moved to another triggerer (the task is still deferred): job %s goes on", self.job_id
+            )
+            return
+        self.log.info("task killed (now %s): cancelling job %s", state, self.job_id)
         await self._cancel()
+
+    async def _task_state(self) -> str | None:
+        """The state of the task instance that deferred to this trigger (None: not known)."""
+        if self.progress_to is None:
+            return None
+        from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
+        from asgiref.sync import sync_to_async
+
+        task = self.progress_to
+        try:
+            states = await sync_to_async(RuntimeTaskInstance.get_task_states)(
+                dag_id=task["dag_id"], task_ids=[task["task_id"]], run_ids=[task["run_id"]]
+            )
+        except Exception as exc:  # no answer: the user's action stands
+            self.log.warning("could not read the state of %s: %s", task["task_id"], exc)
+            return None
+        key = task["task_id"] if task["map_index"] < 0 else f"{task['task_id']}_{task['map_index']}"
+        return (states.get(task["run_id"]) or {}).get(key)

@@ -68,7 +68,7 @@ def test_the_exclusive_pass_holds_the_serial_tests_and_only_tests_without_the_cl
 def test_scopes_keep_a_module_together_and_deal_out_spread_and_serial_tests():
     assert scope("tests/faults/test_airflow_faults.py::test_x") == "serial"
     assert scope("tests/demo/test_make_demo.py::test_demo_on_the_dev_cluster") == "serial"
-    assert scope("tests/demo/test_make_demo.py::test_demo_falls_back_to_local_processes") == "cpu-bound"
+    assert scope("tests/demo/test_make_demo.py::test_demo_falls_back_to_local_processes") == "serial"
     assert scope("tests/convert/test_lm_eval.py::test_y") == "cpu-bound"
     spread = "tests/operators/test_sensors.py::test_z[slurm-deferred]"
     assert scope(spread) == spread
