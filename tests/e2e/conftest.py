@@ -134,12 +134,18 @@ class Stack:
             log.close()
         drop_database(self.env)
 
-    def login(self, user: str = "admin") -> str:
-        """A JWT for `user` of the simple auth manager (its generated password), kept for `http`."""
-        passwords = json.loads((self.home / "simple_auth_manager_passwords.json.generated").read_text())
+    def healthy(self) -> bool:
+        """Whether the api-server reports every component healthy."""
+        h = self.http("GET", "/monitor/health")
+        return all(h[k]["status"] == "healthy" for k in ("metadatabase", "scheduler", "triggerer", "dag_processor"))
+
+    def login(self, user: str = "admin", password: str | None = None) -> str:
+        """A JWT for `user` of the simple auth manager (by default its generated password), kept for `http`."""
+        if password is None:
+            password = json.loads((self.home / "simple_auth_manager_passwords.json.generated").read_text())[user]
         request = urllib.request.Request(
             self.base.removesuffix("/api/v2") + "/auth/token",
-            data=json.dumps({"username": user, "password": passwords[user]}).encode(),
+            data=json.dumps({"username": user, "password": password}).encode(),
             method="POST",
             headers={"Content-Type": "application/json"},
         )
@@ -279,11 +285,7 @@ def start_stack(home: Path, dags_folder: Path, extra_env: dict[str, str], produc
         for component in commands:
             stack.start(component)
 
-        def healthy() -> bool:
-            h = stack.http("GET", "/monitor/health")
-            return all(h[k]["status"] == "healthy" for k in ("metadatabase", "scheduler", "triggerer", "dag_processor"))
-
-        wait(healthy, 240, "all components healthy", stack)
+        wait(stack.healthy, 240, "all components healthy", stack)
     except BaseException:
         stack.stop()
         raise

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import urllib.parse
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -130,11 +129,7 @@ def compose_stack(dev_cluster, cluster_tools, slurm_conn_id, tmp_path):
         for name in COMPONENTS:
             stack.start(name)
 
-        def healthy() -> bool:
-            h = stack.http("GET", "/monitor/health")
-            return all(h[k]["status"] == "healthy" for k in ("metadatabase", "scheduler", "triggerer", "dag_processor"))
-
-        wait(healthy, 240, "every component healthy", stack)
+        wait(stack.healthy, 240, "every component healthy", stack)
         yield stack
     finally:
         stack.stop()  # and its database
@@ -145,14 +140,7 @@ def test_the_compose_environment_runs_a_demo_experiment_and_logs_in(compose_stac
     users = dict(u.split(":") for u in stack.env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"].split(","))
     passwords = json.loads(Path(stack.env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"]).read_text())
     assert set(users) == {"admin"} and passwords["admin"] == "admin"  # the compose file's documented login
-    request = urllib.request.Request(
-        stack.base.removesuffix("/api/v2") + "/auth/token",
-        data=json.dumps({"username": "admin", "password": passwords["admin"]}).encode(),
-        method="POST",
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        stack.access_token = json.loads(response.read())["access_token"]
+    stack.login("admin", passwords["admin"])  # the UI's login, with the compose file's credentials
     # one experiment of the demo sweep, with its checkpoint branches and cooldowns: the whole sweep takes four
     # minutes of both cores alone (`make demo` runs it), more than a test's budget beside the others
     experiment = load_sweep(REPO / "examples" / "demo" / "demo.yaml").experiments[0]

@@ -697,11 +697,9 @@ def test_postgresql_restarted_mid_run_loses_no_task_and_repeats_none(stack, dev_
     flag = flag_path(stack.pauses, "after-sbatch", "f_pg_submitting")
     flag.with_name(flag.name + ".release").touch()  # the worker saves the job id in the restarted database
 
-    def healthy() -> bool:
-        h = stack.http("GET", "/monitor/health")
-        return all(h[k]["status"] == "healthy" for k in ("metadatabase", "scheduler", "triggerer", "dag_processor"))
-
-    recovered = wait(lambda: healthy() and time.monotonic() - started, 180, "every component healthy again", stack)
+    recovered = wait(
+        lambda: stack.healthy() and time.monotonic() - started, 180, "every component healthy again", stack
+    )
     for dag_id, run_id in (("f_pg_deferred", deferred), ("f_pg_submitting", submitting)):
         assert stack.wait_run(dag_id, run_id, 600) == "success", stack.explain(dag_id, run_id)
         result = stack.xcom(dag_id, run_id, "train")
