@@ -51,6 +51,10 @@ _KINDS = (
         ),
     ),
 )
+# a remote command that ran and failed (slurm/commands.command_error): its session was authenticated, so
+# "Permission denied" there is a file's, never the login's
+_REMOTE_COMMAND_FAILED = re.compile(r"^\S+ failed \(exit -?\d+\): ")
+_CONNECTION_KINDS = (AUTHENTICATION, HOST_KEY)
 WHAT = {
     AUTHENTICATION: "authentication failed",
     HOST_KEY: "the login node's host key is not the one trusted",
@@ -68,7 +72,10 @@ ADVICE = {
 
 
 def outage_kind(error: str) -> str:
+    ran = bool(_REMOTE_COMMAND_FAILED.match(error))
     for kind, pattern in _KINDS:
+        if ran and kind in _CONNECTION_KINDS:
+            continue
         if pattern.search(error):
             return kind
     return OTHER

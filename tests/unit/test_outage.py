@@ -38,6 +38,9 @@ from airflow_oellm.notifications import tell
         ("squeue failed (exit 1): slurm_load_jobs error: Socket timed out on send/recv operation", SCHEDULER),
         ("sacct failed (exit 1): sacct: error: Problem talking to the database", SCHEDULER),
         ("read failed (exit 2): no space left", OTHER),
+        # a command that ran: the login worked, a file's permission is no certificate to renew
+        ("read failed (exit 1): cat: /scratch/proj/run/train.log: Permission denied", OTHER),
+        ("squeue failed (exit 1): squeue: error: Invalid user: certificate", SCHEDULER),
     ],
 )
 def test_errors_are_told_apart_by_kind(error, kind):
