@@ -16,7 +16,10 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-_told: set[tuple[str, str, float, str]] = set()
+# the notices told, oldest first: a triggerer runs for months, so only the latest are remembered (an
+# outage's notices come within its duration, long before a thousand others)
+TOLD_REMEMBERED = 1000
+_told: dict[tuple[str, str, float, str], None] = {}
 
 
 def outage_callback(path: str) -> Callable[[Mapping[str, Any]], Any]:
@@ -36,7 +39,9 @@ def first_to_tell(path: str, cluster_key: str, notice: Mapping[str, Any]) -> boo
     key = (path, cluster_key, float(notice["outage"]["since"]), str(notice["event"]))
     if key in _told:
         return False
-    _told.add(key)
+    _told[key] = None
+    while len(_told) > TOLD_REMEMBERED:
+        del _told[next(iter(_told))]
     return True
 
 

@@ -146,7 +146,7 @@ def outage_line(outage: Mapping[str, Any]) -> str:
     return f"cannot reach {outage.get('cluster', 'the cluster')} since {when}: {outage.get('what', 'commands fail')}"
 
 
-def notice(event: str, outage: Outage, now: float) -> dict[str, Any]:
+def outage_notice(event: str, outage: Outage, now: float) -> dict[str, Any]:
     """What `platform.on_outage.callback` gets: `event`, a one-paragraph `message`, the `outage` itself."""
     text = {
         "started": outage.message(now),

@@ -16,7 +16,7 @@ from typing import Any
 from airflow_oellm.megatron.logs import is_finite_number
 from airflow_oellm.monitor.events import Event, EventMatcher, EventSpec
 from airflow_oellm.monitor.inactivity import Activity
-from airflow_oellm.monitor.outage import DEFAULT_MAX_OUTAGE_SECONDS, Outage, notice
+from airflow_oellm.monitor.outage import DEFAULT_MAX_OUTAGE_SECONDS, Outage, outage_notice
 from airflow_oellm.monitor.records import WatchSummary
 from airflow_oellm.slurm.commands import FileChunk
 from airflow_oellm.slurm.operations import CycleRequest, PollUpdate
@@ -347,7 +347,7 @@ class FollowStep:
     finished: bool = False  # read the tail and save with `final_request`, then fire `result`
     error: str | None = None  # the cluster stayed unreachable for good: give up following
     publish: dict[str, Any] | None = None  # a new progress snapshot for the task's `progress` XCom
-    notify: dict[str, Any] | None = None  # tell `platform.on_outage.callback` (monitor/outage.py, `notice`)
+    notify: dict[str, Any] | None = None  # tell `platform.on_outage.callback` (monitor/outage.py, `outage_notice`)
     poll_again: bool = False  # nothing was judged yet (the saved state was just read): no need to wait
 
 
@@ -406,7 +406,7 @@ class JobFollower:
         if self.outage is not None:
             notices.append((logging.INFO, f"job {self.job_id}: {self.outage.ended(now)}; carrying on"))
             if self._outage_notified:
-                notify = notice("ended", self.outage, now)
+                notify = outage_notice("ended", self.outage, now)
             self.outage, self._published, self._outage_notified = None, None, False  # the next snapshot says so
         if self.watch is None:
             step = self._restore(update.chunks[0].data if update.chunks else b"", now)
@@ -459,14 +459,16 @@ class JobFollower:
         notifying = self.notify_outage_after is not None
         if self.max_outage is not None and now - since > self.max_outage:
             message = f"{outage.message(now)}; gave up after platform.max_outage ({self.max_outage:.0f} s)"
-            return FollowStep([logged], error=message, notify=notice("gave_up", outage, now) if notifying else None)
+            return FollowStep(
+                [logged], error=message, notify=outage_notice("gave_up", outage, now) if notifying else None
+            )
         publish = notify = None
         # the dashboard learns when it starts or changes; not before the watch is restored, whose empty
         # snapshot would hide the progress the last follower published
         if self.watch is not None and (before is None or before.kind != outage.kind):
             publish = self.snapshot(now)
         if notifying and not self._outage_notified and now - since >= self.notify_outage_after:
-            self._outage_notified, notify = True, notice("started", outage, now)
+            self._outage_notified, notify = True, outage_notice("started", outage, now)
         return FollowStep([logged], publish=publish, notify=notify)
 
     def snapshot(self, now: float) -> dict[str, Any]:

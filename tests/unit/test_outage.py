@@ -154,6 +154,20 @@ class Recorder(BaseNotifier):
 notifier = Recorder("{{ outage.cluster }}: {{ message }}")
 
 
+def test_a_long_running_triggerer_remembers_only_the_latest_notices_it_told(monkeypatch):
+    from airflow_oellm import notifications
+    from airflow_oellm.notifications import first_to_tell
+
+    monkeypatch.setattr(notifications, "_told", {})
+    for since in range(notifications.TOLD_REMEMBERED + 5):
+        assert first_to_tell("x.y", "ssh:lumi", {"event": "started", "outage": {"since": float(since)}})
+    assert len(notifications._told) == notifications.TOLD_REMEMBERED
+    latest = {"event": "started", "outage": {"since": float(notifications.TOLD_REMEMBERED + 4)}}
+    assert not first_to_tell("x.y", "ssh:lumi", latest)  # still remembered: told once
+    oldest = {"event": "started", "outage": {"since": 0.0}}
+    assert first_to_tell("x.y", "ssh:lumi", oldest)  # forgotten first
+
+
 def test_an_airflow_notifier_renders_each_notice_from_its_template():
     module = importlib.import_module("tests.unit.test_outage")
     for message in ("first", "second"):
