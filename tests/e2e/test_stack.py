@@ -14,7 +14,6 @@ import pytest
 
 from airflow_oellm.config import load_sweep
 from airflow_oellm.triggers.base import DEFAULT_DEFER_SETTLE_SECONDS
-from tests.cluster.test_poller import job_info_rpcs
 from tests.conftest import REPO
 from tests.e2e.conftest import wait
 from tests.shared_stack import add_file
@@ -62,21 +61,6 @@ def stack(shared_stack, dev_cluster, module_remote_dir, slurm_conn_id, tmp_path_
                 "kind": "train",
                 "conn_id": slurm_conn_id,
                 "experiment": sweep(configs, remote, f"kill_{token}", "train_iters: 600, iter_seconds: 1")[0],
-            },
-            {
-                "dag_id": "e2e_fanout",
-                "kind": "fanout",
-                "conn_id": slurm_conn_id,
-                "experiments": sweep(
-                    configs,
-                    remote,
-                    "fan",
-                    "train_iters: 900, save_interval: 100, iter_seconds: 1, seed: '${vars.i}'",
-                    "slurm: {time: 1200}\n"
-                    "sweep: {axes: {i: [" + ",".join(map(str, range(50))) + "]}, "
-                    "name_template: 'fan{i}'}\n",
-                    poll=5,
-                ),
             },
         ]
     }
@@ -155,39 +139,6 @@ def test_triggerer_restart_mid_run_loses_and_repeats_nothing(stack, dev_cluster)
     assert names.split() == result["job_ids"]  # one job: the restart did not resubmit
     assert f"resuming the watch of job {result['job_ids'][0]} at byte" in trigger_logs(stack, "e2e_restart", "train")
     assert killed_at > 0
-
-
-def test_fifty_deferred_jobs_hold_no_worker_slot_and_one_poll_per_interval(stack, dev_cluster):
-    run_id = stack.trigger("e2e_fanout")
-    try:
-
-        def states() -> dict[str, int]:
-            counts: dict[str, int] = {}
-            for ti in stack.task_instances("e2e_fanout", run_id):
-                counts[ti["state"] or "none"] = counts.get(ti["state"] or "none", 0) + 1
-            return counts
-
-        wait(lambda: states().get("deferred") == 50, 400, "50 deferred tasks", stack, every=3)
-        time.sleep(8)  # the last subscriptions' early first checks are done
-        before, started = job_info_rpcs(dev_cluster), time.monotonic()
-        samples = []
-        while time.monotonic() - started < 20:
-            samples.append(states())
-            time.sleep(2)  # sample the states through the measured window
-        rpcs, elapsed = job_info_rpcs(dev_cluster) - before, time.monotonic() - started
-        assert all(s.get("deferred") == 50 and not s.get("running") and not s.get("queued") for s in samples), samples
-        intervals = elapsed / 5
-        # one squeue per 5 s poll interval for all 50 jobs (slurmctld's own count; +-1 for the window edges)
-        assert intervals - 1 <= rpcs <= intervals + 1, (rpcs, elapsed)
-        assert "cannot reach" not in trigger_logs(stack, "e2e_fanout", "train")  # every cycle succeeded
-        queued = dev_cluster.ssh(["squeue", "-h", "--me", "-o", "%j"]).stdout.split()
-        assert sorted(n for n in queued if n.startswith("fan")) == sorted(f"fan{i}" for i in range(50))
-    finally:
-        jobs = dev_cluster.ssh(["squeue", "-h", "--me", "-o", "%A %j"]).stdout.splitlines()
-        ids = [line.split()[0] for line in jobs if line.split()[1].startswith("fan")]
-        if ids:
-            dev_cluster.ssh(["scancel", *ids], check=False)
-    assert stack.wait_run("e2e_fanout", run_id, 300) == "failed"  # cancelled by us: fatal, as it should be
 
 
 def test_marking_a_deferred_task_failed_cancels_its_job(stack, dev_cluster):
