@@ -1,6 +1,6 @@
 """Named points where fault-injection tests stop a process, to kill it at the worst moment.
 
-With `OELLM_PAUSE_AT=<point>:<directory>`, a test arms a pause for a key (a DAG id) by creating
+With `OELLM_PAUSE_AT=<point>[,<point>...]:<directory>`, a test arms a pause for a key (a DAG id) by creating
 `<directory>/<point>.<key>.armed`. The first process that reaches `<point>` for an armed key creates
 `<directory>/<point>.<key>` (holding its pid) and waits until `<that file>.release` exists; later
 arrivals pass. Unset (always, outside tests) it costs one environment lookup.
@@ -23,7 +23,7 @@ def flag_path(directory: str | os.PathLike[str], point: str, key: str) -> Path:
 
 def pause_point(point: str, key: str) -> None:
     wanted, _, directory = os.environ.get(ENV, "").partition(":")
-    if wanted != point or not directory:
+    if point not in wanted.split(",") or not directory:
         return
     flag = flag_path(directory, point, key)
     if not flag.with_name(flag.name + ".armed").exists():

@@ -7,7 +7,7 @@
   it, the others attach to it through a state file.
 - `faults`: the fault-injection module's stack, in the production topology too: it kills one of two
   schedulers, triggerers and workers, and restarts PostgreSQL. Its DAG folder holds tests/e2e/stack_dags.py;
-  a module adds its DAG specs as a JSON file there (`stack.dags`). A paused-after-sbatch hook
+  a module adds its DAG specs as a JSON file there (`stack.dags`). Pauses after sbatch and before judging
   (`stack.pauses`) and a secret variable (`stack.secret`, as `oellm_token`) are configured.
 - `sqlite`: the same for tests/e2e/test_stack.py on one machine's Airflow (SQLite, LocalExecutor): its
   scenarios (a triggerer restart, the settle race) are measured there, where they were found.
@@ -177,7 +177,7 @@ def boot_spec_dags(home: Path) -> tuple[Callable[[Path], None], dict[str, str], 
         shutil.copy(REPO / "tests" / "e2e" / "stack_dags.py", dags / "stack_dags.py")
 
     env = {
-        "OELLM_PAUSE_AT": f"after-sbatch:{pauses}",
+        "OELLM_PAUSE_AT": f"after-sbatch,before-judging:{pauses}",
         "AIRFLOW_VAR_OELLM_TOKEN": secret,
         # a task whose worker died is noticed after this long (default 300 s)
         "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "20",

@@ -247,7 +247,7 @@ def decide_attempt(
     history = history.put(attempt).excluding(verdict.exclude_nodes)
     attempts = history.to_dict()["attempts"]
     result = {
-        "job_ids": [a["job_id"] for a in attempts],
+        "job_ids": jobs_of(attempts),
         "final_state": status.state.value,
         "classification": verdict.to_dict(),
         "last_iteration": last_iteration,
@@ -264,4 +264,10 @@ def lost_contact_result(history: AttemptHistory, message: str) -> dict[str, Any]
     """What a try that lost the cluster leaves as its `result`: the attempts so far, so that the report
     counts their GPU-hours and curves as the dashboard does from the history, and why nothing more is known."""
     attempts = history.to_dict()["attempts"]
-    return {"job_ids": [a["job_id"] for a in attempts], "attempts": attempts, "lost_contact": message}
+    return {"job_ids": jobs_of(attempts), "attempts": attempts, "lost_contact": message}
+
+
+def jobs_of(attempts: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The jobs the attempts ran, each once: a try that took over an earlier try's job (that try died
+    before judging it) is a second record of the same job."""
+    return list(dict.fromkeys(a["job_id"] for a in attempts if a.get("job_id")))

@@ -48,7 +48,7 @@ from airflow_oellm.monitor.attempts import (
 from airflow_oellm.monitor.classify import FATAL, RETRY, SUCCESS
 from airflow_oellm.monitor.events import event_specs
 from airflow_oellm.monitor.records import AttemptHistory, AttemptRecord, TrainingState, TrainingStatus
-from airflow_oellm.monitor.watch import JobFollower
+from airflow_oellm.monitor.watch import STATE_READ_LIMIT, JobFollower, WatchState
 from airflow_oellm.notifications import first_to_tell, outage_callback, tell
 from airflow_oellm.pause_points import pause_point
 from airflow_oellm.slurm.commands import SlurmCommandError
@@ -247,8 +247,13 @@ class SlurmSubmitOperator(BaseOperator):
                 outcome = hook.submit_once(
                     identity, script_path, options=self.sbatch_options, secrets=secrets, decided=decided
                 )
-                if outcome.kind == "ended" and hook.job_status(outcome.job_id).state is JobState.CANCELLED:
-                    # stopped with its task (marked failed, an orphan): a try that runs again trains again
+                if (
+                    outcome.kind == "ended"
+                    and hook.job_status(outcome.job_id).state is JobState.CANCELLED
+                    and not self._cancelled_by_its_watch(hook, s, identity, outcome.job_id, outcome.try_number)
+                ):
+                    # stopped with its task (marked failed, an orphan): a try that runs again trains again;
+                    # a job its own watch stopped (a hang, a divergence) is judged like any ended job
                     self.log.info(
                         "job %s of try %s was cancelled while no try followed it: submitting a new one",
                         outcome.job_id,
@@ -296,6 +301,17 @@ class SlurmSubmitOperator(BaseOperator):
             trigger = SlurmJobTrigger(**trigger_args, fire_after=settle_deadline())
             self.defer(trigger=trigger, method_name="execute_complete")
         return self._finish(context, self._watch_here(trigger_args, ti))
+
+    @staticmethod
+    def _cancelled_by_its_watch(
+        hook: SlurmHook, s: JobSettings, identity: JobIdentity, job_id: str, try_number: int | None
+    ) -> bool:
+        """Whether the watch of the try that submitted `job_id` cancelled it (its saved state says so)."""
+        if try_number is None:
+            return False
+        saved = hook.read_range(monitor_state_path(replace(identity, try_number=try_number)), 0, STATE_READ_LIMIT)
+        state = WatchState.from_json(saved.data, job_id, s.log_path.replace("%j", job_id)) if saved.data else None
+        return state is not None and state.cancelled_by_us
 
     def _watch_args(self, s: JobSettings, identity: JobIdentity, job_id: str, log_path: str) -> dict[str, Any]:
         """What follows the job: the trigger's arguments, or the worker's own polling loop's."""
@@ -407,6 +423,7 @@ class SlurmSubmitOperator(BaseOperator):
     # ---------------------------------------------------------------- after the job
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
+        pause_point("before-judging", context["ti"].dag_id)  # tests kill the worker here: the job ended unjudged
         return self._finish(context, event)
 
     def _finish(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """Processes die at the worst moment, on a real Airflow stack and the real dev cluster: a task's worker
-and the scheduler right after `sbatch` returned (before the job id was saved), the triggerer while
-twenty experiments are deferred, and two runs of one experiment at once. Each ends with one job per
-attempt, every iteration and checkpoint counted once, and the right final states."""
+and the scheduler right after `sbatch` returned (before the job id was saved), a worker as it starts to
+judge a job its watch cancelled, a triggerer while twenty experiments are deferred, a triggerer stalled
+until its trigger moves, and two runs of one experiment at once. Each ends with one job per attempt,
+every iteration and checkpoint counted once, and the right final states."""
 
 from __future__ import annotations
 
@@ -82,10 +83,24 @@ def stack(shared_stack, dev_cluster, module_remote_dir, slurm_conn_id, tmp_path_
         "    with open(os.path.join(os.environ['AIRFLOW_HOME'], 'outage-notices.jsonl'), 'a') as out:\n"
         "        out.write(json.dumps(notice) + '\\n')\n"
     )
+    # hangs at iteration 12, after its checkpoint at 10: its watch cancels it after 8 s without output
+    # a job that waits at iteration 5 while its trigger moves between triggerers
+    moved = sweep(
+        configs,
+        remote,
+        f"moved_{token}",
+        "train_iters: 20, save_interval: 10, iter_seconds: 0.5",
+        f"platform: {{env: {{FAKE_HOLD_AT: 5, FAKE_HOLD_UNTIL: {remote}/moved{token}.release}}}}\n",
+    )[0]
+    hung = train("f_hung", "hung", 30, retries=2)
+    hung["experiment"]["platform"]["env"]["FAKE_HANG_AT"] = 12
+    hung["experiment"]["monitoring"]["inactivity_threshold_seconds"] = 8
     specs = {
         "dags": [
             train("f_worker", "worker", 60, retries=1),
             train("f_ended", "ended", 20, retries=1),
+            hung,
+            {"dag_id": "f_moved", "kind": "train", "conn_id": slurm_conn_id, "experiment": moved},
             train("f_scheduler", "scheduler", 50, retries=1),
             train("f_twice", "twice", 40, retries=0, max_active_runs=3),
             train("f_outage", "outage", 90, retries=0),
@@ -256,6 +271,39 @@ def test_a_retry_takes_the_result_of_a_job_that_ended_while_no_try_followed_it(s
     )
 
 
+def test_a_retry_judges_a_job_its_watch_cancelled_before_the_killed_worker_could(stack, dev_cluster, reliability):
+    """The watch cancels a hung job, and the worker is killed as it starts to judge it. The retry finds the
+    job CANCELLED, and by the watch's saved state cancelled by the watch, not by a person: it judges it a
+    hang, and the next try resumes from the checkpoint with a new job."""
+    flag = flag_path(stack.pauses, "before-judging", "f_hung")
+    flag.with_name(flag.name + ".armed").touch()
+    run_id = stack.trigger("f_hung")
+    wait(lambda: flag.exists() and flag.read_text().strip(), 300, "the first judging to pause", stack, every=2)
+    name = stack.specs["f_hung"]["experiment"]["experiment"]["name"]
+    (job,) = jobs_named(dev_cluster, name)
+    killed = time.monotonic()
+    os.kill(int(flag.read_text()), signal.SIGKILL)
+    assert stack.wait_run("f_hung", run_id, 600) == "success", stack.explain("f_hung", run_id)
+    recovered = time.monotonic() - killed
+    result, jobs = stack.xcom("f_hung", run_id, "train"), jobs_named(dev_cluster, name)
+    # try 1 recorded its job when it deferred, and died before judging it: its record has no verdict
+    unjudged, judged, resumed = result["attempts"]
+    assert (unjudged["try"], unjudged["job_id"], unjudged.get("verdict")) == (1, job, None), result["attempts"]
+    assert (judged["try"], judged["submission"], judged["job_id"]) == (2, "ended", job), judged
+    assert judged["verdict"] == "retry" and judged["reason"].startswith("hang"), judged
+    assert (resumed["try"], resumed["submission"], resumed["verdict"]) == (3, "submitted", "success"), resumed
+    assert resumed["resumed_from"] == judged["checkpoint_after"] >= 10, (judged, resumed)
+    assert jobs == result["job_ids"] == [job, resumed["job_id"]], (jobs, result["job_ids"])
+    reliability.record(
+        "worker killed before judging a job its watch cancelled (a hang)",
+        "the retry read the watch's saved state (cancelled by the watch, not a person), judged the job a hang, "
+        "and the next try resumed from its checkpoint with a new job",
+        duplicates=len(jobs) - len({a["job_id"] for a in result["attempts"]}),
+        lost_events=30 - result["last_iteration"],
+        recover_seconds=recovered,
+    )
+
+
 def test_the_scheduler_that_queued_a_task_killed_the_other_carries_it_on(stack, dev_cluster, reliability):
     """The task sits right after sbatch; the scheduler that queued it is killed, then the task goes on: the
     other scheduler takes its deferral, its trigger's event and its end. One job, one try."""
@@ -402,6 +450,54 @@ def test_triggerer_killed_with_twenty_deferred_the_other_takes_over_at_the_saved
         job_info_rpcs_per_interval=round(rpcs / intervals, 2),
         triggerers_holding_watches=polling,
         jobs=FANOUT,
+    )
+
+
+def test_a_trigger_moved_off_a_stalled_triggerer_never_cancels_its_job(stack, dev_cluster, reliability):
+    """The triggerer holding a training's trigger stalls (SIGSTOP) past the health-check threshold, and the
+    other takes the trigger over. Woken up, the first finds the trigger gone from its share and Airflow
+    cancels it there as if a user had acted, calling `on_kill`: the task is still deferred, so the job
+    goes on, and the other triggerer follows it to its end."""
+    run_id = stack.trigger("f_moved")
+    name = stack.specs["f_moved"]["experiment"]["experiment"]["name"]
+    holder = wait(lambda: trigger_holders(stack, "f_moved", run_id).get(-1), 300, "the trigger running", stack)
+    (job,) = wait(lambda: jobs_named(dev_cluster, name), 60, "the job in sacct", stack)
+    stalled = stack.procs[holder].pid
+    os.killpg(stalled, signal.SIGSTOP)
+    try:
+        stalled_at = time.monotonic()
+        taken = wait(
+            lambda: (
+                trigger_holders(stack, "f_moved", run_id).get(-1) not in (None, holder)
+                and time.monotonic() - stalled_at
+            ),
+            120,
+            "the other triggerer to take the trigger",
+            stack,
+        )
+    finally:
+        os.killpg(stalled, signal.SIGCONT)
+    wait(
+        lambda: "trigger moved to another triggerer" in trigger_logs(stack, "f_moved", "train"),
+        120,
+        f"{holder}, woken, to let go of the trigger through on_kill",
+        stack,
+    )
+    state = dev_cluster.ssh(["squeue", "-h", "-j", job, "-o", "%T"]).stdout.strip()
+    assert state == "RUNNING", f"job {job} is {state!r} after on_kill"
+    dev_cluster.ssh(["touch", f"{stack.remote}/moved{stack.token}.release"])
+    assert stack.wait_run("f_moved", run_id, 600) == "success", stack.explain("f_moved", run_id)
+    result, jobs = stack.xcom("f_moved", run_id, "train"), jobs_named(dev_cluster, name)
+    assert jobs == result["job_ids"] == [job], (jobs, result["job_ids"])
+    assert result["summary"]["iterations_run"] == result["events"]["iteration"] == 20, result["summary"]
+    reliability.record(
+        "triggerer stalled past the health check, its trigger moved",
+        f"the other took the trigger after {taken:.0f} s; the woken one's on_kill found the task still deferred "
+        "and left the job running; it finished once, every iteration counted once",
+        duplicates=len(jobs) - 1,
+        lost_events=20 - result["events"]["iteration"],
+        recover_seconds=taken,
+        triggerer_health_check_threshold_seconds=15,
     )
 
 

@@ -223,6 +223,17 @@ def test_a_lost_submission_record_is_judged_and_a_try_decided_twice_is_kept_once
     assert [a.try_number for a in again.history.attempts] == [2] and again.result["job_ids"] == ["102"]
 
 
+def test_a_try_that_judges_an_earlier_tries_job_keeps_both_records_and_lists_the_job_once(training):
+    # try 1 deferred on job 101 and its worker died before judging it; try 2 judged it (a hang it cancelled)
+    hung = ended("CANCELLED", hang=True, cancelled_by_us=True)
+    decision = decide_attempt(history_of(submitted(1, "101", None)), 2, 3, hung, 900, training)
+    assert [(a["try"], a["job_id"], a.get("verdict")) for a in decision.result["attempts"]] == [
+        (1, "101", None),
+        (2, "101", "retry"),
+    ]
+    assert decision.result["job_ids"] == ["101"] and decision.attempt.reason.startswith("hang")
+
+
 def test_what_an_attempt_keeps_of_its_log(training):
     curve = [[i, 10.0 - i / 1000] for i in range(1, 5001)]
     faults = [f"fault {i}" for i in range(12)]
