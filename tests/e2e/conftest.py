@@ -87,6 +87,8 @@ class Stack:
     logs: dict[str, Any] = field(default_factory=dict)
     restarting: set[str] = field(default_factory=set)
     access_token: str | None = None  # a JWT, when the stack does not make every caller an admin
+    supervised: bool = False  # a component that exits is started again (`revived`), not a failure
+    revived: list[str] = field(default_factory=list)
 
     def http(self, method: str, path: str, body: Any = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
@@ -116,9 +118,14 @@ class Stack:
         proc.wait(timeout=30)
 
     def check_alive(self) -> None:
-        for name, proc in self.procs.items():
-            if name not in self.restarting and proc.poll() is not None:
+        for name, proc in list(self.procs.items()):
+            if name in self.restarting or proc.poll() is None:
+                continue
+            if not self.supervised:
                 raise RuntimeError(f"{name} exited with {proc.returncode}; see {self.home / (name + '.log')}")
+            # as a supervisor with a restart policy would (the compose file's `restart: always`)
+            self.revived.append(name)
+            self.start(name)
 
     def stop(self) -> None:
         for proc in self.procs.values():

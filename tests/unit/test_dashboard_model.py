@@ -326,7 +326,7 @@ def test_the_report_and_the_dashboard_agree_when_the_last_try_lost_the_cluster()
     second = {"try": 2, "job_id": "101", "submission": "adopted"}  # followed until the cluster went away
     history = AttemptHistory.from_dict({"attempts": [first, second]})
     result = lost_contact_result(history, "lost contact with the cluster while following job 101: timed out")
-    assert result["job_ids"] == ["101", "101"] and "timed out" in result["lost_contact"]
+    assert result["job_ids"] == ["101"] and "timed out" in result["lost_contact"]  # each job once
     run = RunRecord(
         dag_id="oellm__s__lr1",
         run_id="manual__1",
