@@ -43,6 +43,11 @@ class TaskInstanceRef:
         return f"{self.dag_id} / {self.run_id} / {self.task_id}{index}"
 
 
+def state_key(task_id: str, map_index: int) -> str:
+    """A task instance's key in Airflow's task-states answer: its task id, `<task_id>_<map_index>` if mapped."""
+    return task_id if map_index < 0 else f"{task_id}_{map_index}"
+
+
 def task_instances(dag_id: str, states_by_run: Mapping[str, Mapping[str, str | None]]) -> list[TaskInstanceRef]:
     """Airflow's task-states answer (`{run_id: {task_id or <task_id>_<map_index>: state}}`) as task instances.
 

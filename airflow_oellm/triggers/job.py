@@ -19,6 +19,7 @@ from airflow.triggers.base import TriggerEvent
 
 from airflow_oellm.config.naming import PROGRESS_KEY
 from airflow_oellm.monitor.events import event_specs
+from airflow_oellm.monitor.orphans import state_key
 from airflow_oellm.monitor.outage import DEFAULT_MAX_OUTAGE_SECONDS
 from airflow_oellm.monitor.watch import JobFollower
 from airflow_oellm.notifications import first_to_tell, tell
@@ -194,5 +195,4 @@ class SlurmJobTrigger(ClusterTrigger):
         except Exception as exc:  # no answer: the user's action stands
             self.log.warning("could not read the state of %s: %s", task["task_id"], exc)
             return None
-        key = task["task_id"] if task["map_index"] < 0 else f"{task['task_id']}_{task['map_index']}"
-        return (states.get(task["run_id"]) or {}).get(key)
+        return (states.get(task["run_id"]) or {}).get(state_key(task["task_id"], task["map_index"]))

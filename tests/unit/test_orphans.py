@@ -10,6 +10,7 @@ from airflow_oellm.monitor.orphans import (
     FINISHED_TASK_STATES,
     TaskInstanceRef,
     find_orphans,
+    state_key,
     task_instances,
 )
 from airflow_oellm.slurm.identity import JobIdentity
@@ -29,6 +30,12 @@ def test_airflow_task_states_become_task_instances_with_both_readings_of_a_mappe
     assert TaskInstanceRef("d", "r1", "cooldown.train", 2, "failed") in refs
     assert TaskInstanceRef("d", "r1", "cooldown.train_2", -1, "failed") in refs  # an unmapped task of that name
     assert {(r.task_id, r.map_index) for r in refs if r.run_id == "r2"} == {("x_1", -1), ("x", 1)}
+
+
+@given(task_id=st.from_regex(r"[a-z][a-z0-9_.]{0,12}", fullmatch=True), map_index=st.integers(-1, 500))
+def test_the_key_a_trigger_asks_for_is_the_one_the_reconciler_reads(task_id, map_index):
+    refs = task_instances("d", {"r": {state_key(task_id, map_index): "deferred"}})
+    assert TaskInstanceRef("d", "r", task_id, map_index, "deferred") in refs
 
 
 @pytest.mark.parametrize("state", sorted(FINISHED_TASK_STATES))
