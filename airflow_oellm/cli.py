@@ -318,6 +318,7 @@ def _outcome_arg(text: str) -> tuple[Any, int | None, str | None]:
 
 def cmd_events(args: argparse.Namespace) -> int:
     from airflow_oellm.config import ConfigError
+    from airflow_oellm.monitor.anomalies import AnomalyDetector, AnomalySettings
     from airflow_oellm.monitor.attempts import attempt_rules
     from airflow_oellm.monitor.classify import NAN_INTERVALS, attempt_outcome, classify
     from airflow_oellm.monitor.events import event_specs, match_log
@@ -334,7 +335,8 @@ def cmd_events(args: argparse.Namespace) -> int:
         return 1
     configured = [vars(e) for e in monitoring.log_events] if monitoring else []
     summary = empty_summary()
-    for event in match_log(data, event_specs(configured, builtins=not args.no_builtins)):
+    detector = AnomalyDetector(AnomalySettings.from_config(monitoring.anomalies if monitoring else None))
+    for event in detector.process(match_log(data, event_specs(configured, builtins=not args.no_builtins))):
         summarize(summary, event)
         if args.json:
             print(
@@ -528,13 +530,17 @@ def build_parser() -> argparse.ArgumentParser:
         "events",
         help="match log events in a log file, as the job watcher does",
         description="Run the same event matching as the training watcher over a log file: built-in Megatron events "
-        "(iteration, validation, checkpoint_saved, faults, ...) plus the monitoring.log_events of --config. "
+        "(iteration, validation, checkpoint_saved, faults, ...), the anomalies found in the iteration lines "
+        "(loss_spike, loss_nan, grad_norm_spike, each with the checkpoint to rewind to) and the monitoring.log_events "
+        "of --config. "
         "One line (or JSON object) per event; with --outcome, then the verdict the classifier would give (with "
         "--json, the last line is one object: verdict, reason, exclude_nodes, progress_free, resume_from).",
     )
     p.add_argument("logfile", help="a job log")
     p.add_argument(
-        "--config", metavar="CONFIG", help="a sweep or config file: its monitoring.log_events, rules and nan_intervals"
+        "--config",
+        metavar="CONFIG",
+        help="a sweep or config file: its monitoring.log_events, anomalies, rules and nan_intervals",
     )
     p.add_argument(
         "--outcome",

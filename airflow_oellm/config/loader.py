@@ -257,6 +257,29 @@ def semantic_problems(cfg: RootConfig, data: Mapping[str, Any]) -> list[tuple[st
             m.poll_interval_seconds,
             f"must be at least monitoring.poll_interval_seconds ({m.poll_interval_seconds})",
         )
+    at_least("monitoring.anomalies.rewind_margin", m.anomalies.rewind_margin, 0, "must be >= 0")
+    for name in ("loss_spike", "grad_norm_spike"):
+        spike, key = getattr(m.anomalies, name), f"monitoring.anomalies.{name}"
+        if spike is None:
+            continue
+        at_least(f"{key}.min_history", spike.min_history, 2, "must be at least 2: one value has no deviation")
+        if _number(spike.min_history):
+            at_least(
+                f"{key}.window",
+                spike.window,
+                spike.min_history,
+                f"must be at least min_history ({spike.min_history}), or no value is ever judged",
+            )
+        for setting in ("threshold_sigmas", "min_rise"):
+            at_least(f"{key}.{setting}", getattr(spike, setting), 0, "must be >= 0")
+        at_least(f"{key}.sustain", spike.sustain, 1)
+        if spike.recover_within is not None and _number(spike.sustain):
+            at_least(
+                f"{key}.recover_within",
+                spike.recover_within,
+                spike.sustain,
+                f"must be at least sustain ({spike.sustain}): a spike is not known before then",
+            )
     for i, event in enumerate(m.log_events):
         if event.pattern_type == "regex" and not _contains_interpolation(event.pattern):
             try:

@@ -33,9 +33,14 @@ def _rows(cls: type, prefix: str) -> list[tuple[str, str, str, str]]:
         tp = types[f.name].type
         doc = f.metadata.get("doc", "")
         item = get_args(tp)[0] if get_origin(tp) is list and get_args(tp) else None
+        # a section that may be null (`loss_spike: null` turns it off)
+        section = [a for a in get_args(tp) if dataclasses.is_dataclass(a)] if get_origin(tp) is not list else []
         if dataclasses.is_dataclass(tp):
             rows.append((key, "section", "", doc))
             rows += _rows(tp, key)
+        elif section:
+            rows.append((key, "section or null", "", doc))
+            rows += _rows(section[0], key)
         elif item is not None and dataclasses.is_dataclass(item):
             rows.append((key, "a list", _default(f), doc.replace("|", "\\|")))
             rows += _rows(item, f"{key}[]")

@@ -233,6 +233,62 @@ class ClassificationRuleConfig:
 
 
 @dataclass
+class LossSpikeConfig:
+    """A spike rule over one iteration-line field (docs/anomalies.md gives the reasoning behind the defaults)."""
+
+    window: int = opt(
+        50,
+        "Normal log intervals in the running baseline: its level is the median of the last 5, its noise the robust "
+        "spread of the changes from one interval to the next.",
+    )
+    min_history: int = opt(10, "Normal log intervals the baseline needs before any value is judged.")
+    threshold_sigmas: float = opt(
+        6.0,
+        "A value is high when it exceeds the baseline's level by this many times its noise (a robust standard "
+        "deviation) and by `min_rise`.",
+    )
+    min_rise: float = opt(
+        0.05, "The least rise over the level, as a fraction of it, that is high (a floor for a flat baseline)."
+    )
+    sustain: int = opt(2, "High log intervals in a row that make a spike (it begins at the first).")
+    recover_within: int | None = opt(
+        20,
+        "Log intervals after its start within which a spike must be back under the threshold, else it is "
+        "unrecovered (null: never).",
+    )
+
+
+@dataclass
+class GradNormSpikeConfig(LossSpikeConfig):
+    threshold_sigmas: float = opt(
+        10.0, "A grad norm is high when it exceeds the level by this many times the noise and by `min_rise`."
+    )
+    min_rise: float = opt(1.0, "The least rise over the level, as a fraction of it, that is high (1.0: twice it).")
+    sustain: int = opt(1, "High log intervals in a row that make a spike.")
+    recover_within: int | None = opt(None, "Log intervals within which a grad-norm spike must recover (null: never).")
+
+
+@dataclass
+class AnomaliesConfig:
+    """Loss spikes, grad-norm spikes and NaN losses, found in the iteration lines while training runs."""
+
+    loss_spike: LossSpikeConfig | None = opt(
+        doc="When the loss spikes (events `loss_spike`, `loss_spike_recovered`, `loss_spike_unrecovered`); "
+        "null: never judged.",
+        factory=LossSpikeConfig,
+    )
+    grad_norm_spike: GradNormSpikeConfig | None = opt(
+        doc="When the grad norm spikes (events `grad_norm_spike`, ...); null: never judged.",
+        factory=GradNormSpikeConfig,
+    )
+    rewind_margin: int = opt(
+        0,
+        "Iterations before the last normal log interval that a rewind target must lie: the checkpoint named is "
+        "the last one saved at or before that.",
+    )
+
+
+@dataclass
 class MonitoringConfig:
     poll_interval_seconds: int = opt(60, "Seconds between status polls of the job.")
     inactivity_threshold_seconds: int = opt(
@@ -244,6 +300,10 @@ class MonitoringConfig:
         3,
         "Log intervals in a row with a NaN or infinite loss (or grad norm) after which the training counts as "
         "diverged: its job is cancelled and the task fails, not retried (0: never).",
+    )
+    anomalies: AnomaliesConfig = opt(
+        doc="Loss spikes, grad-norm spikes and NaN losses: events in `airflow-oellm events` and the task log.",
+        factory=AnomaliesConfig,
     )
     rules: list[ClassificationRuleConfig] = opt(
         doc="Your rules for how a job's end is judged (success, retry, fatal), tried before the built-in ones; "

@@ -18,6 +18,7 @@ from airflow_oellm.config.milestones import job_config, typed
 from airflow_oellm.config.naming import job_paths, script_file
 from airflow_oellm.config.schema import RootConfig
 from airflow_oellm.monitor.accounting import attempt_used_gpu_hours
+from airflow_oellm.monitor.anomalies import AnomalySettings
 from airflow_oellm.monitor.classify import (
     DEFAULT_RULES,
     FATAL,
@@ -61,6 +62,7 @@ class JobSettings:
     # make the classifier call an ended one diverged; two settings, as they have always been
     stop_nan_limit: int
     classify_nan_limit: int
+    anomalies: AnomalySettings  # the spike rules the watch applies to the iteration lines
     output_paths: list[str]
     poll_interval: float
     gpus: int | None  # what the job holds, for its GPU-hours (None: unknown, a plain script)
@@ -113,6 +115,7 @@ def job_settings(
             inactivity=inactivity_threshold,
             stop_nan_limit=0,
             classify_nan_limit=NAN_INTERVALS,
+            anomalies=AnomalySettings.from_config(),
             output_paths=list(output_paths),
             poll_interval=poll_interval or DEFAULT_POLL_INTERVAL,
             gpus=None,
@@ -145,6 +148,7 @@ def job_settings(
         inactivity=inactivity_threshold or m.inactivity_threshold_seconds,
         stop_nan_limit=m.nan_intervals if megatron else 0,
         classify_nan_limit=m.nan_intervals,
+        anomalies=AnomalySettings.from_config(m.anomalies),
         output_paths=[*m.output_paths, *output_paths],
         poll_interval=poll_interval or m.poll_interval_seconds,
         gpus=cfg.slurm.nodes * cfg.slurm.gpus_per_node,

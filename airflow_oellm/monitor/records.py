@@ -119,6 +119,7 @@ class WatchSummary(TypedDict):
     loss_curve: list[list[float]]  # [iteration, loss], thinned when long
     log_skipped_bytes: int
     nan_intervals: int  # consecutive iteration lines, up to the last, with a NaN or infinite loss
+    anomalies: list[dict[str, Any]]  # anomaly events (monitor/anomalies.py): name and groups
 
 
 # An attempt's keys as the submission writes them, then the ones its end adds (in that order).

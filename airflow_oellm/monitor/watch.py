@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from airflow_oellm.megatron.logs import is_finite_number
+from airflow_oellm.monitor.anomalies import AnomalyDetector, AnomalySettings, is_nan_interval
 from airflow_oellm.monitor.events import Event, EventMatcher, EventSpec
 from airflow_oellm.monitor.inactivity import Activity
 from airflow_oellm.monitor.outage import DEFAULT_MAX_OUTAGE_SECONDS, Outage, outage_notice
@@ -32,9 +33,9 @@ MAX_FAULT_LINES = 20
 MAX_FAULT_CHARS = 500
 MAX_LISTED = 1000
 MAX_VALIDATIONS = 200
+MAX_ANOMALIES = 100  # anomaly events kept in the summary (the dashboard's rewind and spike marks)
 MAX_CURVE = 1000  # (iteration, loss) points kept; every second one is dropped when full
 PROGRESS_CURVE = 250  # (iteration, loss) points in a progress snapshot: a plot's worth
-NAN_FIELDS = ("loss", "grad_norm")
 # split names of validation lines as the summary keeps them
 SPLITS = {"val": "validation", "valid": "validation"}
 # events after which the watch state is saved at once (otherwise at most once a minute)
@@ -63,6 +64,7 @@ def empty_summary() -> WatchSummary:
         "loss_curve": [],
         "log_skipped_bytes": 0,
         "nan_intervals": 0,
+        "anomalies": [],
     }
 
 
@@ -87,10 +89,7 @@ def summarize(summary: WatchSummary, event: Event) -> None:
         ):
             if is_finite_number(g.get(key)):
                 summary[target] = g[key]
-        # a NaN loss: fp16 skips the step and counts it in `number of nan iterations`; bf16 does not skip
-        # it, so the interval's loss is left out of the line and its grad norm reads `nan`
-        nan = (g.get("nan_iterations") or 0) > 0 or any(k in g and not is_finite_number(g[k]) for k in NAN_FIELDS)
-        summary["nan_intervals"] = summary.get("nan_intervals", 0) + 1 if nan else 0
+        summary["nan_intervals"] = summary.get("nan_intervals", 0) + 1 if is_nan_interval(g) else 0
         if is_finite_number(g.get("loss")) and "iteration" in g:
             curve = summary.setdefault("loss_curve", [])
             curve.append([g["iteration"], g["loss"]])
@@ -116,6 +115,10 @@ def summarize(summary: WatchSummary, event: Event) -> None:
         )
     elif event.name == "training_done":
         summary["training_done"] = True
+    elif event.metadata.get("kind") == "anomaly":
+        anomalies = summary.setdefault("anomalies", [])
+        if len(anomalies) < MAX_ANOMALIES:
+            anomalies.append({"name": event.name, **g})
     if event.metadata.get("kind") == "fault" and len(summary["faults"]) < MAX_FAULT_LINES:
         summary["faults"].append(event.line[:MAX_FAULT_CHARS])
 
@@ -163,6 +166,7 @@ class WatchState:
     job_id: str
     log_path: str
     matcher: dict[str, Any] = field(default_factory=dict)
+    anomalies: dict[str, Any] = field(default_factory=dict)  # the anomaly detector's state
     activity: dict[str, Any] = field(default_factory=dict)
     summary: WatchSummary = field(default_factory=empty_summary)
     hang: bool = False
@@ -197,7 +201,9 @@ class Step:
     @property
     def noteworthy(self) -> bool:
         """Worth saving the watch state at once."""
-        return self.hang_detected or self.diverged or self.finished or any(e.name in NOTEWORTHY for e in self.events)
+        if self.hang_detected or self.diverged or self.finished:
+            return True
+        return any(e.name in NOTEWORTHY or e.metadata.get("kind") == "anomaly" for e in self.events)
 
     @property
     def stop_reason(self) -> str | None:
@@ -218,9 +224,11 @@ class JobWatch:
         inactivity_threshold: float | None,
         now: float,
         nan_limit: int = 0,
+        anomalies: AnomalySettings | None = None,
     ):
         self.state = state
         self.matcher = EventMatcher.from_state(specs, state.matcher)
+        self.detector = AnomalyDetector(anomalies, state.anomalies)
         self.activity = Activity.from_dict(state.activity, now)
         self.threshold = inactivity_threshold
         self.nan_limit = nan_limit  # NaN log intervals in a row that stop the job (0: never)
@@ -249,6 +257,7 @@ class JobWatch:
                 self.matcher = EventMatcher(self.matcher.specs)
             elif chunk.offset == self.matcher.offset and chunk.data:
                 lines, events = self.matcher.feed(chunk.data)
+                events = self.detector.process(events)
         for event in events:
             summarize(self.state.summary, event)
         ended = status is not None and status.is_terminal
@@ -282,13 +291,14 @@ class JobWatch:
             if size is None or self.matcher.offset >= size:
                 tail_lines, tail_events = self.matcher.feed(b"", final=True)
                 lines += tail_lines
-                for event in tail_events:
+                for event in self.detector.process(tail_events):
                     summarize(self.state.summary, event)
                     events.append(event)
                 finished = True
             else:
                 self._draining = True
         self.state.matcher = self.matcher.state()
+        self.state.anomalies = self.detector.state()
         self.state.activity = self.activity.to_dict()
         return Step(lines, events, hang, diverged, finished, truncated, skipped)
 
@@ -371,6 +381,7 @@ class JobFollower:
         *,
         inactivity_threshold: float | None,
         nan_limit: int,
+        anomalies: AnomalySettings | None = None,
         output_paths: Sequence[str] = (),
         cluster_name: str = "the cluster",
         max_outage: float | None = DEFAULT_MAX_OUTAGE_SECONDS,
@@ -385,6 +396,7 @@ class JobFollower:
         self.specs = list(specs)
         self.inactivity_threshold = inactivity_threshold
         self.nan_limit = nan_limit
+        self.anomalies = anomalies
         self.output_paths = list(output_paths)
         self.watch: JobWatch | None = None
         self._pending_write: bytes | None = None
@@ -506,5 +518,6 @@ class JobFollower:
             inactivity_threshold=self.inactivity_threshold,
             now=now,
             nan_limit=self.nan_limit,
+            anomalies=self.anomalies,
         )
         return FollowStep(notices, poll_again=True)

@@ -37,6 +37,7 @@ from airflow_oellm.config.schema import RootConfig
 from airflow_oellm.config.secrets import SecretError, resolve_secrets
 from airflow_oellm.hooks.slurm import SlurmHook, task_cluster
 from airflow_oellm.jobscript.render import JobSpec, render_sbatch
+from airflow_oellm.monitor.anomalies import AnomalySettings
 from airflow_oellm.monitor.attempts import (
     JobSettings,
     JobSettingsError,
@@ -323,6 +324,7 @@ class SlurmSubmitOperator(BaseOperator):
             "events": s.events,
             "inactivity_threshold": s.inactivity,
             "nan_limit": s.stop_nan_limit,
+            "anomalies": s.anomalies.to_dict(),
             "output_paths": s.output_paths,
             "poll_interval": s.poll_interval,
             "max_outage": s.max_outage,
@@ -373,6 +375,7 @@ class SlurmSubmitOperator(BaseOperator):
             event_specs(args["events"]),
             inactivity_threshold=args["inactivity_threshold"],
             nan_limit=args["nan_limit"],
+            anomalies=AnomalySettings.from_dict(args["anomalies"]),
             output_paths=args["output_paths"],
             cluster_name=self.cluster.name,
             max_outage=args["max_outage"],

@@ -18,6 +18,7 @@ from typing import Any
 from airflow.triggers.base import TriggerEvent
 
 from airflow_oellm.config.naming import PROGRESS_KEY
+from airflow_oellm.monitor.anomalies import AnomalySettings
 from airflow_oellm.monitor.events import event_specs
 from airflow_oellm.monitor.orphans import state_key
 from airflow_oellm.monitor.outage import DEFAULT_MAX_OUTAGE_SECONDS
@@ -39,6 +40,7 @@ class SlurmJobTrigger(ClusterTrigger):
         "events",
         "inactivity_threshold",
         "nan_limit",
+        "anomalies",
         "output_paths",
         "stream_log",
         "progress_to",
@@ -57,6 +59,7 @@ class SlurmJobTrigger(ClusterTrigger):
         events: list[dict[str, Any]] | None = None,
         inactivity_threshold: float | None = None,
         nan_limit: int = 0,
+        anomalies: dict[str, Any] | None = None,
         output_paths: list[str] | None = None,
         poll_interval: float = 60.0,
         fire_after: float | None = None,
@@ -79,6 +82,7 @@ class SlurmJobTrigger(ClusterTrigger):
         self.events = list(events or [])
         self.inactivity_threshold = inactivity_threshold
         self.nan_limit = nan_limit
+        self.anomalies = dict(anomalies) if anomalies is not None else None  # AnomalySettings.to_dict()
         self.output_paths = list(output_paths or [])
         self.stream_log = stream_log
         # the task instance whose `progress` XCom follows the job: dag_id, run_id, task_id, map_index
@@ -95,6 +99,7 @@ class SlurmJobTrigger(ClusterTrigger):
             event_specs(self.events),
             inactivity_threshold=self.inactivity_threshold,
             nan_limit=self.nan_limit,
+            anomalies=AnomalySettings.from_dict(self.anomalies),
             output_paths=self.output_paths,
             cluster_name=self.cluster.name,
             max_outage=self.max_outage,

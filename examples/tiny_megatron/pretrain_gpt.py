@@ -16,6 +16,13 @@ Fault knobs (flag or environment, an iteration; a fault fires once per save dire
 FAKE_FAULT_ALWAYS=1): --fake-crash-at / FAKE_CRASH_AT, --fake-oom-at / FAKE_OOM_AT (a CUDA OOM
 line), --fake-hang-at / FAKE_HANG_AT (stops logging and progress), --fake-nccl-at / FAKE_NCCL_AT,
 --fake-node-fail-at / FAKE_NODE_FAIL_AT.
+
+A genuine instability: --poisoned-samples A:B (or POISONED_SAMPLES) makes the samples A to B-1 of the
+data order bad. A batch holding any of them is trained on garbage (random bytes, the same for the same
+iteration) at POISON_LR_FACTOR times the learning rate, as a corrupted shard meeting a too-high rate does: the
+weights really diverge, and the loss on good data spikes and stays up for many iterations. Skipping
+those iterations (`--iterations-to-skip`, 1-indexed as in Megatron core 0.17+: the batch is consumed,
+nothing is trained or logged) avoids it.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ CORPUS = Path(__file__).resolve().parent / "data" / "corpus.txt"
 TOKENIZER = CORPUS.with_name("tokenizer")  # token id = byte value, as the trainer reads text
 END_OF_TEXT = 256
 FAULTS = ("crash", "oom", "hang", "nccl", "node_fail")
+POISON_LR_FACTOR = 10.0
 
 
 def stamp() -> str:
@@ -96,12 +104,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--exit-duration-in-mins", type=float)
     add("--exit-interval", type=int)
     add("--iter-seconds", type=float, default=0.0, help="sleep per iteration (slow demos)")
+    add("--iterations-to-skip", type=int, nargs="+", default=[], help="1-indexed iterations not trained")
+    add("--poisoned-samples", default=os.environ.get("POISONED_SAMPLES"), help="A:B, bad samples A to B-1")
     for fault in FAULTS:
         add(f"--fake-{fault.replace('_', '-')}-at", type=int)
     args, _unknown = p.parse_known_args(argv)  # Megatron's other flags are accepted and ignored
     args.kv_channels = args.kv_channels or args.hidden_size // args.num_attention_heads
     args.max_position_embeddings = args.max_position_embeddings or args.seq_length
     args.lr_decay_iters = args.lr_decay_iters or args.train_iters
+    if args.poisoned_samples:
+        first, _, end = args.poisoned_samples.partition(":")
+        args.poisoned_samples = (int(first), int(end))
     if not args.group_query_attention:
         args.num_query_groups = args.num_attention_heads
     return args
@@ -309,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
 
     say(f"[before the start of training step] datetime: {stamp()} ")
     accumulation = max(1, args.global_batch_size // args.micro_batch_size)
-    iteration, last_saved = start, start
+    iteration, last_saved, skipped = start, start, 0
     model.train()
     while iteration < args.train_iters:
         if stop["signal"]:
@@ -318,17 +331,30 @@ def main(argv: list[str] | None = None) -> int:
             say(f"[exiting program after receiving {stop['signal']}.] datetime: {stamp()} ")
             return 0
         iteration += 1
+        if iteration in args.iterations_to_skip:  # Megatron's skip: the data is consumed, not trained on
+            consumed += args.global_batch_size
+            skipped += args.global_batch_size
+            continue
         for fault, at in knobs.items():
             if at == iteration:
                 return inject(fault, args)
         begun = time.monotonic()
+        poisoned = (
+            bool(args.poisoned_samples)
+            and consumed < args.poisoned_samples[1]
+            and (consumed + args.global_batch_size > args.poisoned_samples[0])
+        )
         lr = scheduler.lr(iteration)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * (POISON_LR_FACTOR if poisoned else 1.0)
         optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
         for micro in range(accumulation):
-            loss = lm_loss(model, data.batch("train", args.micro_batch_size, iteration * accumulation + micro))
+            batch = data.batch("train", args.micro_batch_size, iteration * accumulation + micro)
+            if poisoned:
+                garbage = torch.Generator().manual_seed(iteration * accumulation + micro)
+                batch = torch.randint(0, 256, batch.shape, generator=garbage)
+            loss = lm_loss(model, batch)
             (loss / accumulation).backward()
             loss_sum += loss.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad).item()
@@ -340,7 +366,9 @@ def main(argv: list[str] | None = None) -> int:
             tokens = args.global_batch_size * args.seq_length / max(elapsed / 1000, 1e-9)
             say(
                 f" [{stamp()[:19]}] iteration {iteration:8d}/{args.train_iters:8d} | "
-                f"consumed samples: {consumed:12d} | elapsed time per iteration (ms): {elapsed:.1f} | "
+                f"consumed samples: {consumed:12d} | "
+                + (f"skipped samples: {skipped:12d} | " if skipped else "")
+                + f"elapsed time per iteration (ms): {elapsed:.1f} | "
                 f"Tokens per second per GPU (Tok/s/GPU): {tokens:.1f} | "
                 f"learning rate: {lr:.6E} | global batch size: {args.global_batch_size:5d} | "
                 f"lm loss: {loss_sum / accumulation:.6E} | loss scale: 1.0 | grad norm: {grad_norm:.3f} | "

@@ -1,11 +1,13 @@
 """The tiny trainer (examples/tiny_megatron/pretrain_gpt.py) behaves like Megatron-LM where the
 product looks: log lines the watcher parses, loss that falls, exact resume, --ckpt-step cooldowns
-with --override-opt-param-scheduler, SIGTERM handling, fault knobs, convertible checkpoints."""
+with --override-opt-param-scheduler, SIGTERM handling, fault knobs, convertible checkpoints, and a
+genuine loss spike from bad data that `--iterations-to-skip` avoids."""
 
 from __future__ import annotations
 
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from airflow_oellm.megatron.convert import convert_checkpoint
+from airflow_oellm.monitor.anomalies import AnomalyDetector
 from airflow_oellm.monitor.events import builtin_specs, match_log
 from tests.conftest import REPO
 
@@ -158,3 +161,35 @@ def test_hang_knob_stops_output_and_progress(tmp_path: Path) -> None:
     finally:
         process.kill()
         process.wait()
+
+
+@pytest.mark.anomalies
+def test_poisoned_samples_make_a_real_spike_that_skipping_their_iterations_avoids(tmp_path: Path) -> None:
+    """Samples 400-439 (iterations 51-55 at 8 per batch) are bad: the weights diverge, the loss spikes and stays
+    up; the watcher's detector finds it and names checkpoint 40. A rewind there that skips 51-55 trains on as
+    if the bad data had never been there: the same curve up to 50, no spike, a final loss near a clean run's."""
+    common = ("--train-iters", "100", "--save-interval", "40")
+    clean = train(*common, "--save", str(tmp_path / "clean"))
+    spiked_dir = str(tmp_path / "spiked")
+    spiked = train(*common, "--save", spiked_dir, "--load", spiked_dir, "--poisoned-samples", "400:440")
+    assert clean.returncode == spiked.returncode == 0, spiked.stderr
+    found = {e.name: e.groups for e in AnomalyDetector().process(events(spiked.stdout)) if e.name.startswith("loss")}
+    assert found["loss_spike"]["iteration"] == 51 and found["loss_spike"]["rewind_to"] == 40
+    assert found["loss_spike_unrecovered"]["detected_at"] == 71  # still high 20 log intervals on
+
+    # the rewind: back to checkpoint 40 (the later ones moved aside), the bad iterations skipped
+    rewound_dir = tmp_path / "rewound"
+    rewound_dir.mkdir()
+    shutil.copytree(tmp_path / "spiked" / "iter_0000040", rewound_dir / "iter_0000040")
+    (rewound_dir / "latest_checkpointed_iteration.txt").write_text("40")
+    skip = ["--iterations-to-skip", *map(str, range(51, 56))]
+    rewound = train(*common, "--save", str(rewound_dir), "--load", str(rewound_dir), "--poisoned-samples", "400:440",
+                    *skip)  # fmt: skip
+    assert rewound.returncode == 0, rewound.stderr
+    after = losses(rewound.stdout)
+    assert sorted(after) == [*range(41, 51), *range(56, 101)]  # skipped iterations are not logged, as in Megatron
+    assert {i: after[i] for i in range(41, 51)} == {i: losses(spiked.stdout)[i] for i in range(41, 51)}
+    assert not [e for e in AnomalyDetector().process(events(rewound.stdout)) if e.name.startswith("loss_spike")]
+    assert "skipped samples:           40 |" in rewound.stdout
+    final = {"clean": losses(clean.stdout)[100], "spiked": losses(spiked.stdout)[100], "rewound": after[100]}
+    assert final["rewound"] < final["spiked"] and abs(final["rewound"] - final["clean"]) < 0.25 * final["clean"], final

@@ -11,7 +11,9 @@ import time
 import pytest
 from airflow.triggers.base import TriggerEvent
 
+from airflow_oellm.config.schema import AnomaliesConfig
 from airflow_oellm.get_provider_info import get_provider_info
+from airflow_oellm.monitor.anomalies import AnomalySettings
 from airflow_oellm.slurm.target import ClusterTarget
 from airflow_oellm.triggers import CheckpointTrigger, LogEventTrigger, SlurmJobTrigger
 from airflow_oellm.triggers.base import (
@@ -22,6 +24,16 @@ from airflow_oellm.triggers.base import (
 )
 
 pytestmark = pytest.mark.operators
+
+
+def test_the_anomaly_settings_survive_serialization_and_an_older_trigger_gets_the_defaults():
+    settings = AnomalySettings.from_config(AnomaliesConfig(rewind_margin=50, grad_norm_spike=None))
+    kwargs = SlurmJobTrigger(
+        job_id="12", log_path="/l", state_path="/s", cluster=ClusterTarget("lumi"), anomalies=settings.to_dict()
+    ).serialize()[1]
+    assert AnomalySettings.from_dict(json.loads(json.dumps(kwargs))["anomalies"]) == settings
+    del kwargs["anomalies"]  # serialized by a version without them
+    assert AnomalySettings.from_dict(SlurmJobTrigger(**kwargs).anomalies) == AnomalySettings.from_config()
 
 
 @pytest.mark.parametrize(
@@ -35,6 +47,7 @@ pytestmark = pytest.mark.operators
             events=[{"name": "e", "pattern": "x"}],
             inactivity_threshold=600,
             nan_limit=3,
+            anomalies=AnomalySettings.from_config(AnomaliesConfig(rewind_margin=50, grad_norm_spike=None)).to_dict(),
             output_paths=["/o/checkpoints/latest_checkpointed_iteration.txt"],
             poll_interval=30,
             progress_to={"dag_id": "d", "run_id": "r", "task_id": "train", "map_index": -1},
