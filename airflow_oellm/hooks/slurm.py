@@ -158,6 +158,9 @@ class SlurmHook(BaseHook):
     def read_tracker(self, checkpoint_dir: str) -> int | str | None:
         return self.run(operations.read_tracker(checkpoint_dir))
 
+    def rewind_checkpoints(self, checkpoint_dir: str, iteration: int, discard_dir: str) -> list[int]:
+        return self.run(operations.rewind_checkpoints(checkpoint_dir, iteration, discard_dir))
+
     def exclude_nodes(self, job_id: str, nodes: Sequence[str]) -> None:
         self.run(operations.exclude_nodes(job_id, nodes))
 

@@ -95,3 +95,43 @@ def never(state: CheckpointState, target: int, *, at_least: bool = False) -> str
         f"checkpoint {target} does not exist although training saved iteration {latest} "
         f"(save_interval does not divide {target}, or retention removed it)"
     )
+
+
+def rewind_script(checkpoint_dir: str, iteration: int, discard_dir: str) -> str:
+    """Set the save directory back to checkpoint `iteration` (0: to no checkpoint at all).
+
+    The tracker file goes first, so that an interrupted rewind already resumes from `iteration`; then
+    every `iter_N` with N above it moves into `discard_dir` (never deleted). Run again, it finishes what
+    an interrupted run left. Prints `R <moved iterations ...>`; exits 3 when `iter_<iteration>` is missing.
+    """
+    d, dest = shlex.quote(checkpoint_dir.rstrip("/")), shlex.quote(discard_dir.rstrip("/"))
+    k = int(iteration)
+    if k < 0:
+        raise ValueError(f"a checkpoint iteration is not negative: {iteration}")
+    tracker = f"{d}/{TRACKER_FILE}"
+    if k:
+        reset = (
+            f"[ -d {d}/{iteration_dir(k)} ] || {{ echo 'checkpoint {k} is missing' >&2; exit 3; }}; "
+            f'tmp=$(mktemp {d}/.oellm-tracker.XXXXXX); printf %s {k} > "$tmp"; chmod 644 "$tmp"; '
+            f'mv -f -- "$tmp" {tracker}; '
+        )
+    else:  # back to the start: Megatron starts from scratch without a tracker
+        reset = f"if [ -e {tracker} ]; then mkdir -p -- {dest}; mv -f -- {tracker} {dest}/{TRACKER_FILE}; fi; "
+    return (
+        f"set -e; [ -d {d} ] || {{ printf 'no checkpoint directory %s\\n' {d} >&2; exit 3; }}; {reset}"
+        "moved=; "
+        f'for i in {d}/iter_*; do [ -d "$i" ] || continue; n=${{i##*/iter_}}; '
+        'case "$n" in ""|*[!0-9]*) continue;; esac; '
+        f"if [ $((10#$n)) -gt {k} ]; then mkdir -p -- {dest}; "
+        f'[ ! -e {dest}/"iter_$n" ] || {{ printf "%s exists\\n" {dest}/"iter_$n" >&2; exit 3; }}; '
+        f'mv -- "$i" {dest}/"iter_$n"; moved="$moved $((10#$n))"; fi; done; '
+        'echo "R$moved"'
+    )
+
+
+def parse_rewind(stdout: str) -> list[int]:
+    """The iterations a rewind moved aside (`rewind_script`'s last line)."""
+    for line in reversed(stdout.splitlines()):
+        if line.startswith("R"):
+            return sorted(int(n) for n in line[1:].split())
+    raise ValueError(f"no rewind report in {stdout[-200:]!r}")

@@ -417,6 +417,13 @@ def read_tracker(checkpoint_dir: str) -> Operation[int | str | None]:
     return None if chunk.size is None else commands.parse_tracker(chunk.data)
 
 
+def rewind_checkpoints(checkpoint_dir: str, iteration: int, discard_dir: str) -> Operation[list[int]]:
+    """Set `checkpoint_dir` back to checkpoint `iteration` (0: none); later ones move into `discard_dir`.
+    Returns the iterations moved (megatron/checkpoints.rewind_script)."""
+    result = yield Command(checkpoints.rewind_script(checkpoint_dir, iteration, discard_dir), label="rewind")
+    return checkpoints.parse_rewind(_checked(result, f"rewind of {checkpoint_dir} to {iteration}").stdout)
+
+
 def probe_platform(env_names: Sequence[str], paths: Sequence[str]) -> Operation[PlatformProbe]:
     """The login node's environment, host name and files, as platform detection needs them
     (config/platforms.py decides which, and what they mean)."""

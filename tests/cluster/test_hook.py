@@ -167,6 +167,21 @@ def test_read_ranges_and_the_tracker_file(hook, remote_dir):
     assert hook.read_tracker(f"{remote_dir}/nockpt") is None
 
 
+def test_a_rewind_sets_the_checkpoint_directory_back(hook, remote_dir):
+    ckpt = f"{remote_dir}/rewind/checkpoints"
+    for iteration in (100, 200, 300):
+        hook.upload(f"{ckpt}/iter_{iteration:07d}/metadata.json", b"{}")
+    hook.upload(f"{ckpt}/latest_checkpointed_iteration.txt", b"300")
+    discard = f"{ckpt}/discarded/rewind-1"
+    assert hook.rewind_checkpoints(ckpt, 100, discard) == [200, 300]
+    assert hook.read_tracker(ckpt) == 100
+    assert hook.read_range(f"{discard}/iter_0000300/metadata.json").data == b"{}"  # moved aside, kept
+    assert hook.read_range(f"{ckpt}/iter_0000200/metadata.json").size is None
+    assert hook.rewind_checkpoints(ckpt, 100, discard) == []  # run again: nothing left to do
+    with pytest.raises(SlurmCommandError, match="checkpoint 150 is missing"):
+        hook.rewind_checkpoints(ckpt, 150, discard)
+
+
 def identity(remote_dir: str, run_id: str = "manual__1", try_number: int = 1) -> JobIdentity:
     return JobIdentity("oellm__t__exp", run_id, "train", -1, try_number, f"{remote_dir}/exp")
 

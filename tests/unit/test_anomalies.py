@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from airflow_oellm.config import ConfigError, load_sweep
 from airflow_oellm.config.schema import AnomaliesConfig, LossSpikeConfig
+from airflow_oellm.megatron.checkpoints import parse_rewind, rewind_script
 from airflow_oellm.monitor.anomalies import AnomalyDetector, AnomalySettings
 from airflow_oellm.monitor.events import Event, event_specs, match_log
 from airflow_oellm.monitor.watch import JobWatch, WatchState, empty_summary, summarize
@@ -353,3 +354,55 @@ def test_spike_settings_that_could_never_judge_anything_are_refused(write, proje
     config = load_sweep(fine).experiments[0].config.monitoring.anomalies
     settings = AnomalySettings.from_config(config)
     assert [(r.event, r.sustain, r.recover_within) for r in settings.rules] == [("grad_norm_spike", 2, 5)]
+
+
+def rewind(checkpoint_dir: Path, iteration: int, discard_dir: Path) -> subprocess.CompletedProcess[str]:
+    script = rewind_script(str(checkpoint_dir), iteration, str(discard_dir))
+    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=checkpoint_dir.anchor)
+
+
+def saves(directory: Path, *iterations: int) -> None:
+    for iteration in iterations:
+        (directory / f"iter_{iteration:07d}").mkdir(parents=True)
+        (directory / f"iter_{iteration:07d}" / "metadata.json").write_text("{}")
+    (directory / "latest_checkpointed_iteration.txt").write_text(str(max(iterations)))
+
+
+def test_a_rewind_sets_the_tracker_back_and_moves_later_checkpoints_aside(tmp_path):
+    ckpt = tmp_path / "it's a $(touch /tmp/oellm-pwned) `touch /tmp/oellm-pwned` dir" / "checkpoints"
+    saves(ckpt, 100, 200, 300)
+    (ckpt / "iter_notanumber").mkdir()
+    discarded = ckpt / "discarded" / "rewind-1"
+    done = rewind(ckpt, 100, discarded)
+    assert done.returncode == 0, done.stderr
+    assert parse_rewind(done.stdout) == [200, 300]
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "100"
+    assert sorted(p.name for p in ckpt.glob("iter_*")) == ["iter_0000100", "iter_notanumber"]
+    assert sorted(p.name for p in discarded.iterdir()) == ["iter_0000200", "iter_0000300"]
+    assert (discarded / "iter_0000300" / "metadata.json").exists()  # moved, never deleted
+    again = rewind(ckpt, 100, discarded)  # a retried rewind finishes what is left: nothing here
+    assert again.returncode == 0 and parse_rewind(again.stdout) == []
+    assert not Path("/tmp/oellm-pwned").exists()  # the names stayed text
+
+
+def test_an_interrupted_rewind_already_resumes_from_its_target_and_a_rerun_finishes_it(tmp_path):
+    ckpt, discarded = tmp_path / "ckpt", tmp_path / "ckpt" / "discarded" / "r"
+    saves(ckpt, 100, 200, 300)
+    (discarded / "iter_0000200").mkdir(parents=True)  # a rerun must not merge into what an earlier one moved
+    failed = rewind(ckpt, 100, discarded)
+    assert failed.returncode == 3 and "iter_0000200 exists" in failed.stderr
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "100"  # the tracker went first
+    missing = rewind(ckpt, 150, discarded)
+    assert missing.returncode == 3 and "checkpoint 150 is missing" in missing.stderr
+
+
+def test_a_rewind_to_the_start_leaves_no_tracker(tmp_path):
+    ckpt, discarded = tmp_path / "ckpt", tmp_path / "discarded"
+    saves(ckpt, 100)
+    done = rewind(ckpt, 0, discarded)
+    assert done.returncode == 0 and parse_rewind(done.stdout) == [100]
+    assert not (ckpt / "latest_checkpointed_iteration.txt").exists()
+    assert (discarded / "latest_checkpointed_iteration.txt").read_text() == "100"
+    assert rewind(tmp_path / "nowhere", 0, discarded).returncode == 3
+    with pytest.raises(ValueError):
+        rewind_script("/c", -1, "/d")
