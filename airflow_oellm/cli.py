@@ -335,7 +335,8 @@ def cmd_events(args: argparse.Namespace) -> int:
         return 1
     configured = [vars(e) for e in monitoring.log_events] if monitoring else []
     summary = empty_summary()
-    detector = AnomalyDetector(AnomalySettings.from_config(monitoring.anomalies if monitoring else None))
+    settings = AnomalySettings.from_config(monitoring.anomalies, monitoring.nan_intervals) if monitoring else None
+    detector = AnomalyDetector(settings)
     for event in detector.process(match_log(data, event_specs(configured, builtins=not args.no_builtins))):
         summarize(summary, event)
         if args.json:

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import posixpath
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
@@ -259,6 +260,16 @@ def resume_own_checkpoint(cfg: RootConfig, own_checkpoint: int | None) -> RootCo
     resumed = {k: v for k, v in args.items() if k != "ckpt_step"}
     resumed["load"] = args.get("save")
     return dataclasses.replace(cfg, backend=dataclasses.replace(cfg.backend, args=resumed))
+
+
+def skipping_iterations(cfg: RootConfig, iterations: Sequence[int]) -> RootConfig:
+    """A Megatron job that also skips `iterations` (`--iterations-to-skip`, beside any the config lists)."""
+    if cfg.backend.name != "megatron" or not iterations:
+        return cfg
+    listed = cfg.backend.args.get("iterations_to_skip") or []
+    listed = listed if isinstance(listed, list) else [listed]
+    args = {**cfg.backend.args, "iterations_to_skip": sorted({*map(int, listed), *iterations})}
+    return dataclasses.replace(cfg, backend=dataclasses.replace(cfg.backend, args=args))
 
 
 def _short(values: list[int]) -> str:

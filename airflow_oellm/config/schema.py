@@ -269,6 +269,25 @@ class GradNormSpikeConfig(LossSpikeConfig):
 
 
 @dataclass
+class RewindConfig:
+    """What happens when the loss diverges: an unrecovered loss spike, or a NaN loss for
+    `monitoring.nan_intervals` log intervals."""
+
+    max_rewinds: int = opt(
+        2,
+        "Rewinds per training run: the job is stopped without a save, the checkpoints after the last good one are "
+        "moved aside (`checkpoints/discarded/<rewind>/`) and the training resumes from it. Once they are used up, "
+        "a divergence fails the training. 0: never rewind (an unrecovered spike is then only an event, and a NaN "
+        "loss fails the training).",
+    )
+    skip_data: bool = opt(
+        True,
+        "The rewound training skips the batches from the last normal log interval to where the divergence was "
+        "acted on (`--iterations-to-skip`, Megatron core 0.12+).",
+    )
+
+
+@dataclass
 class AnomaliesConfig:
     """Loss spikes, grad-norm spikes and NaN losses, found in the iteration lines while training runs."""
 
@@ -281,6 +300,7 @@ class AnomaliesConfig:
         doc="When the grad norm spikes (events `grad_norm_spike`, ...); null: never judged.",
         factory=GradNormSpikeConfig,
     )
+    rewind: RewindConfig = opt(doc="Rewinding a diverged training to its last good checkpoint.", factory=RewindConfig)
     rewind_margin: int = opt(
         0,
         "Iterations before the last normal log interval that a rewind target must lie: the checkpoint named is "

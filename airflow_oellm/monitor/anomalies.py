@@ -29,6 +29,7 @@ from typing import Any
 
 from airflow_oellm.config.schema import AnomaliesConfig, LossSpikeConfig
 from airflow_oellm.megatron.logs import is_finite_number
+from airflow_oellm.monitor.classify import NAN_INTERVALS
 from airflow_oellm.monitor.events import Event
 
 MAD_TO_SIGMA = 1.4826  # the MAD of a normal distribution times this is its standard deviation
@@ -84,30 +85,37 @@ SPIKE_SERIES = (("loss_spike", "loss"), ("grad_norm_spike", "grad_norm"))
 
 @dataclass(frozen=True)
 class AnomalySettings:
-    """The spike rules and how far before an anomaly a rewind goes (JSON-safe, for triggers)."""
+    """The spike rules, how long a NaN loss lasts before it is unrecovered, and how far before an anomaly a
+    rewind goes (JSON-safe, for triggers)."""
 
     rules: tuple[SpikeRule, ...]
     rewind_margin: int
+    nan_intervals: int = NAN_INTERVALS  # monitoring.nan_intervals (0: a NaN loss is never unrecovered)
 
     @classmethod
-    def from_config(cls, config: AnomaliesConfig | None = None) -> AnomalySettings:
-        """The settings of `monitoring.anomalies` (the defaults when None)."""
+    def from_config(cls, config: AnomaliesConfig | None = None, nan_intervals: int = NAN_INTERVALS) -> AnomalySettings:
+        """The settings of `monitoring.anomalies` (the defaults when None) and `monitoring.nan_intervals`."""
         config = config or AnomaliesConfig()
         rules = []
         for event, series in SPIKE_SERIES:
             rule = getattr(config, event)
             if rule is not None:
                 rules.append(SpikeRule.from_config(series, event, rule))
-        return cls(tuple(rules), config.rewind_margin)
+        return cls(tuple(rules), config.rewind_margin, nan_intervals)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rules": [asdict(r) for r in self.rules], "rewind_margin": self.rewind_margin}
+        return {
+            "rules": [asdict(r) for r in self.rules],
+            "rewind_margin": self.rewind_margin,
+            "nan_intervals": self.nan_intervals,
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> AnomalySettings:
         if data is None:
             return cls.from_config()
-        return cls(tuple(SpikeRule(**r) for r in data.get("rules", [])), int(data.get("rewind_margin", 0)))
+        rules = tuple(SpikeRule(**r) for r in data.get("rules", []))
+        return cls(rules, int(data.get("rewind_margin", 0)), int(data.get("nan_intervals", NAN_INTERVALS)))
 
 
 @dataclass
@@ -141,6 +149,7 @@ class AnomalyDetector:
         self.last_iteration: int | None = state.get("last_iteration")
         self.nan_start: int | None = state.get("nan_start")
         self.nan_since: int = int(state.get("nan_since", 0))
+        self.nan_groups: dict[str, Any] | None = state.get("nan_groups")  # the loss_nan event's, while NaN
 
     def state(self) -> dict[str, Any]:
         return {
@@ -149,6 +158,7 @@ class AnomalyDetector:
             "last_iteration": self.last_iteration,
             "nan_start": self.nan_start,
             "nan_since": self.nan_since,
+            "nan_groups": self.nan_groups,
         }
 
     def process(self, events: Iterable[Event]) -> list[Event]:
@@ -198,16 +208,24 @@ class AnomalyDetector:
         if is_nan_interval(event.groups):
             self.nan_since += 1
             if self.nan_start is not None:
-                return []
+                if self.nan_since != self.settings.nan_intervals or self.nan_groups is None:
+                    return []
+                # NaN for monitoring.nan_intervals log intervals: what a rewind acts on
+                return [self._event("loss_nan_unrecovered", event, {**self.nan_groups, "detected_at": iteration})]
             self.nan_start = iteration
-            groups = {"iteration": iteration, "rewind_to": self.rewind_to(iteration, self.last_iteration)}
+            groups = {
+                "iteration": iteration,
+                "last_normal": self.last_iteration,
+                "rewind_to": self.rewind_to(iteration, self.last_iteration),
+            }
             if "nan_iterations" in event.groups:
                 groups["nan_iterations"] = event.groups["nan_iterations"]
+            self.nan_groups = groups
             return [self._event("loss_nan", event, groups)]
         if self.nan_start is None:
             return []
         groups = {"iteration": iteration, "nan_start": self.nan_start, "intervals": self.nan_since}
-        self.nan_start, self.nan_since = None, 0
+        self.nan_start, self.nan_since, self.nan_groups = None, 0, None
         return [self._event("loss_nan_recovered", event, groups)]
 
     def _spike(self, rule: SpikeRule, s: _Series, event: Event, iteration: int, value: float) -> list[Event]:
@@ -248,6 +266,7 @@ class AnomalyDetector:
             "baseline": _rounded(s.level),
             "threshold": _rounded(s.threshold),
             "peak": s.peak,
+            "last_normal": s.before,
             "rewind_to": self.rewind_to(start, s.before),
         }
 
@@ -263,3 +282,38 @@ def _rounded(value: float) -> float:
 
 def _iteration(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """The anomaly a watch stopped its job for (an unrecovered loss spike, or a NaN loss that lasted), and
+    what a rewind does about it."""
+
+    anomaly: str  # the event: loss_spike or loss_nan
+    start: int  # the iteration where it began
+    last_normal: int | None  # the last normal log interval's iteration before it
+    detected_at: int  # where the watch acted
+    rewind_to: int | None  # the checkpoint to go back to (None: the start of training)
+
+    @classmethod
+    def of(cls, anomaly: str, groups: Mapping[str, Any], detected_at: int) -> Divergence:
+        return cls(anomaly, int(groups["iteration"]), groups.get("last_normal"), detected_at, groups.get("rewind_to"))
+
+    def skipped(self) -> list[int]:
+        """The iterations a rewound run skips: the steps after the last normal log interval, up to where the
+        watch acted. Listed from the last normal one itself: Megatron core 0.12-0.16 skip the step after each
+        listed iteration, 0.17+ the listed one (docs/megatron-versions.md), so both skip the whole window
+        (0.17+ one good step more)."""
+        first = self.last_normal if self.last_normal is not None else (self.rewind_to or 0)
+        return list(range(max(first, 1), self.detected_at + 1))
+
+    def describe(self) -> str:
+        what = "loss spike" if self.anomaly == "loss_spike" else "NaN loss"
+        return f"{what} at {self.start}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Divergence:
+        return cls(**{k: data.get(k) for k in ("anomaly", "start", "last_normal", "detected_at", "rewind_to")})

@@ -18,7 +18,7 @@ from airflow_oellm.config.milestones import job_config, typed
 from airflow_oellm.config.naming import job_paths, script_file
 from airflow_oellm.config.schema import RootConfig
 from airflow_oellm.monitor.accounting import attempt_used_gpu_hours
-from airflow_oellm.monitor.anomalies import AnomalySettings
+from airflow_oellm.monitor.anomalies import AnomalySettings, Divergence
 from airflow_oellm.monitor.classify import (
     DEFAULT_RULES,
     FATAL,
@@ -63,6 +63,8 @@ class JobSettings:
     stop_nan_limit: int
     classify_nan_limit: int
     anomalies: AnomalySettings  # the spike rules the watch applies to the iteration lines
+    max_rewinds: int  # rewinds of a diverged training (0: none; the watch then stops no job for a spike)
+    skip_data: bool  # a rewound training skips the batches of the divergence
     output_paths: list[str]
     poll_interval: float
     gpus: int | None  # what the job holds, for its GPU-hours (None: unknown, a plain script)
@@ -116,6 +118,8 @@ def job_settings(
             stop_nan_limit=0,
             classify_nan_limit=NAN_INTERVALS,
             anomalies=AnomalySettings.from_config(),
+            max_rewinds=0,
+            skip_data=False,
             output_paths=list(output_paths),
             poll_interval=poll_interval or DEFAULT_POLL_INTERVAL,
             gpus=None,
@@ -148,7 +152,9 @@ def job_settings(
         inactivity=inactivity_threshold or m.inactivity_threshold_seconds,
         stop_nan_limit=m.nan_intervals if megatron else 0,
         classify_nan_limit=m.nan_intervals,
-        anomalies=AnomalySettings.from_config(m.anomalies),
+        anomalies=AnomalySettings.from_config(m.anomalies, m.nan_intervals),
+        max_rewinds=m.anomalies.rewind.max_rewinds if megatron else 0,
+        skip_data=m.anomalies.rewind.skip_data,
         output_paths=[*m.output_paths, *output_paths],
         poll_interval=poll_interval or m.poll_interval_seconds,
         gpus=cfg.slurm.nodes * cfg.slurm.gpus_per_node,
@@ -213,7 +219,12 @@ def decide_attempt(
         training=settings.training,
         nan_limit=settings.classify_nan_limit,
     )
-    verdict = classify(outcome, settings.rules)
+    divergence = ended.get("divergence")
+    rewind = None
+    if divergence and settings.training and not outcome.training_done:
+        verdict, rewind = rewind_verdict(history, try_number, Divergence.from_dict(divergence), ended, settings)
+    else:
+        verdict = classify(outcome, settings.rules)
     if verdict.verdict == RETRY and settings.training and not verdict.progress_free:
         # a resume the rerun state machine asked for saves no new checkpoint by design
         earlier = [a for a in history.attempts if a.try_number != try_number and not a.progress_free]
@@ -247,6 +258,7 @@ def decide_attempt(
         checkpoints_saved=summary.get("checkpoints_saved", []),
         faults=summary.get("faults", [])[:MAX_ATTEMPT_FAULTS],
         iteration_ms=summary.get("iteration_ms"),
+        rewind=rewind,
     )
     history = history.put(attempt).excluding(verdict.exclude_nodes)
     attempts = history.to_dict()["attempts"]
@@ -255,13 +267,42 @@ def decide_attempt(
         "final_state": status.state.value,
         "classification": verdict.to_dict(),
         "last_iteration": last_iteration,
-        "checkpoint": outcome.checkpoint_after,
+        # after a rewind the training is back at its target: where it resumes, what the sensors wait from
+        "checkpoint": (rewind["rewind_to"] or 0) if rewind else outcome.checkpoint_after,
         "events": summary.get("counts", {}),
         "summary": summary,
         "attempts": attempts,
     }
     state = training_state_after(verdict.verdict, try_number, retries)
     return AttemptDecision(verdict, attempt, history, result, state)
+
+
+def rewind_verdict(
+    history: AttemptHistory, try_number: int, d: Divergence, ended: Mapping[str, Any], settings: JobSettings
+) -> tuple[Classification, dict[str, Any] | None]:
+    """A diverged training: rewound (a retry that resumes from the checkpoint before the divergence and
+    skips its batches), or failed once `max_rewinds` rewinds were used; and the attempt's rewind record.
+    Either way the save directory goes back to that checkpoint (the operator does it), so that no resume,
+    a manual one included, loads the diverged weights."""
+    done = [a for a in history.rewinds if a.try_number != try_number]
+    skipped = d.skipped() if settings.skip_data else []
+    target = f"checkpoint {d.rewind_to}" if d.rewind_to else "the start"
+    record = {
+        "id": f"rewind-{len(done) + 1}-job{ended['job_id']}",
+        **d.to_dict(),
+        "skipped": [skipped[0], skipped[-1]] if skipped else None,
+        "discarded": None,
+    }
+    if len(done) >= settings.max_rewinds:
+        reason = f"the loss diverged ({d.describe()}, no recovery) after {len(done)} rewind(s)"
+        earlier = "; ".join(str(a.reason) for a in done)
+        reason = f"{reason}: {earlier}" if earlier else reason
+        return Classification(FATAL, f"{reason}; the save directory is back at {target}"), record
+    reason = f"rewind: {d.describe()} -> {target}"
+    if skipped:
+        reason += f", skipping {skipped[0]}-{skipped[-1]}"
+    # a rewind loses progress by design: the progress guard does not hold it against the training
+    return Classification(RETRY, reason, progress_free=True), record
 
 
 def lost_contact_result(history: AttemptHistory, message: str) -> dict[str, Any]:

@@ -142,6 +142,7 @@ OUTCOME_KEYS = (
     "checkpoints_saved",
     "faults",
     "iteration_ms",
+    "rewind",
 )
 # absent when the submission went unrecorded; `gpus` also in records written before it was kept
 _OPTIONAL_SUBMISSION = ("submission", "log_path", "submitted_at", "gpus")
@@ -175,6 +176,9 @@ class AttemptRecord:
     checkpoints_saved: list[Any] = field(default_factory=list)
     faults: list[Any] = field(default_factory=list)
     iteration_ms: float | None = None
+    # the attempt was stopped to rewind its training: Divergence.to_dict() with `id`, `skipped` ([first, last]
+    # iteration, or None) and `discarded` (the checkpoints moved aside; None until the rewind is done)
+    rewind: dict[str, Any] | None = None
 
     @property
     def ended(self) -> bool:
@@ -228,6 +232,20 @@ class AttemptHistory:
         """With `attempt` as the record of its try (a try decided twice keeps one record), last."""
         others = tuple(a for a in self.attempts if a.try_number != attempt.try_number)
         return replace(self, attempts=(*others, attempt))
+
+    @property
+    def rewinds(self) -> list[AttemptRecord]:
+        return [a for a in self.attempts if a.rewind]
+
+    def skipped_iterations(self) -> list[int]:
+        """Every iteration an earlier rewind skipped: later jobs of the training skip them too (a resume
+        before the window passed must not train on it)."""
+        skipped: set[int] = set()
+        for attempt in self.rewinds:
+            window = (attempt.rewind or {}).get("skipped")
+            if window:
+                skipped.update(range(int(window[0]), int(window[1]) + 1))
+        return sorted(skipped)
 
     def excluding(self, nodes: Iterable[str]) -> AttemptHistory:
         return replace(self, exclude=tuple(dict.fromkeys([*self.exclude, *nodes])))

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from airflow_oellm.megatron.logs import is_finite_number
-from airflow_oellm.monitor.anomalies import AnomalyDetector, AnomalySettings, is_nan_interval
+from airflow_oellm.monitor.anomalies import AnomalyDetector, AnomalySettings, Divergence, is_nan_interval
 from airflow_oellm.monitor.events import Event, EventMatcher, EventSpec
 from airflow_oellm.monitor.inactivity import Activity
 from airflow_oellm.monitor.outage import DEFAULT_MAX_OUTAGE_SECONDS, Outage, outage_notice
@@ -38,6 +38,8 @@ MAX_CURVE = 1000  # (iteration, loss) points kept; every second one is dropped w
 PROGRESS_CURVE = 250  # (iteration, loss) points in a progress snapshot: a plot's worth
 # split names of validation lines as the summary keeps them
 SPLITS = {"val": "validation", "valid": "validation"}
+# the events a rewind acts on, and the anomaly each stands for
+UNRECOVERED = {"loss_spike_unrecovered": "loss_spike", "loss_nan_unrecovered": "loss_nan"}
 # events after which the watch state is saved at once (otherwise at most once a minute)
 NOTEWORTHY = frozenset({"checkpoint_saved", "checkpoint_loaded", "fresh_start", "validation", "training_done"})
 
@@ -173,6 +175,7 @@ class WatchState:
     diverged: bool = False  # the loss was NaN for `nan_limit` log intervals in a row: the job was stopped
     cancelled_by_us: bool = False
     final_status: dict[str, Any] | None = None
+    divergence: dict[str, Any] | None = None  # the job was stopped to be rewound (Divergence.to_dict())
 
     def to_json(self) -> bytes:
         return json.dumps(self.__dict__, sort_keys=True).encode()
@@ -194,6 +197,7 @@ class Step:
     events: list[Event]
     hang_detected: bool = False  # just now: the caller cancels the job
     diverged: bool = False  # just now: the loss went NaN for good; the caller cancels the job
+    rewinding: bool = False  # just now: the loss diverged and the run is to be rewound; the caller kills the job
     finished: bool = False  # the job ended and its log is read to the end
     truncated: bool = False  # the log shrank (requeue with --open-mode=truncate): read again from 0
     skipped: int = 0  # unread bytes jumped over just now (MAX_BACKLOG_BYTES)
@@ -201,7 +205,7 @@ class Step:
     @property
     def noteworthy(self) -> bool:
         """Worth saving the watch state at once."""
-        if self.hang_detected or self.diverged or self.finished:
+        if self.hang_detected or self.diverged or self.rewinding or self.finished:
             return True
         return any(e.name in NOTEWORTHY or e.metadata.get("kind") == "anomaly" for e in self.events)
 
@@ -210,6 +214,8 @@ class Step:
         """Why the caller must cancel the job now, or None."""
         if self.hang_detected:
             return "no log growth and no iteration progress: hung"
+        if self.rewinding:
+            return "its loss diverged: stopping it without a save, to rewind"
         if self.diverged:
             return "its loss was NaN or infinite in the last log intervals: diverged"
         return None
@@ -225,10 +231,12 @@ class JobWatch:
         now: float,
         nan_limit: int = 0,
         anomalies: AnomalySettings | None = None,
+        rewind: bool = False,
     ):
         self.state = state
         self.matcher = EventMatcher.from_state(specs, state.matcher)
         self.detector = AnomalyDetector(anomalies, state.anomalies)
+        self.rewind = rewind  # an unrecovered loss spike, or a NaN loss that lasts, stops the job to be rewound
         self.activity = Activity.from_dict(state.activity, now)
         self.threshold = inactivity_threshold
         self.nan_limit = nan_limit  # NaN log intervals in a row that stop the job (0: never)
@@ -284,6 +292,11 @@ class JobWatch:
         if running and self.nan_limit and not self.state.diverged and nan_intervals >= self.nan_limit:
             # every further interval burns GPU-hours on a run that will not recover by itself
             self.state.diverged = diverged = True
+        rewinding = False
+        if running and self.rewind and self.state.divergence is None:
+            found = self._divergence(events)
+            if found is not None:
+                self.state.divergence, rewinding = found.to_dict(), True
         finished = False
         if ended:
             self.state.final_status = status.to_dict()
@@ -300,7 +313,15 @@ class JobWatch:
         self.state.matcher = self.matcher.state()
         self.state.anomalies = self.detector.state()
         self.state.activity = self.activity.to_dict()
-        return Step(lines, events, hang, diverged, finished, truncated, skipped)
+        return Step(lines, events, hang, diverged, rewinding, finished, truncated, skipped)
+
+    @staticmethod
+    def _divergence(events: Sequence[Event]) -> Divergence | None:
+        """What to rewind for: an unrecovered loss spike, or a NaN loss that lasted `monitoring.nan_intervals`."""
+        for event in events:
+            if event.name in UNRECOVERED:
+                return Divergence.of(UNRECOVERED[event.name], event.groups, event.groups["detected_at"])
+        return None
 
     def progress(self, status: JobStatus | None, now: float) -> dict[str, Any]:
         """What a running job looks like now (JSON-safe, bounded): the dashboard's live view."""
@@ -335,6 +356,7 @@ class JobWatch:
             "status": self.state.final_status,
             "hang": self.state.hang,
             "diverged": self.state.diverged,
+            "divergence": self.state.divergence,
             "cancelled_by_us": self.state.cancelled_by_us,
             "summary": self.state.summary,
             "tail": tail.decode("utf-8", errors="replace"),
@@ -354,6 +376,7 @@ class FollowStep:
     lines: list[str] = field(default_factory=list)  # new log lines, to stream after the notices
     later: list[tuple[int, str]] = field(default_factory=list)  # notices about those lines (events, a stop)
     cancel: bool = False  # cancel the job now (hung or diverged)
+    cancel_signal: str | None = None  # with this signal (KILL: no exit handler may save the diverged state)
     finished: bool = False  # read the tail and save with `final_request`, then fire `result`
     error: str | None = None  # the cluster stayed unreachable for good: give up following
     publish: dict[str, Any] | None = None  # a new progress snapshot for the task's `progress` XCom
@@ -382,6 +405,7 @@ class JobFollower:
         inactivity_threshold: float | None,
         nan_limit: int,
         anomalies: AnomalySettings | None = None,
+        rewind: bool = False,
         output_paths: Sequence[str] = (),
         cluster_name: str = "the cluster",
         max_outage: float | None = DEFAULT_MAX_OUTAGE_SECONDS,
@@ -397,6 +421,7 @@ class JobFollower:
         self.inactivity_threshold = inactivity_threshold
         self.nan_limit = nan_limit
         self.anomalies = anomalies
+        self.rewind = rewind
         self.output_paths = list(output_paths)
         self.watch: JobWatch | None = None
         self._pending_write: bytes | None = None
@@ -444,17 +469,40 @@ class JobFollower:
             for e in step.events
             if e.name != "iteration"
         ]
-        if step.stop_reason:
+        if step.rewinding and watch.state.divergence is not None:
+            d = Divergence.from_dict(watch.state.divergence)
+            target = f"checkpoint {d.rewind_to}" if d.rewind_to else "the start"
+            message = f"job {self.job_id}: {d.describe()} did not recover: killing it, without a save, to rewind"
+            later.append((logging.WARNING, f"{message} to {target}"))
+            watch.state.cancelled_by_us = True
+        elif step.stop_reason:
             later.append((logging.WARNING, f"job {self.job_id}: {step.stop_reason}: cancelling it"))
             watch.state.cancelled_by_us = True
+        signal = "KILL" if step.rewinding else None
         if step.finished:
-            return FollowStep(notices, step.lines, later, cancel=bool(step.stop_reason), finished=True, notify=notify)
+            return FollowStep(
+                notices,
+                step.lines,
+                later,
+                cancel=bool(step.stop_reason),
+                cancel_signal=signal,
+                finished=True,
+                notify=notify,
+            )
         publish = None
         if watch.progress_mark(update.status) != self._published:
             publish, self._published = self.snapshot(now), watch.progress_mark(update.status)
         if step.noteworthy or now - self._saved_at >= SAVE_EVERY:
             self._pending_write = watch.state.to_json()  # saved with the next cycle
-        return FollowStep(notices, step.lines, later, cancel=bool(step.stop_reason), publish=publish, notify=notify)
+        return FollowStep(
+            notices,
+            step.lines,
+            later,
+            cancel=bool(step.stop_reason),
+            cancel_signal=signal,
+            publish=publish,
+            notify=notify,
+        )
 
     def _failed_poll(
         self, error: str, failing_since: float | None, consecutive_failures: int, now: float
@@ -519,5 +567,6 @@ class JobFollower:
             now=now,
             nan_limit=self.nan_limit,
             anomalies=self.anomalies,
+            rewind=self.rewind,
         )
         return FollowStep(notices, poll_again=True)

@@ -24,7 +24,13 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException, Airfl
 from airflow.sdk.log import mask_secret
 
 from airflow_oellm.config.errors import ConfigError
-from airflow_oellm.config.milestones import EVALUATE, evaluation_files, resume_own_checkpoint, typed
+from airflow_oellm.config.milestones import (
+    EVALUATE,
+    evaluation_files,
+    resume_own_checkpoint,
+    skipping_iterations,
+    typed,
+)
 from airflow_oellm.config.naming import (
     HISTORY_KEY,
     JOB_ID_KEY,
@@ -233,8 +239,9 @@ class SlurmSubmitOperator(BaseOperator):
         try:
             script_path = s.script_path(ti.try_number)
             try:
+                history = self._finish_rewinds(hook, s, history, store)
                 before = self._checkpoint(hook, s)
-                script = self._script(s, history.exclude, before)
+                script = self._script(s, history, before)
                 hook.mkdirs([s.output_dir, s.log_path.rsplit("/", 1)[0], s.script_dir])
                 hook.upload(script_path, script, mode="0700")
                 secrets = self._secrets(s)
@@ -325,6 +332,7 @@ class SlurmSubmitOperator(BaseOperator):
             "inactivity_threshold": s.inactivity,
             "nan_limit": s.stop_nan_limit,
             "anomalies": s.anomalies.to_dict(),
+            "rewind": s.training and s.max_rewinds > 0 and bool(s.checkpoint_dir),
             "output_paths": s.output_paths,
             "poll_interval": s.poll_interval,
             "max_outage": s.max_outage,
@@ -338,11 +346,35 @@ class SlurmSubmitOperator(BaseOperator):
             },
         }
 
-    def _script(self, s: JobSettings, exclude: Sequence[str], own_checkpoint: int | None) -> str:
+    def _script(self, s: JobSettings, history: AttemptHistory, own_checkpoint: int | None) -> str:
         if s.config is None:
             return self.script
         cfg = resume_own_checkpoint(s.config, own_checkpoint)
-        return render_sbatch(cfg, JobSpec(job_name=s.name, exclude=list(exclude)), template_dirs=self.template_dirs)
+        if s.skip_data:  # what the rewinds skipped stays skipped, whichever job gets there
+            cfg = skipping_iterations(cfg, history.skipped_iterations())
+        spec = JobSpec(job_name=s.name, exclude=list(history.exclude))
+        return render_sbatch(cfg, spec, template_dirs=self.template_dirs)
+
+    def _finish_rewinds(self, hook: SlurmHook, s: JobSettings, history: AttemptHistory, store: Any) -> AttemptHistory:
+        """Set the save directory back for every rewind not yet done (a worker that died after deciding it left
+        it undone; run again, a rewind finishes what an interrupted one left), and record what moved."""
+        for attempt in history.rewinds:
+            rewind = dict(attempt.rewind or {})
+            if rewind.get("discarded") is not None or not s.checkpoint_dir:
+                continue
+            discard = f"{s.checkpoint_dir.rstrip('/')}/discarded/{rewind['id']}"
+            rewind["discarded"] = hook.rewind_checkpoints(s.checkpoint_dir, rewind.get("rewind_to") or 0, discard)
+            self.log.warning(
+                "%s: the save directory is back at %s; moved to %s: %s",
+                rewind["id"],
+                rewind.get("rewind_to") or "no checkpoint",
+                discard,
+                rewind["discarded"] or "nothing",
+            )
+            history = history.put(replace(attempt, rewind=rewind))
+            if store is not None:
+                store.set(HISTORY_KEY, history.to_dict())
+        return history
 
     @staticmethod
     def _checkpoint(hook: SlurmHook, s: JobSettings) -> int | None:
@@ -376,6 +408,7 @@ class SlurmSubmitOperator(BaseOperator):
             inactivity_threshold=args["inactivity_threshold"],
             nan_limit=args["nan_limit"],
             anomalies=AnomalySettings.from_dict(args["anomalies"]),
+            rewind=args["rewind"],
             output_paths=args["output_paths"],
             cluster_name=self.cluster.name,
             max_outage=args["max_outage"],
@@ -405,7 +438,7 @@ class SlurmSubmitOperator(BaseOperator):
                 if step.error:
                     return {"kind": "error", "job_id": job_id, "message": step.error}
                 if step.cancel:
-                    hook.cancel([job_id])
+                    hook.cancel([job_id], step.cancel_signal)
                 if step.finished:
                     return follower.result(self._read_tail(hook, follower))
                 if step.publish is not None:
@@ -445,6 +478,12 @@ class SlurmSubmitOperator(BaseOperator):
             if store is not None:
                 store.set(HISTORY_KEY, decision.history.to_dict())
             verdict, attempt, result = decision.classification, decision.attempt, decision.result
+            if attempt.rewind:
+                try:
+                    rewound = self._finish_rewinds(hook, s, decision.history, store)
+                    result["attempts"] = rewound.to_dict()["attempts"]  # with what the rewind moved
+                except SlurmCommandError as exc:  # the next try does it before it submits
+                    self.log.warning("the rewind is not done yet: %s", exc)
             job_id, log_path = event["job_id"], event.get("log_path")
             ended = attempt.raw_state or attempt.state
             self.log.info("job %s ended %s: %s (%s)", job_id, ended, verdict.verdict, verdict.reason)

@@ -41,6 +41,7 @@ class SlurmJobTrigger(ClusterTrigger):
         "inactivity_threshold",
         "nan_limit",
         "anomalies",
+        "rewind",
         "output_paths",
         "stream_log",
         "progress_to",
@@ -60,6 +61,7 @@ class SlurmJobTrigger(ClusterTrigger):
         inactivity_threshold: float | None = None,
         nan_limit: int = 0,
         anomalies: dict[str, Any] | None = None,
+        rewind: bool = False,
         output_paths: list[str] | None = None,
         poll_interval: float = 60.0,
         fire_after: float | None = None,
@@ -83,6 +85,7 @@ class SlurmJobTrigger(ClusterTrigger):
         self.inactivity_threshold = inactivity_threshold
         self.nan_limit = nan_limit
         self.anomalies = dict(anomalies) if anomalies is not None else None  # AnomalySettings.to_dict()
+        self.rewind = rewind  # a diverged loss stops the job to be rewound
         self.output_paths = list(output_paths or [])
         self.stream_log = stream_log
         # the task instance whose `progress` XCom follows the job: dag_id, run_id, task_id, map_index
@@ -100,6 +103,7 @@ class SlurmJobTrigger(ClusterTrigger):
             inactivity_threshold=self.inactivity_threshold,
             nan_limit=self.nan_limit,
             anomalies=AnomalySettings.from_dict(self.anomalies),
+            rewind=self.rewind,
             output_paths=self.output_paths,
             cluster_name=self.cluster.name,
             max_outage=self.max_outage,
@@ -120,7 +124,7 @@ class SlurmJobTrigger(ClusterTrigger):
                 yield TriggerEvent({"kind": "error", "job_id": self.job_id, "message": step.error})
                 return
             if step.cancel:
-                await self._cancel()
+                await self._cancel(step.cancel_signal)
             if step.finished:
                 yield TriggerEvent(follower.result(await self._read_tail(follower)))
                 return
@@ -163,10 +167,10 @@ class SlurmJobTrigger(ClusterTrigger):
         finally:
             await hook.close()
 
-    async def _cancel(self) -> None:
+    async def _cancel(self, signal: str | None = None) -> None:
         hook = self.hook()
         try:
-            await asyncio.wait_for(hook.cancel([self.job_id]), 60)
+            await asyncio.wait_for(hook.cancel([self.job_id], signal), 60)
         finally:
             await hook.close()
 

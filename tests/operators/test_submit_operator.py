@@ -362,9 +362,15 @@ def test_after_exit_16_the_job_resumes_from_the_checkpoint_it_saved(write, backe
 @pytest.mark.faults
 @pytest.mark.megatron
 def test_a_diverged_training_is_stopped_and_not_retried(write, backend, run_dag, reliability):
-    """A NaN loss from iteration 12 on (bf16-style lines: no lm loss, grad norm nan): after three log intervals the
-    watcher cancels the job instead of letting it burn its time limit, and the training fails without a retry."""
-    exp = experiment(write, backend, "backend.args.train_iters=200", "monitoring.nan_intervals=3")
+    """A NaN loss from iteration 12 on (bf16-style lines: no lm loss, grad norm nan), rewinds turned off: after three
+    log intervals the watcher cancels the job instead of letting it burn its time limit, and the training fails
+    without a retry."""
+    overrides = (
+        "backend.args.train_iters=200",
+        "monitoring.nan_intervals=3",
+        "monitoring.anomalies.rewind.max_rewinds=0",
+    )
+    exp = experiment(write, backend, *overrides)
     dag = train_dag(exp, backend)
     dag.get_task("train").experiment.value["platform"]["env"]["FAKE_NAN_FROM"] = 12
     dr = run_dag(dag)
@@ -379,6 +385,37 @@ def test_a_diverged_training_is_stopped_and_not_retried(write, backend, run_dag,
         f"loss NaN from iteration 12 ({backend.batch_system})",
         f"cancelled at iteration {attempt['last_iteration']} of 200 after three NaN intervals; failed, not retried",
         duplicates=len(submitted(backend, exp)) - 1,
+    )
+
+
+@pytest.mark.anomalies
+def test_a_nan_loss_is_rewound_and_fails_once_it_comes_back_after_the_last_rewind(write, backend, run_dag, reliability):
+    """A NaN loss from iteration 12 on that no rewind cures (the fake trainer ignores what it is told to skip): the
+    first divergence kills the job (no save), sets the save directory back to checkpoint 10, and the next job resumes
+    there skipping the NaN stretch; the second divergence, with max_rewinds 1 used up, fails the training."""
+    overrides = ("backend.args.train_iters=200", "monitoring.anomalies.rewind.max_rewinds=1")
+    exp = experiment(write, backend, *overrides)
+    dag = train_dag(exp, backend)
+    dag.get_task("train").experiment.value["platform"]["env"]["FAKE_NAN_FROM"] = 12
+    dr = run_dag(dag)
+    assert dr.state == "failed" and tis(dr)["train"].try_number == 2
+    first, second = xcom(dr, "train", "result")["attempts"]
+    rewind = first["rewind"]
+    assert first["verdict"] == "retry" and first["reason"].startswith("rewind: NaN loss at 12 -> checkpoint 10")
+    assert (rewind["start"], rewind["rewind_to"], rewind["skipped"][0]) == (12, 10, 11)
+    assert rewind["discarded"] is not None  # done: the tracker went back to 10 before the second job
+    assert second["checkpoint_before"] == 10 and second["resumed_from"] == 10
+    script = backend.run(["cat", exp.paths.script_dir + f"/{exp.name}-try2.sbatch"])
+    skipped = " ".join(f'"{i}"' for i in range(11, rewind["skipped"][1] + 1))
+    assert f"--iterations-to-skip {skipped}" in script
+    assert second["verdict"] == "fatal" and "after 1 rewind(s): rewind: NaN loss at 12" in second["reason"]
+    # failed, and set back all the same: a manual resume loads checkpoint 10, not the NaN weights saved since
+    assert second["rewind"]["discarded"] is not None and second["reason"].endswith("back at checkpoint 10")
+    assert backend.run(["cat", f"{exp.paths.checkpoint_dir}/latest_checkpointed_iteration.txt"]).strip() == "10"
+    reliability.record(
+        f"loss NaN from iteration 12, every time ({backend.batch_system})",
+        f"rewound to checkpoint 10 skipping 11-{rewind['skipped'][1]}; NaN again: failed after 1 rewind",
+        duplicates=len(submitted(backend, exp)) - 2,
     )
 
 

@@ -21,11 +21,13 @@ from hypothesis import strategies as st
 from airflow_oellm.config import ConfigError, load_sweep
 from airflow_oellm.config.schema import AnomaliesConfig, LossSpikeConfig
 from airflow_oellm.megatron.checkpoints import parse_rewind, rewind_script
-from airflow_oellm.monitor.anomalies import AnomalyDetector, AnomalySettings
+from airflow_oellm.monitor.anomalies import AnomalyDetector, AnomalySettings, Divergence
 from airflow_oellm.monitor.events import Event, event_specs, match_log
-from airflow_oellm.monitor.watch import JobWatch, WatchState, empty_summary, summarize
+from airflow_oellm.monitor.watch import JobFollower, JobWatch, WatchState, empty_summary, summarize
 from airflow_oellm.slurm.commands import FileChunk
+from airflow_oellm.slurm.operations import PollUpdate
 from airflow_oellm.slurm.states import JobState, JobStatus
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.anomalies
 
@@ -128,7 +130,11 @@ def test_a_smooth_run_has_no_anomaly(stem):
 @pytest.mark.parametrize("stem", DIALECTS)
 def test_a_nan_loss_is_found_at_its_first_interval_with_the_checkpoint_before_it(stem):
     found = anomalies(render_log(stem, curve(nan_from=640)))
-    assert [(e.name, e.groups["iteration"], e.groups["rewind_to"]) for e in found] == [("loss_nan", 640, 600)]
+    assert [(e.name, e.groups["iteration"], e.groups["rewind_to"]) for e in found] == [
+        ("loss_nan", 640, 600),
+        ("loss_nan_unrecovered", 640, 600),  # NaN for monitoring.nan_intervals (3) intervals: a rewind acts
+    ]
+    assert found[1].groups["detected_at"] == 660
 
 
 @pytest.mark.megatron
@@ -136,7 +142,10 @@ def test_the_recorded_nan_logs():
     """fp16 core 0.14: NaN from step 677, counted in `number of nan iterations` (log interval 100, saves
     every 500); core 0.12: Megatron's own check stops the run at step 735."""
     counted = anomalies((LOGS / "core_v0.14.0_nan_intervals.log").read_text())
-    assert [(e.name, e.groups["iteration"], e.groups["rewind_to"]) for e in counted] == [("loss_nan", 700, 500)]
+    assert [(e.name, e.groups["iteration"], e.groups["rewind_to"]) for e in counted] == [
+        ("loss_nan", 700, 500),
+        ("loss_nan_unrecovered", 700, 500),
+    ]
     assert counted[0].groups["nan_iterations"] == 24
     checked = anomalies((LOGS / "core_v0.12.0_nan.log").read_text())
     assert [(e.name, e.groups["iteration"], e.groups["rewind_to"]) for e in checked] == [("loss_nan", 735, 500)]
@@ -146,7 +155,7 @@ def test_the_recorded_nan_logs():
 def test_no_recorded_dialect_log_has_a_loss_spike():
     for log in LOGS.glob("*.log"):
         found = anomalies(log.read_text())
-        assert {e.name for e in found} <= {"loss_nan"}, (log.name, [(e.name, e.groups) for e in found])
+        assert {e.name for e in found} <= {"loss_nan", "loss_nan_unrecovered"}, (log.name, found)
 
 
 def iteration_event(iteration: int, loss: float | str | None = None, **more) -> Event:
@@ -215,8 +224,12 @@ def test_the_rewind_target_is_the_last_checkpoint_at_or_before_the_last_normal_i
 
 def test_nan_intervals_begin_at_the_first_and_end_with_a_finite_loss():
     found = run([*FLAT, "nan", None, "inf", 3.0, 3.0], bf16_nan_at=32)
-    assert [(name, g["iteration"]) for name, g in found] == [("loss_nan", 31), ("loss_nan_recovered", 34)]
-    assert found[1][1]["intervals"] == 3
+    assert [(name, g["iteration"]) for name, g in found] == [
+        ("loss_nan", 31),
+        ("loss_nan_unrecovered", 31),
+        ("loss_nan_recovered", 34),
+    ]
+    assert found[1][1]["detected_at"] == 33 and found[2][1]["intervals"] == 3
     counted = [iteration_event(1, 3.0, nan_iterations=0), iteration_event(2, 3.0, nan_iterations=4)]
     assert [e.name for e in AnomalyDetector().process(counted) if e.metadata.get("kind") == "anomaly"] == ["loss_nan"]
 
@@ -406,3 +419,57 @@ def test_a_rewind_to_the_start_leaves_no_tracker(tmp_path):
     assert rewind(tmp_path / "nowhere", 0, discarded).returncode == 3
     with pytest.raises(ValueError):
         rewind_script("/c", -1, "/d")
+
+
+def follow(log: bytes, *, rewind: bool, nan_limit: int = 0) -> tuple[list, JobFollower]:
+    """Feed a running job's log to a follower a chunk per poll; the FollowSteps that cancel."""
+    follower = JobFollower("7", "/log", "/state", event_specs(), inactivity_threshold=None, nan_limit=nan_limit,
+                           rewind=rewind)  # fmt: skip
+    follower.on_update(PollUpdate("7", None, 1, chunks=(FileChunk("/state", 0, None, b""),)), 0.0)
+    running, cancels = JobStatus("7", JobState.RUNNING), []
+    for offset in range(0, len(log), 2048):
+        chunk = FileChunk("/log", offset, len(log), log[offset : offset + 2048])
+        step = follower.on_update(PollUpdate("7", running, 2 + offset, chunks=(chunk,)), float(offset))
+        if step.cancel:
+            cancels.append(step)
+    return cancels, follower
+
+
+def test_an_unrecovered_spike_kills_the_job_for_a_rewind_only_when_rewinds_are_on():
+    log = render_log("core_v0.19.0", curve(437)).encode()
+    cancels, follower = follow(log, rewind=True)
+    assert [c.cancel_signal for c in cancels] == ["KILL"]  # once, and no exit handler may save
+    assert any(
+        "did not recover: killing it, without a save, to rewind to checkpoint 400" in m for _, m in cancels[0].later
+    )
+    state = follower.watch.state
+    assert state.cancelled_by_us and state.divergence["anomaly"] == "loss_spike"
+    d = Divergence.from_dict(state.divergence)
+    assert (d.start, d.rewind_to, d.last_normal) == (440, 400, 430) and d.detected_at == 440 + 20 * INTERVAL
+    assert d.skipped() == list(range(430, 641))
+    assert follower.result(b"")["divergence"] == state.divergence
+    assert follow(log, rewind=False)[0] == []  # events only: the job trains on
+
+
+def test_a_lasting_nan_loss_kills_the_job_for_a_rewind():
+    log = render_log("megatron_v2.6", curve(nan_from=640)).encode()
+    cancels, follower = follow(log, rewind=True, nan_limit=3)
+    assert [c.cancel_signal for c in cancels] == ["KILL"]
+    d = Divergence.from_dict(follower.watch.state.divergence)
+    assert (d.anomaly, d.start, d.last_normal, d.detected_at, d.rewind_to) == ("loss_nan", 640, 630, 660, 600)
+    cancels, follower = follow(log, rewind=False, nan_limit=3)  # no rewinds: stopped as diverged, as before
+    assert [c.cancel_signal for c in cancels] == [None] and follower.watch.state.divergence is None
+
+
+@pytest.mark.render
+def test_the_skipped_iterations_reach_the_job_script_beside_the_configs_own():
+    from airflow_oellm.config.milestones import skipping_iterations, typed
+    from airflow_oellm.jobscript.render import JobSpec, render_sbatch
+
+    experiment = load_sweep(REPO / "config" / "sweeps" / "cooldowns_and_evals.yaml").experiments[0]
+    config = experiment.runtime_config()
+    config["backend"]["args"]["iterations_to_skip"] = 7
+    cfg = skipping_iterations(typed(config), [12, 11, 7])
+    assert cfg.backend.args["iterations_to_skip"] == [7, 11, 12]
+    assert '--iterations-to-skip "7" "11" "12"' in render_sbatch(cfg, JobSpec(job_name="x"))
+    assert skipping_iterations(typed(config), []).backend.args["iterations_to_skip"] == 7

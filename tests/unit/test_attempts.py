@@ -377,3 +377,64 @@ def test_a_try_that_lost_the_cluster_leaves_the_attempts_so_far_as_its_result():
     assert AttemptHistory.of_result(pushed[RESULT_KEY]) == AttemptHistory.from_dict(history)
     assert pushed[RESULT_KEY]["job_ids"] == ["7"]
     assert "cannot connect to lumi" in pushed[RESULT_KEY]["lost_contact"]
+
+
+def diverged(job_id: str, divergence: dict, **summary) -> dict:
+    event = ended("CANCELLED", job_id=job_id, cancelled_by_us=True, **summary)
+    return {**event, "divergence": divergence}
+
+
+SPIKE = {"anomaly": "loss_spike", "start": 1240, "last_normal": 1230, "detected_at": 1430, "rewind_to": 1200}
+
+
+def test_a_diverged_training_is_rewound_until_its_rewinds_are_used_up(training):
+    assert training.max_rewinds == 2 and training.skip_data
+    history = history_of(submitted(1, "101", 1000))
+    first = decide_attempt(history, 1, 5, diverged("101", SPIKE), 1400, training)
+    assert (first.classification.verdict, first.classification.progress_free) == (RETRY, True)
+    assert first.classification.reason == "rewind: loss spike at 1240 -> checkpoint 1200, skipping 1230-1430"
+    rewind = first.attempt.rewind
+    assert rewind["id"] == "rewind-1-job101" and rewind["skipped"] == [1230, 1430] and rewind["discarded"] is None
+    assert first.result["checkpoint"] == 1200 and first.status_fields["iteration"] == 1200  # where it resumes
+    assert first.training_state is TrainingState.RETRYING
+    assert first.history.skipped_iterations() == list(range(1230, 1431))
+
+    # the rewound job times out (an ordinary retry), then diverges again: the second rewind
+    history = first.history.put(submitted(2, "102", 1200))
+    second = decide_attempt(history, 2, 5, ended("TIMEOUT", job_id="102"), 1300, training)
+    assert second.classification.verdict == RETRY and second.attempt.rewind is None
+    history = second.history.put(submitted(3, "103", 1300))
+    nan = {"anomaly": "loss_nan", "start": 1520, "last_normal": 1510, "detected_at": 1550, "rewind_to": 1500}
+    third = decide_attempt(history, 3, 5, diverged("103", nan), 1500, training)
+    assert third.classification.reason == "rewind: NaN loss at 1520 -> checkpoint 1500, skipping 1510-1550"
+    assert len(third.history.rewinds) == 2 and third.history.skipped_iterations()[-1] == 1550
+
+    history = third.history.put(submitted(4, "104", 1500))
+    last = decide_attempt(history, 4, 5, diverged("104", {**SPIKE, "start": 1620, "rewind_to": 1600}), 1600, training)
+    assert last.classification.verdict == FATAL and last.attempt.rewind["id"] == "rewind-3-job104"
+    # no resume, a manual one included, may load the diverged weights: the directory goes back all the same
+    assert last.classification.reason.endswith("; the save directory is back at checkpoint 1600")
+    assert last.result["checkpoint"] == 1600
+    assert last.classification.reason.startswith("the loss diverged (loss spike at 1620, no recovery) after 2 rewind")
+    assert "rewind: loss spike at 1240" in last.classification.reason  # the history of the rewinds
+    assert last.training_state is TrainingState.FAILED
+
+
+def test_a_rewind_to_before_the_first_checkpoint_and_without_skipping(experiment):
+    config = {**experiment, "monitoring": {**experiment["monitoring"], "anomalies": {"rewind": {"skip_data": False}}}}
+    settings = job_settings(experiment=config, job=None, task_id="train")
+    early = {**SPIKE, "start": 40, "last_normal": 30, "detected_at": 90, "rewind_to": None}
+    decision = decide_attempt(history_of(submitted(1, "101", None)), 1, 3, diverged("101", early), None, settings)
+    assert decision.classification.reason == "rewind: loss spike at 40 -> the start"
+    assert decision.attempt.rewind["skipped"] is None and decision.result["checkpoint"] == 0
+    assert decision.history.skipped_iterations() == []
+
+
+def test_a_training_that_finished_is_not_rewound_and_side_jobs_never_are(training, script):
+    done = decide_attempt(
+        history_of(submitted(1, "101", 0)), 1, 3, diverged("101", SPIKE, training_done=True), 1500, training
+    )
+    assert done.attempt.rewind is None and not done.classification.reason.startswith("rewind")
+    assert script.max_rewinds == 0
+    side = decide_attempt(history_of(submitted(1, "101", None)), 1, 3, diverged("101", SPIKE), None, script)
+    assert side.attempt.rewind is None and not side.classification.reason.startswith("rewind")

@@ -12,6 +12,7 @@ import pytest
 
 from airflow_oellm.config import ConfigError, load_sweep
 from airflow_oellm.dag_factory import experiment_dag, load_dags
+from airflow_oellm.monitor.records import AttemptHistory
 from airflow_oellm.operators.prepare import check_protected, override_strings, run_params
 from tests.conftest import EXAMPLE_SWEEPS, REPO
 
@@ -273,7 +274,7 @@ def test_project_sbatch_templates_reach_the_operators(write, project):
     for job in (None, {"kind": "convert", "iteration": 10, "cooldown": None}):
         op = SlurmSubmitOperator(task_id="t", experiment=exp.resolved, job=job, template_dirs=sweep.template_dirs)
         op.experiment, op.job = exp.resolved, job  # as template rendering leaves them at run time
-        assert 'echo "site hook ' in op._script(op._settings(), [], None)
+        assert 'echo "site hook ' in op._script(op._settings(), AttemptHistory(), None)
 
 
 def test_site_requirements_resolve_on_the_airflow_host_when_the_dag_file_is_parsed(tmp_path, write, monkeypatch):
