@@ -158,6 +158,9 @@ class SlurmHook(BaseHook):
     def read_tracker(self, checkpoint_dir: str) -> int | str | None:
         return self.run(operations.read_tracker(checkpoint_dir))
 
+    def kill(self, job_ids: Sequence[str]) -> None:
+        self.run(operations.kill(job_ids))
+
     def rewind_checkpoints(self, checkpoint_dir: str, iteration: int, discard_dir: str) -> list[int]:
         return self.run(operations.rewind_checkpoints(checkpoint_dir, iteration, discard_dir))
 
@@ -245,6 +248,9 @@ class AsyncSlurmHook:
 
     async def cancel(self, job_ids: Sequence[str], signal: str | None = None, *, batch_only: bool = False) -> None:
         await self.run(operations.cancel(job_ids, signal, batch_only=batch_only))
+
+    async def kill(self, job_ids: Sequence[str]) -> None:
+        await self.run(operations.kill(job_ids))
 
     async def submit_once(
         self,

@@ -336,7 +336,7 @@ def scancel(store: JobStore, argv: Sequence[str]) -> str:
                 write_json(record.directory / "cancel.json", {"uid": os.getuid(), "time": time.time()})
         elif record.pgid is not None:
             try:
-                if "batch" in options:
+                if "batch" in options and "full" not in options:  # the shell alone, as SLURM's --batch
                     os.kill(record.pgid["pgid"], signum)
                 else:
                     os.killpg(record.pgid["pgid"], signum)

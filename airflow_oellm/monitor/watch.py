@@ -376,7 +376,7 @@ class FollowStep:
     lines: list[str] = field(default_factory=list)  # new log lines, to stream after the notices
     later: list[tuple[int, str]] = field(default_factory=list)  # notices about those lines (events, a stop)
     cancel: bool = False  # cancel the job now (hung or diverged)
-    cancel_signal: str | None = None  # with this signal (KILL: no exit handler may save the diverged state)
+    kill: bool = False  # cancel it with SIGKILL alone: no exit handler may save the diverged state
     finished: bool = False  # read the tail and save with `final_request`, then fire `result`
     error: str | None = None  # the cluster stayed unreachable for good: give up following
     publish: dict[str, Any] | None = None  # a new progress snapshot for the task's `progress` XCom
@@ -478,14 +478,13 @@ class JobFollower:
         elif step.stop_reason:
             later.append((logging.WARNING, f"job {self.job_id}: {step.stop_reason}: cancelling it"))
             watch.state.cancelled_by_us = True
-        signal = "KILL" if step.rewinding else None
         if step.finished:
             return FollowStep(
                 notices,
                 step.lines,
                 later,
                 cancel=bool(step.stop_reason),
-                cancel_signal=signal,
+                kill=step.rewinding,
                 finished=True,
                 notify=notify,
             )
@@ -499,7 +498,7 @@ class JobFollower:
             step.lines,
             later,
             cancel=bool(step.stop_reason),
-            cancel_signal=signal,
+            kill=step.rewinding,
             publish=publish,
             notify=notify,
         )

@@ -437,8 +437,10 @@ class SlurmSubmitOperator(BaseOperator):
                     tell(callback, step.notify, self.log)
                 if step.error:
                     return {"kind": "error", "job_id": job_id, "message": step.error}
-                if step.cancel:
-                    hook.cancel([job_id], step.cancel_signal)
+                if step.cancel and step.kill:
+                    hook.kill([job_id])
+                elif step.cancel:
+                    hook.cancel([job_id])
                 if step.finished:
                     return follower.result(self._read_tail(hook, follower))
                 if step.publish is not None:

@@ -245,6 +245,23 @@ def scancel_argv(job_ids: Sequence[str], signal: str | None = None, *, batch_onl
     return [*argv, *(checked_job_id(j) for j in job_ids)]
 
 
+def kill_script(job_ids: Sequence[str]) -> str:
+    """SIGKILL to every step of the jobs, then to their batch shells and the shells' children, so that no process
+    of theirs gets a SIGTERM first. `scancel --signal=KILL JOB` cancels the job as a whole, and a cancelled job's
+    processes get SIGTERM before SIGKILL (seen on SLURM 22.05): Megatron's exit handler would save on it.
+    `--batch` alone reaches the shell, not its children (a trainer started without srun lives on, orphaned,
+    under proctrack/linuxproc): `--full` reaches them too. Jobs that already ended are no error: their end is
+    what the caller waits for."""
+    parts = []
+    for job in (checked_job_id(j) for j in job_ids):
+        parts.append(
+            f"for s in $(squeue -h -s -j {job} -o %i 2>/dev/null); do case $s in *.batch|*.extern) ;; "
+            f'*) scancel --signal=KILL "$s" 2>/dev/null;; esac; done; '
+            f"scancel --batch --full --signal=KILL {job} 2>/dev/null"
+        )
+    return "; ".join([*parts, "true"])
+
+
 def exclude_nodes_argv(job_id: str, nodes: Sequence[str]) -> list[str]:
     for node in nodes:
         if not re.match(r"^[A-Za-z0-9_.\-\[\],]+$", node):

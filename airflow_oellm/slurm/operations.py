@@ -371,6 +371,12 @@ def cancel(job_ids: Sequence[str], signal: str | None = None, *, batch_only: boo
     _checked(result, "scancel")
 
 
+def kill(job_ids: Sequence[str]) -> Operation[None]:
+    """SIGKILL to the jobs' processes, no SIGTERM first (commands.kill_script)."""
+    result = yield Command(commands.kill_script(job_ids), label="kill")
+    _checked(result, "kill")
+
+
 def exclude_nodes(job_id: str, nodes: Sequence[str]) -> Operation[None]:
     result = yield Command(shlex.join(commands.exclude_nodes_argv(job_id, nodes)), label="scontrol")
     _checked(result, "scontrol update")

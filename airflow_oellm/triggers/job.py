@@ -124,7 +124,7 @@ class SlurmJobTrigger(ClusterTrigger):
                 yield TriggerEvent({"kind": "error", "job_id": self.job_id, "message": step.error})
                 return
             if step.cancel:
-                await self._cancel(step.cancel_signal)
+                await self._cancel(kill=step.kill)
             if step.finished:
                 yield TriggerEvent(follower.result(await self._read_tail(follower)))
                 return
@@ -167,10 +167,10 @@ class SlurmJobTrigger(ClusterTrigger):
         finally:
             await hook.close()
 
-    async def _cancel(self, signal: str | None = None) -> None:
+    async def _cancel(self, *, kill: bool = False) -> None:
         hook = self.hook()
         try:
-            await asyncio.wait_for(hook.cancel([self.job_id], signal), 60)
+            await asyncio.wait_for(hook.kill([self.job_id]) if kill else hook.cancel([self.job_id]), 60)
         finally:
             await hook.close()
 

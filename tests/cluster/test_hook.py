@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import shlex
 import threading
 import time
 import uuid
@@ -113,6 +114,38 @@ def test_cancel_with_a_signal_reaches_the_batch_shell(hook, remote_dir):
         time.sleep(0.5)  # poll
     assert hook.job_status(job_id).state is JobState.RUNNING  # the signal did not end the job
     hook.cancel([job_id])
+
+
+@pytest.mark.anomalies
+@pytest.mark.parametrize("with_step", [True, False], ids=["srun-step", "batch-shell"])
+def test_kill_ends_every_process_without_a_sigterm_first(hook, dev_cluster, remote_dir, with_step):
+    """What a rewind stops a diverged job with: a SIGTERM would let Megatron's exit handler save the diverged
+    weights. `scancel --signal=KILL` sends one first (it cancels the job as a whole); `kill` does not."""
+    # a Python child of the batch shell or of an srun step, as a trainer started either way
+    marker = f"oellm-kill-{uuid.uuid4().hex[:8]}"
+    work = (
+        f"# {marker}\nimport signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *_: print('got TERM', flush=True))\n"
+        "print('started', flush=True)\n"
+        "for i in range(120):\n    time.sleep(1)\n    print('tick', i, flush=True)\n"
+    )
+    python = f"python3 -c {shlex.quote(work)}"
+    body = f"srun {python} & wait" if with_step else python
+    name = f"kill{'step' if with_step else 'batch'}"
+    job_id, _ = hook.submit_unreconciled(put_job(hook, remote_dir, name, f"trap 'echo got TERM' TERM; {body}"))
+    out = f"{remote_dir}/{name}-{job_id}.out"
+    deadline = time.monotonic() + 30
+    while b"started" not in hook.read_range(out).data:  # the traps are set
+        assert time.monotonic() < deadline, "the job never started"
+        time.sleep(0.2)  # poll
+    hook.kill([job_id])
+    wait_for(hook, job_id, terminal)
+    assert b"got TERM" not in hook.read_range(out).data, hook.read_range(out).data
+    deadline = time.monotonic() + 15  # the dev cluster's one node is this machine: its processes are visible
+    while dev_cluster.ssh(["pgrep", "-f", f"[{marker[0]}]{marker[1:]}"], check=False).returncode == 0:  # not itself
+        assert time.monotonic() < deadline, "a process of the job outlived it"
+        time.sleep(0.5)  # poll
+    hook.kill([job_id])  # a job that ended is no error
 
 
 def test_array_job_as_a_whole_and_by_element(hook, remote_dir):

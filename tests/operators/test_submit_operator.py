@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import json
 import re
 import shlex
+import threading
 import uuid
+from datetime import datetime
+from types import SimpleNamespace
 
 import pytest
 from airflow.sdk import DAG
@@ -14,6 +18,8 @@ from airflow.sdk import DAG
 from airflow_oellm.config import load_sweep
 from airflow_oellm.operators import SlurmSubmitOperator
 from airflow_oellm.slurm.identity import task_status_path
+from airflow_oellm.slurm.target import ClusterTarget
+from tests.conftest import REPO
 from tests.operators.conftest import attempt_history, start_date, unique_dag_id, xcom
 
 
@@ -449,3 +455,88 @@ def test_resumes_the_rerun_state_machine_asks_for_are_not_held_against_the_progr
     assert [a["checkpoint_after"] for a in result["attempts"]] == [14, 14, 14, 14]
     assert all(a["progress_free"] and "exit 16" in a["reason"] for a in result["attempts"])
     assert "no progress" not in result["classification"]["reason"]  # a crash would have stopped at the third
+
+
+def kill_before_its_first_save(dev_cluster, log_dir: str, save_dir: str, stop: threading.Event) -> list[str]:
+    """Beside the DAG run: once the second job's log shows iteration 42 (it resumed at 40, its next save is at
+    80), kill its trainer as a crash would. Returns what it did."""
+    done: list[str] = []
+    while not stop.is_set() and not done:
+        logs = sorted(dev_cluster.ssh(["sh", "-c", f"ls {shlex.quote(log_dir)} 2>/dev/null || true"]).stdout.split())
+        if len(logs) >= 2:
+            log = dev_cluster.ssh(["cat", f"{log_dir}/{logs[1]}"]).stdout
+            if re.search(r"iteration\s+42/", log):
+                dev_cluster.ssh(["pkill", "-KILL", "-f", f"save {save_dir}"], check=False)
+                done.append(logs[1])
+        stop.wait(0.2)  # the next look at the cluster
+    return done
+
+
+@pytest.mark.anomalies
+@pytest.mark.demo
+def test_a_real_loss_spike_is_rewound_skipped_and_trained_through(
+    dev_cluster, remote_dir, slurm_conn_id, run_dag, cluster_tools, write, reliability
+):
+    """The tiny trainer really diverges: samples 400-439 (iterations 51-55) are bad. The watcher finds the spike,
+    kills the job when it has not recovered 20 intervals later, sets the save directory back to checkpoint 40 and
+    resubmits, skipping the diverged batches. That job is killed before its first save: the resume after it still
+    loads checkpoint 40, never the discarded 80. The run trains through, its curve continuous with the first."""
+    name = f"spike{uuid.uuid4().hex[:6]}"
+    path = write(
+        "config/sweeps/spike.yaml",
+        f"""
+        defaults: [{{platform: devcluster}}, {{model: tiny}}, _self_]
+        project: {{name: {name}, base_output_dir: {remote_dir}/runs}}
+        platform: {{ssh_conn_id: {slurm_conn_id}}}
+        backend:
+          python: {cluster_tools.with_name("python")}
+          megatron_path: {REPO / "examples" / "tiny_megatron"}
+          args: {{train_iters: 120, save_interval: 40, log_interval: 1, iter_seconds: 0.1, poisoned_samples: "400:440",
+                  lr: 3.0e-3, min_lr: 3.0e-4, lr_warmup_iters: 0}}
+        monitoring: {{poll_interval_seconds: 2}}
+        restart: {{max_attempts: 4, retry_delay_seconds: 1}}
+        """,
+    )
+    exp = load_sweep(path).experiments[0]
+    save_dir = exp.resolved["backend"]["args"]["save"]
+    stop = threading.Event()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        killer = pool.submit(kill_before_its_first_save, dev_cluster, exp.paths.log_dir, save_dir, stop)
+        try:
+            dr = run_dag(train_dag(exp, SimpleNamespace(conn={"cluster": ClusterTarget(slurm_conn_id)})))
+        finally:
+            stop.set()
+        killed = killer.result()
+    assert dr.state == "success", xcom(dr, "train", "result")
+    spiked, crashed, finished = attempt_history(dr, "train")["attempts"]
+    rewind = spiked["rewind"]
+    assert spiked["reason"].startswith("rewind: loss spike at 51 -> checkpoint 40, skipping 50-71")
+    assert (rewind["start"], rewind["detected_at"], rewind["rewind_to"]) == (51, 71, 40)
+    # killed (no save on the way out) a poll or so after 71: a regular save at 80 may have come first, moved aside
+    assert set(rewind["discarded"]) <= {80} and spiked["last_iteration"] < 120
+    for iteration in rewind["discarded"]:
+        dev_cluster.ssh(["test", "-f", f"{save_dir}/discarded/{rewind['id']}/iter_{iteration:07d}/metadata.json"])
+    assert killed and crashed["checkpoint_before"] == 40 and crashed["resumed_from"] == 40
+    assert crashed["verdict"] == "retry" and crashed["last_iteration"] < 80
+    # the resume after the crash loads the rewound state: checkpoint 40, not the diverged 80
+    assert finished["resumed_from"] == 40 and finished["verdict"] == "success"
+    curves = [dict(map(tuple, a["loss_curve"])) for a in (spiked, finished)]
+    assert not set(curves[1]) & set(range(50, 72))  # the diverged batches were skipped
+    assert curves[1][41] == pytest.approx(curves[0][41], rel=1e-6)  # the same model at 40: the same step 41
+    assert max(curves[1].values()) <= 1.1 * curves[0][41] < curves[0][71]  # no spike the second time
+    assert dev_cluster.ssh(["cat", f"{save_dir}/latest_checkpointed_iteration.txt"]).stdout.strip() == "120"
+    summary = xcom(dr, "train")["summary"]  # the last job's
+    assert not [a for a in summary["anomalies"] if a["name"].startswith("loss_spike")]
+    log = dev_cluster.ssh(["cat", spiked["log_path"]]).stdout
+    stamp = re.search(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\] iteration\s+51/", log).group(1)
+    spike_to_running = (
+        datetime.fromisoformat(crashed["start"]) - datetime.fromisoformat(stamp).replace(tzinfo=None)
+    ).total_seconds()
+    reliability.record(
+        "a real loss spike (tiny trainer, bad samples at iterations 51-55)",
+        f"spike found at 52 (1 iteration late), unrecovered at 71; rewound to 40 skipping 50-71, the rewound job "
+        f"running {spike_to_running:.0f} s after the spike; killed before its first save, resumed from 40 again; "
+        f"final loss {curves[1][120]:.3f}",
+        duplicates=0,
+        spike_to_rewound_job_seconds=round(spike_to_running),
+    )

@@ -438,7 +438,7 @@ def follow(log: bytes, *, rewind: bool, nan_limit: int = 0) -> tuple[list, JobFo
 def test_an_unrecovered_spike_kills_the_job_for_a_rewind_only_when_rewinds_are_on():
     log = render_log("core_v0.19.0", curve(437)).encode()
     cancels, follower = follow(log, rewind=True)
-    assert [c.cancel_signal for c in cancels] == ["KILL"]  # once, and no exit handler may save
+    assert [c.kill for c in cancels] == [True]  # once, and no exit handler may save
     assert any(
         "did not recover: killing it, without a save, to rewind to checkpoint 400" in m for _, m in cancels[0].later
     )
@@ -454,11 +454,11 @@ def test_an_unrecovered_spike_kills_the_job_for_a_rewind_only_when_rewinds_are_o
 def test_a_lasting_nan_loss_kills_the_job_for_a_rewind():
     log = render_log("megatron_v2.6", curve(nan_from=640)).encode()
     cancels, follower = follow(log, rewind=True, nan_limit=3)
-    assert [c.cancel_signal for c in cancels] == ["KILL"]
+    assert [c.kill for c in cancels] == [True]
     d = Divergence.from_dict(follower.watch.state.divergence)
     assert (d.anomaly, d.start, d.last_normal, d.detected_at, d.rewind_to) == ("loss_nan", 640, 630, 660, 600)
     cancels, follower = follow(log, rewind=False, nan_limit=3)  # no rewinds: stopped as diverged, as before
-    assert [c.cancel_signal for c in cancels] == [None] and follower.watch.state.divergence is None
+    assert [c.kill for c in cancels] == [False] and follower.watch.state.divergence is None
 
 
 @pytest.mark.render
