@@ -25,7 +25,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from airflow_oellm.config.naming import experiment_name
 from airflow_oellm.dashboard import queries
 from airflow_oellm.dashboard.model import ExperimentView, SweepView, experiment_view, sweep_view
-from airflow_oellm.dashboard.plot import PALETTE, Series, line_plot
+from airflow_oellm.dashboard.plot import DISCARDED, PALETTE, Series, line_plot
 from airflow_oellm.dashboard.urls import URL_PREFIX
 
 REFRESH_SECONDS = 20  # pages of something still running reload themselves this often
@@ -68,16 +68,25 @@ def plots(experiments: list[ExperimentView]) -> dict[str, Any]:
     """Loss vs iteration and vs tokens for every run; a cooldown dashed in its experiment's colour."""
     curves = [c for e in experiments for c in e.curves]
     colors = _colors(curves)
-    by_iteration = [Series(c.run, c.points, colors[c.group], dashed=c.parent is not None) for c in curves]
+    by_iteration = [
+        Series(c.run, c.points, colors[c.group], c.parent is not None, c.discarded, c.marks) for c in curves
+    ]
     by_tokens = [
-        Series(c.run, [(x * c.tokens_per_iteration, y) for x, y in c.points], colors[c.group], c.parent is not None)
+        Series(
+            c.run,
+            [(x * c.tokens_per_iteration, y) for x, y in c.points],
+            colors[c.group],
+            c.parent is not None,
+            c.discarded,
+            [(x * c.tokens_per_iteration, y, what) for x, y, what in c.marks],
+        )
         for c in curves
         if c.tokens_per_iteration
     ]
     return {
         "iteration": line_plot("loss-vs-iteration", by_iteration, "iteration", "train loss"),
         "tokens": line_plot("loss-vs-tokens", by_tokens, "tokens", "train loss") if by_tokens else "",
-        "legend": [(s.label, s.color, s.dashed, bool(s.points)) for s in by_iteration],
+        "legend": [(s.label, DISCARDED if s.discarded else s.color, s.dashed, bool(s.points)) for s in by_iteration],
     }
 
 

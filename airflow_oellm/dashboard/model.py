@@ -97,6 +97,8 @@ class Curve:
     tokens_per_iteration: float | None = None
     parent: str | None = None  # a cooldown's experiment: drawn from the parent's point
     group: str = ""  # the experiment a curve belongs to (one colour per experiment)
+    discarded: bool = False  # what a rewind threw away: drawn greyed
+    marks: list[tuple[float, float, str]] = field(default_factory=list)  # (iteration, loss, what): rewinds
 
 
 @dataclass(frozen=True)
@@ -170,11 +172,29 @@ def _running(run: RunRecord, task_id: str, map_index: int = -1) -> bool:
 
 
 def run_curve(run: RunRecord, task_id: str, map_index: int = -1) -> list[tuple[float, float]]:
-    """Every attempt's loss points, then the running attempt's (its progress) or the final result's."""
-    curves: list[Any] = [a.loss_curve for a in run.attempts(task_id, map_index)]
-    curves.append(((run.result(task_id, map_index) or {}).get("summary") or {}).get("loss_curve"))
-    curves.append((_progress(run, task_id, map_index).get("summary") or {}).get("loss_curve"))
-    return thinned(merged_curve(curves), CURVE_POINTS)
+    """Every attempt's loss points, then the running attempt's (its progress) or the final result's; without
+    what rewinds discarded (`rewound_curves`)."""
+    return rewound_curves(run, task_id, map_index)[0]
+
+
+def rewound_curves(
+    run: RunRecord, task_id: str, map_index: int = -1
+) -> tuple[list[tuple[float, float]], list[tuple[dict[str, Any], list[Any]]]]:
+    """The training's loss curve, and each rewind with the points it discarded (AttemptHistory.rewound_curves).
+    The result's and the progress's points belong to the latest job: left out when that job was rewound."""
+    attempts = run.attempts(task_id, map_index)
+    kept, rewinds = AttemptHistory(tuple(attempts)).rewound_curves()
+    rewound_jobs = {a.job_id for a in attempts if a.rewind}
+    result, progress = run.result(task_id, map_index) or {}, _progress(run, task_id, map_index)
+    curves: list[Any] = list(kept)
+    for job, summary in (
+        ((result.get("job_ids") or [None])[-1], result.get("summary")),
+        (progress.get("job_id"), progress.get("summary")),
+    ):
+        if job not in rewound_jobs:
+            curves.append((summary or {}).get("loss_curve"))
+    discarded = [(rewind, thinned(points, CURVE_POINTS)) for rewind, points in rewinds]
+    return thinned(merged_curve(curves), CURVE_POINTS), discarded
 
 
 def _latest_summary(run: RunRecord, task_id: str, map_index: int = -1) -> Mapping[str, Any]:
@@ -383,7 +403,17 @@ def experiment_view(dag_id: str, name: str, run: RunRecord | None, now: float) -
     if view.job_state == "RUNNING" and iteration_ms and view.iteration is not None and view.train_iters:
         view.eta_seconds = max(view.train_iters - view.iteration, 0) * iteration_ms / 1000
     tokens = _tokens_per_iteration(config, summary)
-    view.curves = [Curve(name, run_curve(run, TRAIN_TASK), tokens, group=name)]
+    points, discarded = rewound_curves(run, TRAIN_TASK)
+    marks = []
+    for rewind, _ in discarded:
+        target = rewind.get("rewind_to") or 0
+        what = "loss spike" if rewind.get("anomaly") == "loss_spike" else "NaN loss"
+        marks.append((float(target), loss_at(points, target), f"{rewind.get('id')}: {what} at {rewind.get('start')}"))
+    view.curves = [Curve(name, points, tokens, group=name, marks=[m for m in marks if m[1] is not None])]
+    view.curves += [
+        Curve(f"{name}, discarded by {rewind.get('id')}", lost, tokens, group=name, discarded=True)
+        for rewind, lost in discarded
+    ]
     for index, cooldown in enumerate(run.xcom(PREPARE_TASK, COOLDOWNS_KEY) or []):
         points = run_curve(run, COOLDOWN_TRAIN_TASK, index)
         at = cooldown.get("at")

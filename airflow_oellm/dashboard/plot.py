@@ -9,6 +9,7 @@ from html import escape
 
 from airflow_oellm.monitor.watch import thinned
 
+DISCARDED = "#b0b0b0"  # what a rewind threw away: greyed, under the curves that count
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22")
 WIDTH, HEIGHT = 640, 320
 LEFT, RIGHT, TOP, BOTTOM = 58, 12, 14, 40
@@ -21,6 +22,8 @@ class Series:
     points: Sequence[tuple[float, float]]
     color: str
     dashed: bool = False
+    discarded: bool = False  # drawn grey and thin, first (under the rest)
+    marks: Sequence[tuple[float, float, str]] = ()  # (x, y, what): a rewind's point on the curve
 
 
 def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
@@ -85,13 +88,22 @@ def line_plot(element_id: str, series: Sequence[Series], x_label: str, y_label: 
     parts.append(
         f'<text transform="translate(13 {TOP + plot_h / 2}) rotate(-90)" text-anchor="middle">{escape(y_label)}</text>'
     )
-    for s in drawn:
+    for s in sorted(drawn, key=lambda s: not s.discarded):
         finite = [(x, y) for x, y in s.points if math.isfinite(x) and math.isfinite(y)]
         coords = " ".join(f"{bx + x * kx:.1f},{by - y * ky:.1f}" for x, y in thinned(finite, DRAWN_POINTS))
         dash = ' stroke-dasharray="5 3"' if s.dashed else ""
+        look = f'stroke="{DISCARDED}" stroke-width="1.2" data-discarded="true"' if s.discarded else ""
+        look = look or f'stroke="{s.color}" stroke-width="1.6"'
         parts.append(
-            f'<polyline data-series="{escape(s.label)}" points="{coords}" fill="none" stroke="{s.color}" '
-            f'stroke-width="1.6"{dash}><title>{escape(s.label)}</title></polyline>'
+            f'<polyline data-series="{escape(s.label)}" points="{coords}" fill="none" {look}{dash}>'
+            f"<title>{escape(s.label)}</title></polyline>"
         )
+    for s in drawn:
+        for x, y, what in s.marks:
+            if math.isfinite(x) and math.isfinite(y):
+                parts.append(
+                    f'<circle class="rewind" data-rewind="{escape(what)}" cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="4" '
+                    f'fill="white" stroke="{s.color}" stroke-width="2"><title>{escape(what)}</title></circle>'
+                )
     parts.append("</svg>")
     return "".join(parts)

@@ -247,6 +247,21 @@ class AttemptHistory:
                 skipped.update(range(int(window[0]), int(window[1]) + 1))
         return sorted(skipped)
 
+    def rewound_curves(self) -> tuple[list[list[Any]], list[tuple[dict[str, Any], list[Any]]]]:
+        """Each attempt's loss curve without what a rewind discarded, and each rewind with the points it
+        discarded. A rewind to K discards every point after K of its own attempt and of the earlier ones (a
+        margin can reach back past the attempt's start); later attempts trained the rewound weights."""
+        kept = [list(a.loss_curve or []) for a in self.attempts]
+        rewinds = []
+        for index, attempt in enumerate(self.attempts):
+            if not attempt.rewind:
+                continue
+            target = attempt.rewind.get("rewind_to") or 0
+            discarded = [p for curve in kept[: index + 1] for p in curve if p[0] > target]
+            kept[: index + 1] = [[p for p in curve if p[0] <= target] for curve in kept[: index + 1]]
+            rewinds.append((attempt.rewind, sorted(discarded)))
+        return kept, rewinds
+
     def excluding(self, nodes: Iterable[str]) -> AttemptHistory:
         return replace(self, exclude=tuple(dict.fromkeys([*self.exclude, *nodes])))
 

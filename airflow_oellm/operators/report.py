@@ -78,9 +78,9 @@ def run_rows(
 
 
 def run_curve(result: Mapping[str, Any] | None) -> list[tuple[float, float]]:
-    """A training's loss over all its attempts (as the dashboard draws it)."""
-    attempts = AttemptHistory.of_result(result).attempts
-    return merged_curve([*(a.loss_curve for a in attempts), ((result or {}).get("summary") or {}).get("loss_curve")])
+    """A training's loss over all its attempts (as the dashboard draws it), without what rewinds discarded."""
+    kept, _ = AttemptHistory.of_result(result).rewound_curves()
+    return merged_curve([*kept, ((result or {}).get("summary") or {}).get("loss_curve")])
 
 
 def gpu_hours_line(planned: Mapping[str, Any] | None, used: Mapping[str, float]) -> str:

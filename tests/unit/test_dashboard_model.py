@@ -353,3 +353,67 @@ def test_a_running_side_job_is_estimated_with_its_own_gpus():
     run.histories[("checkpoint.evaluate", 2)] = {"attempts": [{"try": 1, "job_id": "301", "gpus": 1}]}
     view = experiment_view("oellm__s__lr1", "lr1", run, NOW)
     assert view.gpu_hours == pytest.approx(8.0 + 1.5 + 0.5 * 8 + 1.0 * 1)
+
+
+def test_a_rewound_run_draws_its_discarded_branch_greyed_with_a_rewind_mark_and_the_report_agrees():
+    """Try 1 diverged at 51 and was rewound to 40; try 2 trained on from 40, skipping 50-71. The run's curve is
+    try 1 up to 40 and try 2 after it; try 1's points after 40 are the discarded branch, apart and grey."""
+    from airflow_oellm.dashboard.app import plots
+    from airflow_oellm.dashboard.model import run_curve
+    from airflow_oellm.operators.report import run_curve as report_curve
+
+    spiked_curve = [[i, 2.0 - i / 100] for i in range(1, 51)] + [[i, 6.0] for i in range(51, 92)]
+    rewind = {"id": "rewind-1-job101", "anomaly": "loss_spike", "start": 51, "last_normal": 50, "detected_at": 71,
+              "rewind_to": 40, "skipped": [50, 71], "discarded": [80]}  # fmt: skip
+    first = {"try": 1, "job_id": "101", "end": when(-600).isoformat(), "verdict": "retry", "reason": "rewind: ...",
+             "loss_curve": spiked_curve, "rewind": rewind}  # fmt: skip
+    final = [[i, 1.6 - i / 1000] for i in [*range(41, 50), *range(72, 121)]]
+    second = {"try": 2, "job_id": "102", "end": when(-60).isoformat(), "verdict": "success", "loss_curve": final}
+    result = {"final_state": "COMPLETED", "job_ids": ["101", "102"], "summary": {"loss_curve": final},
+              "attempts": [first, second]}  # fmt: skip
+    run = RunRecord(
+        dag_id="oellm__s__lr1",
+        run_id="manual__1",
+        state="success",
+        tasks=[TaskRecord("prepare", -1, "success", 1, 0), TaskRecord("train", -1, "success", 2, 1)],
+        # the progress XCom the rewound job left: its curve (with the spike) must not come back through it
+        xcoms={
+            ("prepare", -1, "config"): CONFIG,
+            ("train", -1, "return_value"): result,
+            ("train", -1, "progress"): {"job_id": "101", "summary": {"loss_curve": spiked_curve}},
+        },
+        histories={("train", -1): {"attempts": [first, second]}},
+    )
+    view = experiment_view("oellm__s__lr1", "lr1", run, NOW)
+    main, lost = view.curves
+    assert max(loss for _, loss in main.points) < 2.0  # no spike in the run's curve
+    assert [x for x, _ in main.points] == [*range(1, 50), *range(72, 121)]
+    assert lost.discarded and [x for x, _ in lost.points] == list(range(41, 92))
+    assert main.marks == [(40.0, 1.6, "rewind-1-job101: loss spike at 51")]
+    assert run_curve(run, "train") == report_curve(result) == main.points
+    svg = plots([view])["iteration"]
+    assert svg.count('data-discarded="true"') == 1 and 'data-series="lr1, discarded by rewind-1-job101"' in svg
+    assert svg.count('<circle class="rewind" data-rewind="rewind-1-job101: loss spike at 51"') == 1
+
+
+def test_a_rewind_with_a_margin_discards_what_earlier_attempts_trained_after_its_target():
+    from airflow_oellm.monitor.records import AttemptHistory
+
+    history = AttemptHistory.from_dict(
+        {
+            "attempts": [
+                {"try": 1, "job_id": "1", "verdict": "retry", "loss_curve": [[100, 3.0], [200, 2.5], [300, 2.4]]},
+                {
+                    "try": 2,
+                    "job_id": "2",
+                    "verdict": "retry",
+                    "loss_curve": [[310, 2.3], [350, 9.0]],
+                    "rewind": {"id": "rewind-1-job2", "rewind_to": 200},
+                },
+                {"try": 3, "job_id": "3", "verdict": "success", "loss_curve": [[210, 2.45], [400, 2.2]]},
+            ]
+        }
+    )
+    kept, rewinds = history.rewound_curves()
+    assert kept == [[[100, 3.0], [200, 2.5]], [], [[210, 2.45], [400, 2.2]]]
+    assert [(r["id"], points) for r, points in rewinds] == [("rewind-1-job2", [[300, 2.4], [310, 2.3], [350, 9.0]])]
