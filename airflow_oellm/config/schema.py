@@ -285,6 +285,11 @@ class RewindConfig:
         "The rewound training skips the batches from the last normal log interval to where the divergence was "
         "acted on (`--iterations-to-skip`, Megatron core 0.12+).",
     )
+    exclude_nodes: bool = opt(
+        False,
+        "The rewound training avoids the nodes the diverged job ran on (a faulty GPU can corrupt results without "
+        "an error); for the rest of the training, as after a node failure.",
+    )
 
 
 @dataclass

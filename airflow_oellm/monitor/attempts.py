@@ -65,6 +65,7 @@ class JobSettings:
     anomalies: AnomalySettings  # the spike rules the watch applies to the iteration lines
     max_rewinds: int  # rewinds of a diverged training (0: none; the watch then stops no job for a spike)
     skip_data: bool  # a rewound training skips the batches of the divergence
+    exclude_diverged_nodes: bool  # ... and avoids the nodes the diverged job ran on
     output_paths: list[str]
     poll_interval: float
     gpus: int | None  # what the job holds, for its GPU-hours (None: unknown, a plain script)
@@ -120,6 +121,7 @@ def job_settings(
             anomalies=AnomalySettings.from_config(),
             max_rewinds=0,
             skip_data=False,
+            exclude_diverged_nodes=False,
             output_paths=list(output_paths),
             poll_interval=poll_interval or DEFAULT_POLL_INTERVAL,
             gpus=None,
@@ -155,6 +157,7 @@ def job_settings(
         anomalies=AnomalySettings.from_config(m.anomalies, m.nan_intervals),
         max_rewinds=m.anomalies.rewind.max_rewinds if megatron else 0,
         skip_data=m.anomalies.rewind.skip_data,
+        exclude_diverged_nodes=m.anomalies.rewind.exclude_nodes,
         output_paths=[*m.output_paths, *output_paths],
         poll_interval=poll_interval or m.poll_interval_seconds,
         gpus=cfg.slurm.nodes * cfg.slurm.gpus_per_node,
@@ -301,8 +304,11 @@ def rewind_verdict(
     reason = f"rewind: {d.describe()} -> {target}"
     if skipped:
         reason += f", skipping {skipped[0]}-{skipped[-1]}"
+    nodes = (ended.get("status") or {}).get("nodes") if settings.exclude_diverged_nodes else None
+    if nodes:  # a SLURM node list (`nid[001-004]`): --exclude takes it as it is
+        reason += f", avoiding {nodes}"
     # a rewind loses progress by design: the progress guard does not hold it against the training
-    return Classification(RETRY, reason, progress_free=True), record
+    return Classification(RETRY, reason, (nodes,) if nodes else (), progress_free=True), record
 
 
 def lost_contact_result(history: AttemptHistory, message: str) -> dict[str, Any]:

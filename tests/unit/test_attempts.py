@@ -438,3 +438,17 @@ def test_a_training_that_finished_is_not_rewound_and_side_jobs_never_are(trainin
     assert script.max_rewinds == 0
     side = decide_attempt(history_of(submitted(1, "101", None)), 1, 3, diverged("101", SPIKE), None, script)
     assert side.attempt.rewind is None and not side.classification.reason.startswith("rewind")
+
+
+def test_a_rewind_can_avoid_the_nodes_the_diverged_job_ran_on(experiment):
+    rewind = {"rewind": {"exclude_nodes": True}}
+    config = {**experiment, "monitoring": {**experiment["monitoring"], "anomalies": rewind}}
+    settings = job_settings(experiment=config, job=None, task_id="train")
+    event = diverged("101", SPIKE)
+    event["status"] = {**event["status"], "nodes": "nid[001-002]"}
+    decision = decide_attempt(history_of(submitted(1, "101", 1000)), 1, 3, event, 1400, settings)
+    assert decision.classification.reason.endswith(", skipping 1230-1430, avoiding nid[001-002]")
+    assert decision.classification.exclude_nodes == ("nid[001-002]",) and decision.history.exclude == ("nid[001-002]",)
+    # off by default: the same divergence excludes nothing
+    plain = job_settings(experiment=experiment, job=None, task_id="train")
+    assert decide_attempt(history_of(submitted(1, "101", 1000)), 1, 3, event, 1400, plain).history.exclude == ()
