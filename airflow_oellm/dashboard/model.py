@@ -182,19 +182,22 @@ def rewound_curves(
 ) -> tuple[list[tuple[float, float]], list[tuple[dict[str, Any], list[Any]]]]:
     """The training's loss curve, and each rewind with the points it discarded (AttemptHistory.rewound_curves).
     The result's and the progress's points belong to the latest job: left out when that job was rewound."""
-    attempts = run.attempts(task_id, map_index)
-    kept, rewinds = AttemptHistory(tuple(attempts)).rewound_curves()
-    rewound_jobs = {a.job_id for a in attempts if a.rewind}
-    result, progress = run.result(task_id, map_index) or {}, _progress(run, task_id, map_index)
-    curves: list[Any] = list(kept)
-    for job, summary in (
-        ((result.get("job_ids") or [None])[-1], result.get("summary")),
-        (progress.get("job_id"), progress.get("summary")),
-    ):
-        if job not in rewound_jobs:
-            curves.append((summary or {}).get("loss_curve"))
+    kept, rewinds = AttemptHistory(tuple(run.attempts(task_id, map_index))).rewound_curves()
+    curves: list[Any] = [*kept, *(s.get("loss_curve") for s in _unrewound_summaries(run, task_id, map_index))]
     discarded = [(rewind, thinned(points, CURVE_POINTS)) for rewind, points in rewinds]
     return thinned(merged_curve(curves), CURVE_POINTS), discarded
+
+
+def _unrewound_summaries(run: RunRecord, task_id: str, map_index: int = -1) -> list[Mapping[str, Any]]:
+    """The result's and the progress's summaries, of the latest job; without one whose job was rewound (its
+    record holds what is kept of it)."""
+    rewound_jobs = {a.job_id for a in run.attempts(task_id, map_index) if a.rewind}
+    result, progress = run.result(task_id, map_index) or {}, _progress(run, task_id, map_index)
+    latest = (
+        ((result.get("job_ids") or [None])[-1], result.get("summary")),
+        (progress.get("job_id"), progress.get("summary")),
+    )
+    return [summary or {} for job, summary in latest if job not in rewound_jobs]
 
 
 def _latest_summary(run: RunRecord, task_id: str, map_index: int = -1) -> Mapping[str, Any]:
@@ -284,8 +287,8 @@ def evaluations(run: RunRecord, name: str) -> list[dict[str, Any]]:
                         target["metrics"][f"{suite}.{metric}"] = _number(value)
     runs = [(name, TRAIN_TASK, -1)] + [(c.get("name", ""), COOLDOWN_TRAIN_TASK, i) for i, c in enumerate(cooldowns)]
     for run_name, task_id, map_index in runs:
-        sources = [_latest_summary(run, task_id, map_index).get("validation")]
-        sources += [a.validation for a in run.attempts(task_id, map_index)]
+        sources = [s.get("validation") for s in _unrewound_summaries(run, task_id, map_index)]
+        sources += AttemptHistory(tuple(run.attempts(task_id, map_index))).rewound_validation()
         for iteration, loss in validation_losses(sources).items():
             row(run_name, iteration)["validation_loss"] = _number(loss)
     return sorted(rows.values(), key=lambda r: (r["run"] != name, r["run"], r["iteration"]))

@@ -10,7 +10,7 @@ earlier versions, so `from_dict` accepts what they lack and `to_dict` writes the
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
 from typing import Any, TypedDict
@@ -251,15 +251,33 @@ class AttemptHistory:
         """Each attempt's loss curve without what a rewind discarded, and each rewind with the points it
         discarded. A rewind to K discards every point after K of its own attempt and of the earlier ones (a
         margin can reach back past the attempt's start); later attempts trained the rewound weights."""
-        kept = [list(a.loss_curve or []) for a in self.attempts]
+        kept, rewinds = self._rewound([a.loss_curve for a in self.attempts], lambda point: point[0])
+        return kept, [(rewind, sorted(points)) for rewind, points in rewinds]
+
+    def rewound_validation(self) -> list[list[Any]]:
+        """Each attempt's validation points without what a rewind discarded (as `rewound_curves`)."""
+        return self._rewound([a.validation for a in self.attempts], lambda point: point.get("iteration"))[0]
+
+    def rewound_saves(self) -> list[list[Any]]:
+        """Each attempt's saved checkpoints without those a rewind discarded (as `rewound_curves`)."""
+        return self._rewound([a.checkpoints_saved for a in self.attempts], lambda iteration: iteration)[0]
+
+    def _rewound(
+        self, series: list[list[Any]], iteration: Callable[[Any], Any]
+    ) -> tuple[list[list[Any]], list[tuple[dict[str, Any], list[Any]]]]:
+        kept = [list(points or []) for points in series]
         rewinds = []
         for index, attempt in enumerate(self.attempts):
             if not attempt.rewind:
                 continue
             target = attempt.rewind.get("rewind_to") or 0
-            discarded = [p for curve in kept[: index + 1] for p in curve if p[0] > target]
-            kept[: index + 1] = [[p for p in curve if p[0] <= target] for curve in kept[: index + 1]]
-            rewinds.append((attempt.rewind, sorted(discarded)))
+
+            def after(point: Any, target: int = target) -> bool:
+                at = iteration(point)
+                return isinstance(at, int | float) and at > target
+
+            rewinds.append((attempt.rewind, [p for points in kept[: index + 1] for p in points if after(p)]))
+            kept[: index + 1] = [[p for p in points if not after(p)] for points in kept[: index + 1]]
         return kept, rewinds
 
     def excluding(self, nodes: Iterable[str]) -> AttemptHistory:

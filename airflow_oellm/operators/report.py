@@ -48,11 +48,12 @@ def run_rows(
     evaluations: Sequence[Mapping[str, Any]],
     metrics: Mapping[tuple[int, str], Mapping[str, Any]],
 ) -> list[dict[str, Any]]:
-    summary = (result or {}).get("summary") or {}
-    attempts = AttemptHistory.of_result(result).attempts
+    summary = _unrewound_summary(result)
+    history = AttemptHistory.of_result(result)
+    attempts = history.attempts
     # every attempt's record, then the last attempt's whole summary: what the dashboard shows too
-    validation = validation_losses([*(a.validation for a in attempts), summary.get("validation")])
-    saved = {*(c for a in attempts for c in a.checkpoints_saved), *(summary.get("checkpoints_saved") or [])}
+    validation = validation_losses([*history.rewound_validation(), summary.get("validation")])
+    saved = {*(c for saves in history.rewound_saves() for c in saves), *(summary.get("checkpoints_saved") or [])}
     checkpoints = sorted({*saved, *(e["iteration"] for e in evaluations)})
     curve = run_curve(result)
     training_gpu_hours = used_gpu_hours(a.gpu_hours for a in attempts)  # this run's training, on each of its rows
@@ -80,7 +81,15 @@ def run_rows(
 def run_curve(result: Mapping[str, Any] | None) -> list[tuple[float, float]]:
     """A training's loss over all its attempts (as the dashboard draws it), without what rewinds discarded."""
     kept, _ = AttemptHistory.of_result(result).rewound_curves()
-    return merged_curve([*kept, ((result or {}).get("summary") or {}).get("loss_curve")])
+    return merged_curve([*kept, _unrewound_summary(result).get("loss_curve")])
+
+
+def _unrewound_summary(result: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """The last job's summary, or nothing when that job was rewound (its record holds what is kept of it)."""
+    attempts = AttemptHistory.of_result(result).attempts
+    if attempts and attempts[-1].rewind:
+        return {}
+    return (result or {}).get("summary") or {}
 
 
 def gpu_hours_line(planned: Mapping[str, Any] | None, used: Mapping[str, float]) -> str:

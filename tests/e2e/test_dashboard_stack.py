@@ -1,7 +1,9 @@
 """The dashboard plugin in a real Airflow stack (with real logins, not all-admins) on the dev cluster:
 a sweep of two experiments with a cooldown each runs while headless Chromium reads the pages: the
 iteration grows between two loads, and after the end every row, number, curve and evaluation is there.
-Screenshots are saved under the test's temp dir."""
+One experiment trains on bad data at iterations 30-31: its loss spikes, it is rewound to checkpoint 20,
+and its page shows the discarded branch greyed and the rewind's mark. Screenshots are saved under the
+test's temp dir."""
 
 from __future__ import annotations
 
@@ -23,13 +25,16 @@ from tests.e2e.conftest import upload_fake_tools, wait
 from tests.shared_stack import add_file
 
 TRAIN_ITERS = 60
+BAD = "30:32"  # fake_megatron: the data of iterations 30 and 31 damages the model
 pytestmark = pytest.mark.dashboard
 
 ROWS_JS = """Array.from(document.querySelectorAll('#experiments tr[data-experiment]')).map(r => ({
   name: r.dataset.experiment, state: r.dataset.state, iteration: r.dataset.iteration,
   cells: Array.from(r.cells).map(c => c.innerText.trim())}))"""
 SERIES_JS = """Array.from(document.querySelectorAll('svg#loss-vs-iteration polyline')).map(p => ({
-  series: p.dataset.series, points: p.getAttribute('points').trim().split(/\\s+/).length}))"""
+  series: p.dataset.series, points: p.getAttribute('points').trim().split(/\\s+/).length,
+  discarded: p.dataset.discarded === 'true'}))"""
+REWINDS_JS = "Array.from(document.querySelectorAll('svg#loss-vs-iteration circle.rewind')).map(c => c.dataset.rewind)"
 
 
 def sweep_yaml(remote: str, token: str, conn_id: str) -> str:
@@ -44,7 +49,14 @@ restart: {{max_attempts: 2, retry_delay_seconds: 1}}
 conversion: {{command: [python3, {remote}/fake_tools.py, convert]}}
 evaluation: {{command: [python3, {remote}/fake_tools.py, evaluate], suites: [{{name: quick}}]}}
 cooldowns: [{{at: 20, overrides: [backend.args.lr=1.0e-5, backend.args.train_iters=30]}}]
-sweep: {{name: dash{token}, name_template: "lr{{lr}}", axes: {{backend.args.lr: [0.001, 0.01]}}}}
+sweep:
+  name: dash{token}
+  name_template: "lr{{lr}}"
+  groups:
+    - type: list
+      configs:
+        - {{backend.args.lr: 0.001}}
+        - {{backend.args.lr: 0.01, backend.args.fake_bad_iterations: "{BAD}"}}  # a loss spike, rewound
 """
 
 
@@ -155,6 +167,7 @@ def test_a_running_sweep_then_its_final_comparison(stack, tmp_path):
                 "Array.from(r.cells).map(c => c.innerText.trim()))"
             )
             tokens_plot = await browser.evaluate("document.querySelectorAll('svg#loss-vs-tokens polyline').length")
+            rewinds = await browser.evaluate(REWINDS_JS)
             first = sweep.experiments[0]
             await browser.open(f"{site(stack)}/oellm/experiments/{first.dag_id}")
             timeline = await browser.evaluate(
@@ -177,9 +190,9 @@ def test_a_running_sweep_then_its_final_comparison(stack, tmp_path):
                 await asyncio.sleep(0.5)  # poll
             await asyncio.sleep(3)  # the frame's own page
             await browser.screenshot(tmp_path / "airflow_ui_sweeps.png", full_page=False)
-            return rows, series, evaluations, tokens_plot, timeline, counts, frame
+            return rows, series, evaluations, tokens_plot, rewinds, timeline, counts, frame
 
-    rows, series, evaluations, tokens_plot, timeline, counts, frame = asyncio.run(finished())
+    rows, series, evaluations, tokens_plot, rewinds, timeline, counts, frame = asyncio.run(finished())
     print("screenshots:", sorted(str(p) for p in tmp_path.glob("*.png")))
     assert all(r["state"] == "success" and int(r["iteration"]) == TRAIN_ITERS for r in rows), rows
     for row in rows:
@@ -188,11 +201,16 @@ def test_a_running_sweep_then_its_final_comparison(stack, tmp_path):
         assert row["cells"][5].startswith("quick.") and f"@{TRAIN_ITERS}" in row["cells"][5], row
         # GPU-hours used / planned (prepare's plan; the dev cluster has no GPUs, so the plan is 0)
         used, planned = row["cells"][6].split(" / ")
-        assert float(used) >= 0 and float(planned) == 0.0 and row["cells"][2] == "1 / 2", row
+        rewound = row["name"] == "lr0.01"  # its second attempt is the rewound training
+        assert float(used) >= 0 and float(planned) == 0.0 and row["cells"][2] == ("2 / 2" if rewound else "1 / 2"), row
     names = {e.name for e in sweep.experiments}
     cooldowns = {f"{n}_cooldown_20" for n in names}
-    assert {s["series"] for s in series} == names | cooldowns, series
+    discarded = [s for s in series if s["discarded"]]
+    assert [s["series"].partition(", discarded by rewind-1-job")[0] for s in discarded] == ["lr0.01"], series
+    assert {s["series"] for s in series if not s["discarded"]} == names | cooldowns, series
     assert all(s["points"] >= 2 for s in series), series
+    job = discarded[0]["series"].rpartition("-job")[2]  # the rewound job's id
+    assert rewinds == [f"rewind-1-job{job}: loss spike at 30"], rewinds  # a ring at checkpoint 20
     assert tokens_plot == len(series)
     by_run = {}
     for cells in evaluations:

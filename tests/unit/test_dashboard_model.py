@@ -359,16 +359,20 @@ def test_a_rewound_run_draws_its_discarded_branch_greyed_with_a_rewind_mark_and_
     """Try 1 diverged at 51 and was rewound to 40; try 2 trained on from 40, skipping 50-71. The run's curve is
     try 1 up to 40 and try 2 after it; try 1's points after 40 are the discarded branch, apart and grey."""
     from airflow_oellm.dashboard.app import plots
-    from airflow_oellm.dashboard.model import run_curve
+    from airflow_oellm.dashboard.model import evaluations, run_curve
     from airflow_oellm.operators.report import run_curve as report_curve
+    from airflow_oellm.operators.report import run_rows
 
     spiked_curve = [[i, 2.0 - i / 100] for i in range(1, 51)] + [[i, 6.0] for i in range(51, 92)]
     rewind = {"id": "rewind-1-job101", "anomaly": "loss_spike", "start": 51, "last_normal": 50, "detected_at": 71,
               "rewind_to": 40, "skipped": [50, 71], "discarded": [80]}  # fmt: skip
     first = {"try": 1, "job_id": "101", "end": when(-600).isoformat(), "verdict": "retry", "reason": "rewind: ...",
-             "loss_curve": spiked_curve, "rewind": rewind}  # fmt: skip
+             "loss_curve": spiked_curve, "rewind": rewind,
+             "validation": [{"iteration": 20, "loss": 1.9}, {"iteration": 80, "loss": 9.0}],
+             "checkpoints_saved": [20, 40, 80]}  # fmt: skip
     final = [[i, 1.6 - i / 1000] for i in [*range(41, 50), *range(72, 121)]]
-    second = {"try": 2, "job_id": "102", "end": when(-60).isoformat(), "verdict": "success", "loss_curve": final}
+    second = {"try": 2, "job_id": "102", "end": when(-60).isoformat(), "verdict": "success", "loss_curve": final,
+              "validation": [{"iteration": 100, "loss": 1.5}], "checkpoints_saved": [100, 120]}  # fmt: skip
     result = {"final_state": "COMPLETED", "job_ids": ["101", "102"], "summary": {"loss_curve": final},
               "attempts": [first, second]}  # fmt: skip
     run = RunRecord(
@@ -391,6 +395,12 @@ def test_a_rewound_run_draws_its_discarded_branch_greyed_with_a_rewind_mark_and_
     assert lost.discarded and [x for x, _ in lost.points] == list(range(41, 92))
     assert main.marks == [(40.0, 1.6, "rewind-1-job101: loss spike at 51")]
     assert run_curve(run, "train") == report_curve(result) == main.points
+    # the discarded branch's validation at 80 is shown nowhere (the rewound run never validated at 80)
+    shown = {r["iteration"]: r["validation_loss"] for r in evaluations(run, "lr1") if r["validation_loss"]}
+    assert shown == {20: 1.9, 100: 1.5}
+    rows = run_rows("lr1", result, [], {})
+    assert [r["iteration"] for r in rows] == [20, 40, 100, 120]  # no row for the discarded checkpoint 80
+    assert {r["iteration"]: r["validation_loss"] for r in rows if r["validation_loss"]} == shown
     svg = plots([view])["iteration"]
     assert svg.count('data-discarded="true"') == 1 and 'data-series="lr1, discarded by rewind-1-job101"' in svg
     assert svg.count('<circle class="rewind" data-rewind="rewind-1-job101: loss spike at 51"') == 1
