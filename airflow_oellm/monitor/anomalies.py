@@ -192,6 +192,13 @@ class AnomalyDetector:
         self.last_iteration = iteration
         return made
 
+    def suspect_from(self) -> int | None:
+        """Where the earliest anomaly a rewind acts on, still going on, began (a loss spike not back under its
+        threshold, a NaN loss not finite again), or None: a checkpoint saved since may yet be rewound away."""
+        spike = self.series.get("loss_spike")
+        starts = [s for s in (spike.start if spike else None, self.nan_start) if s is not None]
+        return min(starts) if starts else None
+
     def rewind_to(self, start: int, before: int | None) -> int | None:
         """The last checkpoint at or before the last normal interval (`before`; else the iteration before
         `start`), `rewind_margin` iterations earlier still; None: none is known (the start of training)."""

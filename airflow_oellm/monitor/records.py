@@ -43,6 +43,9 @@ class TrainingStatus:
     updated: float
     reason: str | None = None
     iteration: int | None = None  # the checkpoint when the attempt ended
+    # the running job's loss went wrong from this iteration on (a spike or NaN not over yet): a checkpoint
+    # saved since may be rewound away, so the branches beside the training wait (monitor/waiting.py)
+    suspect_from: int | None = None
 
     def to_json(self) -> str:
         data: dict[str, Any] = {
@@ -57,6 +60,8 @@ class TrainingStatus:
             data["reason"] = self.reason
         if self.iteration is not None:
             data["iteration"] = self.iteration
+        if self.suspect_from is not None:
+            data["suspect_from"] = self.suspect_from
         return json.dumps(data)
 
     @classmethod
@@ -84,6 +89,7 @@ class TrainingStatus:
             _float(raw.get("updated")) or 0.0,
             raw.get("reason"),
             _int(raw.get("iteration")),
+            _int(raw.get("suspect_from")),
         )
 
 

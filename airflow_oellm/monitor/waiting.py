@@ -36,6 +36,11 @@ def checkpoint_decision(
     state: CheckpointState, checkpoint_dir: str, iteration: int, at_least: bool, training: TrainingStatus | None
 ) -> Decision:
     found = ready(state, checkpoint_dir, iteration, at_least=at_least)
+    suspect = training.suspect_from if training and training.state is TrainingState.RUNNING else None
+    if found is not None and suspect is not None and found.iteration >= suspect:
+        # saved while the loss is wrong: it recovers (the checkpoint stands) or is rewound (it goes, and the
+        # rewound run saves this iteration again, or skips it)
+        return Decision("wait")
     if found is not None:
         return Decision("ready", f"checkpoint {found.iteration} is complete ({found.format})", found.to_dict())
     reason = never(state, iteration, at_least=at_least)

@@ -410,8 +410,15 @@ class JobFollower:
         cluster_name: str = "the cluster",
         max_outage: float | None = DEFAULT_MAX_OUTAGE_SECONDS,
         notify_outage_after: float | None = None,
+        status_path: str | None = None,
+        status: str | None = None,
     ) -> None:
         self.job_id, self.log_path, self.state_path = job_id, log_path, state_path
+        # with rewinds on: the training's status file (its RUNNING content as submitted), where the follower says
+        # from which iteration on a checkpoint may yet be rewound away (TrainingStatus.suspect_from)
+        self.status_path, self.status = status_path, status
+        self._suspect: int | None = None  # what the status file says now
+        self._pending_status: bytes | None = None
         self.cluster_name, self.max_outage, self.notify_outage_after = cluster_name, max_outage, notify_outage_after
         self.outage: Outage | None = None
         self._outage_notified = False
@@ -432,6 +439,8 @@ class JobFollower:
         if self.watch is None:  # first: what an earlier follower knew
             return CycleRequest(reads=[(self.state_path, 0, STATE_READ_LIMIT)])
         writes = [(self.state_path, self._pending_write)] if self._pending_write is not None else []
+        if self._pending_status is not None and self.status_path:
+            writes.append((self.status_path, self._pending_status))
         return CycleRequest(reads=[self.watch.read_request()], stats=self.output_paths, writes=writes)
 
     def on_update(self, update: PollUpdate, now: float) -> FollowStep:
@@ -450,8 +459,10 @@ class JobFollower:
             return replace(step, notices=notices + step.notices, notify=notify)
         watch = self.watch
         self._status = update.status
-        if self._pending_write is not None and update.writes_ok and all(update.writes_ok):
-            self._pending_write, self._saved_at = None, now
+        if update.writes_ok and all(update.writes_ok):
+            if self._pending_write is not None:
+                self._pending_write, self._saved_at = None, now
+            self._pending_status = None
         step = watch.apply(now, update.status, update.chunks[0] if update.chunks else None, update.mtimes)
         if step.truncated:
             notices.append(
@@ -493,6 +504,7 @@ class JobFollower:
             publish, self._published = self.snapshot(now), watch.progress_mark(update.status)
         if step.noteworthy or now - self._saved_at >= SAVE_EVERY:
             self._pending_write = watch.state.to_json()  # saved with the next cycle
+        self._mark_suspect(watch.detector.suspect_from(), now)
         return FollowStep(
             notices,
             step.lines,
@@ -502,6 +514,17 @@ class JobFollower:
             publish=publish,
             notify=notify,
         )
+
+    def _mark_suspect(self, suspect: int | None, now: float) -> None:
+        """Tell the branches beside the training, through its status file, when its loss goes wrong and when
+        it is right again (written with the next cycle)."""
+        if not (self.rewind and self.status_path and self.status) or suspect == self._suspect:
+            return
+        status = json.loads(self.status)
+        status.pop("suspect_from", None)
+        if suspect is not None:
+            status["suspect_from"] = suspect
+        self._suspect, self._pending_status = suspect, json.dumps({**status, "updated": now}).encode()
 
     def _failed_poll(
         self, error: str, failing_since: float | None, consecutive_failures: int, now: float

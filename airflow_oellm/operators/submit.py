@@ -333,6 +333,11 @@ class SlurmSubmitOperator(BaseOperator):
             "nan_limit": s.stop_nan_limit,
             "anomalies": s.anomalies.to_dict(),
             "rewind": s.training and s.max_rewinds > 0 and bool(s.checkpoint_dir),
+            "status_path": task_status_path(s.output_dir, identity.task_id),
+            # what _write_status wrote at submission: the watch adds `suspect_from` while the loss is wrong
+            "status": TrainingStatus(
+                TrainingState.RUNNING, identity.run_id, identity.try_number, job_id, log_path, time.time()
+            ).to_json(),
             "output_paths": s.output_paths,
             "poll_interval": s.poll_interval,
             "max_outage": s.max_outage,
@@ -409,6 +414,8 @@ class SlurmSubmitOperator(BaseOperator):
             nan_limit=args["nan_limit"],
             anomalies=AnomalySettings.from_dict(args["anomalies"]),
             rewind=args["rewind"],
+            status_path=args["status_path"],
+            status=args["status"],
             output_paths=args["output_paths"],
             cluster_name=self.cluster.name,
             max_outage=args["max_outage"],

@@ -42,6 +42,8 @@ class SlurmJobTrigger(ClusterTrigger):
         "nan_limit",
         "anomalies",
         "rewind",
+        "status_path",
+        "status",
         "output_paths",
         "stream_log",
         "progress_to",
@@ -62,6 +64,8 @@ class SlurmJobTrigger(ClusterTrigger):
         nan_limit: int = 0,
         anomalies: dict[str, Any] | None = None,
         rewind: bool = False,
+        status_path: str | None = None,
+        status: str | None = None,
         output_paths: list[str] | None = None,
         poll_interval: float = 60.0,
         fire_after: float | None = None,
@@ -86,6 +90,7 @@ class SlurmJobTrigger(ClusterTrigger):
         self.nan_limit = nan_limit
         self.anomalies = dict(anomalies) if anomalies is not None else None  # AnomalySettings.to_dict()
         self.rewind = rewind  # a diverged loss stops the job to be rewound
+        self.status_path, self.status = status_path, status  # the training's status file, and what it says
         self.output_paths = list(output_paths or [])
         self.stream_log = stream_log
         # the task instance whose `progress` XCom follows the job: dag_id, run_id, task_id, map_index
@@ -104,6 +109,8 @@ class SlurmJobTrigger(ClusterTrigger):
             nan_limit=self.nan_limit,
             anomalies=AnomalySettings.from_dict(self.anomalies),
             rewind=self.rewind,
+            status_path=self.status_path,
+            status=self.status,
             output_paths=self.output_paths,
             cluster_name=self.cluster.name,
             max_outage=self.max_outage,

@@ -473,3 +473,49 @@ def test_the_skipped_iterations_reach_the_job_script_beside_the_configs_own():
     assert cfg.backend.args["iterations_to_skip"] == [7, 11, 12]
     assert '--iterations-to-skip "7" "11" "12"' in render_sbatch(cfg, JobSpec(job_name="x"))
     assert skipping_iterations(typed(config), []).backend.args["iterations_to_skip"] == 7
+
+
+def test_checkpoints_saved_while_the_loss_is_wrong_wait_for_its_recovery_or_rewind():
+    from airflow_oellm.megatron.checkpoints import CheckpointState
+    from airflow_oellm.monitor.records import TrainingState, TrainingStatus
+    from airflow_oellm.monitor.waiting import checkpoint_decision
+
+    state = CheckpointState(300, {100: "torch_dist", 200: "torch_dist", 300: "torch_dist"})
+
+    def decide(iteration: int, status: TrainingStatus) -> str:
+        round_tripped = TrainingStatus.from_json(status.to_json().encode(), "r")
+        return checkpoint_decision(state, "/ckpt", iteration, False, round_tripped).kind
+
+    spiking = TrainingStatus(TrainingState.RUNNING, "r", 1, "7", "/log", 0.0, suspect_from=251)
+    assert [decide(i, spiking) for i in (100, 200, 300)] == ["ready", "ready", "wait"]
+    assert decide(300, TrainingStatus(TrainingState.RUNNING, "r", 1, "7", "/log", 0.0)) == "ready"
+    # ended (rewound, or not): the status the operator writes then decides, with the tracker
+    assert decide(300, TrainingStatus(TrainingState.RETRYING, "r", 1, "7", "/log", 0.0, suspect_from=251)) == "ready"
+
+
+def test_the_follower_tells_the_branches_when_the_loss_goes_wrong_and_when_it_is_right_again():
+    from airflow_oellm.monitor.records import TrainingState, TrainingStatus
+
+    submitted = TrainingStatus(TrainingState.RUNNING, "r", 1, "7", "/log", 0.0).to_json()
+    spike = [*FLAT, 6.0, 6.5, *[3.0] * 5]  # a spike at 31-32 that recovers at 33
+    log = "".join(
+        f" iteration {i:8d}/     100 | consumed samples: {i * 8:12d} | lm loss: {loss:.6E} | grad norm: 0.500 |\n"
+        for i, loss in enumerate(spike, 1)
+    ).encode()
+
+    def statuses(rewind: bool) -> list[int | None]:
+        follower = JobFollower("7", "/log", "/state", event_specs(), inactivity_threshold=None, nan_limit=3,
+                               rewind=rewind, status_path="/status", status=submitted)  # fmt: skip
+        follower.on_update(PollUpdate("7", None, 1, chunks=(FileChunk("/state", 0, None, b""),)), 0.0)
+        running, written, offset = JobStatus("7", JobState.RUNNING), [], 0
+        for line in log.splitlines(keepends=True):
+            chunk = FileChunk("/log", offset, len(log), line)
+            writes = [w for w in follower.request().writes if w[0] == "/status"]
+            written += [TrainingStatus.from_json(data, "r").suspect_from for _, data in writes]
+            ok = tuple(True for _ in follower.request().writes)
+            follower.on_update(PollUpdate("7", running, 2 + offset, chunks=(chunk,), writes_ok=ok), float(offset))
+            offset += len(line)
+        return written
+
+    assert statuses(rewind=True) == [31, None]  # from the first high interval on, until it recovered
+    assert statuses(rewind=False) == []  # no rewinds: nothing will be rewound away, nothing to wait for
