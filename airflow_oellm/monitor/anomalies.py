@@ -151,6 +151,17 @@ class AnomalyDetector:
         self.nan_since: int = int(state.get("nan_since", 0))
         self.nan_groups: dict[str, Any] | None = state.get("nan_groups")  # the loss_nan event's, while NaN
 
+    @classmethod
+    def seeded(cls, settings: AnomalySettings | None, losses: Sequence[float]) -> AnomalyDetector:
+        """A detector for a job that resumes a training: the loss rule's baseline holds the training's last
+        losses before it, so that a spike in the first intervals after a resume (or a rewind) is judged too."""
+        detector = cls(settings)
+        spike = next((r for r in detector.settings.rules if r.event == "loss_spike"), None)
+        finite = [float(v) for v in losses if is_finite_number(v) and math.isfinite(v)]
+        if spike is not None and finite:
+            detector.series[spike.event].values = finite[-spike.window :]
+        return detector
+
     def state(self) -> dict[str, Any]:
         return {
             "series": {name: asdict(s) for name, s in self.series.items()},

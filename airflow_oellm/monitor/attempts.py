@@ -34,7 +34,7 @@ from airflow_oellm.monitor.classify import (
 )
 from airflow_oellm.monitor.outage import DEFAULT_MAX_OUTAGE_SECONDS, max_outage_seconds
 from airflow_oellm.monitor.records import AttemptHistory, AttemptRecord, TrainingState
-from airflow_oellm.monitor.watch import PROGRESS_CURVE, thinned
+from airflow_oellm.monitor.watch import PROGRESS_CURVE, merged_curve, thinned
 from airflow_oellm.slurm.states import JobStatus
 
 MAX_ATTEMPT_FAULTS = 5  # fault lines kept per attempt in the history
@@ -309,6 +309,17 @@ def rewind_verdict(
         reason += f", avoiding {nodes}"
     # a rewind loses progress by design: the progress guard does not hold it against the training
     return Classification(RETRY, reason, (nodes,) if nodes else (), progress_free=True), record
+
+
+def loss_baseline(history: AttemptHistory, resumes_from: int | None, settings: JobSettings) -> list[float]:
+    """The training's last losses at or before the checkpoint a new job resumes from, without what rewinds
+    discarded: the new job's spike detector starts from them (as many as its baseline holds)."""
+    window = max((r.window for r in settings.anomalies.rules if r.event == "loss_spike"), default=0)
+    if not resumes_from or not window:
+        return []
+    kept, _ = history.rewound_curves()
+    losses = [loss for iteration, loss in merged_curve(kept) if iteration <= resumes_from]
+    return losses[-window:]
 
 
 def lost_contact_result(history: AttemptHistory, message: str) -> dict[str, Any]:

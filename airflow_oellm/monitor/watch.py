@@ -412,12 +412,14 @@ class JobFollower:
         notify_outage_after: float | None = None,
         status_path: str | None = None,
         status: str | None = None,
+        loss_baseline: Sequence[float] = (),
     ) -> None:
         self.job_id, self.log_path, self.state_path = job_id, log_path, state_path
         # with rewinds on: the training's status file (its RUNNING content as submitted), where the follower says
         # from which iteration on a checkpoint may yet be rewound away (TrainingStatus.suspect_from)
         self.status_path, self.status = status_path, status
         self._suspect: int | None = None  # what the status file says now
+        self.loss_baseline = list(loss_baseline)  # the training's losses before this job resumed it
         self._pending_status: bytes | None = None
         self.cluster_name, self.max_outage, self.notify_outage_after = cluster_name, max_outage, notify_outage_after
         self.outage: Outage | None = None
@@ -582,9 +584,12 @@ class JobFollower:
             notices.append(
                 (logging.INFO, f"resuming the watch of job {self.job_id} at byte {offset} of {self.log_path}")
             )
+        if state is None:  # a new job: its loss is judged against the training's from the first interval on
+            seeded = AnomalyDetector.seeded(self.anomalies, self.loss_baseline).state()
+            state = WatchState(self.job_id, self.log_path, anomalies=seeded)
         self.watch = JobWatch(
             self.specs,
-            state or WatchState(self.job_id, self.log_path),
+            state,
             inactivity_threshold=self.inactivity_threshold,
             now=now,
             nan_limit=self.nan_limit,

@@ -49,6 +49,7 @@ from airflow_oellm.monitor.attempts import (
     JobSettingsError,
     decide_attempt,
     job_settings,
+    loss_baseline,
     lost_contact_result,
     training_state_after,
 )
@@ -305,6 +306,7 @@ class SlurmSubmitOperator(BaseOperator):
         if not self.wait_for_completion:
             return {"job_id": outcome.job_id, "log_path": log_path, "script_path": script_path}
         trigger_args = self._watch_args(s, watched, outcome.job_id, log_path)
+        trigger_args["loss_baseline"] = loss_baseline(history, before, s) if s.training else []
         if self.deferrable:
             trigger = SlurmJobTrigger(**trigger_args, fire_after=settle_deadline())
             self.defer(trigger=trigger, method_name="execute_complete")
@@ -416,6 +418,7 @@ class SlurmSubmitOperator(BaseOperator):
             rewind=args["rewind"],
             status_path=args["status_path"],
             status=args["status"],
+            loss_baseline=args["loss_baseline"],
             output_paths=args["output_paths"],
             cluster_name=self.cluster.name,
             max_outage=args["max_outage"],

@@ -44,6 +44,7 @@ class SlurmJobTrigger(ClusterTrigger):
         "rewind",
         "status_path",
         "status",
+        "loss_baseline",
         "output_paths",
         "stream_log",
         "progress_to",
@@ -66,6 +67,7 @@ class SlurmJobTrigger(ClusterTrigger):
         rewind: bool = False,
         status_path: str | None = None,
         status: str | None = None,
+        loss_baseline: list[float] | None = None,
         output_paths: list[str] | None = None,
         poll_interval: float = 60.0,
         fire_after: float | None = None,
@@ -91,6 +93,7 @@ class SlurmJobTrigger(ClusterTrigger):
         self.anomalies = dict(anomalies) if anomalies is not None else None  # AnomalySettings.to_dict()
         self.rewind = rewind  # a diverged loss stops the job to be rewound
         self.status_path, self.status = status_path, status  # the training's status file, and what it says
+        self.loss_baseline = list(loss_baseline or [])  # the training's losses before this job resumed it
         self.output_paths = list(output_paths or [])
         self.stream_log = stream_log
         # the task instance whose `progress` XCom follows the job: dag_id, run_id, task_id, map_index
@@ -111,6 +114,7 @@ class SlurmJobTrigger(ClusterTrigger):
             rewind=self.rewind,
             status_path=self.status_path,
             status=self.status,
+            loss_baseline=self.loss_baseline,
             output_paths=self.output_paths,
             cluster_name=self.cluster.name,
             max_outage=self.max_outage,

@@ -519,3 +519,46 @@ def test_the_follower_tells_the_branches_when_the_loss_goes_wrong_and_when_it_is
 
     assert statuses(rewind=True) == [31, None]  # from the first high interval on, until it recovered
     assert statuses(rewind=False) == []  # no rewinds: nothing will be rewound away, nothing to wait for
+
+
+def test_a_job_that_resumes_a_training_judges_its_first_intervals_against_the_trainings_losses():
+    """After a rewind (or any resume) the spike can come back at once: with no baseline the detector would take
+    its first 10 intervals as normal, the spike with them, and never see it."""
+    from airflow_oellm.monitor.attempts import job_settings, loss_baseline
+    from airflow_oellm.monitor.records import AttemptHistory
+
+    earlier = [[i, v] for i, v in enumerate(FLAT, 1)] + [[i, 9.0] for i in range(31, 60)]  # diverged after 30
+    history = AttemptHistory.from_dict(
+        {
+            "attempts": [
+                {
+                    "try": 1,
+                    "job_id": "1",
+                    "verdict": "retry",
+                    "loss_curve": earlier,
+                    "rewind": {"id": "rewind-1-job1", "rewind_to": 30},
+                }
+            ]
+        }
+    )
+    experiment = load_sweep(REPO / "config" / "sweeps" / "cooldowns_and_evals.yaml").experiments[0]
+    settings = job_settings(experiment=experiment.runtime_config(), job=None, task_id="train")
+    baseline = loss_baseline(history, 30, settings)
+    assert baseline == FLAT  # the kept losses up to the checkpoint resumed, none of the discarded ones
+    assert loss_baseline(history, None, settings) == []  # a fresh start: nothing to compare with
+
+    lines = "".join(
+        f" iteration {i:8d}/     100 | consumed samples: {i * 8:12d} | lm loss: {loss:.6E} | grad norm: 0.500 |\n"
+        for i, loss in ((31, 9.0), (32, 9.1), (33, 9.0))
+    ).encode()
+
+    def spikes(seed: list[float]) -> list[str]:
+        follower = JobFollower("8", "/log", "/state", event_specs(), inactivity_threshold=None, nan_limit=3,
+                               loss_baseline=seed)  # fmt: skip
+        follower.on_update(PollUpdate("8", None, 1, chunks=(FileChunk("/state", 0, None, b""),)), 0.0)
+        running = JobStatus("8", JobState.RUNNING)
+        follower.on_update(PollUpdate("8", running, 2, chunks=(FileChunk("/log", 0, len(lines), lines),)), 1.0)
+        return [a["name"] for a in follower.watch.state.summary["anomalies"] if a["name"].startswith("loss_spike")]
+
+    assert spikes(baseline) == ["loss_spike"]
+    assert spikes([]) == []
