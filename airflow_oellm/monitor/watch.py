@@ -491,31 +491,17 @@ class JobFollower:
         elif step.stop_reason:
             later.append((logging.WARNING, f"job {self.job_id}: {step.stop_reason}: cancelling it"))
             watch.state.cancelled_by_us = True
+        cancel, kill = bool(step.stop_reason), step.rewinding
+        followed = FollowStep(notices, step.lines, later, cancel=cancel, kill=kill, notify=notify)
         if step.finished:
-            return FollowStep(
-                notices,
-                step.lines,
-                later,
-                cancel=bool(step.stop_reason),
-                kill=step.rewinding,
-                finished=True,
-                notify=notify,
-            )
+            return replace(followed, finished=True)
         publish = None
         if watch.progress_mark(update.status) != self._published:
             publish, self._published = self.snapshot(now), watch.progress_mark(update.status)
         if step.noteworthy or now - self._saved_at >= SAVE_EVERY:
             self._pending_write = watch.state.to_json()  # saved with the next cycle
         self._mark_suspect(watch.detector.suspect_from(), now)
-        return FollowStep(
-            notices,
-            step.lines,
-            later,
-            cancel=bool(step.stop_reason),
-            kill=step.rewinding,
-            publish=publish,
-            notify=notify,
-        )
+        return replace(followed, publish=publish)
 
     def _mark_suspect(self, suspect: int | None, now: float) -> None:
         """Tell the branches beside the training, through its status file, when its loss goes wrong and when
