@@ -7,6 +7,7 @@ restarted triggerer resumes at the same byte with the same event summary.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
@@ -20,7 +21,7 @@ from airflow_oellm.monitor.inactivity import Activity
 from airflow_oellm.monitor.outage import DEFAULT_MAX_OUTAGE_SECONDS, Outage, outage_notice
 from airflow_oellm.monitor.records import WatchSummary
 from airflow_oellm.slurm.commands import FileChunk
-from airflow_oellm.slurm.operations import CycleRequest, PollUpdate
+from airflow_oellm.slurm.operations import CycleRequest, FileWrite, PollUpdate
 from airflow_oellm.slurm.states import JobStatus
 
 READ_BYTES = 64 * 1024  # new log bytes read per poll while the job runs
@@ -393,6 +394,12 @@ class JobFollower:
     validation or a hang, else once a minute. Failed polls are an outage of `cluster` (monitor/outage.py):
     each is logged with since when and why, the progress snapshot carries it, and the following goes on
     until the outage has lasted `max_outage` seconds (None: for ever), whatever its kind.
+
+    Two followers of one job can run at once: Airflow moves a trigger off a triggerer that missed its
+    heartbeats, and the stalled one may wake and poll once more before it learns so. Each save replaces
+    only the state this follower last read or saved (`FileWrite.replaces`); refused, the follower reads the
+    newer state and carries on from it. A cancel or kill is done only once the state saying the watch did
+    it is saved, so the try that judges the job knows who stopped it, and a superseded follower never acts.
     """
 
     def __init__(
@@ -435,12 +442,18 @@ class JobFollower:
         self.watch: JobWatch | None = None
         self._pending_write: bytes | None = None
         self._saved_at = 0.0
+        self._saved_hash = (
+            ""  # sha256 of the state file as this follower last read (`_restore`, before any save) or saved it
+        )
+        self._pending_kill: bool | None = None  # a stop decided, done once its state is saved: kill or cancel
         self._published: tuple[Any, ...] | None = None
 
     def request(self) -> CycleRequest:
         if self.watch is None:  # first: what an earlier follower knew
             return CycleRequest(reads=[(self.state_path, 0, STATE_READ_LIMIT)])
-        writes = [(self.state_path, self._pending_write)] if self._pending_write is not None else []
+        writes = []
+        if self._pending_write is not None:
+            writes.append(FileWrite(self.state_path, self._pending_write, self._saved_hash))
         if self._pending_status is not None and self.status_path:
             writes.append((self.status_path, self._pending_status))
         return CycleRequest(reads=[self.watch.read_request()], stats=self.output_paths, writes=writes)
@@ -459,12 +472,18 @@ class JobFollower:
         if self.watch is None:
             step = self._restore(update.chunks[0].data if update.chunks else b"", now)
             return replace(step, notices=notices + step.notices, notify=notify)
+        if update.superseded:
+            return self._superseded(notices, notify)
         watch = self.watch
         self._status = update.status
         if update.writes_ok and all(update.writes_ok):
             if self._pending_write is not None:
+                self._saved_hash = hashlib.sha256(self._pending_write).hexdigest()
                 self._pending_write, self._saved_at = None, now
             self._pending_status = None
+        stop_now, kill_now = False, False
+        if self._pending_kill is not None and self._pending_write is None:  # the state saying so has landed
+            stop_now, kill_now, self._pending_kill = True, self._pending_kill, None
         step = watch.apply(now, update.status, update.chunks[0] if update.chunks else None, update.mtimes)
         if step.truncated:
             notices.append(
@@ -487,12 +506,12 @@ class JobFollower:
             target = f"checkpoint {d.rewind_to}" if d.rewind_to else "the start"
             message = f"job {self.job_id}: {d.describe()} did not recover: killing it, without a save, to rewind"
             later.append((logging.WARNING, f"{message} to {target}"))
-            watch.state.cancelled_by_us = True
         elif step.stop_reason:
             later.append((logging.WARNING, f"job {self.job_id}: {step.stop_reason}: cancelling it"))
-            watch.state.cancelled_by_us = True
-        cancel, kill = bool(step.stop_reason), step.rewinding
-        followed = FollowStep(notices, step.lines, later, cancel=cancel, kill=kill, notify=notify)
+        if step.stop_reason:
+            watch.state.cancelled_by_us, self._pending_kill = True, step.rewinding
+        stopping = not step.finished and stop_now  # a job that ended meanwhile needs no stop
+        followed = FollowStep(notices, step.lines, later, cancel=stopping, kill=stopping and kill_now, notify=notify)
         if step.finished:
             return replace(followed, finished=True)
         publish = None
@@ -501,7 +520,21 @@ class JobFollower:
         if step.noteworthy or now - self._saved_at >= SAVE_EVERY:
             self._pending_write = watch.state.to_json()  # saved with the next cycle
         self._mark_suspect(watch.detector.suspect_from(), now)
-        return replace(followed, publish=publish)
+        return replace(followed, publish=publish, poll_again=bool(step.stop_reason))
+
+    def _superseded(self, notices: list[tuple[int, str]], notify: dict[str, Any] | None) -> FollowStep:
+        """Another follower of this job saved its state since this one read or saved it: read it again and carry
+        on from there, dropping what this one had not saved (a stop it decided included)."""
+        self.watch, self._pending_write, self._pending_status, self._pending_kill = None, None, None, None
+        self._published = None
+        notices.append(
+            (
+                logging.WARNING,
+                f"job {self.job_id}: another watch of it saved its state since this one did (a trigger moved "
+                "off a stalled triggerer): carrying on from that state",
+            )
+        )
+        return FollowStep(notices, notify=notify, poll_again=True)
 
     def _mark_suspect(self, suspect: int | None, now: float) -> None:
         """Tell the branches beside the training, through its status file, when its loss goes wrong and when
@@ -554,7 +587,8 @@ class JobFollower:
         """Save the final state (a late restart then cannot replay the ending) and read the log's end."""
         if self.watch is None:
             raise RuntimeError("final_request before the first update")
-        return CycleRequest(reads=[self.watch.tail_request()], writes=[(self.state_path, self.watch.state.to_json())])
+        save = FileWrite(self.state_path, self.watch.state.to_json(), self._saved_hash)
+        return CycleRequest(reads=[self.watch.tail_request()], writes=[save])
 
     def result(self, tail: bytes) -> dict[str, Any]:
         """The finished event: the watch's result (see JobWatch.result)."""
@@ -563,6 +597,7 @@ class JobFollower:
         return {"kind": "finished", **self.watch.result(tail)}
 
     def _restore(self, saved: bytes, now: float) -> FollowStep:
+        self._saved_hash = hashlib.sha256(saved).hexdigest()
         state = WatchState.from_json(saved, self.job_id, self.log_path) if saved else None
         notices = []
         if state is not None:

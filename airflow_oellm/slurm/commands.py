@@ -351,15 +351,21 @@ def stat_script(index: int, path: str) -> str:
     return f'printf "S {int(index)} %s\\n" "$(stat -c %Y -- {shlex.quote(path)} 2>/dev/null || echo -1)"'
 
 
-def write_script(index: int, path: str, data: bytes) -> str:
-    """Atomically replace a small file (state files); prints `W <index> ok|fail`."""
+def write_script(index: int, path: str, data: bytes, replaces: str | None = None) -> str:
+    """Atomically replace a small file (state files); prints `W <index> ok|fail|stale`.
+
+    With `replaces` (a sha256 hex digest) the file is replaced only if its content still hashes to it
+    (no file hashes as empty), else `stale`: compare and swap, under a lock next to the file."""
     p = shlex.quote(path)
     directory = shlex.quote(path.rsplit("/", 1)[0] or "/")
     payload = base64.b64encode(data).decode()
-    return (
-        f"{{ mkdir -p -- {directory} && printf %s {payload} | base64 -d > {p}.oellm-tmp && mv -f -- {p}.oellm-tmp {p}"
-        f" && echo 'W {int(index)} ok'; }} || echo 'W {int(index)} fail'"
-    )
+    i = int(index)
+    replace = f"printf %s {payload} | base64 -d > {p}.oellm-tmp && mv -f -- {p}.oellm-tmp {p} && echo 'W {i} ok'"
+    if replaces is None:
+        return f"{{ mkdir -p -- {directory} && {replace}; }} || echo 'W {i} fail'"
+    unchanged = f'[ "$(cat -- {p} 2>/dev/null | sha256sum | cut -c1-64)" = {shlex.quote(replaces)} ]'
+    guarded = f"flock -w 30 9 || exit 1; if {unchanged}; then {replace}; else echo 'W {i} stale'; fi"
+    return f"{{ mkdir -p -- {directory} && ( {guarded} ) 9>>{p}.oellm-lock; }} || echo 'W {i} fail'"
 
 
 def squeue_section(job_ids: Sequence[str]) -> str:

@@ -12,7 +12,7 @@ import re
 import shlex
 from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from airflow_oellm.megatron import checkpoints
 from airflow_oellm.megatron.checkpoints import TRACKER_FILE, CheckpointState
@@ -75,6 +75,16 @@ def _checked(result: Result, what: str) -> Result:
 # ---------------------------------------------------------------- status
 
 
+class FileWrite(NamedTuple):
+    """A small file to replace atomically. With `replaces` (the sha256 of the content the writer last saw
+    there, of b"" for no file) it lands only if the file still holds that content: a watch that stalled
+    while another took its job over cannot overwrite the newer state (`writes_stale`)."""
+
+    path: str
+    data: bytes
+    replaces: str | None = None
+
+
 @dataclass(frozen=True)
 class CycleRequest:
     """What one poll cycle should learn (and write) besides job states, all in one command."""
@@ -82,7 +92,7 @@ class CycleRequest:
     reads: Sequence[tuple[str, int, int]] = ()  # (path, offset, max bytes)
     stats: Sequence[str] = ()  # paths whose modification time is wanted
     checkpoints: Sequence[str] = ()  # checkpoint directories to probe
-    writes: Sequence[tuple[str, bytes]] = ()  # small files to replace atomically (state files)
+    writes: Sequence[FileWrite | tuple[str, bytes]] = ()  # small files to replace atomically (state files)
 
 
 @dataclass(frozen=True)
@@ -92,6 +102,7 @@ class CycleResult:
     mtimes: list[float | None]
     checkpoints: list[CheckpointState]
     writes_ok: list[bool]
+    writes_stale: list[bool] = field(default_factory=list)  # refused: the file no longer held `replaces`
 
 
 @dataclass(frozen=True)
@@ -110,6 +121,7 @@ class PollUpdate:
     checkpoints: tuple[CheckpointState, ...] = ()
     writes_ok: tuple[bool, ...] = ()
     failing_since: float | None = None  # epoch seconds of the first failed cycle in a row (an error's)
+    superseded: bool = False  # a guarded write was refused: another watcher saved that file since
 
     @classmethod
     def from_cycle(cls, job_id: str | None, request: CycleRequest, result: CycleResult, cycle: int) -> PollUpdate:
@@ -122,6 +134,7 @@ class PollUpdate:
             mtimes=dict(zip(request.stats, result.mtimes, strict=True)),
             checkpoints=tuple(result.checkpoints),
             writes_ok=tuple(result.writes_ok),
+            superseded=any(result.writes_stale),
         )
 
     @classmethod
@@ -145,7 +158,7 @@ def poll_cycle(
         parts.append(commands.read_ranges_script(request.reads))
     parts += [commands.stat_script(i, path) for i, path in enumerate(request.stats)]
     parts += [checkpoints.probe_script(i, path) for i, path in enumerate(request.checkpoints)]
-    parts += [commands.write_script(i, path, data) for i, (path, data) in enumerate(request.writes)]
+    parts += [commands.write_script(i, *FileWrite(*write)) for i, write in enumerate(request.writes)]
     result = yield Command("; ".join(parts), label="poll")
     if result.rc != 0:
         raise commands.command_error("poll", result.rc, result.stderr or result.stdout)
@@ -172,6 +185,7 @@ def poll_cycle(
     mtimes: list[float | None] = [None] * len(request.stats)
     probes: list[CheckpointState | None] = [None] * len(request.checkpoints)
     writes_ok = [False] * len(request.writes)
+    writes_stale = [False] * len(request.writes)
     for line in lines:
         kind, _, rest = line.partition(" ")
         index_text, _, value = rest.partition(" ")
@@ -182,6 +196,7 @@ def poll_cycle(
             mtimes[index] = float(value) if re.match(r"^\d+$", value.strip()) else None
         elif kind == "W" and index < len(writes_ok):
             writes_ok[index] = value.strip() == "ok"
+            writes_stale[index] = value.strip() == "stale"
         elif kind == "C" and index < len(probes):
             parsed = checkpoints.parse_probe(line)
             if parsed:
@@ -195,6 +210,7 @@ def poll_cycle(
         mtimes,
         [p for p in probes if p is not None],
         writes_ok,
+        writes_stale,
     )
 
 

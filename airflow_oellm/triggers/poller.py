@@ -200,6 +200,7 @@ class JobPoller:
                 mtimes={p: mtimes[p] for p in q.stats},
                 checkpoints=tuple(result.checkpoints[checks : checks + len(q.checkpoints)]),
                 writes_ok=tuple(result.writes_ok[writes : writes + len(q.writes)]),
+                superseded=any(result.writes_stale[writes : writes + len(q.writes)]),
             )
             reads, checks, writes = reads + len(q.reads), checks + len(q.checkpoints), writes + len(q.writes)
             w.queue.put_nowait(update)

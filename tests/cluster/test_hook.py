@@ -397,3 +397,20 @@ def test_commands_larger_than_a_command_line_work(hook, dev_cluster, remote_dir)
     cycle = hook.poll_cycle([], CycleRequest(reads=[(path, 0, 10) for path, _ in writes]))
     assert {c.data for c in cycle.chunks} == {b"x" * 10} and len(cycle.chunks) == 300
     assert dev_cluster.ssh(f"ls {remote_dir}/many | wc -l").stdout.strip() == "300"
+
+
+def test_a_guarded_write_lands_only_over_the_content_its_writer_last_saw(hook, dev_cluster, remote_dir):
+    """Compare and swap through the cluster's shell: two watchers of one job, the second saving in between,
+    and the first's save over the content it last saw is refused (`stale`), in the same cycle as others."""
+    from airflow_oellm.slurm.operations import CycleRequest, FileWrite
+
+    path, other = f"{remote_dir}/guarded dir/state.json", f"{remote_dir}/guarded dir/other.json"
+    empty = hashlib.sha256(b"").hexdigest()
+    first = hook.poll_cycle([], CycleRequest(writes=[FileWrite(path, b"first", empty)]))
+    assert (first.writes_ok, first.writes_stale) == ([True], [False])
+    second = FileWrite(path, b"second", hashlib.sha256(b"first").hexdigest())
+    stale = FileWrite(path, b"stale", empty)  # its writer last saw no file
+    cycle = hook.poll_cycle([], CycleRequest(writes=[second, stale, (other, b"unguarded")]))
+    assert (cycle.writes_ok, cycle.writes_stale) == ([True, False, True], [False, True, False])
+    assert dev_cluster.ssh(["cat", path]).stdout == "second"
+    assert dev_cluster.ssh(["cat", other]).stdout == "unguarded"

@@ -287,6 +287,7 @@ def test_a_retry_judges_a_job_its_watch_cancelled_before_the_killed_worker_could
     recovered = time.monotonic() - killed
     result, jobs = stack.xcom("f_hung", run_id, "train"), jobs_named(dev_cluster, name)
     # try 1 recorded its job when it deferred, and died before judging it: its record has no verdict
+    assert len(result["attempts"]) == 3, (result["attempts"], stack.explain("f_hung", run_id))
     unjudged, judged, resumed = result["attempts"]
     assert (unjudged["try"], unjudged["job_id"], unjudged.get("verdict")) == (1, job, None), result["attempts"]
     assert (judged["try"], judged["submission"], judged["job_id"]) == (2, "ended", job), judged

@@ -12,6 +12,7 @@ import random
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -422,16 +423,21 @@ def test_a_rewind_to_the_start_leaves_no_tracker(tmp_path):
 
 
 def follow(log: bytes, *, rewind: bool, nan_limit: int = 0) -> tuple[list, JobFollower]:
-    """Feed a running job's log to a follower a chunk per poll; the FollowSteps that cancel."""
+    """Feed a running job's log to a follower a chunk per poll (its saves landing), then poll on; the
+    FollowSteps that cancel, each with the notices of the step that decided it."""
     follower = JobFollower("7", "/log", "/state", event_specs(), inactivity_threshold=None, nan_limit=nan_limit,
                            rewind=rewind)  # fmt: skip
     follower.on_update(PollUpdate("7", None, 1, chunks=(FileChunk("/state", 0, None, b""),)), 0.0)
-    running, cancels = JobStatus("7", JobState.RUNNING), []
-    for offset in range(0, len(log), 2048):
+    running, cancels, decided = JobStatus("7", JobState.RUNNING), [], []
+    for offset in [*range(0, len(log), 2048), len(log)]:
         chunk = FileChunk("/log", offset, len(log), log[offset : offset + 2048])
-        step = follower.on_update(PollUpdate("7", running, 2 + offset, chunks=(chunk,)), float(offset))
-        if step.cancel:
-            cancels.append(step)
+        landed = tuple(True for _ in follower.request().writes)
+        step = follower.on_update(PollUpdate("7", running, 2 + offset, chunks=(chunk,), writes_ok=landed), offset)
+        if step.cancel:  # decided by an earlier step, done once the state saying so was saved
+            assert decided and follower.watch.state.cancelled_by_us
+            cancels.append(replace(step, later=decided[-1].later))
+        if step.poll_again:
+            decided.append(step)
     return cancels, follower
 
 

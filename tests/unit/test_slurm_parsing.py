@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import re
 import shlex
+import subprocess
 
 import pytest
 
@@ -296,3 +298,20 @@ def test_status_round_trips_through_json():
     status = commands.parse_sacct(section("sacct_end"))[0]
     assert JobStatus.from_dict(status.to_dict()) == status
     assert "secret" not in repr(Command("x", stdin=b"secret"))
+
+
+def test_a_guarded_write_compares_and_swaps_and_quotes_what_it_compares(tmp_path):
+    """The compare-and-swap of state files, in a real bash: over the content last seen (no file: empty), and
+    nothing a hostile digest holds runs."""
+    path, canary = tmp_path / "a dir" / "state.json", tmp_path / "canary"
+
+    def write(data: bytes, replaces: str | None) -> str:
+        script = commands.write_script(0, str(path), data, replaces)
+        return subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout.strip()
+
+    empty, first = hashlib.sha256(b"").hexdigest(), hashlib.sha256(b"first").hexdigest()
+    assert write(b"first", empty) == "W 0 ok" and path.read_bytes() == b"first"
+    assert write(b"late", empty) == "W 0 stale" and path.read_bytes() == b"first"
+    assert write(b"x", f"'; touch {canary}; echo '") == "W 0 stale" and not canary.exists()
+    assert write(b"second", first) == "W 0 ok" and path.read_bytes() == b"second"
+    assert write(b"any", None) == "W 0 ok" and path.read_bytes() == b"any"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -144,7 +146,7 @@ def test_the_follower_saves_at_once_after_a_checkpoint_else_once_a_minute():
     follow = follower(nan_limit=0)
     follow.on_update(PollUpdate("7", None, 1, chunks=(FileChunk("/state", 0, None, b""),)), t)
     follow.on_update(served(follow, b"plain line\n", "RUNNING", 2), t + 10)  # never saved: at once
-    assert [path for path, _ in follow.request().writes] == ["/state"]
+    assert [write.path for write in follow.request().writes] == ["/state"]
     follow.on_update(served(follow, b"plain line\n", "RUNNING", 3), t + 20)  # written with that cycle
     assert follow.request().writes == []
     follow.on_update(served(follow, b"plain line\n", "RUNNING", 4), t + 70)
@@ -209,15 +211,19 @@ def test_the_follower_cancels_a_hang_then_finishes_with_a_final_save():
     follow.on_update(PollUpdate("7", None, 1, chunks=(FileChunk("/state", 0, None, b""),)), 0)
     follow.on_update(served(follow, b"x\n", "RUNNING", 2), 0)
     hung = follow.on_update(served(follow, b"x\n", "RUNNING", 3), 100)
-    assert hung.cancel and hung.later[-1] == (
-        logging.WARNING,
-        "job 7: no log growth and no iteration progress: hung: cancelling it",
-    )
-    assert follow.watch.state.cancelled_by_us
-    done = follow.on_update(served(follow, b"x\n", "CANCELLED", 4), 160)
+    assert hung.later[-1] == (logging.WARNING, "job 7: no log growth and no iteration progress: hung: cancelling it")
+    # the cancel waits for the state that says the watch did it: the try that judges the job reads that
+    assert not hung.cancel and hung.poll_again and follow.watch.state.cancelled_by_us
+    (save,) = follow.request().writes
+    assert json.loads(save.data)["cancelled_by_us"] and save.replaces is not None
+    assert not follow.on_update(served(follow, b"x\n", "RUNNING", 4, writes_ok=False), 101).cancel  # not saved
+    cancel = follow.on_update(served(follow, b"x\n", "RUNNING", 5), 102)
+    assert cancel.cancel and not cancel.kill
+    assert not follow.on_update(served(follow, b"x\n", "RUNNING", 6), 103).cancel  # once
+    done = follow.on_update(served(follow, b"x\n", "CANCELLED", 7), 160)
     assert done.finished and not done.cancel
     final = follow.final_request()
-    assert final.reads == [follow.watch.tail_request()] and final.writes[0][0] == "/state"
+    assert final.reads == [follow.watch.tail_request()] and final.writes[0].path == "/state"
     event = follow.result(b"tail")
     assert event["kind"] == "finished" and event["hang"] and event["cancelled_by_us"] and event["tail"] == "tail"
 
@@ -230,3 +236,28 @@ def test_a_follower_that_joins_an_outage_waits_its_own_max_outage_and_publishes_
     assert step.publish is None  # nothing restored yet: an empty snapshot would hide the last progress
     assert follow.on_update(old, 4200).error is None
     assert "gave up after platform.max_outage (600 s)" in follow.on_update(old, 4201).error
+
+
+def test_a_stalled_follower_superseded_by_another_takes_its_state_and_never_acts_on_its_own():
+    """Airflow moved the trigger off a stalled triggerer: the new follower saved the state since (it cancelled
+    the hung job). The old one wakes and decides the same stop: its save is refused, so it cancels nothing,
+    reads the newer state and carries on from it, at its byte and knowing the watch cancelled the job."""
+    stale, fresh = follower(threshold=60, nan_limit=0), follower(threshold=60, nan_limit=0)
+    for f in (stale, fresh):
+        f.on_update(PollUpdate("7", None, 1, chunks=(FileChunk("/state", 0, None, b""),)), 0)
+        f.on_update(served(f, b"x\n", "RUNNING", 2), 0)
+    fresh.on_update(served(fresh, b"x\n", "RUNNING", 3), 100)  # hung: decided, saved, then cancelled
+    assert fresh.on_update(served(fresh, b"x\n", "RUNNING", 4), 101).cancel
+    newer = fresh.watch.state.to_json()
+    assert stale.on_update(served(stale, b"x\n", "RUNNING", 3), 130).poll_again  # it decides the stop too
+    (save,) = stale.request().writes
+    assert save.replaces != hashlib.sha256(newer).hexdigest()  # it last saw the file empty
+    refused = PollUpdate("7", status("RUNNING"), 4, writes_ok=(False,), superseded=True)
+    step = stale.on_update(refused, 131)
+    assert not step.cancel and step.poll_again and "another watch of it saved its state" in step.notices[-1][1]
+    assert stale.request().reads == [("/state", 0, STATE_READ_LIMIT)] and not stale.request().writes
+    stale.on_update(PollUpdate("7", None, 5, chunks=(FileChunk("/state", 0, len(newer), newer),)), 132)
+    assert stale.watch.state.cancelled_by_us and stale.watch.state.matcher == fresh.watch.state.matcher
+    assert not stale.on_update(served(stale, b"", "RUNNING", 6), 133).cancel  # the stop was the other's to do
+    done = stale.on_update(served(stale, b"", "CANCELLED", 7), 140)
+    assert done.finished and not done.cancel and stale.result(b"")["cancelled_by_us"]
