@@ -28,18 +28,23 @@ SPREAD = {
     "tests/operators/test_factory_cluster.py",
 }
 # Tests that need the dev cluster to themselves (a module, or one test of one), why, and in the order they
-# run. The fault scenarios first: they mostly wait. The cluster demo last, once the CPU-bound tests beside
-# it are done (two demos at once took over 5 minutes).
+# run. The fault scenarios that take the cluster or PostgreSQL away first: they mostly wait. The fault
+# scenarios that kill only their own stack's components share the cluster in the first pass. The CPU-bound
+# tests last, once the CPU-bound tests beside them are done (two demos at once took over 5 minutes).
+FAULTS = "tests/faults/test_airflow_faults.py"
 SERIAL = {
-    "tests/faults/test_airflow_faults.py": "kills sshd, slurmctld and Airflow's components",
-    # beside the shared pass's stacks and tests its experiment took over 280 s (70 s alone): after the faults,
-    # when the CPU-bound tests beside the serial lane are done
-    "tests/e2e/test_compose_stack.py": "a demo experiment's real CPU work through a Celery stack of its own",
-    # 262 s of its 300 alone; beside the production fault stack it took 307 and 316 s
-    "tests/demo/test_make_demo.py::test_demo_falls_back_to_local_processes": "a whole sweep on both cores",
+    f"{FAULTS}::test_ssh_and_slurmctld_outages_cause_no_false_state_and_no_failure": "stops sshd and slurmctld",
+    f"{FAULTS}::test_a_refused_key_is_waited_out_for_max_outage_and_the_watch_carries_on": "refuses the cluster "
+    "user's key to everyone",
+    f"{FAULTS}::test_postgresql_restarted_mid_run_loses_no_task_and_repeats_none": "restarts the PostgreSQL "
+    "every production stack uses",
     "tests/e2e/test_stack.py": "kills its own triggerer; the settle race is timed on a machine not otherwise busy",
     "tests/cluster/test_poller.py": "counts slurmctld's RPCs, kills sshd",
     "tests/bench/test_benchmarks.py::test_status_poll_benchmark_runs_and_batches": "slurmctld's RPC counts",
+    # beside the shared pass's stacks and tests its experiment took over 280 s (70 s alone)
+    "tests/e2e/test_compose_stack.py": "a demo experiment's real CPU work through a Celery stack of its own",
+    # 262 s of its 300 alone; beside the production fault stack it took 307 and 316 s
+    "tests/demo/test_make_demo.py::test_demo_falls_back_to_local_processes": "a whole sweep on both cores",
     "tests/demo/test_make_demo.py::test_demo_on_the_dev_cluster": "a whole sweep within 5 minutes, on both cores",
 }
 # Real torch (the local-process demo, megatron-core, lm-eval, the tiny trainer) keeps both cores busy:
@@ -134,14 +139,19 @@ def pytest_itemcollected(item: pytest.Item) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # stable: a module's tests keep their order; the modules sharing a stack come one after another
     group_rank: dict[str, int] = {}
+    group_serial: dict[str, int] = {}  # a stack's last SERIAL test: the rest of its tests follow it
     for item in items:
         if group := group_of(item.nodeid):
             group_rank[group] = min(group_rank.get(group, 3), expected_length(item))
+            if (serial := serial_rank(item.nodeid)) is not None:
+                group_serial[group] = max(group_serial.get(group, serial), serial)
 
     def order(item: pytest.Item) -> tuple[int, int, str]:
         serial = serial_rank(item.nodeid)
         if serial is not None:  # first: theirs is the longest lane
             return -1, serial, ""
+        if (group := group_of(item.nodeid)) in group_serial:  # run without passes, a stack boots once
+            return -1, group_serial[group], group
         cpu_bound = next((rank for rank, listed in enumerate(CPU_BOUND) if item.nodeid.startswith(listed)), None)
         if cpu_bound is not None:  # next, in CPU_BOUND's order
             return -1, len(SERIAL) + cpu_bound, ""

@@ -12,8 +12,11 @@
 - `sqlite`: the same for tests/e2e/test_stack.py on one machine's Airflow (SQLite, LocalExecutor): its
   scenarios (a triggerer restart, the settle race) are measured there, where they were found.
 
-The modules of `faults` and `sqlite` kill components and restart them: they are SERIAL (one worker, one
-module after another), so the two stacks never run at once.
+The modules of `faults` and `sqlite` kill components and restart them, which only the worker that booted the
+stack can do: in each CI pass (tests/parallel.py) a controlled stack's tests are one unit of one worker.
+`faults` runs twice: in the shared pass for the scenarios that kill only its own components, in the serial
+lane for those that take the cluster or PostgreSQL away. `sqlite` runs in the serial lane, after it: the
+two never run at once.
 
 A module asks for its group's stack with the `shared_stack` fixture (module-scoped), and gets its own copy
 of the `Stack` (for its attributes). The stack stops when no module uses it and the next test on this
@@ -47,7 +50,7 @@ MODULES = {
     "faults": ("tests/faults/test_airflow_faults.py",),
     "sqlite": ("tests/e2e/test_stack.py",),
 }
-# kills and restarts components, which only the process that started them can do (all its modules are SERIAL)
+# kills and restarts components, which only the process that started them can do (one worker per pass)
 CONTROLLED = {"faults", "sqlite"}
 # on PostgreSQL and the CeleryExecutor, two schedulers, triggerers and workers (tests/e2e/conftest.py)
 PRODUCTION = {"airflow", "faults"}

@@ -66,7 +66,9 @@ def test_the_exclusive_pass_holds_the_serial_tests_and_only_tests_without_the_cl
 
 
 def test_scopes_keep_a_module_together_and_deal_out_spread_and_serial_tests():
-    assert scope("tests/faults/test_airflow_faults.py::test_x") == "serial"
+    faults = "tests/faults/test_airflow_faults.py"
+    assert scope(f"{faults}::test_ssh_and_slurmctld_outages_cause_no_false_state_and_no_failure") == "serial"
+    assert scope(f"{faults}::test_x") == faults
     assert scope("tests/demo/test_make_demo.py::test_demo_on_the_dev_cluster") == "serial"
     assert scope("tests/demo/test_make_demo.py::test_demo_falls_back_to_local_processes") == "serial"
     assert scope("tests/convert/test_lm_eval.py::test_y") == "cpu-bound"
@@ -75,10 +77,13 @@ def test_scopes_keep_a_module_together_and_deal_out_spread_and_serial_tests():
     assert scope("tests/cluster/test_hook.py::test_a") == "tests/cluster/test_hook.py"
 
 
-def test_a_controlled_stacks_modules_are_serial():
-    # kill and start work only in the process that started the stack: its modules share one worker
-    for name in CONTROLLED:
-        assert all(module in SERIAL for module in MODULES[name]), name
+def test_a_controlled_stacks_tests_share_one_worker_in_each_pass(passes):
+    # kill and start work only in the process that started the stack: in a pass, its tests are one unit
+    for which in ("shared", "exclusive"):
+        for name in CONTROLLED:
+            units = {scope(t) for t in passes[which] if group_of(t) == name}
+            assert len(units) <= 1, (which, name, units)
+    assert any(group_of(t) == "faults" for t in passes["shared"])  # the faults that take only their own stack's
 
 
 def test_a_shared_stacks_modules_run_one_after_another(passes):
