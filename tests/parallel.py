@@ -33,6 +33,8 @@ SPREAD = {
 # tests last, once the CPU-bound tests beside them are done (two demos at once took over 5 minutes).
 FAULTS = "tests/faults/test_airflow_faults.py"
 SERIAL = {
+    f"{FAULTS}::test_triggerer_killed_with_twenty_deferred_the_other_takes_over_at_the_saved_bytes": "counts "
+    "slurmctld's RPCs; its twenty held jobs fill the cluster",
     f"{FAULTS}::test_ssh_and_slurmctld_outages_cause_no_false_state_and_no_failure": "stops sshd and slurmctld",
     f"{FAULTS}::test_a_refused_key_is_waited_out_for_max_outage_and_the_watch_carries_on": "refuses the cluster "
     "user's key to everyone",

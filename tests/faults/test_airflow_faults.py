@@ -35,6 +35,7 @@ ORPHANS = ("f_orphan_task", "f_orphan_run", "f_orphan_cleared")
 POSTGRES = ("f_pg_deferred", "f_pg_submitting")
 OUTAGE_CALLBACK = "oellm_e2e_outage"
 REFUSED = {"f_refused_wait": {"retries": 0}, "f_refused_give_up": {"retries": 1, "retry_delay": 40}}
+HOLDS = ("orphans", "refused", "moved", "trig")  # the release files of the jobs held at iteration 5
 RESUMED = re.compile(r"resuming the watch of job (\d+) at byte (\d+)")  # the trigger's log
 pytestmark = [pytest.mark.e2e, pytest.mark.cluster, pytest.mark.slow]
 
@@ -142,6 +143,8 @@ def stack(shared_stack, dev_cluster, module_remote_dir, slurm_conn_id, tmp_path_
     for flag in list(s.pauses.iterdir()):  # nothing stays paused for its hour
         if flag.suffix not in (".armed", ".release"):
             flag.with_name(flag.name + ".release").touch()
+    # no job a failed test held stays on the cluster, where it would keep the next tests' jobs pending
+    dev_cluster.ssh(["touch", *(f"{remote}/{hold}{token}.release" for hold in HOLDS)], check=False)
 
 
 def jobs_named(dev_cluster, name: str) -> list[str]:
@@ -463,6 +466,12 @@ def test_a_trigger_moved_off_a_stalled_triggerer_never_cancels_its_job(stack, de
     name = stack.specs["f_moved"]["experiment"]["experiment"]["name"]
     holder = wait(lambda: trigger_holders(stack, "f_moved", run_id).get(-1), 300, "the trigger running", stack)
     (job,) = wait(lambda: jobs_named(dev_cluster, name), 60, "the job in sacct", stack)
+
+    def job_state() -> str:
+        return dev_cluster.ssh(["squeue", "-h", "-j", job, "-o", "%T"]).stdout.strip()
+
+    # held at iteration 5 once it runs: it may wait for a free CPU beside the other tests' jobs first
+    wait(lambda: job_state() == "RUNNING", 240, f"job {job} to run", stack, every=2)
     stalled = stack.procs[holder].pid
     os.killpg(stalled, signal.SIGSTOP)
     try:
@@ -484,7 +493,7 @@ def test_a_trigger_moved_off_a_stalled_triggerer_never_cancels_its_job(stack, de
         f"{holder}, woken, to let go of the trigger through on_kill",
         stack,
     )
-    state = dev_cluster.ssh(["squeue", "-h", "-j", job, "-o", "%T"]).stdout.strip()
+    state = job_state()
     assert state == "RUNNING", f"job {job} is {state!r} after on_kill"
     dev_cluster.ssh(["touch", f"{stack.remote}/moved{stack.token}.release"])
     assert stack.wait_run("f_moved", run_id, 600) == "success", stack.explain("f_moved", run_id)
