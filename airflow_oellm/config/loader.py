@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -136,6 +137,28 @@ class Sweep:
 
         hint = did_you_mean(name, [e.name for e in self.experiments])
         raise ConfigError(Issue(f"no experiment named {name!r} in sweep '{self.name}'{hint}", file=self.file))
+
+
+def retention_problems(cfg: RootConfig) -> list[tuple[str, str]]:
+    """A retention that could delete nothing, or keeps for good no checkpoint ever saved: refused by name."""
+    if cfg.backend.name != "megatron":
+        return [("retention", f"deletes Megatron checkpoints; backend {cfg.backend.name!r} saves none")]
+    try:
+        save_interval = iteration_arg(cfg.backend.args, "save_interval")
+    except ConfigError:
+        return []  # named where the planner reads it
+    if not cfg.backend.args.get("save_interval"):
+        return [("retention", "deletes older checkpoints, but backend.args.save_interval is not set: one is saved")]
+    keep_every = cfg.retention.keep_every if cfg.retention is not None else 0
+    if save_interval and _number(keep_every) and keep_every > 0 and keep_every % save_interval:
+        return [
+            (
+                "retention.keep_every",
+                f"{keep_every} is no multiple of backend.args.save_interval ({save_interval}): "
+                f"only checkpoints at multiples of {math.lcm(keep_every, save_interval)} would be kept for good",
+            )
+        ]
+    return []
 
 
 def _contains_interpolation(value: Any) -> bool:
@@ -280,6 +303,10 @@ def semantic_problems(cfg: RootConfig, data: Mapping[str, Any]) -> list[tuple[st
                 spike.sustain,
                 f"must be at least sustain ({spike.sustain}): a spike is not known before then",
             )
+    if cfg.retention is not None:
+        at_least("retention.keep_last", cfg.retention.keep_last, 1, "must be at least 1: the newest checkpoint stays")
+        at_least("retention.keep_every", cfg.retention.keep_every, 0, "must be >= 0 (0: none kept for good)")
+        problems += retention_problems(cfg)
     for i, event in enumerate(m.log_events):
         if event.pattern_type == "regex" and not _contains_interpolation(event.pattern):
             try:

@@ -16,10 +16,17 @@ from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
 from airflow_oellm.config.errors import ConfigError, Issue, did_you_mean, shown
-from airflow_oellm.config.naming import NamingError, check_name, job_paths
+from airflow_oellm.config.naming import (
+    CHECKPOINT_CONVERT_TASK,
+    COOLDOWN_TRAIN_TASK,
+    NamingError,
+    check_name,
+    job_paths,
+)
 from airflow_oellm.config.overrides import apply_overrides, parse_overrides
 from airflow_oellm.config.schema import CooldownConfig, EvalSuiteConfig, RootConfig
 from airflow_oellm.config.validate import Validator, iteration_arg
+from airflow_oellm.slurm.identity import task_status_path
 
 COOLDOWN, CONVERT, EVALUATE = "cooldown", "convert", "evaluate"  # side job kinds
 # submissions of a conversion or evaluation job: they are idempotent, and one retry covers a lost
@@ -97,6 +104,11 @@ class Milestones:
     cooldowns: list[CooldownBranch] = field(default_factory=list)
 
 
+def side_job_dir(output_dir: str, kind: str, iteration: int) -> str:
+    """A conversion's or evaluation's own output directory, beside the training's."""
+    return f"{output_dir}/jobs/{kind}_iter_{iteration:07d}"
+
+
 def _side_job(
     parent: dict[str, Any], cfg: RootConfig, kind: str, iteration: int, argv: list[str], resources: Any
 ) -> dict[str, Any]:
@@ -104,7 +116,7 @@ def _side_job(
     job = copy.deepcopy(parent)
     exp = job["experiment"]
     name = f"{exp['name']}-{kind}-{iteration}"
-    out = f"{exp['output_dir']}/jobs/{kind}_iter_{iteration:07d}"
+    out = side_job_dir(exp["output_dir"], kind, iteration)
     exp.update(job_paths(name, out))
     job["backend"].update(name="command", launcher="none", command=argv, args={})
     slurm = job["slurm"]
@@ -334,6 +346,22 @@ def plan_runs(config: dict[str, Any]) -> PlannedRuns:
         )
         runs.cooldowns.append(child)
     return runs
+
+
+def retention_branches(config: dict[str, Any]) -> dict[int, list[str]]:
+    """For checkpoint retention: the status files of the branch tasks that start from each of the training's
+    own checkpoints (its conversion; a cooldown from it), which must say completed before it may go."""
+    runs = plan_runs(config)
+    cfg, branches = runs.config, {}
+    if cfg.conversion.enabled:
+        for entry in runs.milestones.evaluations:
+            if entry["cooldown"] is None:
+                out = side_job_dir(cfg.experiment.output_dir, CONVERT, entry["iteration"])
+                branches.setdefault(entry["iteration"], []).append(task_status_path(out, CHECKPOINT_CONVERT_TASK))
+    for cooldown in runs.milestones.cooldowns:
+        status = task_status_path(cooldown["output_dir"], COOLDOWN_TRAIN_TASK)
+        branches.setdefault(cooldown["at"], []).append(status)
+    return branches
 
 
 def _add_suites(evaluations: list[CheckpointBranch], extra: list[CheckpointBranch]) -> None:

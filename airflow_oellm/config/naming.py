@@ -213,6 +213,7 @@ def in_group(group: str, task: str) -> str:
 
 
 COOLDOWN_TRAIN_TASK = in_group(COOLDOWN_GROUP, TRAIN_TASK)
+CHECKPOINT_CONVERT_TASK = in_group(CHECKPOINT_GROUP, CONVERT_TASK)
 CHECKPOINT_EVALUATE_TASK = in_group(CHECKPOINT_GROUP, EVALUATE_TASK)
 COOLDOWN_EVALUATE_TASK = in_group(COOLDOWN_GROUP, EVALUATE_TASK)
 # Task ids of a sweep DAG: a mapped trigger task per part of the sweep, then the summary.

@@ -397,6 +397,20 @@ class EvaluationConfig:
 
 
 @dataclass
+class RetentionConfig:
+    """Deleting a training's older checkpoints while it runs, to stay within quota. The watch deletes them
+    after each complete save; never the newest `keep_last`, a multiple of `keep_every`, the one the tracker
+    names, one a rewind could load, or one a branch (conversion, cooldown) has not completed from."""
+
+    keep_last: int = opt(2, "The newest complete checkpoints kept.")
+    keep_every: int = opt(
+        0,
+        "Iterations: a checkpoint at a multiple of it is kept for good (0: none); a multiple of "
+        "`backend.args.save_interval`.",
+    )
+
+
+@dataclass
 class CooldownConfig:
     at: int = opt(doc="Checkpoint iteration the cooldown starts from (must be a checkpoint).")
     name: str | None = opt(None, "Suffix of the cooldown's name (default `cooldown_<at>`).")
@@ -462,6 +476,9 @@ class RootConfig:
     conversion: ConversionConfig = opt(doc="Megatron -> HuggingFace conversion jobs.", factory=ConversionConfig)
     evaluation: EvaluationConfig = opt(doc="Evaluation jobs on converted checkpoints.", factory=EvaluationConfig)
     cooldowns: list[CooldownConfig] = opt(doc="Cooldown runs branched off the training at checkpoints.", factory=list)
+    retention: RetentionConfig | None = opt(
+        None, "Checkpoint retention; null (the default): every checkpoint is kept. `{}` keeps the last 2."
+    )
     dag: DagConfig = opt(doc="How the experiment's Airflow DAG is built.", factory=DagConfig)
     experiment: ExperimentInfo = opt(doc="Set by the planner; read-only.", factory=ExperimentInfo)
 

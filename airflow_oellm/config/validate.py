@@ -66,6 +66,13 @@ def type_name(tp: Any) -> str:
     )
 
 
+def _same_shape(value: Any, tp: Any) -> bool:
+    """A mapping for a section or a mapping type, a list for a list type."""
+    if isinstance(value, dict):
+        return dataclasses.is_dataclass(tp) or get_origin(tp) is dict
+    return isinstance(value, list) and get_origin(tp) is list
+
+
 class Validator:
     """Checks one container; `issues` collects what is wrong."""
 
@@ -143,6 +150,7 @@ class Validator:
             return None
         # exact scalar types first, so `int | str` keeps 7200 an int
         ordered = sorted(members, key=lambda t: 0 if type(value) is t else 1)
+        shaped = []  # the trials of the members a value of this shape is meant for (a mapping: a section)
         for member in ordered:
             if member is type(None):
                 continue
@@ -150,6 +158,11 @@ class Validator:
             result = trial.check(value, member, key)
             if not trial.issues:
                 return result
+            if _same_shape(value, member):
+                shaped.append(trial)
+        if len(shaped) == 1:  # its own complaint (an unknown key, a bad value) says more than "expected ..."
+            self.issues += shaped[0].issues
+            return None
         return self._bad(key, f"expected {' or '.join(type_name(m) for m in members)}, got {_describe(value)}")
 
     def _dataclass(self, value: Any, cls: type, key: str) -> Any:

@@ -164,6 +164,11 @@ class SlurmHook(BaseHook):
     def rewind_checkpoints(self, checkpoint_dir: str, iteration: int, discard_dir: str) -> list[int]:
         return self.run(operations.rewind_checkpoints(checkpoint_dir, iteration, discard_dir))
 
+    def delete_checkpoints(
+        self, checkpoint_dir: str, deletions: Sequence[tuple[int, Sequence[str]]]
+    ) -> tuple[list[int], list[int]]:
+        return self.run(operations.delete_checkpoints(checkpoint_dir, deletions))
+
     def exclude_nodes(self, job_id: str, nodes: Sequence[str]) -> None:
         self.run(operations.exclude_nodes(job_id, nodes))
 
@@ -251,6 +256,11 @@ class AsyncSlurmHook:
 
     async def kill(self, job_ids: Sequence[str]) -> None:
         await self.run(operations.kill(job_ids))
+
+    async def delete_checkpoints(
+        self, checkpoint_dir: str, deletions: Sequence[tuple[int, Sequence[str]]]
+    ) -> tuple[list[int], list[int]]:
+        return await self.run(operations.delete_checkpoints(checkpoint_dir, deletions))
 
     async def submit_once(
         self,

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import re
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
+COMPLETED = '"state": "completed"'  # a task's status file (monitor/records.TrainingStatus) once it succeeded
 
 
 def iteration_dir(iteration: int) -> str:
@@ -127,6 +129,35 @@ def rewind_script(checkpoint_dir: str, iteration: int, discard_dir: str) -> str:
         f'mv -- "$i" {dest}/"iter_$n"; moved="$moved $((10#$n))"; fi; done; '
         'echo "R$moved"'
     )
+
+
+def retention_script(checkpoint_dir: str, deletions: Sequence[tuple[int, Sequence[str]]]) -> str:
+    """Delete `iter_N` for each (N, status files) unless the tracker names N (now) or one of the status files
+    (a branch task's, `TrainingStatus`) does not say completed. Prints `D N` for each deleted, `K N` for each
+    kept; a missing `iter_N` (deleted before, or moved aside by a rewind) is neither."""
+    d = shlex.quote(checkpoint_dir.rstrip("/"))
+    lines = [f"[ -d {d} ] || exit 0", f"t=$(head -c 64 {d}/{TRACKER_FILE} 2>/dev/null | tr -dc '0-9')"]
+    for iteration, status_files in deletions:
+        n = int(iteration)
+        if n < 1:
+            raise ValueError(f"a checkpoint iteration is positive: {iteration}")
+        done = " && ".join(f"grep -qs {shlex.quote(COMPLETED)} {shlex.quote(f)}" for f in status_files) or "true"
+        lines.append(
+            f"if [ -d {d}/{iteration_dir(n)} ]; then "
+            f'if [ "$((10#${{t:-0}}))" != {n} ] && {done}; then rm -rf -- {d}/{iteration_dir(n)} && echo "D {n}"; '
+            f'else echo "K {n}"; fi; fi'
+        )
+    return "\n".join(lines) + "\n"
+
+
+def parse_retention(stdout: str) -> tuple[list[int], list[int]]:
+    """(deleted, kept) of `retention_script`'s output."""
+    deleted, kept = [], []
+    for line in stdout.splitlines():
+        tag, _, number = line.partition(" ")
+        if tag in ("D", "K") and number.isdigit():
+            (deleted if tag == "D" else kept).append(int(number))
+    return deleted, kept
 
 
 def parse_rewind(stdout: str) -> list[int]:

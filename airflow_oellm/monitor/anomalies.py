@@ -210,6 +210,17 @@ class AnomalyDetector:
         starts = [s for s in (spike.start if spike else None, self.nan_start) if s is not None]
         return min(starts) if starts else None
 
+    def rewind_needs(self) -> list[int]:
+        """The checkpoints a rewind could still load (what retention keeps): the target of each anomaly going
+        on, and the one an anomaly beginning with the next log interval would go back to. A checkpoint between
+        them was saved while the loss was wrong, and no later anomaly goes back past the next one's target."""
+        targets = [self.rewind_to(s.start, s.before) for s in self.series.values() if s.start is not None]
+        if self.nan_start is not None:
+            targets.append(self.rewind_to(self.nan_start, (self.nan_groups or {}).get("last_normal")))
+        if self.last_iteration is not None:
+            targets.append(self.rewind_to(self.last_iteration + 1, self.last_iteration))
+        return sorted({t for t in targets if t is not None})
+
     def rewind_to(self, start: int, before: int | None) -> int | None:
         """The last checkpoint at or before the last normal interval (`before`; else the iteration before
         `start`), `rewind_margin` iterations earlier still; None: none is known (the start of training)."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from airflow_oellm.config.errors import ConfigError
-from airflow_oellm.config.milestones import job_config, typed
+from airflow_oellm.config.milestones import job_config, retention_branches, typed
 from airflow_oellm.config.naming import job_paths, script_file
 from airflow_oellm.config.schema import RootConfig
 from airflow_oellm.monitor.accounting import attempt_used_gpu_hours
@@ -34,6 +34,7 @@ from airflow_oellm.monitor.classify import (
 )
 from airflow_oellm.monitor.outage import DEFAULT_MAX_OUTAGE_SECONDS, max_outage_seconds
 from airflow_oellm.monitor.records import AttemptHistory, AttemptRecord, TrainingState
+from airflow_oellm.monitor.retention import RetentionSettings
 from airflow_oellm.monitor.watch import PROGRESS_CURVE, merged_curve, thinned
 from airflow_oellm.slurm.states import JobStatus
 
@@ -66,6 +67,8 @@ class JobSettings:
     max_rewinds: int  # rewinds of a diverged training (0: none; the watch then stops no job for a spike)
     skip_data: bool  # a rewound training skips the batches of the divergence
     exclude_diverged_nodes: bool  # ... and avoids the nodes the diverged job ran on
+    retention: RetentionSettings | None  # checkpoint retention while it trains (None: every one kept)
+    retention_branches: dict[int, list[str]]  # the status files of the branches from each checkpoint
     output_paths: list[str]
     poll_interval: float
     gpus: int | None  # what the job holds, for its GPU-hours (None: unknown, a plain script)
@@ -122,6 +125,8 @@ def job_settings(
             max_rewinds=0,
             skip_data=False,
             exclude_diverged_nodes=False,
+            retention=None,
+            retention_branches={},
             output_paths=list(output_paths),
             poll_interval=poll_interval or DEFAULT_POLL_INTERVAL,
             gpus=None,
@@ -142,6 +147,13 @@ def job_settings(
         raise JobSettingsError(f"invalid experiment config: {exc}") from None
     megatron = cfg.backend.name == "megatron"
     e, m, notifier = cfg.experiment, cfg.monitoring, cfg.platform.on_outage
+    retention = RetentionSettings.from_config(cfg.retention) if megatron else None
+    branches = {}
+    if retention is not None and not job:  # the training's checkpoints have branches; a cooldown's last is kept
+        try:
+            branches = retention_branches(config)
+        except ConfigError as exc:
+            raise JobSettingsError(f"invalid experiment config: {exc}") from None
     return JobSettings(
         config=cfg,
         training=megatron if expects_training is None else expects_training,
@@ -158,6 +170,8 @@ def job_settings(
         max_rewinds=m.anomalies.rewind.max_rewinds if megatron else 0,
         skip_data=m.anomalies.rewind.skip_data,
         exclude_diverged_nodes=m.anomalies.rewind.exclude_nodes,
+        retention=retention,
+        retention_branches=branches,
         output_paths=[*m.output_paths, *output_paths],
         poll_interval=poll_interval or m.poll_interval_seconds,
         gpus=cfg.slurm.nodes * cfg.slurm.gpus_per_node,

@@ -16,10 +16,11 @@ from typing import Any
 
 from airflow_oellm.megatron.logs import is_finite_number
 from airflow_oellm.monitor.anomalies import AnomalyDetector, AnomalySettings, Divergence, is_nan_interval
-from airflow_oellm.monitor.events import Event, EventMatcher, EventSpec
+from airflow_oellm.monitor.events import Event, EventMatcher, EventSpec, event_specs
 from airflow_oellm.monitor.inactivity import Activity
 from airflow_oellm.monitor.outage import DEFAULT_MAX_OUTAGE_SECONDS, Outage, outage_notice
 from airflow_oellm.monitor.records import WatchSummary
+from airflow_oellm.monitor.retention import RetentionSettings, deletions
 from airflow_oellm.slurm.commands import FileChunk
 from airflow_oellm.slurm.operations import CycleRequest, FileWrite, PollUpdate
 from airflow_oellm.slurm.states import JobStatus
@@ -383,6 +384,8 @@ class FollowStep:
     publish: dict[str, Any] | None = None  # a new progress snapshot for the task's `progress` XCom
     notify: dict[str, Any] | None = None  # tell `platform.on_outage.callback` (monitor/outage.py, `outage_notice`)
     poll_again: bool = False  # nothing was judged yet (the saved state was just read): no need to wait
+    # retention: delete these checkpoints (iteration, status files of its branches: each must say completed)
+    delete: list[tuple[int, tuple[str, ...]]] = field(default_factory=list)
 
 
 class JobFollower:
@@ -420,6 +423,9 @@ class JobFollower:
         status_path: str | None = None,
         status: str | None = None,
         loss_baseline: Sequence[float] = (),
+        retention: RetentionSettings | None = None,
+        checkpoint_dir: str | None = None,
+        branches: Mapping[int, Sequence[str]] | None = None,
     ) -> None:
         self.job_id, self.log_path, self.state_path = job_id, log_path, state_path
         # with rewinds on: the training's status file (its RUNNING content as submitted), where the follower says
@@ -446,7 +452,36 @@ class JobFollower:
             ""  # sha256 of the state file as this follower last read (`_restore`, before any save) or saved it
         )
         self._pending_kill: bool | None = None  # a stop decided, done once its state is saved: kill or cancel
+        # retention (monitor/retention.py): after a save, the next cycle probes the checkpoint directory
+        self.retention = retention if checkpoint_dir else None
+        self.checkpoint_dir = checkpoint_dir
+        self.branches = {int(k): tuple(v) for k, v in (branches or {}).items()}
+        self._probe_due = False
         self._published: tuple[Any, ...] | None = None
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any], cluster_name: str) -> JobFollower:
+        """The follower of the watch arguments the submit operator hands to its trigger (or its own loop)."""
+        return cls(
+            str(args["job_id"]),
+            args["log_path"],
+            args["state_path"],
+            event_specs(args.get("events") or []),
+            inactivity_threshold=args.get("inactivity_threshold"),
+            nan_limit=args.get("nan_limit", 0),
+            anomalies=AnomalySettings.from_dict(args.get("anomalies")),
+            rewind=bool(args.get("rewind")),
+            status_path=args.get("status_path"),
+            status=args.get("status"),
+            loss_baseline=args.get("loss_baseline") or (),
+            retention=RetentionSettings.from_dict(args.get("retention")),
+            checkpoint_dir=args.get("checkpoint_dir"),
+            branches={int(k): v for k, v in (args.get("branches") or {}).items()},
+            output_paths=args.get("output_paths") or (),
+            cluster_name=cluster_name,
+            max_outage=args.get("max_outage", DEFAULT_MAX_OUTAGE_SECONDS),
+            notify_outage_after=args.get("notify_outage_after"),
+        )
 
     def request(self) -> CycleRequest:
         if self.watch is None:  # first: what an earlier follower knew
@@ -456,7 +491,10 @@ class JobFollower:
             writes.append(FileWrite(self.state_path, self._pending_write, self._saved_hash))
         if self._pending_status is not None and self.status_path:
             writes.append((self.status_path, self._pending_status))
-        return CycleRequest(reads=[self.watch.read_request()], stats=self.output_paths, writes=writes)
+        probes = [self.checkpoint_dir] if self._probe_due and self.checkpoint_dir else []
+        return CycleRequest(
+            reads=[self.watch.read_request()], stats=self.output_paths, checkpoints=probes, writes=writes
+        )
 
     def on_update(self, update: PollUpdate, now: float) -> FollowStep:
         if self._first_update is None:
@@ -484,6 +522,7 @@ class JobFollower:
         stop_now, kill_now = False, False
         if self._pending_kill is not None and self._pending_write is None:  # the state saying so has landed
             stop_now, kill_now, self._pending_kill = True, self._pending_kill, None
+        delete = self._retained(update)
         step = watch.apply(now, update.status, update.chunks[0] if update.chunks else None, update.mtimes)
         if step.truncated:
             notices.append(
@@ -511,7 +550,11 @@ class JobFollower:
         if step.stop_reason:
             watch.state.cancelled_by_us, self._pending_kill = True, step.rewinding
         stopping = not step.finished and stop_now  # a job that ended meanwhile needs no stop
-        followed = FollowStep(notices, step.lines, later, cancel=stopping, kill=stopping and kill_now, notify=notify)
+        followed = FollowStep(
+            notices, step.lines, later, cancel=stopping, kill=stopping and kill_now, notify=notify, delete=delete
+        )
+        if self.retention is not None and any(e.name == "checkpoint_saved" for e in step.events):
+            self._probe_due = True  # a save is complete: retention looks at the directory with the next cycle
         if step.finished:
             return replace(followed, finished=True)
         publish = None
@@ -521,6 +564,18 @@ class JobFollower:
             self._pending_write = watch.state.to_json()  # saved with the next cycle
         self._mark_suspect(watch.detector.suspect_from(), now)
         return replace(followed, publish=publish, poll_again=bool(step.stop_reason))
+
+    def _retained(self, update: PollUpdate) -> list[tuple[int, tuple[str, ...]]]:
+        """The checkpoints retention deletes, from this cycle's probe of the directory (none without one)."""
+        if not (self._probe_due and update.checkpoints and self.retention is not None and self.watch is not None):
+            return []
+        self._probe_due = False
+        (probe,) = update.checkpoints
+        needs = self.watch.detector.rewind_needs() if self.rewind else []
+        gone = deletions(
+            probe.complete, self.retention, tracker=probe.latest, rewind_needs=needs, branches=self.branches
+        )
+        return [(d.iteration, d.branches) for d in gone]
 
     def _superseded(self, notices: list[tuple[int, str]], notify: dict[str, Any] | None) -> FollowStep:
         """Another follower of this job saved its state since this one read or saved it: read it again and carry

@@ -18,7 +18,7 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from airflow_oellm.config.budget import PLANNED_RECORD
-from airflow_oellm.config.milestones import eval_file
+from airflow_oellm.config.milestones import eval_file, retention_branches, typed
 from airflow_oellm.config.naming import (
     CHECKPOINT_GROUP,
     CONFIG_KEY,
@@ -38,7 +38,9 @@ from airflow_oellm.config.naming import (
 from airflow_oellm.hooks.slurm import SlurmHook, task_cluster
 from airflow_oellm.monitor.accounting import used_gpu_hours, used_gpu_hours_by_kind
 from airflow_oellm.monitor.records import AttemptHistory
+from airflow_oellm.monitor.retention import RetentionSettings, deletions, retention_notice
 from airflow_oellm.monitor.watch import loss_at, merged_curve, validation_losses
+from airflow_oellm.slurm.operations import CycleRequest
 from airflow_oellm.slurm.target import DEFAULT_SSH_CONN_ID, ClusterTarget
 
 
@@ -225,7 +227,30 @@ class ExperimentReportOperator(BaseOperator):
         text = markdown(rows, columns) + "\n" + gpu_hours_line(planned, used) + "\n"
         self._write(exp["output_dir"], text, rows, columns, plot(curves, evals_plot, exp["name"]), report)
         self.log.info("report of %s:\n%s", exp["name"], text)
+        self._retain(config, cooldowns)
         return report
+
+    def _retain(self, config: dict[str, Any], cooldowns: Sequence[Mapping[str, Any]]) -> None:
+        """The run's last checkpoint retention pass: the watch deletes after each save, but branches that
+        completed after the training ended (a cooldown, the last conversions) free their checkpoints only now."""
+        cfg = typed(config)
+        settings = RetentionSettings.from_config(cfg.retention)
+        if settings is None or cfg.backend.name != "megatron":
+            return
+        directories = {str(cfg.backend.args.get("save") or cfg.experiment.checkpoint_dir): retention_branches(config)}
+        directories.update({c["checkpoint_dir"]: {} for c in cooldowns})
+        hook = SlurmHook(cluster=self.cluster)
+        try:
+            probes = hook.poll_cycle([], CycleRequest(checkpoints=list(directories))).checkpoints
+            for (directory, branches), probe in zip(directories.items(), probes, strict=True):
+                gone = deletions(probe.complete, settings, tracker=probe.latest, branches=branches)
+                if gone:
+                    deleted, kept = hook.delete_checkpoints(directory, [(d.iteration, d.branches) for d in gone])
+                    self.log.info(retention_notice(directory, deleted, kept))
+        except Exception as exc:  # the report stands; the checkpoints stay until a later run's pass
+            self.log.warning("the run's last checkpoint retention pass failed: %s", exc)
+        finally:
+            hook.close()
 
     def _side_job_results(self, ti: Any, checkpoints: int, cooldowns: Sequence[Mapping[str, Any]]) -> list[Any]:
         """Results of every conversion and evaluation task of the run (mapped: one per branch)."""

@@ -43,7 +43,6 @@ from airflow_oellm.config.schema import RootConfig
 from airflow_oellm.config.secrets import SecretError, resolve_secrets
 from airflow_oellm.hooks.slurm import SlurmHook, task_cluster
 from airflow_oellm.jobscript.render import JobSpec, render_sbatch
-from airflow_oellm.monitor.anomalies import AnomalySettings
 from airflow_oellm.monitor.attempts import (
     JobSettings,
     JobSettingsError,
@@ -54,8 +53,8 @@ from airflow_oellm.monitor.attempts import (
     training_state_after,
 )
 from airflow_oellm.monitor.classify import FATAL, RETRY, SUCCESS
-from airflow_oellm.monitor.events import event_specs
 from airflow_oellm.monitor.records import AttemptHistory, AttemptRecord, TrainingState, TrainingStatus
+from airflow_oellm.monitor.retention import retention_notice
 from airflow_oellm.monitor.watch import STATE_READ_LIMIT, JobFollower, WatchState
 from airflow_oellm.notifications import first_to_tell, outage_callback, tell
 from airflow_oellm.pause_points import pause_point
@@ -335,6 +334,9 @@ class SlurmSubmitOperator(BaseOperator):
             "nan_limit": s.stop_nan_limit,
             "anomalies": s.anomalies.to_dict(),
             "rewind": s.training and s.max_rewinds > 0 and bool(s.checkpoint_dir),
+            "retention": s.retention.to_dict() if s.training and s.retention and s.checkpoint_dir else None,
+            "checkpoint_dir": s.checkpoint_dir,
+            "branches": {str(k): v for k, v in s.retention_branches.items()},
             "status_path": task_status_path(s.output_dir, identity.task_id),
             # what _write_status wrote at submission: the watch adds `suspect_from` while the loss is wrong
             "status": TrainingStatus(
@@ -407,23 +409,7 @@ class SlurmSubmitOperator(BaseOperator):
     def _watch_here(self, args: dict[str, Any], ti: Any) -> dict[str, Any]:
         """The trigger's watch (the same JobFollower), polling from the worker (deferrable=False)."""
         job_id = args["job_id"]
-        follower = JobFollower(
-            job_id,
-            args["log_path"],
-            args["state_path"],
-            event_specs(args["events"]),
-            inactivity_threshold=args["inactivity_threshold"],
-            nan_limit=args["nan_limit"],
-            anomalies=AnomalySettings.from_dict(args["anomalies"]),
-            rewind=args["rewind"],
-            status_path=args["status_path"],
-            status=args["status"],
-            loss_baseline=args["loss_baseline"],
-            output_paths=args["output_paths"],
-            cluster_name=self.cluster.name,
-            max_outage=args["max_outage"],
-            notify_outage_after=args["notify_outage_after"],
-        )
+        follower = JobFollower.from_args(args, self.cluster.name)
         hook = self._hook()
         cycles = failures = 0
         try:
@@ -451,6 +437,8 @@ class SlurmSubmitOperator(BaseOperator):
                     hook.kill([job_id])
                 elif step.cancel:
                     hook.cancel([job_id])
+                if step.delete:
+                    self._retain(hook, job_id, args["checkpoint_dir"], step.delete)
                 if step.finished:
                     return follower.result(self._read_tail(hook, follower))
                 if step.publish is not None:
@@ -459,6 +447,14 @@ class SlurmSubmitOperator(BaseOperator):
                     time.sleep(args["poll_interval"])
         finally:
             hook.close()
+
+    def _retain(self, hook: SlurmHook, job_id: str, checkpoint_dir: str, deletions: Any) -> None:
+        """Retention, as the trigger does it: a failure is logged, and the next save tries again."""
+        try:
+            deleted, kept = hook.delete_checkpoints(checkpoint_dir, deletions)
+            self.log.info("job %s: %s", job_id, retention_notice(checkpoint_dir, deleted, kept))
+        except Exception as exc:
+            self.log.warning("retention could not delete checkpoints of job %s: %s", job_id, exc)
 
     def _read_tail(self, hook: SlurmHook, follower: JobFollower) -> bytes:
         """Save the final watch state and read the log's end (as the trigger does)."""

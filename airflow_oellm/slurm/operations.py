@@ -439,6 +439,17 @@ def read_tracker(checkpoint_dir: str) -> Operation[int | str | None]:
     return None if chunk.size is None else commands.parse_tracker(chunk.data)
 
 
+def delete_checkpoints(
+    checkpoint_dir: str, deletions: Sequence[tuple[int, Sequence[str]]]
+) -> Operation[tuple[list[int], list[int]]]:
+    """Retention: delete checkpoints, each unless the tracker names it or a branch has not consumed it
+    (megatron/checkpoints.retention_script). Returns (deleted, kept)."""
+    if not deletions:
+        return [], []
+    result = yield Command(checkpoints.retention_script(checkpoint_dir, deletions), label="retention")
+    return checkpoints.parse_retention(_checked(result, f"retention in {checkpoint_dir}").stdout)
+
+
 def rewind_checkpoints(checkpoint_dir: str, iteration: int, discard_dir: str) -> Operation[list[int]]:
     """Set `checkpoint_dir` back to checkpoint `iteration` (0: none); later ones move into `discard_dir`.
     Returns the iterations moved (megatron/checkpoints.rewind_script)."""

@@ -18,10 +18,9 @@ from typing import Any
 from airflow.triggers.base import TriggerEvent
 
 from airflow_oellm.config.naming import PROGRESS_KEY
-from airflow_oellm.monitor.anomalies import AnomalySettings
-from airflow_oellm.monitor.events import event_specs
 from airflow_oellm.monitor.orphans import state_key
 from airflow_oellm.monitor.outage import DEFAULT_MAX_OUTAGE_SECONDS
+from airflow_oellm.monitor.retention import retention_notice
 from airflow_oellm.monitor.watch import JobFollower
 from airflow_oellm.notifications import first_to_tell, tell
 from airflow_oellm.slurm.target import ClusterTarget
@@ -45,6 +44,9 @@ class SlurmJobTrigger(ClusterTrigger):
         "status_path",
         "status",
         "loss_baseline",
+        "retention",
+        "checkpoint_dir",
+        "branches",
         "output_paths",
         "stream_log",
         "progress_to",
@@ -68,6 +70,9 @@ class SlurmJobTrigger(ClusterTrigger):
         status_path: str | None = None,
         status: str | None = None,
         loss_baseline: list[float] | None = None,
+        retention: dict[str, int] | None = None,
+        checkpoint_dir: str | None = None,
+        branches: dict[str, list[str]] | None = None,
         output_paths: list[str] | None = None,
         poll_interval: float = 60.0,
         fire_after: float | None = None,
@@ -94,6 +99,11 @@ class SlurmJobTrigger(ClusterTrigger):
         self.rewind = rewind  # a diverged loss stops the job to be rewound
         self.status_path, self.status = status_path, status  # the training's status file, and what it says
         self.loss_baseline = list(loss_baseline or [])  # the training's losses before this job resumed it
+        # checkpoint retention (RetentionSettings.to_dict()), in checkpoint_dir; branches: {iteration: status
+        # files of the branch tasks starting from it} (string keys: the trigger's kwargs are JSON)
+        self.retention = dict(retention) if retention else None
+        self.checkpoint_dir = checkpoint_dir
+        self.branches = {str(k): list(v) for k, v in (branches or {}).items()}
         self.output_paths = list(output_paths or [])
         self.stream_log = stream_log
         # the task instance whose `progress` XCom follows the job: dag_id, run_id, task_id, map_index
@@ -103,23 +113,7 @@ class SlurmJobTrigger(ClusterTrigger):
         self.notify_outage_after = notify_outage_after if on_outage else None
 
     async def watch(self) -> AsyncIterator[TriggerEvent]:
-        follower = JobFollower(
-            self.job_id,
-            self.log_path,
-            self.state_path,
-            event_specs(self.events),
-            inactivity_threshold=self.inactivity_threshold,
-            nan_limit=self.nan_limit,
-            anomalies=AnomalySettings.from_dict(self.anomalies),
-            rewind=self.rewind,
-            status_path=self.status_path,
-            status=self.status,
-            loss_baseline=self.loss_baseline,
-            output_paths=self.output_paths,
-            cluster_name=self.cluster.name,
-            max_outage=self.max_outage,
-            notify_outage_after=self.notify_outage_after,
-        )
+        follower = JobFollower.from_args({name: getattr(self, name) for name in self.fields}, self.cluster.name)
         async for update in self.poller().watch(self.job_id, follower.request):
             step = follower.on_update(update, time.time())
             for level, notice in step.notices:
@@ -136,6 +130,8 @@ class SlurmJobTrigger(ClusterTrigger):
                 return
             if step.cancel:
                 await self._cancel(kill=step.kill)
+            if step.delete:
+                await self._retain(step.delete)
             if step.finished:
                 yield TriggerEvent(follower.result(await self._read_tail(follower)))
                 return
@@ -175,6 +171,17 @@ class SlurmJobTrigger(ClusterTrigger):
         except Exception as exc:  # the event carries the summary; the tail only sharpens classification
             self.log.warning("could not save the state / read the log end of job %s: %s", self.job_id, exc)
             return b""
+        finally:
+            await hook.close()
+
+    async def _retain(self, deletions: list[tuple[int, tuple[str, ...]]]) -> None:
+        """Retention: delete the checkpoints the watch let go (a failure is logged; the next save tries again)."""
+        hook = self.hook()
+        try:
+            deleted, kept = await asyncio.wait_for(hook.delete_checkpoints(str(self.checkpoint_dir), deletions), 120)
+            self.log.info("job %s: %s", self.job_id, retention_notice(str(self.checkpoint_dir), deleted, kept))
+        except Exception as exc:
+            self.log.warning("retention could not delete checkpoints of job %s: %s", self.job_id, exc)
         finally:
             await hook.close()
 

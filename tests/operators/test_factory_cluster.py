@@ -65,8 +65,9 @@ def factory_sweep(backend):
     return small_study(backend)
 
 
-def test_experiment_dag_runs_every_branch(factory_sweep, backend, run_dag):
-    sweep = factory_sweep
+def test_experiment_dag_runs_every_branch(backend, run_dag):
+    # with checkpoint retention keeping the newest only: no branch may lose its checkpoint before it is done
+    sweep = small_study(backend, "+retention={keep_last: 1}")
     exp = sweep.experiments[0]
     dag = experiment_dag(sweep, exp)
     dr = run_dag(dag)
@@ -90,6 +91,9 @@ def test_experiment_dag_runs_every_branch(factory_sweep, backend, run_dag):
     assert f"successfully loaded checkpoint from {cooled}/checkpoints [ t 1/1, p 1/1 ] at iteration 20" in second
     assert "iteration       25/      25" in second
     assert backend.run(["cat", f"{cooled}/checkpoints/latest_checkpointed_iteration.txt"]) == "25"
+    # every branch done, the report's last retention pass left the newest checkpoint of each training
+    assert backend.run(["ls", parent]).split() == ["iter_0000020", "latest_checkpointed_iteration.txt"]
+    assert backend.run(["ls", f"{cooled}/checkpoints"]).split() == ["iter_0000025", "latest_checkpointed_iteration.txt"]
     for path in (
         f"{out}/hf/iter_0000010/config.json",
         f"{out}/hf/iter_0000020/config.json",

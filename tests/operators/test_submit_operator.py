@@ -540,3 +540,23 @@ def test_a_real_loss_spike_is_rewound_skipped_and_trained_through(
         duplicates=0,
         spike_to_rewound_job_seconds=round(spike_to_running),
     )
+
+
+@pytest.mark.retention
+def test_retention_deletes_older_checkpoints_while_training_but_none_a_branch_still_needs(write, backend, run_dag):
+    """keep_last 2 over saves every 10 iterations. Every checkpoint has a conversion branch: the status files of
+    the conversions of 20 and 30 say completed (their tasks ran), the one of 10 says running. The watch deletes
+    20 and 30 after later saves, and keeps 10 for its branch and the newest two."""
+    from airflow_oellm.config.milestones import CONVERT, side_job_dir
+    from airflow_oellm.config.naming import CHECKPOINT_CONVERT_TASK
+
+    exp = experiment(write, backend, "backend.args.train_iters=60", "backend.args.iter_seconds=0.3", "+retention={}")
+    for iteration, state in ((10, "running"), (20, "completed"), (30, "completed")):
+        status = task_status_path(side_job_dir(exp.paths.output_dir, CONVERT, iteration), CHECKPOINT_CONVERT_TASK)
+        backend.run(["mkdir", "-p", status.rsplit("/", 1)[0]])
+        backend.run(["sh", "-c", f"printf '%s' {shlex.quote(json.dumps({'state': state}))} > {shlex.quote(status)}"])
+    dr = run_dag(train_dag(exp, backend))
+    assert dr.state == "success", tis(dr)["train"].state
+    assert xcom(dr, "train")["summary"]["checkpoints_saved"] == [10, 20, 30, 40, 50, 60]
+    left = {int(n[5:]) for n in backend.run(["ls", exp.paths.checkpoint_dir]).split() if n.startswith("iter_")}
+    assert {10, 50, 60} <= left and not {20, 30} & left, left
