@@ -72,6 +72,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from airflow_oellm.config import ConfigError
     from airflow_oellm.config.budget import limit_gpu_hours
     from airflow_oellm.config.loader import budget_issues, planned_hours
+    from airflow_oellm.monitor.retention import disk_plan
     from airflow_oellm.slurm.timespec import time_limit_seconds
 
     sweep = _load_one(args, enforce_budget=False)  # the figures are shown, then the budget is checked
@@ -104,6 +105,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 "gpu_hours_max": planned[e.name].training,
                 "planned_gpu_hours": planned[e.name].as_record(),
                 "gpu_hour_budget_per_experiment": e.config.project.gpu_hour_budget_per_experiment,
+                "checkpoints": disk.record() if (disk := disk_plan(e.config)) is not None else None,
             }
         )
     if args.json:
@@ -134,7 +136,7 @@ def _print_plan(sweep: Any, rows: list[dict[str, Any]], budget: float | None) ->
         total = row["planned_gpu_hours"]["total"]
         return f"{total:.1f}" + (f" / {limit:.1f}" if limit is not None else "")
 
-    table = [("#", "experiment", "parameters", "nodes x GPUs x time", "GPU-h", "GPU-h max", "planned")]
+    table = [("#", "experiment", "parameters", "nodes x GPUs x time", "GPU-h", "GPU-h max", "planned", "checkpoints")]
     for r in rows:
         table.append(
             (
@@ -145,6 +147,7 @@ def _print_plan(sweep: Any, rows: list[dict[str, Any]], budget: float | None) ->
                 f"{r['gpu_hours']:.1f}",
                 f"{r['gpu_hours_max']:.1f}",
                 planned(r),
+                r["checkpoints"]["text"] if r["checkpoints"] else "-",
             )
         )
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
@@ -167,6 +170,14 @@ def _print_plan(sweep: Any, rows: list[dict[str, Any]], budget: float | None) ->
         f"total: {len(rows)} experiments, {total:.1f} GPU-hours at the time limit "
         f"({total_max:.1f} if every attempt runs to its limit)"
     )
+    disks = [r["checkpoints"] for r in rows if r["checkpoints"]]
+    if disks:
+        lower = any(d["bytes_each_complete"] is False for d in disks)
+        print(
+            "checkpoints: a training's own, at most at once (with retention: while conversions keep up; a "
+            "cooldown's come on top)"
+            + ("; >= : the layers only, the embeddings depend on the tokenizer's vocabulary" if lower else "")
+        )
     planned_total = sum(r["planned_gpu_hours"]["total"] for r in rows)
     budget_text = f" of a budget of {budget:.1f} (project.gpu_hour_budget)" if budget is not None else ""
     print(

@@ -18,7 +18,10 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from airflow_oellm.config.schema import RetentionConfig
+from airflow_oellm.config.milestones import expected_checkpoints
+from airflow_oellm.config.schema import RetentionConfig, RootConfig
+from airflow_oellm.config.validate import iteration_arg
+from airflow_oellm.megatron.size import CheckpointSize, checkpoint_size
 
 
 @dataclass(frozen=True)
@@ -102,3 +105,42 @@ def most_kept(saved: Sequence[int], settings: RetentionSettings, branch_points: 
         held |= {i for i in so_far if i in branch_points}
         bound = max(bound, len(held) + (1 if len(so_far) > len(held) else 0))  # + a rewind target among the rest
     return bound
+
+
+@dataclass(frozen=True)
+class DiskPlan:
+    """What `plan` says of a training's own checkpoints (a cooldown's come on top)."""
+
+    saved: int  # checkpoints the training saves
+    held: int  # at most at once: all of them, or with retention while conversions keep up with the saves
+    size: CheckpointSize | None  # each (None: the model's shape is not in the arguments)
+    retained: bool
+
+    def text(self) -> str:
+        size = self.size.text() if self.size is not None else "? B"
+        if not self.retained:
+            return f"{self.saved} x {size}"
+        return f"{self.held} of {self.saved} x {size}"
+
+    def record(self) -> dict[str, Any]:
+        each = self.size.bytes if self.size is not None else None
+        return {
+            "saved": self.saved,
+            "held_at_most": self.held,
+            "bytes_each": each,
+            "bytes_each_complete": self.size.complete if self.size is not None else None,
+            "bytes_at_most": each * self.held if each is not None else None,
+            "retention": self.retained,
+            "text": self.text() + (f" = {CheckpointSize(each * self.held, self.size.complete).text()}" if each else ""),
+        }
+
+
+def disk_plan(cfg: RootConfig) -> DiskPlan | None:
+    """The training's checkpoints and the disk they hold at most; None for a backend that saves none."""
+    args = cfg.backend.args
+    if cfg.backend.name != "megatron":
+        return None
+    saved = expected_checkpoints(iteration_arg(args, "train_iters") or 0, iteration_arg(args, "save_interval"))
+    settings = RetentionSettings.from_config(cfg.retention)
+    held = len(saved) if settings is None else most_kept(saved, settings, {c.at for c in cfg.cooldowns})
+    return DiskPlan(len(saved), held, checkpoint_size(args), settings is not None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import pytest
@@ -16,6 +17,7 @@ from airflow_oellm.megatron.checkpoints import (
     parse_retention,
     retention_script,
 )
+from airflow_oellm.megatron.size import human_bytes, parameter_count
 from airflow_oellm.monitor.anomalies import AnomalyDetector, AnomalySettings
 from airflow_oellm.monitor.events import Event, event_specs
 from airflow_oellm.monitor.records import TrainingState, TrainingStatus
@@ -206,3 +208,31 @@ def test_a_retention_that_could_delete_nothing_or_keeps_less_than_it_says_is_ref
     assert load("{keep_every: 500}") == "RetentionConfig(keep_last=2, keep_every=500)"
     assert "backend.args.save_interval is not set: one is saved" in load("{}", "train_iters: 1000, save_interval: null")
     assert "unknown key (did you mean 'keep_last'?)" in load("{kep_last: 3}")
+
+
+@pytest.mark.cli
+def test_plan_shows_the_checkpoints_a_training_holds_and_their_size(write, project, capsys):
+    """`plan` on the 50M preset (its layers counted exactly: tests/unit/test_checkpoint_size.py): every save
+    without retention, at most what retention keeps with it, a cooldown's branch point held."""
+    from airflow_oellm.cli import main as cli
+
+    path = write(
+        "config/sweeps/d.yaml",
+        """
+        defaults: [{platform: mini}, {model: 50M}]
+        project: {name: d, base_output_dir: /r}
+        backend: {args: {train_iters: 1000, save_interval: 100, bf16: true, padded_vocab_size: 50304}}
+        cooldowns: [{at: 300}]
+        """,
+    )
+    assert cli(["plan", str(path), "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    size = row["checkpoints"]["bytes_each"]
+    assert row["checkpoints"]["saved"] == 10 and row["checkpoints"]["held_at_most"] == 10
+    assert size == 14 * parameter_count(dict(load_sweep(path).experiments[0].config.backend.args))[0]
+    assert cli(["plan", str(path), "+retention={keep_last: 2}", "--json"]) == 0
+    (kept,) = json.loads(capsys.readouterr().out)
+    # the newest 2, the cooldown's 300 until it completes, and a rewind target among the older ones
+    assert kept["checkpoints"]["held_at_most"] == 4 and kept["checkpoints"]["bytes_at_most"] == 4 * size
+    assert cli(["plan", str(path), "+retention={keep_last: 2}"]) == 0
+    assert f"4 of 10 x {human_bytes(size)} = {human_bytes(4 * size)}" in capsys.readouterr().out
