@@ -560,3 +560,37 @@ def test_retention_deletes_older_checkpoints_while_training_but_none_a_branch_st
     assert xcom(dr, "train")["summary"]["checkpoints_saved"] == [10, 20, 30, 40, 50, 60]
     left = {int(n[5:]) for n in backend.run(["ls", exp.paths.checkpoint_dir]).split() if n.startswith("iter_")}
     assert {10, 50, 60} <= left and not {20, 30} & left, left
+
+
+@pytest.mark.anomalies
+def test_a_loss_spike_that_comes_back_after_the_last_rewind_fails_the_training(write, backend, run_dag, reliability):
+    """The data of iterations 30-31 damages the model (the loss jumps by 6 and decays over hundreds of
+    iterations), and the rewound job is not told to skip it (`skip_data: false`): rewound once to checkpoint 20,
+    the spike comes back at 30, and with max_rewinds 1 used up the training fails, its history in the reason."""
+    exp = experiment(
+        write,
+        backend,
+        "backend.args.train_iters=80",
+        "backend.args.iter_seconds=0.3",  # slow enough for the watch to act at 50, before the job's end
+        "+backend.args.fake_bad_iterations='30:32'",
+        "monitoring.anomalies.rewind.max_rewinds=1",
+        "monitoring.anomalies.rewind.skip_data=false",
+    )
+    dr = run_dag(train_dag(exp, backend))
+    assert dr.state == "failed" and tis(dr)["train"].try_number == 2
+    first, second = xcom(dr, "train", "result")["attempts"]
+    assert first["verdict"] == "retry" and first["reason"].startswith("rewind: loss spike at 30 -> checkpoint 20")
+    assert "skipping" not in first["reason"] and first["rewind"]["discarded"] is not None
+    assert second["resumed_from"] == 20 and "--iterations-to-skip" not in backend.run(
+        ["cat", exp.paths.script_dir + f"/{exp.name}-try2.sbatch"]
+    )
+    assert second["verdict"] == "fatal", second
+    assert "after 1 rewind(s): rewind: loss spike at 30 -> checkpoint 20" in second["reason"], second["reason"]
+    assert second["rewind"]["anomaly"] == "loss_spike" and second["rewind"]["start"] == 30
+    assert backend.run(["cat", f"{exp.paths.checkpoint_dir}/latest_checkpointed_iteration.txt"]).strip() == "20"
+    reliability.record(
+        f"loss spike from the same bad data after the last rewind ({backend.batch_system})",
+        "rewound to checkpoint 20 without skipping the data; the spike came back at 30: failed after 1 rewind, "
+        "the save directory back at 20",
+        duplicates=len(submitted(backend, exp)) - 2,
+    )
