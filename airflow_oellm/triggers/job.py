@@ -114,8 +114,11 @@ class SlurmJobTrigger(ClusterTrigger):
 
     async def watch(self) -> AsyncIterator[TriggerEvent]:
         follower = JobFollower.from_args({name: getattr(self, name) for name in self.fields}, self.cluster.name)
-        async for update in self.poller().watch(self.job_id, follower.request):
+        poller = self.poller()
+        async for update in poller.watch(self.job_id, follower.request):
             step = follower.on_update(update, time.time())
+            if step.poll_again:
+                poller.soon()
             for level, notice in step.notices:
                 self.log.log(level, notice)
             if self.stream_log:

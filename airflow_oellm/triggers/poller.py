@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL = 60.0
 FIRST_CHECK_AFTER = 3.0
+SOON_AFTER = 0.5  # seconds: a cycle asked for at once waits this long for others asking too
 MAX_BACKOFF = 300.0
 
 
@@ -125,6 +126,13 @@ class JobPoller:
         finally:
             self._watchers.remove(watcher)
             self._wake.set()
+
+    def soon(self) -> None:
+        """A watcher needs its next cycle now (its restored state read, or a stop that waits for the state
+        saying so): the next cycle runs at once, for every watcher of this poller (after SOON_AFTER, so that
+        watchers restored together share it)."""
+        self._due = min(self._due, time.monotonic() + SOON_AFTER)
+        self._wake.set()
 
     async def _sleep_until_due(self) -> None:
         while self._watchers:

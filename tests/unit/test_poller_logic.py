@@ -151,3 +151,26 @@ def test_a_sync_poll_becomes_the_same_update_the_poller_gives():
         1,
     )
     assert PollUpdate.from_cycle(None, CycleRequest(), CycleResult({}, [], [], [], []), 1).status is None
+
+
+def test_a_watcher_that_needs_its_next_cycle_now_gets_it_before_the_interval():
+    """A stop waits for the state that records it: the watcher asks for the next cycle at once, and the poller
+    runs it without waiting out its (here one-minute) interval."""
+    hook = ScriptedHook([JobState.RUNNING])
+
+    async def scenario():
+        poller = JobPoller(lambda: hook, key="k", interval=60, first_check_after=0.01)
+        cycles = []
+
+        async def watch():
+            async for update in poller.watch("1"):
+                cycles.append(update.cycle)
+                if len(cycles) == 3:
+                    return
+                poller.soon()
+
+        await asyncio.wait_for(watch(), 5)
+        await asyncio.sleep(0.1)  # let the poller's task notice it has no subscribers left
+        return cycles
+
+    assert asyncio.run(scenario()) == [1, 2, 3] and len(hook.calls) == 3
