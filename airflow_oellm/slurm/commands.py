@@ -7,6 +7,7 @@ shell (SSH or local). Every value that reaches a command line is quoted with `sh
 from __future__ import annotations
 
 import base64
+import hashlib
 import re
 import shlex
 from collections.abc import Iterable, Sequence
@@ -355,7 +356,8 @@ def write_script(index: int, path: str, data: bytes, replaces: str | None = None
     """Atomically replace a small file (state files); prints `W <index> ok|fail|stale`.
 
     With `replaces` (a sha256 hex digest) the file is replaced only if its content still hashes to it
-    (no file hashes as empty), else `stale`: compare and swap, under a lock next to the file."""
+    (no file hashes as empty), or already is `data` (a write that landed while its answer was lost, retried),
+    else `stale`: compare and swap, under a lock next to the file."""
     p = shlex.quote(path)
     directory = shlex.quote(path.rsplit("/", 1)[0] or "/")
     payload = base64.b64encode(data).decode()
@@ -363,8 +365,9 @@ def write_script(index: int, path: str, data: bytes, replaces: str | None = None
     replace = f"printf %s {payload} | base64 -d > {p}.oellm-tmp && mv -f -- {p}.oellm-tmp {p} && echo 'W {i} ok'"
     if replaces is None:
         return f"{{ mkdir -p -- {directory} && {replace}; }} || echo 'W {i} fail'"
-    unchanged = f'[ "$(cat -- {p} 2>/dev/null | sha256sum | cut -c1-64)" = {shlex.quote(replaces)} ]'
-    guarded = f"flock -w 30 9 || exit 1; if {unchanged}; then {replace}; else echo 'W {i} stale'; fi"
+    current = f'c=$(cat -- {p} 2>/dev/null | sha256sum | cut -c1-64)'
+    unchanged = f'[ "$c" = {shlex.quote(replaces)} ] || [ "$c" = {hashlib.sha256(data).hexdigest()} ]'
+    guarded = f"flock -w 30 9 || exit 1; {current}; if {unchanged}; then {replace}; else echo 'W {i} stale'; fi"
     return f"{{ mkdir -p -- {directory} && ( {guarded} ) 9>>{p}.oellm-lock; }} || echo 'W {i} fail'"
 
 

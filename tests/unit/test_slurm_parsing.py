@@ -314,4 +314,6 @@ def test_a_guarded_write_compares_and_swaps_and_quotes_what_it_compares(tmp_path
     assert write(b"late", empty) == "W 0 stale" and path.read_bytes() == b"first"
     assert write(b"x", f"'; touch {canary}; echo '") == "W 0 stale" and not canary.exists()
     assert write(b"second", first) == "W 0 ok" and path.read_bytes() == b"second"
+    # the same write again (it landed, its answer was lost, it is retried): done, not stale
+    assert write(b"second", first) == "W 0 ok" and path.read_bytes() == b"second"
     assert write(b"any", None) == "W 0 ok" and path.read_bytes() == b"any"
