@@ -314,7 +314,7 @@ def main() -> int:
     wait_for_dag(airflow, SWEEP_DAG)
     sweep_run = airflow.api("POST", f"/dags/{SWEEP_DAG}/dagRuns", {"logical_date": None, "conf": {}})["dag_run_id"]
     say(
-        f"== triggered {SWEEP_DAG} ({sweep_run}): 4 experiments, 2 cooldowns each, conversion + evaluation of "
+        f"== triggered {SWEEP_DAG} ({sweep_run}): 4 experiments, a cooldown each, conversion + evaluation of "
         f"every checkpoint; outputs in {outputs_root}"
     )
     deadline = time.monotonic() + args.timeout

@@ -365,7 +365,7 @@ def write_script(index: int, path: str, data: bytes, replaces: str | None = None
     replace = f"printf %s {payload} | base64 -d > {p}.oellm-tmp && mv -f -- {p}.oellm-tmp {p} && echo 'W {i} ok'"
     if replaces is None:
         return f"{{ mkdir -p -- {directory} && {replace}; }} || echo 'W {i} fail'"
-    current = f'c=$(cat -- {p} 2>/dev/null | sha256sum | cut -c1-64)'
+    current = f"c=$(cat -- {p} 2>/dev/null | sha256sum | cut -c1-64)"
     unchanged = f'[ "$c" = {shlex.quote(replaces)} ] || [ "$c" = {hashlib.sha256(data).hexdigest()} ]'
     guarded = f"flock -w 30 9 || exit 1; {current}; if {unchanged}; then {replace}; else echo 'W {i} stale'; fi"
     return f"{{ mkdir -p -- {directory} && ( {guarded} ) 9>>{p}.oellm-lock; }} || echo 'W {i} fail'"

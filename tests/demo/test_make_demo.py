@@ -47,9 +47,9 @@ def assert_demo_report(out: str) -> None:
         assert plot.read_bytes().startswith(b"\x89PNG")
         name = plot.parts[-3]
         rows = {(r["run"], r["iteration"]): r for r in json.loads((plot.parent / "report.json").read_text())["rows"]}
-        parent = [rows[(name, i)]["train_loss"] for i in (100, 200, 300)]
-        assert parent[0] > parent[1] > parent[2], (name, parent)
-        for cooldown, at in ((f"{name}_cooldown_100", 200), (f"{name}_cooldown_200", 300)):
+        parent = [rows[(name, i)]["train_loss"] for i in (100, 200)]
+        assert parent[0] > parent[1], (name, parent)
+        for cooldown, at in ((f"{name}_cooldown_100", 200),):
             cooled, base = rows[(cooldown, at)], rows[(name, at)]
             assert cooled["validation_loss"] < base["validation_loss"], (cooldown, cooled, base)
             assert cooled["quick.perplexity"] < base["quick.perplexity"], (cooldown, cooled, base)
