@@ -76,6 +76,20 @@ def wait(
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}; last={last!r}")
 
 
+def airflow_group(pgid: int) -> bool:
+    """Whether an Airflow process (not a zombie) is left in this process group (a pid reused since is not)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] not in ("Z", "X") and b"airflow" in (proc / "cmdline").read_bytes():
+                return True
+        except (OSError, IndexError, ValueError):  # gone, or not ours to read
+            continue
+    return False
+
+
 @dataclass
 class Stack:
     home: Path
@@ -89,6 +103,7 @@ class Stack:
     access_token: str | None = None  # a JWT, when the stack does not make every caller an admin
     supervised: bool = False  # a component that exits is started again (`revived`), not a failure
     revived: list[str] = field(default_factory=list)
+    groups: set[int] = field(default_factory=set)  # every component's process group, restarted ones' too
 
     def http(self, method: str, path: str, body: Any = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
@@ -110,6 +125,7 @@ class Stack:
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
+        self.groups.add(self.procs[component].pid)
 
     def kill(self, component: str) -> None:
         """kill -9 the component and its children (LocalExecutor workers, log servers)."""
@@ -128,15 +144,24 @@ class Stack:
             self.start(name)
 
     def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
+        # every group, also one whose leader is gone: an api-server's worker outlives it, with a process title
+        # that hides its environment (AIRFLOW_HOME) from the shared stacks' last sweep
+        for pgid in self.groups:
+            if airflow_group(pgid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pgid, signal.SIGTERM)
         for proc in self.procs.values():
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while (left := [g for g in self.groups if airflow_group(g)]) and time.monotonic() < deadline:
+            time.sleep(0.5)  # poll: the workers shut down
+        for pgid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
         for log in self.logs.values():
             log.close()
         drop_database(self.env)
