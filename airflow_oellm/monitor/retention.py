@@ -89,11 +89,6 @@ def retention_notice(checkpoint_dir: str, deleted: Sequence[int], kept: Sequence
     return f"retention in {checkpoint_dir}: {'; '.join(parts)}"
 
 
-def kept_at_end(saved: Sequence[int], settings: RetentionSettings) -> list[int]:
-    """The checkpoints left once training ended and every branch consumed its own (no rewind pending)."""
-    return sorted({*sorted(saved)[-settings.keep_last :], *(i for i in saved if kept_for_good(i, settings))})
-
-
 def most_kept(saved: Sequence[int], settings: RetentionSettings, branch_points: Collection[int] = ()) -> int:
     """An upper bound of how many checkpoints exist at once while training: the newest `keep_last`, the ones
     kept for good so far, the rewind target and the branch points not consumed (at worst, all of them)."""

@@ -25,7 +25,6 @@ from airflow_oellm.monitor.retention import (
     Deletion,
     RetentionSettings,
     deletions,
-    kept_at_end,
     most_kept,
 )
 from airflow_oellm.monitor.watch import JobFollower
@@ -70,7 +69,6 @@ def test_settings_round_trip_and_refuse_keeping_nothing():
 def test_disk_figures_for_plan():
     saved = list(range(100, 1100, 100))
     keep = RetentionSettings(keep_last=2, keep_every=500)
-    assert kept_at_end(saved, keep) == [500, 900, 1000]
     assert most_kept(saved, keep) == 4  # 2 newest + 500 + a rewind target among the older ones
     assert most_kept(saved, keep, branch_points={200, 300}) == 6
     assert most_kept([100], keep) == 1
