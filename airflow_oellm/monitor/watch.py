@@ -382,6 +382,9 @@ class FollowStep:
     finished: bool = False  # read the tail and save with `final_request`, then fire `result`
     error: str | None = None  # the cluster stayed unreachable for good: give up following
     publish: dict[str, Any] | None = None  # a new progress snapshot for the task's `progress` XCom
+    # an outage seen before the saved state could be read (a trigger that moved or restarted during it): set
+    # as `outage` in the progress the last follower published, which no snapshot may replace yet
+    publish_outage: dict[str, Any] | None = None
     notify: dict[str, Any] | None = None  # tell `platform.on_outage.callback` (monitor/outage.py, `outage_notice`)
     poll_again: bool = False  # nothing was judged yet (the saved state was just read): no need to wait
     # retention: delete these checkpoints (iteration, status files of its branches: each must say completed)
@@ -620,14 +623,15 @@ class JobFollower:
             return FollowStep(
                 [logged], error=message, notify=outage_notice("gave_up", outage, now) if notifying else None
             )
-        publish = notify = None
-        # the dashboard learns when it starts or changes; not before the watch is restored, whose empty
-        # snapshot would hide the progress the last follower published
-        if self.watch is not None and (before is None or before.kind != outage.kind):
-            publish = self.snapshot(now)
+        publish = publish_outage = notify = None
+        if before is None or before.kind != outage.kind:  # the dashboard learns when it starts or changes
+            if self.watch is not None:
+                publish = self.snapshot(now)
+            else:  # no snapshot yet: an empty one would hide the progress the last follower published
+                publish_outage = outage.to_dict(now)
         if notifying and not self._outage_notified and now - since >= self.notify_outage_after:
             self._outage_notified, notify = True, outage_notice("started", outage, now)
-        return FollowStep([logged], publish=publish, notify=notify)
+        return FollowStep([logged], publish=publish, notify=notify, publish_outage=publish_outage)
 
     def snapshot(self, now: float) -> dict[str, Any]:
         """The progress snapshot: the watch's view of the job, and the outage if polls fail now."""

@@ -443,6 +443,8 @@ class SlurmSubmitOperator(BaseOperator):
                     return follower.result(self._read_tail(hook, follower))
                 if step.publish is not None:
                     ti.xcom_push(key=PROGRESS_KEY, value=step.publish)
+                if step.publish_outage is not None:  # the try's first polls failed: no progress to keep yet
+                    ti.xcom_push(key=PROGRESS_KEY, value={"outage": step.publish_outage})
                 if not step.poll_again:
                     time.sleep(args["poll_interval"])
         finally:

@@ -140,14 +140,23 @@ class SlurmJobTrigger(ClusterTrigger):
                 return
             if step.publish is not None:
                 await self._publish(step.publish)
+            if step.publish_outage is not None:
+                await self._publish(step.publish_outage, outage_only=True)
 
-    async def _publish(self, snapshot: dict[str, Any]) -> None:
-        """The task's `progress` XCom (it is a view: a failed write is no fault)."""
+    async def _publish(self, snapshot: dict[str, Any], outage_only: bool = False) -> None:
+        """The task's `progress` XCom (it is a view: a failed write is no fault); `outage_only`: the outage,
+        set in the progress published last."""
         if self.progress_to is None:
             return
         from airflow.sdk.execution_time.xcom import XCom
 
         try:
+            if outage_only:
+                try:
+                    published = await XCom.aget_one(key=PROGRESS_KEY, **self.progress_to)
+                except AttributeError:  # dag.test()'s in-process supervisor only answers synchronously
+                    published = XCom.get_one(key=PROGRESS_KEY, **self.progress_to)
+                snapshot = {**(published if isinstance(published, dict) else {}), "outage": snapshot}
             try:
                 await XCom.aset(PROGRESS_KEY, snapshot, **self.progress_to)
             except AttributeError:  # dag.test()'s in-process supervisor only sends synchronously

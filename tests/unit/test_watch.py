@@ -234,7 +234,10 @@ def test_a_follower_that_joins_an_outage_waits_its_own_max_outage_and_publishes_
     step = follow.on_update(old, 3600)
     assert step.error is None and follow.outage.since == 3600 and follow.outage.failures == 40
     assert step.publish is None  # nothing restored yet: an empty snapshot would hide the last progress
-    assert follow.on_update(old, 4200).error is None
+    # ... but the outage is news: the caller sets it in the progress the last follower published, once
+    assert (step.publish_outage["cluster"], step.publish_outage["since"]) == ("lumi", 3600)
+    later = follow.on_update(old, 4200)
+    assert later.error is None and later.publish_outage is None
     assert "gave up after platform.max_outage (600 s)" in follow.on_update(old, 4201).error
 
 
