@@ -51,7 +51,7 @@ from airflow_oellm.config.resolvers import RESOLVERS, frozen_time
 from airflow_oellm.config.schema import DEFAULT_NOTIFY_OUTAGE_AFTER, RootConfig
 from airflow_oellm.config.secrets import secret_problems
 from airflow_oellm.config.sweep import SweepError, SweepPoint, expand_sweep
-from airflow_oellm.config.validate import Validator, iteration_arg, schema_fields
+from airflow_oellm.config.validate import Validator, is_unresolved, iteration_arg, learning_rate_value, schema_fields
 from airflow_oellm.config.yamlio import key_line, load_yaml
 from airflow_oellm.slurm.shell import ShellSafetyError, check_env_name, check_module
 from airflow_oellm.slurm.states import JobState
@@ -159,6 +159,35 @@ def retention_problems(cfg: RootConfig) -> list[tuple[str, str]]:
             )
         ]
     return []
+
+
+def learning_rate_problems(cfg: RootConfig) -> list[tuple[str, str]]:
+    """A rewind's lowered learning rate that could change nothing, or has no rate to lower: refused by name."""
+    rewind = cfg.monitoring.anomalies.rewind
+    remedy, key = rewind.learning_rate, "monitoring.anomalies.rewind.learning_rate"
+    if remedy is None:
+        return []
+    problems = []
+    if _number(remedy.multiplier) and (remedy.multiplier <= 0 or remedy.multiplier == 1):
+        message = f"must be above 0 and not 1 (1 changes nothing), got {remedy.multiplier}"
+        problems.append((f"{key}.multiplier", message))
+    if _number(remedy.iterations) and remedy.iterations < 1:
+        problems.append((f"{key}.iterations", f"must be at least 1, got {remedy.iterations}"))
+    if cfg.backend.name != "megatron":
+        message = f"lowers a rewound Megatron training's rate; backend {cfg.backend.name!r} is never rewound"
+        problems.append((key, message))
+    elif _number(rewind.max_rewinds) and rewind.max_rewinds < 1:
+        problems.append((key, "lowers a rewound training's rate, but rewind.max_rewinds is 0: nothing is rewound"))
+    else:
+        for arg in ("lr", "min_lr"):
+            value = cfg.backend.args.get(arg)
+            if (value is None and arg == "min_lr") or is_unresolved(value):  # unresolved: checked at run time
+                continue
+            if value is None:
+                problems.append((f"backend.args.{arg}", f"is not set: {key} has no rate to lower"))
+            elif learning_rate_value(value) is None:
+                problems.append((f"backend.args.{arg}", f"must be a number for {key} to lower, got {shown(value)}"))
+    return problems
 
 
 def _contains_interpolation(value: Any) -> bool:
@@ -303,6 +332,7 @@ def semantic_problems(cfg: RootConfig, data: Mapping[str, Any]) -> list[tuple[st
                 spike.sustain,
                 f"must be at least sustain ({spike.sustain}): a spike is not known before then",
             )
+    problems += learning_rate_problems(cfg)
     if cfg.retention is not None:
         at_least("retention.keep_last", cfg.retention.keep_last, 1, "must be at least 1: the newest checkpoint stays")
         at_least("retention.keep_every", cfg.retention.keep_every, 0, "must be >= 0 (0: none kept for good)")

@@ -25,7 +25,7 @@ from airflow_oellm.config.naming import (
 )
 from airflow_oellm.config.overrides import apply_overrides, parse_overrides
 from airflow_oellm.config.schema import CooldownConfig, EvalSuiteConfig, RootConfig
-from airflow_oellm.config.validate import Validator, iteration_arg
+from airflow_oellm.config.validate import Validator, iteration_arg, learning_rate_value
 from airflow_oellm.slurm.identity import task_status_path
 
 COOLDOWN, CONVERT, EVALUATE = "cooldown", "convert", "evaluate"  # side job kinds
@@ -281,6 +281,22 @@ def skipping_iterations(cfg: RootConfig, iterations: Sequence[int]) -> RootConfi
     listed = cfg.backend.args.get("iterations_to_skip") or []
     listed = listed if isinstance(listed, list) else [listed]
     args = {**cfg.backend.args, "iterations_to_skip": sorted({*map(int, listed), *iterations})}
+    return dataclasses.replace(cfg, backend=dataclasses.replace(cfg.backend, args=args))
+
+
+def with_learning_rate(cfg: RootConfig, multiplier: float, stop_at: int | None) -> RootConfig:
+    """A Megatron job whose scheduler takes the configured learning rates times `multiplier`, not the ones its
+    checkpoint holds (`--override-opt_param-scheduler`), and that stops with a save at iteration `stop_at`
+    (`--exit-interval`: Megatron stops where the iteration is a multiple of it; the job resumes below it)."""
+    if cfg.backend.name != "megatron":
+        return cfg
+    args: dict[str, Any] = {**cfg.backend.args, "override_opt_param_scheduler": True}
+    for name in ("lr", "min_lr"):
+        rate = learning_rate_value(args.get(name))
+        if rate is not None and multiplier != 1.0:
+            args[name] = rate * multiplier
+    if stop_at is not None:
+        args["exit_interval"] = stop_at
     return dataclasses.replace(cfg, backend=dataclasses.replace(cfg.backend, args=args))
 
 

@@ -269,6 +269,21 @@ class GradNormSpikeConfig(LossSpikeConfig):
 
 
 @dataclass
+class LearningRateRemedyConfig:
+    """The rewound training's learning rate, lowered for a while: Megatron's scheduler from the configured
+    `lr` and `min_lr` times `multiplier` (`--override-opt_param-scheduler`), in a job that stops after
+    `iterations` (`--exit-interval`, with a save). The next job goes on at the configured rate, and so does
+    every later one: the checkpoint holds the lowered rate, which `--override-opt_param-scheduler` replaces."""
+
+    multiplier: float = opt(0.5, "Factor on `backend.args.lr` and `min_lr` (not 1: that changes nothing).")
+    iterations: int = opt(
+        100,
+        "Iterations trained at the lowered rate after the checkpoint the training was rewound to (the skipped "
+        "ones not counted).",
+    )
+
+
+@dataclass
 class RewindConfig:
     """What happens when the loss diverges: an unrecovered loss spike, or a NaN loss for
     `monitoring.nan_intervals` log intervals."""
@@ -289,6 +304,11 @@ class RewindConfig:
         False,
         "The rewound training avoids the nodes the diverged job ran on (a faulty GPU can corrupt results without "
         "an error); for the rest of the training, as after a node failure.",
+    )
+    learning_rate: LearningRateRemedyConfig | None = opt(
+        None,
+        "The rewound training's learning rate, lowered for some iterations (one job of its own, an attempt of "
+        "`restart.max_attempts`); null (the default): the configured rate. `{}`: half of it for 100 iterations.",
     )
 
 

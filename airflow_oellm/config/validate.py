@@ -9,6 +9,7 @@ time); they are accepted here for any type and checked again once resolved.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -194,6 +195,17 @@ class Validator:
 
 
 MAX_ITERATIONS = 2**63  # Megatron counts iterations in a 64-bit integer
+
+
+def learning_rate_value(value: Any) -> float | None:
+    """A learning rate from `backend.args` as a number (`3e-4` too, which YAML reads as a string), or None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        rate = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return rate if math.isfinite(rate) and rate >= 0 else None
 
 
 def iteration_arg(args: dict[str, Any], key: str) -> int | None:

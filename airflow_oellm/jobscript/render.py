@@ -123,6 +123,14 @@ def sbatch_options(cfg: RootConfig, spec: JobSpec) -> dict[str, Any]:
     return options
 
 
+# Megatron's flags whose names mix dashes and underscores: core up to 0.14 knows only this spelling (0.15+ take
+# the all-dashes one too), so these keys render to it
+MEGATRON_SPELLINGS = {
+    "override_opt_param_scheduler": "--override-opt_param-scheduler",
+    "use_checkpoint_opt_param_scheduler": "--use-checkpoint-opt_param-scheduler",
+}
+
+
 def _launch(cfg: RootConfig) -> ShellSafe:
     """The command line that starts training, quoted word by word."""
     b = cfg.backend
@@ -130,7 +138,7 @@ def _launch(cfg: RootConfig) -> ShellSafe:
     try:
         if b.name == "megatron":
             entry = f"{b.megatron_path.rstrip('/')}/{b.entrypoint}" if b.megatron_path else b.entrypoint
-            program = [q(entry), *shell.cli_flags(b.args)]
+            program = [q(entry), *shell.cli_flags(b.args, spellings=MEGATRON_SPELLINGS)]
             python = [q(b.python)]
         else:
             program = [q(word) for word in b.command]

@@ -36,7 +36,7 @@ from airflow_oellm.monitor.outage import DEFAULT_MAX_OUTAGE_SECONDS, max_outage_
 from airflow_oellm.monitor.records import AttemptHistory, AttemptRecord, TrainingState
 from airflow_oellm.monitor.retention import RetentionSettings
 from airflow_oellm.monitor.watch import PROGRESS_CURVE, merged_curve, thinned
-from airflow_oellm.slurm.states import JobStatus
+from airflow_oellm.slurm.states import JobState, JobStatus
 
 MAX_ATTEMPT_FAULTS = 5  # fault lines kept per attempt in the history
 DEFAULT_POLL_INTERVAL = 60.0  # seconds, for a script job without a config
@@ -67,6 +67,7 @@ class JobSettings:
     max_rewinds: int  # rewinds of a diverged training (0: none; the watch then stops no job for a spike)
     skip_data: bool  # a rewound training skips the batches of the divergence
     exclude_diverged_nodes: bool  # ... and avoids the nodes the diverged job ran on
+    lowered_rate: tuple[float, int] | None  # ... and trains (multiplier, iterations) at a lowered learning rate
     retention: RetentionSettings | None  # checkpoint retention while it trains (None: every one kept)
     retention_branches: dict[int, list[str]]  # the status files of the branches from each checkpoint
     output_paths: list[str]
@@ -125,6 +126,7 @@ def job_settings(
             max_rewinds=0,
             skip_data=False,
             exclude_diverged_nodes=False,
+            lowered_rate=None,
             retention=None,
             retention_branches={},
             output_paths=list(output_paths),
@@ -170,6 +172,7 @@ def job_settings(
         max_rewinds=m.anomalies.rewind.max_rewinds if megatron else 0,
         skip_data=m.anomalies.rewind.skip_data,
         exclude_diverged_nodes=m.anomalies.rewind.exclude_nodes,
+        lowered_rate=(remedy.multiplier, remedy.iterations) if (remedy := m.anomalies.rewind.learning_rate) else None,
         retention=retention,
         retention_branches=branches,
         output_paths=[*m.output_paths, *output_paths],
@@ -242,6 +245,13 @@ def decide_attempt(
         verdict, rewind = rewind_verdict(history, try_number, Divergence.from_dict(divergence), ended, settings)
     else:
         verdict = classify(outcome, settings.rules)
+        lowered = history.learning_rate(attempt.checkpoint_before)
+        stop_at = lowered[1] if lowered else None
+        told = status.state is JobState.COMPLETED and outcome.checkpoint_after == stop_at
+        if verdict.verdict == RETRY and stop_at is not None and told:
+            # the job a rewind lowered the learning rate of stopped where it was told to (--exit-interval)
+            reason = f"learning rate x{lowered[0]:g} until {stop_at} done: the next job trains at the configured one"
+            verdict = replace(verdict, reason=reason)
     if verdict.verdict == RETRY and settings.training and not verdict.progress_free:
         # a resume the rerun state machine asked for saves no new checkpoint by design
         earlier = [a for a in history.attempts if a.try_number != try_number and not a.progress_free]
@@ -304,25 +314,45 @@ def rewind_verdict(
     done = [a for a in history.rewinds if a.try_number != try_number]
     skipped = d.skipped() if settings.skip_data else []
     target = f"checkpoint {d.rewind_to}" if d.rewind_to else "the start"
+    lowered = None
+    if settings.lowered_rate is not None:
+        multiplier, iterations = settings.lowered_rate
+        until = lowered_until(d.rewind_to or 0, iterations, [*history.skipped_iterations(), *skipped])
+        lowered = {"multiplier": multiplier, "until": until}
     record = {
         "id": f"rewind-{len(done) + 1}-job{ended['job_id']}",
         **d.to_dict(),
         "skipped": [skipped[0], skipped[-1]] if skipped else None,
         "discarded": None,
+        "learning_rate": None,
     }
     if len(done) >= settings.max_rewinds:
         reason = f"the loss diverged ({d.describe()}, no recovery) after {len(done)} rewind(s)"
         earlier = "; ".join(str(a.reason) for a in done)
         reason = f"{reason}: {earlier}" if earlier else reason
         return Classification(FATAL, f"{reason}; the save directory is back at {target}"), record
+    record["learning_rate"] = lowered
     reason = f"rewind: {d.describe()} -> {target}"
     if skipped:
         reason += f", skipping {skipped[0]}-{skipped[-1]}"
+    if lowered:
+        reason += f", learning rate x{lowered['multiplier']:g} until {lowered['until']}"
     nodes = (ended.get("status") or {}).get("nodes") if settings.exclude_diverged_nodes else None
     if nodes:  # a SLURM node list (`nid[001-004]`): --exclude takes it as it is
         reason += f", avoiding {nodes}"
     # a rewind loses progress by design: the progress guard does not hold it against the training
     return Classification(RETRY, reason, (nodes,) if nodes else (), progress_free=True), record
+
+
+def lowered_until(rewind_to: int, iterations: int, skipped: Sequence[int]) -> int:
+    """The iteration a rewound training's lowered learning rate ends at: the last of `iterations` trained
+    iterations after `rewind_to`, the `skipped` ones not counted. The job stops there (`--exit-interval`), and it
+    can: Megatron checks that only on the iterations it trains."""
+    until = rewind_to + iterations
+    for iteration in sorted(set(skipped)):
+        if rewind_to < iteration <= until:
+            until += 1
+    return until
 
 
 def loss_baseline(history: AttemptHistory, resumes_from: int | None, settings: JobSettings) -> list[float]:

@@ -253,6 +253,19 @@ class AttemptHistory:
                 skipped.update(range(int(window[0]), int(window[1]) + 1))
         return sorted(skipped)
 
+    def learning_rate(self, resumes_from: int | None) -> tuple[float, int | None] | None:
+        """How a job resuming from checkpoint `resumes_from` sets its learning rate after a rewind lowered it:
+        (multiplier, the iteration it stops at) while the latest rewind's lowered iterations last, (1.0, None)
+        after them (the checkpoint holds the lowered rate: the configured one must replace it); None when no
+        rewind lowered it (the schedule the checkpoint holds goes on)."""
+        lowered = [(a.rewind or {}).get("learning_rate") for a in self.rewinds]
+        if not any(lowered):
+            return None
+        latest = lowered[-1]
+        if latest and (resumes_from or 0) < int(latest["until"]):
+            return float(latest["multiplier"]), int(latest["until"])
+        return 1.0, None
+
     def rewound_curves(self) -> tuple[list[list[Any]], list[tuple[dict[str, Any], list[Any]]]]:
         """Each attempt's loss curve without what a rewind discarded, and each rewind with the points it
         discarded. A rewind to K discards every point after K of its own attempt and of the earlier ones (a

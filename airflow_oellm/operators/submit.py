@@ -30,6 +30,7 @@ from airflow_oellm.config.milestones import (
     resume_own_checkpoint,
     skipping_iterations,
     typed,
+    with_learning_rate,
 )
 from airflow_oellm.config.naming import (
     HISTORY_KEY,
@@ -361,6 +362,9 @@ class SlurmSubmitOperator(BaseOperator):
         cfg = resume_own_checkpoint(s.config, own_checkpoint)
         if s.skip_data:  # what the rewinds skipped stays skipped, whichever job gets there
             cfg = skipping_iterations(cfg, history.skipped_iterations())
+        rate = history.learning_rate(own_checkpoint)
+        if rate is not None:  # a rewind lowered it: lowered for its iterations, then the configured one again
+            cfg = with_learning_rate(cfg, *rate)
         spec = JobSpec(job_name=s.name, exclude=list(history.exclude))
         return render_sbatch(cfg, spec, template_dirs=self.template_dirs)
 

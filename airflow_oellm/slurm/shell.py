@@ -148,16 +148,19 @@ def directive_lines(options: Mapping[str, Any]) -> list[ShellSafe]:
     return lines
 
 
-def cli_flags(args: Mapping[str, Any], *, quote_word: Any = expandable) -> list[str]:
+def cli_flags(
+    args: Mapping[str, Any], *, quote_word: Any = expandable, spellings: Mapping[str, str] | None = None
+) -> list[str]:
     """argv words for `--dashed-name value` options (Megatron style).
 
-    True -> bare flag, False/None -> omitted, a list -> the flag followed by each item.
+    True -> bare flag, False/None -> omitted, a list -> the flag followed by each item. `spellings` names
+    the flags of keys that are not spelled with dashes only.
     """
     words: list[str] = []
     for key, value in args.items():
         if not isinstance(key, str) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$", key):
             raise ShellSafetyError(f"invalid argument name {key!r}")
-        flag = "--" + key.replace("_", "-")
+        flag = (spellings or {}).get(key) or "--" + key.replace("_", "-")
         if value is None or value is False:
             continue
         if value is True:

@@ -9,8 +9,9 @@ the iteration line (`iteration N/ M | consumed samples: ... | lm loss: ... |`), 
 `saving checkpoint ...` / `successfully saved checkpoint ...` / loading lines, the tracker file
 written after a complete checkpoint, resume from the latest checkpoint (or `--ckpt-step`),
 `--override-opt-param-scheduler` (a cooldown: decay from a parent's checkpoint with new scheduler
-settings), `--exit-signal-handler` (SIGTERM / SIGUSR1: save, then exit), `--exit-duration-in-mins`,
-`--exit-interval`. Unknown Megatron flags are accepted and ignored.
+settings; without it, or `--use-checkpoint-opt_param-scheduler`, scheduler settings that differ from the
+checkpoint's stop the run with Megatron's AssertionError), `--exit-signal-handler` (SIGTERM / SIGUSR1:
+save, then exit), `--exit-duration-in-mins`, `--exit-interval`. Unknown Megatron flags are accepted and ignored.
 
 Fault knobs (flag or environment, an iteration; a fault fires once per save directory unless
 FAKE_FAULT_ALWAYS=1): --fake-crash-at / FAKE_CRASH_AT, --fake-oom-at / FAKE_OOM_AT (a CUDA OOM
@@ -86,7 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--lr-decay-iters", type=int)
     add("--lr-wsd-decay-iters", type=int)
     add("--lr-wsd-decay-style", default="linear", choices=["linear", "cosine", "exponential", "minus_sqrt"])
-    add("--override-opt-param-scheduler", action="store_true")
+    # Megatron's spellings: core up to 0.14 knows only the first, 0.15+ both
+    add("--override-opt_param-scheduler", "--override-opt-param-scheduler", action="store_true")
+    add("--use-checkpoint-opt_param-scheduler", "--use-checkpoint-opt-param-scheduler", action="store_true")
     add("--weight-decay", type=float, default=0.01)
     add("--clip-grad", type=float, default=1.0)
     add("--adam-beta1", type=float, default=0.9)
@@ -160,9 +163,16 @@ class Scheduler:
     def state(self) -> dict:
         return {name: getattr(self, name) for name in self.FIELDS}
 
-    def restore(self, saved: dict) -> None:
+    def restore(self, saved: dict, use_checkpoint: bool) -> None:
+        """Megatron's load_state_dict: a value the checkpoint holds must equal the argument's, unless
+        --use-checkpoint-opt_param-scheduler takes the checkpoint's (--override-opt-param-scheduler skips this)."""
         for name in self.FIELDS:
             if name in saved and saved[name] != getattr(self, name):
+                if not use_checkpoint:
+                    raise AssertionError(
+                        f"OptimizerParamScheduler: class input value {getattr(self, name)} and checkpoint"
+                        f"value {saved[name]} for {name} do not match"
+                    )
                 say(f" > using checkpoint value {saved[name]} for {name}")
                 setattr(self, name, saved[name])
 
@@ -290,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f" loading distributed checkpoint from {source} at iteration {start}")
         common = checkpoint.load(source, start, model, optimizer)
         if not args.override_opt_param_scheduler:
-            scheduler.restore(common.get("opt_param_scheduler", {}))
+            scheduler.restore(common.get("opt_param_scheduler", {}), args.use_checkpoint_opt_param_scheduler)
         consumed = common.get("consumed_samples", start * args.global_batch_size)
         say(f"  successfully loaded checkpoint from {source} [ t 1/1, p 1/1 ] at iteration {start}")
     else:

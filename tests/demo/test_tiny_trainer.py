@@ -1,6 +1,6 @@
 """The tiny trainer (examples/tiny_megatron/pretrain_gpt.py) behaves like Megatron-LM where the
 product looks: log lines the watcher parses, loss that falls, exact resume, --ckpt-step cooldowns
-with --override-opt-param-scheduler, SIGTERM handling, fault knobs, convertible checkpoints, and a
+with --override-opt_param-scheduler, SIGTERM handling, fault knobs, convertible checkpoints, and a
 genuine loss spike from bad data that `--iterations-to-skip` avoids."""
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def test_cooldown_from_a_checkpoint_lowers_the_loss(tmp_path: Path) -> None:
                  "--lr-wsd-decay-iters", "1")  # fmt: skip
     assert base.returncode == 0, base.stderr
     cooled = train("--train-iters", "200", "--load", str(parent), "--ckpt-step", "140", "--save",
-                   str(tmp_path / "cool"), "--override-opt-param-scheduler", "--save-interval", "60", *wsd,
+                   str(tmp_path / "cool"), "--override-opt_param-scheduler", "--save-interval", "60", *wsd,
                    "--lr-wsd-decay-iters", "60")  # fmt: skip
     assert cooled.returncode == 0, cooled.stderr
     assert f"successfully loaded checkpoint from {parent} [ t 1/1, p 1/1 ] at iteration 140" in cooled.stdout

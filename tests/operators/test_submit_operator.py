@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import itertools
 import json
+import math
 import re
 import shlex
 import threading
@@ -479,8 +480,11 @@ def test_a_real_loss_spike_is_rewound_skipped_and_trained_through(
 ):
     """The tiny trainer really diverges: samples 400-439 (iterations 51-55) are bad. The watcher finds the spike,
     kills the job when it has not recovered 20 intervals later, sets the save directory back to checkpoint 40 and
-    resubmits, skipping the diverged batches. That job is killed before its first save: the resume after it still
-    loads checkpoint 40, never the discarded 80. The run trains through, its curve continuous with the first."""
+    resubmits, skipping the diverged batches, at half the learning rate for 20 trained iterations. That job is
+    killed before its first save: the resume after it still loads checkpoint 40, never the discarded 80, and still
+    lowers the rate. The lowered iterations end at 82, where that job stops; the next goes on at the configured
+    rate over the lowered one its checkpoint holds (the tiny trainer, like Megatron, refuses a checkpoint whose
+    scheduler differs unless told). The run trains through, its curve continuous with the first."""
     name = f"spike{uuid.uuid4().hex[:6]}"
     path = write(
         "config/sweeps/spike.yaml",
@@ -493,8 +497,10 @@ def test_a_real_loss_spike_is_rewound_skipped_and_trained_through(
           megatron_path: {REPO / "examples" / "tiny_megatron"}
           args: {{train_iters: 120, save_interval: 40, log_interval: 1, iter_seconds: 0.1, poisoned_samples: "400:440",
                   lr: 3.0e-3, min_lr: 3.0e-4, lr_warmup_iters: 0}}
-        monitoring: {{poll_interval_seconds: 2}}
-        restart: {{max_attempts: 4, retry_delay_seconds: 1}}
+        monitoring:
+          poll_interval_seconds: 2
+          anomalies: {{rewind: {{learning_rate: {{multiplier: 0.5, iterations: 20}}}}}}
+        restart: {{max_attempts: 5, retry_delay_seconds: 1}}
         """,
     )
     exp = load_sweep(path).experiments[0]
@@ -508,22 +514,42 @@ def test_a_real_loss_spike_is_rewound_skipped_and_trained_through(
             stop.set()
         killed = killer.result()
     assert dr.state == "success", xcom(dr, "train", "result")
-    spiked, crashed, finished = attempt_history(dr, "train")["attempts"]
+    spiked, crashed, lowered, finished = attempt_history(dr, "train")["attempts"]
     rewind = spiked["rewind"]
-    assert spiked["reason"].startswith("rewind: loss spike at 51 -> checkpoint 40, skipping 50-71")
+    # 20 trained iterations from 40 at half the rate: 41-49, then 72-82 after the skipped 50-71
+    assert spiked["reason"].startswith(
+        "rewind: loss spike at 51 -> checkpoint 40, skipping 50-71, learning rate x0.5 until 82"
+    )
     assert (rewind["start"], rewind["detected_at"], rewind["rewind_to"]) == (51, 71, 40)
+    assert rewind["learning_rate"] == {"multiplier": 0.5, "until": 82}
     # killed (no save on the way out) a poll or so after 71: a regular save at 80 may have come first, moved aside
     assert set(rewind["discarded"]) <= {80} and spiked["last_iteration"] < 120
     for iteration in rewind["discarded"]:
         dev_cluster.ssh(["test", "-f", f"{save_dir}/discarded/{rewind['id']}/iter_{iteration:07d}/metadata.json"])
     assert killed and crashed["checkpoint_before"] == 40 and crashed["resumed_from"] == 40
     assert crashed["verdict"] == "retry" and crashed["last_iteration"] < 80
-    # the resume after the crash loads the rewound state: checkpoint 40, not the diverged 80
-    assert finished["resumed_from"] == 40 and finished["verdict"] == "success"
-    curves = [dict(map(tuple, a["loss_curve"])) for a in (spiked, finished)]
-    assert not set(curves[1]) & set(range(50, 72))  # the diverged batches were skipped
-    assert curves[1][41] == pytest.approx(curves[0][41], rel=1e-6)  # the same model at 40: the same step 41
-    assert max(curves[1].values()) <= 1.1 * curves[0][41] < curves[0][71]  # no spike the second time
+    # the resume after the crash loads the rewound state: checkpoint 40, not the diverged 80; it stops at 82
+    assert lowered["resumed_from"] == 40 and lowered["verdict"] == "retry"
+    assert (lowered["last_iteration"], lowered["checkpoint_after"]) == (82, 82)
+    assert lowered["reason"] == "learning rate x0.5 until 82 done: the next job trains at the configured one"
+    assert finished["resumed_from"] == 82 and finished["verdict"] == "success"
+    # the rates each job logged: the configured cosine schedule (checked on the first job), half of it while lowered
+    rates = [logged_rates(dev_cluster.ssh(["cat", a["log_path"]]).stdout) for a in (spiked, crashed, lowered, finished)]
+
+    def configured(i: int) -> float:
+        return 3.0e-4 + (3.0e-3 - 3.0e-4) * 0.5 * (1 + math.cos(math.pi * i / 120))
+
+    assert all(r == pytest.approx(configured(i), rel=1e-5) for i, r in rates[0].items()) and 71 in rates[0]
+    for job in rates[1:3]:
+        assert job and all(r == pytest.approx(0.5 * configured(i), rel=1e-5) for i, r in job.items())
+    assert set(rates[2]) == {*range(41, 50), *range(72, 83)}  # skipped iterations are not logged
+    assert set(rates[3]) == set(range(83, 121))
+    assert all(r == pytest.approx(configured(i), rel=1e-5) for i, r in rates[3].items())
+    curves = [dict(map(tuple, a["loss_curve"])) for a in (spiked, lowered, finished)]
+    rewound = {**curves[1], **curves[2]}
+    assert not set(rewound) & set(range(50, 72))  # the diverged batches were skipped
+    assert rewound[41] == pytest.approx(curves[0][41], rel=1e-6)  # the same model at 40: the same step 41
+    assert max(rewound.values()) <= 1.1 * curves[0][41] < curves[0][71]  # no spike the second time
     assert dev_cluster.ssh(["cat", f"{save_dir}/latest_checkpointed_iteration.txt"]).stdout.strip() == "120"
     summary = xcom(dr, "train")["summary"]  # the last job's
     assert not [a for a in summary["anomalies"] if a["name"].startswith("loss_spike")]
@@ -534,12 +560,18 @@ def test_a_real_loss_spike_is_rewound_skipped_and_trained_through(
     ).total_seconds()
     reliability.record(
         "a real loss spike (tiny trainer, bad samples at iterations 51-55)",
-        f"spike found at 52 (1 iteration late), unrecovered at 71; rewound to 40 skipping 50-71, the rewound job "
-        f"running {spike_to_running:.0f} s after the spike; killed before its first save, resumed from 40 again; "
-        f"final loss {curves[1][120]:.3f}",
+        f"spike found at 52 (1 iteration late), unrecovered at 71; rewound to 40 skipping 50-71 at half the learning "
+        f"rate until 82, the rewound job running {spike_to_running:.0f} s after the spike; killed before its first "
+        f"save, resumed from 40 again; final loss {curves[2][120]:.3f}",
         duplicates=0,
         spike_to_rewound_job_seconds=round(spike_to_running),
     )
+
+
+def logged_rates(log: str) -> dict[int, float]:
+    """Iteration -> the learning rate its iteration line reports."""
+    found = re.findall(r"iteration\s+(\d+)/\s*\d+ \|.*?learning rate: ([0-9.E+-]+)", log)
+    return {int(i): float(rate) for i, rate in found}
 
 
 @pytest.mark.retention

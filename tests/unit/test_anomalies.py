@@ -370,6 +370,45 @@ def test_spike_settings_that_could_never_judge_anything_are_refused(write, proje
     assert [(r.event, r.sustain, r.recover_within) for r in settings.rules] == [("grad_norm_spike", 2, 5)]
 
 
+@pytest.mark.config
+def test_a_lowered_learning_rate_that_could_change_nothing_or_has_no_rate_to_lower_is_refused(write, project):
+    def load(rewind: str, args: str = "lr: 3.0e-4, min_lr: 3.0e-5", backend: str = "") -> str:
+        path = write(
+            "config/sweeps/lr.yaml",
+            f"""
+            defaults: [{{platform: mini}}]
+            project: {{name: p, base_output_dir: /r}}
+            backend: {{{backend}args: {{train_iters: 1000, save_interval: 100, {args}}}}}
+            monitoring: {{anomalies: {{rewind: {rewind}}}}}
+            """,
+        )
+        try:
+            return str(load_sweep(path).experiments[0].config.monitoring.anomalies.rewind.learning_rate)
+        except ConfigError as exc:
+            return str(exc)
+
+    key = "monitoring.anomalies.rewind.learning_rate"
+    assert load("{}") == "None" and load("{learning_rate: null}") == "None"
+    assert load("{learning_rate: {}}") == "LearningRateRemedyConfig(multiplier=0.5, iterations=100)"
+    # YAML reads 3e-4 as a string; min_lr may be left to Megatron's default
+    assert load("{learning_rate: {multiplier: 0.1}}", "lr: 3e-4").startswith("LearningRateRemedyConfig(multiplier=0.1")
+    assert f"{key}.multiplier: must be above 0 and not 1 (1 changes nothing), got 1" in load(
+        "{learning_rate: {multiplier: 1}}"
+    )
+    assert f"{key}.multiplier: must be above 0" in load("{learning_rate: {multiplier: -0.5}}")
+    assert f"{key}.iterations: must be at least 1, got 0" in load("{learning_rate: {iterations: 0}}")
+    assert f"{key}: lowers a rewound training's rate, but rewind.max_rewinds is 0: nothing is rewound" in load(
+        "{max_rewinds: 0, learning_rate: {}}"
+    )
+    assert f"backend.args.lr: is not set: {key} has no rate to lower" in load("{learning_rate: {}}", "lr: null")
+    assert f"backend.args.min_lr: must be a number for {key} to lower, got 'low'" in load(
+        "{learning_rate: {}}", "lr: 3.0e-4, min_lr: low"
+    )
+    assert f"{key}: lowers a rewound Megatron training's rate; backend 'command' is never rewound" in load(
+        "{learning_rate: {}}", backend="name: command, command: [./train.sh], "
+    )
+
+
 def rewind(checkpoint_dir: Path, iteration: int, discard_dir: Path) -> subprocess.CompletedProcess[str]:
     script = rewind_script(str(checkpoint_dir), iteration, str(discard_dir))
     return subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=checkpoint_dir.anchor)
@@ -479,6 +518,49 @@ def test_the_skipped_iterations_reach_the_job_script_beside_the_configs_own():
     assert cfg.backend.args["iterations_to_skip"] == [7, 11, 12]
     assert '--iterations-to-skip "7" "11" "12"' in render_sbatch(cfg, JobSpec(job_name="x"))
     assert skipping_iterations(typed(config), []).backend.args["iterations_to_skip"] == 7
+
+
+@pytest.mark.render
+def test_a_lowered_learning_rate_reaches_the_job_script_and_the_configured_one_replaces_it_after():
+    from airflow_oellm.config.milestones import typed, with_learning_rate
+    from airflow_oellm.jobscript.render import JobSpec, render_sbatch
+
+    experiment = load_sweep(REPO / "config" / "sweeps" / "cooldowns_and_evals.yaml").experiments[0]
+    config = experiment.runtime_config()
+    config["backend"]["args"].update(lr="3e-4", min_lr=3.0e-5)  # YAML's string for 3e-4, as a user writes it
+    lowered = render_sbatch(with_learning_rate(typed(config), 0.5, 1250), JobSpec(job_name="x"))
+    flags = dict(re.findall(r"--(lr|min-lr|exit-interval) \"?([^\s\"]+)", lowered))
+    assert (float(flags["lr"]), float(flags["min-lr"]), flags["exit-interval"]) == (1.5e-4, 1.5e-5, "1250")
+    assert "--override-opt_param-scheduler" in lowered  # the spelling every Megatron core knows
+    configured = render_sbatch(with_learning_rate(typed(config), 1.0, None), JobSpec(job_name="x"))
+    flags = dict(re.findall(r"--(lr|min-lr) \"?([^\s\"]+)", configured))
+    assert (float(flags["lr"]), float(flags["min-lr"])) == (3e-4, 3e-5)
+    assert "--override-opt_param-scheduler" in configured and "--exit-interval" not in configured
+
+
+@pytest.mark.render
+def test_the_flags_a_cooldown_and_a_lowered_rewind_add_are_defined_by_every_megatron_core():
+    """Megatron core up to 0.14 spells `--override-opt_param-scheduler` so, and only so: the all-dashes form
+    made every cooldown's job fail with an unknown argument there (tests/fixtures/megatron/flags.json)."""
+    from airflow_oellm.config.milestones import job_config, skipping_iterations, typed, with_learning_rate
+    from airflow_oellm.jobscript.render import JobSpec, render_sbatch
+
+    defined = json.loads((REPO / "tests" / "fixtures" / "megatron" / "flags.json").read_text())["flags"]
+    experiment = load_sweep(REPO / "config" / "sweeps" / "cooldowns_and_evals.yaml").experiments[0]
+    config = experiment.runtime_config()
+    configured = set(
+        re.findall(r"(?<=\s)--[A-Za-z0-9][A-Za-z0-9_-]*", render_sbatch(typed(config), JobSpec(job_name="x")))
+    )
+    cooldown = typed(job_config(config, {"kind": "cooldown", "cooldown": 0}))
+    rewound = skipping_iterations(with_learning_rate(typed(config), 0.5, 300), [120, 121])
+    for cfg in (cooldown, rewound):
+        script = render_sbatch(cfg, JobSpec(job_name="x"))
+        added = set(re.findall(r"(?<=\s)--[A-Za-z0-9][A-Za-z0-9_-]*", script)) - configured
+        assert "--override-opt_param-scheduler" in added, added
+        for tag, flags in defined.items():
+            version = tuple(int(part) for part in tag.removeprefix("core_v").split("."))
+            missing = added - set(flags) - ({"--iterations-to-skip"} if version < (0, 12) else set())  # core 0.12+
+            assert not missing, (tag, missing)
 
 
 def test_checkpoints_saved_while_the_loss_is_wrong_wait_for_its_recovery_or_rewind():

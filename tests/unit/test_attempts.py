@@ -452,3 +452,49 @@ def test_a_rewind_can_avoid_the_nodes_the_diverged_job_ran_on(experiment):
     # off by default: the same divergence excludes nothing
     plain = job_settings(experiment=experiment, job=None, task_id="train")
     assert decide_attempt(history_of(submitted(1, "101", 1000)), 1, 3, event, 1400, plain).history.exclude == ()
+
+
+def test_a_rewind_can_lower_the_learning_rate_for_some_iterations_then_the_configured_one_returns(experiment):
+    rewind = {"rewind": {"learning_rate": {"multiplier": 0.25, "iterations": 50}}}
+    config = {**experiment, "monitoring": {**experiment["monitoring"], "anomalies": rewind}}
+    settings = job_settings(experiment=config, job=None, task_id="train")
+    assert settings.lowered_rate == (0.25, 50)
+    first = decide_attempt(history_of(submitted(1, "101", 1000)), 1, 5, diverged("101", SPIKE), 1400, settings)
+    # 50 trained iterations from 1200: 1201-1229, then 1431-1451 after the skipped 1230-1430
+    assert first.classification.reason.endswith(", skipping 1230-1430, learning rate x0.25 until 1451")
+    assert first.attempt.rewind["learning_rate"] == {"multiplier": 0.25, "until": 1451}
+    history = first.history
+    # a job resuming within the lowered iterations stops at their end; one after them takes the configured rate
+    # over the lowered one its checkpoint holds; with no rewind that lowered it, the checkpoint's schedule goes on
+    assert [history.learning_rate(c) for c in (1200, 1440, 1451, 1500)] == [(0.25, 1451)] * 2 + [(1.0, None)] * 2
+    assert history_of(submitted(1, "101", 1000)).learning_rate(1000) is None
+    # the lowered job crashes at 1440 (a retry from inside the lowered iterations), the next stops at 1451 as told
+    history = history.put(submitted(2, "102", 1200))
+    crashed = decide_attempt(history, 2, 5, ended("FAILED", job_id="102", exit_code=1), 1440, settings)
+    assert crashed.classification.verdict == RETRY and "learning rate" not in crashed.classification.reason
+    history = crashed.history.put(submitted(3, "103", 1440))
+    done = decide_attempt(history, 3, 5, ended("COMPLETED", job_id="103", last_iteration=1451), 1451, settings)
+    assert done.classification.verdict == RETRY
+    assert (
+        done.classification.reason == "learning rate x0.25 until 1451 done: the next job trains at the configured one"
+    )
+    # an ordinary early exit after the lowered iterations keeps its own reason
+    history = done.history.put(submitted(4, "104", 1451))
+    later = decide_attempt(history, 4, 5, ended("COMPLETED", job_id="104", last_iteration=1500), 1500, settings)
+    assert later.classification.reason.startswith("exited before the last iteration")
+    # without skipping, the iterations are counted from the checkpoint on
+    plain = {
+        **config,
+        "monitoring": {**config["monitoring"], "anomalies": {"rewind": {**rewind["rewind"], "skip_data": False}}},
+    }
+    unskipped = job_settings(experiment=plain, job=None, task_id="train")
+    decision = decide_attempt(history_of(submitted(1, "101", 1000)), 1, 5, diverged("101", SPIKE), 1400, unskipped)
+    assert decision.attempt.rewind["learning_rate"] == {"multiplier": 0.25, "until": 1250}
+    # used up: no lowered rate is recorded for a rewind that does not happen
+    anomalies = {"rewind": {"max_rewinds": 1, "learning_rate": {}}}
+    once = job_settings(
+        experiment={**config, "monitoring": {**config["monitoring"], "anomalies": anomalies}}, job=None, task_id="train"
+    )
+    history = later.history.put(submitted(5, "105", 1500))
+    last = decide_attempt(history, 5, 5, diverged("105", {**SPIKE, "start": 1520, "rewind_to": 1500}), 1500, once)
+    assert last.classification.verdict == FATAL and last.attempt.rewind["learning_rate"] is None
