@@ -56,7 +56,8 @@ sweep:
     - type: list
       configs:
         - {{backend.args.lr: 0.001}}
-        - {{backend.args.lr: 0.01, backend.args.fake_bad_iterations: "{BAD}"}}  # a loss spike, rewound
+        # a loss spike, rewound: unrecovered at 50, the diverged job waits at 55 for its watch to kill it
+        - {{backend.args.lr: 0.01, backend.args.fake_bad_iterations: "{BAD}", backend.args.fake_diverged_hold_at: 55}}
 """
 
 
