@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from airflow_oellm.config import load_sweep
-from airflow_oellm.jobscript.render import render_sbatch
+from airflow_oellm.jobscript.render import MEGATRON_SPELLINGS, render_sbatch
 from airflow_oellm.slurm import shell
 from tests.conftest import EXAMPLE_SWEEPS
 from tests.unit.test_render import HOSTILE
@@ -68,7 +68,8 @@ def test_every_example_sweep_runs_to_completed(sweep_file: Path, dev_cluster, re
     for job_id, e in jobs.items():
         report = stub_report(dev_cluster, e.paths.log_path.replace("%j", job_id))
         cfg = e.config
-        assert report["argv"] == shell.cli_flags(cfg.backend.args, quote_word=shell.scalar_text)
+        expected = shell.cli_flags(cfg.backend.args, quote_word=shell.scalar_text, spellings=MEGATRON_SPELLINGS)
+        assert report["argv"] == expected
         assert report["cwd"] == e.paths.output_dir
         assert report["env"]["EXPERIMENT_NAME"] == e.name
         assert report["env"]["CHECKPOINT_DIR"] == e.paths.checkpoint_dir
