@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -85,43 +86,53 @@ def baseline(path: Path) -> int:
     return count
 
 
-def timed(fn, path: Path, repeat: int) -> tuple[list[float], int]:
-    times, count = [], 0
+def timed(fn, path: Path, repeat: int) -> tuple[list[float], list[float], int]:
+    """Wall and CPU seconds of each run, and what the last run counted."""
+    times, cpu, count = [], [], 0
     for _ in range(repeat):
         from airflow_oellm.config import yamlio
 
         yamlio._load_cached.cache_clear()  # every run reads the file, as a fresh process would
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         count = fn(path)
         times.append(time.perf_counter() - start)
-    return times, count
+        cpu.append(time.process_time() - cpu_start)
+    return times, cpu, count
 
 
-def cli_seconds(args: list[str], repeat: int = 3) -> float:
-    """The fastest of `repeat` whole-process runs: a one-off on a loaded machine measures the load."""
-    times = []
+def cli_seconds(args: list[str], repeat: int = 3) -> tuple[float, float]:
+    """The fastest of `repeat` whole-process runs, wall and CPU seconds: a one-off on a loaded machine
+    measures the load, and only the CPU time is the work whatever the load."""
+    times, cpu = [], []
     for _ in range(repeat):
-        start = time.perf_counter()
+        start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
         subprocess.run([sys.executable, "-m", "airflow_oellm.cli", *args], check=True, capture_output=True)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
         times.append(time.perf_counter() - start)
-    return min(times)
+        cpu.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+    return min(times), min(cpu)
 
 
 def run(points: int, repeat: int, with_baseline: bool = True) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = write_sweep(Path(tmp), points)
-        our_times, our_count = timed(ours, path, repeat)
+        our_times, our_cpu, our_count = timed(ours, path, repeat)
+        plan, plan_cpu = cli_seconds(["plan", str(path), "--json"])
+        plan_27, plan_27_cpu = cli_seconds(["plan", str(REPO / "config" / "sweeps" / "scaling_study.yaml")])
         result = {
             "points": points,
             "ours_seconds": our_times,
             "ours_median": statistics.median(our_times),
+            "ours_cpu_median": statistics.median(our_cpu),
             "ours_per_point_ms": 1000 * statistics.median(our_times) / points,
             "ours_count": our_count,
-            "cli_plan_seconds": cli_seconds(["plan", str(path), "--json"]),
-            "cli_plan_27_seconds": cli_seconds(["plan", str(REPO / "config" / "sweeps" / "scaling_study.yaml")]),
+            "cli_plan_seconds": plan,
+            "cli_plan_cpu_seconds": plan_cpu,
+            "cli_plan_27_seconds": plan_27,
+            "cli_plan_27_cpu_seconds": plan_27_cpu,
         }
         if with_baseline:
-            base_times, base_count = timed(baseline, path, repeat)
+            base_times, _, base_count = timed(baseline, path, repeat)
             result.update(
                 baseline_seconds=base_times,
                 baseline_median=statistics.median(base_times),

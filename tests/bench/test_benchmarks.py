@@ -18,10 +18,11 @@ pytestmark = pytest.mark.bench
 def test_thousand_point_sweep_expands_and_validates_quickly():
     result = sweep_expansion.run(points=1000, repeat=1, with_baseline=False)
     assert result["ours_count"] == 1000
-    # target < 2 s (measured ~0.65 s here); 3x headroom for a loaded CI machine
-    assert result["ours_median"] < 6.0, result
+    # CPU seconds, the work whatever the machine's load: CI's busiest minutes stretched 0.6 s of work to 18.7 s
+    # of wall time. Target < 2 s (measured ~0.65 s here), 3x headroom
+    assert result["ours_cpu_median"] < 6.0, result
     # target < 1 s for `plan` of the 27-experiment study, whole process (measured ~0.2 s)
-    assert result["cli_plan_27_seconds"] < 3.0, result
+    assert result["cli_plan_27_cpu_seconds"] < 3.0, result
 
 
 @pytest.mark.cluster
