@@ -29,6 +29,7 @@ RANK: dict[str, int] = {
     "monitor": 3,
     "jobscript": 3,
     "hooks": 4,
+    "analysis": 4,
     "triggers": 5,
     "sensors": 6,
     "operators": 6,
@@ -43,6 +44,7 @@ AIRFLOW_FREE_UNITS = frozenset({"(root)", "megatron", "evaluation", "pause_point
 AIRFLOW_FREE_UNITS |= {"notifications"}
 AIRFLOW_FREE_UNITS |= {"localjobs"}
 AIRFLOW_FREE_UNITS |= {"monitor", "jobscript", "cli"}
+AIRFLOW_FREE_UNITS |= {"analysis"}
 AIRFLOW_FREE_MODULES = frozenset(f"airflow_oellm.dashboard.{name}" for name in ("model", "plot", "urls"))
 WEB_AND_DB = ("airflow", "sqlalchemy", "fastapi", "starlette")
 

@@ -1,0 +1,1 @@
+"""Analyses of a sweep's results, without Airflow."""
