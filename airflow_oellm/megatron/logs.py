@@ -106,6 +106,13 @@ VALIDATION = (
     r"|the end of training for (?P<end_split>\w+) data)\s*\|.*?lm loss value:\s*(?P<loss>" + NUMBER + r")"
     r"(?:.*?lm loss PPL:\s*(?P<ppl>" + NUMBER + r"))?"
 )
+# the model's size, printed before training: per model-parallel rank (Megatron-LM 2.x to core 0.15: `(tensor,
+# pipeline) ... rank (T, P): N`; core 0.19 adds a middle axis, `(tensor, gtp_weight_remat, pipeline)` or
+# `(tensor, gtp_remat, pipeline)`), and with --log-memory-usage the total (`in billions: %.2f`)
+PARAMETERS = (
+    r"> number of parameters on \((?P<axes>[\w, ]+)\) model parallel rank \((?P<rank>[\d, ]+)\):\s*(?P<count>\d+)"
+    r"|Total number of parameters in billions:\s*(?P<billions>" + NUMBER + r")"
+)
 # the rerun state machine (core 0.10+, on by default since 0.14): `Rank R, node H, device D[, iteration #N]: ...`
 RERUN_NODE = r"Rank \d+, node (?P<node>[^,\s]+), device \d+|\(node: (?P<node2>[^,\s]+), gpu: \d+\)"
 
@@ -125,6 +132,7 @@ BUILTIN_EVENTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
         {"kind": "resume"},
     ),
     ("fresh_start", r"will not load any checkpoints and will start from random", {"kind": "resume"}),
+    ("parameters", PARAMETERS, {"kind": "model"}),
     ("training_done", r"\[after training is done\]", {"kind": "finish"}),
     ("exit_signal", r"\[exiting program after receiving (?P<signal>SIG\w+)\.\]", {"kind": "exit"}),
     ("exit_duration", r"\[exiting program after (?P<minutes>[\d.]+) minutes\]", {"kind": "exit"}),
@@ -162,6 +170,21 @@ BUILTIN_EVENTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("time_limit", r"DUE TO TIME LIMIT", {"kind": "fault"}),
     ("traceback", r"Traceback \(most recent call last\)", {"kind": "fault"}),
 )
+
+
+def logged_parameters(by_rank: dict[str, int], billions: float | None) -> int | float | None:
+    """The model's parameters as its log gave them: the sum over its tensor- and pipeline-parallel ranks
+    (other model-parallel axes at rank 0: they hold the same weights), else Megatron's total in billions
+    (2 decimals), else None. `by_rank`: `"(axes) (ranks)"` -> count, as the summary keeps them."""
+    total = 0
+    for key, count in by_rank.items():
+        axes, _, ranks = key.partition(") (")
+        named = dict(zip(axes.strip("()").split(", "), ranks.strip("()").split(", "), strict=False))
+        if all(index == "0" for axis, index in named.items() if axis not in ("tensor", "pipeline")):
+            total += count
+    if total:
+        return total
+    return billions * 1e9 if isinstance(billions, int | float) and billions > 0 else None
 
 
 def node_from_groups(groups: dict[str, Any]) -> str | None:

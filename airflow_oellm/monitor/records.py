@@ -126,6 +126,10 @@ class WatchSummary(TypedDict):
     log_skipped_bytes: int
     nan_intervals: int  # consecutive iteration lines, up to the last, with a NaN or infinite loss
     anomalies: list[dict[str, Any]]  # anomaly events (monitor/anomalies.py): name and groups
+    # the model's size as the log gave it (megatron/logs.logged_parameters): per model-parallel rank, and
+    # Megatron's total in billions
+    parameters_by_rank: dict[str, int]
+    parameters_billions: float | None
 
 
 # An attempt's keys as the submission writes them, then the ones its end adds (in that order).

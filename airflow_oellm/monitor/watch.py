@@ -69,6 +69,8 @@ def empty_summary() -> WatchSummary:
         "log_skipped_bytes": 0,
         "nan_intervals": 0,
         "anomalies": [],
+        "parameters_by_rank": {},
+        "parameters_billions": None,
     }
 
 
@@ -119,6 +121,11 @@ def summarize(summary: WatchSummary, event: Event) -> None:
         )
     elif event.name == "training_done":
         summary["training_done"] = True
+    elif event.name == "parameters":
+        if isinstance(g.get("count"), int) and len(summary.setdefault("parameters_by_rank", {})) < MAX_LISTED:
+            summary["parameters_by_rank"][f"({g.get('axes')}) ({g.get('rank')})"] = g["count"]
+        elif is_finite_number(g.get("billions")):
+            summary["parameters_billions"] = g["billions"]
     elif event.metadata.get("kind") == "anomaly":
         anomalies = summary.setdefault("anomalies", [])
         if len(anomalies) < MAX_ANOMALIES:

@@ -234,3 +234,35 @@ def test_checkpoint_branches_trust_the_tracker_file_not_the_log_line(tmp_path):
     assert checkpoints.ready(run_probe(early), str(early), first) is None
     (early / "latest_checkpointed_iteration.txt").write_text(str(first))
     assert checkpoints.ready(run_probe(early), str(early), first).iteration == first
+
+
+def test_the_models_size_is_read_from_megatrons_parameter_lines():
+    """Lines as Megatron's format strings print them (training.py at core 0.8, 0.12 and 0.15; 0.19's two
+    variants; theoretical_memory_usage.py's total): per model-parallel rank, the sum over tensor and pipeline
+    ranks; another axis's ranks hold the same weights and count once; else the total in billions."""
+    from airflow_oellm.megatron.logs import logged_parameters
+
+    def read(lines: list[str]) -> dict:
+        summary = empty_summary()
+        for event in match_log("\n".join(lines).encode() + b"\n", event_specs()):
+            summarize(summary, event)
+        return summary
+
+    tp_pp = [
+        f" > number of parameters on (tensor, pipeline) model parallel rank ({t}, {p}): {1000 + 10 * t + p}"
+        for t in (0, 1)
+        for p in (0, 1)
+    ]
+    summary = read(["[default0]: " + tp_pp[0], *tp_pp[1:], "Total number of parameters in billions: 0.00"])
+    assert logged_parameters(summary["parameters_by_rank"], summary["parameters_billions"]) == 4000 + 20 + 2
+    core_19 = [
+        f" > number of parameters on (tensor, gtp_weight_remat, pipeline) model parallel rank ({t}, {g}, {0}): {500}"
+        for t in (0, 1)
+        for g in (0, 1)
+    ]
+    other = " > number of parameters on (tensor, gtp_remat, pipeline) model parallel rank (0, 0, 1): 700"
+    summary = read([*core_19, other])
+    assert logged_parameters(summary["parameters_by_rank"], summary["parameters_billions"]) == 500 + 500 + 700
+    only_total = read(["Total number of parameters in billions: 7.24"])
+    assert logged_parameters(only_total["parameters_by_rank"], only_total["parameters_billions"]) == 7.24e9
+    assert logged_parameters({}, None) is None
