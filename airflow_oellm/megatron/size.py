@@ -1,4 +1,5 @@
-"""How big a Megatron checkpoint is, from the training's arguments alone (what `plan` shows before any save).
+"""How big a Megatron model and its checkpoint are, and how many tokens and FLOPs a training spent, from the
+training's arguments alone (what `plan` shows before any save; what the sweep analysis fits).
 
 A GPT with rope or learned positions, SwiGLU or a plain MLP, grouped-query attention and no biases (what the
 presets configure). A checkpoint holds the weights in the training dtype and, unless `no_save_optim`, Adam's
@@ -9,7 +10,7 @@ without it the size is a lower bound (the layers only).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,3 +69,27 @@ def checkpoint_size(args: Mapping[str, Any]) -> CheckpointSize | None:
     if not args.get("no_save_optim"):
         per_parameter += (4 if half else 0) + 8  # fp32 main parameters, Adam's two moments
     return CheckpointSize(parameters * per_parameter, complete)
+
+
+def tokens_trained(args: Mapping[str, Any], iteration: int, skipped: Iterable[int] = ()) -> int | None:
+    """The tokens a training has trained on at `iteration`: its trained iterations (the `skipped` ones consume
+    data but train on none) times `global_batch_size` sequences of `seq_length`. None when the arguments do not
+    say the batch's shape, or the batch size ramps up (`rampup_batch_size`: the log's consumed samples tell)."""
+    batch, sequence = _int(args, "global_batch_size"), _int(args, "seq_length")
+    if batch is None or sequence is None or args.get("rampup_batch_size") or iteration < 0:
+        return None
+    trained = iteration - len({i for i in skipped if 0 < i <= iteration})
+    return trained * batch * sequence
+
+
+def training_flops(args: Mapping[str, Any], tokens: int | float) -> float | None:
+    """The model FLOPs of training on `tokens` (PaLM's count, appendix B): 6 N per token for the weights'
+    forward and backward passes, and 12 L H Q T for attention's scores and values over a T-token sequence
+    (L layers, H heads of dimension Q). None when the arguments do not say the shape. N counts the embeddings
+    only when the vocabulary is known (`parameter_count`)."""
+    counted = parameter_count(args)
+    layers, heads, sequence = _int(args, "num_layers"), _int(args, "num_attention_heads"), _int(args, "seq_length")
+    if counted is None or layers is None or heads is None or sequence is None:
+        return None
+    head_dim = _int(args, "kv_channels") or (_int(args, "hidden_size") or 0) // heads
+    return float(tokens) * (6 * counted[0] + 12 * layers * heads * head_dim * sequence)
