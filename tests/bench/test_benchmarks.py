@@ -46,11 +46,12 @@ def test_dag_parse_benchmark_runs_against_its_baselines():
     ours, factory = result["variants"]["ours"], result["variants"]["dag_factory"]
     # 300 experiment DAGs of 12 tasks, the sweep DAG (run, summary, outcome), oellm_reconcile (one cluster)
     assert ours["300"]["dags"] == 302 and ours["300"]["tasks"] == 300 * 12 + 3 + 1
-    # target <= 5 ms per DAG (measured ~4.7 ms at 1,000 here); 3x headroom for a loaded CI machine
-    assert ours["marginal_ms_per_dag"] < 15.0, result
-    assert ours["marginal_ms_per_dag"] < factory["marginal_ms_per_dag"], result
+    # CPU time, the work whatever the machine's load (CI's busiest minutes pushed the wall time past the bound).
+    # Target <= 5 ms per DAG (measured ~4.7 ms at 1,000 here); 3x headroom
+    assert ours["marginal_cpu_ms_per_dag"] < 15.0, result
+    assert ours["marginal_cpu_ms_per_dag"] < factory["marginal_cpu_ms_per_dag"], result
     # target < 0.3 s for a worker building the one DAG it runs (measured ~0.25 s out of 1,000)
-    assert result["worker_one_dag_seconds"] < 1.0, result
+    assert result["worker_one_dag_cpu_seconds"] < 1.0, result
 
 
 @pytest.mark.convert
