@@ -129,13 +129,35 @@ class Airflow:
         self.token = ""
 
     def http(self, method: str, path: str, body: Any = None) -> Any:
+        """One request; a read is asked again when the answer timed out (SQLite busy on a loaded machine)."""
         headers = {"Content-Type": "application/json"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(f"{self.url}{path}", data=data, method=method, headers=headers)
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return json.loads(response.read() or b"{}")
+        for attempt in itertools.count(1):
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    return json.loads(response.read() or b"{}")
+            except TimeoutError:
+                if method != "GET" or attempt == 3:
+                    raise
+
+    def trigger(self, dag_id: str) -> str:
+        """A new run of `dag_id`. Its id is chosen here: a request asked again after a timed-out answer finds
+        the run the first one made (409) instead of making a second."""
+        run_id = f"manual__demo_{time.strftime('%Y%m%dT%H%M%S')}"
+        body = {"logical_date": None, "dag_run_id": run_id, "conf": {}}
+        for attempt in itertools.count(1):
+            try:
+                return self.api("POST", f"/dags/{dag_id}/dagRuns", body)["dag_run_id"]
+            except urllib.error.HTTPError as exc:
+                if exc.code == 409:  # made by a request whose answer timed out
+                    return run_id
+                raise
+            except TimeoutError:
+                if attempt == 3:
+                    raise
 
     def api(self, method: str, path: str, body: Any = None) -> Any:
         return self.http(method, f"/api/v2{path}", body)
@@ -312,7 +334,7 @@ def main() -> int:
     airflow.wait_healthy()
     airflow.login("admin", password)
     wait_for_dag(airflow, SWEEP_DAG)
-    sweep_run = airflow.api("POST", f"/dags/{SWEEP_DAG}/dagRuns", {"logical_date": None, "conf": {}})["dag_run_id"]
+    sweep_run = airflow.trigger(SWEEP_DAG)
     say(
         f"== triggered {SWEEP_DAG} ({sweep_run}): 4 experiments, a cooldown each, conversion + evaluation of "
         f"every checkpoint; outputs in {outputs_root}"
