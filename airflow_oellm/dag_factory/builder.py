@@ -247,7 +247,7 @@ def experiment_dag(sweep: Sweep, exp: Experiment, config_dirs: list[str] | None 
         if cfg.cooldowns:
             plan = CooldownPlanOperator(task_id=COOLDOWN_PLAN_TASK, cooldowns=prepare.output[COOLDOWNS_KEY])
             ends.append(cooldown_group(config, kw, cfg.conversion.enabled).expand_kwargs(plan.output))
-        ends >> ExperimentReportOperator(task_id=REPORT_TASK, **kw.cluster)
+        ends >> ExperimentReportOperator(task_id=REPORT_TASK, sweep=sweep.name, **kw.cluster)
         outcome = RunOutcomeOperator(task_id=OUTCOME_TASK)
         outcome.set_upstream([t for t in dag.tasks if t is not outcome])
     # Airflow deep-copies a DAG's params into each task it creates (half the build time, measured);

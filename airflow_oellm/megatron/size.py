@@ -82,14 +82,15 @@ def tokens_trained(args: Mapping[str, Any], iteration: int, skipped: Iterable[in
     return trained * batch * sequence
 
 
-def training_flops(args: Mapping[str, Any], tokens: int | float) -> float | None:
+def training_flops(args: Mapping[str, Any], tokens: int | float, parameters: float | None = None) -> float | None:
     """The model FLOPs of training on `tokens` (PaLM's count, appendix B): 6 N per token for the weights'
     forward and backward passes, and 12 L H Q T for attention's scores and values over a T-token sequence
-    (L layers, H heads of dimension Q). None when the arguments do not say the shape. N counts the embeddings
-    only when the vocabulary is known (`parameter_count`)."""
+    (L layers, H heads of dimension Q). None when the arguments do not say the shape. N is `parameters` when
+    given (the log's count), else `parameter_count`'s (with the embeddings only when the vocabulary is known)."""
     counted = parameter_count(args)
     layers, heads, sequence = _int(args, "num_layers"), _int(args, "num_attention_heads"), _int(args, "seq_length")
     if counted is None or layers is None or heads is None or sequence is None:
         return None
     head_dim = _int(args, "kv_channels") or (_int(args, "hidden_size") or 0) // heads
-    return float(tokens) * (6 * counted[0] + 12 * layers * heads * head_dim * sequence)
+    weights = counted[0] if parameters is None else parameters
+    return float(tokens) * (6 * weights + 12 * layers * heads * head_dim * sequence)

@@ -17,8 +17,9 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
+from airflow_oellm.analysis.sweep import SETTINGS, TrainingScale, comparable_source
 from airflow_oellm.config.budget import PLANNED_RECORD
-from airflow_oellm.config.milestones import eval_file, retention_branches, typed
+from airflow_oellm.config.milestones import eval_file, plan_runs, retention_branches, typed
 from airflow_oellm.config.naming import (
     CHECKPOINT_GROUP,
     CONFIG_KEY,
@@ -49,7 +50,12 @@ def run_rows(
     result: Mapping[str, Any] | None,
     evaluations: Sequence[Mapping[str, Any]],
     metrics: Mapping[tuple[int, str], Mapping[str, Any]],
+    scale: TrainingScale | None = None,
+    cooldown: bool = False,
 ) -> list[dict[str, Any]]:
+    """A row per checkpoint of one run (the training or a cooldown): its losses and metrics, its GPU-hours and
+    attempts and, given the run's `scale`, its parameters, tokens and FLOPs and whether its loss is comparable
+    across the sweep's runs (analysis/sweep.comparable_source)."""
     summary = _unrewound_summary(result)
     history = AttemptHistory.of_result(result)
     attempts = history.attempts
@@ -67,6 +73,9 @@ def run_rows(
             "train_loss": loss_at(curve, iteration),
             "validation_loss": validation.get(iteration),
         }
+        if scale is not None:
+            row.update(scale.at(iteration, history.skipped_iterations()))
+            row["comparable"] = comparable_source(scale.args, iteration, cooldown)
         for entry in evaluations:
             if entry["iteration"] != iteration:
                 continue
@@ -160,11 +169,13 @@ class ExperimentReportOperator(BaseOperator):
         side_job_task_ids: Sequence[str] = (CONVERT_TASK, EVALUATE_TASK),
         ssh_conn_id: str | None = DEFAULT_SSH_CONN_ID,
         cluster: ClusterTarget | None = None,
+        sweep: str | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("trigger_rule", "all_done")  # report what there is, also after a failure
         cluster = task_cluster(ssh_conn_id, cluster, kwargs)
         super().__init__(**kwargs)
+        self.sweep = sweep  # the sweep the experiment belongs to: `analyze` groups reports by it
         self.prepare_task_id = prepare_task_id
         self.train_task_id = train_task_id
         self.cooldown_task_id = cooldown_task_id
@@ -196,12 +207,14 @@ class ExperimentReportOperator(BaseOperator):
             (name, out, e["iteration"], suite) for name, out, _, evs in runs for e in evs for suite in e["suites"]
         ]
         metrics = self._read_metrics(wanted)
+        scales = self._scales(config, cooldowns, [result for _, _, result, _ in runs])
         rows = []
-        for name, _out, result, evals in runs:
-            rows += run_rows(name, result, evals, metrics.get(name, {}))
+        for index, (name, _out, result, evals) in enumerate(runs):
+            rows += run_rows(name, result, evals, metrics.get(name, {}), scales[index], cooldown=index > 0)
         columns = ["run", "iteration", "train_loss", "validation_loss"]
-        metric_columns = sorted({k for r in rows for k in r} - {*columns, "gpu_hours", "attempts"})
-        columns += [*metric_columns, "gpu_hours", "attempts"]
+        last = ["parameters", "tokens", "flops", "comparable", "gpu_hours", "attempts"]
+        metric_columns = sorted({k for r in rows for k in r} - {*columns, *last})
+        columns += [*metric_columns, *[c for c in last if any(c in r for r in rows)]]
         curves = {name: run_curve(result) for name, _, result, _ in runs}
         first_metric = next((c for c in columns if "." in c), None)
         evals_plot = {}
@@ -217,8 +230,12 @@ class ExperimentReportOperator(BaseOperator):
             }
         )
         planned = ti.xcom_pull(task_ids=self.prepare_task_id, key=PLANNED_RECORD)
+        args = config.get("backend", {}).get("args") or {}
         report = {
             "experiment": exp["name"],
+            "sweep": self.sweep,
+            "settings": {k: args[k] for k in SETTINGS if k in args},
+            "parameters": self._parameters_note(scales[0]),
             "columns": columns,
             "rows": rows,
             "gpu_hours": {"planned": planned, "used": used},
@@ -229,6 +246,38 @@ class ExperimentReportOperator(BaseOperator):
         self.log.info("report of %s:\n%s", exp["name"], text)
         self._retain(config, cooldowns)
         return report
+
+    def _scales(
+        self, config: dict[str, Any], cooldowns: Sequence[Mapping[str, Any]], results: Sequence[Any]
+    ) -> list[TrainingScale | None]:
+        """Each run's scale (N, and D and C by iteration): the training's, then each cooldown's, which counts
+        its tokens on from its parent's at the checkpoint it starts from. None for all but Megatron."""
+        if config.get("backend", {}).get("name") != "megatron":
+            return [None] * len(results)
+        planned = plan_runs(config)
+        training = TrainingScale.of(planned.config.backend.args, (results[0] or {}).get("summary"))
+        skipped = AttemptHistory.of_result(results[0]).skipped_iterations()
+        scales: list[TrainingScale | None] = [training]
+        for cooldown, child, result in zip(cooldowns, planned.cooldowns, results[1:], strict=True):
+            start = training.tokens(cooldown["at"], skipped)
+            summary = (result or {}).get("summary") or (results[0] or {}).get("summary")  # the same model
+            scales.append(
+                TrainingScale.of(child.backend.args, summary, None if start is None else (cooldown["at"], start))
+            )
+        return scales
+
+    def _parameters_note(self, scale: TrainingScale | None) -> dict[str, Any] | None:
+        """The training's N, where it comes from, and the arguments' count it was checked against."""
+        if scale is None:
+            return None
+        if scale.mismatch:
+            self.log.warning("the model's parameters: %s", scale.mismatch)
+        return {
+            "count": scale.parameters,
+            "from": scale.parameters_from,
+            "arguments": scale.parameters_computed,
+            "mismatch": scale.mismatch,
+        }
 
     def _retain(self, config: dict[str, Any], cooldowns: Sequence[Mapping[str, Any]]) -> None:
         """The run's last checkpoint retention pass: the watch deletes after each save, but branches that

@@ -113,9 +113,22 @@ def test_experiment_dag_runs_every_branch(backend, run_dag):
     assert rows[(exp.name, 20)]["quick.perplexity"] > 0 and rows[(exp.name, 20)]["final_bench.perplexity"] > 0
     assert rows[(exp.name, 20)]["train_loss"] < rows[(exp.name, 10)]["train_loss"]
     assert rows[(exp.name, 10)]["validation_loss"] is not None
+    # what the sweep analysis reads: N (the stand-in logs no count: the arguments', without embeddings), the
+    # tokens of the trained iterations (the cooldown's continue its parent's at 10), the FLOPs, and which
+    # losses are comparable: the training's last (its schedule decays) and the cooldown's last
+    config = xcom(dr, "prepare", key="config")
+    args = config["backend"]["args"]
+    batch_tokens = args["global_batch_size"] * args["seq_length"]
+    cooled_row = rows[(f"{exp.name}_cooldown_10", 25)]
+    assert report["sweep"] == sweep.name and report["settings"] == {"lr": args["lr"], "global_batch_size": 256}
+    assert report["parameters"]["from"] == "arguments without embeddings" and report["parameters"]["count"] > 1e7
+    assert [rows[(exp.name, i)]["tokens"] for i in (10, 20)] == [10 * batch_tokens, 20 * batch_tokens]
+    assert cooled_row["tokens"] == 25 * batch_tokens
+    assert 6 * report["parameters"]["count"] * cooled_row["tokens"] < cooled_row["flops"]
+    assert [rows[(exp.name, i)]["comparable"] for i in (10, 20)] == [None, "final"]
+    assert cooled_row["comparable"] == "cooldown"
     # planned vs used GPU-hours: the plan prepare recorded, and SLURM's start-to-end of every job's attempts
     # (the dev cluster has no GPUs: both are 0, but every attempt was timed from sacct)
-    config = xcom(dr, "prepare", key="config")
     assert report["gpu_hours"]["planned"] == planned_gpu_hours(config).as_record()
     assert set(report["gpu_hours"]["used"]) == {"training", "cooldowns", "side_jobs", "total"}
     attempts = xcom(dr, "train")["attempts"] + xcom(dr, "cooldown.train", map_index=0)["attempts"]

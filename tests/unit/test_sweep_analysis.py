@@ -8,7 +8,17 @@ import math
 import numpy as np
 import pytest
 
-from airflow_oellm.analysis.sweep import COOLDOWN, FINAL, Measurement, analyse, comparable
+from airflow_oellm.analysis.sweep import (
+    COOLDOWN,
+    FINAL,
+    Measurement,
+    TrainingScale,
+    analyse,
+    comparable,
+    comparable_source,
+    report_measurements,
+)
+from airflow_oellm.megatron.size import parameter_count
 from tests.unit.test_scaling import SIZES, TOKENS, true_loss
 
 pytestmark = [pytest.mark.unit, pytest.mark.analysis]
@@ -69,3 +79,89 @@ def test_two_sizes_give_no_law_and_say_why_but_the_rest_is_computed():
     assert "3 or more distinct x; there are 2" in result["best_lr_law"]["why_not"]
     assert all("value" in row for row in result["best"]["lr"].values())
     assert analyse([])["frontier"] == {"why_not": "no run has a loss yet"}
+
+
+TINY = {  # config/model/tiny.yaml with the megatron backend's defaults, as the report reads them
+    "num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 176, "num_attention_heads": 4, "num_query_groups": 2,
+    "group_query_attention": True, "swiglu": True, "position_embedding_type": "rope",
+    "untie_embeddings_and_output_weights": True, "seq_length": 64, "global_batch_size": 8, "train_iters": 200,
+    "lr_decay_style": "WSD",
+}  # fmt: skip
+
+
+def test_the_logs_parameter_count_is_used_and_checked_against_the_arguments():
+    layers = parameter_count(TINY)[0]  # no vocabulary in the arguments: the layers only
+    embeddings = 2 * 384 * 64  # the tiny trainer's untied input and output embeddings
+    logged = TrainingScale.of(TINY, {"parameters_billions": round((layers + embeddings) / 1e9, 6)})
+    # the tiny trainer prints 6 decimals of billions: the count is exact to 500
+    assert logged.parameters == pytest.approx(layers + embeddings, abs=500)
+    assert (logged.parameters_from, logged.mismatch) == ("log", None)
+    # Megatron's exact per-rank counts are summed over tensor and pipeline ranks
+    ranks = {"(tensor, pipeline) (0, 0)": 40_000, "(tensor, pipeline) (1, 0)": 40_000}
+    assert TrainingScale.of(TINY, {"parameters_by_rank": ranks}).parameters == 80_000
+    # fewer parameters in the log than the arguments' layers: said, and the log's count still used
+    small = TrainingScale.of(TINY, {"parameters_billions": 0.00001})
+    assert small.parameters == 10_000 and "fewer than the arguments' layers" in small.mismatch
+    # with the vocabulary known, the two must agree within rounding
+    known = {**TINY, "padded_vocab_size": 384}
+    assert TrainingScale.of(known, {"parameters_billions": round((layers + embeddings) / 1e9, 6)}).mismatch is None
+    assert "the arguments" in TrainingScale.of(known, {"parameters_billions": 0.0002}).mismatch
+    # Megatron's 2 decimals: its total is read as +- 5 million
+    big = {**known, "num_layers": 24, "hidden_size": 2048, "ffn_hidden_size": 5632, "num_attention_heads": 16}
+    count = parameter_count(big)[0]
+    assert TrainingScale.of(big, {"parameters_billions": round(count / 1e9, 2)}).mismatch is None
+    assert TrainingScale.of(big, {"parameters_billions": round(count / 1e9, 2) + 0.02}).mismatch
+    without_log = TrainingScale.of(TINY, {})
+    assert (without_log.parameters, without_log.parameters_from) == (layers, "arguments without embeddings")
+    assert TrainingScale.of({"hidden_size": 64}, None).parameters is None
+
+
+def test_tokens_and_flops_count_trained_iterations_and_a_cooldown_continues_its_parent():
+    training = TrainingScale.of(TINY, {"parameters_billions": 0.0001})
+    assert training.tokens(100) == 100 * 8 * 64
+    assert training.tokens(100, skipped=[10, 11, 150]) == 98 * 8 * 64
+    at = training.at(100)
+    assert at["parameters"] == 100_000 and 6 * 100_000 * at["tokens"] < at["flops"] < 7 * 100_000 * at["tokens"]
+    # a cooldown from 100 with twice the batch: its parent's tokens at 100, then its own batches
+    cooldown = TrainingScale.of({**TINY, "global_batch_size": 16}, {}, start=(100, training.tokens(100, [10])))
+    assert cooldown.tokens(150, skipped=[10, 120]) == 99 * 8 * 64 + 49 * 16 * 64
+    assert TrainingScale.of({**TINY, "rampup_batch_size": [4, 4, 100]}, {}).at(10)["tokens"] is None
+
+
+def test_only_a_decayed_end_is_comparable():
+    assert comparable_source(TINY, 200, cooldown=False) == FINAL
+    assert comparable_source({k: v for k, v in TINY.items() if k != "lr_decay_style"}, 200, False) == FINAL
+    assert comparable_source({**TINY, "lr_decay_style": "constant"}, 200, cooldown=False) is None
+    assert comparable_source(TINY, 100, cooldown=False) is None
+    assert comparable_source({**TINY, "lr_decay_style": "constant"}, 200, cooldown=True) == COOLDOWN
+    assert comparable_source({}, 200, cooldown=True) is None
+
+
+def report(experiment: str, lr: float, rows: list[dict]) -> dict:
+    return {"experiment": experiment, "settings": {"lr": lr, "global_batch_size": 8}, "rows": rows}
+
+
+def row(run: str, iteration: int, loss: float, validation: float | None, comparable: str | None) -> dict:
+    n, d = 1e5, iteration * 512.0
+    return {"run": run, "iteration": iteration, "train_loss": loss, "validation_loss": validation,
+            "parameters": n, "tokens": d, "flops": 6 * n * d, "comparable": comparable}  # fmt: skip
+
+
+def test_reports_give_measurements_of_one_loss_for_all():
+    reports = [
+        report("a", 1e-3, [row("a", 100, 3.0, 3.1, None), row("a_cooldown_100", 200, 2.0, 2.1, COOLDOWN)]),
+        report("b", 3e-3, [row("b", 100, 2.9, 3.0, None), row("b", 200, 2.4, 2.5, FINAL)]),
+    ]
+    measurements, loss = report_measurements(reports)
+    assert loss == "validation_loss"
+    assert [(m.experiment, m.tokens, m.loss, m.source) for m in measurements] == [
+        ("a", 51200.0, 3.1, None), ("a", 102400.0, 2.1, COOLDOWN), ("b", 51200.0, 3.0, None),
+        ("b", 102400.0, 2.5, FINAL),
+    ]  # fmt: skip
+    assert measurements[1].settings == {"lr": 1e-3, "global_batch_size": 8}
+    # a comparable row without a validation loss: every measurement uses the train loss
+    reports[1]["rows"][1]["validation_loss"] = None
+    measurements, loss = report_measurements(reports)
+    assert loss == "train_loss" and [m.loss for m in measurements] == [3.0, 2.0, 2.9, 2.4]
+    result = analyse(measurements, bootstrap=5, experiments=["a", "b", "c"])
+    assert result["left_out"] == {"c": "no checkpoint of it has been measured yet"}
