@@ -1,4 +1,5 @@
-"""The `airflow-oellm` command: validate, plan, render, detect-platform, schema, events, convert, evaluate.
+"""The `airflow-oellm` command: validate, plan, render, detect-platform, schema, events, analyze, convert,
+evaluate.
 
 Arguments that look like overrides (`key=value`, `+key=value`, `~key`) apply to every sweep
 the command reads. Invalid input exits with status 1 and one line per problem on stderr:
@@ -394,6 +395,51 @@ def cmd_events(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from airflow_oellm.analysis.render import markdown, plots
+    from airflow_oellm.analysis.sweep import analyse_reports
+    from airflow_oellm.config.naming import ANALYSIS_DIR, REPORT_DIR
+
+    root = Path(args.sweep_output_dir)
+    if not root.is_dir():
+        print(f"error: {root}: not a directory", file=sys.stderr)
+        return 1
+    sweeps: dict[str, list[dict[str, Any]]] = {}
+    for path in sorted(root.rglob(f"{REPORT_DIR}/report.json")):
+        if ANALYSIS_DIR in path.relative_to(root).parts:
+            continue
+        try:
+            report = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            print(f"warning: {path}: not read ({exc})", file=sys.stderr)
+            continue
+        if not isinstance(report, dict) or not isinstance(report.get("rows"), list):
+            print(f"warning: {path}: not an experiment report (no rows)", file=sys.stderr)
+            continue
+        sweep = report.get("sweep") if isinstance(report.get("sweep"), str) else None
+        sweeps.setdefault(sweep or root.resolve().name, []).append(report)
+    if not sweeps:
+        print(f"error: no experiment report (*/{REPORT_DIR}/report.json) under {root}", file=sys.stderr)
+        return 1
+    results = {}
+    for sweep, reports in sorted(sweeps.items()):
+        analysis = analyse_reports(reports, bootstrap=args.bootstrap)
+        out = Path(args.output) / sweep if args.output else root / ANALYSIS_DIR / sweep
+        out.mkdir(parents=True, exist_ok=True)
+        text = markdown(analysis, sweep)
+        (out / "analysis.json").write_text(json.dumps(analysis, indent=2) + "\n")
+        (out / "analysis.md").write_text(text)
+        for name, data in plots(analysis, sweep).items():
+            (out / name).write_bytes(data)
+        results[sweep] = analysis
+        if not args.json:
+            print(text)
+            print(f"written to {out}/")
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from airflow_oellm.config.reference import schema_markdown
 
@@ -564,6 +610,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per event: name, groups, line_no, ...")
     p.add_argument("--no-builtins", action="store_true", help="only the configured events")
     p.set_defaults(func=cmd_events)
+
+    p = sub.add_parser(
+        "analyze",
+        help="analyse a sweep's results: best settings per size, scaling-law fit, loss-vs-compute frontier",
+        description="Read every experiment report (*/report/report.json) under a sweep's output directory, "
+        "including one copied from a cluster, and analyse each sweep found: the best learning rate and batch size "
+        "per model size, L(N, D) = E + A/N^alpha + B/D^beta with bootstrap intervals, the loss-vs-compute frontier, "
+        "the best learning rate against N and compute-optimal predictions; each part is computed or says why not. "
+        "Writes analysis.json, analysis.md and plots (PNG, SVG) to SWEEP_OUTPUT_DIR/_analysis/<sweep>/.",
+    )
+    p.add_argument("sweep_output_dir", metavar="SWEEP_OUTPUT_DIR", help="the sweep's project.base_output_dir")
+    p.add_argument("--output", "-o", metavar="DIR", help="write DIR/<sweep>/ instead")
+    p.add_argument("--bootstrap", type=int, default=200, metavar="N", help="bootstrap fits for the intervals")
+    p.add_argument("--json", action="store_true", help="print {sweep: analysis} as JSON instead of Markdown")
+    p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser(
         "convert",

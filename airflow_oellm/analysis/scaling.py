@@ -92,6 +92,7 @@ class LossLaw:
             "tokens": d.item(),
             "tokens_interval": _interval(ds),
             "loss": self.loss(n.item(), d.item()),
+            "loss_interval": self.loss_interval(n.item(), d.item()),
         }
 
     def to_dict(self) -> dict[str, Any]:

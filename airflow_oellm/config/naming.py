@@ -100,6 +100,12 @@ LOGS_DIR = "logs"
 SCRIPTS_DIR = "scripts"
 PROVENANCE_DIR = "provenance"
 REPORT_DIR = "report"
+# a sweep's analysis: <base_output_dir>/_analysis/<sweep>/ (no experiment's name starts with '_')
+ANALYSIS_DIR = "_analysis"
+
+
+def analysis_dir(base_output_dir: str, sweep: str) -> str:
+    return f"{base_output_dir}/{ANALYSIS_DIR}/{sweep}"
 
 
 def log_file(name: str) -> str:
@@ -219,6 +225,7 @@ COOLDOWN_EVALUATE_TASK = in_group(COOLDOWN_GROUP, EVALUATE_TASK)
 # Task ids of a sweep DAG: a mapped trigger task per part of the sweep, then the summary.
 RUN_TASK = "run"
 SUMMARY_TASK = "summary"
+ANALYSIS_TASK = "analysis"
 
 
 def run_part_task(part: int, parts: int) -> str:

@@ -30,6 +30,7 @@ from airflow.sdk.definitions.param import ParamsDict
 from airflow_oellm.config import Experiment, Sweep
 from airflow_oellm.config.milestones import CONVERT, COOLDOWN, EVALUATE, SIDE_JOB_ATTEMPTS
 from airflow_oellm.config.naming import (
+    ANALYSIS_TASK,
     CHECKPOINT_GROUP,
     CONFIG_KEY,
     CONVERT_TASK,
@@ -47,6 +48,7 @@ from airflow_oellm.config.naming import (
     SWEEP_DAG_TAG,
     TRAIN_TASK,
     WAIT_TASK,
+    analysis_dir,
     model_tag,
     platform_tag,
     run_part_task,
@@ -54,6 +56,7 @@ from airflow_oellm.config.naming import (
     sweep_tag,
 )
 from airflow_oellm.config.schema import RootConfig
+from airflow_oellm.operators.analysis import SweepAnalysisOperator
 from airflow_oellm.operators.prepare import (
     OVERRIDES_PARAM,
     CooldownPlanOperator,
@@ -289,13 +292,25 @@ def sweep_dag(sweep: Sweep) -> DAG:
             ).expand(trigger_dag_id=part)
             for n, part in enumerate(parts, start=1)
         ]
-        summary = SweepSummaryOperator(
-            task_id=SUMMARY_TASK,
-            experiments={e.dag_id: e.name for e in sweep.experiments},
-            trigger_task_id=[r.task_id for r in runs],
-            part_size=size,
-        )
-        [*runs, summary] >> RunOutcomeOperator(task_id=OUTCOME_TASK)
+        reports = {
+            "experiments": {e.dag_id: e.name for e in sweep.experiments},
+            "trigger_task_id": [r.task_id for r in runs],
+            "part_size": size,
+        }
+        summary = SweepSummaryOperator(task_id=SUMMARY_TASK, **reports)
+        ends = [*runs, summary]
+        if first:
+            ends.append(
+                SweepAnalysisOperator(
+                    task_id=ANALYSIS_TASK,
+                    sweep=sweep.name,
+                    output_dir=analysis_dir(first.project.base_output_dir, sweep.name),
+                    cluster=platform_target(first),
+                    **reports,
+                )
+            )
+            summary >> ends[-1]
+        ends >> RunOutcomeOperator(task_id=OUTCOME_TASK)
         runs >> summary
     return dag
 

@@ -17,7 +17,7 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from airflow_oellm.analysis.sweep import SETTINGS, TrainingScale, comparable_source
+from airflow_oellm.analysis.measurements import SETTINGS, TrainingScale, comparable_source
 from airflow_oellm.config.budget import PLANNED_RECORD
 from airflow_oellm.config.milestones import eval_file, plan_runs, retention_branches, typed
 from airflow_oellm.config.naming import (
@@ -361,9 +361,8 @@ def summary_row(experiment: str, state: str | None, report: Mapping[str, Any] | 
     return {"experiment": experiment, "state": state, **{k: v for k, v in last.items() if k != "run"}}
 
 
-class SweepSummaryOperator(BaseOperator):
-    """The sweep DAG's summary: one row per experiment (state, last checkpoint's losses and metrics,
-    GPU-hours, attempts), from the runs its trigger task started; logged as Markdown and returned."""
+class SweepReportsOperator(BaseOperator):
+    """A sweep DAG task over its experiments' reports: of the runs its trigger tasks started."""
 
     ui_color = "#fdf6e3"
 
@@ -384,18 +383,27 @@ class SweepSummaryOperator(BaseOperator):
         self.part_size = part_size or max(len(self.experiments), 1)
         self.report_task_id = report_task_id
 
-    def execute(self, context: Any) -> dict[str, Any]:
-        ti = context["ti"]
-        rows = []
+    def reports(self, ti: Any) -> list[tuple[str, str, Mapping[str, Any] | None]]:
+        """Each experiment's name, its run's state ("not started" without one) and its report, if any."""
+        found = []
         for index, (dag_id, name) in enumerate(self.experiments.items()):
             task_id, map_index = self.trigger_task_ids[index // self.part_size], index % self.part_size
             run_id = ti.xcom_pull(task_ids=task_id, map_indexes=map_index, key="trigger_run_id")
             if not run_id:
-                rows.append(summary_row(name, "not started", None))
+                found.append((name, "not started", None))
                 continue
             report = ti.xcom_pull(dag_id=dag_id, task_ids=self.report_task_id, run_id=run_id)
             state = ti.get_dagrun_state(dag_id, run_id)
-            rows.append(summary_row(name, str(getattr(state, "value", state)), report))
+            found.append((name, str(getattr(state, "value", state)), report))
+        return found
+
+
+class SweepSummaryOperator(SweepReportsOperator):
+    """The sweep DAG's summary: one row per experiment (state, last checkpoint's losses and metrics,
+    GPU-hours, attempts), from the runs its trigger task started; logged as Markdown and returned."""
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        rows = [summary_row(name, state, report) for name, state, report in self.reports(context["ti"])]
         columns = ["experiment", "state", "iteration", "train_loss", "validation_loss"]
         columns += sorted({k for r in rows for k in r} - {*columns, "gpu_hours", "attempts"})
         columns += ["gpu_hours", "attempts"]

@@ -118,11 +118,16 @@ def test_every_task_the_report_and_dashboard_read_is_built(project_dags):
 def test_sweep_dag_runs_and_summarises_its_experiments(project_dags):
     sweep = load_sweep(REPO / "config" / "sweeps" / "scaling_study.yaml")
     dag = project_dags[f"oellm__{sweep.name}"]
-    assert set(dag.task_ids) == {"run", "summary", "outcome"}
+    assert set(dag.task_ids) == {"run", "summary", "analysis", "outcome"}
     run = dag.get_task("run")
     assert run.expand_input.value["trigger_dag_id"] == [e.dag_id for e in sweep.experiments]
     assert dag.get_task("summary").experiments == {e.dag_id: e.name for e in sweep.experiments}
-    assert dag.get_task("outcome").upstream_task_ids == {"run", "summary"}
+    # the analysis reads the same reports, after the summary, and writes beside the experiments' outputs
+    analysis = dag.get_task("analysis")
+    assert analysis.experiments == dag.get_task("summary").experiments and analysis.upstream_task_ids == {"summary"}
+    base = sweep.experiments[0].config.project.base_output_dir
+    assert (analysis.sweep, analysis.output_dir) == (sweep.name, f"{base}/_analysis/{sweep.name}")
+    assert dag.get_task("outcome").upstream_task_ids == {"run", "summary", "analysis"}
 
 
 @pytest.mark.faults
@@ -142,7 +147,7 @@ def test_a_sweep_larger_than_max_map_length_runs_from_several_trigger_tasks(writ
     ids = [e.dag_id for e in sweep.experiments]
     parts = [dag.get_task(f"run_{n}").expand_input.value["trigger_dag_id"] for n in (1, 2, 3)]
     assert parts == [ids[:10], ids[10:20], ids[20:]] and "run" not in dag.task_ids
-    assert dag.get_task("outcome").upstream_task_ids == {"run_1", "run_2", "run_3", "summary"}
+    assert dag.get_task("outcome").upstream_task_ids == {"run_1", "run_2", "run_3", "summary", "analysis"}
     summary = dag.get_task("summary")
     assert summary.upstream_task_ids == {"run_1", "run_2", "run_3"}
 

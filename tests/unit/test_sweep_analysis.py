@@ -8,16 +8,15 @@ import math
 import numpy as np
 import pytest
 
-from airflow_oellm.analysis.sweep import (
+from airflow_oellm.analysis.measurements import (
     COOLDOWN,
     FINAL,
     Measurement,
     TrainingScale,
-    analyse,
-    comparable,
     comparable_source,
     report_measurements,
 )
+from airflow_oellm.analysis.sweep import analyse, comparable
 from airflow_oellm.megatron.size import parameter_count
 from tests.unit.test_scaling import SIZES, TOKENS, true_loss
 
