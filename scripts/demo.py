@@ -1,6 +1,6 @@
 """The one-command demo (`make demo`, via scripts/demo.sh): a real Airflow runs the example sweep
 (examples/demo/demo.yaml) on the dev SLURM cluster or, without root, as local processes; this script
-starts Airflow, triggers the sweep, shows progress and ends with the report.
+starts Airflow, triggers the sweep, shows progress and ends with the report and the sweep's analysis.
 
 Airflow keeps running afterwards for the UI; `make demo-stop` stops it.
     OELLM_DEMO_DIR    state (Airflow home, logs, local runs; default .demo/)
@@ -27,7 +27,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from airflow_oellm.config.naming import RUN_TASK, TRAIN_TASK, experiment_name, sweep_dag_id
+from airflow_oellm.config.naming import RUN_TASK, TRAIN_TASK, analysis_dir, experiment_name, sweep_dag_id
 from airflow_oellm.slurm.identity import task_status_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -275,6 +275,27 @@ def check_report(name: str, report: dict[str, Any]) -> list[str]:
     return problems
 
 
+def check_analysis(analysis: dict[str, Any], reports: list[dict[str, Any]]) -> list[str]:
+    """The analysis agrees with the reports it was made from: each size's best learning rate is the one whose
+    cooldown ended lowest, and with two sizes there is no law, and it says why."""
+    ended: dict[float, dict[float, float]] = {}
+    for report in reports:
+        for row in report["rows"]:
+            if row.get("comparable") == "cooldown" and row.get("validation_loss") is not None:
+                ended.setdefault(row["parameters"], {})[report["settings"]["lr"]] = row["validation_loss"]
+    problems = []
+    best = analysis.get("best", {}).get("lr", {})
+    for size, losses in sorted(ended.items()):
+        want, got = min(losses, key=losses.__getitem__), best.get(f"{size:.4g}", {}).get("value")
+        if got != want:
+            problems.append(f"analysis: best lr of N={size:.4g} is {got}, the cooldowns show {want} ({losses})")
+    if len(ended) != 2:
+        problems.append(f"analysis: {len(ended)} model sizes have cooldown losses, the demo has 2")
+    if "3 model sizes" not in analysis.get("loss_law", {}).get("why_not", ""):
+        problems.append(f"analysis: the law over 2 sizes is not refused: {analysis.get('loss_law')}")
+    return problems
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batch-system", choices=["slurm", "local-process"])
@@ -359,7 +380,7 @@ def main() -> int:
     else:
         say(f"the sweep did not finish in {args.timeout:.0f} s")
 
-    problems = []
+    problems, reports = [], []
     say("\n== report (per experiment: training and cooldown runs at each checkpoint)")
     for directory in sorted(p for p in outputs_root.iterdir() if (p / "report" / "report.json").exists()):
         report = json.loads((directory / "report" / "report.json").read_text())
@@ -367,12 +388,24 @@ def main() -> int:
         say((directory / "report" / "report.md").read_text())
         say(f"plot: {directory / 'report' / 'loss.png'}")
         problems += check_report(directory.name, report)
+        reports.append(report)
+    analysis = Path(analysis_dir(str(outputs_root), SWEEP))
+    say(f"\n== analysis (the sweep DAG's analysis task; offline: airflow-oellm analyze {outputs_root})\n")
+    if (analysis / "analysis.json").exists():
+        say((analysis / "analysis.md").read_text())
+        say(f"plots: {analysis}/*.png, *.svg")
+        problems += check_analysis(json.loads((analysis / "analysis.json").read_text()), reports)
+    else:
+        problems.append(f"analysis: no {analysis}/analysis.json")
     elapsed = time.monotonic() - clock
     say(f"\n== sweep {state} in {int(elapsed // 60)} min {int(elapsed % 60)} s (from the start of `make demo`)")
     for problem in problems:
         say(f"CHECK FAILED: {problem}")
     if not problems and state == "success":
-        say("checks: losses fall across checkpoints in every experiment; every cooldown ends below its parent")
+        say(
+            "checks: losses fall across checkpoints in every experiment; every cooldown ends below its parent; "
+            "the analysis's best learning rate per size is the cooldowns' best"
+        )
     say(f"\nAirflow UI: {env['AIRFLOW__API__BASE_URL']}  (user admin, password {password})")
     say(f"sweep dashboard: {env['AIRFLOW__API__BASE_URL']}/oellm/sweeps/{SWEEP}")
     say(f"logs: {HOME}/*.log   stop it with: make demo-stop")

@@ -33,7 +33,8 @@ def run_demo(batch_system: str, state_dir) -> str:
 def assert_demo_report(out: str) -> None:
     """The demo's own verdict, and the same facts read independently from the reports it points to."""
     assert "== sweep success" in out
-    assert "checks: losses fall across checkpoints in every experiment; every cooldown ends below its parent" in out
+    assert "checks: losses fall across checkpoints in every experiment; every cooldown ends below its parent; " in out
+    assert "the analysis's best learning rate per size is the cooldowns' best" in out
     assert "Airflow UI: http://127.0.0.1:" in out and "(user admin, password " in out
     assert "sweep dashboard: http://127.0.0.1:" in out and "/oellm/sweeps/demo" in out
     plots = [Path(line.split(": ", 1)[1]) for line in out.splitlines() if line.startswith("plot: ")]
@@ -53,6 +54,17 @@ def assert_demo_report(out: str) -> None:
             cooled, base = rows[(cooldown, at)], rows[(name, at)]
             assert cooled["validation_loss"] < base["validation_loss"], (cooldown, cooled, base)
             assert cooled["quick.perplexity"] < base["quick.perplexity"], (cooldown, cooled, base)
+    # the demo ends with the sweep's analysis: read here from its files, beside the experiments' outputs
+    analysis_dir = plots[0].parents[2] / "_analysis" / "demo"
+    analysis = json.loads((analysis_dir / "analysis.json").read_text())
+    assert "## Best lr per model size" in out and (analysis_dir / "lr_sensitivity.png").read_bytes()[:4] == b"\x89PNG"
+    assert analysis["loss"] == "validation_loss" and analysis["losses_used"] == ["cooldown"]
+    # the tiny trainer's two sizes (its log's counts) at 200 iterations of 8 x 64 tokens, two rates each
+    sizes = sorted({(m["parameters"], m["tokens"], m["lr"]) for m in analysis["measurements"]})
+    assert [s[1:] for s in sizes] == [(102400, 0.003), (102400, 0.01)] * 2, sizes
+    assert 5e4 < sizes[0][0] < sizes[2][0] < 1e6, sizes
+    assert all("value" in row for row in analysis["best"]["lr"].values()), analysis["best"]
+    assert analysis["loss_law"]["why_not"].startswith("a fit of L(N, D) needs at least 3 model sizes (N), there are 2")
 
 
 @pytest.mark.cluster
