@@ -24,6 +24,11 @@ PARAMETERS_AGREE_WITHIN = 0.01  # the log's count and the arguments' may differ 
 TRAIN_LOSS, VALIDATION_LOSS = "train_loss", "validation_loss"
 
 
+def run_settings(args: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings a sweep analysis compares per model size, as a run's arguments set them."""
+    return {key: args[key] for key in SETTINGS if key in args}
+
+
 @dataclass(frozen=True)
 class TrainingScale:
     """A training's size N, and its tokens D and compute C at an iteration, from its arguments and its log.

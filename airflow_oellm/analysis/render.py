@@ -50,6 +50,10 @@ def _best_tables(best: Mapping[str, Mapping[str, Any]]) -> list[str]:
     lines = []
     for setting, sizes in best.items():
         lines += [f"## Best {setting} per model size", ""]
+        reasons = {row.get("why_not") for row in sizes.values()}
+        if sizes and None not in reasons and len(reasons) == 1:  # e.g. one value for every size: not swept
+            lines += [f"Not compared: {reasons.pop()}.", ""]
+            continue
         lines += [
             f"| N | tokens | best {setting} | loss | within 1 % of the best | values tried |",
             "|---|---|---|---|---|---|",

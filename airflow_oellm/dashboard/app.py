@@ -7,7 +7,9 @@ own auth manager (the UI's `_token` cookie or a bearer token) and shows only DAG
 from __future__ import annotations
 
 import asyncio
+import math
 import time
+from collections.abc import Mapping
 from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
@@ -90,6 +92,38 @@ def plots(experiments: list[ExperimentView]) -> dict[str, Any]:
     }
 
 
+def analysis_plots(analysis: Mapping[str, Any] | None) -> dict[str, str]:
+    """The analysis's loss against compute (with the frontier) and each size's loss against the learning rate,
+    on log10 axes (the SVG plotter's are linear)."""
+    measurements = (analysis or {}).get("measurements") or []
+    sizes = sorted({m["parameters"] for m in measurements})
+    best = ((analysis or {}).get("best") or {}).get("lr") or {}
+    by_compute, by_rate = [], []
+    for index, size in enumerate(sizes):
+        color, label = PALETTE[index % len(PALETTE)], f"N = {size:.3g}"
+        mine = [m for m in measurements if m["parameters"] == size]
+        points = sorted((math.log10(m["flops"]), m["loss"]) for m in mine if _positive(m.get("flops")))
+        by_compute.append(Series(label, points, color))
+        tokens = (best.get(f"{size:.4g}") or {}).get("tokens")
+        rates = sorted(
+            (math.log10(m["lr"]), m["loss"]) for m in mine if m["tokens"] == tokens and _positive(m.get("lr"))
+        )
+        by_rate.append(Series(label, rates, color))
+    frontier = ((analysis or {}).get("frontier") or {}).get("points") or []
+    by_compute.append(
+        Series("frontier", [(math.log10(c), loss) for c, loss in frontier if _positive(c)], "#000000", True)
+    )
+    return {
+        "compute": line_plot("loss-vs-compute", by_compute, "log10 training FLOPs", "loss"),
+        "rate": line_plot("lr-sensitivity", by_rate, "log10 learning rate", "loss"),
+        "legend": [(s.label, s.color, s.dashed, bool(s.points)) for s in by_compute],
+    }
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
 def allowed_dags(user: BaseUser) -> set[str]:
     return get_auth_manager().get_authorized_dag_ids(user=user, method="GET")
 
@@ -161,7 +195,11 @@ def create_app() -> FastAPI:
         view = await asyncio.to_thread(_sweep, user, sweep)
         active = any(e.state in ACTIVE for e in view.experiments)
         return _page(
-            "sweep.html", sweep=view, plots=plots(view.experiments), refresh=REFRESH_SECONDS if active else None
+            "sweep.html",
+            sweep=view,
+            plots=plots(view.experiments),
+            analysis=analysis_plots(view.analysis),
+            refresh=REFRESH_SECONDS if active else None,
         )
 
     @app.get("/experiments/{dag_id}", response_class=HTMLResponse)
@@ -184,7 +222,12 @@ def create_app() -> FastAPI:
     @app.get("/api/sweeps/{sweep}")
     async def sweep_json(sweep: str, user: GetUserDep) -> dict[str, Any]:
         view = await asyncio.to_thread(_sweep, user, sweep)
-        return {"name": view.name, "counts": view.counts, "experiments": [_as_json(e) for e in view.experiments]}
+        return {
+            "name": view.name,
+            "counts": view.counts,
+            "experiments": [_as_json(e) for e in view.experiments],
+            "analysis": view.analysis,
+        }
 
     @app.get("/api/experiments/{dag_id}")
     async def experiment_json(dag_id: str, user: GetUserDep, run_id: str | None = None) -> Any:

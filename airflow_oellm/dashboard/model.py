@@ -7,12 +7,17 @@ evaluation, GPU-hours, ETA, curves, timeline) and a `SweepView` over them.
 
 from __future__ import annotations
 
+import json
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from airflow_oellm.analysis.measurements import run_settings
+from airflow_oellm.analysis.runs import run_rows, run_scales
 from airflow_oellm.config.budget import PLANNED_RECORD
+from airflow_oellm.config.errors import ConfigError
 from airflow_oellm.config.naming import (
     CHECKPOINT_EVALUATE_TASK,
     CONFIG_KEY,
@@ -145,6 +150,7 @@ class ExperimentView:
 class SweepView:
     name: str
     experiments: list[ExperimentView]
+    analysis: dict[str, Any] | None = None  # analysis/sweep.analyse_reports of the runs so far (live_analysis)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -437,7 +443,46 @@ def experiment_view(dag_id: str, name: str, run: RunRecord | None, now: float) -
 
 def sweep_view(sweep: str, experiments: Mapping[str, RunRecord | None], now: float) -> SweepView:
     """`experiments`: experiment DAG id -> its latest run (None if never run), in the sweep's order."""
-    return SweepView(
-        sweep,
-        [experiment_view(dag_id, experiment_name(dag_id, sweep), run, now) for dag_id, run in experiments.items()],
-    )
+    views = [experiment_view(dag_id, experiment_name(dag_id, sweep), run, now) for dag_id, run in experiments.items()]
+    reports = [live_report(run, view.name) for view, run in zip(views, experiments.values(), strict=True) if run]
+    return SweepView(sweep, views, live_analysis(reports, [v.name for v in views]))
+
+
+def live_report(run: RunRecord, name: str) -> dict[str, Any]:
+    """What the experiment's report will say of it for the analysis, from its finished jobs so far: the rows of
+    its training and of each cooldown that returned a result (analysis/runs.run_rows, as the report builds them)."""
+    config = run.xcom(PREPARE_TASK, CONFIG_KEY) or {}
+    cooldowns = run.xcom(PREPARE_TASK, COOLDOWNS_KEY) or []
+    results = [run.result(TRAIN_TASK), *(run.result(COOLDOWN_TRAIN_TASK, i) for i in range(len(cooldowns)))]
+    report: dict[str, Any] = {"experiment": name, "rows": []}
+    if not config:
+        return report
+    try:
+        scales = run_scales(config, cooldowns, results)
+    except ConfigError:  # a config this version cannot read: the run has no measurements here
+        return report
+    runs = [name, *(c.get("name", "") for c in cooldowns)]
+    for index, (run_name, result, scale) in enumerate(zip(runs, results, scales, strict=True)):
+        report["rows"] += run_rows(run_name, result, [], {}, scale, cooldown=index > 0)
+    report["settings"] = run_settings((config.get("backend") or {}).get("args") or {})
+    return report
+
+
+# the last analyses, by their input: the page reloads every few seconds, the fit changes only with a new loss
+_ANALYSES: dict[str, dict[str, Any]] = {}
+_ANALYSES_LOCK = threading.Lock()
+ANALYSES_KEPT = 16
+
+
+def live_analysis(reports: Sequence[Mapping[str, Any]], experiments: Sequence[str]) -> dict[str, Any]:
+    """The sweep analysis of the runs so far, with point estimates only (no bootstrap: the page must answer
+    in a second; the sweep DAG's analysis task adds the intervals)."""
+    from airflow_oellm.analysis.sweep import analyse_reports  # numpy and scipy: loaded on the first sweep page
+
+    key = json.dumps([reports, experiments], sort_keys=True, default=str)
+    with _ANALYSES_LOCK:  # pages are built in worker threads; one fit of each input
+        if key not in _ANALYSES:
+            if len(_ANALYSES) >= ANALYSES_KEPT:
+                _ANALYSES.pop(next(iter(_ANALYSES)))
+            _ANALYSES[key] = analyse_reports(reports, experiments, bootstrap=0)
+        return _ANALYSES[key]

@@ -17,9 +17,10 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from airflow_oellm.analysis.measurements import SETTINGS, TrainingScale, comparable_source
+from airflow_oellm.analysis.measurements import TrainingScale, run_settings
+from airflow_oellm.analysis.runs import run_curve, run_rows, run_scales
 from airflow_oellm.config.budget import PLANNED_RECORD
-from airflow_oellm.config.milestones import eval_file, plan_runs, retention_branches, typed
+from airflow_oellm.config.milestones import eval_file, retention_branches, typed
 from airflow_oellm.config.naming import (
     CHECKPOINT_GROUP,
     CONFIG_KEY,
@@ -37,70 +38,10 @@ from airflow_oellm.config.naming import (
     in_group,
 )
 from airflow_oellm.hooks.slurm import SlurmHook, task_cluster
-from airflow_oellm.monitor.accounting import used_gpu_hours, used_gpu_hours_by_kind
-from airflow_oellm.monitor.records import AttemptHistory
+from airflow_oellm.monitor.accounting import used_gpu_hours_by_kind
 from airflow_oellm.monitor.retention import RetentionSettings, deletions, retention_notice
-from airflow_oellm.monitor.watch import loss_at, merged_curve, validation_losses
 from airflow_oellm.slurm.operations import CycleRequest
 from airflow_oellm.slurm.target import DEFAULT_SSH_CONN_ID, ClusterTarget
-
-
-def run_rows(
-    run: str,
-    result: Mapping[str, Any] | None,
-    evaluations: Sequence[Mapping[str, Any]],
-    metrics: Mapping[tuple[int, str], Mapping[str, Any]],
-    scale: TrainingScale | None = None,
-    cooldown: bool = False,
-) -> list[dict[str, Any]]:
-    """A row per checkpoint of one run (the training or a cooldown): its losses and metrics, its GPU-hours and
-    attempts and, given the run's `scale`, its parameters, tokens and FLOPs and whether its loss is comparable
-    across the sweep's runs (analysis/sweep.comparable_source)."""
-    summary = _unrewound_summary(result)
-    history = AttemptHistory.of_result(result)
-    attempts = history.attempts
-    # every attempt's record, then the last attempt's whole summary: what the dashboard shows too
-    validation = validation_losses([*history.rewound_validation(), summary.get("validation")])
-    saved = {*(c for saves in history.rewound_saves() for c in saves), *(summary.get("checkpoints_saved") or [])}
-    checkpoints = sorted({*saved, *(e["iteration"] for e in evaluations)})
-    curve = run_curve(result)
-    training_gpu_hours = used_gpu_hours(a.gpu_hours for a in attempts)  # this run's training, on each of its rows
-    rows = []
-    for iteration in checkpoints:
-        row: dict[str, Any] = {
-            "run": run,
-            "iteration": iteration,
-            "train_loss": loss_at(curve, iteration),
-            "validation_loss": validation.get(iteration),
-        }
-        if scale is not None:
-            row.update(scale.at(iteration, history.skipped_iterations()))
-            row["comparable"] = comparable_source(scale.args, iteration, cooldown)
-        for entry in evaluations:
-            if entry["iteration"] != iteration:
-                continue
-            for suite in entry["suites"]:
-                for metric, value in (metrics.get((iteration, suite)) or {}).get("metrics", {}).items():
-                    row[f"{suite}.{metric}"] = value
-        rows.append(row)
-    for row in rows:
-        row["gpu_hours"] = round(training_gpu_hours, 3)
-        row["attempts"] = len(attempts)
-    return rows
-
-
-def run_curve(result: Mapping[str, Any] | None) -> list[tuple[float, float]]:
-    """A training's loss over all its attempts (as the dashboard draws it), without what rewinds discarded."""
-    kept, _ = AttemptHistory.of_result(result).rewound_curves()
-    return merged_curve([*kept, _unrewound_summary(result).get("loss_curve")])
-
-
-def _unrewound_summary(result: Mapping[str, Any] | None) -> Mapping[str, Any]:
-    """The last job's summary, or nothing when that job was rewound (its record holds what is kept of it)."""
-    attempts = AttemptHistory.of_result(result).attempts
-    if attempts and attempts[-1].rewind:
-        return {}
-    return (result or {}).get("summary") or {}
 
 
 def gpu_hours_line(planned: Mapping[str, Any] | None, used: Mapping[str, float]) -> str:
@@ -207,7 +148,7 @@ class ExperimentReportOperator(BaseOperator):
             (name, out, e["iteration"], suite) for name, out, _, evs in runs for e in evs for suite in e["suites"]
         ]
         metrics = self._read_metrics(wanted)
-        scales = self._scales(config, cooldowns, [result for _, _, result, _ in runs])
+        scales = run_scales(config, cooldowns, [result for _, _, result, _ in runs])
         rows = []
         for index, (name, _out, result, evals) in enumerate(runs):
             rows += run_rows(name, result, evals, metrics.get(name, {}), scales[index], cooldown=index > 0)
@@ -234,7 +175,7 @@ class ExperimentReportOperator(BaseOperator):
         report = {
             "experiment": exp["name"],
             "sweep": self.sweep,
-            "settings": {k: args[k] for k in SETTINGS if k in args},
+            "settings": run_settings(args),
             "parameters": self._parameters_note(scales[0]),
             "columns": columns,
             "rows": rows,
@@ -246,25 +187,6 @@ class ExperimentReportOperator(BaseOperator):
         self.log.info("report of %s:\n%s", exp["name"], text)
         self._retain(config, cooldowns)
         return report
-
-    def _scales(
-        self, config: dict[str, Any], cooldowns: Sequence[Mapping[str, Any]], results: Sequence[Any]
-    ) -> list[TrainingScale | None]:
-        """Each run's scale (N, and D and C by iteration): the training's, then each cooldown's, which counts
-        its tokens on from its parent's at the checkpoint it starts from. None for all but Megatron."""
-        if config.get("backend", {}).get("name") != "megatron":
-            return [None] * len(results)
-        planned = plan_runs(config)
-        training = TrainingScale.of(planned.config.backend.args, (results[0] or {}).get("summary"))
-        skipped = AttemptHistory.of_result(results[0]).skipped_iterations()
-        scales: list[TrainingScale | None] = [training]
-        for cooldown, child, result in zip(cooldowns, planned.cooldowns, results[1:], strict=True):
-            start = training.tokens(cooldown["at"], skipped)
-            summary = (result or {}).get("summary") or (results[0] or {}).get("summary")  # the same model
-            scales.append(
-                TrainingScale.of(child.backend.args, summary, None if start is None else (cooldown["at"], start))
-            )
-        return scales
 
     def _parameters_note(self, scale: TrainingScale | None) -> dict[str, Any] | None:
         """The training's N, where it comes from, and the arguments' count it was checked against."""

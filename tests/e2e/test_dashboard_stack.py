@@ -34,12 +34,19 @@ ROWS_JS = """Array.from(document.querySelectorAll('#experiments tr[data-experime
 SERIES_JS = """Array.from(document.querySelectorAll('svg#loss-vs-iteration polyline')).map(p => ({
   series: p.dataset.series, points: p.getAttribute('points').trim().split(/\\s+/).length,
   discarded: p.dataset.discarded === 'true'}))"""
+ANALYSIS_JS = """({
+  best: Array.from(document.querySelectorAll('#best-lr tr[data-best]')).map(r => [r.dataset.size, r.dataset.best]),
+  rate_points: Array.from(document.querySelectorAll('svg#lr-sensitivity polyline')).map(
+    p => p.getAttribute('points').trim().split(/\\s+/).length),
+  compute_series: document.querySelectorAll('svg#loss-vs-compute polyline').length,
+  law: document.querySelector('#loss-law').innerText,
+  note: document.querySelector('#analysis-note').innerText})"""
 REWINDS_JS = "Array.from(document.querySelectorAll('svg#loss-vs-iteration circle.rewind')).map(c => c.dataset.rewind)"
 
 
 def sweep_yaml(remote: str, token: str, conn_id: str) -> str:
     return f"""
-defaults: [{{platform: devcluster}}]
+defaults: [{{platform: devcluster}}, {{model: tiny}}, _self_]
 project: {{name: dash{token}, base_output_dir: {remote}/runs}}
 platform: {{ssh_conn_id: {conn_id}}}
 backend: {{python: python3, entrypoint: {remote}/fake_megatron.py, megatron_path: null,
@@ -48,7 +55,7 @@ monitoring: {{poll_interval_seconds: 2}}
 restart: {{max_attempts: 2, retry_delay_seconds: 1}}
 conversion: {{command: [python3, {remote}/fake_tools.py, convert]}}
 evaluation: {{command: [python3, {remote}/fake_tools.py, evaluate], suites: [{{name: quick}}]}}
-cooldowns: [{{at: 20, overrides: [backend.args.lr=1.0e-5, backend.args.train_iters=30]}}]
+cooldowns: [{{at: 20, overrides: [backend.args.min_lr=1.0e-6, backend.args.train_iters=30]}}]
 sweep:
   name: dash{token}
   name_template: "lr{{lr}}"
@@ -168,6 +175,7 @@ def test_a_running_sweep_then_its_final_comparison(stack, tmp_path):
                 "Array.from(r.cells).map(c => c.innerText.trim()))"
             )
             tokens_plot = await browser.evaluate("document.querySelectorAll('svg#loss-vs-tokens polyline').length")
+            analysis = await browser.evaluate(ANALYSIS_JS)
             rewinds = await browser.evaluate(REWINDS_JS)
             first = sweep.experiments[0]
             await browser.open(f"{site(stack)}/oellm/experiments/{first.dag_id}")
@@ -191,9 +199,9 @@ def test_a_running_sweep_then_its_final_comparison(stack, tmp_path):
                 await asyncio.sleep(0.5)  # poll
             await asyncio.sleep(3)  # the frame's own page
             await browser.screenshot(tmp_path / "airflow_ui_sweeps.png", full_page=False)
-            return rows, series, evaluations, tokens_plot, rewinds, timeline, counts, frame
+            return rows, series, evaluations, tokens_plot, rewinds, timeline, counts, frame, analysis
 
-    rows, series, evaluations, tokens_plot, rewinds, timeline, counts, frame = asyncio.run(finished())
+    rows, series, evaluations, tokens_plot, rewinds, timeline, counts, frame, analysis = asyncio.run(finished())
     print("screenshots:", sorted(str(p) for p in tmp_path.glob("*.png")))
     assert all(r["state"] == "success" and int(r["iteration"]) == TRAIN_ITERS for r in rows), rows
     for row in rows:
@@ -221,6 +229,11 @@ def test_a_running_sweep_then_its_final_comparison(stack, tmp_path):
         # the rewound run skipped 29-50, so 40 never came again: skipped, no row
         assert by_run[name] == ([20, 60] if name == "lr0.01" else [20, 40, 60]), by_run
     assert all(by_run[c] == [30] for c in cooldowns), by_run
+    # the analysis panel: one model size (the tiny model's arguments), each rate's cooldown loss at 30 iterations
+    # (fake_megatron's loss grows with the rate: 0.001 is best); one size and one length: no law, and why
+    assert [row[1] for row in analysis["best"]] == ["0.001"], analysis
+    assert analysis["rate_points"] == [2] and analysis["compute_series"] >= 2, analysis
+    assert "3 model sizes" in analysis["law"] and " loss of cooldown (2 in all" in analysis["note"], analysis
     kinds = [k for k, _ in timeline]
     assert "submit" in kinds and "end" in kinds and "task" in kinds, timeline
     assert "success 2" in counts.replace("\n", " "), counts

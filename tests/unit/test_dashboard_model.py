@@ -247,11 +247,13 @@ def test_a_queued_retry_does_not_show_its_predecessors_job_as_running():
 
 
 def test_the_pages_render_rows_plots_and_the_timeline():
-    from airflow_oellm.dashboard.app import plots, templates
+    from airflow_oellm.dashboard.app import analysis_plots, plots, templates
 
     view = sweep_view("s", {"oellm__s__lr1": running_run(), "oellm__s__lr2": None}, NOW)
     common = {"refresh": 20, "root": "/ui-root", "prefix": "/ui-root/oellm"}
-    html = templates.get_template("sweep.html").render(sweep=view, plots=plots(view.experiments), **common)
+    html = templates.get_template("sweep.html").render(
+        sweep=view, plots=plots(view.experiments), analysis=analysis_plots(view.analysis), **common
+    )
     assert html.count("<tr data-experiment=") == 2 and 'data-iteration="40"' in html
     assert "GPU-hours used / planned" in html and ">13.50 <" in html and "/ 62.0</span>" in html
     assert '<svg id="loss-vs-iteration"' in html and '<svg id="loss-vs-tokens"' in html
@@ -266,9 +268,9 @@ def test_the_pages_render_rows_plots_and_the_timeline():
 
 def test_the_report_and_the_dashboard_agree_on_a_run_that_retried():
     """Both read every attempt: rows, losses and validation of the first attempt stay after a retry."""
+    from airflow_oellm.analysis.runs import run_curve as report_curve
+    from airflow_oellm.analysis.runs import run_rows
     from airflow_oellm.dashboard.model import evaluations, run_curve
-    from airflow_oellm.operators.report import run_curve as report_curve
-    from airflow_oellm.operators.report import run_rows
 
     first = {
         "try": 1,
@@ -310,10 +312,10 @@ def test_the_report_and_the_dashboard_agree_on_a_run_that_retried():
 def test_the_report_and_the_dashboard_agree_when_the_last_try_lost_the_cluster():
     """The failed try leaves the attempts so far as its result: the report counts the first try's
     hours, as the dashboard does from the history."""
+    from airflow_oellm.analysis.runs import run_rows
     from airflow_oellm.monitor.accounting import used_gpu_hours_by_kind
     from airflow_oellm.monitor.attempts import lost_contact_result
     from airflow_oellm.monitor.records import AttemptHistory
-    from airflow_oellm.operators.report import run_rows
 
     first = {
         "try": 1,
@@ -358,10 +360,10 @@ def test_a_running_side_job_is_estimated_with_its_own_gpus():
 def test_a_rewound_run_draws_its_discarded_branch_greyed_with_a_rewind_mark_and_the_report_agrees():
     """Try 1 diverged at 51 and was rewound to 40; try 2 trained on from 40, skipping 50-71. The run's curve is
     try 1 up to 40 and try 2 after it; try 1's points after 40 are the discarded branch, apart and grey."""
+    from airflow_oellm.analysis.runs import run_curve as report_curve
+    from airflow_oellm.analysis.runs import run_rows
     from airflow_oellm.dashboard.app import plots
     from airflow_oellm.dashboard.model import evaluations, run_curve
-    from airflow_oellm.operators.report import run_curve as report_curve
-    from airflow_oellm.operators.report import run_rows
 
     spiked_curve = [[i, 2.0 - i / 100] for i in range(1, 51)] + [[i, 6.0] for i in range(51, 92)]
     rewind = {"id": "rewind-1-job101", "anomaly": "loss_spike", "start": 51, "last_normal": 50, "detected_at": 71,
@@ -427,3 +429,61 @@ def test_a_rewind_with_a_margin_discards_what_earlier_attempts_trained_after_its
     kept, rewinds = history.rewound_curves()
     assert kept == [[[100, 3.0], [200, 2.5]], [], [[210, 2.45], [400, 2.2]]]
     assert [(r["id"], points) for r, points in rewinds] == [("rewind-1-job2", [[300, 2.4], [310, 2.3], [350, 9.0]])]
+
+
+def finished_demo_runs(losses: dict[tuple[str, float], float], running: str | None = None) -> dict[str, RunRecord]:
+    """The demo sweep's experiments (examples/demo, its real resolved configs), each run finished with a
+    cooldown from 100 to 200 whose validation loss is `losses[(model, lr)]`; `running`: one whose training
+    and cooldown have not returned yet."""
+    from airflow_oellm.config import load_sweep
+    from airflow_oellm.config.milestones import plan_runs
+    from tests.conftest import REPO
+
+    sweep = load_sweep(REPO / "examples" / "demo" / "demo.yaml")
+    runs = {}
+    for exp in sweep.experiments:
+        config = exp.resolved
+        cooldowns = plan_runs(config).milestones.cooldowns
+        args = config["backend"]["args"]
+        loss = losses[(exp.parameters["model"], args["lr"])]
+        size = 1.5e-4 if exp.parameters["model"] == "tiny" else 3.8e-4  # the log's billions
+        train = {"summary": {"checkpoints_saved": [100, 200], "loss_curve": [[100, 2 * loss], [200, 1.5 * loss]],
+                             "validation": [{"iteration": 200, "loss": 1.6 * loss}], "parameters_billions": size},
+                 "attempts": []}  # fmt: skip
+        cooled = {"summary": {"checkpoints_saved": [200], "loss_curve": [[200, 1.1 * loss]],
+                              "validation": [{"iteration": 200, "loss": loss}]}, "attempts": []}  # fmt: skip
+        xcoms = {("prepare", -1, "config"): config, ("prepare", -1, "cooldowns"): cooldowns}
+        if exp.name != running:
+            xcoms |= {("train", -1, "return_value"): train, ("cooldown.train", 0, "return_value"): cooled}
+        runs[exp.dag_id] = RunRecord(exp.dag_id, "manual__1", "running" if exp.name == running else "success",
+                                     xcoms=xcoms)  # fmt: skip
+    return runs
+
+
+def test_the_sweep_page_analyses_the_finished_cooldowns_live():
+    from airflow_oellm.dashboard.app import analysis_plots, plots, templates
+
+    losses = {("tiny", 3e-3): 0.33, ("tiny", 1e-2): 0.31, ("tiny-wide", 3e-3): 0.29, ("tiny-wide", 1e-2): 0.30}
+    view = sweep_view("demo", finished_demo_runs(losses, running="tiny-wide_lr0.01"), NOW)
+    analysis = view.analysis
+    assert analysis["loss"] == "validation_loss" and analysis["losses_used"] == ["cooldown"]
+    # each experiment's cooldown at 200 iterations of 8 x 64 tokens, N from the log
+    assert sorted((m["experiment"], m["parameters"], m["tokens"]) for m in analysis["measurements"]) == [
+        ("tiny-wide_lr0.003", 380_000, 102_400), ("tiny_lr0.003", 150_000, 102_400), ("tiny_lr0.01", 150_000, 102_400)
+    ]  # fmt: skip
+    assert analysis["left_out"] == {"tiny-wide_lr0.01": "no checkpoint of it has been measured yet"}
+    best = analysis["best"]["lr"]
+    assert best["1.5e+05"]["value"] == 0.01 and "2 or more values of lr" in best["3.8e+05"]["why_not"]
+    assert "3 model sizes" in analysis["loss_law"]["why_not"]
+    # the running one finishes: its cooldown joins, and the page shows both sizes' best rates
+    view = sweep_view("demo", finished_demo_runs(losses), NOW)
+    assert view.analysis["best"]["lr"]["3.8e+05"]["value"] == 0.003
+    common = {"refresh": None, "root": "/ui", "prefix": "/ui/oellm"}
+    html = templates.get_template("sweep.html").render(
+        sweep=view, plots=plots(view.experiments), analysis=analysis_plots(view.analysis), **common
+    )
+    assert re.findall(r'<tr data-size="([^"]+)" data-best="([^"]+)">', html) == [("1.5e+05", "0.01"),
+                                                                             ("3.8e+05", "0.003")]  # fmt: skip
+    assert '<svg id="loss-vs-compute"' in html and '<svg id="lr-sensitivity"' in html
+    assert re.findall(r'id="lr-sensitivity".*?</svg>', html, re.S)[0].count("<polyline") == 2
+    assert "L(N, D) not fitted: a fit of L(N, D) needs at least 3 model sizes (N), there are 2" in html
