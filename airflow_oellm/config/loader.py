@@ -34,6 +34,7 @@ from airflow_oellm.config.budget import (
     sweep_budget_issue,
 )
 from airflow_oellm.config.compose import Composed, Composer, config_roots
+from airflow_oellm.config.early_stop import EARLY_STOP_KEY, EarlyStopRule, RulePoint, early_stop_rule
 from airflow_oellm.config.errors import ConfigError, Issue, shown
 from airflow_oellm.config.expressions import ExpressionError
 from airflow_oellm.config.naming import (
@@ -123,6 +124,7 @@ class Sweep:
     varying_keys: list[str]
     overrides: list[str]
     config_roots: tuple[Path, ...] = ()
+    early_stop: EarlyStopRule | None = None  # sweep.early_stop
 
     @property
     def template_dirs(self) -> list[Path]:
@@ -500,10 +502,18 @@ class SweepLoader:
             issues = inert_axes(members, groups, base.origin("sweep") or self.path)
         if not issues and self.enforce_budget:
             issues = budget_issues(experiments, whole_sweep=only is None)
+        rule, rule_issues = early_stop_rule(
+            sweep_def.get("early_stop"),
+            None if only is not None else [_rule_point(e) for e in experiments],
+            list(dict.fromkeys(k for p in points for k in p.values)),
+        )
+        issues += [base.issue(i.message, i.key) for i in rule_issues]
+        if rule is not None and not rule_issues:
+            issues.append(base.issue(EARLY_STOP_NOT_YET, EARLY_STOP_KEY))
         if issues:
             raise ConfigError(list(dict.fromkeys(issues)))  # the same problem in every experiment: once
         return Sweep(
-            sweep_name, self.path, experiments, _varying_keys(points), self.override_texts, self.composer.roots
+            sweep_name, self.path, experiments, _varying_keys(points), self.override_texts, self.composer.roots, rule
         )
 
     def _cheap_name(self, point: SweepPoint, sweep_name: str, template: str) -> str | None:
@@ -719,6 +729,23 @@ def _set_path(data: dict[str, Any], key: str, value: Any) -> None:
         node[last] = merged
     else:
         node[last] = copy.deepcopy(value)
+
+
+# the rule is read and checked; the rungs' decisions are not carried out by this version: refused, not ignored
+EARLY_STOP_NOT_YET = (
+    "the rule is valid, but this version does not stop points yet (the rungs' decisions land in the next "
+    "release): remove it, or the sweep would run every point to its end"
+)
+
+
+def _rule_point(e: Experiment) -> RulePoint:
+    """What `sweep.early_stop` is checked against, of one experiment."""
+    args = e.config.backend.args
+    try:
+        train_iters, eval_interval = iteration_arg(args, "train_iters"), iteration_arg(args, "eval_interval")
+    except ConfigError:  # reported where the arguments are checked
+        train_iters = eval_interval = None
+    return RulePoint(e.name, e.parameters, train_iters, eval_interval)
 
 
 def _varying_keys(points: list[SweepPoint]) -> list[str]:

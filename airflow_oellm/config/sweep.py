@@ -14,6 +14,7 @@
             - {type: product, axes: {...}}                # groups nest
       type: product                                       # how axes and groups combine
       filter: "not (model == '200M' and lr == 0.1)"       # keep points where this is true
+      early_stop: {at: [2000], within: model, keep: 0.5}  # stop losing points (config/early_stop.py)
 
 A point maps keys to values. A key is a dotted config path, a config group name, or a bare name
 (a sweep variable, stored under `vars.`). Points are numbered in full-product order, before the
@@ -33,7 +34,7 @@ from airflow_oellm.config.errors import Issue, did_you_mean, join_key
 from airflow_oellm.config.expressions import Expression, ExpressionError
 
 MAX_POINTS = 100_000
-SWEEP_KEYS = ("name", "name_template", "axes", "base_values", "groups", "type", "filter", "class_name")
+SWEEP_KEYS = ("name", "name_template", "axes", "base_values", "groups", "type", "filter", "class_name", "early_stop")
 GROUP_KEYS = ("type", "axes", "configs", "defaults")
 GROUP_TYPES = ("product", "list")
 _VALUE_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*(\.[A-Za-z0-9_\-]+)*$")
