@@ -22,11 +22,12 @@ TIMED_OUT = -2
 
 
 # reads the script's length, then exactly that many bytes, and runs them with the rest of stdin
-REMOTE_COMMAND = """bash -c 'IFS= read -r n && s=$(head -c "$n") && eval "$s"'"""
+FRAMED_SCRIPT = 'IFS= read -r n && s=$(head -c "$n") && eval "$s"'
+REMOTE_COMMAND = f"bash -c '{FRAMED_SCRIPT}'"
 
 
-def framed_input(command: Command) -> bytes:
-    script = command.script.encode()
+def framed_input(command: Command, prelude: str = "") -> bytes:
+    script = (prelude + command.script).encode()
     return str(len(script)).encode() + b"\n" + script + (command.stdin or b"")
 
 
@@ -43,9 +44,9 @@ class LocalShell:
 
     def run(self, command: Command) -> Result:
         try:
-            done = subprocess.run(
-                ["bash", "-c", self.prelude + command.script],
-                input=command.stdin or b"",
+            done = subprocess.run(  # the script on stdin too: an argument is limited to 128 KiB
+                ["bash", "-c", FRAMED_SCRIPT],
+                input=framed_input(command, self.prelude),
                 capture_output=True,
                 timeout=command.timeout,
             )
@@ -104,13 +105,13 @@ class AsyncLocalShell:
         proc = await asyncio.create_subprocess_exec(
             "bash",
             "-c",
-            self.prelude + command.script,
+            FRAMED_SCRIPT,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
         try:
-            out, err = await asyncio.wait_for(proc.communicate(command.stdin or b""), command.timeout)
+            out, err = await asyncio.wait_for(proc.communicate(framed_input(command, self.prelude)), command.timeout)
         except TimeoutError:
             proc.kill()
             await proc.wait()

@@ -369,6 +369,24 @@ def test_local_mode_runs_the_same_operations(dev_cluster, tmp_path):
     local.cancel([job])
     status, _ = wait_for(local, job, terminal)
     assert status.state is JobState.CANCELLED
+    # a script bigger than one argument may be (128 KiB: a sweep's plots written at once) goes on stdin, as over SSH
+    big = bytes(range(256)) * 1200
+    assert local.write_files([(str(tmp_path / "x" / "big.bin"), big), (str(tmp_path / "x" / "b.txt"), b"b")]) == [
+        True,
+        True,
+    ]
+    assert (tmp_path / "x" / "big.bin").read_bytes() == big
+
+    async def written_by_the_async_twin() -> list[bool]:
+        from airflow_oellm.slurm.operations import CycleRequest
+
+        twin = AsyncSlurmHook(cluster=ClusterTarget(local_commands=True))
+        try:
+            return (await twin.poll_cycle([], CycleRequest(writes=[(str(tmp_path / "x" / "twin.bin"), big)]))).writes_ok
+        finally:
+            await twin.close()
+
+    assert asyncio.run(written_by_the_async_twin()) == [True] and (tmp_path / "x" / "twin.bin").read_bytes() == big
 
 
 def test_time_limit_ends_in_timeout(hook, slow_jobs):
