@@ -80,16 +80,18 @@ def _law_section(law: Mapping[str, Any]) -> list[str]:
     intervals = law["intervals_95"]
     lines += ["| | value | 95 % interval |", "|---|---|---|"]
     for name, value in law["parameters"].items():
-        low, high = intervals[name]
-        lines.append(f"| {name} | {value:.4g} | {low:.4g} - {high:.4g} |")
+        lines.append(f"| {name} | {_number(value)} | {_range(intervals[name])} |")
     lines += ["", f"Huber loss (delta {law['huber_delta']:g}) on log loss over {law['runs']} losses; intervals "
               f"from {law['bootstrap_samples']} bootstrap fits (Hoffmann et al. 2022, approach 3, as Besiroglu et al. "
               "2024).", ""]  # fmt: skip
+    if law.get("why_no_prediction"):
+        return [*lines, f"No compute-optimal prediction: {law['why_no_prediction']}."]
     lines += ["| compute (FLOPs) | optimal N | optimal D | loss |", "|---|---|---|---|"]
     for p in law.get("compute_optimal") or []:
         lines.append(
-            f"| {p['flops']:.3g} | {p['parameters']:.3g} ({_range(p['parameters_interval'])}) | "
-            f"{p['tokens']:.3g} ({_range(p['tokens_interval'])}) | {p['loss']:.4g} ({_range(p['loss_interval'])}) |"
+            f"| {_number(p['flops'])} | {_number(p['parameters'])} ({_range(p['parameters_interval'])}) | "
+            f"{_number(p['tokens'])} ({_range(p['tokens_interval'])}) | {_number(p['loss'])} "
+            f"({_range(p['loss_interval'])}) |"
         )
     return lines
 
@@ -108,9 +110,15 @@ def _frontier_section(frontier: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _number(value: Any) -> str:
+    """A figure of the analysis (None where the fit gave no finite number)."""
+    return f"{value:.4g}" if isinstance(value, int | float) and math.isfinite(value) else "-"
+
+
 def _range(interval: Any) -> str:
     low, high = interval
-    return "-" if not (math.isfinite(low) and math.isfinite(high)) else f"{low:.3g} - {high:.3g}"
+    known = all(isinstance(v, int | float) and math.isfinite(v) for v in (low, high))
+    return f"{low:.3g} - {high:.3g}" if known else "-"
 
 
 def plots(analysis: Mapping[str, Any], title: str) -> dict[str, bytes]:

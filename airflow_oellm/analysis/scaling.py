@@ -158,7 +158,7 @@ def power_law(xs: Sequence[float], ys: Sequence[float], what: str = "points") ->
     slope, intercept = np.polyfit(np.log(x), np.log(y), 1)
     predicted = intercept + slope * np.log(x)
     spread = ((np.log(y) - np.log(y).mean()) ** 2).sum()
-    r_squared = 1.0 - ((np.log(y) - predicted) ** 2).sum() / spread if spread > 0 else 1.0
+    r_squared = 1.0 - ((np.log(y) - predicted) ** 2).sum() / spread if spread > 1e-12 else 1.0  # else: all equal
     return PowerLaw(math.exp(intercept), float(slope), float(r_squared), len(x))
 
 

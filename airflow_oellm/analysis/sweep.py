@@ -13,6 +13,7 @@ computed when the data support it, and otherwise carries the reason it is not.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -34,6 +35,7 @@ from airflow_oellm.analysis.scaling import (
     power_law,
 )
 
+FLAT_EXPONENT = 0.05  # an exponent fitted below it: the loss hardly falls with that quantity (fitted ones: 0.3)
 PREDICTED_AT = (10, 100)  # compute budgets, in multiples of the largest run's, the law predicts at
 
 
@@ -78,7 +80,15 @@ def analyse(
         largest = max(
             (m.flops for m in kept if all_positive(m.flops)), default=6 * max(m.parameters * m.tokens for m in kept)
         )
-        result["loss_law"]["compute_optimal"] = [law.compute_optimal(largest * k) for k in PREDICTED_AT]
+        flat = [name for name in ("alpha", "beta") if getattr(law, name) < FLAT_EXPONENT]
+        if flat:  # the runs show no gain from more parameters (or tokens): no split of compute follows
+            result["loss_law"]["compute_optimal"] = []
+            result["loss_law"]["why_no_prediction"] = (
+                f"{' and '.join(flat)} fitted at about 0: over these runs the loss does not fall with "
+                f"{' or '.join({'alpha': 'N', 'beta': 'D'}[n] for n in flat)} (too small or too short to show it)"
+            )
+        else:
+            result["loss_law"]["compute_optimal"] = [law.compute_optimal(largest * k) for k in PREDICTED_AT]
     except AnalysisError as exc:
         result["loss_law"] = {"why_not": str(exc)}
     try:
@@ -103,7 +113,18 @@ def analyse(
         result["best_lr_law"] = power_law(list(best_lr), list(best_lr.values()), "best learning rates").to_dict()
     except AnalysisError as exc:
         result["best_lr_law"] = {"why_not": str(exc)}
-    return result
+    return finite(result)
+
+
+def finite(value: Any) -> Any:
+    """`value` with every NaN or infinite number replaced by None: JSON (analysis.json, XCom) has neither."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
 
 
 def _compared(kept: Sequence[Measurement], setting: str) -> list[tuple[float, float, list[tuple[float, float]]]]:

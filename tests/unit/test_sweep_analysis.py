@@ -164,3 +164,21 @@ def test_reports_give_measurements_of_one_loss_for_all():
     assert loss == "train_loss" and [m.loss for m in measurements] == [3.0, 2.0, 2.9, 2.4]
     result = analyse(measurements, bootstrap=5, experiments=["a", "b", "c"])
     assert result["left_out"] == {"c": "no checkpoint of it has been measured yet"}
+
+
+def test_runs_whose_loss_does_not_fall_with_size_give_a_law_but_no_prediction_and_strict_json():
+    """The tiny trainer's ladder at a hundred iterations: the larger models are no better. The fit ends at
+    alpha about 0, so no compute-optimal split follows; the analysis says so, and has no NaN or infinity."""
+    import json
+
+    rng = np.random.default_rng(3)
+    ms = [
+        Measurement(f"n{n:g}", n, d, 6 * n * d, (2.0 + 400 / d**0.5) * math.exp(rng.normal(0, 0.01)), COOLDOWN, {})
+        for n in (1.4e5, 3.8e5, 8.4e5)
+        for d in (3e4, 5e4, 8e4)
+    ]
+    result = analyse(ms, bootstrap=10)
+    law = result["loss_law"]
+    assert law["parameters"]["alpha"] < 0.05 and law["compute_optimal"] == []
+    assert law["why_no_prediction"].startswith("alpha fitted at about 0: over these runs the loss does not fall with N")
+    json.dumps(result, allow_nan=False)  # what an XCom and analysis.json take
