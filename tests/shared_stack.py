@@ -46,7 +46,11 @@ import pytest
 from tests.conftest import REPO
 
 MODULES = {
-    "airflow": ("tests/e2e/test_dashboard_stack.py", "tests/e2e/test_factory_stack.py"),
+    "airflow": (
+        "tests/e2e/test_dashboard_stack.py",
+        "tests/e2e/test_factory_stack.py",
+        "tests/e2e/test_sweep_analysis_stack.py",
+    ),
     "faults": ("tests/faults/test_airflow_faults.py",),
     "sqlite": ("tests/e2e/test_stack.py",),
 }

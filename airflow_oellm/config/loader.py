@@ -34,7 +34,7 @@ from airflow_oellm.config.budget import (
     sweep_budget_issue,
 )
 from airflow_oellm.config.compose import Composed, Composer, config_roots
-from airflow_oellm.config.early_stop import EARLY_STOP_KEY, EarlyStopRule, RulePoint, early_stop_rule
+from airflow_oellm.config.early_stop import EarlyStopRule, RulePoint, early_stop_rule
 from airflow_oellm.config.errors import ConfigError, Issue, shown
 from airflow_oellm.config.expressions import ExpressionError
 from airflow_oellm.config.naming import (
@@ -508,8 +508,6 @@ class SweepLoader:
             list(dict.fromkeys(k for p in points for k in p.values)),
         )
         issues += [base.issue(i.message, i.key) for i in rule_issues]
-        if rule is not None and not rule_issues:
-            issues.append(base.issue(EARLY_STOP_NOT_YET, EARLY_STOP_KEY))
         if issues:
             raise ConfigError(list(dict.fromkeys(issues)))  # the same problem in every experiment: once
         return Sweep(
@@ -729,13 +727,6 @@ def _set_path(data: dict[str, Any], key: str, value: Any) -> None:
         node[last] = merged
     else:
         node[last] = copy.deepcopy(value)
-
-
-# the rule is read and checked; the rungs' decisions are not carried out by this version: refused, not ignored
-EARLY_STOP_NOT_YET = (
-    "the rule is valid, but this version does not stop points yet (the rungs' decisions land in the next "
-    "release): remove it, or the sweep would run every point to its end"
-)
 
 
 def _rule_point(e: Experiment) -> RulePoint:

@@ -226,6 +226,7 @@ COOLDOWN_EVALUATE_TASK = in_group(COOLDOWN_GROUP, EVALUATE_TASK)
 RUN_TASK = "run"
 SUMMARY_TASK = "summary"
 ANALYSIS_TASK = "analysis"
+EARLY_STOP_TASK = "early_stop"
 
 
 def run_part_task(part: int, parts: int) -> str:

@@ -28,6 +28,7 @@ from airflow.sdk import DAG, task_group
 from airflow.sdk.definitions.param import ParamsDict
 
 from airflow_oellm.config import Experiment, Sweep
+from airflow_oellm.config.early_stop import EarlyStopRule
 from airflow_oellm.config.milestones import CONVERT, COOLDOWN, EVALUATE, SIDE_JOB_ATTEMPTS
 from airflow_oellm.config.naming import (
     ANALYSIS_TASK,
@@ -37,6 +38,7 @@ from airflow_oellm.config.naming import (
     COOLDOWN_GROUP,
     COOLDOWN_PLAN_TASK,
     COOLDOWNS_KEY,
+    EARLY_STOP_TASK,
     EVALUATE_TASK,
     MAINTENANCE_TAG,
     OELLM_TAG,
@@ -57,6 +59,7 @@ from airflow_oellm.config.naming import (
 )
 from airflow_oellm.config.schema import RootConfig
 from airflow_oellm.operators.analysis import SweepAnalysisOperator
+from airflow_oellm.operators.early_stop import SweepEarlyStopSensor
 from airflow_oellm.operators.prepare import (
     OVERRIDES_PARAM,
     CooldownPlanOperator,
@@ -299,6 +302,9 @@ def sweep_dag(sweep: Sweep) -> DAG:
         }
         summary = SweepSummaryOperator(task_id=SUMMARY_TASK, **reports)
         ends = [*runs, summary]
+        if first and sweep.early_stop:
+            ends.append(early_stop_sensor(sweep, sweep.early_stop, first, reports["trigger_task_id"], size))
+            ends[-1] >> summary  # the summary and the analysis say which points it stopped
         if first:
             ends.append(
                 SweepAnalysisOperator(
@@ -313,6 +319,32 @@ def sweep_dag(sweep: Sweep) -> DAG:
         ends >> RunOutcomeOperator(task_id=OUTCOME_TASK)
         runs >> summary
     return dag
+
+
+def early_stop_sensor(
+    sweep: Sweep, rule: EarlyStopRule, first: RootConfig, trigger_task_ids: list[str], size: int
+) -> SweepEarlyStopSensor:
+    """The sweep's `early_stop` task, beside its trigger tasks: stops its losing points at each rung."""
+    experiments = {}
+    for e in sweep.experiments:
+        args = e.config.backend.args
+        experiments[e.dag_id] = {
+            "name": e.name,
+            "parameters": e.parameters,
+            "output_dir": e.paths.output_dir,
+            "train_iters": args.get("train_iters") if isinstance(args.get("train_iters"), int) else None,
+            "gpus": e.config.slurm.nodes * e.config.slurm.gpus_per_node,
+        }
+    return SweepEarlyStopSensor(
+        task_id=EARLY_STOP_TASK,
+        rule=rule.to_dict(),
+        experiments=experiments,
+        state_path=f"{analysis_dir(first.project.base_output_dir, sweep.name)}/early_stop.json",
+        trigger_task_id=trigger_task_ids,
+        part_size=size,
+        cluster=platform_target(first),
+        poll_interval=first.monitoring.poll_interval_seconds,
+    )
 
 
 DEFAULT_RECONCILE_INTERVAL_MINUTES = 15

@@ -32,6 +32,7 @@ from airflow_oellm.config.naming import (
     experiment_name,
 )
 from airflow_oellm.monitor.accounting import running_gpu_hours_estimate, used_gpu_hours
+from airflow_oellm.monitor.classify import STOPPED
 from airflow_oellm.monitor.outage import outage_line
 from airflow_oellm.monitor.records import AttemptHistory, AttemptRecord
 from airflow_oellm.monitor.watch import loss_at, merged_curve, thinned, validation_losses
@@ -135,6 +136,7 @@ class ExperimentView:
     stale: bool = False
     outage: str | None = None  # the training's watch cannot reach the cluster: since when and why
     outage_advice: str | None = None
+    stopped_early: str | None = None  # the sweep's early stopping stopped its training: why
     curves: list[Curve] = field(default_factory=list)
     evaluations: list[dict[str, Any]] = field(default_factory=list)  # run, iteration, validation_loss, metrics
     timeline: list[TimelineEntry] = field(default_factory=list)
@@ -404,6 +406,9 @@ def experiment_view(dag_id: str, name: str, run: RunRecord | None, now: float) -
     )
     if train and train.state == "up_for_retry":
         view.state = "retrying"
+    judged = result.get("classification") or {}
+    if train and train.state == "skipped" and judged.get("verdict") == STOPPED:  # by the sweep: no failure
+        view.state, view.stopped_early = "stopped early", str(judged.get("reason", ""))
     if _running(run, TRAIN_TASK) and view.updated is not None:
         view.stale = now - view.updated > STALE_AFTER
     if _running(run, TRAIN_TASK) and isinstance(progress.get("outage"), Mapping):

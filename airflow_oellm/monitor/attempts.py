@@ -24,6 +24,7 @@ from airflow_oellm.monitor.classify import (
     FATAL,
     NAN_INTERVALS,
     RETRY,
+    STOPPED,
     SUCCESS,
     Classification,
     Rule,
@@ -36,6 +37,7 @@ from airflow_oellm.monitor.outage import DEFAULT_MAX_OUTAGE_SECONDS, max_outage_
 from airflow_oellm.monitor.records import AttemptHistory, AttemptRecord, TrainingState
 from airflow_oellm.monitor.retention import RetentionSettings
 from airflow_oellm.monitor.watch import PROGRESS_CURVE, merged_curve, thinned
+from airflow_oellm.slurm.identity import stop_request_path
 from airflow_oellm.slurm.states import JobState, JobStatus
 
 MAX_ATTEMPT_FAULTS = 5  # fault lines kept per attempt in the history
@@ -77,6 +79,8 @@ class JobSettings:
     on_outage: str | None  # dotted path of platform.on_outage.callback
     notify_outage_after: float | None  # seconds of outage before it is called (None: no callback)
     rules: list[Rule]  # the task's own rules, then the config's, then the defaults
+    # an experiment's training: where its sweep's early stopping asks it to stop (read with each poll cycle)
+    stop_request_path: str | None = None
 
     def script_path(self, try_number: int) -> str:
         return f"{self.script_dir}/{script_file(self.name, try_number)}"
@@ -148,6 +152,8 @@ def job_settings(
     except ConfigError as exc:
         raise JobSettingsError(f"invalid experiment config: {exc}") from None
     megatron = cfg.backend.name == "megatron"
+    # an experiment's own training may be asked to stop by its sweep's early stopping (a cooldown is not)
+    stoppable = megatron and not job
     e, m, notifier = cfg.experiment, cfg.monitoring, cfg.platform.on_outage
     retention = RetentionSettings.from_config(cfg.retention) if megatron else None
     branches = {}
@@ -182,6 +188,7 @@ def job_settings(
         on_outage=notifier.callback,
         notify_outage_after=max_outage_seconds(notifier.after) if notifier.callback else None,
         rules=attempt_rules([vars(r) for r in m.rules], classification_rules),
+        stop_request_path=stop_request_path(e.output_dir) if stoppable else None,
     )
 
 
@@ -190,6 +197,8 @@ def training_state_after(verdict: str, try_number: int, retries: int) -> Trainin
     is a RETRY, or FATAL when retrying cannot help)."""
     if verdict == SUCCESS:
         return TrainingState.COMPLETED
+    if verdict == STOPPED:
+        return TrainingState.STOPPED
     if verdict == FATAL or try_number > retries:
         return TrainingState.FAILED
     return TrainingState.RETRYING
@@ -239,9 +248,11 @@ def decide_attempt(
         training=settings.training,
         nan_limit=settings.classify_nan_limit,
     )
-    divergence = ended.get("divergence")
+    divergence, stopped = ended.get("divergence"), ended.get("stopped_early")
     rewind = None
-    if divergence and settings.training and not outcome.training_done:
+    if isinstance(stopped, Mapping) and settings.training and not outcome.training_done:
+        verdict = Classification(STOPPED, str(stopped.get("reason") or "stopped early"))
+    elif divergence and settings.training and not outcome.training_done:
         verdict, rewind = rewind_verdict(history, try_number, Divergence.from_dict(divergence), ended, settings)
     else:
         verdict = classify(outcome, settings.rules)

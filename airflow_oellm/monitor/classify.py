@@ -16,6 +16,7 @@ from airflow_oellm.megatron.logs import GPU_HARDWARE_ERROR, RERUN_NODE, node_fro
 from airflow_oellm.slurm.states import JobState
 
 SUCCESS, RETRY, FATAL = "success", "retry", "fatal"
+STOPPED = "stopped"  # by the sweep's early stopping (monitor/early_stop.py): neither a success nor a failure
 NAN_INTERVALS = 3  # log intervals in a row with a NaN or infinite loss that make a diverged training
 
 

@@ -14,6 +14,7 @@ ranked and does not hold the rung up.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -144,3 +145,104 @@ def metric_at(
         return None
     before = [loss for iteration, loss in curve if iteration <= rung]
     return before[-1] if before else None
+
+
+@dataclass(frozen=True)
+class PointProgress:
+    """What the sweep knows of one point's training now."""
+
+    iteration: int | None  # the last it logged (None: not started)
+    training: bool  # training, or about to (queued, retrying): it may yet reach a rung
+    validation: Sequence[Mapping[str, Any]] = ()  # validation points, over its attempts
+    curve: Sequence[Sequence[float]] = ()  # [iteration, train loss]
+
+
+@dataclass
+class EarlyStopState:
+    """The rungs of one run of the sweep DAG: what they heard and decided (kept on the cluster beside the
+    sweep's analysis, so a restarted task carries on; another run of the sweep starts afresh)."""
+
+    sweep_run_id: str
+    rungs: dict[str, Rung] = field(default_factory=dict)  # "<group> @ <rung>"
+
+    @classmethod
+    def start(cls, rule: EarlyStopRule, sweep_run_id: str, members: Mapping[str, Mapping[str, Any]]) -> EarlyStopState:
+        return cls(sweep_run_id, {f"{g} @ {r}": rung for (g, r), rung in rungs_of(rule, members).items()})
+
+    def to_json(self) -> bytes:
+        rungs = {key: rung.to_dict() for key, rung in self.rungs.items()}
+        return json.dumps({"sweep_run_id": self.sweep_run_id, "rungs": rungs}, indent=1, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | None, sweep_run_id: str) -> EarlyStopState | None:
+        """The saved state of this run of the sweep, or None (none saved, unreadable, or another run's)."""
+        try:
+            loaded = json.loads(data or b"")
+            if loaded["sweep_run_id"] != sweep_run_id:
+                return None
+            return cls(sweep_run_id, {key: Rung.from_dict(r) for key, r in loaded["rungs"].items()})
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return None
+
+    def verdicts(self) -> list[RungVerdict]:
+        return [v for rung in self.rungs.values() for v in rung.verdicts.values()]
+
+
+def early_stop_round(
+    rule: EarlyStopRule, state: EarlyStopState, progress: Mapping[str, PointProgress], now: float
+) -> list[RungVerdict]:
+    """One look at the sweep: each point's metric at each rung it has reached is reported once, and the rungs
+    that may decide do. Returns the new verdicts (the stops to ask for, and the points kept)."""
+    new = []
+    for rung in sorted(state.rungs.values(), key=lambda r: r.rung):
+        for name in rung.members:
+            point = progress.get(name)
+            if point is None or name in rung.reported or point.iteration is None or point.iteration < rung.rung:
+                continue
+            value = metric_at(rung.rung, rule.metric, point.validation, point.curve)
+            if value is None and point.iteration == rung.rung:
+                continue  # Megatron validates after the rung's iteration line: it may be on its way
+            rung.report(name, value, now)
+        # a point still training below the rung holds the rung up (until the timeout); one that ended does not
+        waiting = [n for n in rung.members if (p := progress.get(n)) is None or p.training]
+        new += rung.decide(rule, waiting, now)
+    return new
+
+
+def saved_hours(train_iters: int, stopped_at: int, iteration_ms: float | None, gpus: int) -> tuple[float, float]:
+    """(hours, GPU-hours) a stopped training did not spend: its remaining iterations at its pace."""
+    if not iteration_ms or stopped_at >= train_iters:
+        return 0.0, 0.0
+    hours = (train_iters - stopped_at) * iteration_ms / 1000 / 3600
+    return hours, hours * gpus
+
+
+STOP_REQUEST_LIMIT = 4096  # bytes of a stop request read per poll cycle
+
+
+@dataclass(frozen=True)
+class StopRequest:
+    """`<output_dir>/.oellm/early_stop.json`: the sweep's early stopping asks the training to stop (the follower
+    of its job cancels it and the task ends skipped, with `reason`). `resumed`: a user cleared the stopped task
+    to train on, and the request stands no more."""
+
+    reason: str
+    rung: int
+    resumed: bool = False
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | None) -> StopRequest | None:
+        """The request a file holds, or None (no file, or not a request)."""
+        try:
+            loaded = json.loads(data or b"")
+            request = cls(str(loaded["reason"]), int(loaded["rung"]), loaded.get("resumed") is True)
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return None
+        return request
+
+    @property
+    def standing(self) -> bool:
+        return not self.resumed

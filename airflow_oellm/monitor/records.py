@@ -25,10 +25,11 @@ class TrainingState(StrEnum):
     RETRYING = "retrying"  # this try ended; Airflow will try again
     FAILED = "failed"  # for good: no try is coming
     COMPLETED = "completed"
+    STOPPED = "stopped"  # by the sweep's early stopping; a user may clear it to train on
 
     @property
     def final(self) -> bool:
-        return self in (TrainingState.FAILED, TrainingState.COMPLETED)
+        return self in (TrainingState.FAILED, TrainingState.COMPLETED, TrainingState.STOPPED)
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,8 @@ def checkpoint_decision(
             "training_failed",
             f"the training failed for good: {training.reason or 'no reason given'} (latest checkpoint {state.latest})",
         )
+    if training and training.state is TrainingState.STOPPED:
+        return Decision("training_stopped", f"{training.reason or 'stopped early'} (latest checkpoint {state.latest})")
     if training and training.state is TrainingState.COMPLETED:
         return Decision("training_ended", f"the training finished at checkpoint {state.latest}, below {iteration}")
     return Decision("wait")

@@ -11,11 +11,12 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from airflow_oellm.megatron.logs import is_finite_number
 from airflow_oellm.monitor.anomalies import AnomalyDetector, AnomalySettings, Divergence, is_nan_interval
+from airflow_oellm.monitor.early_stop import STOP_REQUEST_LIMIT, StopRequest
 from airflow_oellm.monitor.events import Event, EventMatcher, EventSpec, event_specs
 from airflow_oellm.monitor.inactivity import Activity
 from airflow_oellm.monitor.outage import DEFAULT_MAX_OUTAGE_SECONDS, Outage, outage_notice
@@ -185,6 +186,7 @@ class WatchState:
     cancelled_by_us: bool = False
     final_status: dict[str, Any] | None = None
     divergence: dict[str, Any] | None = None  # the job was stopped to be rewound (Divergence.to_dict())
+    stopped_early: dict[str, Any] | None = None  # the job was stopped by the sweep's early stopping (StopRequest)
 
     def to_json(self) -> bytes:
         return json.dumps(self.__dict__, sort_keys=True).encode()
@@ -366,6 +368,7 @@ class JobWatch:
             "hang": self.state.hang,
             "diverged": self.state.diverged,
             "divergence": self.state.divergence,
+            "stopped_early": self.state.stopped_early,
             "cancelled_by_us": self.state.cancelled_by_us,
             "summary": self.state.summary,
             "tail": tail.decode("utf-8", errors="replace"),
@@ -436,8 +439,11 @@ class JobFollower:
         retention: RetentionSettings | None = None,
         checkpoint_dir: str | None = None,
         branches: Mapping[int, Sequence[str]] | None = None,
+        stop_request_path: str | None = None,
     ) -> None:
         self.job_id, self.log_path, self.state_path = job_id, log_path, state_path
+        # in a sweep with early stopping: where it asks this training to stop (read with each cycle)
+        self.stop_request_path = stop_request_path
         # with rewinds on: the training's status file (its RUNNING content as submitted), where the follower says
         # from which iteration on a checkpoint may yet be rewound away (TrainingStatus.suspect_from)
         self.status_path, self.status = status_path, status
@@ -488,6 +494,7 @@ class JobFollower:
             checkpoint_dir=args.get("checkpoint_dir"),
             branches={int(k): v for k, v in (args.get("branches") or {}).items()},
             output_paths=args.get("output_paths") or (),
+            stop_request_path=args.get("stop_request_path"),
             cluster_name=cluster_name,
             max_outage=args.get("max_outage", DEFAULT_MAX_OUTAGE_SECONDS),
             notify_outage_after=args.get("notify_outage_after"),
@@ -502,9 +509,10 @@ class JobFollower:
         if self._pending_status is not None and self.status_path:
             writes.append((self.status_path, self._pending_status))
         probes = [self.checkpoint_dir] if self._probe_due and self.checkpoint_dir else []
-        return CycleRequest(
-            reads=[self.watch.read_request()], stats=self.output_paths, checkpoints=probes, writes=writes
-        )
+        reads = [self.watch.read_request()]
+        if self.stop_request_path:
+            reads.append((self.stop_request_path, 0, STOP_REQUEST_LIMIT))
+        return CycleRequest(reads=reads, stats=self.output_paths, checkpoints=probes, writes=writes)
 
     def on_update(self, update: PollUpdate, now: float) -> FollowStep:
         if self._first_update is None:
@@ -559,6 +567,12 @@ class JobFollower:
             later.append((logging.WARNING, f"job {self.job_id}: {step.stop_reason}: cancelling it"))
         if step.stop_reason:
             watch.state.cancelled_by_us, self._pending_kill = True, step.rewinding
+        elif not step.finished and watch.state.stopped_early is None:
+            request = StopRequest.from_json(update.chunks[1].data if len(update.chunks) > 1 else None)
+            if request is not None and request.standing:
+                later.append((logging.WARNING, f"job {self.job_id}: {request.reason}: cancelling it"))
+                watch.state.stopped_early = asdict(request)
+                watch.state.cancelled_by_us, self._pending_kill = True, False
         stopping = not step.finished and stop_now  # a job that ended meanwhile needs no stop
         followed = FollowStep(
             notices, step.lines, later, cancel=stopping, kill=stopping and kill_now, notify=notify, delete=delete
@@ -570,10 +584,11 @@ class JobFollower:
         publish = None
         if watch.progress_mark(update.status) != self._published:
             publish, self._published = self.snapshot(now), watch.progress_mark(update.status)
-        if step.noteworthy or now - self._saved_at >= SAVE_EVERY:
+        stopping_early = self._pending_kill is False and watch.state.stopped_early is not None
+        if step.noteworthy or stopping_early or now - self._saved_at >= SAVE_EVERY:
             self._pending_write = watch.state.to_json()  # saved with the next cycle
         self._mark_suspect(watch.detector.suspect_from(), now)
-        return replace(followed, publish=publish, poll_again=bool(step.stop_reason))
+        return replace(followed, publish=publish, poll_again=bool(step.stop_reason) or stopping_early)
 
     def _retained(self, update: PollUpdate) -> list[tuple[int, tuple[str, ...]]]:
         """The checkpoints retention deletes, from this cycle's probe of the directory (none without one)."""

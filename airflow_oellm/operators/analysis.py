@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from airflow_oellm.hooks.slurm import SlurmHook, task_cluster
-from airflow_oellm.operators.report import SweepReportsOperator
+from airflow_oellm.hooks.slurm import task_cluster
+from airflow_oellm.operators.report import SweepReportsOperator, write_files
 from airflow_oellm.slurm.target import DEFAULT_SSH_CONN_ID, ClusterTarget
 
 
@@ -50,12 +50,7 @@ class SweepAnalysisOperator(SweepReportsOperator):
             (f"{self.output_dir}/analysis.md", text.encode()),
             *((f"{self.output_dir}/{name}", data) for name, data in plots(analysis, self.sweep).items()),
         ]
-        hook = SlurmHook(cluster=self.cluster)
-        try:
-            written = hook.write_files(files)
-        finally:
-            hook.close()
-        if not all(written):
+        if not write_files(self.cluster, files):
             self.log.warning("could not write every analysis file to %s", self.output_dir)
         self.log.info("analysis of sweep %s (%s/):\n%s", self.sweep, self.output_dir, text)
         return {**analysis, "output": self.output_dir}

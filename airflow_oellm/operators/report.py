@@ -39,6 +39,7 @@ from airflow_oellm.config.naming import (
 )
 from airflow_oellm.hooks.slurm import SlurmHook, task_cluster
 from airflow_oellm.monitor.accounting import used_gpu_hours_by_kind
+from airflow_oellm.monitor.classify import STOPPED
 from airflow_oellm.monitor.retention import RetentionSettings, deletions, retention_notice
 from airflow_oellm.slurm.operations import CycleRequest
 from airflow_oellm.slurm.target import DEFAULT_SSH_CONN_ID, ClusterTarget
@@ -172,6 +173,7 @@ class ExperimentReportOperator(BaseOperator):
         )
         planned = ti.xcom_pull(task_ids=self.prepare_task_id, key=PLANNED_RECORD)
         args = config.get("backend", {}).get("args") or {}
+        judged = (runs[0][2] or {}).get("classification") or {}
         report = {
             "experiment": exp["name"],
             "sweep": self.sweep,
@@ -181,8 +183,12 @@ class ExperimentReportOperator(BaseOperator):
             "rows": rows,
             "gpu_hours": {"planned": planned, "used": used},
             "output": f"{exp['output_dir']}/{REPORT_DIR}",
+            # the sweep's early stopping stopped the training (not a failure): why
+            "stopped_early": judged.get("reason") if judged.get("verdict") == STOPPED else None,
         }
         text = markdown(rows, columns) + "\n" + gpu_hours_line(planned, used) + "\n"
+        if report["stopped_early"]:
+            text += f"Training {report['stopped_early']}\n"
         self._write(exp["output_dir"], text, rows, columns, plot(curves, evals_plot, exp["name"]), report)
         self.log.info("report of %s:\n%s", exp["name"], text)
         self._retain(config, cooldowns)
@@ -267,20 +273,27 @@ class ExperimentReportOperator(BaseOperator):
             (f"{directory}/report.json", json.dumps(report, indent=2).encode()),
             (f"{directory}/loss.png", png),
         ]
-        hook = SlurmHook(cluster=self.cluster)
-        try:
-            written = hook.write_files(files)
-        finally:
-            hook.close()
-        if not all(written):
+        if not write_files(self.cluster, files):
             self.log.warning("could not write every report file to %s", directory)
+
+
+def write_files(cluster: ClusterTarget, files: Sequence[tuple[str, bytes]]) -> bool:
+    """Write result files (a report, an analysis) where the jobs run; whether every one landed."""
+    hook = SlurmHook(cluster=cluster)
+    try:
+        return all(hook.write_files(files))
+    finally:
+        hook.close()
 
 
 def summary_row(experiment: str, state: str | None, report: Mapping[str, Any] | None) -> dict[str, Any]:
     """One experiment's line of a sweep summary: its run's state and its training's last checkpoint."""
     rows = [r for r in (report or {}).get("rows", []) if r.get("run") == experiment]
     last = max(rows, key=lambda r: r["iteration"]) if rows else {}
-    return {"experiment": experiment, "state": state, **{k: v for k, v in last.items() if k != "run"}}
+    row = {"experiment": experiment, "state": state, **{k: v for k, v in last.items() if k != "run"}}
+    if (report or {}).get("stopped_early"):  # its run succeeds (a stop is no failure): the row says what it was
+        row.update(state="stopped early", stopped_early=report["stopped_early"])
+    return row
 
 
 class SweepReportsOperator(BaseOperator):
@@ -308,9 +321,9 @@ class SweepReportsOperator(BaseOperator):
     def reports(self, ti: Any) -> list[tuple[str, str, Mapping[str, Any] | None]]:
         """Each experiment's name, its run's state ("not started" without one) and its report, if any."""
         found = []
-        for index, (dag_id, name) in enumerate(self.experiments.items()):
-            task_id, map_index = self.trigger_task_ids[index // self.part_size], index % self.part_size
-            run_id = ti.xcom_pull(task_ids=task_id, map_indexes=map_index, key="trigger_run_id")
+        run_ids = experiment_run_ids(ti, list(self.experiments), self.trigger_task_ids, self.part_size)
+        for dag_id, name in self.experiments.items():
+            run_id = run_ids[dag_id]
             if not run_id:
                 found.append((name, "not started", None))
                 continue
@@ -318,6 +331,17 @@ class SweepReportsOperator(BaseOperator):
             state = ti.get_dagrun_state(dag_id, run_id)
             found.append((name, str(getattr(state, "value", state)), report))
         return found
+
+
+def experiment_run_ids(
+    ti: Any, dag_ids: Sequence[str], trigger_task_ids: Sequence[str], part_size: int
+) -> dict[str, str | None]:
+    """The run of each experiment DAG the sweep DAG's trigger tasks started (None: not yet), in map order."""
+    found = {}
+    for index, dag_id in enumerate(dag_ids):
+        task_id, map_index = trigger_task_ids[index // part_size], index % part_size
+        found[dag_id] = ti.xcom_pull(task_ids=task_id, map_indexes=map_index, key="trigger_run_id") or None
+    return found
 
 
 class SweepSummaryOperator(SweepReportsOperator):

@@ -53,7 +53,8 @@ from airflow_oellm.monitor.attempts import (
     lost_contact_result,
     training_state_after,
 )
-from airflow_oellm.monitor.classify import FATAL, RETRY, SUCCESS
+from airflow_oellm.monitor.classify import FATAL, RETRY, STOPPED, SUCCESS
+from airflow_oellm.monitor.early_stop import STOP_REQUEST_LIMIT, StopRequest
 from airflow_oellm.monitor.records import AttemptHistory, AttemptRecord, TrainingState, TrainingStatus
 from airflow_oellm.monitor.retention import retention_notice
 from airflow_oellm.monitor.watch import STATE_READ_LIMIT, JobFollower, WatchState
@@ -241,6 +242,7 @@ class SlurmSubmitOperator(BaseOperator):
             script_path = s.script_path(ti.try_number)
             try:
                 history = self._finish_rewinds(hook, s, history, store)
+                self._resume_if_stopped(hook, s, history)
                 before = self._checkpoint(hook, s)
                 script = self._script(s, history, before)
                 hook.mkdirs([s.output_dir, s.log_path.rsplit("/", 1)[0], s.script_dir])
@@ -312,6 +314,17 @@ class SlurmSubmitOperator(BaseOperator):
             self.defer(trigger=trigger, method_name="execute_complete")
         return self._finish(context, self._watch_here(trigger_args, ti))
 
+    def _resume_if_stopped(self, hook: SlurmHook, s: JobSettings, history: AttemptHistory) -> None:
+        """A try after one the sweep's early stopping stopped: a user cleared the task to train on. Its stop
+        request stands no more (and the sweep never stops a point twice at one rung)."""
+        last = next((a for a in reversed(history.attempts) if a.ended), None)
+        if not s.stop_request_path or last is None or last.verdict != STOPPED:
+            return
+        request = StopRequest.from_json(hook.read_range(s.stop_request_path, 0, STOP_REQUEST_LIMIT).data)
+        if request is not None and request.standing:
+            hook.write_files([(s.stop_request_path, replace(request, resumed=True).to_json())])
+            self.log.info("training on after %s: the task was cleared", request.reason)
+
     @staticmethod
     def _cancelled_by_its_watch(
         hook: SlurmHook, s: JobSettings, identity: JobIdentity, job_id: str, try_number: int | None
@@ -348,6 +361,7 @@ class SlurmSubmitOperator(BaseOperator):
             "max_outage": s.max_outage,
             "on_outage": s.on_outage,
             "notify_outage_after": s.notify_outage_after,
+            "stop_request_path": s.stop_request_path,
             "progress_to": {
                 "dag_id": identity.dag_id,
                 "run_id": identity.run_id,
@@ -509,6 +523,8 @@ class SlurmSubmitOperator(BaseOperator):
         if verdict.verdict == SUCCESS:
             return result
         ti.xcom_push(key=RESULT_KEY, value=result)
+        if verdict.verdict == STOPPED:  # by the sweep's early stopping: not a failure; clearing it trains on
+            raise AirflowSkipException(f"job {job_id} {attempt.state}: {verdict.reason}")
         message = f"job {job_id} {attempt.state}: {verdict.reason}"
         if verdict.exclude_nodes:
             message += f"; excluding {', '.join(verdict.exclude_nodes)} next time"

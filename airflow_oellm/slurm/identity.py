@@ -75,6 +75,11 @@ def monitor_state_path(identity: JobIdentity) -> str:
     return f"{identity.state_dir}/monitor/{identity.task_key}-{identity.try_number}.json"
 
 
+def stop_request_path(output_dir: str) -> str:
+    """Where the sweep's early stopping asks a training to stop (monitor/early_stop.StopRequest)."""
+    return f"{output_dir.rstrip('/')}/{STATE_DIR}/early_stop.json"
+
+
 def task_status_path(output_dir: str, task_id: str) -> str:
     """The training task's own status file, read by sensors that run beside it."""
     safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in task_id)

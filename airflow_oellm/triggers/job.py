@@ -53,6 +53,7 @@ class SlurmJobTrigger(ClusterTrigger):
         "max_outage",
         "on_outage",
         "notify_outage_after",
+        "stop_request_path",
     )
 
     def __init__(
@@ -81,6 +82,7 @@ class SlurmJobTrigger(ClusterTrigger):
         max_outage: float | None = DEFAULT_MAX_OUTAGE_SECONDS,
         on_outage: str | None = None,
         notify_outage_after: float | None = None,
+        stop_request_path: str | None = None,
         **before_cluster_target: Any,
     ) -> None:
         super().__init__(
@@ -108,6 +110,7 @@ class SlurmJobTrigger(ClusterTrigger):
         self.stream_log = stream_log
         # the task instance whose `progress` XCom follows the job: dag_id, run_id, task_id, map_index
         self.progress_to = dict(progress_to) if progress_to else None
+        self.stop_request_path = stop_request_path  # a training in a sweep with early stopping
         self.max_outage = max_outage
         self.on_outage = on_outage  # platform.on_outage.callback, told after notify_outage_after seconds
         self.notify_outage_after = notify_outage_after if on_outage else None

@@ -626,3 +626,48 @@ def test_a_loss_spike_that_comes_back_after_the_last_rewind_fails_the_training(w
         "the save directory back at 20",
         duplicates=len(submitted(backend, exp)) - 2,
     )
+
+
+@pytest.mark.early_stop
+def test_a_training_the_sweeps_early_stopping_asks_to_stop_ends_skipped_with_its_reason(write, backend, run_dag):
+    """The stop request's file, written on the cluster as the sweep's rung would: the watch cancels the job and
+    the task ends skipped (not failed), saying why; the sensors beside it read `stopped`."""
+    import time
+
+    from airflow_oellm.monitor.early_stop import StopRequest
+    from airflow_oellm.slurm.identity import stop_request_path
+
+    exp = experiment(write, backend, "backend.args.train_iters=600", "backend.args.iter_seconds=0.2")
+    resolved = exp.resolved
+    reason = "stopped early: rank 2/2 at 10 (loss 9.1 vs best 8.9)"
+    request = stop_request_path(exp.paths.output_dir)
+    log_glob = f"{exp.paths.log_dir}/*.out"
+
+    def stop_past_the_rung() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            log = backend.run(["sh", "-c", f"cat {log_glob} 2>/dev/null || true"])
+            if "iteration       12/" in log:
+                write_request = f"mkdir -p {shlex.quote(request.rsplit('/', 1)[0])} && cat > {shlex.quote(request)}"
+                backend.run(["sh", "-c", f"printf %s {shlex.quote(StopRequest(reason, 10).to_json().decode())} | "
+                             f"{{ {write_request}; }}"])  # fmt: skip
+                return
+            time.sleep(1)  # poll the log
+
+    stopper = threading.Thread(target=stop_past_the_rung)
+    stopper.start()
+    with DAG(dag_id=unique_dag_id("train"), schedule=None, start_date=start_date(), catchup=False) as dag:
+        from airflow_oellm.operators.submit import restart_policy
+
+        SlurmSubmitOperator(task_id="train", **backend.conn, experiment=resolved, **restart_policy(resolved))
+    dr = run_dag(dag)
+    stopper.join()
+    ti = tis(dr)["train"]
+    assert ti.state == "skipped" and ti.try_number == 1, ti.state
+    result = xcom(dr, "train", "result")
+    assert result["classification"] == {"verdict": "stopped", "reason": reason, "exclude_nodes": [],
+                                        "progress_free": False}  # fmt: skip
+    assert 12 <= result["last_iteration"] < 600 and result["attempts"][0]["verdict"] == "stopped"
+    status = json.loads(backend.run(["cat", task_status_path(exp.paths.output_dir, "train")]))
+    assert status["state"] == "stopped" and status["reason"] == reason
+    assert len(submitted(backend, exp)) == 1  # no retry

@@ -498,3 +498,19 @@ def test_a_rewind_can_lower_the_learning_rate_for_some_iterations_then_the_confi
     history = later.history.put(submitted(5, "105", 1500))
     last = decide_attempt(history, 5, 5, diverged("105", {**SPIKE, "start": 1520, "rewind_to": 1500}), 1500, once)
     assert last.classification.verdict == FATAL and last.attempt.rewind["learning_rate"] is None
+
+
+def test_a_job_stopped_by_the_sweeps_early_stopping_is_stopped_not_failed(training):
+    reason = "stopped early: rank 3/4 at 2000 (loss 3.4 vs best 3.1)"
+    event = {**ended("CANCELLED", by="oellm", cancelled_by_us=True), "stopped_early": {"reason": reason, "rung": 2000}}
+    decision = decide_attempt(history_of(submitted(1, "101", 1000)), 1, 2, event, 2000, training)
+    assert (decision.classification.verdict, decision.classification.reason) == ("stopped", reason)
+    assert decision.training_state is TrainingState.STOPPED and decision.training_state.final
+    assert decision.status_fields == {"reason": reason, "iteration": 2000}  # what the sensors beside it read
+    assert decision.attempt.verdict == "stopped"
+    # a training that finished before the request reached it has finished: a success
+    done = {**event, "status": {**event["status"], "state": "COMPLETED"}, "summary": {**event["summary"],
+            "training_done": True}}  # fmt: skip
+    assert decide_attempt(history_of(submitted(1, "101", 1000)), 1, 2, done, 2000, training).classification.verdict == (
+        "success"
+    )

@@ -487,3 +487,16 @@ def test_the_sweep_page_analyses_the_finished_cooldowns_live():
     assert '<svg id="loss-vs-compute"' in html and '<svg id="lr-sensitivity"' in html
     assert re.findall(r'id="lr-sensitivity".*?</svg>', html, re.S)[0].count("<polyline") == 2
     assert "L(N, D) not fitted: a fit of L(N, D) needs at least 3 model sizes (N), there are 2" in html
+
+
+def test_a_point_the_sweep_stopped_early_shows_as_such_with_its_reason():
+    from airflow_oellm.dashboard.app import templates
+
+    run = running_run()
+    reason = "stopped early: rank 2/2 at 40 (loss 3.9 vs best 3.5)"
+    run.tasks[1] = TaskRecord("train", -1, "skipped", 1, 1)
+    run.xcoms[("train", -1, "result")] = {"classification": {"verdict": "stopped", "reason": reason}, "attempts": []}
+    view = experiment_view("d", "lr1", run, NOW)
+    assert (view.state, view.stopped_early) == ("stopped early", reason)
+    html = templates.get_template("macros.html").module.status_cells(view)
+    assert "state-stopped-early" in html and reason in html

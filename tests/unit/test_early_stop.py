@@ -168,10 +168,8 @@ def test_the_loader_reads_the_rule_and_refuses_one_that_stops_nothing_naming_the
     from tests.conftest import REPO
 
     demo = REPO / "examples" / "demo" / "demo.yaml"
-    # a valid rule: refused until this version carries it out (ignoring it would run every point to its end)
-    with pytest.raises(ConfigError) as refused:
-        load_sweep(demo, ["+sweep.early_stop={at: [100], within: model, keep: 0.5}"])
-    assert "sweep.early_stop: the rule is valid, but this version does not stop points yet" in str(refused.value)
+    sweep = load_sweep(demo, ["+sweep.early_stop={at: [100], within: model, keep: 0.5}"])
+    assert sweep.early_stop == EarlyStopRule((100,), "validation_loss", ("model",), keep=0.5)
     assert load_sweep(demo).early_stop is None
     # the demo validates every 100 iterations: a rung at 150 would never see a validation loss
     with pytest.raises(ConfigError) as refused:
@@ -179,3 +177,55 @@ def test_the_loader_reads_the_rule_and_refuses_one_that_stops_nothing_naming_the
     assert "sweep.early_stop.at: rung 150: tiny_lr0.003, tiny_lr0.01, tiny-wide_lr0.003 ... validate every 100" in str(
         refused.value
     )
+
+
+def test_rounds_over_a_sweep_report_each_point_once_and_decide_when_the_group_is_in():
+    from airflow_oellm.monitor.early_stop import EarlyStopState, PointProgress, early_stop_round, saved_hours
+
+    rule = EarlyStopRule((10, 20), "validation_loss", ("model",), keep=0.5, timeout_minutes=5)
+    members = {"a": {"model": "s"}, "b": {"model": "s"}, "c": {"model": "s"}, "d": {"model": "l"}, "e": {"model": "l"}}
+    state = EarlyStopState.start(rule, "run1", members)
+    assert sorted(state.rungs) == ["model=l @ 10", "model=l @ 20", "model=s @ 10", "model=s @ 20"]
+
+    def at(iteration, losses, training=True):
+        return PointProgress(iteration, training, [{"iteration": i, "loss": v} for i, v in losses.items()])
+
+    progress = {"a": at(10, {}), "b": at(12, {10: 3.0}), "c": None, "d": at(15, {10: 2.0}), "e": at(30, {}, False)}
+    # a: at 10, its validation may be on its way; b reports; c has not started; e ended at 30 with no value
+    # at 10: it is not ranked and holds nothing up, so the large group decides on d alone (kept)
+    first = early_stop_round(rule, state, {k: v for k, v in progress.items() if v}, now=0)
+    assert [(v.experiment, v.stop, v.of) for v in first] == [("d", False, 1)]
+    small, large = state.rungs["model=s @ 10"], state.rungs["model=l @ 10"]
+    assert small.reported == {"b": 3.0} and set(large.reported) == {"d", "e"} and small.bar is None
+    progress |= {"a": at(11, {10: 3.5}), "c": at(14, {10: 2.5})}
+    verdicts = early_stop_round(rule, state, {k: v for k, v in progress.items() if v}, now=60)
+    assert sorted((v.experiment, v.rung, v.stop) for v in verdicts) == [("a", 10, True), ("b", 10, False),
+                                                                      ("c", 10, False)]  # fmt: skip
+    assert early_stop_round(rule, state, progress, now=61) == []  # given once
+    saved = EarlyStopState.from_json(state.to_json(), "run1")
+    assert saved.to_json() == state.to_json() and EarlyStopState.from_json(state.to_json(), "run2") is None
+    assert EarlyStopState.from_json(b"{broken", "run1") is None
+    assert [v.experiment for v in saved.verdicts() if v.stop] == ["a"]
+    assert saved_hours(100, 10, 3600.0, 8) == (90 / 1000, 8 * 90 / 1000)
+    assert saved_hours(100, 100, 3600.0, 8) == (0.0, 0.0) and saved_hours(100, 10, None, 8) == (0.0, 0.0)
+
+
+def test_the_sweep_dag_gets_an_early_stop_task_beside_its_runs_and_before_its_summary():
+    from airflow_oellm.config import load_sweep
+    from airflow_oellm.dag_factory import sweep_dag
+    from tests.conftest import REPO
+
+    sweep = load_sweep(
+        REPO / "examples" / "demo" / "demo.yaml", ["+sweep.early_stop={at: [100], within: model, keep: 0.5}"]
+    )
+    dag = sweep_dag(sweep)
+    task = dag.get_task("early_stop")
+    assert task.upstream_task_ids == set() and dag.get_task("summary").upstream_task_ids == {"run", "early_stop"}
+    assert (
+        task.mode == "reschedule" and task.poke_interval == 3 and EarlyStopRule.from_dict(task.rule) == sweep.early_stop
+    )
+    first = sweep.experiments[0]
+    info = {"name": first.name, "parameters": first.parameters, "output_dir": first.paths.output_dir}
+    assert task.experiments[first.dag_id] == {**info, "train_iters": 200, "gpus": 0}  # the dev cluster has no GPUs
+    assert task.state_path == f"{first.config.project.base_output_dir}/_analysis/demo/early_stop.json"
+    assert "early_stop" not in sweep_dag(load_sweep(REPO / "examples" / "demo" / "demo.yaml")).task_ids

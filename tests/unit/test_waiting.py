@@ -110,6 +110,7 @@ def test_the_status_of_another_run_is_not_this_trainings():
         (TrainingState.RETRYING, "wait"),
         (TrainingState.FAILED, "training_failed"),
         (TrainingState.COMPLETED, "training_ended"),
+        (TrainingState.STOPPED, "training_stopped"),
     ],
 )
 def test_the_checkpoint_wait_over_each_training_state(status, kind):
@@ -118,4 +119,6 @@ def test_the_checkpoint_wait_over_each_training_state(status, kind):
     assert decision.kind == kind
     if kind == "training_failed":
         assert decision.message == "the training failed for good: why (latest checkpoint 500)"
+    if kind == "training_stopped":
+        assert decision.message == "why (latest checkpoint 500)"  # the early stop's own reason
     assert checkpoint_decision(state, "/ckpt", 500, False, training(status) if status else None).kind == "ready"

@@ -264,3 +264,40 @@ def test_a_stalled_follower_superseded_by_another_takes_its_state_and_never_acts
     assert not stale.on_update(served(stale, b"", "RUNNING", 6), 133).cancel  # the stop was the other's to do
     done = stale.on_update(served(stale, b"", "CANCELLED", 7), 140)
     assert done.finished and not done.cancel and stale.result(b"")["cancelled_by_us"]
+
+
+def test_a_stop_request_of_the_sweeps_early_stopping_cancels_the_job_once_and_is_in_its_result():
+    from airflow_oellm.monitor.early_stop import StopRequest
+
+    follow = follower(nan_limit=0, stop_request_path="/out/.oellm/early_stop.json")
+    follow.on_update(PollUpdate("7", None, 1, chunks=(FileChunk("/state", 0, None, b""),)), 0)
+    requests: dict[str, bytes | None] = {"/out/.oellm/early_stop.json": None}
+
+    def serve(state: str, cycle: int, now: float):
+        request = follow.request()
+        (log_path, offset, limit), (stop_path, _, _) = request.reads
+        assert log_path == "/log" and stop_path == "/out/.oellm/early_stop.json"
+        stop = requests[stop_path]
+        chunks = (FileChunk(log_path, offset, len(LOG), LOG[offset : offset + limit]),
+                  FileChunk(stop_path, 0, None if stop is None else len(stop), stop or b""))  # fmt: skip
+        update = PollUpdate("7", status(state), cycle, chunks=chunks, writes_ok=tuple(True for _ in request.writes))
+        return follow.on_update(update, now)
+
+    assert not serve("RUNNING", 2, 1).cancel and follow.watch.state.stopped_early is None  # no request
+    reason = "stopped early: rank 3/4 at 2000 (loss 3.4 vs best 3.1)"
+    requests["/out/.oellm/early_stop.json"] = StopRequest(reason, 2000, resumed=True).to_json()
+    assert not serve("RUNNING", 3, 2).cancel and follow.watch.state.stopped_early is None  # a user resumed it
+    requests["/out/.oellm/early_stop.json"] = b"{not json"
+    assert not serve("RUNNING", 4, 3).cancel  # not a request
+    requests["/out/.oellm/early_stop.json"] = StopRequest(reason, 2000).to_json()
+    asked = serve("RUNNING", 5, 4)
+    assert asked.later[-1] == (logging.WARNING, f"job 7: {reason}: cancelling it") and asked.poll_again
+    assert not asked.cancel and follow.watch.state.stopped_early == {"reason": reason, "rung": 2000, "resumed": False}
+    (save,) = follow.request().writes  # the state saying so is saved first: the try judging the job reads it
+    assert json.loads(save.data)["stopped_early"]["rung"] == 2000 and json.loads(save.data)["cancelled_by_us"]
+    cancel = serve("RUNNING", 6, 5)
+    assert cancel.cancel and not cancel.kill  # cancelled: the job may save on its way out
+    assert not serve("RUNNING", 7, 6).cancel  # once
+    done = serve("CANCELLED", 8, 7)
+    assert done.finished
+    assert follow.result(b"")["stopped_early"]["reason"] == reason
