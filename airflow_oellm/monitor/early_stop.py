@@ -222,12 +222,14 @@ STOP_REQUEST_LIMIT = 4096  # bytes of a stop request read per poll cycle
 
 @dataclass(frozen=True)
 class StopRequest:
-    """`<output_dir>/.oellm/early_stop.json`: the sweep's early stopping asks the training to stop (the follower
-    of its job cancels it and the task ends skipped, with `reason`). `resumed`: a user cleared the stopped task
-    to train on, and the request stands no more."""
+    """`<output_dir>/.oellm/early_stop.json`: the sweep's early stopping asks the training of the experiment's
+    DAG run `run_id` to stop (the follower of its job cancels it and the task ends skipped, with `reason`); a
+    later run of the experiment is not concerned. `resumed`: a user cleared the stopped task to train on, and
+    the request stands no more."""
 
     reason: str
     rung: int
+    run_id: str
     resumed: bool = False
 
     def to_json(self) -> bytes:
@@ -238,11 +240,13 @@ class StopRequest:
         """The request a file holds, or None (no file, or not a request)."""
         try:
             loaded = json.loads(data or b"")
-            request = cls(str(loaded["reason"]), int(loaded["rung"]), loaded.get("resumed") is True)
+            request = cls(
+                str(loaded["reason"]), int(loaded["rung"]), str(loaded["run_id"]), loaded.get("resumed") is True
+            )
         except (ValueError, TypeError, KeyError, AttributeError):
             return None
         return request
 
-    @property
-    def standing(self) -> bool:
-        return not self.resumed
+    def standing_for(self, run_id: str | None) -> bool:
+        """Whether the training of DAG run `run_id` is to stop."""
+        return not self.resumed and self.run_id == run_id

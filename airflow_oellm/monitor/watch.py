@@ -440,10 +440,12 @@ class JobFollower:
         checkpoint_dir: str | None = None,
         branches: Mapping[int, Sequence[str]] | None = None,
         stop_request_path: str | None = None,
+        run_id: str | None = None,
     ) -> None:
         self.job_id, self.log_path, self.state_path = job_id, log_path, state_path
-        # in a sweep with early stopping: where it asks this training to stop (read with each cycle)
-        self.stop_request_path = stop_request_path
+        # an experiment's training: where its sweep's early stopping asks the DAG run `run_id`'s to stop (read
+        # with each cycle)
+        self.stop_request_path, self.run_id = stop_request_path, run_id
         # with rewinds on: the training's status file (its RUNNING content as submitted), where the follower says
         # from which iteration on a checkpoint may yet be rewound away (TrainingStatus.suspect_from)
         self.status_path, self.status = status_path, status
@@ -495,6 +497,7 @@ class JobFollower:
             branches={int(k): v for k, v in (args.get("branches") or {}).items()},
             output_paths=args.get("output_paths") or (),
             stop_request_path=args.get("stop_request_path"),
+            run_id=(args.get("progress_to") or {}).get("run_id"),
             cluster_name=cluster_name,
             max_outage=args.get("max_outage", DEFAULT_MAX_OUTAGE_SECONDS),
             notify_outage_after=args.get("notify_outage_after"),
@@ -569,7 +572,7 @@ class JobFollower:
             watch.state.cancelled_by_us, self._pending_kill = True, step.rewinding
         elif not step.finished and watch.state.stopped_early is None:
             request = StopRequest.from_json(update.chunks[1].data if len(update.chunks) > 1 else None)
-            if request is not None and request.standing:
+            if request is not None and request.standing_for(self.run_id):
                 later.append((logging.WARNING, f"job {self.job_id}: {request.reason}: cancelling it"))
                 watch.state.stopped_early = asdict(request)
                 watch.state.cancelled_by_us, self._pending_kill = True, False

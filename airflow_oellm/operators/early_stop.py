@@ -33,6 +33,10 @@ from airflow_oellm.slurm.identity import stop_request_path, task_status_path
 from airflow_oellm.slurm.target import DEFAULT_SSH_CONN_ID, ClusterTarget
 
 ENDED_RUN_STATES = ("success", "failed")
+# Below this poke interval the sensor pokes in place (a worker slot for the whole sweep, a test's or a demo's):
+# rescheduled that often, Airflow may see the task scheduled again before the executor reports its poke done,
+# and marks it failed (seen with the CeleryExecutor and 2 s pokes)
+RESCHEDULE_FROM_SECONDS = 30.0
 STATE_READ_LIMIT = 1 << 20
 
 
@@ -60,7 +64,9 @@ class SweepEarlyStopSensor(BaseSensorOperator):
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("poke_interval", poll_interval)
-        kwargs.setdefault("mode", "reschedule")  # a worker slot for a moment each poke, not for the whole sweep
+        # a worker slot for a moment each poke, not for the whole sweep
+        kwargs.setdefault("mode", "reschedule" if poll_interval >= RESCHEDULE_FROM_SECONDS else "poke")
+        kwargs.setdefault("retries", 2)  # a poke lost with its worker: the state on the cluster carries on
         cluster = task_cluster(ssh_conn_id, cluster, kwargs)
         super().__init__(**kwargs)
         self.rule = dict(rule)
@@ -88,7 +94,11 @@ class SweepEarlyStopSensor(BaseSensorOperator):
             new = early_stop_round(rule, state, progress, time.time())
             outputs = {info["name"]: info["output_dir"] for info in infos}
             stops = [v for v in new if v.stop and progress[v.experiment].training]
-            files = [(stop_request_path(outputs[v.experiment]), StopRequest(v.reason, v.rung).to_json()) for v in stops]
+            runs = {info["name"]: run_ids[dag_id] for dag_id, info in self.experiments.items()}
+            files = [
+                (stop_request_path(outputs[v.experiment]), StopRequest(v.reason, v.rung, runs[v.experiment]).to_json())
+                for v in stops
+            ]
             if new or not saved.data:
                 written = hook.write_files([*files, (self.state_path, state.to_json())])
                 if not all(written):

@@ -242,7 +242,7 @@ class SlurmSubmitOperator(BaseOperator):
             script_path = s.script_path(ti.try_number)
             try:
                 history = self._finish_rewinds(hook, s, history, store)
-                self._resume_if_stopped(hook, s, history)
+                self._resume_if_stopped(hook, s, history, ti)
                 before = self._checkpoint(hook, s)
                 script = self._script(s, history, before)
                 hook.mkdirs([s.output_dir, s.log_path.rsplit("/", 1)[0], s.script_dir])
@@ -314,14 +314,15 @@ class SlurmSubmitOperator(BaseOperator):
             self.defer(trigger=trigger, method_name="execute_complete")
         return self._finish(context, self._watch_here(trigger_args, ti))
 
-    def _resume_if_stopped(self, hook: SlurmHook, s: JobSettings, history: AttemptHistory) -> None:
-        """A try after one the sweep's early stopping stopped: a user cleared the task to train on. Its stop
-        request stands no more (and the sweep never stops a point twice at one rung)."""
+    def _resume_if_stopped(self, hook: SlurmHook, s: JobSettings, history: AttemptHistory, ti: Any) -> None:
+        """A try after one the sweep's early stopping stopped (a skipped task is not retried: a user cleared it
+        to train on): its stop request stands no more, and the sweep never stops a point twice at one rung."""
         last = next((a for a in reversed(history.attempts) if a.ended), None)
-        if not s.stop_request_path or last is None or last.verdict != STOPPED:
+        cleared = last.verdict == STOPPED if last is not None else ti.try_number > 1  # the history may be gone
+        if not s.stop_request_path or not cleared:
             return
         request = StopRequest.from_json(hook.read_range(s.stop_request_path, 0, STOP_REQUEST_LIMIT).data)
-        if request is not None and request.standing:
+        if request is not None and request.standing_for(ti.run_id):
             hook.write_files([(s.stop_request_path, replace(request, resumed=True).to_json())])
             self.log.info("training on after %s: the task was cleared", request.reason)
 

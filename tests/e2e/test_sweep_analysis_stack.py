@@ -1,10 +1,12 @@
 """A scaling ladder on the dev cluster, through the shared production-like Airflow stack: the tiny trainer at
 three sizes and two learning rates, cooldowns at three lengths, and a rung at iteration 60 that stops the worse
 rate of each size (`sweep.early_stop`). Then the sweep's analysis: a fit of L(N, D) over the three sizes, the
-best rate per size as the runs show it, and the stopped points marked, with the hours they did not spend."""
+best rate per size as the runs show it, and the stopped points marked, with the hours they did not spend. Last,
+a stopped point cleared by a user trains on to its end."""
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import pytest
@@ -60,11 +62,18 @@ def stack(shared_stack, dev_cluster, module_remote_dir, slurm_conn_id, cluster_t
     return s
 
 
-def test_a_ladder_stops_the_worse_rate_at_the_rung_and_its_analysis_fits_the_three_sizes(stack, dev_cluster):
-    sweep = stack.sweep
-    sweep_dag = f"oellm__{sweep.name}"
+@pytest.fixture(scope="module")
+def ladder(stack):
+    """The sweep's run, finished (a fixture: the test's own time limit covers its checks, not the training)."""
+    sweep_dag = f"oellm__{stack.sweep.name}"
     run_id = stack.trigger(sweep_dag)
     assert stack.wait_run(sweep_dag, run_id, 1500) == "success", stack.explain(sweep_dag, run_id)
+    return sweep_dag, run_id
+
+
+def test_a_ladder_stops_the_worse_rate_at_the_rung_and_its_analysis_fits_the_three_sizes(stack, ladder, dev_cluster):
+    sweep = stack.sweep
+    sweep_dag, run_id = ladder
     early = stack.xcom(sweep_dag, run_id, "early_stop")
     summary = {r["experiment"]: r for r in stack.xcom(sweep_dag, run_id, "summary")["rows"]}
     analysis = stack.xcom(sweep_dag, run_id, "analysis")
@@ -108,3 +117,29 @@ def test_a_ladder_stops_the_worse_rate_at_the_rung_and_its_analysis_fits_the_thr
         assert len(losses) == 2 and row["value"] == min(losses, key=losses.__getitem__), (row, losses)
     files = dev_cluster.ssh(["ls", analysis["output"]]).stdout.split()
     assert {"analysis.json", "analysis.md", "loss_law.png", "loss_vs_compute.svg", "early_stop.json"} <= set(files)
+
+
+def test_a_stopped_point_cleared_by_a_user_trains_on_to_its_end(stack, ladder, dev_cluster):
+    """Clearing its training (and what follows it) resumes it from its latest checkpoint to the end; its stop
+    request is marked resumed, and nothing stops it again."""
+    sweep = stack.sweep
+    sweep_dag, run_id = ladder
+    stopped = stack.xcom(sweep_dag, run_id, "early_stop")["stopped"]
+    name = next(iter(stopped))
+    index, e = next((i, e) for i, e in enumerate(sweep.experiments) if e.name == name)
+    experiment_run = stack.xcom(sweep_dag, run_id, "run", "trigger_run_id", map_index=index)
+    clear = {"dry_run": False, "only_failed": False, "task_ids": ["train"], "dag_run_id": experiment_run,
+             "include_downstream": True, "reset_dag_runs": True}  # fmt: skip
+    stack.http("POST", f"/dags/{e.dag_id}/clearTaskInstances", clear)
+
+    def second_try() -> bool:
+        train = {t["task_id"]: t for t in stack.task_instances(e.dag_id, experiment_run)}["train"]
+        return train["try_number"] >= 2 and train["state"] not in (None, "skipped")
+
+    wait(second_try, 120, "the cleared training's next try", stack, every=2)
+    assert stack.wait_run(e.dag_id, experiment_run, 600) == "success", stack.explain(e.dag_id, experiment_run)
+    result = stack.xcom(e.dag_id, experiment_run, "train")
+    assert [a["verdict"] for a in result["attempts"]] == ["stopped", "success"], result["attempts"]
+    assert result["last_iteration"] == 100 and result["summary"]["resumed_from"] >= 20, result["summary"]
+    request = json.loads(dev_cluster.ssh(["cat", f"{e.paths.output_dir}/.oellm/early_stop.json"]).stdout)
+    assert request["resumed"] is True and request["reason"] == stopped[name]

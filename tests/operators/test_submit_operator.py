@@ -648,9 +648,12 @@ def test_a_training_the_sweeps_early_stopping_asks_to_stop_ends_skipped_with_its
         while time.monotonic() < deadline:
             log = backend.run(["sh", "-c", f"cat {log_glob} 2>/dev/null || true"])
             if "iteration       12/" in log:
-                write_request = f"mkdir -p {shlex.quote(request.rsplit('/', 1)[0])} && cat > {shlex.quote(request)}"
-                backend.run(["sh", "-c", f"printf %s {shlex.quote(StopRequest(reason, 10).to_json().decode())} | "
-                             f"{{ {write_request}; }}"])  # fmt: skip
+                run_id = json.loads(backend.run(["cat", task_status_path(exp.paths.output_dir, "train")]))["run_id"]
+                for asked in (StopRequest(reason, 10, "an earlier run"), StopRequest(reason, 10, run_id)):
+                    write_request = f"mkdir -p {shlex.quote(request.rsplit('/', 1)[0])} && cat > {shlex.quote(request)}"
+                    backend.run(["sh", "-c", f"printf %s {shlex.quote(asked.to_json().decode())} | "
+                                 f"{{ {write_request}; }}"])  # fmt: skip
+                    time.sleep(0 if asked.run_id == run_id else 5)  # an earlier run's request: read, left alone
                 return
             time.sleep(1)  # poll the log
 

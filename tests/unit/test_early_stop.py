@@ -221,9 +221,12 @@ def test_the_sweep_dag_gets_an_early_stop_task_beside_its_runs_and_before_its_su
     dag = sweep_dag(sweep)
     task = dag.get_task("early_stop")
     assert task.upstream_task_ids == set() and dag.get_task("summary").upstream_task_ids == {"run", "early_stop"}
-    assert (
-        task.mode == "reschedule" and task.poke_interval == 3 and EarlyStopRule.from_dict(task.rule) == sweep.early_stop
-    )
+    assert EarlyStopRule.from_dict(task.rule) == sweep.early_stop and task.retries == 2
+    # the demo polls every 3 s: too often to reschedule (Airflow could fail a poke it sees rescheduled before done)
+    assert (task.mode, task.poke_interval) == ("poke", 3)
+    every_minute = sweep_dag(load_sweep(REPO / "examples" / "demo" / "demo.yaml", [
+        "+sweep.early_stop={at: [100], within: model, keep: 0.5}", "monitoring.poll_interval_seconds=60"]))  # fmt: skip
+    assert every_minute.get_task("early_stop").mode == "reschedule"
     first = sweep.experiments[0]
     info = {"name": first.name, "parameters": first.parameters, "output_dir": first.paths.output_dir}
     assert task.experiments[first.dag_id] == {**info, "train_iters": 200, "gpus": 0}  # the dev cluster has no GPUs

@@ -269,7 +269,7 @@ def test_a_stalled_follower_superseded_by_another_takes_its_state_and_never_acts
 def test_a_stop_request_of_the_sweeps_early_stopping_cancels_the_job_once_and_is_in_its_result():
     from airflow_oellm.monitor.early_stop import StopRequest
 
-    follow = follower(nan_limit=0, stop_request_path="/out/.oellm/early_stop.json")
+    follow = follower(nan_limit=0, stop_request_path="/out/.oellm/early_stop.json", run_id="run1")
     follow.on_update(PollUpdate("7", None, 1, chunks=(FileChunk("/state", 0, None, b""),)), 0)
     requests: dict[str, bytes | None] = {"/out/.oellm/early_stop.json": None}
 
@@ -285,14 +285,17 @@ def test_a_stop_request_of_the_sweeps_early_stopping_cancels_the_job_once_and_is
 
     assert not serve("RUNNING", 2, 1).cancel and follow.watch.state.stopped_early is None  # no request
     reason = "stopped early: rank 3/4 at 2000 (loss 3.4 vs best 3.1)"
-    requests["/out/.oellm/early_stop.json"] = StopRequest(reason, 2000, resumed=True).to_json()
+    requests["/out/.oellm/early_stop.json"] = StopRequest(reason, 2000, "run1", resumed=True).to_json()
     assert not serve("RUNNING", 3, 2).cancel and follow.watch.state.stopped_early is None  # a user resumed it
+    requests["/out/.oellm/early_stop.json"] = StopRequest(reason, 2000, "run0").to_json()
+    assert not serve("RUNNING", 3, 2).cancel and follow.watch.state.stopped_early is None  # an earlier run's
     requests["/out/.oellm/early_stop.json"] = b"{not json"
     assert not serve("RUNNING", 4, 3).cancel  # not a request
-    requests["/out/.oellm/early_stop.json"] = StopRequest(reason, 2000).to_json()
+    requests["/out/.oellm/early_stop.json"] = StopRequest(reason, 2000, "run1").to_json()
     asked = serve("RUNNING", 5, 4)
     assert asked.later[-1] == (logging.WARNING, f"job 7: {reason}: cancelling it") and asked.poll_again
-    assert not asked.cancel and follow.watch.state.stopped_early == {"reason": reason, "rung": 2000, "resumed": False}
+    stopped = {"reason": reason, "rung": 2000, "run_id": "run1", "resumed": False}
+    assert not asked.cancel and follow.watch.state.stopped_early == stopped
     (save,) = follow.request().writes  # the state saying so is saved first: the try judging the job reads it
     assert json.loads(save.data)["stopped_early"]["rung"] == 2000 and json.loads(save.data)["cancelled_by_us"]
     cancel = serve("RUNNING", 6, 5)
