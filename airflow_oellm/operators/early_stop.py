@@ -38,6 +38,8 @@ ENDED_RUN_STATES = ("success", "failed")
 # and marks it failed (seen with the CeleryExecutor and 2 s pokes)
 RESCHEDULE_FROM_SECONDS = 30.0
 STATE_READ_LIMIT = 1 << 20
+# a point ranked to stop once its training had ended (it finished while the rung waited for the others)
+LATE = "; not stopped: its training had already ended"
 
 
 class SweepEarlyStopSensor(BaseSensorOperator):
@@ -106,7 +108,8 @@ class SweepEarlyStopSensor(BaseSensorOperator):
         finally:
             hook.close()
         for verdict in new:
-            self.log.info("%s: %s", verdict.experiment, verdict.reason)
+            late = verdict.stop and not progress[verdict.experiment].training
+            self.log.info("%s: %s%s", verdict.experiment, verdict.reason, LATE if late else "")
         if any(p.training for p in progress.values()):
             return PokeReturnValue(is_done=False)
         return PokeReturnValue(is_done=True, xcom_value=self._outcome(rule, state, results))
@@ -152,10 +155,12 @@ class SweepEarlyStopSensor(BaseSensorOperator):
             at = result.get("last_iteration") or 0
             spared = saved_hours(info["train_iters"] or 0, at, pace, info["gpus"])
             saved = [saved[0] + spared[0], saved[1] + spared[1]]
+        late = {v.experiment: v.reason + LATE for v in state.verdicts() if v.stop and v.experiment not in stopped}
         outcome = {
             "rule": rule.to_dict(),
             "verdicts": [v.to_dict() for v in state.verdicts()],
             "stopped": stopped,
+            "too_late": late,
             "saved": {
                 "hours": saved[0],
                 "gpu_hours": saved[1],
@@ -163,9 +168,11 @@ class SweepEarlyStopSensor(BaseSensorOperator):
                 "sweep_gpu_hours": planned[1],
             },
         }
-        counts = (len(stopped), saved[0], planned[0], saved[1], planned[1])
+        counts = (len(stopped), len(late), saved[0], planned[0], saved[1], planned[1])
         self.log.info(
-            "early stopping: %d point(s) stopped; %.3g of %.3g hours (%.3g of %.3g GPU-hours) not spent", *counts
+            "early stopping: %d point(s) stopped, %d ranked to stop after their training ended; %.3g of %.3g hours"
+            " (%.3g of %.3g GPU-hours) not spent",
+            *counts,
         )
         return outcome
 

@@ -1,5 +1,5 @@
 """A scaling ladder on the dev cluster, through the shared production-like Airflow stack: the tiny trainer at
-three sizes and two learning rates, cooldowns at three lengths, and a rung at iteration 60 that stops the worse
+three sizes and two learning rates, cooldowns at three lengths, and a rung at iteration 40 that stops the worse
 rate of each size (`sweep.early_stop`). Then the sweep's analysis: a fit of L(N, D) over the three sizes, the
 best rate per size as the runs show it, and the stopped points marked, with the hours they did not spend. Last,
 a stopped point cleared by a user trains on to its end."""
@@ -19,7 +19,7 @@ from tests.shared_stack import add_file
 pytestmark = [pytest.mark.early_stop, pytest.mark.analysis, pytest.mark.demo]
 RATES = (3.0e-3, 3.0e-2)
 SIZES = ("tiny", "tiny-wide", "tiny-large")
-RUNG = 60
+RUNG = 40
 
 
 def sweep_yaml(remote: str, token: str, conn_id: str, python: str) -> str:
@@ -63,10 +63,33 @@ def stack(shared_stack, dev_cluster, module_remote_dir, slurm_conn_id, cluster_t
 
 
 @pytest.fixture(scope="module")
-def ladder(stack):
-    """The sweep's run, finished (a fixture: the test's own time limit covers its checks, not the training)."""
+def ladder(stack, dev_cluster):
+    """The sweep's run, finished (a fixture: the test's own time limit covers its checks, not the training).
+
+    The higher rate of each size starts once the lower has passed the rung (its DAG is paused until then), so
+    that it is ranked as it reaches the rung, with 60 iterations to go. Started together, the stack's workers
+    had started one point a minute after its sibling, which then finished while the rung waited."""
     sweep_dag = f"oellm__{stack.sweep.name}"
+    by_name = {e.name: e for e in stack.sweep.experiments}
+    # the later point's DAG id -> the tracker of the first point's checkpoints
+    held = {
+        by_name[f"{size}_lr{RATES[1]}"].dag_id:
+            f"{by_name[f'{size}_lr{RATES[0]}'].paths.checkpoint_dir}/latest_checkpointed_iteration.txt"
+        for size in SIZES
+    }  # fmt: skip
+    for dag_id in held:
+        stack.http("PATCH", f"/dags/{dag_id}", {"is_paused": True})
     run_id = stack.trigger(sweep_dag)
+
+    def release() -> bool:
+        for dag_id, tracker in list(held.items()):
+            saved = dev_cluster.ssh(["cat", tracker], check=False).stdout.strip()
+            if saved.isdigit() and int(saved) >= RUNG:
+                stack.http("PATCH", f"/dags/{dag_id}", {"is_paused": False})
+                del held[dag_id]
+        return not held
+
+    wait(release, 600, "each size's lower rate past the rung", stack, every=2)
     assert stack.wait_run(sweep_dag, run_id, 1500) == "success", stack.explain(sweep_dag, run_id)
     return sweep_dag, run_id
 
@@ -101,7 +124,7 @@ def test_a_ladder_stops_the_worse_rate_at_the_rung_and_its_analysis_fits_the_thr
         losses = {lr: at_rung[f"{size}_lr{lr}"] for lr in RATES}
         worse = f"{size}_lr{max(RATES, key=losses.__getitem__)}"
         assert stopped.get(worse, "").startswith(f"stopped early: rank 2/2 at {RUNG} (loss "), (stopped, losses)
-    assert len(stopped) == len(SIZES) and early["stopped"] == stopped, (stopped, early)
+    assert len(stopped) == len(SIZES) and early["stopped"] == stopped and early["too_late"] == {}, (stopped, early)
     assert all(summary[name]["state"] == "stopped early" for name in stopped), summary
     saved = early["saved"]
     assert 0 < saved["hours"] < saved["sweep_hours"] and saved["gpu_hours"] == 0, saved  # the dev cluster: no GPUs

@@ -232,3 +232,30 @@ def test_the_sweep_dag_gets_an_early_stop_task_beside_its_runs_and_before_its_su
     assert task.experiments[first.dag_id] == {**info, "train_iters": 200, "gpus": 0}  # the dev cluster has no GPUs
     assert task.state_path == f"{first.config.project.base_output_dir}/_analysis/demo/early_stop.json"
     assert "early_stop" not in sweep_dag(load_sweep(REPO / "examples" / "demo" / "demo.yaml")).task_ids
+
+
+def test_a_point_ranked_to_stop_after_its_training_ended_is_listed_too_late_not_stopped():
+    """A rung waits for its whole group: a point that finished meanwhile is ranked, but no hours were saved
+    on it, and the task's result says so instead of counting it stopped."""
+    from airflow_oellm.config import load_sweep
+    from airflow_oellm.dag_factory import sweep_dag
+    from airflow_oellm.monitor.early_stop import EarlyStopState, PointProgress, early_stop_round
+    from tests.conftest import REPO
+
+    sweep = load_sweep(
+        REPO / "examples" / "demo" / "demo.yaml", ["+sweep.early_stop={at: [100], within: model, keep: 0.5}"]
+    )
+    task = sweep_dag(sweep).get_task("early_stop")
+    rule = EarlyStopRule.from_dict(task.rule)
+    names = [info["name"] for info in task.experiments.values()]
+    state = EarlyStopState.start(rule, "run1", {info["name"]: info["parameters"] for info in task.experiments.values()})
+    progress = {
+        name: PointProgress(200, False, [{"iteration": 100, "loss": 2.0 + i}]) for i, name in enumerate(names)
+    }  # every point finished before the rung decided
+    verdicts = early_stop_round(rule, state, progress, now=0)
+    losers = {v.experiment: v.reason for v in verdicts if v.stop}
+    assert losers, verdicts
+    pace = {"summary": {"iteration_ms": 1000.0}, "classification": {"verdict": "success"}}
+    outcome = task._outcome(rule, state, {name: pace for name in names})
+    assert outcome["stopped"] == {} and outcome["saved"]["hours"] == 0 < outcome["saved"]["sweep_hours"]
+    assert outcome["too_late"] == {e: f"{r}; not stopped: its training had already ended" for e, r in losers.items()}
