@@ -336,6 +336,11 @@ class AnomaliesConfig:
 @dataclass
 class MonitoringConfig:
     poll_interval_seconds: int = opt(60, "Seconds between status polls of the job.")
+    start_estimate_interval_seconds: int = opt(
+        600,
+        "Seconds between two asks for the pending jobs' expected starts (`squeue --start`, one command for all "
+        "of a cluster's pending jobs, none while no job pends); 0: never.",
+    )
     inactivity_threshold_seconds: int = opt(
         1800, "A RUNNING job with no log growth and no iteration progress for this long is a hang."
     )

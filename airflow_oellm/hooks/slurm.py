@@ -134,8 +134,8 @@ class SlurmHook(BaseHook):
     def job_statuses(self, job_ids: Sequence[str]) -> dict[str, JobStatus]:
         return self.run(operations.job_statuses(job_ids))
 
-    def poll_cycle(self, job_ids: Sequence[str], request: CycleRequest) -> CycleResult:
-        return self.run(operations.poll_cycle(job_ids, request))
+    def poll_cycle(self, job_ids: Sequence[str], request: CycleRequest, start_of: Sequence[str] = ()) -> CycleResult:
+        return self.run(operations.poll_cycle(job_ids, request, start_of=start_of))
 
     def job_status(self, job_id: str) -> JobStatus:
         return self.job_statuses([job_id])[str(job_id)]
@@ -242,8 +242,10 @@ class AsyncSlurmHook:
     async def job_statuses(self, job_ids: Sequence[str]) -> dict[str, JobStatus]:
         return await self.run(operations.job_statuses(job_ids))
 
-    async def poll_cycle(self, job_ids: Sequence[str], request: CycleRequest) -> CycleResult:
-        return await self.run(operations.poll_cycle(job_ids, request))
+    async def poll_cycle(
+        self, job_ids: Sequence[str], request: CycleRequest, start_of: Sequence[str] = ()
+    ) -> CycleResult:
+        return await self.run(operations.poll_cycle(job_ids, request, start_of=start_of))
 
     async def read_ranges(self, requests: Sequence[tuple[str, int, int]]) -> list[FileChunk]:
         return await self.run(operations.read_ranges(requests))

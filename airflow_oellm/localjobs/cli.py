@@ -56,7 +56,11 @@ class CommandError(Exception):
 
 
 def _when(seconds: float | None) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(seconds)) if seconds else "Unknown"
+    """A time as SLURM prints it: ISO local time, or as `SLURM_TIME_FORMAT` says (a strftime format)."""
+    fmt = os.environ.get("SLURM_TIME_FORMAT") or "%Y-%m-%dT%H:%M:%S"
+    if fmt == "standard":
+        fmt = "%Y-%m-%dT%H:%M:%S"
+    return time.strftime(fmt, time.localtime(seconds)) if seconds else "Unknown"
 
 
 def _duration(seconds: float | None) -> str:
@@ -121,7 +125,7 @@ SQUEUE_FIELDS: dict[str, Field] = {
     "C": lambda r: str(r.cpus),
     "D": lambda r: "1",
     "V": lambda r: _when(r.job["submit_time"]),
-    "S": lambda r: _when(_started(r)),
+    "S": lambda r: _when(_started(r)) if _started(r) else "N/A",
     "o": lambda r: r.job["submitted_script"],
     "Z": lambda r: r.job["spec"]["workdir"],
 }
@@ -225,11 +229,13 @@ def squeue(store: JobStore, argv: Sequence[str]) -> str:
     options, rest = parse_options(
         argv,
         {"h": "noheader", "t": "states", "j": "jobs", "o": "format", "u": "user", "n": "name", "w": "nodelist"},
-        frozenset({"noheader", "me", "all", "array", "long"}),
+        frozenset({"noheader", "me", "all", "array", "long", "start"}),
     )
     if rest:
         raise CommandError(f"squeue: error: Unrecognized option: {rest[0]}")
     states = {s.strip().upper() for s in options.get("states", "").split(",") if s.strip()}
+    if "start" in options:  # pending jobs, with their expected start: none here (no backfill scheduler)
+        states = states or {"PENDING"}
     if "ALL" in states:
         states = set()
     wanted_ids = _ids(options.get("jobs", ""), "squeue")

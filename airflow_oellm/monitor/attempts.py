@@ -38,6 +38,7 @@ from airflow_oellm.monitor.records import AttemptHistory, AttemptRecord, Trainin
 from airflow_oellm.monitor.retention import RetentionSettings
 from airflow_oellm.monitor.watch import PROGRESS_CURVE, merged_curve, thinned
 from airflow_oellm.slurm.identity import stop_request_path
+from airflow_oellm.slurm.pending import DEFAULT_START_ESTIMATE_INTERVAL
 from airflow_oellm.slurm.states import JobState, JobStatus
 
 MAX_ATTEMPT_FAULTS = 5  # fault lines kept per attempt in the history
@@ -81,6 +82,7 @@ class JobSettings:
     rules: list[Rule]  # the task's own rules, then the config's, then the defaults
     # an experiment's training: where its sweep's early stopping asks it to stop (read with each poll cycle)
     stop_request_path: str | None = None
+    start_estimate_interval: float = DEFAULT_START_ESTIMATE_INTERVAL  # seconds between `squeue --start` (0: never)
 
     def script_path(self, try_number: int) -> str:
         return f"{self.script_dir}/{script_file(self.name, try_number)}"
@@ -183,6 +185,7 @@ def job_settings(
         retention_branches=branches,
         output_paths=[*m.output_paths, *output_paths],
         poll_interval=poll_interval or m.poll_interval_seconds,
+        start_estimate_interval=m.start_estimate_interval_seconds,
         gpus=cfg.slurm.nodes * cfg.slurm.gpus_per_node,
         max_outage=max_outage_seconds(cfg.platform.max_outage),
         on_outage=notifier.callback,

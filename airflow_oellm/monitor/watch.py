@@ -24,7 +24,8 @@ from airflow_oellm.monitor.records import WatchSummary
 from airflow_oellm.monitor.retention import RetentionSettings, deletions
 from airflow_oellm.slurm.commands import FileChunk
 from airflow_oellm.slurm.operations import CycleRequest, FileWrite, PollUpdate
-from airflow_oellm.slurm.states import JobStatus
+from airflow_oellm.slurm.pending import queue_state
+from airflow_oellm.slurm.states import JobState, JobStatus
 
 READ_BYTES = 64 * 1024  # new log bytes read per poll while the job runs
 DRAIN_BYTES = 4 * 1024 * 1024  # per poll once the job has ended
@@ -338,18 +339,23 @@ class JobWatch:
         """What a running job looks like now (JSON-safe, bounded): the dashboard's live view."""
         summary = dict(self.state.summary)
         summary["loss_curve"] = thinned(summary.get("loss_curve", []), PROGRESS_CURVE)
-        return {
+        progress = {
             "job_id": self.state.job_id,
             "job_state": status.state.value if status is not None else None,
             "updated": now,
             "summary": summary,
         }
+        if status is not None and status.state is JobState.PENDING:
+            progress["queue"] = queue_state(status.reason, status.expected_start).to_dict()
+        return progress
 
     def progress_mark(self, status: JobStatus | None) -> tuple[Any, ...]:
         """Changes when a progress snapshot would show something new."""
         summary = self.state.summary
+        pending = status is not None and status.state is JobState.PENDING
         return (
             status.state.value if status is not None else None,
+            (status.reason, status.expected_start) if pending else None,
             summary.get("last_iteration"),
             sum(summary.get("counts", {}).values()),
             self.state.hang,
@@ -476,6 +482,7 @@ class JobFollower:
         self.branches = {int(k): tuple(v) for k, v in (branches or {}).items()}
         self._probe_due = False
         self._published: tuple[Any, ...] | None = None
+        self._told_pending: str | None = None  # the reason the task log was last told the job will not start for
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any], cluster_name: str) -> JobFollower:
@@ -568,6 +575,7 @@ class JobFollower:
             later.append((logging.WARNING, f"{message} to {target}"))
         elif step.stop_reason:
             later.append((logging.WARNING, f"job {self.job_id}: {step.stop_reason}: cancelling it"))
+        later += self._pending_notice(update.status)
         if step.stop_reason:
             watch.state.cancelled_by_us, self._pending_kill = True, step.rewinding
         elif not step.finished and watch.state.stopped_early is None:
@@ -592,6 +600,16 @@ class JobFollower:
             self._pending_write = watch.state.to_json()  # saved with the next cycle
         self._mark_suspect(watch.detector.suspect_from(), now)
         return replace(followed, publish=publish, poll_again=bool(step.stop_reason) or stopping_early)
+
+    def _pending_notice(self, status: JobStatus | None) -> list[tuple[int, str]]:
+        """A warning, once per reason, that the job waits for something that will not clear by itself."""
+        if status is None or status.state is not JobState.PENDING:
+            return []
+        queue = queue_state(status.reason)
+        if queue.clears or queue.reason == self._told_pending:
+            return []
+        self._told_pending = queue.reason
+        return [(logging.WARNING, f"job {self.job_id}: {queue.describe()}")]
 
     def _retained(self, update: PollUpdate) -> list[tuple[int, tuple[str, ...]]]:
         """The checkpoints retention deletes, from this cycle's probe of the directory (none without one)."""

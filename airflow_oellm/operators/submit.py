@@ -63,6 +63,7 @@ from airflow_oellm.pause_points import pause_point
 from airflow_oellm.slurm.commands import SlurmCommandError
 from airflow_oellm.slurm.identity import JobIdentity, monitor_state_path, task_status_path
 from airflow_oellm.slurm.operations import PollUpdate, SubmissionConflict
+from airflow_oellm.slurm.pending import StartEstimates, pending_ids
 from airflow_oellm.slurm.states import JobState
 from airflow_oellm.slurm.target import DEFAULT_SSH_CONN_ID, ClusterTarget
 from airflow_oellm.triggers.base import settle_deadline
@@ -359,6 +360,7 @@ class SlurmSubmitOperator(BaseOperator):
             ).to_json(),
             "output_paths": s.output_paths,
             "poll_interval": s.poll_interval,
+            "start_estimate_interval": s.start_estimate_interval,
             "max_outage": s.max_outage,
             "on_outage": s.on_outage,
             "notify_outage_after": s.notify_outage_after,
@@ -431,11 +433,15 @@ class SlurmSubmitOperator(BaseOperator):
         follower = JobFollower.from_args(args, self.cluster.name)
         hook = self._hook()
         cycles = failures = 0
+        estimates, last = StartEstimates(args.get("start_estimate_interval") or 0.0), {}
         try:
             while True:
                 request, cycles = follower.request(), cycles + 1
                 try:
-                    update = PollUpdate.from_cycle(job_id, request, hook.poll_cycle([job_id], request), cycles)
+                    start_of = estimates.due(pending_ids(last), time.time())
+                    cycle = hook.poll_cycle([job_id], request, start_of=start_of)
+                    last = estimates.estimated(cycle.statuses, start_of, cycle.start_estimates, time.time())
+                    update = PollUpdate.from_cycle(job_id, request, replace(cycle, statuses=last), cycles)
                     failures = 0
                 except SlurmCommandError as exc:
                     failures += 1

@@ -379,6 +379,30 @@ def squeue_section(job_ids: Sequence[str]) -> str:
     )
 
 
+def start_estimates_section(job_ids: Sequence[str]) -> str:
+    """`squeue --start` for pending jobs inside a combined script, times as epoch seconds (no time zone to
+    guess): `@@start <rc>`, its output and errors, `@@end`."""
+    argv = ["squeue", "--noheader", "--start", f"--jobs={','.join(job_ids)}", "--format=%A|%S"]
+    return (
+        f"s=$(SLURM_TIME_FORMAT=%s {shlex.join(argv)} 2>&1); printf '@@start %s\\n' \"$?\"; "
+        "printf '%s\\n' \"$s\"; echo @@end"
+    )
+
+
+def parse_start_estimates(stdout: str) -> dict[str, float | None] | None:
+    """Each listed job's expected start (None: SLURM has none yet) from a combined script's output; None when
+    the section is missing or squeue failed (the estimate is left as it was: it never fails a poll)."""
+    m = re.search(r"^@@start (-?\d+)\n(.*?)^@@end$", stdout, re.M | re.S)
+    if m is None or int(m.group(1)) != 0:
+        return None
+    estimates: dict[str, float | None] = {}
+    for line in m.group(2).splitlines():
+        job_id, _, start = line.strip().partition("|")
+        if job_id.isdigit():
+            estimates[job_id] = float(start) if start.strip().isdigit() else None
+    return estimates
+
+
 def parse_squeue_sections(stdout: str) -> list[tuple[int, str]]:
     """(rc, text) of each squeue section of a combined script's output."""
     sections = []

@@ -103,6 +103,8 @@ class CycleResult:
     checkpoints: list[CheckpointState]
     writes_ok: list[bool]
     writes_stale: list[bool] = field(default_factory=list)  # refused: the file no longer held `replaces`
+    # the expected starts asked for (`start_of`): None when not asked or squeue --start failed
+    start_estimates: dict[str, float | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -145,15 +147,20 @@ class PollUpdate:
 
 
 def poll_cycle(
-    job_ids: Sequence[str], request: CycleRequest = CycleRequest(), chunk_size: int = SQUEUE_CHUNK
+    job_ids: Sequence[str],
+    request: CycleRequest = CycleRequest(),
+    chunk_size: int = SQUEUE_CHUNK,
+    start_of: Sequence[str] = (),
 ) -> Operation[CycleResult]:
-    """One command for the states of all jobs (squeue per chunk of ids) and every file request; then one
-    sacct for the jobs that left the queue or just ended (it has exit codes, `CANCELLED by <uid>` and the
-    requeue history; squeue does not)."""
+    """One command for the states of all jobs (squeue per chunk of ids), the expected starts of `start_of`
+    (pending jobs: `squeue --start`) and every file request; then one sacct for the jobs that left the queue
+    or just ended (it has exit codes, `CANCELLED by <uid>` and the requeue history; squeue does not)."""
     ids = list(dict.fromkeys(str(j) for j in job_ids))
     chunks_of_ids = [ids[i : i + chunk_size] for i in range(0, len(ids), chunk_size)]
     parts = ["umask 077"]
     parts += [commands.squeue_section(chunk) for chunk in chunks_of_ids]
+    if start_of:
+        parts.append(commands.start_estimates_section(list(dict.fromkeys(str(j) for j in start_of))))
     if request.reads:
         parts.append(commands.read_ranges_script(request.reads))
     parts += [commands.stat_script(i, path) for i, path in enumerate(request.stats)]
@@ -211,6 +218,7 @@ def poll_cycle(
         [p for p in probes if p is not None],
         writes_ok,
         writes_stale,
+        commands.parse_start_estimates(result.stdout) if start_of else None,
     )
 
 

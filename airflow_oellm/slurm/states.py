@@ -125,6 +125,7 @@ class JobStatus:
     restarts: int = 0
     source: str = ""  # "squeue" | "sacct" | "" (not found)
     history: tuple[str, ...] = field(default_factory=tuple)  # earlier runs' states (requeues)
+    expected_start: float | None = None  # a pending job's, epoch seconds (`squeue --start`; slurm/pending.py)
 
     @property
     def is_terminal(self) -> bool:
@@ -155,6 +156,7 @@ class JobStatus:
             "restarts": self.restarts,
             "source": self.source,
             "history": list(self.history),
+            "expected_start": self.expected_start,
         }
 
     @classmethod

@@ -80,8 +80,9 @@ class ClusterTrigger(BaseTrigger):
     def hook(self) -> AsyncSlurmHook:
         return AsyncSlurmHook(cluster=self.cluster)
 
-    def poller(self) -> JobPoller:
-        return JobPoller.shared(self.hook, key=self.cluster.key, interval=self.poll_interval)
+    def poller(self, start_estimate_interval: float = 0.0) -> JobPoller:
+        key, interval = self.cluster.key, self.poll_interval
+        return JobPoller.shared(self.hook, key=key, interval=interval, start_estimate_interval=start_estimate_interval)
 
     @abc.abstractmethod
     def watch(self) -> AsyncIterator[TriggerEvent]:

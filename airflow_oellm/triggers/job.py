@@ -54,6 +54,7 @@ class SlurmJobTrigger(ClusterTrigger):
         "on_outage",
         "notify_outage_after",
         "stop_request_path",
+        "start_estimate_interval",
     )
 
     def __init__(
@@ -83,6 +84,7 @@ class SlurmJobTrigger(ClusterTrigger):
         on_outage: str | None = None,
         notify_outage_after: float | None = None,
         stop_request_path: str | None = None,
+        start_estimate_interval: float = 0.0,
         **before_cluster_target: Any,
     ) -> None:
         super().__init__(
@@ -111,13 +113,14 @@ class SlurmJobTrigger(ClusterTrigger):
         # the task instance whose `progress` XCom follows the job: dag_id, run_id, task_id, map_index
         self.progress_to = dict(progress_to) if progress_to else None
         self.stop_request_path = stop_request_path  # a training in a sweep with early stopping
+        self.start_estimate_interval = start_estimate_interval  # its pending job's expected start (0: never asked)
         self.max_outage = max_outage
         self.on_outage = on_outage  # platform.on_outage.callback, told after notify_outage_after seconds
         self.notify_outage_after = notify_outage_after if on_outage else None
 
     async def watch(self) -> AsyncIterator[TriggerEvent]:
         follower = JobFollower.from_args({name: getattr(self, name) for name in self.fields}, self.cluster.name)
-        poller = self.poller()
+        poller = self.poller(self.start_estimate_interval)
         async for update in poller.watch(self.job_id, follower.request):
             step = follower.on_update(update, time.time())
             if step.poll_again:

@@ -23,6 +23,8 @@ from typing import ClassVar
 from airflow_oellm.hooks.slurm import AsyncSlurmHook
 from airflow_oellm.slurm.commands import SlurmCommandError
 from airflow_oellm.slurm.operations import CycleRequest, PollUpdate
+from airflow_oellm.slurm.pending import StartEstimates, pending_ids
+from airflow_oellm.slurm.states import JobStatus
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ class JobPoller:
         interval: float = DEFAULT_INTERVAL,
         first_check_after: float = FIRST_CHECK_AFTER,
         failure_threshold: int = 3,
+        start_estimate_interval: float = 0.0,
     ) -> None:
         self.key = key
         self.hook_factory = hook_factory
@@ -63,6 +66,9 @@ class JobPoller:
         self.interval = interval
         self.first_check_after = first_check_after
         self.failure_threshold = failure_threshold
+        # the pending jobs' expected starts: one `squeue --start` for all of them, rarely (0: never)
+        self.start_estimates = StartEstimates(start_estimate_interval)
+        self._statuses: dict[str, JobStatus] = {}  # the last cycle's, to know which jobs pend
         self.cycles = 0
         self.failed_cycles = 0
         self.consecutive_failures = 0
@@ -82,10 +88,12 @@ class JobPoller:
         interval: float = DEFAULT_INTERVAL,
         first_check_after: float = FIRST_CHECK_AFTER,
         failure_threshold: int = 3,
+        start_estimate_interval: float = 0.0,
     ) -> JobPoller:
         """The poller of this connection in this process (event loop); created on first use.
 
-        With watchers asking for different intervals, the shortest one is used.
+        With watchers asking for different intervals, the shortest one is used (start estimates: the
+        shortest above 0).
         """
         loop = asyncio.get_running_loop()
         registry_key = (key, id(loop))
@@ -100,6 +108,11 @@ class JobPoller:
             )
             poller.loop = loop
         poller.interval = min(poller.interval, interval)
+        if start_estimate_interval > 0:
+            current = poller.start_estimates.interval
+            poller.start_estimates.interval = (
+                min(current, start_estimate_interval) if current > 0 else (start_estimate_interval)
+            )
         return poller
 
     @property
@@ -172,8 +185,9 @@ class JobPoller:
             writes=[w for q in requests for w in q.writes],
         )
         ids = list(dict.fromkeys(w.job_id for w in watchers if w.job_id is not None))
+        start_of = self.start_estimates.due(pending_ids({j: self._statuses.get(j) for j in ids}), time.time())
         try:
-            result = await self.hook.poll_cycle(ids, combined)
+            result = await self.hook.poll_cycle(ids, combined, start_of=start_of)
         except SlurmCommandError as exc:
             self.failed_cycles += 1
             self.consecutive_failures += 1
@@ -197,12 +211,15 @@ class JobPoller:
             return
         self.consecutive_failures, self.failing_since = 0, None
         self._due = time.monotonic() + self.interval
+        statuses = self._statuses = self.start_estimates.estimated(
+            result.statuses, start_of, result.start_estimates, time.time()
+        )
         mtimes = dict(zip(combined.stats, result.mtimes, strict=True))
         reads = checks = writes = 0
         for w, q in zip(watchers, requests, strict=True):
             update = PollUpdate(
                 w.job_id,
-                result.statuses.get(w.job_id) if w.job_id is not None else None,
+                statuses.get(w.job_id) if w.job_id is not None else None,
                 self.cycles,
                 chunks=tuple(result.chunks[reads : reads + len(q.reads)]),
                 mtimes={p: mtimes[p] for p in q.stats},

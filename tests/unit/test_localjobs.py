@@ -16,7 +16,7 @@ import pytest
 from airflow_oellm.hooks.slurm import SlurmHook
 from airflow_oellm.localjobs.spec import SubmitError, directives, job_spec, parse_options
 from airflow_oellm.slurm.identity import JobIdentity
-from airflow_oellm.slurm.operations import SubmissionConflict
+from airflow_oellm.slurm.operations import CycleRequest, SubmissionConflict
 from airflow_oellm.slurm.states import JobState
 from airflow_oellm.slurm.target import ClusterTarget
 
@@ -138,6 +138,9 @@ def test_jobs_wait_for_free_cpus(hook, script):
     wait_state(hook, long[1], lambda s: s is JobState.RUNNING)
     status = hook.job_status(queued)
     assert status.state is JobState.PENDING and status.reason == "Resources"
+    # as on a cluster: the pending job's reason, and `squeue --start` answers, without an estimate here
+    cycle = hook.poll_cycle([queued, long[0]], CycleRequest(), start_of=[queued])
+    assert cycle.statuses[queued].reason == "Resources" and cycle.start_estimates == {queued: None}
     assert finished(hook, queued).state is JobState.COMPLETED
     assert all(finished(hook, j).state is JobState.COMPLETED for j in long)
 

@@ -17,18 +17,25 @@ pytestmark = pytest.mark.hook
 class ScriptedHook:
     """Answers job_statuses from a list of outcomes (statuses or exceptions)."""
 
-    def __init__(self, outcomes):
+    def __init__(self, outcomes, estimates=None):
         self.outcomes = list(outcomes)
+        self.estimates = estimates or {}  # what `squeue --start` answers
         self.calls: list[list[str]] = []
+        self.start_calls: list[list[str]] = []
         self.closed = 0
 
-    async def poll_cycle(self, ids, request):
+    async def poll_cycle(self, ids, request, start_of=()):
         self.calls.append(list(ids))
         outcome = self.outcomes.pop(0) if len(self.outcomes) > 1 else self.outcomes[0]
         if isinstance(outcome, Exception):
             raise outcome
         chunks = [FileChunk(path, offset, 100, b"x" * min(limit, 3)) for path, offset, limit in request.reads]
-        return CycleResult({j: JobStatus(j, outcome) for j in ids}, chunks, [1.0] * len(request.stats), [], [])
+        answers = None
+        if start_of:
+            self.start_calls.append(list(start_of))
+            answers = {j: self.estimates.get(j) for j in start_of}
+        statuses = {j: JobStatus(j, outcome, reason="Priority") for j in ids}
+        return CycleResult(statuses, chunks, [1.0] * len(request.stats), [], [], [], answers)
 
     async def close(self):
         self.closed += 1
@@ -174,3 +181,33 @@ def test_a_watcher_that_needs_its_next_cycle_now_gets_it_before_the_interval():
         return cycles
 
     assert asyncio.run(scenario()) == [1, 2, 3] and len(hook.calls) == 3
+
+
+def test_pending_jobs_get_one_start_estimate_ask_per_interval_and_keep_it_between_asks(monkeypatch):
+    """One `squeue --start` for all pending jobs, not on the first cycle (nothing is known to pend yet), then
+    not again before the interval; each pending status carries its estimate; none is asked once none pends."""
+    hook = ScriptedHook([JobState.PENDING] * 4 + [JobState.RUNNING], estimates={"1": 1.8e9, "2": None})
+    clock = {"now": 1000.0}
+
+    async def scenario():
+        poller = JobPoller(lambda: hook, key="k-start", interval=0.01, first_check_after=0.0)
+        poller.start_estimates.interval = 600.0
+        got = []
+
+        async def watch(job_id):
+            async for update in poller.watch(job_id):
+                got.append((job_id, update.status.state, update.status.expected_start))
+                clock["now"] += 50.0  # 100 s a cycle: its 5 cycles fit in one interval
+                if update.status.state is JobState.RUNNING:
+                    return
+
+        await asyncio.gather(watch("1"), watch("2"))
+        return got
+
+    monkeypatch.setattr("airflow_oellm.triggers.poller.time.time", lambda: clock["now"])
+    got = asyncio.run(scenario())
+    assert hook.start_calls == [["1", "2"]]  # asked once, on the second cycle, for both
+    first = [e for j, state, e in got if j == "1" and state is JobState.PENDING]
+    assert first[0] is None and set(first[1:]) == {1.8e9}  # then kept between asks
+    assert all(e is None for j, _, e in got if j == "2")  # SLURM has no estimate for it
+    assert all(e is None for _, state, e in got if state is JobState.RUNNING)

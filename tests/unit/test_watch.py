@@ -20,6 +20,7 @@ from airflow_oellm.monitor.watch import (
 )
 from airflow_oellm.slurm.commands import FileChunk
 from airflow_oellm.slurm.operations import PollUpdate
+from airflow_oellm.slurm.pending import queue_state
 from airflow_oellm.slurm.states import JobState, JobStatus
 from tests.unit.test_monitor import MEGATRON_LOG
 
@@ -304,3 +305,28 @@ def test_a_stop_request_of_the_sweeps_early_stopping_cancels_the_job_once_and_is
     done = serve("CANCELLED", 8, 7)
     assert done.finished
     assert follow.result(b"")["stopped_early"]["reason"] == reason
+
+
+def test_a_pending_job_publishes_why_it_waits_and_until_when_and_warns_once_of_a_reason_that_never_clears():
+    from dataclasses import replace
+
+    follow = follower(nan_limit=0)
+    follow.on_update(PollUpdate("7", None, 1, chunks=(FileChunk("/state", 0, None, b""),)), 0)
+
+    def pending(reason: str, expected: float | None, cycle: int) -> PollUpdate:
+        update = served(follow, b"", "PENDING", cycle)
+        return replace(update, status=JobStatus("7", JobState.PENDING, reason=reason, expected_start=expected))
+
+    first = follow.on_update(pending("Priority", None, 2), 1)
+    assert first.publish["queue"] == {"reason": "Priority", "category": "priority", "label": "priority",
+                                      "clears": True, "fix": None, "expected_start": None}  # fmt: skip
+    assert first.later == []
+    estimated = follow.on_update(pending("Priority", 1.8e9, 3), 2)  # the estimate came: published again
+    assert estimated.publish["queue"]["expected_start"] == 1.8e9
+    assert follow.on_update(pending("Priority", 1.8e9, 4), 3).publish is None  # nothing new
+    stuck = follow.on_update(pending("QOSMaxWallDurationPerJobLimit", None, 5), 4)
+    assert stuck.publish["queue"]["clears"] is False and "slurm.time" in stuck.publish["queue"]["fix"]
+    assert stuck.later == [(logging.WARNING, "job 7: " + queue_state("QOSMaxWallDurationPerJobLimit").describe())]
+    assert follow.on_update(pending("QOSMaxWallDurationPerJobLimit", None, 6), 5).later == []  # told once
+    running = follow.on_update(served(follow, LOG, "RUNNING", 7), 6)
+    assert "queue" not in running.publish
