@@ -52,8 +52,19 @@ def _time(epoch: float | None) -> str:
     return "" if epoch is None else datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def _start(epoch: float | None, now: float | None = None) -> str:
+    """An expected start: `Tue 14:20 UTC` within the week ahead, else with its date."""
+    if epoch is None:
+        return ""
+    when = datetime.fromtimestamp(epoch, UTC)
+    near = abs(epoch - (datetime.now(UTC).timestamp() if now is None else now)) < 6 * 86400
+    return when.strftime("%a %H:%M UTC" if near else "%a %Y-%m-%d %H:%M UTC")
+
+
 templates = Environment(loader=PackageLoader("airflow_oellm.dashboard", "templates"), autoescape=select_autoescape())
-templates.filters.update(duration=_duration, number=_number, time=_time, quote=lambda s: quote(str(s), safe=""))
+templates.filters.update(
+    duration=_duration, number=_number, time=_time, start=_start, quote=lambda s: quote(str(s), safe="")
+)
 
 
 def ui_root() -> str:
@@ -225,6 +236,7 @@ def create_app() -> FastAPI:
         return {
             "name": view.name,
             "counts": view.counts,
+            "pending": view.pending,
             "experiments": [_as_json(e) for e in view.experiments],
             "analysis": view.analysis,
         }

@@ -36,6 +36,7 @@ from airflow_oellm.monitor.classify import STOPPED
 from airflow_oellm.monitor.outage import outage_line
 from airflow_oellm.monitor.records import AttemptHistory, AttemptRecord
 from airflow_oellm.monitor.watch import loss_at, merged_curve, thinned, validation_losses
+from airflow_oellm.slurm.pending import pending_counts
 
 EVALUATE_TASKS = {CHECKPOINT_EVALUATE_TASK: False, COOLDOWN_EVALUATE_TASK: True}  # task -> is a cooldown's
 NEVER_RUN = "never run"
@@ -137,6 +138,7 @@ class ExperimentView:
     outage: str | None = None  # the training's watch cannot reach the cluster: since when and why
     outage_advice: str | None = None
     stopped_early: str | None = None  # the sweep's early stopping stopped its training: why
+    queue: dict[str, Any] | None = None  # its job pends: why, until when (slurm/pending.QueueState.to_dict)
     curves: list[Curve] = field(default_factory=list)
     evaluations: list[dict[str, Any]] = field(default_factory=list)  # run, iteration, validation_loss, metrics
     timeline: list[TimelineEntry] = field(default_factory=list)
@@ -157,6 +159,11 @@ class SweepView:
     @property
     def counts(self) -> dict[str, int]:
         return state_counts(e.state for e in self.experiments)
+
+    @property
+    def pending(self) -> dict[str, int]:
+        """Jobs pending per SLURM reason, most first."""
+        return pending_counts(e.queue for e in self.experiments)
 
     @property
     def metric_columns(self) -> list[str]:
@@ -414,8 +421,16 @@ def experiment_view(dag_id: str, name: str, run: RunRecord | None, now: float) -
     if _running(run, TRAIN_TASK) and isinstance(progress.get("outage"), Mapping):
         view.outage, view.outage_advice = outage_line(progress["outage"]), str(progress["outage"].get("advice", ""))
     iteration_ms = _number(summary.get("iteration_ms"))
-    if view.job_state == "RUNNING" and iteration_ms and view.iteration is not None and view.train_iters:
-        view.eta_seconds = max(view.train_iters - view.iteration, 0) * iteration_ms / 1000
+    training = None
+    if iteration_ms and view.train_iters:
+        training = max(view.train_iters - (view.iteration or 0), 0) * iteration_ms / 1000
+    if view.job_state == "RUNNING":
+        view.eta_seconds = training
+    elif view.job_state == "PENDING" and _running(run, TRAIN_TASK) and isinstance(progress.get("queue"), Mapping):
+        view.queue = dict(progress["queue"])
+        start = _number(view.queue.get("expected_start"))
+        if start is not None and training is not None:  # the wait in the queue, then the rest of the training
+            view.eta_seconds = max(start - now, 0.0) + training
     tokens = _tokens_per_iteration(config, summary)
     points, discarded = rewound_curves(run, TRAIN_TASK)
     marks = []

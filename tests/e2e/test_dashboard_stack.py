@@ -247,3 +247,59 @@ def test_a_running_sweep_then_its_final_comparison(stack, tmp_path):
         "airflow_ui_sweeps",
     ):
         assert (tmp_path / f"{shot}.png").stat().st_size > 10_000
+
+
+QUEUE_JS = """Array.from(document.querySelectorAll('#experiments tr[data-experiment]')).map(r => ({
+  name: r.dataset.experiment, queue: r.querySelector('.queue')?.innerText.trim() ?? null,
+  epoch: r.querySelector('.queue .expected-start')?.dataset.epoch ?? null}))"""
+
+
+@pytest.mark.queue
+def test_a_job_held_in_the_queue_shows_its_reason_and_expected_start(stack, dev_cluster, module_remote_dir, tmp_path):
+    """A training submitted with `--begin=now+1hour` pends (BeginTime) with an expected start an hour ahead:
+    the experiment's row says so, the sweep page counts it, and its ETA waits for that start."""
+    token = uuid.uuid4().hex[:6]
+    text = f"""
+defaults: [{{platform: devcluster}}, _self_]
+project: {{name: queue{token}, base_output_dir: {module_remote_dir}/queued}}
+platform: {{ssh_conn_id: {stack.sweep.experiments[0].config.platform.ssh_conn_id}}}
+backend: {{name: command, launcher: none, command: [sleep, "1"]}}
+slurm: {{directives: {{begin: now+1hour}}}}
+monitoring: {{poll_interval_seconds: 2, start_estimate_interval_seconds: 5}}
+restart: {{max_attempts: 1}}
+"""
+    queued = load_sweep(add_file(stack.sweeps, f"queue{token}.yaml", text))
+    (e,) = queued.experiments
+    wait(lambda: stack.http("GET", f"/dags/{e.dag_id}"), 240, "the queued sweep's DAG parsed", stack)
+    submitted = time.time()
+    run_id = stack.trigger(e.dag_id)
+
+    def estimated() -> dict[str, Any] | None:
+        queue = experiment_api(stack, e.dag_id).get("queue")
+        return queue if queue and queue.get("expected_start") else None
+
+    queue = wait(estimated, 240, "the held job's reason and expected start on the dashboard", stack, every=2)
+    assert queue["reason"] == "BeginTime" and queue["category"] == "begin_time" and queue["clears"], queue
+    assert submitted + 3600 - 60 < queue["expected_start"] < time.time() + 3600 + 60, (submitted, queue)
+
+    async def read() -> tuple[Any, Any]:
+        async with Browser() as browser:
+            await browser.login(site(stack), stack.access_token)
+            await browser.open(f"{site(stack)}/oellm/sweeps/{queued.name}")
+            rows = await browser.evaluate(QUEUE_JS)
+            pending = await browser.evaluate("document.querySelector('#pending')?.innerText ?? ''")
+            await browser.screenshot(tmp_path / "sweep_pending.png")
+            return rows, pending
+
+    rows, pending = asyncio.run(read())
+    assert rows[0]["queue"].startswith("pending: BeginTime, expected start "), rows
+    assert float(rows[0]["epoch"]) == queue["expected_start"], rows
+    assert "BeginTime 1" in pending, pending
+    q = urllib.parse.quote(run_id, safe="")
+    stack.http("PATCH", f"/dags/{e.dag_id}/dagRuns/{q}/taskInstances/train", {"new_state": "failed"})
+
+    def cancelled() -> bool:
+        out = dev_cluster.ssh(["squeue", "-h", "--me", f"--name={e.name}", "-o", "%A"]).stdout.split()
+        return not out
+
+    wait(cancelled, 120, "the held job cancelled with its task", stack, every=2)

@@ -500,3 +500,38 @@ def test_a_point_the_sweep_stopped_early_shows_as_such_with_its_reason():
     assert (view.state, view.stopped_early) == ("stopped early", reason)
     html = templates.get_template("macros.html").module.status_cells(view)
     assert "state-stopped-early" in html and reason in html
+
+
+def test_a_pending_job_shows_its_reason_and_expected_start_and_the_eta_includes_the_wait():
+    from airflow_oellm.dashboard.app import _start, analysis_plots, plots, templates
+    from airflow_oellm.slurm.pending import queue_state
+
+    run = running_run()
+    progress = run.xcoms[("train", -1, "progress")]
+    progress["job_state"] = "PENDING"  # try 2's job waits in the queue, a resumed training: its pace is known
+    progress["queue"] = queue_state("Priority", NOW + 3 * 3600).to_dict()
+    other = running_run()
+    other.xcoms[("train", -1, "progress")] |= {
+        "job_state": "PENDING",
+        "queue": queue_state("QOSMaxWallDurationPerJobLimit").to_dict(),
+    }
+    view = sweep_view("s", {"oellm__s__lr1": run, "oellm__s__lr2": other, "oellm__s__lr3": None}, NOW)
+    waiting, stuck = view.experiments[:2]
+    assert waiting.queue["reason"] == "Priority" and waiting.queue["expected_start"] == NOW + 3 * 3600
+    assert waiting.eta_seconds == pytest.approx(3 * 3600 + 60 * 2.0)  # the wait, then 60 iterations at 2 s
+    assert stuck.queue["clears"] is False and stuck.eta_seconds is None  # no estimate: no ETA
+    assert view.pending == {"Priority": 1, "QOSMaxWallDurationPerJobLimit": 1}
+    html = templates.get_template("sweep.html").render(
+        sweep=view, plots=plots(view.experiments), analysis=analysis_plots(view.analysis), refresh=20, root="/r",
+        prefix="/r/oellm",
+    )  # fmt: skip
+    start = _start(NOW + 3 * 3600)
+    assert _start(NOW + 3 * 3600, now=NOW) == "Fri 11:00 UTC"  # within the week: the day and the time
+    assert _start(NOW + 8 * 86400, now=NOW) == "Sat 2027-01-23 08:00 UTC"
+    epoch = NOW + 3 * 3600
+    assert f'pending: Priority, expected start <span class="expected-start" data-epoch="{epoch}">{start}' in html
+    assert "will not start as submitted: the job&#39;s size or time is outside" in html
+    assert '<span data-reason="Priority">Priority 1</span>' in html
+    assert waiting.job_state == "PENDING"
+    run.xcoms[("train", -1, "progress")]["job_state"] = "RUNNING"
+    assert experiment_view("d", "lr1", run, NOW).queue is None  # started: no queue line
