@@ -1,11 +1,11 @@
 """Benchmark: what a pending job's start estimate (`squeue --start`) costs slurmctld, against the status poll
 alone, on the dev cluster.
 
-    .venv/bin/python benchmarks/start_estimate.py [--pending 10 100] [--repeat 20] [--json OUT]
+    .venv/bin/python benchmarks/start_estimate.py [--pending 10 100] [--window 30] [--json OUT]
 
 Needs the dev cluster (scripts/dev-cluster.sh up) to itself: it fills the node with one long job, then submits
 N jobs that pend for Resources (the backfill scheduler plans a start for each), and times, over one SSH
-connection:
+connection, for `--window` seconds each, a poll every 0.5 s:
 - the poll: `poll_cycle(ids)`, the one command the shared poller runs per cycle (squeue for N ids);
 - the poll with the estimate: `poll_cycle(ids, start_of=ids)`, the same command with a `squeue --start` section.
 For each: the client's seconds, slurmctld's job-information RPCs and their total server time (`sdiag`), and the
@@ -34,6 +34,7 @@ JOB_RPC = re.compile(
     r"ave_time:\d+\s+total_time:(\d+)",
     re.M,
 )
+POLL_EVERY = 0.5  # seconds
 BACKFILL_CYCLES = re.compile(r"Backfilling stats.*?Total cycles:\s+(\d+)", re.S)
 
 
@@ -46,7 +47,7 @@ async def slurmctld(conn) -> tuple[int, int, int]:
     return sum(int(c) for _, c, _ in found), sum(int(t) for _, _, t in found), int(cycles.group(1)) if cycles else 0
 
 
-async def measure(n: int, repeat: int) -> dict:
+async def measure(n: int, window: float) -> dict:
     from airflow.providers.ssh.hooks.ssh import SSHHookAsync
 
     from airflow_oellm.hooks import AsyncSlurmHook
@@ -76,16 +77,18 @@ async def measure(n: int, repeat: int) -> dict:
             seconds = []
             rpcs_before, micros_before, cycles_before = await slurmctld(conn)
             began = time.perf_counter()
-            for _ in range(repeat):
+            while time.perf_counter() - began < window:  # a poll every POLL_EVERY seconds, as a busy poller
                 t = time.perf_counter()
                 await hook.poll_cycle(ids, CycleRequest(), start_of=start_of)
                 seconds.append(time.perf_counter() - t)
+                await asyncio.sleep(max(POLL_EVERY - (time.perf_counter() - t), 0))
             elapsed = time.perf_counter() - began
             rpcs_after, micros_after, cycles_after = await slurmctld(conn)
             result[name] = {
+                "polls": len(seconds),
                 "seconds": statistics.median(seconds),
-                "slurmctld_job_rpcs_per_poll": (rpcs_after - rpcs_before - 1) / repeat,  # sdiag's own: 1
-                "slurmctld_job_rpc_ms_per_poll": (micros_after - micros_before) / repeat / 1000,
+                "slurmctld_job_rpcs_per_poll": (rpcs_after - rpcs_before) / len(seconds),
+                "slurmctld_job_rpc_ms_per_poll": (micros_after - micros_before) / len(seconds) / 1000,
                 "backfill_cycles_per_minute": (cycles_after - cycles_before) / elapsed * 60,
             }
         poll, both = result["poll"], result["poll_with_estimate"]
@@ -104,11 +107,11 @@ async def measure(n: int, repeat: int) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pending", type=int, nargs="+", default=[10, 100])
-    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--window", type=float, default=30.0, help="seconds of polling per variant")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     connection_env()
-    results = [asyncio.run(measure(n, args.repeat)) for n in args.pending]
+    results = [asyncio.run(measure(n, args.window)) for n in args.pending]
     for r in results:
         p, b = r["poll"], r["poll_with_estimate"]
         print(
