@@ -63,7 +63,7 @@ from airflow_oellm.pause_points import pause_point
 from airflow_oellm.slurm.commands import SlurmCommandError
 from airflow_oellm.slurm.identity import JobIdentity, monitor_state_path, task_status_path
 from airflow_oellm.slurm.operations import PollUpdate, SubmissionConflict
-from airflow_oellm.slurm.pending import StartEstimates, pending_ids
+from airflow_oellm.slurm.pending import StartEstimates
 from airflow_oellm.slurm.states import JobState
 from airflow_oellm.slurm.target import DEFAULT_SSH_CONN_ID, ClusterTarget
 from airflow_oellm.triggers.base import settle_deadline
@@ -433,15 +433,15 @@ class SlurmSubmitOperator(BaseOperator):
         follower = JobFollower.from_args(args, self.cluster.name)
         hook = self._hook()
         cycles = failures = 0
-        estimates, last = StartEstimates(args.get("start_estimate_interval") or 0.0), {}
+        estimates = StartEstimates(args.get("start_estimate_interval") or 0.0)
         try:
             while True:
                 request, cycles = follower.request(), cycles + 1
                 try:
-                    start_of = estimates.due(pending_ids(last), time.time())
+                    start_of = estimates.due([job_id], time.time())
                     cycle = hook.poll_cycle([job_id], request, start_of=start_of)
-                    last = estimates.estimated(cycle.statuses, start_of, cycle.start_estimates, time.time())
-                    update = PollUpdate.from_cycle(job_id, request, replace(cycle, statuses=last), cycles)
+                    statuses = estimates.estimated(cycle.statuses, start_of, cycle.start_estimates, time.time())
+                    update = PollUpdate.from_cycle(job_id, request, replace(cycle, statuses=statuses), cycles)
                     failures = 0
                 except SlurmCommandError as exc:
                     failures += 1

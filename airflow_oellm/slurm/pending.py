@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from airflow_oellm.slurm.states import JobState, JobStatus
@@ -142,14 +142,7 @@ class QueueState:
         return text
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "reason": self.reason,
-            "category": self.category,
-            "label": self.label,
-            "clears": self.clears,
-            "fix": self.fix,
-            "expected_start": self.expected_start,
-        }
+        return {**asdict(self), "label": self.label}
 
 
 def queue_state(reason: str | None, expected_start: float | None = None) -> QueueState:
@@ -181,10 +174,12 @@ class StartEstimates:
     interval: float = DEFAULT_START_ESTIMATE_INTERVAL
     asked_at: float | None = None
     estimates: dict[str, float | None] = field(default_factory=dict)
+    pending: set[str] = field(default_factory=set)  # the jobs the last cycle saw pending
 
-    def due(self, pending: Iterable[str], now: float) -> list[str]:
-        """The jobs to ask about now: every pending one once the interval has passed, else none."""
-        ids = list(dict.fromkeys(pending))
+    def due(self, job_ids: Iterable[str], now: float) -> list[str]:
+        """Of the jobs polled next, those to ask about now: every one that pended at the last cycle, once the
+        interval has passed; else none."""
+        ids = [j for j in dict.fromkeys(job_ids) if j in self.pending]
         if not ids or self.interval <= 0 or not math.isfinite(self.interval):
             return []
         if self.asked_at is not None and now - self.asked_at < self.interval:
@@ -210,10 +205,6 @@ class StartEstimates:
         asked = list(asked)
         if asked:
             self.record(asked, answers, now)
-        pending = set(pending_ids(statuses))
+        self.pending = pending = {j for j, s in statuses.items() if s.state is JobState.PENDING}
         self.estimates = {j: e for j, e in self.estimates.items() if j in pending}
         return {j: replace(s, expected_start=self.estimates.get(j)) if j in pending else s for j, s in statuses.items()}
-
-
-def pending_ids(statuses: Mapping[str, JobStatus | None]) -> list[str]:
-    return [j for j, s in statuses.items() if s is not None and s.state is JobState.PENDING]

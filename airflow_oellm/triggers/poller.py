@@ -23,8 +23,7 @@ from typing import ClassVar
 from airflow_oellm.hooks.slurm import AsyncSlurmHook
 from airflow_oellm.slurm.commands import SlurmCommandError
 from airflow_oellm.slurm.operations import CycleRequest, PollUpdate
-from airflow_oellm.slurm.pending import StartEstimates, pending_ids
-from airflow_oellm.slurm.states import JobStatus
+from airflow_oellm.slurm.pending import StartEstimates
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +67,6 @@ class JobPoller:
         self.failure_threshold = failure_threshold
         # the pending jobs' expected starts: one `squeue --start` for all of them, rarely (0: never)
         self.start_estimates = StartEstimates(start_estimate_interval)
-        self._statuses: dict[str, JobStatus] = {}  # the last cycle's, to know which jobs pend
         self.cycles = 0
         self.failed_cycles = 0
         self.consecutive_failures = 0
@@ -185,7 +183,7 @@ class JobPoller:
             writes=[w for q in requests for w in q.writes],
         )
         ids = list(dict.fromkeys(w.job_id for w in watchers if w.job_id is not None))
-        start_of = self.start_estimates.due(pending_ids({j: self._statuses.get(j) for j in ids}), time.time())
+        start_of = self.start_estimates.due(ids, time.time())
         try:
             result = await self.hook.poll_cycle(ids, combined, start_of=start_of)
         except SlurmCommandError as exc:
@@ -211,9 +209,7 @@ class JobPoller:
             return
         self.consecutive_failures, self.failing_since = 0, None
         self._due = time.monotonic() + self.interval
-        statuses = self._statuses = self.start_estimates.estimated(
-            result.statuses, start_of, result.start_estimates, time.time()
-        )
+        statuses = self.start_estimates.estimated(result.statuses, start_of, result.start_estimates, time.time())
         mtimes = dict(zip(combined.stats, result.mtimes, strict=True))
         reads = checks = writes = 0
         for w, q in zip(watchers, requests, strict=True):

@@ -12,7 +12,6 @@ from airflow_oellm.slurm.pending import (
     CATEGORY_LABELS,
     StartEstimates,
     pending_counts,
-    pending_ids,
     queue_state,
 )
 from airflow_oellm.slurm.states import JobState, JobStatus
@@ -107,9 +106,10 @@ def test_the_start_estimates_section_asks_squeue_start_in_epoch_seconds_and_its_
 
 def test_estimates_are_asked_for_pending_jobs_at_most_once_per_interval_and_dropped_once_they_run():
     estimates = StartEstimates(600.0)
-    assert estimates.due([], 0.0) == []  # nothing pending: no ask
-    assert estimates.due(["1", "2"], 0.0) == ["1", "2"]
+    assert estimates.due(["1", "2"], 0.0) == []  # no cycle has seen them pending yet: no ask
     pending = {"1": JobStatus("1", JobState.PENDING), "2": JobStatus("2", JobState.PENDING)}
+    assert estimates.estimated(pending)["1"].expected_start is None  # the first cycle: pending, not yet asked
+    assert estimates.due(["1", "2", "3"], 0.0) == ["1", "2"]  # the pending ones of the jobs polled next
     got = estimates.estimated(pending, ["1", "2"], {"1": 5000.0}, now=0.0)
     assert (got["1"].expected_start, got["2"].expected_start) == (5000.0, None)
     assert estimates.due(["1", "2"], 599.0) == [] and estimates.due(["1"], 600.0) == ["1"]
@@ -119,10 +119,10 @@ def test_estimates_are_asked_for_pending_jobs_at_most_once_per_interval_and_drop
     assert failed["1"].expected_start == 5000.0 and estimates.due(["1"], 700.0) == []
     running = estimates.estimated({"1": JobStatus("1", JobState.RUNNING)})
     assert running["1"].expected_start is None and estimates.estimates == {}
-    assert StartEstimates(0.0).due(["1"], 0.0) == []  # 0: never
-    assert pending_ids({"1": JobStatus("1", JobState.PENDING), "2": None, "3": JobStatus("3", JobState.RUNNING)}) == [
-        "1"
-    ]
+    assert estimates.due(["1"], 5000.0) == []  # it runs: nothing pending, no ask however long since the last
+    zero = StartEstimates(0.0)
+    zero.estimated(pending)
+    assert zero.due(["1"], 0.0) == []  # 0: never
 
 
 def test_pending_jobs_are_counted_per_reason_most_first():
