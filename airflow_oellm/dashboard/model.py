@@ -342,10 +342,13 @@ def timeline(run: RunRecord) -> list[TimelineEntry]:
                     TimelineEntry(
                         _iso(a.end),
                         kind,
-                        f"{tried}: job {a.job_id} ended {a.raw_state or a.state}"
+                        f"{tried}: job {a.job_id}{f' on {a.nodes}' if a.nodes else ''} ended {a.raw_state or a.state}"
                         f" at iteration {a.last_iteration} -> {a.verdict} ({a.reason})",
                     )
                 )
+            if a.excluded_nodes:
+                excluded = ", ".join(a.excluded_nodes)
+                entries.append(TimelineEntry(_iso(a.end), "exclude", f"{tried}: later tries avoid {excluded}"))
     for task in run.tasks:
         if task.task_id in (TRAIN_TASK, COOLDOWN_TRAIN_TASK, PREPARE_TASK) or task.state is None:
             continue

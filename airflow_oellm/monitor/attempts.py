@@ -300,6 +300,8 @@ def decide_attempt(
         faults=summary.get("faults", [])[:MAX_ATTEMPT_FAULTS],
         iteration_ms=summary.get("iteration_ms"),
         rewind=rewind,
+        nodes=status.nodes,
+        excluded_nodes=list(verdict.exclude_nodes),
     )
     history = history.put(attempt).excluding(verdict.exclude_nodes)
     attempts = history.to_dict()["attempts"]

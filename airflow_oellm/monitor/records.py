@@ -154,6 +154,8 @@ OUTCOME_KEYS = (
     "faults",
     "iteration_ms",
     "rewind",
+    "nodes",
+    "excluded_nodes",
 )
 # absent when the submission went unrecorded; `gpus` also in records written before it was kept
 _OPTIONAL_SUBMISSION = ("submission", "log_path", "submitted_at", "gpus")
@@ -190,6 +192,8 @@ class AttemptRecord:
     # the attempt was stopped to rewind its training: Divergence.to_dict() with `id`, `skipped` ([first, last]
     # iteration, or None) and `discarded` (the checkpoints moved aside; None until the rewind is done)
     rewind: dict[str, Any] | None = None
+    nodes: str | None = None  # the SLURM node list its job ran on (`nid[001-004]`)
+    excluded_nodes: list[str] = field(default_factory=list)  # what its end kept later tries off (why: `reason`)
 
     @property
     def ended(self) -> bool:

@@ -514,3 +514,21 @@ def test_a_job_stopped_by_the_sweeps_early_stopping_is_stopped_not_failed(traini
     assert decide_attempt(history_of(submitted(1, "101", 1000)), 1, 2, done, 2000, training).classification.verdict == (
         "success"
     )
+
+
+def test_each_attempt_records_the_nodes_it_ran_on_and_those_its_end_kept_later_tries_off(training):
+    from airflow_oellm.dashboard.model import RunRecord, TaskRecord, timeline
+
+    crash = "srun: error: Node failure on lrdn0418\n"
+    event = ended("FAILED", tail=crash, iterations_run=5)
+    event["status"] = {**event["status"], "nodes": "lrdn[0417-0418]"}
+    first = decide_attempt(history_of(submitted(1, "101", 500)), 1, 9, event, 600, training)
+    assert first.attempt.nodes == "lrdn[0417-0418]" and first.attempt.excluded_nodes == ["lrdn0418"]
+    saved = AttemptHistory.from_dict(json.loads(json.dumps(first.history.to_dict())))
+    assert saved.attempts[0].nodes == "lrdn[0417-0418]" and saved.attempts[0].excluded_nodes == ["lrdn0418"]
+    run = RunRecord("d", "r", "running", tasks=[TaskRecord("train", -1, "up_for_retry", 1, 8)],
+                    histories={("train", -1): first.history.to_dict()})  # fmt: skip
+    texts = [(t.kind, t.text) for t in timeline(run)]
+    assert ("retry", f"training try 1: job 101 on lrdn[0417-0418] ended FAILED at iteration None -> retry "
+            f"({first.classification.reason})") in texts, texts  # fmt: skip
+    assert ("exclude", "training try 1: later tries avoid lrdn0418") in texts, texts
