@@ -237,7 +237,8 @@ def create_app() -> FastAPI:
             "name": view.name,
             "counts": view.counts,
             "pending": view.pending,
-            "experiments": [_as_json(e) for e in view.experiments],
+            # the log tails are the experiment page's: 40 lines a row would double a big sweep's answer
+            "experiments": [{**_as_json(e), "log_tail": None} for e in view.experiments],
             "analysis": view.analysis,
         }
 

@@ -139,6 +139,8 @@ class ExperimentView:
     outage_advice: str | None = None
     stopped_early: str | None = None  # the sweep's early stopping stopped its training: why
     queue: dict[str, Any] | None = None  # its job pends: why, until when (slurm/pending.QueueState.to_dict)
+    log_tail: list[str] = field(default_factory=list)  # the running job's last log lines, as its watch read them
+    log_job: str | None = None  # whose
     curves: list[Curve] = field(default_factory=list)
     evaluations: list[dict[str, Any]] = field(default_factory=list)  # run, iteration, validation_loss, metrics
     timeline: list[TimelineEntry] = field(default_factory=list)
@@ -421,6 +423,8 @@ def experiment_view(dag_id: str, name: str, run: RunRecord | None, now: float) -
         view.state, view.stopped_early = "stopped early", str(judged.get("reason", ""))
     if _running(run, TRAIN_TASK) and view.updated is not None:
         view.stale = now - view.updated > STALE_AFTER
+    if _running(run, TRAIN_TASK) and isinstance(progress.get("log_tail"), list):
+        view.log_tail, view.log_job = [str(line) for line in progress["log_tail"]], progress.get("job_id")
     if _running(run, TRAIN_TASK) and isinstance(progress.get("outage"), Mapping):
         view.outage, view.outage_advice = outage_line(progress["outage"]), str(progress["outage"].get("advice", ""))
     iteration_ms = _number(summary.get("iteration_ms"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -40,6 +41,8 @@ MAX_VALIDATIONS = 200
 MAX_ANOMALIES = 100  # anomaly events kept in the summary (the dashboard's rewind and spike marks)
 MAX_CURVE = 1000  # (iteration, loss) points kept; every second one is dropped when full
 PROGRESS_CURVE = 250  # (iteration, loss) points in a progress snapshot: a plot's worth
+LOG_TAIL_LINES = 40  # the job's last log lines in a progress snapshot (the experiment page's), each cut at:
+LOG_TAIL_WIDTH = 400
 # split names of validation lines as the summary keeps them
 SPLITS = {"val": "validation", "valid": "validation"}
 # the events a rewind acts on, and the anomaly each stands for
@@ -253,6 +256,9 @@ class JobWatch:
         self.threshold = inactivity_threshold
         self.nan_limit = nan_limit  # NaN log intervals in a row that stop the job (0: never)
         self._draining = False
+        # the last lines read, for the dashboard's experiment page (not saved: a restarted watch starts it anew)
+        self.log_tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
+        self.lines_read = 0
 
     @property
     def offset(self) -> int:
@@ -325,6 +331,8 @@ class JobWatch:
         self.state.matcher = self.matcher.state()
         self.state.anomalies = self.detector.state()
         self.state.activity = self.activity.to_dict()
+        self.log_tail.extend(line[:LOG_TAIL_WIDTH] for line in lines[-LOG_TAIL_LINES:])
+        self.lines_read += len(lines)
         return Step(lines, events, hang, diverged, rewinding, finished, truncated, skipped)
 
     @staticmethod
@@ -344,6 +352,7 @@ class JobWatch:
             "job_state": status.state.value if status is not None else None,
             "updated": now,
             "summary": summary,
+            "log_tail": list(self.log_tail),
         }
         if status is not None and status.state is JobState.PENDING:
             progress["queue"] = queue_state(status.reason, status.expected_start).to_dict()
@@ -356,6 +365,7 @@ class JobWatch:
         return (
             status.state.value if status is not None else None,
             (status.reason, status.expected_start) if pending else None,
+            self.lines_read,
             summary.get("last_iteration"),
             sum(summary.get("counts", {}).values()),
             self.state.hang,

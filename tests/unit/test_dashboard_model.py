@@ -17,6 +17,7 @@ from airflow_oellm.dashboard.model import (
 from airflow_oellm.dashboard.plot import Series, line_plot, nice_ticks
 from airflow_oellm.monitor.outage import Outage
 from airflow_oellm.monitor.watch import PROGRESS_CURVE, JobWatch, WatchState, merged_curve, thinned
+from airflow_oellm.slurm.commands import FileChunk
 from airflow_oellm.slurm.states import JobState, JobStatus
 
 pytestmark = pytest.mark.dashboard
@@ -535,3 +536,28 @@ def test_a_pending_job_shows_its_reason_and_expected_start_and_the_eta_includes_
     assert waiting.job_state == "PENDING"
     run.xcoms[("train", -1, "progress")]["job_state"] = "RUNNING"
     assert experiment_view("d", "lr1", run, NOW).queue is None  # started: no queue line
+
+
+def test_the_experiment_page_shows_the_running_jobs_last_log_lines_from_its_progress():
+    from airflow_oellm.dashboard.app import plots, templates
+
+    watch = JobWatch([], WatchState("7", "/log"), inactivity_threshold=None, now=NOW)
+    lines = [f"line {i} <tag> & {'x' * 500}" for i in range(100)]
+    data = ("\n".join(lines) + "\n").encode()
+    watch.apply(NOW, JobStatus("7", JobState.RUNNING), FileChunk("/log", 0, len(data), data))
+    progress = watch.progress(JobStatus("7", JobState.RUNNING), NOW)
+    assert len(progress["log_tail"]) == 40 and progress["log_tail"][-1] == lines[-1][:400]  # bounded both ways
+    mark = watch.progress_mark(JobStatus("7", JobState.RUNNING))
+    more = b"one more line\n"
+    watch.apply(NOW + 1, JobStatus("7", JobState.RUNNING), FileChunk("/log", len(data), len(data) + 14, more))
+    assert watch.progress_mark(JobStatus("7", JobState.RUNNING)) != mark  # new lines: published again
+    run = running_run()
+    run.xcoms[("train", -1, "progress")]["log_tail"] = progress["log_tail"]
+    view = experiment_view("d", "lr1", run, NOW)
+    assert view.log_tail == progress["log_tail"] and view.log_job == "102"
+    page = templates.get_template("experiment.html").render(
+        e=view, sweep="s", runs=[], plots=plots([view]), refresh=20, root="/r", prefix="/r/oellm"
+    )
+    assert 'id="log-tail"' in page and "line 99 &lt;tag&gt; &amp; xxx" in page and "line 59 " not in page
+    run.tasks[1] = TaskRecord("train", -1, "success", 2, 1, when(-1800), when(-5))
+    assert experiment_view("d", "lr1", run, NOW).log_tail == []  # the job ended: the task log has it all
