@@ -47,6 +47,7 @@ from tests.conftest import REPO
 
 MODULES = {
     "airflow": (
+        "tests/e2e/test_alerts_stack.py",
         "tests/e2e/test_dashboard_stack.py",
         "tests/e2e/test_factory_stack.py",
         "tests/e2e/test_sweep_analysis_stack.py",

@@ -243,3 +243,5 @@ CONFIG_KEY = "config"  # prepare: the run's resolved config
 OVERRIDES_KEY, RUN_TIME_KEY = "overrides", "run_time"  # prepare: the run's conf overrides, its frozen clock
 CHECKPOINTS_KEY, COOLDOWNS_KEY = "checkpoints", "cooldowns"  # prepare: the run's milestones
 HISTORY_KEY = "oellm_attempts"  # task state store: a job task's attempts, across its tries
+
+DASHBOARD_PATH = "/oellm"  # where the api-server mounts the dashboard (links to it, from alerts too)

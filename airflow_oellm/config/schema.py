@@ -485,6 +485,42 @@ class ExperimentInfo:
     parameters: dict[str, Any] = opt(doc="The sweep values of this experiment.", factory=dict)
 
 
+AlertEvent = Literal["training_fatal", "retries_exhausted", "stalled", "early_stop", "sweep_finished"]
+
+
+@dataclass
+class NotifierConfig:
+    webhook: str | None = opt(
+        None,
+        "POST each alert as JSON to this URL (its `text` is what Slack, Mattermost and Teams incoming webhooks "
+        "show), or to the URL a secret reference holds (`var:<key>`, `conn:<id>/<field>`): a webhook URL is a "
+        "secret.",
+    )
+    notifier: str | None = opt(
+        None,
+        "Or the dotted path of an Airflow notifier class (`airflow.providers.smtp.notifications.smtp.SmtpNotifier`"
+        ", any provider's `BaseNotifier`), a notifier instance or a function, called with a context holding "
+        "`message` (use `{{ message }}` in its templates) and `alert`.",
+    )
+    args: dict[str, Any] = opt(doc="Keyword arguments the notifier class is made with.", factory=dict)
+    events: list[AlertEvent] = opt(
+        doc="What it hears of (default: everything): `training_fatal`, `retries_exhausted`, `stalled` (a hang its "
+        "watch cancelled), `early_stop` (a point the sweep's rung stopped), `sweep_finished` (with the summary "
+        "table). An outage is told by `platform.on_outage`.",
+        factory=list,
+    )
+
+
+@dataclass
+class NotificationsConfig:
+    notify: list[NotifierConfig] = opt(doc="Who hears of what.", factory=list)
+    dashboard_url: str | None = opt(
+        None,
+        "The dashboard's address, for the link in each alert (`https://airflow.example.org/oellm`); default: "
+        "Airflow's `[api] base_url` with `/oellm`.",
+    )
+
+
 @dataclass
 class RootConfig:
     project: ProjectConfig = opt(doc="Project identity and output location.")
@@ -505,6 +541,10 @@ class RootConfig:
         None, "Checkpoint retention; null (the default): every checkpoint is kept. `{}` keeps the last 2."
     )
     dag: DagConfig = opt(doc="How the experiment's Airflow DAG is built.", factory=DagConfig)
+    notifications: NotificationsConfig = opt(
+        doc="Alerts: a training failed, retries ran out, a job stalled, the sweep finished, ...",
+        factory=NotificationsConfig,
+    )
     experiment: ExperimentInfo = opt(doc="Set by the planner; read-only.", factory=ExperimentInfo)
 
 

@@ -89,3 +89,23 @@ def _field(connection: Any, reference: SecretReference) -> Any:
     if field.startswith("extra."):
         return (getattr(connection, "extra_dejson", None) or {}).get(field.removeprefix("extra."))
     return getattr(connection, field, None)
+
+
+def notification_problems(notifications: Any) -> list[tuple[str, str]]:
+    """(key, message) for each notifier of `notifications.notify` that could never tell anyone."""
+    problems = []
+    for index, notifier in enumerate(notifications.notify):
+        key = f"notifications.notify[{index}]"
+        if (notifier.webhook is None) == (notifier.notifier is None):
+            problems.append((key, "give one of webhook (a URL, or a var:/conn: reference to one) and notifier"))
+            continue
+        if notifier.webhook is not None and not notifier.webhook.startswith(("https://", "http://")):
+            try:
+                SecretReference.parse(notifier.webhook)
+            except SecretError as exc:
+                problems.append((f"{key}.webhook", f"expected an http(s) URL or a secret reference: {exc}"))
+        if notifier.notifier is not None and "." not in notifier.notifier:
+            problems.append((f"{key}.notifier", f"expected a dotted path (module.name), got {notifier.notifier!r}"))
+        if notifier.args and notifier.notifier is None:
+            problems.append((f"{key}.args", "is set but nothing is made with it: args are a notifier class's"))
+    return problems

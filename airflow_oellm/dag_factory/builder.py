@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -300,10 +300,13 @@ def sweep_dag(sweep: Sweep) -> DAG:
             "trigger_task_id": [r.task_id for r in runs],
             "part_size": size,
         }
-        summary = SweepSummaryOperator(task_id=SUMMARY_TASK, **reports)
+        notifications = asdict(first.notifications) if first and first.notifications.notify else None
+        summary = SweepSummaryOperator(task_id=SUMMARY_TASK, sweep=sweep.name, notifications=notifications, **reports)
         ends = [*runs, summary]
         if first and sweep.early_stop:
-            ends.append(early_stop_sensor(sweep, sweep.early_stop, first, reports["trigger_task_id"], size))
+            ends.append(
+                early_stop_sensor(sweep, sweep.early_stop, first, reports["trigger_task_id"], size, notifications)
+            )
             ends[-1] >> summary  # the summary and the analysis say which points it stopped
         if first:
             ends.append(
@@ -322,7 +325,12 @@ def sweep_dag(sweep: Sweep) -> DAG:
 
 
 def early_stop_sensor(
-    sweep: Sweep, rule: EarlyStopRule, first: RootConfig, trigger_task_ids: list[str], size: int
+    sweep: Sweep,
+    rule: EarlyStopRule,
+    first: RootConfig,
+    trigger_task_ids: list[str],
+    size: int,
+    notifications: dict[str, Any] | None = None,
 ) -> SweepEarlyStopSensor:
     """The sweep's `early_stop` task, beside its trigger tasks: stops its losing points at each rung."""
     experiments = {}
@@ -344,6 +352,8 @@ def early_stop_sensor(
         part_size=size,
         cluster=platform_target(first),
         poll_interval=first.monitoring.poll_interval_seconds,
+        sweep=sweep.name,
+        notifications=notifications,
     )
 
 

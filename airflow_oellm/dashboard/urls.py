@@ -6,7 +6,9 @@ prefix) both read it without importing each other.
 
 from __future__ import annotations
 
-URL_PREFIX = "/oellm"
+from airflow_oellm.config.naming import DASHBOARD_PATH
+
+URL_PREFIX = DASHBOARD_PATH
 # Airflow resolves an external view's href against its UI root, so the links are relative.
 SWEEPS_HREF = f"{URL_PREFIX.lstrip('/')}/"
 TRAINING_HREF = f"{URL_PREFIX.lstrip('/')}/experiments/{{DAG_ID}}"

@@ -28,6 +28,8 @@ from airflow_oellm.monitor.early_stop import (
 )
 from airflow_oellm.monitor.records import AttemptHistory, TrainingStatus
 from airflow_oellm.monitor.watch import merged_curve
+from airflow_oellm.notifications import Alert
+from airflow_oellm.operators.alerting import dashboard_link, send_alert
 from airflow_oellm.operators.report import experiment_run_ids
 from airflow_oellm.slurm.identity import stop_request_path, task_status_path
 from airflow_oellm.slurm.target import DEFAULT_SSH_CONN_ID, ClusterTarget
@@ -63,6 +65,8 @@ class SweepEarlyStopSensor(BaseSensorOperator):
         ssh_conn_id: str | None = DEFAULT_SSH_CONN_ID,
         cluster: ClusterTarget | None = None,
         poll_interval: float = 60.0,
+        sweep: str = "",
+        notifications: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("poke_interval", poll_interval)
@@ -77,6 +81,8 @@ class SweepEarlyStopSensor(BaseSensorOperator):
         self.trigger_task_ids = [trigger_task_id] if isinstance(trigger_task_id, str) else list(trigger_task_id)
         self.part_size = part_size or max(len(self.experiments), 1)
         self.cluster = cluster
+        self.sweep = sweep
+        self.notifications = dict(notifications) if notifications else None  # told of each point stopped
 
     def poke(self, context: Any) -> PokeReturnValue:
         ti = context["ti"]
@@ -107,9 +113,14 @@ class SweepEarlyStopSensor(BaseSensorOperator):
                     raise RuntimeError(f"could not write the early stop's files: {[f for f, _ in files]}")
         finally:
             hook.close()
+        dag_ids = {info["name"]: dag_id for dag_id, info in self.experiments.items()}
         for verdict in new:
             late = verdict.stop and not progress[verdict.experiment].training
             self.log.info("%s: %s%s", verdict.experiment, verdict.reason, LATE if late else "")
+            if verdict.stop and not late and self.notifications:
+                name = verdict.experiment
+                link = dashboard_link(self.notifications, dag_id=dag_ids[name], run_id=runs[name])
+                send_alert(self.notifications, Alert("early_stop", self.sweep, name, verdict.reason, link), self.log)
         if any(p.training for p in progress.values()):
             return PokeReturnValue(is_done=False)
         return PokeReturnValue(is_done=True, xcom_value=self._outcome(rule, state, results))

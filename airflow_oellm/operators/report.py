@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -41,6 +42,8 @@ from airflow_oellm.hooks.slurm import SlurmHook, task_cluster
 from airflow_oellm.monitor.accounting import used_gpu_hours_by_kind
 from airflow_oellm.monitor.classify import STOPPED
 from airflow_oellm.monitor.retention import RetentionSettings, deletions, retention_notice
+from airflow_oellm.notifications import Alert
+from airflow_oellm.operators.alerting import dashboard_link, send_alert
 from airflow_oellm.slurm.operations import CycleRequest
 from airflow_oellm.slurm.target import DEFAULT_SSH_CONN_ID, ClusterTarget
 
@@ -346,14 +349,29 @@ def experiment_run_ids(
 
 class SweepSummaryOperator(SweepReportsOperator):
     """The sweep DAG's summary: one row per experiment (state, last checkpoint's losses and metrics,
-    GPU-hours, attempts), from the runs its trigger task started; logged as Markdown and returned."""
+    GPU-hours, attempts), from the runs its trigger task started; logged as Markdown and returned, and told
+    to the sweep's notifiers (`sweep_finished`).
+
+    :param sweep: the sweep's name (for the alert).
+    :param notifications: the sweep's `NotificationsConfig` as a dict (None: nobody to tell).
+    """
+
+    def __init__(self, *, sweep: str = "", notifications: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.sweep = sweep
+        self.notifications = dict(notifications) if notifications else None
 
     def execute(self, context: Any) -> dict[str, Any]:
         rows = [summary_row(name, state, report) for name, state, report in self.reports(context["ti"])]
         columns = ["experiment", "state", "iteration", "train_loss", "validation_loss"]
         columns += sorted({k for r in rows for k in r} - {*columns, "gpu_hours", "attempts"})
         columns += ["gpu_hours", "attempts"]
-        self.log.info("sweep summary:\n%s", markdown(rows, columns))
+        table = markdown(rows, columns)
+        self.log.info("sweep summary:\n%s", table)
+        if self.notifications:
+            states = ", ".join(f"{state} {n}" for state, n in sorted(Counter(str(r["state"]) for r in rows).items()))
+            link = dashboard_link(self.notifications, sweep=self.sweep)
+            send_alert(self.notifications, Alert("sweep_finished", self.sweep, None, states, link, table), self.log)
         return {"columns": columns, "rows": rows}
 
 

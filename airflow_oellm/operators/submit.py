@@ -14,7 +14,7 @@ import contextlib
 import json
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 from datetime import timedelta
 from typing import Any
 
@@ -39,6 +39,7 @@ from airflow_oellm.config.naming import (
     PROGRESS_KEY,
     RESULT_KEY,
     SCRIPT_PATH_KEY,
+    TRAIN_TASK,
 )
 from airflow_oellm.config.schema import RootConfig
 from airflow_oellm.config.secrets import SecretError, resolve_secrets
@@ -58,7 +59,8 @@ from airflow_oellm.monitor.early_stop import STOP_REQUEST_LIMIT, StopRequest
 from airflow_oellm.monitor.records import AttemptHistory, AttemptRecord, TrainingState, TrainingStatus
 from airflow_oellm.monitor.retention import retention_notice
 from airflow_oellm.monitor.watch import STATE_READ_LIMIT, JobFollower, WatchState
-from airflow_oellm.notifications import first_to_tell, outage_callback, tell
+from airflow_oellm.notifications import Alert, first_to_tell, notifier_callable, tell
+from airflow_oellm.operators.alerting import dashboard_link, send_alert
 from airflow_oellm.pause_points import pause_point
 from airflow_oellm.slurm.commands import SlurmCommandError
 from airflow_oellm.slurm.identity import JobIdentity, monitor_state_path, task_status_path
@@ -251,7 +253,7 @@ class SlurmSubmitOperator(BaseOperator):
                 secrets = self._secrets(s)
                 if s.on_outage:
                     try:
-                        outage_callback(s.on_outage)  # refused now, not found missing during an outage
+                        notifier_callable(s.on_outage)  # refused now, not found missing during an outage
                     except ImportError as exc:
                         raise AirflowFailException(str(exc)) from None
                 # jobs a try has judged; the latest earlier try's job, ended and judged by none, is taken over
@@ -535,9 +537,25 @@ class SlurmSubmitOperator(BaseOperator):
         message = f"job {job_id} {attempt.state}: {verdict.reason}"
         if verdict.exclude_nodes:
             message += f"; excluding {', '.join(verdict.exclude_nodes)} next time"
+        if event.get("hang"):  # its watch cancelled it: no progress for monitoring.inactivity_threshold_seconds
+            self._alert(s, ti, "stalled", message)
         if verdict.verdict == FATAL:
+            self._alert(s, ti, "training_fatal", message)
             raise AirflowFailException(f"{message} (not retried)")
+        if decision.training_state is TrainingState.FATAL:  # a retryable end on the last try
+            self._alert(s, ti, "retries_exhausted", f"{message} (try {ti.try_number} of {(self.retries or 0) + 1})")
         raise AirflowException(f"{message} (retrying: resumes from the latest checkpoint)")
+
+    def _alert(self, s: JobSettings, ti: Any, event: str, reason: str) -> None:
+        """Tell the experiment's notifiers (`notifications`) what happened to this task's job."""
+        if s.config is None or not s.config.notifications.notify:
+            return
+        notifications = asdict(s.config.notifications)
+        what = s.config.experiment.name or s.name
+        if self.task_id != TRAIN_TASK:
+            what = f"{what} ({self.task_id})"
+        link = dashboard_link(notifications, dag_id=ti.dag_id, run_id=ti.run_id)
+        send_alert(notifications, Alert(event, s.config.experiment.sweep, what, reason, link), self.log)
 
     def _evaluation_metrics(self, hook: SlurmHook) -> dict[str, Any]:
         """Suite -> metrics of the finished evaluation job (kept in its XCom for the dashboard)."""

@@ -15,6 +15,7 @@ from airflow_oellm.config import load_sweep
 from tests.conftest import REPO
 from tests.e2e.conftest import wait
 from tests.shared_stack import add_file
+from tests.unit.test_alerts import Receiver
 
 pytestmark = [pytest.mark.early_stop, pytest.mark.analysis, pytest.mark.demo]
 RATES = (3.0e-3, 3.0e-2)
@@ -22,7 +23,7 @@ SIZES = ("tiny", "tiny-wide", "tiny-large")
 RUNG = 40
 
 
-def sweep_yaml(remote: str, token: str, conn_id: str, python: str) -> str:
+def sweep_yaml(remote: str, token: str, conn_id: str, python: str, hook: str) -> str:
     return f"""
 defaults: [{{platform: devcluster}}, {{model: tiny}}, _self_]
 project: {{name: ladder{token}, base_output_dir: {remote}/runs}}
@@ -48,14 +49,23 @@ sweep:
     model: [{", ".join(SIZES)}]
     backend.args.lr: [{", ".join(map(str, RATES))}]
   early_stop: {{at: [{RUNG}], within: model, keep: 0.5}}
+notifications: {{notify: [{{webhook: "{hook}", events: [early_stop, sweep_finished]}}]}}
 """
 
 
 @pytest.fixture(scope="module")
-def stack(shared_stack, dev_cluster, module_remote_dir, slurm_conn_id, cluster_tools):
+def receiver():
+    """The sweep's webhook: hears of each point stopped and of the sweep's end."""
+    r = Receiver()
+    yield r
+    r.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def stack(shared_stack, dev_cluster, module_remote_dir, slurm_conn_id, cluster_tools, receiver):
     token = uuid.uuid4().hex[:6]
     s = shared_stack
-    text = sweep_yaml(module_remote_dir, token, slurm_conn_id, str(cluster_tools.with_name("python")))
+    text = sweep_yaml(module_remote_dir, token, slurm_conn_id, str(cluster_tools.with_name("python")), receiver.url)
     s.sweep = load_sweep(add_file(s.sweeps, f"ladder{token}.yaml", text))
     ids = [e.dag_id for e in s.sweep.experiments] + [f"oellm__{s.sweep.name}"]
     wait(lambda: all(s.http("GET", f"/dags/{d}") for d in ids), 240, "the sweep's DAGs parsed", s)
@@ -94,7 +104,9 @@ def ladder(stack, dev_cluster):
     return sweep_dag, run_id
 
 
-def test_a_ladder_stops_the_worse_rate_at_the_rung_and_its_analysis_fits_the_three_sizes(stack, ladder, dev_cluster):
+def test_a_ladder_stops_the_worse_rate_at_the_rung_and_its_analysis_fits_the_three_sizes(
+    stack, ladder, dev_cluster, receiver
+):
     sweep = stack.sweep
     sweep_dag, run_id = ladder
     early = stack.xcom(sweep_dag, run_id, "early_stop")
@@ -126,6 +138,10 @@ def test_a_ladder_stops_the_worse_rate_at_the_rung_and_its_analysis_fits_the_thr
         assert stopped.get(worse, "").startswith(f"stopped early: rank 2/2 at {RUNG} (loss "), (stopped, losses)
     assert len(stopped) == len(SIZES) and early["stopped"] == stopped and early["too_late"] == {}, (stopped, early)
     assert all(summary[name]["state"] == "stopped early" for name in stopped), summary
+    # the webhook heard of each point stopped, with its reason, and of the sweep's end
+    alerts = [r["alert"] for r in receiver.received]
+    assert {a["experiment"]: a["reason"] for a in alerts if a["event"] == "early_stop"} == stopped, alerts
+    assert [a["event"] for a in alerts].count("sweep_finished") == 1, alerts
     saved = early["saved"]
     assert 0 < saved["hours"] < saved["sweep_hours"] and saved["gpu_hours"] == 0, saved  # the dev cluster: no GPUs
     # the analysis: the cooldowns' validation losses at three token counts, a law over the three sizes, and each

@@ -22,6 +22,7 @@ from airflow_oellm.slurm.identity import task_status_path
 from airflow_oellm.slurm.target import ClusterTarget
 from tests.conftest import REPO
 from tests.operators.conftest import attempt_history, start_date, unique_dag_id, xcom
+from tests.unit.test_alerts import Receiver
 
 
 def experiment(write, backend, *overrides: str, name: str | None = None):
@@ -164,14 +165,23 @@ def test_user_scancel_fails_without_retry(write, backend, run_dag, reliability):
 
 @pytest.mark.faults
 def test_hang_is_cancelled_and_retried(write, backend, run_dag, reliability):
-    exp = experiment(write, backend, "backend.args.save_interval=3", "monitoring.inactivity_threshold_seconds=12")
+    receiver = Receiver()  # the sweep's notifiers hear that it stalled
+    notify = f"+notifications={{notify: [{{webhook: '{receiver.url}', events: [stalled, training_fatal]}}]}}"
+    exp = experiment(
+        write, backend, "backend.args.save_interval=3", "monitoring.inactivity_threshold_seconds=12", notify
+    )
     dag = train_dag(exp, backend)
     dag.get_task("train").experiment.value["platform"]["env"]["FAKE_HANG_AT"] = 8
-    dr = run_dag(dag)
+    try:
+        dr = run_dag(dag)
+    finally:
+        receiver.server.shutdown()
     assert dr.state == "success", tis(dr)["train"].state
     result = xcom(dr, "train")
     first, second = result["attempts"]
     assert first["verdict"] == "retry" and first["reason"].startswith("hang") and first["state"] == "CANCELLED"
+    assert [r["alert"]["event"] for r in receiver.received] == ["stalled"], receiver.received
+    assert receiver.received[0]["alert"]["reason"].startswith(f"job {first['job_id']} CANCELLED: hang")
     # resumed from the last checkpoint before the cancel (the fake saves on SIGTERM, as Megatron can)
     assert second["resumed_from"] == first["checkpoint_after"] >= 6
     assert second["verdict"] == "success" and tis(dr)["train"].try_number == 2

@@ -118,7 +118,7 @@ def test_the_callback_hears_of_an_outage_once_it_lasted_then_of_its_end():
 
 
 def test_each_outage_and_event_is_told_once_per_process(caplog):
-    from airflow_oellm.notifications import first_to_tell, outage_callback, tell
+    from airflow_oellm.notifications import first_to_tell, notifier_callable, tell
 
     notice = {"event": "started", "message": "m", "outage": {"since": 12.5}}
     assert first_to_tell("x.y", "ssh:lumi", notice)
@@ -127,9 +127,9 @@ def test_each_outage_and_event_is_told_once_per_process(caplog):
         "x.y", "ssh:lumi", {**notice, "event": "ended"}
     )
     with pytest.raises(ImportError, match=r"platform\.on_outage\.callback: cannot import no_such\.module"):
-        outage_callback("no_such.module")
+        notifier_callable("no_such.module")
     with pytest.raises(ImportError, match=r"json\.__doc__ is a str, not a callable"):
-        outage_callback("json.__doc__")
+        notifier_callable("json.__doc__")
     tell("tests.unit.test_outage.record", notice, logging.getLogger("t"))
     # the callback's module as the import system knows it (pytest may have imported this file apart)
     assert importlib.import_module("tests.unit.test_outage").TOLD[-1] == notice
