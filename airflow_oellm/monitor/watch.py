@@ -43,6 +43,7 @@ MAX_CURVE = 1000  # (iteration, loss) points kept; every second one is dropped w
 PROGRESS_CURVE = 250  # (iteration, loss) points in a progress snapshot: a plot's worth
 LOG_TAIL_LINES = 40  # the job's last log lines in a progress snapshot (the experiment page's), each cut at:
 LOG_TAIL_WIDTH = 400
+LOG_TAIL_EVERY = 30.0  # seconds: how often new log lines alone publish the progress snapshot again
 # split names of validation lines as the summary keeps them
 SPLITS = {"val": "validation", "valid": "validation"}
 # the events a rewind acts on, and the anomaly each stands for
@@ -365,7 +366,6 @@ class JobWatch:
         return (
             status.state.value if status is not None else None,
             (status.reason, status.expected_start) if pending else None,
-            self.lines_read,
             summary.get("last_iteration"),
             sum(summary.get("counts", {}).values()),
             self.state.hang,
@@ -493,6 +493,7 @@ class JobFollower:
         self._probe_due = False
         self._published: tuple[Any, ...] | None = None
         self._told_pending: str | None = None  # the reason the task log was last told the job will not start for
+        self._tail_published, self._tail_published_at = 0, float("-inf")  # log lines read at the last snapshot
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any], cluster_name: str) -> JobFollower:
@@ -603,8 +604,13 @@ class JobFollower:
         if step.finished:
             return replace(followed, finished=True)
         publish = None
-        if watch.progress_mark(update.status) != self._published:
-            publish, self._published = self.snapshot(now), watch.progress_mark(update.status)
+        mark = watch.progress_mark(update.status)
+        # new log lines alone publish the snapshot at most every LOG_TAIL_EVERY seconds: an XCom write per poll
+        # per running job would load the database (tests poll every 2 s)
+        tail_due = watch.lines_read != self._tail_published and now - self._tail_published_at >= LOG_TAIL_EVERY
+        if mark != self._published or tail_due:
+            publish, self._published = self.snapshot(now), mark
+            self._tail_published, self._tail_published_at = watch.lines_read, now
         stopping_early = self._pending_kill is False and watch.state.stopped_early is not None
         if step.noteworthy or stopping_early or now - self._saved_at >= SAVE_EVERY:
             self._pending_write = watch.state.to_json()  # saved with the next cycle

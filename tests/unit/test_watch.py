@@ -330,3 +330,19 @@ def test_a_pending_job_publishes_why_it_waits_and_until_when_and_warns_once_of_a
     assert follow.on_update(pending("QOSMaxWallDurationPerJobLimit", None, 6), 5).later == []  # told once
     running = follow.on_update(served(follow, LOG, "RUNNING", 7), 6)
     assert "queue" not in running.publish
+
+
+def test_new_log_lines_alone_publish_the_progress_at_most_every_thirty_seconds():
+    from airflow_oellm.monitor.watch import LOG_TAIL_EVERY
+
+    follow = follower(nan_limit=0)
+    follow.on_update(PollUpdate("7", None, 1, chunks=(FileChunk("/state", 0, None, b""),)), 0)
+    data = b"plain line\n"
+    first = follow.on_update(served(follow, data, "RUNNING", 2), 1)
+    assert first.publish["log_tail"] == ["plain line"]
+    data += b"another line\n"
+    assert follow.on_update(served(follow, data, "RUNNING", 3), 3).publish is None  # too soon: the next one
+    data += b"a third line\n"
+    later = follow.on_update(served(follow, data, "RUNNING", 4), 1 + LOG_TAIL_EVERY)
+    assert later.publish["log_tail"] == ["plain line", "another line", "a third line"]
+    assert follow.on_update(served(follow, data, "RUNNING", 5), 100).publish is None  # nothing new at all
