@@ -26,6 +26,9 @@ from airflow_oellm.notifications import first_to_tell, tell
 from airflow_oellm.slurm.target import ClusterTarget
 from airflow_oellm.triggers.base import ClusterTrigger
 
+# The event loop keeps only weak references to tasks: these are on_kill's, which may outlive their trigger.
+_KILLS_UNDER_WAY: set[asyncio.Future[None]] = set()
+
 
 class SlurmJobTrigger(ClusterTrigger):
     """Fires `{"kind": "finished", ...}` once the job ended (or `{"kind": "error", ...}` if the cluster
@@ -215,15 +218,33 @@ class SlurmJobTrigger(ClusterTrigger):
 
         Airflow 3.3 also calls `on_kill` when it moves a trigger to another triggerer (one that missed its
         heartbeats under load): the task is still deferred then, and its job must go on.
+
+        Until the trigger has ended, the triggerer cancels it again on every loop (about a second), which
+        interrupts `on_kill` too: under load that cut the scancel short and left the job queued. So the work
+        runs as its own task, which those repeats do not reach, and ends in the triggerer's event loop.
         """
-        state = await self._task_state()
-        if state == "deferred":
-            self.log.info(
-                "trigger moved to another triggerer (the task is still deferred): job %s goes on", self.job_id
+        work = asyncio.ensure_future(self._stop_job_unless_moved())
+        _KILLS_UNDER_WAY.add(work)
+        work.add_done_callback(_KILLS_UNDER_WAY.discard)
+        await asyncio.shield(work)
+
+    async def _stop_job_unless_moved(self) -> None:
+        try:
+            state = await self._task_state()
+            if state == "deferred":
+                self.log.info(
+                    "trigger moved to another triggerer (the task is still deferred): job %s goes on", self.job_id
+                )
+                return
+            self.log.info("task killed (now %s): cancelling job %s", state, self.job_id)
+            await self._cancel()
+            self.log.info("job %s cancelled", self.job_id)
+        except Exception as exc:  # nobody awaits this task once the trigger has ended: say it here
+            self.log.warning(
+                "could not cancel job %s: %s; oellm_reconcile cancels it once it finds no task following it",
+                self.job_id,
+                exc,
             )
-            return
-        self.log.info("task killed (now %s): cancelling job %s", state, self.job_id)
-        await self._cancel()
 
     async def _task_state(self) -> str | None:
         """The state of the task instance that deferred to this trigger (None: not known)."""
