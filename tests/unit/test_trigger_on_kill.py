@@ -31,7 +31,7 @@ class SlowlyAnswered(SlurmJobTrigger):
     """The task's state comes as slowly as from an API server under load."""
 
     async def _task_state(self) -> str | None:
-        await asyncio.sleep(ANSWER_SECONDS)
+        await asyncio.sleep(ANSWER_SECONDS)  # the API server's answer under load
         return "failed"
 
 
@@ -47,7 +47,7 @@ async def kill_as_the_triggerer_does(trigger: SlurmJobTrigger, every: float) -> 
     while not task.done():
         runner.to_cancel.append(1)
         await runner.cancel_triggers()
-        await asyncio.sleep(every)
+        await asyncio.sleep(every)  # the triggerer's loop, here faster than the answer
     with pytest.raises(asyncio.CancelledError):
         task.result()
     return time.monotonic() - started
@@ -78,7 +78,7 @@ def test_a_killed_tasks_job_is_cancelled_though_the_trigger_is_cancelled_again_m
             state = (await asyncio.to_thread(hook.job_status, job_id)).state
             if state.is_terminal:
                 return state
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2)  # poll
         return state
 
     assert asyncio.run(scenario()) is JobState.CANCELLED
