@@ -34,6 +34,7 @@ from airflow_oellm.config.budget import (
     sweep_budget_issue,
 )
 from airflow_oellm.config.compose import Composed, Composer, config_roots
+from airflow_oellm.config.diff import sweep_differences
 from airflow_oellm.config.early_stop import EarlyStopRule, RulePoint, early_stop_rule
 from airflow_oellm.config.errors import ConfigError, Issue, shown
 from airflow_oellm.config.expressions import ExpressionError
@@ -130,6 +131,12 @@ class Sweep:
     def template_dirs(self) -> list[Path]:
         """`templates/` of each config root, searched before the package's own templates."""
         return [root / "templates" for root in self.config_roots]
+
+    @cached_property
+    def differences(self) -> dict[str, list[dict[str, Any]]]:
+        """Experiment name -> how its resolved config differs from the sweep's base (config/diff.py); of
+        the experiments loaded, so of the whole sweep only when all were."""
+        return sweep_differences({e.name: e.resolved for e in self.experiments})
 
     def experiment(self, name: str) -> Experiment:
         for e in self.experiments:

@@ -242,6 +242,14 @@ JOB_ID_KEY, LOG_PATH_KEY, SCRIPT_PATH_KEY = "job_id", "log_path", "script_path" 
 CONFIG_KEY = "config"  # prepare: the run's resolved config
 OVERRIDES_KEY, RUN_TIME_KEY = "overrides", "run_time"  # prepare: the run's conf overrides, its frozen clock
 CHECKPOINTS_KEY, COOLDOWNS_KEY = "checkpoints", "cooldowns"  # prepare: the run's milestones
+CONFIG_DIFF_KEY = "config_diff"  # prepare: how the run's config differs from its sweep's base (config/diff.py)
 HISTORY_KEY = "oellm_attempts"  # task state store: a job task's attempts, across its tries
+SCRIPT_KEY_PREFIX = "oellm_sbatch_"  # task state store: + try number, the job script that try submitted
+
+
+def script_key(try_number: int) -> str:
+    """The task state store's key of the job script a try submitted."""
+    return f"{SCRIPT_KEY_PREFIX}{try_number}"
+
 
 DASHBOARD_PATH = "/oellm"  # where the api-server mounts the dashboard (links to it, from alerts too)

@@ -7,8 +7,9 @@ refused here: overrides that change nothing, branches the DAG was built without,
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -19,6 +20,7 @@ from airflow_oellm.config.budget import (
     planned_gpu_hours,
     sweep_budget_issue,
 )
+from airflow_oellm.config.diff import run_changes
 from airflow_oellm.config.errors import ConfigError, Issue
 from airflow_oellm.config.loader import Experiment, Sweep, load_sweep, planned_hours
 from airflow_oellm.config.milestones import Milestones, plan, with_cooldown_points
@@ -54,6 +56,8 @@ class RunPlan:
     overrides: list[str]  # as recorded in the provenance
     milestones: Milestones
     planned: PlannedGpuHours
+    differences: list[dict[str, Any]]  # how the experiment differs from its sweep's base (config/diff.py)
+    changes: list[dict[str, Any]]  # the keys the run's overrides changed (config/diff.run_changes)
 
 
 def plan_run(request: RunRequest) -> RunPlan:
@@ -76,6 +80,13 @@ def plan_run(request: RunRequest) -> RunPlan:
         root = resolve([])[1].config.project.base_output_dir
         extra.append(f"project.base_output_dir={root}/runs/{request.scheduled_stamp}")
 
+    @functools.cache
+    def whole_sweep() -> Sweep:
+        """Every experiment of the sweep, as its DAGs were built (loaded once, when needed)."""
+        return load_sweep(
+            request.sweep_file, request.sweep_overrides, config_dirs=request.config_dirs, enforce_budget=False
+        )
+
     overrides = list(request.overrides)
     sweep, experiment, config = resolve(overrides)
     refused = inert_overrides(lambda rest: resolve(rest)[2], overrides, config)
@@ -85,23 +96,22 @@ def plan_run(request: RunRequest) -> RunPlan:
     if request.cooldown_points is not None:
         config = with_cooldown_points(config, request.cooldown_points)
         overrides.append(f"{COOLDOWN_POINTS_PARAM}={json.dumps(request.cooldown_points)}")  # for the provenance record
+    changes = run_changes(resolve([])[2], config) if overrides else []
     milestones = plan(config)
     planned = planned_gpu_hours(config)
-    over = over_budget(request, experiment, planned)
+    over = over_budget(experiment, planned, whole_sweep)
     if over:
         raise ConfigError(over)
-    return RunPlan(sweep, experiment, config, request.when, overrides, milestones, planned)
+    differences = whole_sweep().differences.get(experiment.name, [])
+    return RunPlan(sweep, experiment, config, request.when, overrides, milestones, planned, differences, changes)
 
 
-def over_budget(request: RunRequest, experiment: Experiment, planned: PlannedGpuHours) -> list[Issue]:
+def over_budget(experiment: Experiment, planned: PlannedGpuHours, whole_sweep: Callable[[], Sweep]) -> list[Issue]:
     """This run against its own limit, and with every other experiment's plan against the sweep's."""
     project = experiment.config.project
     issues = [experiment_budget_issue(experiment.config, planned, experiment.name)]
     if project.gpu_hour_budget is not None:
-        whole = load_sweep(
-            request.sweep_file, request.sweep_overrides, config_dirs=request.config_dirs, enforce_budget=False
-        )
-        others = [e for e in whole.experiments if e.name != experiment.name]
+        others = [e for e in whole_sweep().experiments if e.name != experiment.name]
         issues.append(
             sweep_budget_issue(
                 project.gpu_hour_budget,

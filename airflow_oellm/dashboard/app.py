@@ -7,6 +7,7 @@ own auth manager (the UI's `_token` cookie or a bearer token) and shows only DAG
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import time
 from collections.abc import Mapping
@@ -63,7 +64,12 @@ def _start(epoch: float | None, now: float | None = None) -> str:
 
 templates = Environment(loader=PackageLoader("airflow_oellm.dashboard", "templates"), autoescape=select_autoescape())
 templates.filters.update(
-    duration=_duration, number=_number, time=_time, start=_start, quote=lambda s: quote(str(s), safe="")
+    duration=_duration,
+    number=_number,
+    time=_time,
+    start=_start,
+    quote=lambda s: quote(str(s), safe=""),
+    value=lambda v: json.dumps(v, default=str),
 )
 
 
@@ -180,6 +186,8 @@ def _experiment(user: BaseUser, dag_id: str, run_id: str | None) -> tuple[Experi
         if run_id and chosen is None:
             raise HTTPException(404, f"{dag_id} has no recent run {run_id!r}")
         record = queries.run_records(session, [chosen[0]]).get(chosen[0]) if chosen else None
+        if record is not None:
+            queries.add_details(session, chosen[0], record)
     view = experiment_view(dag_id, experiment_name(dag_id, sweep or ""), record, time.time())
     return view, sweep, runs
 

@@ -7,6 +7,7 @@ evaluation, GPU-hours, ETA, curves, timeline) and a `SweepView` over them.
 
 from __future__ import annotations
 
+import difflib
 import json
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -20,6 +21,7 @@ from airflow_oellm.config.budget import PLANNED_RECORD
 from airflow_oellm.config.errors import ConfigError
 from airflow_oellm.config.naming import (
     CHECKPOINT_EVALUATE_TASK,
+    CONFIG_DIFF_KEY,
     CONFIG_KEY,
     COOLDOWN_EVALUATE_TASK,
     COOLDOWN_TRAIN_TASK,
@@ -67,6 +69,8 @@ class RunRecord:
     tasks: list[TaskRecord] = field(default_factory=list)
     xcoms: dict[tuple[str, int, str], Any] = field(default_factory=dict)  # (task_id, map_index, key) -> value
     histories: dict[tuple[str, int], Any] = field(default_factory=dict)  # (task_id, map_index) -> attempts
+    # the experiment page's alone (queries.add_details): (task_id, map_index, try) -> the job script it submitted
+    scripts: dict[tuple[str, int, int], str] = field(default_factory=dict)
     _parsed: dict[tuple[str, int], list[AttemptRecord]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
@@ -115,6 +119,17 @@ class TimelineEntry:
     text: str
 
 
+@dataclass(frozen=True)
+class JobScript:
+    """The job script one try of a training submitted."""
+
+    label: str  # "training try 2"
+    job_id: str | None
+    script: str
+    previous: int | None = None  # the try its changes are against (None: the first try kept)
+    changes: list[str] = field(default_factory=list)  # a unified diff against that try's script
+
+
 @dataclass
 class ExperimentView:
     dag_id: str
@@ -144,6 +159,9 @@ class ExperimentView:
     curves: list[Curve] = field(default_factory=list)
     evaluations: list[dict[str, Any]] = field(default_factory=list)  # run, iteration, validation_loss, metrics
     timeline: list[TimelineEntry] = field(default_factory=list)
+    # the experiment page's alone: {"sweep": its differences from the sweep's base, "run": the run's changes}
+    config_diff: dict[str, Any] | None = None
+    scripts: list[JobScript] = field(default_factory=list)
 
     @property
     def fraction(self) -> float | None:
@@ -315,14 +333,36 @@ def _when(value: datetime | None) -> float | None:
     return value.timestamp() if value else None
 
 
+def trainings(run: RunRecord) -> list[tuple[str, int, str]]:
+    """(task id, map index, label) of the run's training and its cooldowns."""
+    cooldowns = run.xcom(PREPARE_TASK, COOLDOWNS_KEY) or []
+    return [(TRAIN_TASK, -1, "training")] + [
+        (COOLDOWN_TRAIN_TASK, i, f"cooldown {c.get('name', i)}") for i, c in enumerate(cooldowns)
+    ]
+
+
+def job_scripts(run: RunRecord) -> list[JobScript]:
+    """Each training try's job script, the later ones with what changed since the try before."""
+    found = []
+    for task_id, map_index, label in trainings(run):
+        jobs = {a.try_number: a.job_id for a in run.attempts(task_id, map_index)}
+        tries = sorted(t for (task, index, t) in run.scripts if (task, index) == (task_id, map_index))
+        for before, now in zip([None, *tries], tries, strict=False):
+            script = run.scripts[(task_id, map_index, now)]
+            changes = []
+            if before is not None:
+                earlier = run.scripts[(task_id, map_index, before)].splitlines()
+                changes = list(
+                    difflib.unified_diff(earlier, script.splitlines(), f"try {before}", f"try {now}", lineterm="")
+                )
+            found.append(JobScript(f"{label} try {now}", jobs.get(now), script, before, changes))
+    return found
+
+
 def timeline(run: RunRecord) -> list[TimelineEntry]:
     """Submissions, ends with their classification, faults, checkpoints and side tasks, oldest first."""
     entries: list[TimelineEntry] = []
-    cooldowns = run.xcom(PREPARE_TASK, COOLDOWNS_KEY) or []
-    trainings = [(TRAIN_TASK, -1, "training")] + [
-        (COOLDOWN_TRAIN_TASK, i, f"cooldown {c.get('name', i)}") for i, c in enumerate(cooldowns)
-    ]
-    for task_id, map_index, label in trainings:
+    for task_id, map_index, label in trainings(run):
         for a in run.attempts(task_id, map_index):
             tried = f"{label} try {a.try_number}"
             entries.append(
@@ -465,6 +505,9 @@ def experiment_view(dag_id: str, name: str, run: RunRecord | None, now: float) -
         view.eval_value = last["metrics"][view.eval_name]
         view.eval_iteration = last["iteration"]
     view.timeline = timeline(run)
+    diff = run.xcom(PREPARE_TASK, CONFIG_DIFF_KEY)
+    view.config_diff = dict(diff) if isinstance(diff, Mapping) else None
+    view.scripts = job_scripts(run)
     return view
 
 

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from airflow_oellm.config.budget import PLANNED_RECORD
 from airflow_oellm.config.naming import (
+    CONFIG_DIFF_KEY,
     CONFIG_KEY,
     COOLDOWN_TRAIN_TASK,
     COOLDOWNS_KEY,
@@ -25,6 +26,7 @@ from airflow_oellm.config.naming import (
     PROGRESS_KEY,
     RESULT_KEY,
     RETURN_KEY,
+    SCRIPT_KEY_PREFIX,
     SWEEP_DAG_TAG,
     SWEEP_TAG_PREFIX,
     TRAIN_TASK,
@@ -122,6 +124,38 @@ def run_records(session: Session, run_pks: Collection[int]) -> dict[int, RunReco
     for pk, task_id, map_index, value in histories:
         records[pk].histories[(task_id, map_index)] = _loaded(value)
     return records
+
+
+def add_details(session: Session, pk: int, record: RunRecord) -> None:
+    """What only the experiment page shows, into its run's record: the config's differences from the sweep's
+    base and the job script of every try of the trainings (two queries)."""
+    diff = session.scalar(
+        select(XComModel.value).where(
+            XComModel.dag_run_id == pk,
+            XComModel.task_id == PREPARE_TASK,
+            XComModel.map_index == -1,
+            XComModel.key == CONFIG_DIFF_KEY,
+        )
+    )
+    if diff is not None:
+        record.xcoms[(PREPARE_TASK, -1, CONFIG_DIFF_KEY)] = _loaded(diff)
+    scripts = session.execute(
+        select(
+            TaskStateStoreModel.task_id,
+            TaskStateStoreModel.map_index,
+            TaskStateStoreModel.key,
+            TaskStateStoreModel.value,
+        ).where(
+            TaskStateStoreModel.dag_run_id == pk,
+            TaskStateStoreModel.task_id.in_([TRAIN_TASK, COOLDOWN_TRAIN_TASK]),
+            TaskStateStoreModel.key.startswith(SCRIPT_KEY_PREFIX),
+        )
+    )
+    for task_id, map_index, key, value in scripts:
+        try_number = key.removeprefix(SCRIPT_KEY_PREFIX)
+        if try_number.isdigit():
+            script = _loaded(value)
+            record.scripts[(task_id, map_index, int(try_number))] = script if isinstance(script, str) else str(value)
 
 
 def _loaded(value: Any) -> Any:

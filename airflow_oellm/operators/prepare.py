@@ -27,7 +27,14 @@ import airflow_oellm
 from airflow_oellm.config import ConfigError
 from airflow_oellm.config.budget import PLANNED_RECORD
 from airflow_oellm.config.errors import shown
-from airflow_oellm.config.naming import CHECKPOINTS_KEY, CONFIG_KEY, COOLDOWNS_KEY, OVERRIDES_KEY, RUN_TIME_KEY
+from airflow_oellm.config.naming import (
+    CHECKPOINTS_KEY,
+    CONFIG_DIFF_KEY,
+    CONFIG_KEY,
+    COOLDOWNS_KEY,
+    OVERRIDES_KEY,
+    RUN_TIME_KEY,
+)
 from airflow_oellm.config.overrides import lookup, parse_overrides
 from airflow_oellm.config.run import COOLDOWN_POINTS_PARAM, RunPlan, RunRequest, plan_run
 from airflow_oellm.hooks.slurm import SlurmHook, task_cluster
@@ -151,6 +158,7 @@ class PrepareExperimentOperator(BaseOperator):
             (CHECKPOINTS_KEY, milestones.checkpoints),
             (COOLDOWNS_KEY, milestones.cooldowns),
             (PLANNED_RECORD, run.planned.as_record()),
+            (CONFIG_DIFF_KEY, {"sweep": run.differences, "run": run.changes}),
         ):
             ti.xcom_push(key=key, value=value)
         # the return value is what the checkpoint branches map over (Airflow maps over return values only)

@@ -40,6 +40,7 @@ from airflow_oellm.config.naming import (
     RESULT_KEY,
     SCRIPT_PATH_KEY,
     TRAIN_TASK,
+    script_key,
 )
 from airflow_oellm.config.schema import RootConfig
 from airflow_oellm.config.secrets import SecretError, resolve_secrets
@@ -250,6 +251,8 @@ class SlurmSubmitOperator(BaseOperator):
                 script = self._script(s, history, before)
                 hook.mkdirs([s.output_dir, s.log_path.rsplit("/", 1)[0], s.script_dir])
                 hook.upload(script_path, script, mode="0700")
+                if store is not None:  # the experiment page shows what each try submitted
+                    store.set(script_key(ti.try_number), script)
                 secrets = self._secrets(s)
                 if s.on_outage:
                     try:

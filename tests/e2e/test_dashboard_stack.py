@@ -41,6 +41,11 @@ ANALYSIS_JS = """({
   compute_series: document.querySelectorAll('svg#loss-vs-compute polyline').length,
   law: document.querySelector('#loss-law').innerText,
   note: document.querySelector('#analysis-note').innerText})"""
+CONFIG_JS = """Array.from(document.querySelectorAll('#config-sweep tr[data-key]')).map(
+  r => [r.dataset.key, r.cells[1].innerText.trim(), r.cells[2].innerText.trim()])"""
+SCRIPTS_JS = """Array.from(document.querySelectorAll('#job-scripts details')).map(d => ({
+  label: d.dataset.try, summary: d.querySelector('summary').innerText.trim(),
+  script: d.querySelector('pre.script').textContent}))"""
 REWINDS_JS = "Array.from(document.querySelectorAll('svg#loss-vs-iteration circle.rewind')).map(c => c.dataset.rewind)"
 
 
@@ -184,6 +189,10 @@ def test_a_running_sweep_then_its_final_comparison(stack, tmp_path):
                 "[r.dataset.kind, r.innerText])"
             )
             await browser.screenshot(tmp_path / "experiment_final.png")
+            details = {}
+            for e in sweep.experiments:
+                await browser.open(f"{site(stack)}/oellm/experiments/{e.dag_id}")
+                details[e.name] = (await browser.evaluate(CONFIG_JS), await browser.evaluate(SCRIPTS_JS))
             await browser.open(f"{site(stack)}/oellm/")
             counts = await browser.evaluate(
                 f"document.querySelector('tr[data-sweep=\"{sweep.name}\"] .counts').innerText"
@@ -199,9 +208,11 @@ def test_a_running_sweep_then_its_final_comparison(stack, tmp_path):
                 await asyncio.sleep(0.5)  # poll
             await asyncio.sleep(3)  # the frame's own page
             await browser.screenshot(tmp_path / "airflow_ui_sweeps.png", full_page=False)
-            return rows, series, evaluations, tokens_plot, rewinds, timeline, counts, frame, analysis
+            return rows, series, evaluations, tokens_plot, rewinds, timeline, counts, frame, analysis, details
 
-    rows, series, evaluations, tokens_plot, rewinds, timeline, counts, frame, analysis = asyncio.run(finished())
+    rows, series, evaluations, tokens_plot, rewinds, timeline, counts, frame, analysis, details = asyncio.run(
+        finished()
+    )
     print("screenshots:", sorted(str(p) for p in tmp_path.glob("*.png")))
     assert all(r["state"] == "success" and int(r["iteration"]) == TRAIN_ITERS for r in rows), rows
     for row in rows:
@@ -237,6 +248,18 @@ def test_a_running_sweep_then_its_final_comparison(stack, tmp_path):
     kinds = [k for k, _ in timeline]
     assert "submit" in kinds and "end" in kinds and "task" in kinds, timeline
     assert "success 2" in counts.replace("\n", " "), counts
+    # what sets each experiment apart from the sweep's base, and the job script every try submitted
+    config, scripts = details["lr0.001"]
+    assert ["backend.args.lr", "0.001", "0.01"] in config, config
+    assert ["backend.args.fake_bad_iterations", "unset", f'"{BAD}"'] in config, config
+    assert [s["label"] for s in scripts] == ["training try 1", "cooldown lr0.001_cooldown_20 try 1"], scripts
+    config, scripts = details["lr0.01"]
+    assert ["backend.args.lr", "0.01", "0.001"] in config, config
+    assert [s["label"] for s in scripts][:2] == ["training try 1", "training try 2"], scripts
+    assert scripts[0]["summary"] == f"training try 1: job {job}", scripts  # the job the rewind stopped
+    assert scripts[1]["summary"].startswith("training try 2: job "), scripts
+    for s in scripts:
+        assert s["script"].startswith("#!/bin/bash") and "#SBATCH --job-name=" in s["script"], s
     assert frame and frame.rstrip("/").endswith("/oellm"), frame
     for shot in (
         "sweep_running_1",

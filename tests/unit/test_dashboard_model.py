@@ -558,3 +558,40 @@ def test_the_experiment_page_shows_the_running_jobs_last_log_lines_from_its_prog
     assert 'id="log-tail"' in page and "line 99 &lt;tag&gt; &amp; xxx" in page and "line 59 " not in page
     run.tasks[1] = TaskRecord("train", -1, "success", 2, 1, when(-1800), when(-5))
     assert experiment_view("d", "lr1", run, NOW).log_tail == []  # the job ended: the task log has it all
+
+
+def test_the_experiment_page_shows_each_tries_job_script_and_how_the_config_differs():
+    from airflow_oellm.dashboard.app import plots, templates
+
+    run = running_run()
+    first = "#!/bin/bash\n#SBATCH --job-name=lr1\n#SBATCH --time=01:00:00\nsrun train.py --lr 0.1\n"
+    second = first.replace("srun train.py", "#SBATCH --exclude=nid007\nsrun train.py")
+    run.scripts = {("train", -1, 1): first, ("train", -1, 2): second, ("cooldown.train", 0, 1): "#!/bin/bash\nx\n"}
+    run.xcoms[("prepare", -1, "config_diff")] = {
+        "sweep": [
+            {"key": "backend.args.lr", "value": 0.1, "others": [0.01, 0.001], "more": 2},
+            {"key": "backend.args.lr_wsd_decay_iters", "unset": True, "others": [2000], "more": 0},
+            {"key": "vars.tag", "value": "<b>", "others": [], "more": 0, "unset_elsewhere": 3},
+        ],
+        "run": [{"key": "backend.args.train_iters", "experiment": 100, "run": 120}],
+    }
+    view = experiment_view("d", "lr1", run, NOW)
+    training = [s for s in view.scripts if s.label.startswith("training")]
+    assert [(s.label, s.job_id, s.previous) for s in training] == [
+        ("training try 1", "101", None),
+        ("training try 2", "102", 1),
+    ]
+    assert training[0].changes == [] and "+#SBATCH --exclude=nid007" in training[1].changes
+    assert [s.label for s in view.scripts][2:] == ["cooldown lr1_cooldown_20 try 1"]
+    page = templates.get_template("experiment.html").render(
+        e=view, sweep="s", runs=[], plots=plots([view]), refresh=20, root="/r", prefix="/r/oellm"
+    )
+    assert "training try 2: job 102 · changed since try 1" in page
+    assert '<pre class="log diff">--- try 1\n+++ try 2\n' in page and "+#SBATCH --exclude=nid007" in page
+    assert '<tr data-key="backend.args.lr"><td><code>backend.args.lr</code></td><td><code>0.1</code></td>' in page
+    assert "<code>0.01</code>, <code>0.001</code> and 2 more" in page
+    assert '<span class="muted">unset</span></td><td><code>2000</code>' in page
+    assert "<code>&#34;&lt;b&gt;&#34;</code>" in page and "unset in 3" in page  # escaped, as JSON
+    assert '<table id="config-run"' in page and "<td><code>100</code></td><td><code>120</code></td>" in page
+    sweep_row = experiment_view("d", "lr1", running_run(), NOW)  # the sweep page's records have neither
+    assert sweep_row.scripts == [] and sweep_row.config_diff is None
