@@ -6,7 +6,8 @@ show as it is; an Airflow notifier (`BaseNotifier`, any provider's) or a functio
 holding `message` and `alert`. A notifier's failure is logged, never the task's: an alert must not fail a
 training.
 
-The outage callback, a lab's own function or Airflow notifier, is told once per outage.
+The outage callback, a lab's own function or Airflow notifier, is told once per outage; so is each sweep's
+`outage` alert.
 
 A notifier (`BaseNotifier`) is called with the notice as its context, on a copy: it renders its
 template fields in place, and a module-level instance would otherwise repeat its first message.
@@ -77,6 +78,8 @@ EVENTS = (
     "stalled",  # no progress: a hang the watch cancelled
     "early_stop",  # the sweep's rung stopped a point
     "sweep_finished",  # the sweep DAG's summary, with its table
+    "outage",  # the cluster cannot be reached (after platform.on_outage.after), is again, or a watch gave up
+    "budget_reached",  # a run refused: its plan is over a GPU-hour budget
 )
 LABELS = {
     "training_fatal": "training failed",
@@ -84,6 +87,8 @@ LABELS = {
     "stalled": "stalled",
     "early_stop": "stopped early",
     "sweep_finished": "sweep finished",
+    "outage": "cluster access",
+    "budget_reached": "over budget",
 }
 WEBHOOK_TIMEOUT = 10.0  # seconds: a slow receiver must not hold a worker
 MAX_REASON = 300  # characters of the reason in a message: the link has the rest
@@ -109,6 +114,11 @@ class Alert:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "message": self.message}
+
+
+def hears(notify: Sequence[Mapping[str, Any]], event: str) -> bool:
+    """Whether a notifier of `notify` (the config's `notifications.notify`) listens to `event`."""
+    return any(event in (notifier.get("events") or EVENTS) for notifier in notify)
 
 
 def post_webhook(url: str, alert: Alert) -> None:

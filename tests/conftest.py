@@ -7,10 +7,12 @@ import os
 import shutil
 import tempfile
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.webhook import Receiver
 
 # Airflow reads its home when first imported: give the whole test run a fresh one, never ~/airflow.
 _AIRFLOW_HOME = tempfile.mkdtemp(prefix="oellm-test-airflow-home-")
@@ -81,3 +83,10 @@ def project(write: Callable[[str, str], Path], tmp_path: Path) -> Path:
         """,
     )
     return tmp_path / "config"
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.server.shutdown()

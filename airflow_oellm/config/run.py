@@ -29,6 +29,14 @@ from airflow_oellm.config.noops import inert_overrides, unbuilt_branches
 COOLDOWN_POINTS_PARAM = "cooldowns.at"  # a run's choice of cooldown points (a trigger-form field)
 
 
+class OverBudget(ConfigError):
+    """A run refused because its plan is over a GPU-hour budget: `prepare` tells the sweep's notifiers."""
+
+    def __init__(self, issues: list[Issue], experiment: Experiment) -> None:
+        super().__init__(issues)
+        self.experiment = experiment
+
+
 @dataclass(frozen=True)
 class RunRequest:
     """What a run asks for, and what its DAG was built from."""
@@ -101,7 +109,7 @@ def plan_run(request: RunRequest) -> RunPlan:
     planned = planned_gpu_hours(config)
     over = over_budget(experiment, planned, whole_sweep)
     if over:
-        raise ConfigError(over)
+        raise OverBudget(over, experiment)
     differences = whole_sweep().differences.get(experiment.name, [])
     return RunPlan(sweep, experiment, config, request.when, overrides, milestones, planned, differences, changes)
 

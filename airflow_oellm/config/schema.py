@@ -485,7 +485,9 @@ class ExperimentInfo:
     parameters: dict[str, Any] = opt(doc="The sweep values of this experiment.", factory=dict)
 
 
-AlertEvent = Literal["training_fatal", "retries_exhausted", "stalled", "early_stop", "sweep_finished"]
+AlertEvent = Literal[
+    "training_fatal", "retries_exhausted", "stalled", "early_stop", "sweep_finished", "outage", "budget_reached"
+]
 
 
 @dataclass
@@ -506,7 +508,9 @@ class NotifierConfig:
     events: list[AlertEvent] = opt(
         doc="What it hears of (default: everything): `training_fatal`, `retries_exhausted`, `stalled` (a hang its "
         "watch cancelled), `early_stop` (a point the sweep's rung stopped), `sweep_finished` (with the summary "
-        "table). An outage is told by `platform.on_outage`.",
+        "table), `outage` (the cluster unreachable for `platform.on_outage.after`, reachable again, or a watch "
+        "that gave up: once per sweep and outage), `budget_reached` (a run refused: its plan is over a GPU-hour "
+        "budget).",
         factory=list,
     )
 

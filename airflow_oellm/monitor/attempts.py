@@ -10,7 +10,7 @@ sensors beside the task must see. The submit operator only stores, pushes and ra
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from airflow_oellm.config.errors import ConfigError
@@ -37,6 +37,7 @@ from airflow_oellm.monitor.outage import DEFAULT_MAX_OUTAGE_SECONDS, max_outage_
 from airflow_oellm.monitor.records import AttemptHistory, AttemptRecord, TrainingState
 from airflow_oellm.monitor.retention import RetentionSettings
 from airflow_oellm.monitor.watch import PROGRESS_CURVE, merged_curve, thinned
+from airflow_oellm.notifications import hears
 from airflow_oellm.slurm.identity import stop_request_path
 from airflow_oellm.slurm.pending import DEFAULT_START_ESTIMATE_INTERVAL
 from airflow_oellm.slurm.states import JobState, JobStatus
@@ -78,7 +79,7 @@ class JobSettings:
     gpus: int | None  # what the job holds, for its GPU-hours (None: unknown, a plain script)
     max_outage: float | None  # seconds a watch waits out an unreachable cluster (None: for ever)
     on_outage: str | None  # dotted path of platform.on_outage.callback
-    notify_outage_after: float | None  # seconds of outage before it is called (None: no callback)
+    notify_outage_after: float | None  # seconds of outage before the callback and `outage` alerts (None: neither)
     rules: list[Rule]  # the task's own rules, then the config's, then the defaults
     # an experiment's training: where its sweep's early stopping asks it to stop (read with each poll cycle)
     stop_request_path: str | None = None
@@ -189,7 +190,11 @@ def job_settings(
         gpus=cfg.slurm.nodes * cfg.slurm.gpus_per_node,
         max_outage=max_outage_seconds(cfg.platform.max_outage),
         on_outage=notifier.callback,
-        notify_outage_after=max_outage_seconds(notifier.after) if notifier.callback else None,
+        notify_outage_after=(
+            max_outage_seconds(notifier.after)
+            if notifier.callback or hears([asdict(n) for n in cfg.notifications.notify], "outage")
+            else None
+        ),
         rules=attempt_rules([vars(r) for r in m.rules], classification_rules),
         stop_request_path=stop_request_path(e.output_dir) if stoppable else None,
     )

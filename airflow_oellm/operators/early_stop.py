@@ -18,6 +18,7 @@ from airflow.sdk import BaseSensorOperator, PokeReturnValue
 
 from airflow_oellm.config.early_stop import EarlyStopRule
 from airflow_oellm.config.naming import PROGRESS_KEY, RESULT_KEY, RUN_TASK, TRAIN_TASK
+from airflow_oellm.hooks.alerting import dashboard_link, send_alert
 from airflow_oellm.hooks.slurm import SlurmHook, task_cluster
 from airflow_oellm.monitor.early_stop import (
     EarlyStopState,
@@ -29,7 +30,6 @@ from airflow_oellm.monitor.early_stop import (
 from airflow_oellm.monitor.records import AttemptHistory, TrainingStatus
 from airflow_oellm.monitor.watch import merged_curve
 from airflow_oellm.notifications import Alert
-from airflow_oellm.operators.alerting import dashboard_link, send_alert
 from airflow_oellm.operators.report import experiment_run_ids
 from airflow_oellm.slurm.identity import stop_request_path, task_status_path
 from airflow_oellm.slurm.target import DEFAULT_SSH_CONN_ID, ClusterTarget

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from datetime import datetime
 from typing import Any
 
@@ -36,9 +37,11 @@ from airflow_oellm.config.naming import (
     RUN_TIME_KEY,
 )
 from airflow_oellm.config.overrides import lookup, parse_overrides
-from airflow_oellm.config.run import COOLDOWN_POINTS_PARAM, RunPlan, RunRequest, plan_run
+from airflow_oellm.config.run import COOLDOWN_POINTS_PARAM, OverBudget, RunPlan, RunRequest, plan_run
+from airflow_oellm.hooks.alerting import dashboard_link, send_alert
 from airflow_oellm.hooks.slurm import SlurmHook, task_cluster
 from airflow_oellm.jobscript.render import RenderError, render_run_scripts
+from airflow_oellm.notifications import Alert
 from airflow_oellm.slurm.target import DEFAULT_SSH_CONN_ID, ClusterTarget
 
 OVERRIDES_PARAM = "overrides"
@@ -208,6 +211,12 @@ class PrepareExperimentOperator(BaseOperator):
         try:
             run = plan_run(request)
             render_run_scripts(run.config, run.milestones, run.sweep.template_dirs)
+        except OverBudget as exc:
+            cfg = exc.experiment.config
+            link = dashboard_link(asdict(cfg.notifications), dag_id=dag_run.dag_id, run_id=dag_run.run_id)
+            alert = Alert("budget_reached", cfg.experiment.sweep, exc.experiment.name, one_line(exc), link)
+            send_alert(asdict(cfg.notifications), alert, self.log)
+            raise AirflowFailException(f"invalid overrides or config for this run: {one_line(exc)}") from None
         except (ConfigError, RenderError) as exc:
             raise AirflowFailException(f"invalid overrides or config for this run: {one_line(exc)}") from None
         return run

@@ -38,12 +38,12 @@ from airflow_oellm.config.naming import (
     TRAIN_TASK,
     in_group,
 )
+from airflow_oellm.hooks.alerting import dashboard_link, send_alert
 from airflow_oellm.hooks.slurm import SlurmHook, task_cluster
 from airflow_oellm.monitor.accounting import used_gpu_hours_by_kind
 from airflow_oellm.monitor.classify import STOPPED
 from airflow_oellm.monitor.retention import RetentionSettings, deletions, retention_notice
 from airflow_oellm.notifications import Alert
-from airflow_oellm.operators.alerting import dashboard_link, send_alert
 from airflow_oellm.slurm.operations import CycleRequest
 from airflow_oellm.slurm.target import DEFAULT_SSH_CONN_ID, ClusterTarget
 

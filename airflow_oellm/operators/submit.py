@@ -44,6 +44,7 @@ from airflow_oellm.config.naming import (
 )
 from airflow_oellm.config.schema import RootConfig
 from airflow_oellm.config.secrets import SecretError, resolve_secrets
+from airflow_oellm.hooks.alerting import OutageAlerts, dashboard_link, send_alert
 from airflow_oellm.hooks.slurm import SlurmHook, task_cluster
 from airflow_oellm.jobscript.render import JobSpec, render_sbatch
 from airflow_oellm.monitor.attempts import (
@@ -61,7 +62,6 @@ from airflow_oellm.monitor.records import AttemptHistory, AttemptRecord, Trainin
 from airflow_oellm.monitor.retention import retention_notice
 from airflow_oellm.monitor.watch import STATE_READ_LIMIT, JobFollower, WatchState
 from airflow_oellm.notifications import Alert, first_to_tell, notifier_callable, tell
-from airflow_oellm.operators.alerting import dashboard_link, send_alert
 from airflow_oellm.pause_points import pause_point
 from airflow_oellm.slurm.commands import SlurmCommandError
 from airflow_oellm.slurm.identity import JobIdentity, monitor_state_path, task_status_path
@@ -369,6 +369,7 @@ class SlurmSubmitOperator(BaseOperator):
             "max_outage": s.max_outage,
             "on_outage": s.on_outage,
             "notify_outage_after": s.notify_outage_after,
+            "outage_alerts": outage_alerts.to_dict() if (outage_alerts := self._outage_alerts(s)) else None,
             "stop_request_path": s.stop_request_path,
             "progress_to": {
                 "dag_id": identity.dag_id,
@@ -461,6 +462,9 @@ class SlurmSubmitOperator(BaseOperator):
                 callback = args["on_outage"]  # told before an error or an end returns: gave_up, ended
                 if step.notify and callback and first_to_tell(callback, self.cluster.key, step.notify):
                     tell(callback, step.notify, self.log)
+                alerts = OutageAlerts.from_dict(args["outage_alerts"]) if args["outage_alerts"] else None
+                if step.notify and alerts and first_to_tell(alerts.key, self.cluster.key, step.notify):
+                    alerts.send(step.notify, self.log)
                 if step.error:
                     return {"kind": "error", "job_id": job_id, "message": step.error}
                 if step.cancel and step.kill:
@@ -548,6 +552,11 @@ class SlurmSubmitOperator(BaseOperator):
         if decision.training_state is TrainingState.FATAL:  # a retryable end on the last try
             self._alert(s, ti, "retries_exhausted", f"{message} (try {ti.try_number} of {(self.retries or 0) + 1})")
         raise AirflowException(f"{message} (retrying: resumes from the latest checkpoint)")
+
+    @staticmethod
+    def _outage_alerts(s: JobSettings) -> OutageAlerts | None:
+        """The sweep's notifiers that hear of outages, as the watch needs them."""
+        return OutageAlerts.of(s.config.notifications, s.config.experiment.sweep) if s.config is not None else None
 
     def _alert(self, s: JobSettings, ti: Any, event: str, reason: str) -> None:
         """Tell the experiment's notifiers (`notifications`) what happened to this task's job."""

@@ -18,6 +18,7 @@ from typing import Any
 from airflow.triggers.base import TriggerEvent
 
 from airflow_oellm.config.naming import PROGRESS_KEY
+from airflow_oellm.hooks.alerting import OutageAlerts
 from airflow_oellm.monitor.orphans import state_key
 from airflow_oellm.monitor.outage import DEFAULT_MAX_OUTAGE_SECONDS
 from airflow_oellm.monitor.retention import retention_notice
@@ -56,6 +57,7 @@ class SlurmJobTrigger(ClusterTrigger):
         "max_outage",
         "on_outage",
         "notify_outage_after",
+        "outage_alerts",
         "stop_request_path",
         "start_estimate_interval",
     )
@@ -86,6 +88,7 @@ class SlurmJobTrigger(ClusterTrigger):
         max_outage: float | None = DEFAULT_MAX_OUTAGE_SECONDS,
         on_outage: str | None = None,
         notify_outage_after: float | None = None,
+        outage_alerts: dict[str, Any] | None = None,
         stop_request_path: str | None = None,
         start_estimate_interval: float = 0.0,
         **before_cluster_target: Any,
@@ -119,7 +122,9 @@ class SlurmJobTrigger(ClusterTrigger):
         self.start_estimate_interval = start_estimate_interval  # its pending job's expected start (0: never asked)
         self.max_outage = max_outage
         self.on_outage = on_outage  # platform.on_outage.callback, told after notify_outage_after seconds
-        self.notify_outage_after = notify_outage_after if on_outage else None
+        # the sweep's notifiers that hear of outages: {"sweep", "notifications", "link"} (OutageAlerts.to_dict())
+        self.outage_alerts = dict(outage_alerts) if outage_alerts else None
+        self.notify_outage_after = notify_outage_after if on_outage or outage_alerts else None
 
     async def watch(self) -> AsyncIterator[TriggerEvent]:
         follower = JobFollower.from_args({name: getattr(self, name) for name in self.fields}, self.cluster.name)
@@ -137,6 +142,8 @@ class SlurmJobTrigger(ClusterTrigger):
                 self.log.log(level, notice)
             if step.notify is not None and self.on_outage:
                 await self._tell(step.notify)
+            if step.notify is not None and self.outage_alerts:
+                await self._alert_outage(step.notify)
             if step.error:
                 yield TriggerEvent({"kind": "error", "job_id": self.job_id, "message": step.error})
                 return
@@ -182,6 +189,19 @@ class SlurmJobTrigger(ClusterTrigger):
             await asyncio.wait_for(asyncio.to_thread(tell, self.on_outage, notice, self.log), 120)
         except TimeoutError:
             self.log.warning("platform.on_outage.callback %s took over 120 s; not waited for", self.on_outage)
+
+    async def _alert_outage(self, notice: dict[str, Any]) -> None:
+        """The sweep's `outage` alert, once per outage and cluster in this triggerer, in a thread (a webhook's
+        secret reference is looked up through the triggerer's supervisor)."""
+        alerts = OutageAlerts.from_dict(self.outage_alerts or {})
+        if not first_to_tell(alerts.key, self.cluster.key, notice):
+            return
+        from asgiref.sync import sync_to_async
+
+        try:
+            await asyncio.wait_for(sync_to_async(alerts.send)(notice, self.log), 120)
+        except TimeoutError:
+            self.log.warning("the outage alert of sweep %s took over 120 s; not waited for", alerts.sweep)
 
     async def _read_tail(self, follower: JobFollower) -> bytes:
         """Save the final state and read the log's end."""

@@ -12,7 +12,7 @@ import pytest
 from airflow_oellm.config import load_sweep
 from tests.e2e.conftest import wait
 from tests.shared_stack import add_file
-from tests.unit.test_alerts import Receiver
+from tests.webhook import Receiver
 
 pytestmark = [pytest.mark.alerts]
 

@@ -15,7 +15,7 @@ from airflow_oellm.config import load_sweep
 from tests.conftest import REPO
 from tests.e2e.conftest import wait
 from tests.shared_stack import add_file
-from tests.unit.test_alerts import Receiver
+from tests.webhook import Receiver
 
 pytestmark = [pytest.mark.early_stop, pytest.mark.analysis, pytest.mark.demo]
 RATES = (3.0e-3, 3.0e-2)

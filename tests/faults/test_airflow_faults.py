@@ -30,6 +30,7 @@ from tests.conftest import REPO
 from tests.e2e.conftest import wait
 from tests.e2e.test_stack import sweep, trigger_logs
 from tests.shared_stack import add_file
+from tests.webhook import Receiver
 
 FAKE = REPO / "tests" / "fixtures" / "fake_megatron.py"
 FANOUT = 20
@@ -66,6 +67,8 @@ def stack(shared_stack, dev_cluster, module_remote_dir, slurm_conn_id, tmp_path_
         for dag_id in ORPHANS
     ]
     # the key refused for longer than the 10 minutes a refused key used to get, shortened by config
+    outage_receiver = Receiver()  # the waiting one's sweep alerts a webhook of the outage too
+    alerts = f"notifications: {{notify: [{{webhook: '{outage_receiver.url}', events: [outage]}}]}}\n"
     refused_experiments = [
         sweep(
             configs,
@@ -73,12 +76,12 @@ def stack(shared_stack, dev_cluster, module_remote_dir, slurm_conn_id, tmp_path_
             f"{dag_id[2:]}_{token}",
             "train_iters: 20, save_interval: 10, iter_seconds: 0.5",
             f"platform: {{max_outage: {max_outage}, {callback}env: {{FAKE_HOLD_AT: 5, "
-            f"FAKE_HOLD_UNTIL: {remote}/refused{token}.release}}}}\n",
+            f"FAKE_HOLD_UNTIL: {remote}/refused{token}.release}}}}\n{more}",
         )[0]
-        for dag_id, max_outage, callback in (
+        for dag_id, max_outage, callback, more in (
             # the waiting one tells a callback (a module in the stack's home, on every process's path)
-            ("f_refused_wait", 900, f"on_outage: {{callback: {OUTAGE_CALLBACK}.record, after: 5}}, "),
-            ("f_refused_give_up", 15, ""),
+            ("f_refused_wait", 900, f"on_outage: {{callback: {OUTAGE_CALLBACK}.record, after: 5}}, ", alerts),
+            ("f_refused_give_up", 15, "", ""),
         )
     ]
     (shared_stack.home / f"{OUTAGE_CALLBACK}.py").write_text(
@@ -141,7 +144,9 @@ def stack(shared_stack, dev_cluster, module_remote_dir, slurm_conn_id, tmp_path_
     add_file(s.dags, f"faults_{token}.json", json.dumps(specs))
     wait(lambda: all(s.http("GET", f"/dags/{d['dag_id']}") for d in specs["dags"]), 240, "DAGs parsed", s)
     s.remote, s.token, s.specs = remote, token, {d["dag_id"]: d for d in specs["dags"]}
+    s.outage_receiver = outage_receiver
     yield s
+    outage_receiver.server.shutdown()
     for flag in list(s.pauses.iterdir()):  # nothing stays paused for its hour
         if flag.suffix not in (".armed", ".release"):
             flag.with_name(flag.name + ".release").touch()
@@ -824,6 +829,12 @@ def test_a_refused_key_is_waited_out_for_max_outage_and_the_watch_carries_on(sta
     notices = [json.loads(line) for line in (stack.home / "outage-notices.jsonl").read_text().splitlines()]
     assert [n["event"] for n in notices] == ["started", "ended"], notices  # once each, in the triggerer
     assert notices[0]["outage"]["kind"] == "authentication" and notices[0]["outage"]["watches"] >= 1, notices
+    # and its sweep's notifiers heard the same two, from the triggerer, each with the sweep's page
+    alerts = [body["alert"] for body in stack.outage_receiver.received]
+    assert [(a["event"], a["reason"]) for a in alerts] == [("outage", n["message"]) for n in notices], alerts
+    sweep_name = stack.specs["f_refused_wait"]["experiment"]["experiment"]["sweep"]
+    assert all(a["sweep"] == sweep_name and a["experiment"] is None for a in alerts), alerts
+    assert all(a["link"].endswith(f"/oellm/sweeps/{sweep_name}") for a in alerts), alerts
     waited = stack.xcom("f_refused_wait", runs["f_refused_wait"], "train")
     assert [a["submission"] for a in waited["attempts"]] == ["submitted"] and waited["events"]["iteration"] == 20
     gave_up = stack.xcom("f_refused_give_up", runs["f_refused_give_up"], "train")

@@ -22,7 +22,7 @@ from airflow_oellm.slurm.identity import task_status_path
 from airflow_oellm.slurm.target import ClusterTarget
 from tests.conftest import REPO
 from tests.operators.conftest import attempt_history, start_date, unique_dag_id, xcom
-from tests.unit.test_alerts import Receiver
+from tests.webhook import Receiver
 
 
 def experiment(write, backend, *overrides: str, name: str | None = None):

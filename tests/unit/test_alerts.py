@@ -3,12 +3,9 @@ notifier that cannot work refused or logged, never failing the task."""
 
 from __future__ import annotations
 
-import http.server
 import json
 import logging
 import os
-import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -25,35 +22,6 @@ def record(context: dict[str, Any]) -> None:
     path it may be another copy of this module, so it appends to the file the test names."""
     with open(os.environ["OELLM_TEST_TOLD"], "a") as told:
         told.write(json.dumps(context) + "\n")
-
-
-class Receiver:
-    """A webhook endpoint on 127.0.0.1 that keeps every JSON body it is sent."""
-
-    def __init__(self) -> None:
-        self.received: list[dict[str, Any]] = []
-        received = self.received
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length", 0))
-                received.append(json.loads(self.rfile.read(length)))
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                return None
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    r = Receiver()
-    yield r
-    r.server.shutdown()
 
 
 def test_an_alert_is_one_short_line_with_the_experiment_the_reason_and_the_link():
@@ -128,3 +96,41 @@ def test_the_sweep_dag_tells_its_notifiers_when_it_finishes_and_the_events_are_t
     assert sweep_dag(load_sweep(REPO / "examples" / "demo" / "demo.yaml")).get_task("summary").notifications is None
     documented = (REPO / "docs" / "configuration.md").read_text()
     assert all(f"`{event}`" in documented for event in EVENTS)
+
+
+def test_an_outage_alerts_the_notifiers_that_hear_of_outages_once_per_outage(receiver, caplog):
+    from airflow_oellm.hooks.alerting import OutageAlerts
+    from airflow_oellm.monitor.attempts import job_settings
+    from airflow_oellm.monitor.outage import Outage, outage_notice
+    from airflow_oellm.notifications import first_to_tell
+    from airflow_oellm.slurm.target import ClusterTarget
+    from airflow_oellm.triggers.job import SlurmJobTrigger
+
+    def experiment(events: str) -> dict[str, Any]:
+        notify = (
+            f"+notifications={{notify: [{{webhook: '{receiver.url}', events: {events}}}], dashboard_url: 'http://a/o'}}"
+        )
+        return load_sweep(REPO / "examples" / "demo" / "demo.yaml", [notify]).experiments[0].resolved
+
+    hearing, deaf = experiment("[outage]"), experiment("[training_fatal]")
+    # no platform.on_outage.callback: the alert alone makes the watch notice an outage, after on_outage.after
+    assert job_settings(experiment=hearing, job=None, task_id="train").notify_outage_after == 900  # its default
+    assert job_settings(experiment=deaf, job=None, task_id="train").notify_outage_after is None
+    cfg = job_settings(experiment=hearing, job=None, task_id="train").config
+    alerts = OutageAlerts.of(cfg.notifications, "demo")
+    assert alerts is not None and alerts.link == "http://a/o/sweeps/demo"
+    deaf_cfg = job_settings(experiment=deaf, job=None, task_id="train").config
+    assert OutageAlerts.of(deaf_cfg.notifications, "demo") is None
+    # it travels with the trigger
+    trigger = SlurmJobTrigger(
+        job_id="7", log_path="/l", state_path="/s", cluster=ClusterTarget("x"), poll_interval=5,
+        outage_alerts=alerts.to_dict(),
+    )  # fmt: skip
+    rebuilt = SlurmJobTrigger(**trigger.serialize()[1])
+    assert OutageAlerts.from_dict(rebuilt.outage_alerts) == alerts and rebuilt.notify_outage_after is None
+    notice = outage_notice("started", Outage("lumi", 1000.0, "Permission denied (publickey)", 4), 1400.0)
+    assert first_to_tell(alerts.key, "lumi-key", notice) and not first_to_tell(alerts.key, "lumi-key", notice)
+    assert alerts.send(notice, logging.getLogger("t")) == 1
+    (body,) = receiver.received
+    assert body["alert"]["event"] == "outage" and body["alert"]["experiment"] is None
+    assert body["text"] == f"[oellm] demo: cluster access: {notice['message']} http://a/o/sweeps/demo"

@@ -124,7 +124,9 @@ def prepare_task(path, conf):
     from types import SimpleNamespace
 
     dag = load_dags([path.parent])["oellm__b__b_lr0.2"]
-    run = SimpleNamespace(conf=conf, run_after=datetime.now(UTC), logical_date=None, run_id="manual__b")
+    run = SimpleNamespace(
+        conf=conf, run_after=datetime.now(UTC), logical_date=None, run_id="manual__b", dag_id="oellm__b__b_lr0.2"
+    )
     return dag.get_task("prepare"), run, dict(dag.params)
 
 
@@ -249,3 +251,21 @@ def test_an_evaluation_with_no_suite_due_submits_nothing():
     task.job = {"kind": "evaluate", "iteration": 60, "suites": []}  # as Airflow renders the branch's XCom
     with pytest.raises(AirflowSkipException, match="no evaluation suite is due for this checkpoint"):
         task.execute({})  # before any connection or context is touched
+
+
+def test_a_run_refused_over_the_budget_tells_the_sweeps_notifiers(write, project, receiver):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    notify = f"notifications: {{notify: [{{webhook: '{receiver.url}', events: [budget_reached]}}], "
+    path = sweep_file(write, budget=120, extra=notify + "dashboard_url: 'http://a/oellm'}\n")
+    task, run, params = prepare_task(path, {})
+    task._apply_conf(run, params)
+    assert receiver.received == []  # within the budget: nothing to tell
+    task, run, params = prepare_task(path, {"overrides": ["slurm.nodes=3"]})
+    with pytest.raises(AirflowFailException, match=r"over its budget of 120\.0"):
+        task._apply_conf(run, params)
+    (body,) = receiver.received
+    assert body["alert"]["event"] == "budget_reached" and body["alert"]["experiment"] == "b_lr0.2"
+    assert body["text"].startswith("[oellm] b/b_lr0.2: over budget: ")
+    assert "the sweep plans 135.0 GPU-hours" in body["text"]
+    assert body["text"].endswith(" http://a/oellm/experiments/oellm__b__b_lr0.2?run_id=manual__b")

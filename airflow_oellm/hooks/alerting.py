@@ -1,10 +1,12 @@
-"""Sending a sweep's alerts from a task (alerts.py holds what they say and how they are delivered): the
-webhook URLs' secret references looked up and masked, and the dashboard link of what the alert is about."""
+"""Sending a sweep's alerts from a task or a trigger (notifications.py holds what they say and how they are
+delivered): the webhook URLs' secret references looked up and masked, and the dashboard link of what the alert
+is about."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from typing import Any
 from urllib.parse import quote
 
@@ -13,8 +15,9 @@ from airflow.sdk import Connection, Variable
 from airflow.sdk.log import mask_secret
 
 from airflow_oellm.config.naming import DASHBOARD_PATH
+from airflow_oellm.config.schema import NotificationsConfig
 from airflow_oellm.config.secrets import resolve_secrets
-from airflow_oellm.notifications import Alert, deliver
+from airflow_oellm.notifications import Alert, deliver, hears
 
 
 def dashboard_link(
@@ -48,3 +51,36 @@ def send_alert(notifications: Mapping[str, Any] | None, alert: Alert, log: loggi
     """Tell the config's notifiers (`NotificationsConfig` as a dict) of the alert; how many were told."""
     notify = (notifications or {}).get("notify") or []
     return deliver(alert, notify, log, resolve=webhook_url) if notify else 0
+
+
+@dataclass(frozen=True)
+class OutageAlerts:
+    """What a watch needs to tell a sweep's notifiers of an outage: it serializes with the trigger."""
+
+    sweep: str
+    notifications: dict[str, Any]  # NotificationsConfig as a dict
+    link: str | None  # the sweep's dashboard page
+
+    @classmethod
+    def of(cls, notifications: NotificationsConfig, sweep: str) -> OutageAlerts | None:
+        """None when no notifier hears of outages."""
+        settings = asdict(notifications)
+        if not hears(settings["notify"], "outage"):
+            return None
+        return cls(sweep, settings, dashboard_link(settings, sweep=sweep))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> OutageAlerts:
+        return cls(str(data["sweep"]), dict(data["notifications"]), data.get("link"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def key(self) -> str:
+        """Who is told, for `first_to_tell`: every job of a sweep on a cluster sees the same outage."""
+        return f"notifications.notify of sweep {self.sweep}"
+
+    def send(self, notice: Mapping[str, Any], log: logging.Logger) -> int:
+        """Tell them of an outage notice (`monitor/outage.outage_notice`)."""
+        return send_alert(self.notifications, Alert("outage", self.sweep, None, str(notice["message"]), self.link), log)
