@@ -138,9 +138,22 @@ async def read_sweep_page(browser: Browser, url: str, shot: Path) -> tuple[list[
     return rows, series, elapsed
 
 
-def test_a_running_sweep_then_its_final_comparison(stack, tmp_path):
+@pytest.fixture(scope="module")
+def sweep_run(stack) -> str:
+    """The sweep's run, triggered once for the tests below."""
+    return stack.trigger(f"oellm__{stack.sweep.name}")
+
+
+@pytest.fixture(scope="module")
+def finished_sweep_run(stack, sweep_run) -> str:
+    """The sweep's run once it ended (several minutes on a shared machine: a module fixture's wait)."""
+    dag_id = f"oellm__{stack.sweep.name}"
+    assert stack.wait_run(dag_id, sweep_run, 1500) == "success", stack.explain(dag_id, sweep_run)
+    return sweep_run
+
+
+def test_a_running_sweeps_page_shows_its_progress_growing(stack, sweep_run, tmp_path):
     sweep = stack.sweep
-    run_id = stack.trigger(f"oellm__{sweep.name}")
     dag_ids = [e.dag_id for e in sweep.experiments]
     url = f"{site(stack)}/oellm/sweeps/{sweep.name}"
 
@@ -166,10 +179,13 @@ def test_a_running_sweep_then_its_final_comparison(stack, tmp_path):
     assert any(r["state"] == "running" for r in rows2), rows2
     assert series2, "the running sweep's loss plot has no curve"
     assert elapsed < 10, elapsed
+    for shot in ("sweep_running_1", "sweep_running_2"):
+        assert (tmp_path / f"{shot}.png").stat().st_size > 10_000
 
-    assert stack.wait_run(f"oellm__{sweep.name}", run_id, 1500) == "success", stack.explain(
-        f"oellm__{sweep.name}", run_id
-    )
+
+def test_a_finished_sweeps_final_comparison_and_each_experiments_page(stack, finished_sweep_run, tmp_path):
+    sweep = stack.sweep
+    url = f"{site(stack)}/oellm/sweeps/{sweep.name}"
 
     async def finished() -> tuple[Any, ...]:
         async with Browser() as browser:
@@ -262,8 +278,6 @@ def test_a_running_sweep_then_its_final_comparison(stack, tmp_path):
         assert s["script"].startswith("#!/bin/bash") and "#SBATCH --job-name=" in s["script"], s
     assert frame and frame.rstrip("/").endswith("/oellm"), frame
     for shot in (
-        "sweep_running_1",
-        "sweep_running_2",
         "sweep_final",
         "experiment_final",
         "sweeps",
