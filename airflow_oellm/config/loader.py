@@ -53,6 +53,7 @@ from airflow_oellm.config.resolvers import RESOLVERS, frozen_time
 from airflow_oellm.config.schema import DEFAULT_NOTIFY_OUTAGE_AFTER, RootConfig
 from airflow_oellm.config.secrets import notification_problems, secret_problems
 from airflow_oellm.config.sweep import SweepError, SweepPoint, expand_sweep
+from airflow_oellm.config.tracking import tracking_problems
 from airflow_oellm.config.validate import Validator, is_unresolved, iteration_arg, learning_rate_value, schema_fields
 from airflow_oellm.config.yamlio import key_line, load_yaml
 from airflow_oellm.slurm.shell import ShellSafetyError, check_env_name, check_module
@@ -291,6 +292,7 @@ def semantic_problems(cfg: RootConfig, data: Mapping[str, Any]) -> list[tuple[st
             except ValueError as exc:
                 problems.append((f"platform.{key}", str(exc)))
     problems += notification_problems(cfg.notifications)
+    problems += tracking_problems(cfg, data)
     notifier = cfg.platform.on_outage
     if str(notifier.after).strip() in UNLIMITED:
         problems.append(("platform.on_outage.after", "UNLIMITED would never tell the callback: give a time"))

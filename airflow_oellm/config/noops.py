@@ -32,7 +32,7 @@ IDENTITY_ARG_PREFIXES = ("wandb_", "tensorboard_")
 # what a run override may change without reaching a job script: still a real effect on the run
 RUN_SECTIONS = (*JOB_SECTIONS, "monitoring")
 # sections the DAG is built from when the file is parsed (Airflow's retries included): a run cannot change them
-BUILD_SECTIONS = ("dag.", "project.", "restart.")
+BUILD_SECTIONS = ("dag.", "project.", "restart.", "tracking.")
 EXAMPLE_REPEAT = "`seed: [1, 2]` with `backend.args.seed: ${vars.seed}`, or `backend.args.seed: [1, 2]`"
 
 
@@ -257,7 +257,7 @@ def inert_overrides(
             reason = "no job setting refers to this variable"
         elif key.startswith(BUILD_SECTIONS):
             reason = (
-                "the DAG is built when the file is parsed (its retries, budgets and schedule too); "
+                "the DAG is built when the file is parsed (its retries, budgets, schedule and W&B sync too); "
                 "a run cannot change it"
             )
         else:

@@ -113,6 +113,11 @@ class PlatformConfig:
         "the job.",
     )
     on_outage: OutageNotifierConfig = opt(doc="Who hears of an outage, and when.", factory=OutageNotifierConfig)
+    compute_internet: bool = opt(
+        True,
+        "Whether compute nodes reach the internet. Where they do not (JUWELS, JUPITER, Leonardo, MareNostrum 5), "
+        "jobs run W&B offline and `tracking.wandb.sync` pushes their runs from the login node.",
+    )
     requires: list[str] = opt(
         doc="Config keys this site cannot run without (`slurm.account`, `slurm.qos`): a sweep that leaves one "
         "unset is refused by `validate`, `plan` and the DAG factory, before anything reaches a queue.",
@@ -525,6 +530,60 @@ class NotificationsConfig:
     )
 
 
+WANDB_CLOUD_APP = "https://wandb.ai"
+
+
+@dataclass
+class WandbConfig:
+    entity: str | None = opt(
+        None,
+        "W&B entity (user or team) the runs belong to: `WANDB_ENTITY` of the jobs, and part of the run's link. "
+        "Unset: the API key's default entity, and no link (its address needs the entity).",
+    )
+    host: str | None = opt(
+        None,
+        f"A W&B server's address (`https://wandb.example.org`): `WANDB_BASE_URL` of the jobs and of the sync, "
+        f"and where the run links point. Unset: W&B's cloud ({WANDB_CLOUD_APP}).",
+    )
+    mode: Literal["auto", "online", "offline"] = opt(
+        "auto",
+        "`auto`: offline where `platform.compute_internet` is false, else online; `online` or `offline` to choose.",
+    )
+    sync: bool = opt(
+        True,
+        "For offline runs: push them from the login node (`wandb sync`, over the cluster's SSH connection, "
+        "with `platform.secrets` such as `WANDB_API_KEY`) after each checkpoint branch and at the end.",
+    )
+    sync_command: list[str] = opt(
+        doc="The command that syncs one offline run directory on the login node, given it as last argument "
+        "(a virtualenv's `wandb`, or `[bash, -lc, 'module load wandb && wandb sync \"$0\"']`).",
+        factory=lambda: ["wandb", "sync"],
+    )
+
+
+@dataclass
+class TensorBoardConfig:
+    url: str | None = opt(
+        None,
+        "The page of a TensorBoard server that shows a log directory, `{logdir}` standing for it (URL-quoted): "
+        "the TensorBoard link. Unset: the link opens the experiment's dashboard page, which names the "
+        "directory and how to view it.",
+    )
+
+
+@dataclass
+class TrackingConfig:
+    wandb: WandbConfig = opt(
+        doc="Weights & Biases, for a Megatron training with `backend.args.wandb_project`: one W&B run per "
+        "training or cooldown across all its attempts (`WANDB_RUN_ID` made from its output directory, "
+        "`WANDB_RESUME=allow`).",
+        factory=WandbConfig,
+    )
+    tensorboard: TensorBoardConfig = opt(
+        doc="TensorBoard, for a Megatron training with `backend.args.tensorboard_dir`.", factory=TensorBoardConfig
+    )
+
+
 @dataclass
 class RootConfig:
     project: ProjectConfig = opt(doc="Project identity and output location.")
@@ -548,6 +607,9 @@ class RootConfig:
     notifications: NotificationsConfig = opt(
         doc="Alerts: a training failed, retries ran out, a job stalled, the sweep finished, ...",
         factory=NotificationsConfig,
+    )
+    tracking: TrackingConfig = opt(
+        doc="W&B and TensorBoard: run identity, offline mode and sync, links.", factory=TrackingConfig
     )
     experiment: ExperimentInfo = opt(doc="Set by the planner; read-only.", factory=ExperimentInfo)
 

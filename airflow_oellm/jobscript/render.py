@@ -19,6 +19,7 @@ import jinja2
 import airflow_oellm
 from airflow_oellm.config.milestones import Milestones, job_config, typed
 from airflow_oellm.config.schema import RootConfig
+from airflow_oellm.config.tracking import wandb_run
 from airflow_oellm.slurm import shell
 from airflow_oellm.slurm.shell import PROTECTED_DIRECTIVES, ShellSafe, ShellSafetyError
 from airflow_oellm.slurm.timespec import format_slurm_time, time_limit_seconds
@@ -212,7 +213,8 @@ def render_sbatch(
     except ShellSafetyError as exc:
         raise RenderError("slurm", str(exc)) from None
     try:
-        env_lines = shell.export_lines({**cfg.platform.env, **spec.extra_env})
+        wandb = wandb_run(cfg)
+        env_lines = shell.export_lines({**cfg.platform.env, **(wandb.env() if wandb else {}), **spec.extra_env})
     except ShellSafetyError as exc:
         raise RenderError("platform.env", str(exc)) from None
     try:
