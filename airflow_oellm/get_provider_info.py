@@ -23,8 +23,13 @@ def get_provider_info() -> dict[str, Any]:
                     "airflow_oellm.operators.submit",
                     "airflow_oellm.operators.prepare",
                     "airflow_oellm.operators.report",
+                    "airflow_oellm.operators.tracking",
                 ],
             }
+        ],
+        "extra-links": [
+            "airflow_oellm.links.tracking.WandbRunLink",
+            "airflow_oellm.links.tracking.TensorBoardLink",
         ],
         "sensors": [
             {

@@ -8,6 +8,7 @@
 #   scripts/dev-cluster.sh status         exit 0 if ssh + sbatch work, else 1
 #   scripts/dev-cluster.sh env            print the connection settings (source with `set -a`)
 #   scripts/dev-cluster.sh tools          install airflow-oellm convert/evaluate for cluster jobs
+#   scripts/dev-cluster.sh wandb          install wandb (and openwandb, the tests' W&B server) for cluster jobs
 #
 # Tunables: see the header of scripts/dev-cluster/up.sh (SLURM_DEV_* variables).
 set -euo pipefail
@@ -18,6 +19,7 @@ case "${1:-}" in
   down) shift; exec bash "$here/dev-cluster/down.sh" "$@" ;;
   env) cat "$state_dir/cluster.env" ;;
   tools) shift; exec bash "$here/dev-cluster/tools.sh" "$@" ;;
+  wandb) shift; exec bash "$here/dev-cluster/wandb.sh" "$@" ;;
   status)
     [ -r "$state_dir/cluster.env" ] || { echo "dev cluster: not set up" >&2; exit 1; }
     if ssh -n -o ConnectTimeout=5 -F "$state_dir/ssh_config" slurm-dev 'sinfo -h -o %t' >/dev/null 2>&1; then
@@ -25,5 +27,5 @@ case "${1:-}" in
     else
       echo "dev cluster: down" >&2; exit 1
     fi ;;
-  *) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

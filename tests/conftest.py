@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import subprocess
 import tempfile
 import textwrap
 from collections.abc import Callable, Iterator
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.wandb_server import WandbServer
 from tests.webhook import Receiver
 
 # Airflow reads its home when first imported: give the whole test run a fresh one, never ~/airflow.
@@ -83,6 +85,25 @@ def project(write: Callable[[str, str], Path], tmp_path: Path) -> Path:
         """,
     )
     return tmp_path / "config"
+
+
+@pytest.fixture(scope="session")
+def wandb_tools() -> Path:
+    """The bin directory of wandb and openwandb, where the dev cluster's job user can run them (once per run)."""
+    done = subprocess.run(
+        ["bash", str(REPO / "scripts" / "dev-cluster.sh"), "wandb"], capture_output=True, text=True, timeout=900
+    )
+    if done.returncode:
+        pytest.fail(f"scripts/dev-cluster.sh wandb failed: {done.stderr[-2000:]}")
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def wandb_server(wandb_tools: Path, tmp_path: Path) -> Iterator[WandbServer]:
+    (tmp_path / "openwandb").mkdir()
+    server = WandbServer(wandb_tools, tmp_path / "openwandb", tmp_path / "openwandb.log")
+    yield server
+    server.stop()
 
 
 @pytest.fixture

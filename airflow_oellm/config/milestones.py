@@ -11,7 +11,7 @@ import copy
 import dataclasses
 import posixpath
 import shlex
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
@@ -457,3 +457,8 @@ def job_config(config: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(Issue(f"no evaluation suite named {missing[0]!r}", key="evaluation.suites"))
         return evaluation_job(base, cfg, int(job["iteration"]), [known[name] for name in job["suites"]])
     raise ConfigError(Issue(f"unknown side job kind {kind!r}", key="job"))
+
+
+def typed_job(experiment: Mapping[str, Any], job: Mapping[str, Any] | None = None) -> RootConfig:
+    """The typed config of an experiment's training, or of its side job `job` (ConfigError if invalid)."""
+    return typed(job_config(dict(experiment), dict(job)) if job else dict(experiment))

@@ -210,6 +210,7 @@ EVALUATE_TASK = "evaluate"
 COOLDOWN_PLAN_TASK = "cooldown_plan"
 REPORT_TASK = "report"
 OUTCOME_TASK = "outcome"
+SYNC_TASK = "sync_wandb"  # pushes offline W&B runs (after the training, in each branch)
 CHECKPOINT_GROUP = "checkpoint"  # mapped over the run's checkpoint milestones
 COOLDOWN_GROUP = "cooldown"  # mapped over its cooldowns
 
@@ -242,6 +243,7 @@ JOB_ID_KEY, LOG_PATH_KEY, SCRIPT_PATH_KEY = "job_id", "log_path", "script_path" 
 CONFIG_KEY = "config"  # prepare: the run's resolved config
 OVERRIDES_KEY, RUN_TIME_KEY = "overrides", "run_time"  # prepare: the run's conf overrides, its frozen clock
 CHECKPOINTS_KEY, COOLDOWNS_KEY = "checkpoints", "cooldowns"  # prepare: the run's milestones
+TRACKING_KEY = "tracking"  # prepare: the W&B run and TensorBoard directory of the training and each cooldown
 CONFIG_DIFF_KEY = "config_diff"  # prepare: how the run's config differs from its sweep's base (config/diff.py)
 HISTORY_KEY = "oellm_attempts"  # task state store: a job task's attempts, across its tries
 SCRIPT_KEY_PREFIX = "oellm_sbatch_"  # task state store: + try number, the job script that try submitted

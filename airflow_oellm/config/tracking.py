@@ -12,11 +12,12 @@ from __future__ import annotations
 import hashlib
 import posixpath
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
+from airflow_oellm.config.milestones import COOLDOWN, typed_job
 from airflow_oellm.config.schema import WANDB_CLOUD_APP, RootConfig
 
 # what the job environment gets from `tracking.wandb`; platform.env may not set these itself
@@ -123,6 +124,26 @@ def tensorboard_url(cfg: RootConfig) -> str | None:
     if not logdir or not template:
         return None
     return template.replace("{logdir}", quote(logdir, safe=""))
+
+
+def tracking_record(cfg: RootConfig) -> dict[str, Any]:
+    """What the dashboard shows of a training's tracking: its W&B run (link, id, mode) and TensorBoard."""
+    run = wandb_run(cfg)
+    return {
+        "run": cfg.experiment.name,
+        "wandb": run.url if run else None,
+        "wandb_run_id": run.run_id if run else None,
+        "wandb_mode": None if run is None else "offline" if run.offline else "online",
+        "wandb_dir": run.offline_dir if run and run.offline else None,
+        "tensorboard_dir": tensorboard_dir(cfg),
+        "tensorboard": tensorboard_url(cfg),
+    }
+
+
+def run_tracking(config: Mapping[str, Any], cooldowns: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The tracking records of a run's training, then of each of its cooldowns (their `index`)."""
+    jobs: list[dict[str, Any] | None] = [None, *({"kind": COOLDOWN, "cooldown": c["index"]} for c in cooldowns)]
+    return [tracking_record(typed_job(config, job)) for job in jobs]
 
 
 def tracking_problems(cfg: RootConfig, data: Mapping[str, Any]) -> list[tuple[str, str]]:

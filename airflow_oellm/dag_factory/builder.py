@@ -2,10 +2,12 @@
 
 Experiment DAG (`oellm__<sweep>__<experiment>`):
 
-    prepare -> train                                         (SlurmSubmitOperator, deferred)
-           -> checkpoint[iter N] : wait -> convert -> evaluate   (mapped over the run's milestones)
-           -> cooldown[k]        : wait -> train -> convert -> evaluate
+    prepare -> train [-> sync_wandb]                         (SlurmSubmitOperator, deferred)
+           -> checkpoint[iter N] : wait -> convert -> evaluate [-> sync_wandb]   (mapped over the run's milestones)
+           -> cooldown[k]        : wait -> train [-> sync_wandb] -> convert -> evaluate
            -> report                                         (all done)
+
+`sync_wandb` (offline W&B runs pushed from the login node) is there where the runs are offline and pushed.
            -> outcome                                        (fails the run if any task failed)
 
 The branches wait beside the training (CheckpointSensors in the triggerer); their number comes
@@ -24,7 +26,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from airflow.sdk import DAG, task_group
+from airflow.sdk import DAG, TriggerRule, task_group
 from airflow.sdk.definitions.param import ParamsDict
 
 from airflow_oellm.config import Experiment, Sweep
@@ -48,6 +50,7 @@ from airflow_oellm.config.naming import (
     REPORT_TASK,
     SUMMARY_TASK,
     SWEEP_DAG_TAG,
+    SYNC_TASK,
     TRAIN_TASK,
     WAIT_TASK,
     analysis_dir,
@@ -58,6 +61,7 @@ from airflow_oellm.config.naming import (
     sweep_tag,
 )
 from airflow_oellm.config.schema import RootConfig
+from airflow_oellm.config.tracking import wandb_run
 from airflow_oellm.operators.analysis import SweepAnalysisOperator
 from airflow_oellm.operators.early_stop import SweepEarlyStopSensor
 from airflow_oellm.operators.prepare import (
@@ -69,6 +73,7 @@ from airflow_oellm.operators.prepare import (
 from airflow_oellm.operators.reconcile import CancelOrphanedJobsOperator
 from airflow_oellm.operators.report import ExperimentReportOperator, RunOutcomeOperator, SweepSummaryOperator
 from airflow_oellm.operators.submit import SlurmSubmitOperator, restart_policy
+from airflow_oellm.operators.tracking import WandbSyncOperator
 from airflow_oellm.sensors import CheckpointSensor
 from airflow_oellm.slurm.target import ClusterTarget
 
@@ -118,6 +123,7 @@ class TaskKwargs:
     sensor: dict[str, Any]  # a checkpoint wait beside a training
     training: dict[str, Any]  # a training or a cooldown's training: the restart policy
     side_job: dict[str, Any]  # a conversion or an evaluation
+    wandb_sync: dict[str, Any] | None  # a push of offline W&B runs; None: the experiment's runs are not pushed
 
 
 def platform_target(cfg: RootConfig) -> ClusterTarget:
@@ -130,6 +136,7 @@ def task_kwargs(sweep: Sweep, cfg: RootConfig) -> TaskKwargs:
     templates = {"template_dirs": [str(d) for d in sweep.template_dirs]}
     deferrable = {"deferrable": cfg.dag.deferrable}
     restart = restart_policy(cfg)
+    wandb = wandb_run(cfg)
     sensor = {
         **cluster,
         "poll_interval": cfg.monitoring.poll_interval_seconds,
@@ -149,6 +156,14 @@ def task_kwargs(sweep: Sweep, cfg: RootConfig) -> TaskKwargs:
             "retries": SIDE_JOB_ATTEMPTS - 1,
             "retry_delay": restart["retry_delay"],
         },
+        wandb_sync={
+            **cluster,
+            "retries": SIDE_JOB_ATTEMPTS - 1,
+            "retry_delay": restart["retry_delay"],
+            "trigger_rule": TriggerRule.ALL_DONE,  # whatever became of the jobs, what they logged goes up
+        }
+        if wandb is not None and wandb.synced
+        else None,
     )
 
 
@@ -185,8 +200,10 @@ def checkpoint_group(config: Any, kw: TaskKwargs) -> Any:
     def checkpoint(
         iteration: Any, label: Any, suites: Any, cooldown: Any, checkpoint_dir: Any, output_dir: Any
     ) -> None:
-        convert, _ = convert_and_evaluate(config, kw, iteration, suites, cooldown)
+        convert, evaluate = convert_and_evaluate(config, kw, iteration, suites, cooldown)
         wait_for(kw, checkpoint_dir, iteration, output_dir) >> convert
+        if kw.wandb_sync is not None:
+            evaluate >> WandbSyncOperator(task_id=SYNC_TASK, experiment=config, **kw.wandb_sync)
 
     return checkpoint
 
@@ -212,6 +229,8 @@ def cooldown_group(config: Any, kw: TaskKwargs, conversion: bool) -> Any:
             task_id=TRAIN_TASK, experiment=config, job=job, map_index_template=template, **kw.training
         )
         wait_for(kw, parent_checkpoint_dir, at, parent_output_dir) >> trained
+        if kw.wandb_sync is not None:
+            trained >> WandbSyncOperator(task_id=SYNC_TASK, experiment=config, job=job, **kw.wandb_sync)
         if conversion:
             trained >> convert_and_evaluate(config, kw, final_iteration, suites, index)[0]
 
@@ -247,7 +266,10 @@ def experiment_dag(sweep: Sweep, exp: Experiment, config_dirs: list[str] | None 
             **kw.cluster,
         )
         config = prepare.output[CONFIG_KEY]
-        ends: list[Any] = [prepare >> SlurmSubmitOperator(task_id=TRAIN_TASK, experiment=config, **kw.training)]
+        train = prepare >> SlurmSubmitOperator(task_id=TRAIN_TASK, experiment=config, **kw.training)
+        ends: list[Any] = [train]
+        if kw.wandb_sync is not None:
+            ends.append(train >> WandbSyncOperator(task_id=SYNC_TASK, experiment=config, **kw.wandb_sync))
         if cfg.conversion.enabled:
             ends.append(checkpoint_group(config, kw).expand_kwargs(prepare.output))
         if cfg.cooldowns:

@@ -30,6 +30,7 @@ from airflow_oellm.localjobs.cli import shell_functions
 from airflow_oellm.slurm import operations
 from airflow_oellm.slurm.commands import FileChunk, SlurmCommandError
 from airflow_oellm.slurm.identity import JobIdentity
+from airflow_oellm.slurm.offline_runs import OfflineRunSync
 from airflow_oellm.slurm.operations import CycleRequest, CycleResult, Operation, SubmitOutcome
 from airflow_oellm.slurm.states import JobStatus
 from airflow_oellm.slurm.target import DEFAULT_SSH_CONN_ID, LOCAL_PROCESS, ClusterTarget
@@ -46,8 +47,8 @@ class SlurmHook(BaseHook):
 
     What tasks use: `submit_once` (exactly once, reconciled), `poll_cycle` (job states and file reads,
     stats, probes and writes in one command), `read_ranges`/`read_range`, `write_files`, `upload`,
-    `mkdirs`, `read_tracker`, `cancel`. For scripts, tools and tests: `submit_unreconciled` (plain
-    sbatch), `job_statuses`/`job_status`, `find_jobs`, `exclude_nodes`, `detect_platform`.
+    `mkdirs`, `read_tracker`, `cancel`, `sync_offline_runs` (W&B). For scripts, tools and tests:
+    `submit_unreconciled` (plain sbatch), `job_statuses`/`job_status`, `find_jobs`, `exclude_nodes`, `detect_platform`.
     """
 
     conn_name_attr = "ssh_conn_id"
@@ -171,6 +172,22 @@ class SlurmHook(BaseHook):
 
     def exclude_nodes(self, job_id: str, nodes: Sequence[str]) -> None:
         self.run(operations.exclude_nodes(job_id, nodes))
+
+    def sync_offline_runs(
+        self,
+        offline_dir: str,
+        run_id: str,
+        command: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        secrets: Mapping[str, str] | None = None,
+        workspace_key: str | None = None,
+    ) -> OfflineRunSync:
+        return self.run(
+            operations.sync_offline_runs(
+                offline_dir, run_id, command, env=env, secrets=secrets, workspace_key=workspace_key
+            )
+        )
 
     def detect_platform(self) -> Detection:
         return detect_platform(self.run(operations.probe_platform(probed_env_vars(), probed_paths())))

@@ -35,9 +35,11 @@ from airflow_oellm.config.naming import (
     COOLDOWNS_KEY,
     OVERRIDES_KEY,
     RUN_TIME_KEY,
+    TRACKING_KEY,
 )
 from airflow_oellm.config.overrides import lookup, parse_overrides
 from airflow_oellm.config.run import COOLDOWN_POINTS_PARAM, OverBudget, RunPlan, RunRequest, plan_run
+from airflow_oellm.config.tracking import run_tracking
 from airflow_oellm.hooks.alerting import dashboard_link, send_alert
 from airflow_oellm.hooks.slurm import SlurmHook, task_cluster
 from airflow_oellm.jobscript.render import RenderError, render_run_scripts
@@ -162,6 +164,7 @@ class PrepareExperimentOperator(BaseOperator):
             (COOLDOWNS_KEY, milestones.cooldowns),
             (PLANNED_RECORD, run.planned.as_record()),
             (CONFIG_DIFF_KEY, {"sweep": run.differences, "run": run.changes}),
+            (TRACKING_KEY, run_tracking(config, milestones.cooldowns)),
         ):
             ti.xcom_push(key=key, value=value)
         # the return value is what the checkpoint branches map over (Airflow maps over return values only)

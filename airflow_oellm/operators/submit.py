@@ -47,6 +47,7 @@ from airflow_oellm.config.secrets import SecretError, resolve_secrets
 from airflow_oellm.hooks.alerting import OutageAlerts, dashboard_link, send_alert
 from airflow_oellm.hooks.slurm import SlurmHook, task_cluster
 from airflow_oellm.jobscript.render import JobSpec, render_sbatch
+from airflow_oellm.links.tracking import TensorBoardLink, WandbRunLink
 from airflow_oellm.monitor.attempts import (
     JobSettings,
     JobSettingsError,
@@ -87,6 +88,18 @@ def as_data(value: Any) -> Any:
     if isinstance(value, Mapping) and not _references(value):
         return literal(dict(value))
     return value
+
+
+def looked_up_secrets(references: Mapping[str, str]) -> dict[str, str]:
+    """Secret references (`var:<key>`, `conn:<id>/<field>`) looked up now, each value masked in every log of
+    this process; one that cannot be found fails the task."""
+    try:
+        values = resolve_secrets(references, Variable.get, Connection.get)
+    except SecretError as exc:
+        raise AirflowFailException(str(exc)) from None
+    for value in values.values():
+        mask_secret(value)
+    return values
 
 
 def typed_config(experiment: Mapping[str, Any]) -> RootConfig:
@@ -137,6 +150,7 @@ class SlurmSubmitOperator(BaseOperator):
     )
     template_fields_renderers = {"script": "bash"}
     ui_color = "#e8f1fa"
+    operator_extra_links = (WandbRunLink(), TensorBoardLink())
 
     def __init__(
         self,
@@ -218,13 +232,7 @@ class SlurmSubmitOperator(BaseOperator):
         references = dict(s.config.platform.secrets) if s.config is not None else {}
         for env, text in self.secret_variables.items():
             references[env] = text if text.startswith(("var:", "conn:")) else f"var:{text}"
-        try:
-            values = resolve_secrets(references, Variable.get, Connection.get)
-        except SecretError as exc:
-            raise AirflowFailException(str(exc)) from None
-        for value in values.values():
-            mask_secret(value)
-        return values
+        return looked_up_secrets(references)
 
     def _hook(self) -> SlurmHook:
         return SlurmHook(cluster=self.cluster)

@@ -23,6 +23,11 @@ def _digest(*parts: object) -> str:
     return hashlib.sha256("\0".join(str(p) for p in parts).encode()).hexdigest()[:16]
 
 
+def workspace_key(output_dir: str) -> str:
+    """The workspace part of a job's comment: which output directory it writes."""
+    return _digest(output_dir.rstrip("/"))
+
+
 def task_key(dag_id: str, run_id: str, task_id: str, map_index: int) -> str:
     """The task part of a job's comment: which task instance submitted it, across its tries."""
     return _digest(dag_id, run_id, task_id, map_index)
@@ -39,7 +44,7 @@ class JobIdentity:
 
     @property
     def workspace_key(self) -> str:
-        return _digest(self.output_dir.rstrip("/"))
+        return workspace_key(self.output_dir)
 
     @property
     def task_key(self) -> str:

@@ -19,6 +19,7 @@ from airflow_oellm.megatron.checkpoints import TRACKER_FILE, CheckpointState
 from airflow_oellm.slurm import commands
 from airflow_oellm.slurm.commands import FileChunk, SlurmCommandError
 from airflow_oellm.slurm.identity import JobIdentity, parse_comment
+from airflow_oellm.slurm.offline_runs import OfflineRunSync, parse_sync, sync_script
 from airflow_oellm.slurm.probe import PlatformProbe, probe_command
 from airflow_oellm.slurm.shell import ENV_NAME
 from airflow_oellm.slurm.states import JobStatus
@@ -470,3 +471,23 @@ def probe_platform(env_names: Sequence[str], paths: Sequence[str]) -> Operation[
     (config/platforms.py decides which, and what they mean)."""
     result = yield Command(probe_command(env_names, paths), label="probe")
     return PlatformProbe.parse(_checked(result, "platform probe").stdout)
+
+
+def sync_offline_runs(
+    offline_dir: str,
+    run_id: str,
+    command: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    secrets: Mapping[str, str] | None = None,
+    workspace_key: str | None = None,
+    timeout: float = 3600.0,
+) -> Operation[OfflineRunSync]:
+    """Push the finished offline W&B runs of `run_id` from the login node, each once (slurm/offline_runs.py);
+    with `workspace_key`, the newest waits while a job on that output directory runs."""
+    script = sync_script(offline_dir, run_id, command, env=env or {}, workspace_key=workspace_key)
+    result = yield Command(script, stdin=encode_secrets(secrets or {}), timeout=timeout, label="wandb sync")
+    if result.rc != 0:
+        detail = (result.stderr or result.stdout).strip() or f"exit status {result.rc}"
+        raise SlurmCommandError(f"wandb sync failed: {detail}", transient=result.rc in (-1, 4))
+    return parse_sync(result.stdout)

@@ -31,6 +31,7 @@ RANK: dict[str, int] = {
     "hooks": 4,
     "analysis": 4,
     "triggers": 5,
+    "links": 5,
     "sensors": 6,
     "operators": 6,
     "dag_factory": 7,

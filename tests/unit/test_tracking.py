@@ -4,6 +4,8 @@ nodes have no internet, the job's environment, links, and settings that would do
 from __future__ import annotations
 
 import re
+import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -12,7 +14,11 @@ from hypothesis import strategies as st
 from airflow_oellm.config import ConfigError, load_sweep
 from airflow_oellm.config.milestones import job_config, typed
 from airflow_oellm.config.tracking import tensorboard_url, wandb_run, wandb_run_id
+from airflow_oellm.dag_factory import experiment_dag
+from airflow_oellm.hooks.transport import LocalShell
 from airflow_oellm.jobscript.render import render_sbatch
+from airflow_oellm.slurm.offline_runs import OfflineRunSync, parse_sync
+from airflow_oellm.slurm.operations import run_sync, sync_offline_runs
 from tests.conftest import CONFIG
 
 pytestmark = pytest.mark.tracking
@@ -113,3 +119,71 @@ def test_a_wandb_run_id_is_always_one_wandb_accepts(name, output_dir):
     run_id = wandb_run_id(name, output_dir)
     assert re.fullmatch(r"[A-Za-z0-9_-]{1,64}", run_id)
     assert run_id == wandb_run_id(name, output_dir + "/")  # the directory, not its spelling
+
+
+@pytest.mark.factory
+def test_offline_runs_are_pushed_after_the_training_each_branch_and_each_cooldown_never_before_a_training(
+    site_accounts,
+):
+    sweep = load_sweep(COOLDOWNS, ["platform=juwels"])
+    dag = experiment_dag(sweep, sweep.experiments[0])
+    syncs = {t for t in dag.task_ids if t.endswith("sync_wandb")}
+    assert syncs == {"sync_wandb", "checkpoint.sync_wandb", "cooldown.sync_wandb"}
+    # after the job whose runs it pushes (and prepare, whose config it reads)
+    assert dag.get_task("sync_wandb").upstream_task_ids == {"prepare", "train"}
+    assert dag.get_task("checkpoint.sync_wandb").upstream_task_ids - {"prepare", "cooldown_plan"} == {
+        "checkpoint.evaluate"
+    }
+    assert dag.get_task("cooldown.sync_wandb").upstream_task_ids - {"prepare", "cooldown_plan"} == {"cooldown.train"}
+    assert dag.get_task("cooldown.sync_wandb").job == {
+        "kind": "cooldown",
+        "cooldown": dag.get_task("cooldown.train").job["cooldown"],
+    }
+    for task_id in syncs:
+        task = dag.get_task(task_id)
+        assert task.trigger_rule == "all_done"
+        assert task.downstream_task_ids <= {"outcome", "report"}  # no training waits for a sync
+    online = load_sweep(COOLDOWNS)  # the dev cluster's compute nodes reach W&B themselves
+    assert not [t for t in experiment_dag(online, online.experiments[0]).task_ids if t.endswith("sync_wandb")]
+    unsynced = load_sweep(COOLDOWNS, ["platform=juwels", "tracking.wandb.sync=false"])
+    assert not [t for t in experiment_dag(unsynced, unsynced.experiments[0]).task_ids if t.endswith("sync_wandb")]
+
+
+def _sync(offline_dir: Path, run_id: str, command: list[str]) -> OfflineRunSync:
+    return run_sync(sync_offline_runs(str(offline_dir), run_id, command), LocalShell().run)
+
+
+def test_the_push_takes_each_finished_offline_run_once_and_paths_stay_inert(tmp_path):
+    offline = tmp_path / "a $(touch PWNED) `touch PWNED` b" / "wandb"
+    run_id = "exp-0123456789ab"
+    for stamp, size in (("20261201_100000", 4096), ("20261202_100000", 7)):  # a run, then a header alone
+        run = offline / f"offline-run-{stamp}-{run_id}"
+        run.mkdir(parents=True)
+        (run / f"run-{run_id}.wandb").write_bytes(b"x" * size)
+    (offline / "offline-run-20261203_100000-other-run").mkdir()  # another run's: not this sync's
+    marks = [
+        sys.executable,
+        "-c",
+        "import pathlib, sys; [pathlib.Path(f'{p}.synced').touch() for p in pathlib.Path(sys.argv[1]).glob('*.wandb')]",
+    ]
+    first = _sync(offline, run_id, marks)
+    pushed = str(offline / f"offline-run-20261201_100000-{run_id}")
+    assert first.synced == [pushed] and first.empty == [str(offline / f"offline-run-20261202_100000-{run_id}")]
+    assert _sync(offline, run_id, marks).already == [pushed]  # pushed once
+    assert not list(tmp_path.rglob("PWNED"))
+    assert _sync(tmp_path / "nothing-here", run_id, marks).summary() == "no offline run yet"
+
+
+def test_a_run_wandb_did_not_mark_synced_is_a_failure_with_what_wandb_said(tmp_path):
+    run = tmp_path / "wandb" / "offline-run-20261201_100000-r1"
+    run.mkdir(parents=True)
+    (run / "run-r1.wandb").write_bytes(b"x" * 100)
+    said = _sync(tmp_path / "wandb", "r1", ["bash", "-c", 'echo "wandb: ERROR 401 Unauthorized: $0"; exit 1'])
+    assert said.failed == [(str(run), f"wandb sync exit status 1: wandb: ERROR 401 Unauthorized: {run}")]
+    assert not said.synced
+
+
+@given(st.text())
+def test_the_push_report_reads_any_output(stdout):
+    report = parse_sync(stdout)
+    assert isinstance(report.summary(), str)
