@@ -9,6 +9,7 @@ import pytest
 
 from airflow_oellm.cli import main as cli
 from airflow_oellm.config import ConfigError, load_sweep
+from airflow_oellm.config.tracking import wandb_run
 from airflow_oellm.config.yamlio import key_line
 from airflow_oellm.jobscript.render import render_sbatch
 from tests.seed_guide import guide_examples, under
@@ -199,6 +200,13 @@ def test_the_guides_scaling_sweep_wired_plans_27_different_trainings(write, tmp_
     assert {s[3] for s in seen} == {"128", "256", "512"}
     assert {s[:2] for s in seen} == {("8", "512"), ("12", "640"), ("16", "896")}
     assert all(flag(s, "save-interval") == "1000" and flag(s, "log-interval") == "100" for s in scripts)
+    # each experiment page names what sets it apart: the three axes (and what the model group brings), no more
+    for e in sweep.experiments:
+        keys = {d["key"] for d in sweep.differences[e.name]}
+        assert {"backend.args.lr", "backend.args.global_batch_size", "backend.args.num_layers"} <= keys
+        assert not [k for k in keys if k.startswith(("project.", "platform.", "slurm.", "experiment."))], keys
+    # 27 trainings, 27 W&B runs
+    assert len({wandb_run(e.config).run_id for e in sweep.experiments}) == 27
 
 
 def test_a_deliberate_repeat_passes_when_its_seed_reaches_the_job(write, project):
