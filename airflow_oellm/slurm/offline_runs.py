@@ -19,6 +19,10 @@ from airflow_oellm.slurm.shell import check_env_name
 TAG = "OELLM-WANDB-"
 HEADER_BYTES = 7  # a `.wandb` file holding no record yet is its header alone
 SAID_LINES = 5  # of wandb's output, kept for a directory it failed to push
+# two syncs of one run at once (the branches of two checkpoints end together) would both push what neither
+# had marked yet: they take turns
+LOCK_FILE = ".oellm-sync.lock"
+LOCK_WAIT = 3000  # seconds, within the command's own timeout
 
 
 @dataclass(frozen=True)
@@ -54,9 +58,9 @@ def sync_script(
     env: Mapping[str, str],
     workspace_key: str | None,
 ) -> str:
-    """Push the offline runs of `run_id` under `offline_dir`, oldest first, each once. With
-    `workspace_key`, a job of the SSH user still active on that output directory (its comment) is writing
-    the newest, which waits. Secrets arrive on stdin as `NAME=<base64>` lines, as for sbatch."""
+    """Push the offline runs of `run_id` under `offline_dir`, oldest first, each once, one sync of a run at a
+    time. With `workspace_key`, a job of the SSH user still active on that output directory (its comment) is
+    writing the newest, which waits. Secrets arrive on stdin as `NAME=<base64>` lines, as for sbatch."""
     q = shlex.quote
     exports = "".join(f"export {check_env_name(k)}={q(v)}\n" for k, v in env.items())
     sync = shlex.join(command)
@@ -78,6 +82,8 @@ done
 {exports}runs=()
 for run in {q(offline_dir.rstrip("/"))}/offline-run-*-{q(run_id)}; do [ -d "$run" ] && runs+=("$run"); done
 [ ${{#runs[@]}} -eq 0 ] && exit 0
+exec 9>>{q(offline_dir.rstrip("/") + "/" + LOCK_FILE)}
+flock -w {int(LOCK_WAIT)} 9 || {{ echo "timed out waiting for another sync of {q(run_id)}" >&2; exit 4; }}
 busy=0
 {busy_check}newest=${{runs[${{#runs[@]}}-1]}}
 for run in "${{runs[@]}}"; do

@@ -3,7 +3,9 @@ nodes have no internet, the job's environment, links, and settings that would do
 
 from __future__ import annotations
 
+import concurrent.futures
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -187,3 +189,16 @@ def test_a_run_wandb_did_not_mark_synced_is_a_failure_with_what_wandb_said(tmp_p
 def test_the_push_report_reads_any_output(stdout):
     report = parse_sync(stdout)
     assert isinstance(report.summary(), str)
+
+
+def test_two_pushes_of_one_run_at_once_take_turns_and_push_it_once(tmp_path):
+    run = tmp_path / "wandb" / "offline-run-20261201_100000-r1"
+    run.mkdir(parents=True)
+    (run / "run-r1.wandb").write_bytes(b"x" * 100)
+    counter = tmp_path / "pushes"
+    # a push that takes a while (the second sync starts meanwhile), then marks the run as wandb does
+    slow = ["bash", "-c", f'echo pushed >> {shlex.quote(str(counter))}; sleep 2; touch "$0"/run-r1.wandb.synced']
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        reports = list(pool.map(lambda _: _sync(tmp_path / "wandb", "r1", slow), range(2)))
+    assert counter.read_text() == "pushed\n"
+    assert sorted((len(r.synced), len(r.already)) for r in reports) == [(0, 1), (1, 0)]
