@@ -1,16 +1,22 @@
-"""Benchmark: the dashboard's sweep page for a 100-experiment sweep in the middle of training, against
-the Airflow REST API calls a script needs to read the same facts.
+"""Benchmark: the dashboard's sweep page for sweeps of 100 and 1,000 experiments in the middle of training,
+against the Airflow REST API calls a script needs to read the same facts.
 
-    .venv/bin/python benchmarks/dashboard_load.py [--experiments 100] [--repeat 15] [--json OUT]
+    .venv/bin/python benchmarks/dashboard_load.py [--experiments 100 1000] [--repeat 15] [--baseline-repeat 3]
+        [--json OUT]
 
-A fresh Airflow home (SQLite) gets the sweep's DAGs serialized and one run per experiment written
-through Airflow's own models, as the operators leave them mid-training: `prepare` done (config,
-milestones), the training deferred in its second try with a 250-point progress XCom and a first
-attempt in its history, half the checkpoints waited for, converted and evaluated (metrics in XCom),
-a cooldown finished. Then only the api-server is started, and timed:
-- ours: `GET /oellm/sweeps/<sweep>` (the whole HTML page: rows, plots, evaluation table) and its JSON twin;
-- baseline: per experiment, the REST calls for its latest run, its task instances, the training's
-  progress XCom and the prepared config (4 calls per experiment, sequential, one keep-alive client).
+A fresh Airflow home (SQLite) gets one sweep per size (`bench<N>`), its DAGs serialized and one run per
+experiment written through Airflow's own models, as the operators leave them mid-training (XComs stored as
+Airflow 3's tasks store them: a JSON document): `prepare` done (config, milestones), the training deferred in
+its second try with a 250-point progress XCom and a first attempt in its history, half the checkpoints waited
+for, converted and evaluated (metrics in XCom), a cooldown finished. The SQL statements of the sweeps page and
+of each sweep's page (its first load and a later one) are counted here, through the functions the api-server
+calls. Then only the api-server is started, and for each sweep timed:
+- its first load: the first request for that sweep since the server started (each run's live report is made
+  then, and kept while its XComs stay the same);
+- ours: `GET /oellm/sweeps/<sweep>` (the whole HTML page: the first 50 rows, their curves, the distributions
+  over every experiment, the analysis), its JSON twin, and its page 2 sorted by loss, highest first;
+- baseline: per experiment, the REST calls for its latest run, its task instances, the training's progress
+  XCom and the prepared config (4 calls per experiment, sequential, one keep-alive client).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import tempfile
 import time
 import urllib.request
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 
 from airflow_oellm.config import naming
@@ -43,7 +50,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def sweep_yaml(experiments: int) -> str:
+def sweep_yaml(experiments: int, name: str) -> str:
     return f"""
 defaults: [{{platform: devcluster}}]
 project: {{name: bench, base_output_dir: /scratch/bench/runs}}
@@ -52,7 +59,7 @@ backend: {{args: {{train_iters: 10000, save_interval: 1000, eval_interval: 1000,
 slurm: {{nodes: 4}}
 evaluation: {{suites: [{{name: quick, tasks: [hellaswag, arc_easy]}}]}}
 cooldowns: [{{at: 5000, overrides: [backend.args.train_iters=6000]}}]
-sweep: {{name: bench, name_template: "e{{seed}}", axes: {{backend.args.seed: {list(range(experiments))}}}}}
+sweep: {{name: {name}, name_template: "e{{seed}}", axes: {{backend.args.seed: {list(range(experiments))}}}}}
 """
 
 
@@ -61,16 +68,14 @@ def curve(first: int, last: int, points: int = 250) -> list[list[float]]:
     return [[round(first + i * step), 10 * math.exp(-(first + i * step) / 3000) + 2] for i in range(points)]
 
 
-def populate(env: dict[str, str], sweep_file: Path) -> str:
-    """One mid-training run per experiment, written with Airflow's models; returns the sweep's name."""
-    os.environ.update(env)
+def populate(sweep_file: Path) -> None:
+    """One mid-training run per experiment, written with Airflow's models (in the home `run` set)."""
     from airflow_oellm.config import load_sweep
 
     sweep = load_sweep(sweep_file)
     now = datetime.now(UTC)
     for exp in sweep.experiments:
         mid_training_run(exp, now)
-    return sweep.name
 
 
 def mid_training_run(exp, now: datetime) -> None:
@@ -78,6 +83,7 @@ def mid_training_run(exp, now: datetime) -> None:
     from airflow.models.task_state_store import TaskStateStoreModel
     from airflow.models.taskinstance import TaskInstance
     from airflow.models.xcom import XComModel
+    from airflow.sdk.serde import serialize
     from airflow.utils.session import create_session
     from airflow.utils.state import DagRunState
     from airflow.utils.types import DagRunTriggeredByType, DagRunType
@@ -134,13 +140,15 @@ def mid_training_run(exp, now: datetime) -> None:
         session.flush()
 
         def xcom(task_id: str, key: str, value: object, map_index: int = -1) -> None:
+            # as a task's xcom_push stores it: the Task SDK's serde, then the execution API's set, unserialized
             XComModel.set(
                 key,
-                value,
+                serialize(value),
                 dag_id=exp.dag_id,
                 task_id=task_id,
                 run_id=run.run_id,
                 map_index=map_index,
+                serialize=False,
                 session=session,
             )
 
@@ -205,8 +213,9 @@ def mid_training_run(exp, now: datetime) -> None:
         )
 
 
-def timed(call, repeat: int) -> dict[str, float]:
-    call()  # warm: first request imports the app, opens the database
+def timed(call, repeat: int, warm: bool = True) -> dict[str, float]:
+    if warm:
+        call()  # the first request of a kind opens what it reads
     samples = []
     for _ in range(repeat):
         started = time.perf_counter()
@@ -216,23 +225,38 @@ def timed(call, repeat: int) -> dict[str, float]:
 
 
 def get(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=120) as response:
+    with urllib.request.urlopen(url, timeout=600) as response:
         return response.read()
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--experiments", type=int, default=100)
-    parser.add_argument("--repeat", type=int, default=15)
-    parser.add_argument("--json", type=Path, default=RESULTS / "dashboard_load.json")
-    parser.add_argument("--keep", action="store_true", help="keep the Airflow home (its path is printed)")
-    args = parser.parse_args()
+def statements(call) -> int:
+    """How many SQL statements `call` runs on Airflow's database."""
+    from airflow import settings
+    from sqlalchemy import event
+
+    count = 0
+
+    def counted(*_: object) -> None:
+        nonlocal count
+        count += 1
+
+    event.listen(settings.engine, "before_cursor_execute", counted)
+    try:
+        call()
+    finally:
+        event.remove(settings.engine, "before_cursor_execute", counted)
+    return count
+
+
+def airflow_home(sizes: list[int]) -> tuple[Path, dict[str, str], int]:
+    """A fresh Airflow home with one sweep file per size, its database migrated and its DAGs serialized."""
     home = Path(tempfile.mkdtemp(prefix="oellm-dashboard-bench-"))
     (home / "dags").mkdir()
     shutil.copy(REPO / "dags" / "oellm_sweeps.py", home / "dags" / "oellm_sweeps.py")
     sweeps = home / "sweeps"
     sweeps.mkdir()
-    (sweeps / "bench.yaml").write_text(sweep_yaml(args.experiments))
+    for size in sizes:
+        (sweeps / f"bench{size}.yaml").write_text(sweep_yaml(size, f"bench{size}"))
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
     env.update(
@@ -247,32 +271,91 @@ def main() -> int:
         PYTHONWARNINGS="ignore",
     )
     subprocess.run([AIRFLOW, "db", "migrate"], env=env, check=True, capture_output=True, timeout=600)
-    subprocess.run([AIRFLOW, "dags", "reserialize"], env=env, check=True, capture_output=True, timeout=600)
-    started = time.monotonic()
-    name = populate(env, sweeps / "bench.yaml")
-    populate_s = time.monotonic() - started
-    server = subprocess.Popen(
-        [AIRFLOW, "api-server", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
+    subprocess.run([AIRFLOW, "dags", "reserialize"], env=env, check=True, capture_output=True, timeout=1800)
+    return home, env, port
+
+
+def run(sizes: list[int], repeat: int, baseline_repeat: int, out: Path, keep: bool = False) -> dict:
+    """Each size's figures (`baseline_repeat` 0: no baseline), written to `out` as each size is measured. Imports
+    Airflow for a home of its own: run it in a process that has not imported Airflow yet (the script's own)."""
+    home, env, port = airflow_home(sizes)
+    result: dict = {"sweeps": {}}
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                get(f"{base}/api/v2/monitor/health")
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(1)
-        page = get(f"{base}/oellm/sweeps/{name}").decode()
-        rows = page.count("data-experiment=")
-        assert rows == args.experiments, f"the page shows {rows} experiments"
-        dag_ids = [naming.dag_id(name, f"e{i}") for i in range(args.experiments)]
+        os.environ.update(env)  # before Airflow is imported: it reads its home once
+        from airflow_oellm.dashboard.app import sweep_data, sweeps_overview
+        from airflow_oellm.dashboard.model import PER_PAGE, SweepRequest
+
+        for size in sizes:
+            started = time.monotonic()
+            populate(home / "sweeps" / f"bench{size}.yaml")
+            result["sweeps"][size] = {
+                "experiments": size,
+                "populate_seconds": round(time.monotonic() - started, 1),
+                # with every sweep populated so far: the count must not grow with them
+                "statements_sweeps_page": statements(partial(sweeps_overview, None)),
+            }
+        for size, figures in result["sweeps"].items():
+            first_page = partial(sweep_data, None, f"bench{size}", SweepRequest())
+            figures["statements_sweep_page_first_load"] = statements(first_page)
+            figures["statements_sweep_page"] = statements(first_page)
+        server = subprocess.Popen(
+            [AIRFLOW, "api-server", "--port", str(port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+            base = f"http://127.0.0.1:{port}"
+            wait_healthy(base)
+            get(f"{base}/oellm/")  # the dashboard's app imported
+            for size, figures in result["sweeps"].items():
+                print(f"measuring bench{size}", file=sys.stderr, flush=True)
+                figures.update(measure(base, f"bench{size}", size, repeat, baseline_repeat))
+                if baseline_repeat:
+                    baseline_s = figures["baseline_rest_4_calls_per_experiment"]["median_s"]
+                    figures["ratio_baseline_over_page"] = round(baseline_s / figures["dashboard_page"]["median_s"], 1)
+                out.write_text(json.dumps(result, indent=2) + "\n")
+                assert figures["rows"] == min(size, PER_PAGE), figures
+        finally:
+            os.killpg(server.pid, 15)
+            server.wait(timeout=60)
+    finally:
+        if keep:
+            print("Airflow home kept:", home)
+        else:
+            shutil.rmtree(home, ignore_errors=True)
+    return result
+
+
+def wait_healthy(base: str) -> None:
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            get(f"{base}/api/v2/monitor/health")
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)  # the api-server is starting
+
+
+def measure(base: str, name: str, size: int, repeat: int, baseline_repeat: int) -> dict:
+    url = f"{base}/oellm/sweeps/{name}"
+    started = time.perf_counter()
+    page = get(url)
+    first_load = time.perf_counter() - started
+    figures = {
+        "first_load_s": round(first_load, 4),
+        "rows": page.decode().count("<tr data-experiment="),
+        "page_bytes": len(page),
+        "json_bytes": len(get(f"{base}/oellm/api/sweeps/{name}")),
+        "dashboard_page": timed(lambda: get(url), repeat),
+        "dashboard_json": timed(lambda: get(f"{base}/oellm/api/sweeps/{name}"), repeat),
+        "page_2_by_loss_descending": timed(lambda: get(f"{url}?sort=-loss&page=2"), repeat),
+    }
+    if baseline_repeat:
+        dag_ids = [naming.dag_id(name, f"e{i}") for i in range(size)]
 
         def baseline() -> None:
             for dag_id in dag_ids:
@@ -285,25 +368,21 @@ def main() -> int:
                 ):
                     get(f"{base}/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/{key}")
 
-        result = {
-            "experiments": args.experiments,
-            "populate_seconds": round(populate_s, 1),
-            "page_bytes": len(page),
-            "dashboard_page": timed(lambda: get(f"{base}/oellm/sweeps/{name}"), args.repeat),
-            "dashboard_json": timed(lambda: get(f"{base}/oellm/api/sweeps/{name}"), args.repeat),
-            "baseline_rest_4_calls_per_experiment": timed(baseline, max(args.repeat // 5, 3)),
-        }
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=60)
-        if args.keep:
-            print("Airflow home kept:", home)
-        else:
-            shutil.rmtree(home, ignore_errors=True)
-    page_s = result["dashboard_page"]["median_s"]
-    result["ratio_baseline_over_page"] = round(result["baseline_rest_4_calls_per_experiment"]["median_s"] / page_s, 1)
+        # no warm-up round: a round at 1,000 experiments takes minutes, and the server is warm from the pages
+        figures["baseline_rest_4_calls_per_experiment"] = timed(baseline, baseline_repeat, warm=False)
+    return figures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiments", type=int, nargs="+", default=[100, 1000])
+    parser.add_argument("--repeat", type=int, default=15)
+    parser.add_argument("--baseline-repeat", type=int, default=3, help="0: no baseline")
+    parser.add_argument("--json", type=Path, default=RESULTS / "dashboard_load.json")
+    parser.add_argument("--keep", action="store_true", help="keep the Airflow home (its path is printed)")
+    args = parser.parse_args()
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    result = run(args.experiments, args.repeat, args.baseline_repeat, args.json, args.keep)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -10,29 +10,52 @@ import asyncio
 import json
 import math
 import time
-from collections.abc import Mapping
-from dataclasses import asdict
+from collections.abc import Collection, Mapping
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
-from typing import Any
-from urllib.parse import quote, urlparse
+from typing import Annotated, Any
+from urllib.parse import quote, urlencode, urlparse
 
 from airflow.api_fastapi.app import get_auth_manager
 from airflow.api_fastapi.auth.managers.models.base_user import BaseUser
 from airflow.api_fastapi.core_api.security import GetUserDep
 from airflow.configuration import conf
 from airflow.utils.session import create_session
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from airflow_oellm.config.naming import experiment_name
 from airflow_oellm.dashboard import queries
-from airflow_oellm.dashboard.model import ExperimentView, SweepView, experiment_view, sweep_view
-from airflow_oellm.dashboard.plot import DISCARDED, PALETTE, Series, line_plot
+from airflow_oellm.dashboard.model import (
+    MAX_PER_PAGE,
+    PER_PAGE,
+    SORTS,
+    SWEEP_CURVE_POINTS,
+    ExperimentView,
+    LiveReports,
+    SweepRequest,
+    SweepView,
+    experiment_view,
+    state_counts,
+    sweep_page,
+    sweep_view,
+)
+from airflow_oellm.dashboard.plot import DISCARDED, PALETTE, Series, line_plot, step_points
 from airflow_oellm.dashboard.urls import URL_PREFIX
 
 REFRESH_SECONDS = 20  # pages of something still running reload themselves this often
 ACTIVE = frozenset({"running", "queued", "retrying"})
+# the distributions' colours, near the state badges'
+STATE_COLORS = {
+    "running": PALETTE[0],
+    "retrying": PALETTE[1],
+    "success": PALETTE[2],
+    "failed": PALETTE[3],
+    "queued": PALETTE[4],
+    "stopped early": PALETTE[7],
+}
+LIVE_REPORTS = LiveReports()
 
 
 def _duration(seconds: float | None) -> str:
@@ -137,6 +160,87 @@ def analysis_plots(analysis: Mapping[str, Any] | None) -> dict[str, str]:
     }
 
 
+def distribution_plots(distributions: Mapping[str, Any]) -> dict[str, Any]:
+    """How every experiment's latest train loss and progress spread (model.distributions): one histogram's
+    outline per state."""
+    states = list(dict.fromkeys(s for d in distributions.values() for s in d["counts"]))
+    colors = {s: STATE_COLORS.get(s, PALETTE[-1]) for s in states}
+    drawn: dict[str, Any] = {"legend": [(s, colors[s], False, True) for s in states]}
+    for name, label in (("loss", "latest train loss"), ("progress", "progress (% of train_iters)")):
+        edges, counts = distributions[name]["edges"], distributions[name]["counts"]
+        series = [Series(state, step_points(edges, n), colors[state]) for state, n in counts.items()]
+        drawn[name] = line_plot(f"{name}-distribution", series, label, "experiments")
+    return drawn
+
+
+@dataclass(frozen=True)
+class SweepLinks:
+    """A sweep page's links to itself: another sort, page or selection; the rest of the request kept."""
+
+    path: str
+    request: SweepRequest
+
+    def href(self, request: SweepRequest) -> str:
+        default = SweepRequest()
+        query = [
+            (name, value)
+            for name, value, usual in (
+                ("sort", request.sort, default.sort),
+                ("page", request.page, default.page),
+                ("per_page", request.per_page, default.per_page),
+            )
+            if value != usual
+        ]
+        query += [("selected", dag_id) for dag_id in request.selected]
+        return self.path + (f"?{urlencode(query)}" if query else "")
+
+    def sort(self, key: str) -> str:
+        """Sorted by `key`: ascending, or the other way round if so already; from the first page."""
+        flipped = f"-{key}" if self.request.sort == key else key
+        return self.href(replace(self.request, sort=flipped, page=1))
+
+    def arrow(self, key: str) -> str:
+        return {key: " ▲", f"-{key}": " ▼"}.get(self.request.sort, "")
+
+    def page(self, page: int) -> str:
+        return self.href(replace(self.request, page=page))
+
+    def per_page(self, per_page: int) -> str:
+        """`per_page` rows, from the page that holds the current first row."""
+        first = (self.request.page - 1) * self.request.per_page
+        return self.href(replace(self.request, per_page=per_page, page=first // per_page + 1))
+
+    def toggle(self, dag_id: str) -> str:
+        """With `dag_id` selected, or without it if it is."""
+        selected = self.request.selected
+        toggled = tuple(d for d in selected if d != dag_id) if dag_id in selected else (*selected, dag_id)
+        return self.href(replace(self.request, selected=toggled))
+
+    def clear(self) -> str:
+        return self.href(replace(self.request, selected=()))
+
+
+def sweep_drawing(view: SweepView, path: str) -> dict[str, Any]:
+    """What sweep.html draws of a sweep page's view (`path`: the page's own, for its links)."""
+    return {
+        "sweep": view,
+        "links": SweepLinks(path, view.page.request),
+        "plots": plots(view.drawn),
+        "curve_points": SWEEP_CURVE_POINTS,
+        "distributions": distribution_plots(view.distributions),
+        "analysis": analysis_plots(view.analysis),
+    }
+
+
+def sweep_request(
+    page: Annotated[int, Query(ge=1, description="the page, from 1")] = 1,
+    per_page: Annotated[int, Query(ge=1, le=MAX_PER_PAGE)] = PER_PAGE,
+    sort: Annotated[str, Query(pattern=f"^-?({'|'.join(SORTS)})$", description="'-' before it: descending")] = "name",
+    selected: Annotated[list[str] | None, Query(description="experiment DAG ids whose curves to draw")] = None,
+) -> SweepRequest:
+    return SweepRequest(sort, page, per_page, tuple(selected or ()))
+
+
 def _positive(value: Any) -> bool:
     return isinstance(value, int | float) and math.isfinite(value) and value > 0
 
@@ -151,29 +255,40 @@ def _page(name: str, **values: Any) -> HTMLResponse:
     return HTMLResponse(templates.get_template(name).render(**values))
 
 
-def _sweeps_overview(user: BaseUser) -> list[dict[str, Any]]:
+def sweeps_overview(allowed: Collection[str] | None) -> list[dict[str, Any]]:
+    """Every sweep with its experiments' latest runs counted by state: two queries, whatever the count."""
     with create_session() as session:
-        found = queries.sweeps(session, allowed_dags(user))
+        found = queries.sweeps(session, allowed)
         states = queries.run_states(session, [d for ids in found.values() for d in ids])
-    overview = []
-    for name, dag_ids in found.items():
-        counts: dict[str, int] = {}
-        for dag_id in dag_ids:
-            state = states.get(dag_id) or "never run"
-            counts[state] = counts.get(state, 0) + 1
-        overview.append({"name": name, "experiments": len(dag_ids), "counts": dict(sorted(counts.items()))})
-    return overview
+    return [
+        {
+            "name": name,
+            "experiments": len(dag_ids),
+            "counts": state_counts(states.get(dag_id) or "never run" for dag_id in dag_ids),
+        }
+        for name, dag_ids in found.items()
+    ]
 
 
-def _sweep(user: BaseUser, sweep: str) -> SweepView:
+def sweep_data(allowed: Collection[str] | None, sweep: str, request: SweepRequest) -> SweepView:
+    """A sweep page: every experiment's status from light records, whole records of the page's rows and the
+    selected experiments only, every run's live report (LIVE_REPORTS: read again when it changed). A fixed
+    number of queries, whatever the number of experiments."""
     with create_session() as session:
-        dag_ids = queries.sweeps(session, allowed_dags(user)).get(sweep)
+        dag_ids = queries.sweeps(session, allowed).get(sweep)
         if not dag_ids:
             raise HTTPException(404, f"no sweep named {sweep!r} (or none of its DAGs is readable for you)")
         latest = queries.latest_runs(session, dag_ids)
-        records = queries.run_records(session, [pk for pk, _, _ in latest.values()])
-    runs = {dag_id: records.get(latest[dag_id][0]) if dag_id in latest else None for dag_id in dag_ids}
-    return sweep_view(sweep, runs, time.time())
+        now = time.time()
+        light = queries.run_statuses(session, latest)
+        page = sweep_page(sweep, {dag_id: light.get(dag_id) for dag_id in dag_ids}, request, now)
+        records = queries.run_records(session, [latest[d][0] for d in page.wanted if d in latest])
+        names = {s.dag_id: s.name for s in page.statuses}
+        runs = {latest[d][0]: names[d] for d in dag_ids if d in latest}
+        versions = queries.report_versions(session, list(runs))
+        reports = LIVE_REPORTS.reports(versions, runs, lambda pks: queries.report_records(session, pks))
+    whole = {d: records.get(latest[d][0]) if d in latest else None for d in page.wanted}
+    return sweep_view(page, whole, reports, now)
 
 
 def _experiment(user: BaseUser, dag_id: str, run_id: str | None) -> tuple[ExperimentView, str | None, list[Any]]:
@@ -205,21 +320,18 @@ def create_app() -> FastAPI:
 
     @app.get("/", response_class=HTMLResponse)
     async def sweeps_page(user: GetUserDep) -> HTMLResponse:
-        overview = await asyncio.to_thread(_sweeps_overview, user)
+        overview = await asyncio.to_thread(sweeps_overview, allowed_dags(user))
         active = any(s in ACTIVE for o in overview for s in o["counts"])
         return _page("sweeps.html", sweeps=overview, refresh=REFRESH_SECONDS if active else None)
 
     @app.get("/sweeps/{sweep}", response_class=HTMLResponse)
-    async def sweep_page(sweep: str, user: GetUserDep) -> HTMLResponse:
-        view = await asyncio.to_thread(_sweep, user, sweep)
-        active = any(e.state in ACTIVE for e in view.experiments)
-        return _page(
-            "sweep.html",
-            sweep=view,
-            plots=plots(view.experiments),
-            analysis=analysis_plots(view.analysis),
-            refresh=REFRESH_SECONDS if active else None,
-        )
+    async def sweep_page_html(
+        sweep: str, user: GetUserDep, request: Annotated[SweepRequest, Depends(sweep_request)]
+    ) -> HTMLResponse:
+        view = await asyncio.to_thread(sweep_data, allowed_dags(user), sweep, request)
+        active = any(e.state in ACTIVE for e in view.statuses)
+        path = f"{ui_root()}{URL_PREFIX}/sweeps/{quote(sweep, safe='')}"
+        return _page("sweep.html", **sweep_drawing(view, path), refresh=REFRESH_SECONDS if active else None)
 
     @app.get("/experiments/{dag_id}", response_class=HTMLResponse)
     async def experiment_page(dag_id: str, user: GetUserDep, run_id: str | None = None) -> HTMLResponse:
@@ -236,17 +348,28 @@ def create_app() -> FastAPI:
 
     @app.get("/api/sweeps")
     async def sweeps_json(user: GetUserDep) -> list[dict[str, Any]]:
-        return await asyncio.to_thread(_sweeps_overview, user)
+        return await asyncio.to_thread(sweeps_overview, allowed_dags(user))
 
     @app.get("/api/sweeps/{sweep}")
-    async def sweep_json(sweep: str, user: GetUserDep) -> dict[str, Any]:
-        view = await asyncio.to_thread(_sweep, user, sweep)
+    async def sweep_json(
+        sweep: str, user: GetUserDep, request: Annotated[SweepRequest, Depends(sweep_request)]
+    ) -> dict[str, Any]:
+        view = await asyncio.to_thread(sweep_data, allowed_dags(user), sweep, request)
+        page = view.page.request
         return {
             "name": view.name,
             "counts": view.counts,
             "pending": view.pending,
+            "total": view.page.total,
+            "page": page.page,
+            "per_page": page.per_page,
+            "pages": view.page.pages,
+            "sort": page.sort,
+            "selected": list(page.selected),
             # the log tails are the experiment page's: 40 lines a row would double a big sweep's answer
             "experiments": [{**_as_json(e), "log_tail": None} for e in view.experiments],
+            "selected_experiments": [{**_as_json(e), "log_tail": None} for e in view.selected],
+            "distributions": view.distributions,
             "analysis": view.analysis,
         }
 

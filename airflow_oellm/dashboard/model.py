@@ -7,11 +7,14 @@ evaluation, GPU-hours, ETA, curves, timeline) and a `SweepView` over them.
 
 from __future__ import annotations
 
+import bisect
 import difflib
 import json
+import math
+import re
 import threading
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -33,16 +36,26 @@ from airflow_oellm.config.naming import (
     TRAIN_TASK,
     experiment_name,
 )
+from airflow_oellm.dashboard.plot import downsampled
 from airflow_oellm.monitor.accounting import running_gpu_hours_estimate, used_gpu_hours
 from airflow_oellm.monitor.classify import STOPPED
 from airflow_oellm.monitor.outage import outage_line
 from airflow_oellm.monitor.records import AttemptHistory, AttemptRecord
-from airflow_oellm.monitor.watch import loss_at, merged_curve, thinned, validation_losses
+from airflow_oellm.monitor.watch import loss_at, merged_curve, validation_losses
 from airflow_oellm.slurm.pending import pending_counts
 
 EVALUATE_TASKS = {CHECKPOINT_EVALUATE_TASK: False, COOLDOWN_EVALUATE_TASK: True}  # task -> is a cooldown's
 NEVER_RUN = "never run"
 CURVE_POINTS = 200  # per run, whatever its length: what a plot can show
+SWEEP_CURVE_POINTS = 100  # per run on a sweep page, whose 50 experiments' curves are most of its bytes
+SORTS = ("name", "state", "loss", "progress")
+# sort=state: what needs a look first; a state not listed comes after these
+STATE_ORDER = ("failed", "retrying", "running", "queued", "stopped early", "success", NEVER_RUN)
+PER_PAGE = 50
+MAX_PER_PAGE = 200
+MAX_SELECTED = 20  # experiments drawn at once beside a page: each costs its whole record and its curves
+LOSS_BINS = 20  # of the loss distribution over a sweep's experiments
+PROGRESS_BINS = 10  # of the progress distribution: tenths of the training
 # a progress snapshot older than this (seconds, beyond its poll interval) is shown as stale
 STALE_AFTER = 300.0
 
@@ -170,24 +183,85 @@ class ExperimentView:
         return max(0.0, min(1.0, self.iteration / self.train_iters))
 
 
+@dataclass(frozen=True)
+class SweepRequest:
+    """What a sweep page shows: the `page` (from 1) of `per_page` rows in `sort` order (a key of SORTS, `-`
+    before it for descending), and the `selected` experiments (DAG ids) whose curves it draws instead of the
+    page's."""
+
+    sort: str = "name"
+    page: int = 1
+    per_page: int = PER_PAGE
+    selected: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SweepPage:
+    """Which experiments a sweep page shows in whole: every experiment's status in the page's order (from light
+    records), the request with its page within the pages there are and its selection within the sweep."""
+
+    name: str
+    statuses: list[ExperimentView]
+    request: SweepRequest
+
+    @property
+    def total(self) -> int:
+        return len(self.statuses)
+
+    @property
+    def pages(self) -> int:
+        return max(1, -(-self.total // self.request.per_page))
+
+    @property
+    def first(self) -> int:
+        """The index of the page's first row among all."""
+        return (self.request.page - 1) * self.request.per_page
+
+    @property
+    def rows(self) -> list[str]:
+        """The DAG ids of the page's rows, in order."""
+        return [s.dag_id for s in self.statuses[self.first : self.first + self.request.per_page]]
+
+    @property
+    def wanted(self) -> list[str]:
+        """The experiments whose whole records the page needs: its rows and the selected ones."""
+        return list(dict.fromkeys([*self.rows, *self.request.selected]))
+
+
 @dataclass
 class SweepView:
     name: str
-    experiments: list[ExperimentView]
+    page: SweepPage
+    experiments: list[ExperimentView]  # the page's rows, whole
+    selected: list[ExperimentView]  # the selected experiments, whole: drawn instead of the rows
     analysis: dict[str, Any] | None = None  # analysis/sweep.analyse_reports of the runs so far (live_analysis)
 
     @property
+    def statuses(self) -> list[ExperimentView]:
+        """Every experiment of the sweep, on this page or not, in the page's order."""
+        return self.page.statuses
+
+    @property
+    def drawn(self) -> list[ExperimentView]:
+        """The experiments whose curves and evaluations the page shows: the selected ones, else its rows."""
+        return self.selected or self.experiments
+
+    @property
     def counts(self) -> dict[str, int]:
-        return state_counts(e.state for e in self.experiments)
+        return state_counts(e.state for e in self.statuses)
 
     @property
     def pending(self) -> dict[str, int]:
         """Jobs pending per SLURM reason, most first."""
-        return pending_counts(e.queue for e in self.experiments)
+        return pending_counts(e.queue for e in self.statuses)
 
     @property
     def metric_columns(self) -> list[str]:
-        return sorted({m for e in self.experiments for row in e.evaluations for m in row["metrics"]})
+        return sorted({m for e in self.drawn for row in e.evaluations for m in row["metrics"]})
+
+    @property
+    def distributions(self) -> dict[str, Any]:
+        return distributions(self.statuses)
 
 
 def state_counts(states: Iterable[str]) -> dict[str, int]:
@@ -206,21 +280,24 @@ def _running(run: RunRecord, task_id: str, map_index: int = -1) -> bool:
     return task is not None and task.state in ("deferred", "running", "queued", "scheduled", "up_for_reschedule")
 
 
-def run_curve(run: RunRecord, task_id: str, map_index: int = -1) -> list[tuple[float, float]]:
+def run_curve(
+    run: RunRecord, task_id: str, map_index: int = -1, curve_points: int = CURVE_POINTS
+) -> list[tuple[float, float]]:
     """Every attempt's loss points, then the running attempt's (its progress) or the final result's; without
     what rewinds discarded (`rewound_curves`)."""
-    return rewound_curves(run, task_id, map_index)[0]
+    return rewound_curves(run, task_id, map_index, curve_points)[0]
 
 
 def rewound_curves(
-    run: RunRecord, task_id: str, map_index: int = -1
+    run: RunRecord, task_id: str, map_index: int = -1, curve_points: int = CURVE_POINTS
 ) -> tuple[list[tuple[float, float]], list[tuple[dict[str, Any], list[Any]]]]:
-    """The training's loss curve, and each rewind with the points it discarded (AttemptHistory.rewound_curves).
-    The result's and the progress's points belong to the latest job: left out when that job was rewound."""
+    """The training's loss curve, and each rewind with the points it discarded (AttemptHistory.rewound_curves),
+    each downsampled to at most `curve_points`. The result's and the progress's points belong to the latest job:
+    left out when that job was rewound."""
     kept, rewinds = AttemptHistory(tuple(run.attempts(task_id, map_index))).rewound_curves()
     curves: list[Any] = [*kept, *(s.get("loss_curve") for s in _unrewound_summaries(run, task_id, map_index))]
-    discarded = [(rewind, thinned(points, CURVE_POINTS)) for rewind, points in rewinds]
-    return thinned(merged_curve(curves), CURVE_POINTS), discarded
+    discarded = [(rewind, downsampled(points, curve_points)) for rewind, points in rewinds]
+    return downsampled(merged_curve(curves), curve_points), discarded
 
 
 def _unrewound_summaries(run: RunRecord, task_id: str, map_index: int = -1) -> list[Mapping[str, Any]]:
@@ -423,8 +500,10 @@ def _job_state(
     return ended.get(progress.get("job_id")) or (attempts[-1].state if attempts else None)
 
 
-def experiment_view(dag_id: str, name: str, run: RunRecord | None, now: float) -> ExperimentView:
-    """One experiment's row: its latest run's state, progress and results."""
+def experiment_status(dag_id: str, name: str, run: RunRecord | None, now: float) -> ExperimentView:
+    """An experiment's state, attempt, progress, loss and queue: what sorting and counting a sweep's experiments
+    needs. Read from the training's task, its progress and result summaries and the config's name and length
+    alone: all that a light record (queries.run_statuses) holds, and the same rules as `experiment_view`."""
     if run is None:
         return ExperimentView(dag_id=dag_id, name=name, state=NEVER_RUN)
     config = run.xcom(PREPARE_TASK, CONFIG_KEY) or {}
@@ -452,8 +531,6 @@ def experiment_view(dag_id: str, name: str, run: RunRecord | None, now: float) -
         iteration=int(iteration) if iteration is not None else None,
         train_iters=int(train_iters) if train_iters else None,
         loss=_number(summary.get("last_loss")),
-        gpu_hours=run_gpu_hours_so_far(run, config, now),
-        planned_gpu_hours=_number((run.xcom(PREPARE_TASK, PLANNED_RECORD) or {}).get("total")),
         updated=_number(progress.get("updated")),
     )
     if train and train.state == "up_for_retry":
@@ -461,6 +538,24 @@ def experiment_view(dag_id: str, name: str, run: RunRecord | None, now: float) -
     judged = result.get("classification") or {}
     if train and train.state == "skipped" and judged.get("verdict") == STOPPED:  # by the sweep: no failure
         view.state, view.stopped_early = "stopped early", str(judged.get("reason", ""))
+    if view.job_state == "PENDING" and _running(run, TRAIN_TASK) and isinstance(progress.get("queue"), Mapping):
+        view.queue = dict(progress["queue"])
+    return view
+
+
+def experiment_view(
+    dag_id: str, name: str, run: RunRecord | None, now: float, curve_points: int = CURVE_POINTS
+) -> ExperimentView:
+    """One experiment's row: its latest run's state, progress and results; each curve at most `curve_points`."""
+    view = experiment_status(dag_id, name, run, now)
+    if run is None:
+        return view
+    name = view.name
+    config = run.xcom(PREPARE_TASK, CONFIG_KEY) or {}
+    summary = _latest_summary(run, TRAIN_TASK)
+    progress = _progress(run, TRAIN_TASK)
+    view.gpu_hours = run_gpu_hours_so_far(run, config, now)
+    view.planned_gpu_hours = _number((run.xcom(PREPARE_TASK, PLANNED_RECORD) or {}).get("total"))
     if _running(run, TRAIN_TASK) and view.updated is not None:
         view.stale = now - view.updated > STALE_AFTER
     if _running(run, TRAIN_TASK) and isinstance(progress.get("log_tail"), list):
@@ -473,13 +568,12 @@ def experiment_view(dag_id: str, name: str, run: RunRecord | None, now: float) -
         training = max(view.train_iters - (view.iteration or 0), 0) * iteration_ms / 1000
     if view.job_state == "RUNNING":
         view.eta_seconds = training
-    elif view.job_state == "PENDING" and _running(run, TRAIN_TASK) and isinstance(progress.get("queue"), Mapping):
-        view.queue = dict(progress["queue"])
+    elif view.queue is not None:
         start = _number(view.queue.get("expected_start"))
         if start is not None and training is not None:  # the wait in the queue, then the rest of the training
             view.eta_seconds = max(start - now, 0.0) + training
     tokens = _tokens_per_iteration(config, summary)
-    points, discarded = rewound_curves(run, TRAIN_TASK)
+    points, discarded = rewound_curves(run, TRAIN_TASK, curve_points=curve_points)
     marks = []
     for rewind, _ in discarded:
         target = rewind.get("rewind_to") or 0
@@ -491,7 +585,7 @@ def experiment_view(dag_id: str, name: str, run: RunRecord | None, now: float) -
         for rewind, lost in discarded
     ]
     for index, cooldown in enumerate(run.xcom(PREPARE_TASK, COOLDOWNS_KEY) or []):
-        points = run_curve(run, COOLDOWN_TRAIN_TASK, index)
+        points = run_curve(run, COOLDOWN_TRAIN_TASK, index, curve_points)
         at = cooldown.get("at")
         parent_loss = loss_at(view.curves[0].points, at) if at is not None else None
         if points and parent_loss is not None:
@@ -511,11 +605,104 @@ def experiment_view(dag_id: str, name: str, run: RunRecord | None, now: float) -
     return view
 
 
-def sweep_view(sweep: str, experiments: Mapping[str, RunRecord | None], now: float) -> SweepView:
-    """`experiments`: experiment DAG id -> its latest run (None if never run), in the sweep's order."""
-    views = [experiment_view(dag_id, experiment_name(dag_id, sweep), run, now) for dag_id, run in experiments.items()]
-    reports = [live_report(run, view.name) for view, run in zip(views, experiments.values(), strict=True) if run]
-    return SweepView(sweep, views, live_analysis(reports, [v.name for v in views]))
+def sweep_page(sweep: str, runs: Mapping[str, RunRecord | None], request: SweepRequest, now: float) -> SweepPage:
+    """`runs`: experiment DAG id -> its latest run (None if never run), light or whole: each one's status, sorted
+    as asked; the page within the pages there are; the selection without what is not in the sweep, at most
+    MAX_SELECTED."""
+    statuses = sorted_experiments(
+        [experiment_status(dag_id, experiment_name(dag_id, sweep), run, now) for dag_id, run in runs.items()],
+        request.sort,
+    )
+    pages = max(1, -(-len(statuses) // request.per_page))
+    selected = tuple(dict.fromkeys(d for d in request.selected if d in runs))[:MAX_SELECTED]
+    return SweepPage(sweep, statuses, replace(request, page=min(max(request.page, 1), pages), selected=selected))
+
+
+def sweep_view(
+    page: SweepPage, records: Mapping[str, RunRecord | None], reports: Sequence[Mapping[str, Any]], now: float
+) -> SweepView:
+    """The page's rows and selected experiments in whole, from their `records` (experiment DAG id -> its latest
+    run, whole), and the live analysis of every run's report (`reports`, LiveReports)."""
+    views = {
+        dag_id: experiment_view(
+            dag_id, experiment_name(dag_id, page.name), records.get(dag_id), now, SWEEP_CURVE_POINTS
+        )
+        for dag_id in page.wanted
+    }
+    names = [s.name for s in sorted(page.statuses, key=lambda s: s.dag_id)]  # the analysis is the sort's whatever
+    rows, selected = [views[d] for d in page.rows], [views[d] for d in page.request.selected]
+    return SweepView(page.name, page, rows, selected, live_analysis(reports, names))
+
+
+def sorted_experiments(views: Sequence[ExperimentView], sort: str) -> list[ExperimentView]:
+    """`views` in `sort` order (a key of SORTS, `-` before it for descending): those without that value (no loss
+    yet, a loss that is not a number) last either way, ties in name order."""
+    key = sort.removeprefix("-")
+    if key not in SORTS:
+        raise ValueError(f"sort by one of {', '.join(SORTS)} (with '-' before it: descending), not {sort!r}")
+    by_name = sorted(views, key=lambda v: _sort_value(v, "name"))
+    values = {id(v): _sort_value(v, key) for v in views}
+    known = [v for v in by_name if values[id(v)] is not None]
+    return [
+        *sorted(known, key=lambda v: values[id(v)], reverse=sort.startswith("-")),
+        *(v for v in by_name if values[id(v)] is None),
+    ]
+
+
+def _sort_value(view: ExperimentView, key: str) -> Any:
+    if key == "name":
+        return _natural(view.name), view.name, view.dag_id  # lr0.01 and lr0.001 are alike as numbers
+    if key == "state":
+        return _state_rank(view.state)
+    if key == "loss":
+        return view.loss if view.loss is not None and math.isfinite(view.loss) else None
+    return view.fraction
+
+
+def _state_rank(state: str) -> tuple[int, str]:
+    return (STATE_ORDER.index(state), "") if state in STATE_ORDER else (len(STATE_ORDER), state)
+
+
+def _natural(name: str) -> list[Any]:
+    """A name's sort key with its numbers as numbers: e2 before e10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def distributions(views: Sequence[ExperimentView]) -> dict[str, Any]:
+    """How the experiments' latest train losses and progress spread, per state: the counts in LOSS_BINS equal
+    bins from the lowest loss to the highest, and in PROGRESS_BINS bins of the training (percent)."""
+    losses = [v.loss for v in views if v.loss is not None and math.isfinite(v.loss)]
+    loss_edges: list[float] = []
+    if losses and max(losses) > min(losses):
+        low, high = min(losses), max(losses)
+        loss_edges = [low + (high - low) * i / LOSS_BINS for i in range(LOSS_BINS)] + [high]  # the highest counts
+    elif losses:  # one value: one bin around it
+        loss_edges = [losses[0] - 0.5, losses[0] + 0.5]
+    progress_edges = [100 * i / PROGRESS_BINS for i in range(PROGRESS_BINS + 1)]
+    states = sorted({v.state for v in views}, key=_state_rank)
+    loss_counts, progress_counts = {}, {}
+    for state in states:
+        mine = [v for v in views if v.state == state]
+        counted = histogram([v.loss for v in mine if v.loss is not None and math.isfinite(v.loss)], loss_edges)
+        if any(counted):
+            loss_counts[state] = counted
+        counted = histogram([100 * v.fraction for v in mine if v.fraction is not None], progress_edges)
+        if any(counted):
+            progress_counts[state] = counted
+    return {
+        "loss": {"edges": loss_edges, "counts": loss_counts},
+        "progress": {"edges": progress_edges, "counts": progress_counts},
+    }
+
+
+def histogram(values: Iterable[float], edges: Sequence[float]) -> list[int]:
+    """How many `values` fall in each bin between consecutive `edges` (the last bin holds its upper edge too);
+    a value outside them is not counted."""
+    counts = [0] * max(len(edges) - 1, 0)
+    for value in values:
+        if counts and edges[0] <= value <= edges[-1]:
+            counts[min(bisect.bisect_right(edges, value), len(counts)) - 1] += 1
+    return counts
 
 
 def live_report(run: RunRecord, name: str) -> dict[str, Any]:
@@ -536,6 +723,41 @@ def live_report(run: RunRecord, name: str) -> dict[str, Any]:
         report["rows"] += run_rows(run_name, result, [], {}, scale, cooldown=index > 0)
     report["settings"] = run_settings((config.get("backend") or {}).get("args") or {})
     return report
+
+
+REPORTS_KEPT = 10_000  # runs' reports, ten sweeps of 1,000: a few kilobytes each
+
+
+class LiveReports:
+    """Each run's live report (`live_report`), kept while the XComs it is made from stay the same: a sweep page
+    reads again only the runs whose config or results changed since (a job that finished), not a thousand
+    configs and results at every load. `version`: what identifies those XComs (queries.report_versions)."""
+
+    def __init__(self, kept: int = REPORTS_KEPT) -> None:
+        self.kept = kept
+        self._reports: dict[int, tuple[Any, dict[str, Any]]] = {}  # run pk -> (version, report), oldest use first
+        self._lock = threading.Lock()
+
+    def reports(
+        self,
+        versions: Mapping[int, Any],
+        names: Mapping[int, str],
+        load: Callable[[list[int]], Mapping[int, RunRecord]],
+    ) -> list[dict[str, Any]]:
+        """The report of each run of `versions` (run pk -> version), in its order, as experiment `names[pk]`;
+        `load(pks)` reads the records (config, cooldowns, results) of those not kept at their version."""
+        with self._lock:  # pages are built in worker threads: one reading of each run's records
+            missing = [pk for pk, version in versions.items() if (self._reports.get(pk) or (None,))[0] != version]
+            records = load(missing) if missing else {}
+            made = {pk: live_report(records.get(pk) or RunRecord("", "", ""), names[pk]) for pk in missing}
+            found = []
+            for pk, version in versions.items():
+                report = made[pk] if pk in made else self._reports.pop(pk)[1]
+                self._reports[pk] = (version, report)  # last used last: the oldest go first
+                found.append(report)
+            while len(self._reports) > self.kept:
+                self._reports.pop(next(iter(self._reports)))
+            return found
 
 
 # the last analyses, by their input: the page reloads every few seconds, the fit changes only with a new loss

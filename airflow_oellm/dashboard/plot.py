@@ -6,8 +6,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from html import escape
-
-from airflow_oellm.monitor.watch import thinned
+from typing import Any
 
 DISCARDED = "#b0b0b0"  # what a rewind threw away: greyed, under the curves that count
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22")
@@ -24,6 +23,38 @@ class Series:
     dashed: bool = False
     discarded: bool = False  # drawn grey and thin, first (under the rest)
     marks: Sequence[tuple[float, float, str]] = ()  # (x, y, what): a rewind's point on the curve
+
+
+def downsampled(points: Sequence[Sequence[float]], limit: int) -> list[Any]:
+    """At most `limit` (2 or more) of `points`, in their order: the first and the last, and from each of the equal
+    runs of points between them its lowest and its highest, so that a spike stays in the drawing (evenly spread
+    points would step over it). A point without a finite height counts as the highest of its run."""
+    if limit < 2:
+        raise ValueError(f"a curve keeps at least its 2 ends, not {limit} points")
+    if len(points) <= limit:
+        return list(points)
+    inner, runs = points[1:-1], (limit - 2) // 2
+    kept = [points[0]]
+    for index in range(runs):
+        part = inner[index * len(inner) // runs : (index + 1) * len(inner) // runs]
+        heights = [_height(p) for p in part]
+        lowest, highest = heights.index(min(heights)), heights.index(max(heights))
+        kept += [part[i] for i in sorted({lowest, highest})]
+    kept.append(points[-1])
+    return kept
+
+
+def _height(point: Sequence[float]) -> float:
+    y = point[1]
+    return float(y) if isinstance(y, int | float) and math.isfinite(y) else math.inf
+
+
+def step_points(edges: Sequence[float], counts: Sequence[int]) -> list[tuple[float, float]]:
+    """A histogram's outline, from 0 at its first edge over each bin's count to 0 at its last edge."""
+    if not counts:
+        return []
+    tops = [point for i, count in enumerate(counts) for point in ((edges[i], count), (edges[i + 1], count))]
+    return [(edges[0], 0), *tops, (edges[len(counts)], 0)]
 
 
 def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
@@ -90,7 +121,7 @@ def line_plot(element_id: str, series: Sequence[Series], x_label: str, y_label: 
     )
     for s in sorted(drawn, key=lambda s: not s.discarded):
         finite = [(x, y) for x, y in s.points if math.isfinite(x) and math.isfinite(y)]
-        coords = " ".join(f"{bx + x * kx:.1f},{by - y * ky:.1f}" for x, y in thinned(finite, DRAWN_POINTS))
+        coords = " ".join(f"{bx + x * kx:.1f},{by - y * ky:.1f}" for x, y in downsampled(finite, DRAWN_POINTS))
         dash = ' stroke-dasharray="5 3"' if s.dashed else ""
         look = f'stroke="{DISCARDED}" stroke-width="1.2" data-discarded="true"' if s.discarded else ""
         look = look or f'stroke="{s.color}" stroke-width="1.6"'

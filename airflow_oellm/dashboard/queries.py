@@ -4,7 +4,7 @@ whatever the number of experiments (no SSH, no per-experiment round trip)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Collection
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 from airflow.models.dag import DagModel, DagTag
@@ -12,7 +12,7 @@ from airflow.models.dagrun import DagRun
 from airflow.models.task_state_store import TaskStateStoreModel
 from airflow.models.taskinstance import TaskInstance
 from airflow.models.xcom import XComModel
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from airflow_oellm.config.budget import PLANNED_RECORD
@@ -37,6 +37,24 @@ from airflow_oellm.dashboard.model import EVALUATE_TASKS, RunRecord, TaskRecord
 # (task, key) pairs the dashboard reads; a task's other XComs (big or irrelevant) stay in the database
 XCOM_KEYS = (RETURN_KEY, RESULT_KEY, PROGRESS_KEY, CONFIG_KEY, COOLDOWNS_KEY, PLANNED_RECORD)
 XCOM_TASKS = (PREPARE_TASK, TRAIN_TASK, COOLDOWN_TRAIN_TASK, *EVALUATE_TASKS)
+# what a row's status reads (model.experiment_status) of the training's and prepare's XComs: (task, key) -> JSON
+# paths, read in the database, so that sorting and counting a big sweep's experiments loads no loss curve, log or
+# config. Airflow 3's tasks store an XCom as a JSON document; in one stored as a JSON string (XComModel.set's own
+# serialization, which no task uses) no path finds a field: its row sorts and counts as without them.
+_SUMMARY = (("summary", "last_iteration"), ("summary", "train_iters"), ("summary", "last_loss"))
+_ENDED = (("last_iteration",), ("final_state",), ("classification",), *_SUMMARY)
+STATUS_FIELDS = {
+    (TRAIN_TASK, PROGRESS_KEY): (("job_id",), ("job_state",), ("updated",), ("queue",), *_SUMMARY),
+    (TRAIN_TASK, RETURN_KEY): _ENDED,
+    (TRAIN_TASK, RESULT_KEY): _ENDED,
+    (PREPARE_TASK, CONFIG_KEY): (("experiment", "name"), ("backend", "args", "train_iters")),
+}
+# the XComs a run's live report is made from (model.live_report): the config, the cooldowns, the results
+REPORT_XCOMS = (
+    (PREPARE_TASK, CONFIG_KEY),
+    (PREPARE_TASK, COOLDOWNS_KEY),
+    *((task, key) for task in (TRAIN_TASK, COOLDOWN_TRAIN_TASK) for key in (RETURN_KEY, RESULT_KEY)),
+)
 
 
 def sweeps(session: Session, allowed: Collection[str] | None) -> dict[str, list[str]]:
@@ -69,6 +87,89 @@ def latest_runs(session: Session, dag_ids: Collection[str]) -> dict[str, tuple[i
 def run_states(session: Session, dag_ids: Collection[str]) -> dict[str, str]:
     """DAG id -> state of its newest run (the sweeps page needs nothing more)."""
     return {dag_id: state for dag_id, (_, _, state) in latest_runs(session, dag_ids).items()}
+
+
+def run_statuses(session: Session, latest: Mapping[str, tuple[int, str, str]]) -> dict[str, RunRecord]:
+    """DAG id -> a light record of its latest run (`latest`: latest_runs): the training's task and the fields of
+    STATUS_FIELDS; whatever the number of runs, four queries: the tasks, then the XComs of each set of fields."""
+    records = {pk: RunRecord(dag_id, run_id, state or "queued") for dag_id, (pk, run_id, state) in latest.items()}
+    if not records:
+        return {}
+    trains = session.execute(
+        select(DagRun.id, TaskInstance.state, TaskInstance.try_number, TaskInstance.max_tries)
+        .join(DagRun, and_(DagRun.dag_id == TaskInstance.dag_id, DagRun.run_id == TaskInstance.run_id))
+        .where(DagRun.id.in_(list(records)), TaskInstance.task_id == TRAIN_TASK, TaskInstance.map_index == -1)
+    )
+    for pk, state, tries, max_tries in trains:
+        records[pk].tasks.append(TaskRecord(TRAIN_TASK, -1, state, tries or 0, max_tries or 0))
+    kinds: dict[tuple[tuple[str, ...], ...], list[tuple[str, str]]] = {}
+    for pair, paths in STATUS_FIELDS.items():
+        kinds.setdefault(paths, []).append(pair)
+    for paths, pairs in kinds.items():  # a query each: a row carries its own fields only
+        fields = session.execute(
+            select(XComModel.dag_run_id, XComModel.task_id, XComModel.key, *(XComModel.value[p] for p in paths)).where(
+                XComModel.dag_run_id.in_(list(records)), XComModel.map_index == -1, _any_of(pairs)
+            )
+        )
+        for pk, task_id, key, *values in fields:
+            records[pk].xcoms[(task_id, -1, key)] = _nested(zip(paths, values, strict=True))
+    return {r.dag_id: r for r in records.values()}
+
+
+def _any_of(pairs: Collection[tuple[str, str]]) -> ColumnElement[bool]:
+    """An XCom of one of these (task, key)."""
+    return or_(*(and_(XComModel.task_id == task_id, XComModel.key == key) for task_id, key in pairs))
+
+
+def _nested(found: Iterable[tuple[tuple[str, ...], Any]]) -> dict[str, Any]:
+    """{"summary": {"last_loss": 3.1}} from (("summary", "last_loss"), 3.1); a field not there is left out."""
+    value: dict[str, Any] = {}
+    for path, leaf in found:
+        if leaf is not None:
+            node = value
+            for part in path[:-1]:
+                node = node.setdefault(part, {})
+            node[path[-1]] = leaf
+    return value
+
+
+def report_versions(session: Session, run_pks: Collection[int]) -> dict[int, tuple[int, Any]]:
+    """Run pk -> how many of the XComs its live report is made from (REPORT_XCOMS) there are, and when the last
+    of them was written: a task writes an XCom anew, never in place, so any change changes one or the other.
+    One query, no value read."""
+    versions: dict[int, tuple[int, Any]] = dict.fromkeys(run_pks, (0, None))
+    if not versions:
+        return {}
+    rows = session.execute(
+        select(XComModel.dag_run_id, func.count(), func.max(XComModel.timestamp))
+        .where(XComModel.dag_run_id.in_(list(versions)), _any_of(REPORT_XCOMS))
+        .group_by(XComModel.dag_run_id)
+    )
+    for pk, count, newest in rows:
+        versions[pk] = (count, newest)
+    return versions
+
+
+def report_records(session: Session, run_pks: Collection[int]) -> dict[int, RunRecord]:
+    """Run pk -> a record of the XComs its live report is made from (REPORT_XCOMS): one query."""
+    records: dict[int, RunRecord] = {}
+    if not run_pks:
+        return records
+    rows = session.execute(
+        select(
+            XComModel.dag_run_id,
+            XComModel.dag_id,
+            XComModel.run_id,
+            XComModel.task_id,
+            XComModel.map_index,
+            XComModel.key,
+            XComModel.value,
+        ).where(XComModel.dag_run_id.in_(list(run_pks)), _any_of(REPORT_XCOMS))
+    )
+    for pk, dag_id, run_id, task_id, map_index, key, value in rows:
+        record = records.setdefault(pk, RunRecord(dag_id, run_id, ""))
+        record.xcoms[(task_id, map_index, key)] = _loaded(value)
+    return records
 
 
 def run_records(session: Session, run_pks: Collection[int]) -> dict[int, RunRecord]:

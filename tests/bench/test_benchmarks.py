@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 
 import pytest
@@ -66,3 +69,22 @@ def test_convert_benchmark_streams_below_the_naive_baseline(tmp_path):
     assert ours["peak_rss_mb"] < naive["peak_rss_mb"] - 150, result
     # target within 3x of cp on the 700M model (measured 1.5-3x here); the small one only checks sanity
     assert ours["convert_seconds"] < 10 * max(result["variants"]["cp"]["convert_seconds"], 0.1), result
+
+
+@pytest.mark.dashboard
+def test_dashboard_benchmark_pages_a_sweep_in_the_same_queries_whatever_its_size(tmp_path):
+    # a process of its own: the benchmark imports Airflow for its own home, this one may have imported it already
+    out = tmp_path / "dashboard_load.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+    command = [sys.executable, str(REPO / "benchmarks" / "dashboard_load.py"), "--experiments", "10", "120"]
+    command += ["--repeat", "3", "--baseline-repeat", "0", "--json", str(out)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, done.stderr[-3000:]
+    small, big = (json.loads(out.read_text())["sweeps"][size] for size in ("10", "120"))
+    for counted in ("statements_sweeps_page", "statements_sweep_page_first_load", "statements_sweep_page"):
+        assert small[counted] == big[counted], (small, big)
+    assert small["statements_sweeps_page"] == 2 and big["statements_sweep_page"] <= 12, big
+    assert (small["rows"], big["rows"]) == (10, 50), (small, big)  # 120 experiments: the first page's 50
+    # target < 1 MB and < 1 s for the first page of 1,000 (measured 0.43 MB, 0.37 s here): generous bounds
+    assert big["page_bytes"] < 1_000_000 and big["json_bytes"] < 1_000_000, big
+    assert big["dashboard_page"]["median_s"] < 5.0 and big["dashboard_json"]["median_s"] < 5.0, big

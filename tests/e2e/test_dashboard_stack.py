@@ -47,6 +47,11 @@ SCRIPTS_JS = """Array.from(document.querySelectorAll('#job-scripts details')).ma
   label: d.dataset.try, summary: d.querySelector('summary').innerText.trim(),
   script: d.querySelector('pre.script').textContent}))"""
 REWINDS_JS = "Array.from(document.querySelectorAll('svg#loss-vs-iteration circle.rewind')).map(c => c.dataset.rewind)"
+PAGER_JS = """(() => { const p = document.querySelector('#pager'); return {
+  page: +p.dataset.page, pages: +p.dataset.pages, total: +p.dataset.total,
+  previous: p.querySelector('a[rel=prev]')?.href ?? null, next: p.querySelector('a[rel=next]')?.href ?? null,
+  drawn: document.querySelector('#drawn').innerText,
+  select: Array.from(document.querySelectorAll('#experiments a.select')).map(a => a.href)}; })()"""
 
 
 def sweep_yaml(remote: str, token: str, conn_id: str) -> str:
@@ -284,6 +289,63 @@ def test_a_finished_sweeps_final_comparison_and_each_experiments_page(stack, fin
         "airflow_ui_sweeps",
     ):
         assert (tmp_path / f"{shot}.png").stat().st_size > 10_000
+
+
+def test_a_sweep_page_pages_its_rows_and_draws_a_selected_experiment_from_another_page(
+    stack, finished_sweep_run, tmp_path
+):
+    """One row per page: the two experiments are on two pages, each page draws its own row's curves; an
+    experiment selected on page 2 is drawn on page 1 instead of page 1's. The links are followed as a user
+    clicks them; the JSON twin pages alike."""
+    sweep = stack.sweep
+    names = {e.name for e in sweep.experiments}
+
+    async def page_through() -> list[tuple[Any, Any, Any]]:
+        async with Browser() as browser:
+            await browser.login(site(stack), stack.access_token)
+            seen = []
+
+            async def read(url: str) -> dict[str, Any]:
+                await browser.open(url)
+                pager = await browser.evaluate(PAGER_JS)
+                seen.append((await browser.evaluate(ROWS_JS), await browser.evaluate(SERIES_JS), pager))
+                return pager
+
+            first = await read(f"{site(stack)}/oellm/sweeps/{sweep.name}?per_page=1")
+            second = await read(first["next"])
+            selected = await read(second["select"][0])  # page 2's experiment selected
+            await read(selected["previous"])
+            await browser.screenshot(tmp_path / "sweep_page_1_with_a_selection.png")
+            return seen
+
+    (rows1, series1, pager1), (rows2, series2, pager2), _, (rows3, series3, pager3) = asyncio.run(page_through())
+
+    def drawn(series: list[dict[str, Any]]) -> set[str]:
+        return {s["series"] for s in series if not s["discarded"]}
+
+    assert (pager1["page"], pager1["pages"], pager1["total"], pager1["previous"]) == (1, 2, 2, None), pager1
+    assert (pager2["page"], pager2["next"]) == (2, None), pager2
+    assert len(rows1) == len(rows2) == 1 and {rows1[0]["name"], rows2[0]["name"]} == names, (rows1, rows2)
+    one, two = rows1[0]["name"], rows2[0]["name"]
+    assert drawn(series1) == {one, f"{one}_cooldown_20"}, series1
+    assert drawn(series2) == {two, f"{two}_cooldown_20"}, series2
+    # back on page 1, its row is there and the curves are the selected experiment's, from page 2
+    assert [r["name"] for r in rows3] == [one] and pager3["page"] == 1, (rows3, pager3)
+    assert drawn(series3) == drawn(series2) and f"1 selected experiment ({two})" in pager3["drawn"], pager3
+
+    two_id = next(e.dag_id for e in sweep.experiments if e.name == two)
+    query = urllib.parse.urlencode({"per_page": 1, "page": 2, "sort": "-name", "selected": two_id})
+    status, _, body = fetch(f"{site(stack)}/oellm/api/sweeps/{sweep.name}?{query}", stack.access_token)
+    assert status == 200, body
+    answer = json.loads(body)
+    assert {k: answer[k] for k in ("total", "page", "per_page", "pages", "sort", "selected")} == {
+        "total": 2, "page": 2, "per_page": 1, "pages": 2, "sort": "-name", "selected": [two_id]
+    }  # fmt: skip
+    assert [e["name"] for e in answer["experiments"]] == [one]  # descending: page 1's is last
+    assert [e["name"] for e in answer["selected_experiments"]] == [two]
+    assert sum(answer["distributions"]["progress"]["counts"]["success"]) == 2, answer["distributions"]
+    status, _, body = fetch(f"{site(stack)}/oellm/api/sweeps/{sweep.name}?per_page=0", stack.access_token)
+    assert status == 422, body
 
 
 QUEUE_JS = """Array.from(document.querySelectorAll('#experiments tr[data-experiment]')).map(r => ({

@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from airflow_oellm.dashboard.model import (
+    ExperimentView,
+    LiveReports,
     RunRecord,
+    SweepRequest,
+    SweepView,
     TaskRecord,
+    distributions,
+    experiment_status,
     experiment_view,
+    histogram,
     run_gpu_hours_so_far,
+    sorted_experiments,
+    sweep_page,
     sweep_view,
 )
-from airflow_oellm.dashboard.plot import Series, line_plot, nice_ticks
+from airflow_oellm.dashboard.plot import Series, downsampled, line_plot, nice_ticks, step_points
 from airflow_oellm.monitor.outage import Outage
 from airflow_oellm.monitor.watch import PROGRESS_CURVE, JobWatch, WatchState, merged_curve, thinned
 from airflow_oellm.slurm.commands import FileChunk
@@ -36,6 +48,24 @@ EVALUATIONS = [
 
 def when(seconds: float) -> datetime:
     return datetime.fromtimestamp(NOW + seconds, UTC)
+
+
+def whole_sweep(name: str, runs: dict[str, RunRecord | None], request: SweepRequest | None = None) -> SweepView:
+    """A sweep page's view with every experiment's whole record at hand (the app reads light ones for the
+    statuses, whole ones for the page), each run's live report made afresh."""
+    page = sweep_page(name, runs, request or SweepRequest(), NOW)
+    name_of = {s.dag_id: s.name for s in page.statuses}
+    pks = {pk: dag_id for pk, dag_id in enumerate(runs) if runs[dag_id] is not None}
+    records = {pk: runs[dag_id] for pk, dag_id in pks.items()}
+    names = {pk: name_of[dag_id] for pk, dag_id in pks.items()}
+    reports = LiveReports().reports(dict.fromkeys(pks, ()), names, lambda _: records)
+    return sweep_view(page, runs, reports, NOW)
+
+
+def sweep_html(view: SweepView, **common: object) -> str:
+    from airflow_oellm.dashboard.app import sweep_drawing, templates
+
+    return templates.get_template("sweep.html").render(**sweep_drawing(view, "/ui/oellm/sweeps/s"), **common)
 
 
 def running_run() -> RunRecord:
@@ -176,7 +206,8 @@ def test_an_outage_in_the_progress_is_shown_on_the_row_with_its_advice():
     assert experiment_view("d", "lr1", run, NOW).outage is None
 
 
-def test_a_finished_experiment_uses_its_result_not_the_last_progress():
+def finished_run() -> RunRecord:
+    """running_run's training finished: its result returned, its progress left as it was."""
     run = running_run()
     run.tasks[1] = TaskRecord("train", -1, "success", 2, 1, when(-1800), when(-5))
     run.state = "success"
@@ -185,6 +216,11 @@ def test_a_finished_experiment_uses_its_result_not_the_last_progress():
         "last_iteration": 100,
         "summary": {"last_iteration": 100, "train_iters": 100, "last_loss": 3.0, "loss_curve": [[100, 3.0]]},
     }
+    return run
+
+
+def test_a_finished_experiment_uses_its_result_not_the_last_progress():
+    run = finished_run()
     view = experiment_view("d", "lr1", run, NOW)
     assert (view.iteration, view.loss, view.job_state, view.eta_seconds) == (100, 3.0, "COMPLETED", None)
     assert view.curves[0].points[-1] == (100, 3.0)
@@ -193,7 +229,7 @@ def test_a_finished_experiment_uses_its_result_not_the_last_progress():
 
 
 def test_sweep_counts_and_experiments_never_run():
-    view = sweep_view("s", {"oellm__s__lr1": running_run(), "oellm__s__lr2": None}, NOW)
+    view = whole_sweep("s", {"oellm__s__lr1": running_run(), "oellm__s__lr2": None})
     assert [e.name for e in view.experiments] == ["lr1", "lr2"]
     assert view.counts == {"never run": 1, "running": 1}
     assert view.metric_columns == ["quick.perplexity"]
@@ -248,13 +284,11 @@ def test_a_queued_retry_does_not_show_its_predecessors_job_as_running():
 
 
 def test_the_pages_render_rows_plots_and_the_timeline():
-    from airflow_oellm.dashboard.app import analysis_plots, plots, templates
+    from airflow_oellm.dashboard.app import plots, templates
 
-    view = sweep_view("s", {"oellm__s__lr1": running_run(), "oellm__s__lr2": None}, NOW)
+    view = whole_sweep("s", {"oellm__s__lr1": running_run(), "oellm__s__lr2": None})
     common = {"refresh": 20, "root": "/ui-root", "prefix": "/ui-root/oellm"}
-    html = templates.get_template("sweep.html").render(
-        sweep=view, plots=plots(view.experiments), analysis=analysis_plots(view.analysis), **common
-    )
+    html = sweep_html(view, **common)
     assert html.count("<tr data-experiment=") == 2 and 'data-iteration="40"' in html
     assert "GPU-hours used / planned" in html and ">13.50 <" in html and "/ 62.0</span>" in html
     assert '<svg id="loss-vs-iteration"' in html and '<svg id="loss-vs-tokens"' in html
@@ -462,10 +496,8 @@ def finished_demo_runs(losses: dict[tuple[str, float], float], running: str | No
 
 
 def test_the_sweep_page_analyses_the_finished_cooldowns_live():
-    from airflow_oellm.dashboard.app import analysis_plots, plots, templates
-
     losses = {("tiny", 3e-3): 0.33, ("tiny", 1e-2): 0.31, ("tiny-wide", 3e-3): 0.29, ("tiny-wide", 1e-2): 0.30}
-    view = sweep_view("demo", finished_demo_runs(losses, running="tiny-wide_lr0.01"), NOW)
+    view = whole_sweep("demo", finished_demo_runs(losses, running="tiny-wide_lr0.01"))
     analysis = view.analysis
     assert analysis["loss"] == "validation_loss" and analysis["losses_used"] == ["cooldown"]
     # each experiment's cooldown at 200 iterations of 8 x 64 tokens, N from the log
@@ -477,12 +509,10 @@ def test_the_sweep_page_analyses_the_finished_cooldowns_live():
     assert best["1.5e+05"]["value"] == 0.01 and "2 or more values of lr" in best["3.8e+05"]["why_not"]
     assert "3 model sizes" in analysis["loss_law"]["why_not"]
     # the running one finishes: its cooldown joins, and the page shows both sizes' best rates
-    view = sweep_view("demo", finished_demo_runs(losses), NOW)
+    view = whole_sweep("demo", finished_demo_runs(losses))
     assert view.analysis["best"]["lr"]["3.8e+05"]["value"] == 0.003
     common = {"refresh": None, "root": "/ui", "prefix": "/ui/oellm"}
-    html = templates.get_template("sweep.html").render(
-        sweep=view, plots=plots(view.experiments), analysis=analysis_plots(view.analysis), **common
-    )
+    html = sweep_html(view, **common)
     assert re.findall(r'<tr data-size="([^"]+)" data-best="([^"]+)">', html) == [("1.5e+05", "0.01"),
                                                                              ("3.8e+05", "0.003")]  # fmt: skip
     assert '<svg id="loss-vs-compute"' in html and '<svg id="lr-sensitivity"' in html
@@ -504,7 +534,7 @@ def test_a_point_the_sweep_stopped_early_shows_as_such_with_its_reason():
 
 
 def test_a_pending_job_shows_its_reason_and_expected_start_and_the_eta_includes_the_wait():
-    from airflow_oellm.dashboard.app import _start, analysis_plots, plots, templates
+    from airflow_oellm.dashboard.app import _start
     from airflow_oellm.slurm.pending import queue_state
 
     run = running_run()
@@ -516,16 +546,13 @@ def test_a_pending_job_shows_its_reason_and_expected_start_and_the_eta_includes_
         "job_state": "PENDING",
         "queue": queue_state("QOSMaxWallDurationPerJobLimit").to_dict(),
     }
-    view = sweep_view("s", {"oellm__s__lr1": run, "oellm__s__lr2": other, "oellm__s__lr3": None}, NOW)
+    view = whole_sweep("s", {"oellm__s__lr1": run, "oellm__s__lr2": other, "oellm__s__lr3": None})
     waiting, stuck = view.experiments[:2]
     assert waiting.queue["reason"] == "Priority" and waiting.queue["expected_start"] == NOW + 3 * 3600
     assert waiting.eta_seconds == pytest.approx(3 * 3600 + 60 * 2.0)  # the wait, then 60 iterations at 2 s
     assert stuck.queue["clears"] is False and stuck.eta_seconds is None  # no estimate: no ETA
     assert view.pending == {"Priority": 1, "QOSMaxWallDurationPerJobLimit": 1}
-    html = templates.get_template("sweep.html").render(
-        sweep=view, plots=plots(view.experiments), analysis=analysis_plots(view.analysis), refresh=20, root="/r",
-        prefix="/r/oellm",
-    )  # fmt: skip
+    html = sweep_html(view, refresh=20, root="/r", prefix="/r/oellm")
     start = _start(NOW + 3 * 3600)
     assert _start(NOW + 3 * 3600, now=NOW) == "Fri 11:00 UTC"  # within the week: the day and the time
     assert _start(NOW + 8 * 86400, now=NOW) == "Sat 2027-01-23 08:00 UTC"
@@ -595,3 +622,194 @@ def test_the_experiment_page_shows_each_tries_job_script_and_how_the_config_diff
     assert '<table id="config-run"' in page and "<td><code>100</code></td><td><code>120</code></td>" in page
     sweep_row = experiment_view("d", "lr1", running_run(), NOW)  # the sweep page's records have neither
     assert sweep_row.scripts == [] and sweep_row.config_diff is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    heights=st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), max_size=400),
+    limit=st.integers(min_value=2, max_value=120),
+)
+def test_a_downsampled_curve_keeps_its_ends_and_extremes_within_the_limit(heights, limit):
+    points = [(float(i), y) for i, y in enumerate(heights)]
+    kept = downsampled(points, limit)
+    assert len(kept) <= limit
+    assert kept == [p for p in points if p in kept]  # a subset, in order (each x once)
+    if points:
+        assert kept[0] == points[0] and kept[-1] == points[-1]
+    if len(points) <= limit:
+        assert kept == points
+    elif limit >= 4:  # each stretch keeps its lowest and highest: so does the curve
+        finite = [y for _, y in points if math.isfinite(y)]
+        if finite:
+            assert min(finite) in [y for _, y in kept]
+        if len(finite) == len(points):
+            assert max(finite) in [y for _, y in kept]
+
+
+def test_a_spike_survives_downsampling_where_even_spacing_would_miss_it():
+    points = [(i, 3.0 - i / 1000) for i in range(1000)]
+    points[503] = (503, 9.0)
+    assert (503, 9.0) in downsampled(points, 100)
+    assert (503, 9.0) not in thinned(points, 100)
+    with pytest.raises(ValueError):
+        downsampled(points, 1)
+
+
+def light(run: RunRecord) -> RunRecord:
+    """What queries.run_statuses reads of a whole record: the training's task and its XComs' STATUS_FIELDS."""
+    from airflow_oellm.dashboard.queries import STATUS_FIELDS, _nested
+
+    def at(value, path):
+        for part in path:
+            value = value.get(part) if isinstance(value, dict) else None
+        return value
+
+    xcoms = {
+        (task_id, -1, key): _nested([(path, at(run.xcom(task_id, key), path)) for path in paths])
+        for (task_id, key), paths in STATUS_FIELDS.items()
+        if run.xcom(task_id, key) is not None
+    }
+    trains = [t for t in run.tasks if (t.task_id, t.map_index) == ("train", -1)]
+    return RunRecord(run.dag_id, run.run_id, run.state, tasks=trains, xcoms=xcoms)
+
+
+def variants() -> dict[str, RunRecord]:
+    """A run in each situation a row's status tells apart."""
+    from airflow_oellm.slurm.pending import queue_state
+
+    pending, retrying, stopped = running_run(), running_run(), running_run()
+    pending.xcoms[("train", -1, "progress")] |= {"job_state": "PENDING", "queue": queue_state("Priority").to_dict()}
+    retrying.tasks[1] = TaskRecord("train", -1, "up_for_retry", 1, 1)
+    stopped.tasks[1] = TaskRecord("train", -1, "skipped", 1, 1)
+    stopped.xcoms[("train", -1, "result")] = {"classification": {"verdict": "stopped", "reason": "rank 2/2"}}
+    situations = {"running": running_run(), "pending": pending, "finished": finished_run()}
+    return situations | {"retrying": retrying, "stopped": stopped}
+
+
+@pytest.mark.parametrize("situation", ["running", "pending", "finished", "retrying", "stopped"])
+def test_a_rows_status_from_its_light_record_is_the_whole_rows(situation):
+    whole = variants()[situation]
+    full, status = experiment_view("d", "x", whole, NOW), experiment_status("d", "x", light(whole), NOW)
+    fields = ("name", "state", "attempt", "max_attempts", "job_state", "iteration", "train_iters", "loss", "queue")
+    assert [getattr(status, f) for f in fields] == [getattr(full, f) for f in fields]
+    assert status.stopped_early == full.stopped_early and status.fraction == full.fraction
+    assert status.curves == [] and status.timeline == []  # and nothing the light record cannot hold
+
+
+def named(name: str, state: str = "running", loss: float | None = None, iteration: int | None = None) -> ExperimentView:
+    return ExperimentView(f"oellm__s__{name}", name, state, loss=loss, iteration=iteration, train_iters=100)
+
+
+def test_experiments_sort_by_name_state_loss_and_progress_with_the_unknown_last_either_way():
+    views = [
+        named("e10", "success", 2.5, 100),
+        named("e2", "failed", 3.5, 40),
+        named("e1", "running", None, None),
+        named("e3", "running", float("nan"), 60),
+        named("e20", "never run"),
+        named("e4", "retrying", 2.5, 70),
+    ]
+
+    def order(sort):
+        return [v.name for v in sorted_experiments(views, sort)]
+
+    assert order("name") == ["e1", "e2", "e3", "e4", "e10", "e20"]  # numbers as numbers
+    assert order("-name") == ["e20", "e10", "e4", "e3", "e2", "e1"]
+    assert order("state") == ["e2", "e4", "e1", "e3", "e10", "e20"]  # failed first, never run last
+    # a NaN loss is no loss to sort by; equal losses in name order whichever the direction
+    assert order("loss") == ["e4", "e10", "e2", "e1", "e3", "e20"]
+    assert order("-loss") == ["e2", "e4", "e10", "e1", "e3", "e20"]
+    assert order("-progress") == ["e10", "e4", "e3", "e2", "e1", "e20"]
+    with pytest.raises(ValueError, match="sort by one of name, state, loss, progress"):
+        sorted_experiments(views, "gpu_hours")
+
+
+def demo_runs(count: int) -> dict[str, RunRecord | None]:
+    """`count` experiments lr0..: a running run each (the last never run), their losses falling with the index."""
+    runs: dict[str, RunRecord | None] = {}
+    for index in range(count):
+        run = running_run()
+        run.dag_id = f"oellm__s__lr{index}"
+        run.xcoms[("prepare", -1, "config")] = {**CONFIG, "experiment": {"name": f"lr{index}"}}
+        run.xcoms[("train", -1, "progress")]["summary"]["last_loss"] = 5.0 - index / 10
+        runs[run.dag_id] = run if index < count - 1 else None
+    return runs
+
+
+def test_a_sweep_page_shows_its_rows_and_draws_the_selected_experiments_from_any_page():
+    runs = demo_runs(5)
+    view = whole_sweep("s", runs, SweepRequest(sort="-loss", page=2, per_page=2, selected=("oellm__s__lr0",)))
+    page = view.page
+    assert (page.total, page.pages, page.first, page.request.page) == (5, 3, 2, 2)
+    assert [e.name for e in view.statuses] == ["lr0", "lr1", "lr2", "lr3", "lr4"]  # lr4 never ran: no loss, last
+    assert [e.name for e in view.experiments] == ["lr2", "lr3"]
+    assert [e.name for e in view.drawn] == ["lr0"] and view.counts == {"never run": 1, "running": 4}
+    assert [len(c.points) for c in view.drawn[0].curves] == [6, 3]  # whole records of what it shows
+    assert page.wanted == ["oellm__s__lr2", "oellm__s__lr3", "oellm__s__lr0"]
+    html = sweep_html(view, refresh=None, root="/ui", prefix="/ui/oellm")
+    assert re.findall(r'<tr data-experiment="([^"]+)"', html) == ["lr2", "lr3"]
+    drawn = re.search(r'id="loss-vs-iteration".*?</svg>', html, re.S)[0]
+    assert re.findall(r'data-series="([^"]+)"', drawn) == ["lr0", "lr1_cooldown_20"]  # its cooldown, as COOLDOWNS
+    assert 'id="pager" data-page="2" data-pages="3" data-total="5"' in html and "3\u20134 of 5" in html
+    sort, chosen = "/ui/oellm/sweeps/s?sort=-loss", "selected=oellm__s__lr0"
+    assert f'<a rel="prev" href="{sort}&amp;per_page=2&amp;{chosen}">' in html
+    assert f'<a rel="next" href="{sort}&amp;page=3&amp;per_page=2&amp;{chosen}">' in html
+    toggled = f"{sort}&amp;page=2&amp;per_page=2&amp;{chosen}&amp;selected=oellm__s__lr2"
+    assert f'data-select="oellm__s__lr2" href="{toggled}"' in html
+    flipped = f"/ui/oellm/sweeps/s?sort=loss&amp;per_page=2&amp;{chosen}"  # ascending, from page 1
+    assert f'data-sort="loss" href="{flipped}">train loss</a> ▼' in html
+    assert '<svg id="loss-distribution"' in html and '<svg id="progress-distribution"' in html
+    # a page past the last shows the last; the selection keeps only the sweep's experiments, each once
+    request = SweepRequest(page=9, per_page=2, selected=("oellm__s__lr1", "nope", "oellm__s__lr1"))
+    last = sweep_page("s", runs, request, NOW)
+    assert (last.request.page, last.rows, last.request.selected) == (3, ["oellm__s__lr4"], ("oellm__s__lr1",))
+
+
+def test_the_sweep_pages_links_keep_the_rest_of_the_request():
+    from airflow_oellm.dashboard.app import SweepLinks
+
+    links = SweepLinks("/o/sweeps/s", SweepRequest(sort="loss", page=3, per_page=20, selected=("a",)))
+    assert links.sort("loss") == "/o/sweeps/s?sort=-loss&per_page=20&selected=a"  # flipped, from page 1
+    assert links.sort("state") == "/o/sweeps/s?sort=state&per_page=20&selected=a"
+    assert links.page(4) == "/o/sweeps/s?sort=loss&page=4&per_page=20&selected=a"
+    assert links.toggle("b").endswith("&selected=a&selected=b") and "selected" not in links.toggle("a")
+    assert links.clear() == "/o/sweeps/s?sort=loss&page=3&per_page=20"
+    assert links.per_page(50) == "/o/sweeps/s?sort=loss&selected=a"  # the first row, 41, is on page 1 of 50
+    assert links.per_page(10) == "/o/sweeps/s?sort=loss&page=5&per_page=10&selected=a"
+    assert (links.arrow("loss"), links.arrow("state")) == (" ▲", "")
+
+
+def test_the_distributions_count_every_experiments_loss_and_progress_per_state():
+    views = [named(f"e{i}", "running", 2.0 + i / 10, 10 * i) for i in range(10)]
+    views += [named("done", "success", 2.0, 100), named("bad", "failed", float("inf"), 30), named("new", "queued")]
+    spread = distributions(views)
+    loss, progress = spread["loss"], spread["progress"]
+    assert len(loss["edges"]) == 21 and loss["edges"][0] == 2.0 and loss["edges"][-1] == pytest.approx(2.9)
+    assert sum(loss["counts"]["running"]) == 10 and loss["counts"]["success"][0] == 1
+    assert "failed" not in loss["counts"] and "queued" not in loss["counts"]  # no loss to count
+    assert progress["edges"] == [10.0 * i for i in range(11)]
+    assert progress["counts"]["running"] == [1] * 10 and progress["counts"]["success"][-1] == 1
+    assert progress["counts"]["failed"][3] == 1 and list(progress["counts"]) == ["failed", "running", "success"]
+    assert histogram([0.0, 1.0, 2.0, 5.0], [0.0, 1.0, 2.0]) == [1, 2]  # the last bin holds its upper edge
+    assert distributions([named("one", "running", 3.0, 5)])["loss"]["edges"] == [2.5, 3.5]
+    assert step_points([0.0, 1.0, 2.0], [3, 1]) == [(0.0, 0), (0.0, 3), (1.0, 3), (1.0, 1), (2.0, 1), (2.0, 0)]
+
+
+def test_live_reports_are_made_once_per_version_of_their_xcoms():
+    runs = demo_runs(3)
+    loads = []
+
+    def load(pks):
+        loads.append(sorted(pks))
+        return {pk: runs[f"oellm__s__lr{pk}"] for pk in pks}
+
+    reports = LiveReports(kept=2)
+    names = {0: "lr0", 1: "lr1"}
+    first = reports.reports({0: ("v1",), 1: ("v1",)}, names, load)
+    assert reports.reports({0: ("v1",), 1: ("v1",)}, names, load) == first
+    assert [r["experiment"] for r in first] == ["lr0", "lr1"] and loads == [[0, 1]]
+    reports.reports({0: ("v1",), 1: ("v2",)}, names, load)  # run 1's result changed
+    assert loads == [[0, 1], [1]]
+    reports.reports({0: ("v1",), 2: ("v1",)}, {0: "lr0", 2: "lr2"}, load)  # kept 2: run 1's goes
+    reports.reports({1: ("v2",)}, names, load)
+    assert loads == [[0, 1], [1], [2], [1]]
