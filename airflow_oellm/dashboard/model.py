@@ -33,6 +33,7 @@ from airflow_oellm.config.naming import (
     PROGRESS_KEY,
     RESULT_KEY,
     RETURN_KEY,
+    TRACKING_KEY,
     TRAIN_TASK,
     experiment_name,
 )
@@ -174,6 +175,8 @@ class ExperimentView:
     timeline: list[TimelineEntry] = field(default_factory=list)
     # the experiment page's alone: {"sweep": its differences from the sweep's base, "run": the run's changes}
     config_diff: dict[str, Any] | None = None
+    # the W&B run and TensorBoard directory of its training, then of each cooldown (config/tracking.tracking_record)
+    tracking: list[dict[str, Any]] = field(default_factory=list)
     scripts: list[JobScript] = field(default_factory=list)
 
     @property
@@ -599,6 +602,8 @@ def experiment_view(
         view.eval_value = last["metrics"][view.eval_name]
         view.eval_iteration = last["iteration"]
     view.timeline = timeline(run)
+    tracked = run.xcom(PREPARE_TASK, TRACKING_KEY)
+    view.tracking = [dict(t) for t in tracked if isinstance(t, Mapping)] if isinstance(tracked, list) else []
     diff = run.xcom(PREPARE_TASK, CONFIG_DIFF_KEY)
     view.config_diff = dict(diff) if isinstance(diff, Mapping) else None
     view.scripts = job_scripts(run)

@@ -29,13 +29,14 @@ from airflow_oellm.config.naming import (
     SCRIPT_KEY_PREFIX,
     SWEEP_DAG_TAG,
     SWEEP_TAG_PREFIX,
+    TRACKING_KEY,
     TRAIN_TASK,
     parse_sweep_tag,
 )
 from airflow_oellm.dashboard.model import EVALUATE_TASKS, RunRecord, TaskRecord
 
 # (task, key) pairs the dashboard reads; a task's other XComs (big or irrelevant) stay in the database
-XCOM_KEYS = (RETURN_KEY, RESULT_KEY, PROGRESS_KEY, CONFIG_KEY, COOLDOWNS_KEY, PLANNED_RECORD)
+XCOM_KEYS = (RETURN_KEY, RESULT_KEY, PROGRESS_KEY, CONFIG_KEY, COOLDOWNS_KEY, PLANNED_RECORD, TRACKING_KEY)
 XCOM_TASKS = (PREPARE_TASK, TRAIN_TASK, COOLDOWN_TRAIN_TASK, *EVALUATE_TASKS)
 # what a row's status reads (model.experiment_status) of the training's and prepare's XComs: (task, key) -> JSON
 # paths, read in the database, so that sorting and counting a big sweep's experiments loads no loss curve, log or

@@ -8,6 +8,7 @@ test's temp dir."""
 from __future__ import annotations
 
 import asyncio
+import html
 import json
 import time
 import urllib.error
@@ -20,6 +21,8 @@ from typing import Any
 import pytest
 
 from airflow_oellm.config import load_sweep
+from airflow_oellm.config.milestones import COOLDOWN, typed_job
+from airflow_oellm.config.tracking import tensorboard_url, wandb_run
 from tests.browser import Browser
 from tests.e2e.conftest import upload_fake_tools, wait
 from tests.shared_stack import add_file
@@ -63,6 +66,7 @@ backend: {{python: python3, entrypoint: {remote}/fake_megatron.py, megatron_path
   args: {{train_iters: {TRAIN_ITERS}, save_interval: 20, eval_interval: 20, iter_seconds: 0.5, seq_length: 128}}}}
 monitoring: {{poll_interval_seconds: 2}}
 restart: {{max_attempts: 2, retry_delay_seconds: 1}}
+tracking: {{wandb: {{entity: lab}}, tensorboard: {{url: "https://tb.example.org/?logdir={{logdir}}"}}}}
 conversion: {{command: [python3, {remote}/fake_tools.py, convert]}}
 evaluation: {{command: [python3, {remote}/fake_tools.py, evaluate], suites: [{{name: quick}}]}}
 cooldowns: [{{at: 20, overrides: [backend.args.min_lr=1.0e-6, backend.args.train_iters=30]}}]
@@ -289,6 +293,36 @@ def test_a_finished_sweeps_final_comparison_and_each_experiments_page(stack, fin
         "airflow_ui_sweeps",
     ):
         assert (tmp_path / f"{shot}.png").stat().st_size > 10_000
+
+
+COOLDOWN_JOB = {"kind": COOLDOWN, "cooldown": 0}
+
+
+def test_each_trainings_wandb_and_tensorboard_links_on_its_task_its_row_and_its_page(stack, finished_sweep_run):
+    """The links of each training and cooldown: Airflow's own extra links of the task (the UI's buttons, kept
+    when the task process ended), the sweep page's row, the experiment page's table."""
+    status, _, page = fetch(f"{site(stack)}/oellm/sweeps/{stack.sweep.name}", stack.access_token, "text/html")
+    assert status == 200
+    for e in stack.sweep.experiments:
+        view = experiment_api(stack, e.dag_id)
+        expected = []
+        for task_id, cfg in (("train", e.config), ("cooldown.train", typed_job(e.runtime_config(), COOLDOWN_JOB))):
+            run = wandb_run(cfg)
+            assert run is not None and run.url == f"https://wandb.ai/lab/{cfg.project.name}/runs/{run.run_id}"
+            tensorboard = tensorboard_url(cfg)
+            assert tensorboard and tensorboard.startswith("https://tb.example.org/?logdir=%2F"), tensorboard
+            expected.append({"run": cfg.experiment.name, "wandb": run.url, "tensorboard": tensorboard})
+            map_index = -1 if task_id == "train" else 0
+            links = stack.http(
+                "GET",
+                f"/dags/{e.dag_id}/dagRuns/{urllib.parse.quote(view['run_id'], safe='')}/taskInstances/"
+                f"{task_id}/links?map_index={map_index}",
+            )["extra_links"]
+            assert links == {"TensorBoard": tensorboard, "W&B run": run.url}, links
+        shown = [{k: t[k] for k in ("run", "wandb", "tensorboard")} for t in view["tracking"]]
+        assert shown == expected, view["tracking"]
+        assert f'href="{html.escape(expected[0]["wandb"])}"' in page  # the row's W&B link
+        assert f'href="{html.escape(expected[0]["tensorboard"])}"' in page
 
 
 def test_a_sweep_page_pages_its_rows_and_draws_a_selected_experiment_from_another_page(
