@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from airflow_oellm.slurm.identity import COMMENT_PREFIX
-from airflow_oellm.slurm.shell import check_env_name
+from airflow_oellm.slurm.shell import SECRETS_FROM_STDIN, check_env_name
 
 TAG = "OELLM-WANDB-"
 HEADER_BYTES = 7  # a `.wandb` file holding no record yet is its header alone
@@ -76,9 +76,7 @@ OELLM_QUEUE
 """
     return f"""set -u
 export LC_ALL=C
-while IFS='=' read -r name value; do
-  [ -n "$name" ] && export "$name=$(printf %s "$value" | base64 -d)"
-done
+{SECRETS_FROM_STDIN}
 {exports}runs=()
 for run in {q(offline_dir.rstrip("/"))}/offline-run-*-{q(run_id)}; do [ -d "$run" ] && runs+=("$run"); done
 [ ${{#runs[@]}} -eq 0 ] && exit 0

@@ -21,7 +21,7 @@ from airflow_oellm.slurm.commands import FileChunk, SlurmCommandError
 from airflow_oellm.slurm.identity import JobIdentity, parse_comment
 from airflow_oellm.slurm.offline_runs import OfflineRunSync, parse_sync, sync_script
 from airflow_oellm.slurm.probe import PlatformProbe, probe_command
-from airflow_oellm.slurm.shell import ENV_NAME
+from airflow_oellm.slurm.shell import ENV_NAME, SECRETS_FROM_STDIN
 from airflow_oellm.slurm.states import JobStatus
 
 T = TypeVar("T")
@@ -297,9 +297,7 @@ def submit_once_script(
     sbatch = shlex.join(commands.sbatch_argv(script_path, [f"--comment={identity.comment}", *options]))
     return f"""set -u
 trap '' HUP
-while IFS='=' read -r name value; do
-  [ -n "$name" ] && export "$name=$(printf %s "$value" | base64 -d)"
-done
+{SECRETS_FROM_STDIN}
 (umask 077 && mkdir -p {state}/submissions) || {{ echo "OELLM-ERROR cannot create {state}"; exit 3; }}
 exec 8>>{state}/submit.lock
 flock -w {int(lock_timeout)} 8 || {{ echo "OELLM-ERROR timed out waiting for {state}/submit.lock"; exit 3; }}

@@ -15,6 +15,10 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")  # an environment variable (also a secret's)
+# a remote script's first lines: export the secrets that operations.encode_secrets sent on its stdin
+SECRETS_FROM_STDIN = """while IFS='=' read -r name value; do
+  [ -n "$name" ] && export "$name=$(printf %s "$value" | base64 -d)"
+done"""
 _VAR_REF = re.compile(
     r"\$(?:(?P<plain>[A-Za-z_][A-Za-z0-9_]*)|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?P<default>:-[A-Za-z0-9_./:@%+=,\-]*)?\})"
 )
